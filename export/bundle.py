@@ -1,0 +1,210 @@
+"""Write a validated bundle: graphs per precision, stamped metadata, hashes, `recon.json`.
+
+Everything is written into a temporary folder beside the destination and moved into place only
+when every graph passed validation, so a failed export leaves no half-written bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import logging
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import onnx
+
+from recon_runtime.contract import (
+    DEFAULT_OPSET,
+    EXPECTED_MEL,
+    FP16,
+    FP32,
+    GRAPH_SPECS,
+    PRECISIONS,
+    REL_L2_THRESHOLDS,
+    ROLES,
+    Contract,
+    GraphEntry,
+    sha256_file,
+)
+
+from . import graphs
+from .checkpoint import Checkpoint, config_dict
+from .errors import ExportError, ParityError
+from .validate import calibrate_scaling_factor, failures, reference, validate_precision
+
+_LOGGER = logging.getLogger(__name__)
+EXPORTABLE_PRECISIONS = (FP16, FP32)
+TOOL_DISTRIBUTIONS = ("audioldm2-recon", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime", "numpy", "librosa")
+
+
+@dataclass
+class Progress:
+    """Prints each step with its duration (the CLI passes click.echo)."""
+
+    echo: Callable[[str], None] = lambda s: _LOGGER.info("%s", s)
+    started: float = field(default_factory=time.perf_counter)
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        self.echo(f"  {what} ...")
+        yield
+        self.echo(f"  {what}: done in {time.perf_counter() - t0:.1f} s")
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in TOOL_DISTRIBUTIONS:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _prepare_destination(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "recon.json").is_file():
+            raise ExportError(f"{out}: folder exists and is not empty (and holds no bundle); choose another --out")
+        if not force:
+            raise ExportError(f"{out}: a bundle is already there; pass --force to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"{out.parent}: cannot create the output folder ({e.strerror or e})") from None
+
+
+def _disk_error(where: Path, e: OSError) -> ExportError:
+    if e.errno == errno.ENOSPC:
+        return ExportError(f"{where}: disk full while writing the bundle; free space or choose another --out")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ExportError(f"{where}: output folder not writable ({e.strerror}); choose another --out")
+    return ExportError(f"{where}: cannot write ({e.strerror or e})")
+
+
+def export_bundle(
+    ckpt: Checkpoint,
+    out: Path,
+    precisions: Sequence[str] = EXPORTABLE_PRECISIONS,
+    opset: int = DEFAULT_OPSET,
+    validate: bool = True,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Contract:
+    """Export, convert, stamp, validate and write a bundle to `out`. Returns its contract."""
+    progress = progress or Progress()
+    out = Path(out)
+    unknown = [p for p in precisions if p not in EXPORTABLE_PRECISIONS]
+    if unknown or not precisions:
+        raise ExportError(f"precision {unknown or precisions} not exportable; choose from {', '.join(EXPORTABLE_PRECISIONS)}")
+    precisions = [p for p in PRECISIONS if p in precisions]
+    _prepare_destination(out, force)
+    modules = graphs.wrappers(ckpt.vae, ckpt.vocoder)
+    if ckpt.source.get("weights") == "random":
+        with progress.step("calibrate scaling factor (random weights)"):
+            ckpt.vae.register_to_config(scaling_factor=calibrate_scaling_factor(modules["encoder"]))
+            modules = graphs.wrappers(ckpt.vae, ckpt.vocoder)
+        progress.echo(f"  scaling factor {ckpt.scaling_factor:.6g}")
+    contract = Contract(
+        source=ckpt.source, vae_config=config_dict(ckpt.vae), vocoder_config=config_dict(ckpt.vocoder),
+        mel=EXPECTED_MEL, scaling_factor=ckpt.scaling_factor, graphs=(), validation={},
+        tools=tool_versions(), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        tmp.chmod(0o755)
+    except OSError as e:
+        raise _disk_error(out.parent, e) from None
+    try:
+        entries = _write_graphs(modules, contract, tmp, precisions, opset, progress)
+        validation: dict[str, Any] = {"enabled": validate}
+        if validate:
+            entries, validation = _validate(modules, entries, tmp, precisions, progress)
+        contract = replace(contract, graphs=tuple(entries), validation=validation)
+        contract.save(tmp)
+        _move_into_place(tmp, out)
+    except OSError as e:
+        raise _disk_error(out, e) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return contract
+
+
+def _write_graphs(
+    modules: dict[str, Any], contract: Contract, folder: Path, precisions: Sequence[str], opset: int,
+    progress: Progress,
+) -> list[GraphEntry]:
+    entries = []
+    for role in ROLES:
+        spec = GRAPH_SPECS[role]
+        with progress.step(f"export {role} (fp32, opset {opset})"):
+            fp32_model = graphs.export_fp32(modules[role], role, opset)
+        for precision in precisions:
+            if precision == FP16:
+                with progress.step(f"convert {role} to fp16"):
+                    model = graphs.to_fp16(onnx.ModelProto.FromString(fp32_model.SerializeToString()))
+                notes: dict[str, Any] = {"kept_fp32_ops": list(graphs.FP16_KEEP_FP32_OPS), "io_dtype": "float32"}
+            else:
+                model, notes = fp32_model, {}
+            entry = GraphEntry(role=role, precision=precision, file=spec.file_name(precision), sha256="",
+                               size_bytes=0, opset=opset, inputs=spec.inputs, outputs=spec.outputs, notes=notes)
+            graphs.stamp(model, contract.metadata_props(entry))
+            path = folder / entry.file
+            with progress.step(f"write and check {entry.file}"):
+                graphs.save(model, path)
+            entries.append(replace(entry, sha256=sha256_file(path), size_bytes=path.stat().st_size))
+    return entries
+
+
+def _validate(
+    modules: dict[str, Any], entries: list[GraphEntry], folder: Path, precisions: Sequence[str], progress: Progress
+) -> tuple[list[GraphEntry], dict[str, Any]]:
+    with progress.step("run the PyTorch reference"):
+        ref = reference(modules)
+    reports, problems = {}, []
+    for precision in precisions:
+        files = {e.role: folder / e.file for e in entries if e.precision == precision}
+        with progress.step(f"validate {precision} graphs in onnxruntime (CPU)"):
+            reports[precision] = validate_precision(files, precision, ref)
+        problems += failures(reports[precision], precision)
+    progress.echo(format_report(reports))
+    if problems:
+        raise ParityError("parity check failed, no bundle written: " + "; ".join(problems))
+    updated = [
+        replace(e, rel_l2=reports[e.precision][e.role]["rel_l2"], threshold=REL_L2_THRESHOLDS[e.precision])
+        for e in entries
+    ]
+    return updated, {"enabled": True, "backend": "onnxruntime CPUExecutionProvider", "reference": "PyTorch fp32",
+                     "metric": "rel-L2 = ||onnx - torch|| / ||torch||, worst over inputs and outputs",
+                     "results": reports}
+
+
+def format_report(reports: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """The validation table printed at the end of an export."""
+    lines = [f"  {'precision':<9} {'graph':<8} {'rel-L2':>10} {'threshold':>10}  result"]
+    for precision, report in reports.items():
+        for name, r in report.items():
+            lines.append(f"  {precision:<9} {name:<8} {r['rel_l2']:>10.2e} {r['threshold']:>10.0e}  "
+                         f"{'ok' if r['passed'] else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

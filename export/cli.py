@@ -1,0 +1,68 @@
+"""`recon-export`: write a validated bundle from a diffusers AudioLDM2 checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from recon_runtime.contract import DEFAULT_OPSET
+from recon_runtime.errors import ReconError
+
+from .checkpoint import ARCHITECTURES, DEFAULT_MODEL
+
+DEFAULT_OUT = Path("models/audioldm2-music")
+
+
+def _echo(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Hub id or local folder with vae/ and vocoder/.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True,
+              help="Bundle folder to write.")
+@click.option("--precision", default="fp16,fp32", show_default=True, help="Comma-separated: fp16, fp32.")
+@click.option("--random-weights", is_flag=True, help="Exact architecture with seeded random weights (offline, tests).")
+@click.option("--config", "config_name", type=click.Choice(sorted(ARCHITECTURES)), default="audioldm2-music",
+              show_default=True, help="Architecture for --random-weights ('tiny' is for tests).")
+@click.option("--seed", default=0, show_default=True, help="Seed for --random-weights.")
+@click.option("--opset", default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
+@click.option("--validate/--no-validate", default=True, show_default=True, help="Check parity against PyTorch.")
+@click.option("--allow-pickle", is_flag=True, help="Also load .bin (pickle) weights; only for files you trust.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+def main(model: str, revision: str | None, out: Path, precision: str, random_weights: bool, config_name: str,
+         seed: int, opset: int, validate: bool, allow_pickle: bool, force: bool, debug: bool) -> None:
+    """Export the AudioLDM2 VAE encoder, decoder and HiFi-GAN vocoder to an ONNX bundle."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
+    t0 = time.perf_counter()
+    try:
+        from .bundle import Progress, export_bundle
+        from .checkpoint import build_random, load_checkpoint
+
+        precisions = [p.strip() for p in precision.split(",") if p.strip()]
+        progress = Progress(echo=_echo)
+        with progress.step("load " + (f"random weights ({config_name}, seed {seed})" if random_weights else model)):
+            ckpt = build_random(config_name, seed) if random_weights else load_checkpoint(model, revision, allow_pickle)
+        if random_weights:
+            _echo("  WARNING: RANDOM WEIGHTS - this bundle is for tests and benchmarks, not for real audio")
+        contract = export_bundle(ckpt, out, precisions, opset, validate, force, progress)
+    except ReconError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; no bundle written", err=True)
+        sys.exit(130)
+    size = sum(g.size_bytes for g in contract.graphs) / 1e6
+    _echo(f"wrote {out} ({len(contract.graphs)} graphs, {size:.0f} MB) in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

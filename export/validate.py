@@ -1,0 +1,128 @@
+"""Parity of exported graphs against the PyTorch modules, on log-mel of generated audio."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Final
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from recon_runtime.contract import DECODER, ENCODER, REL_L2_THRESHOLDS, ROLES, VOCODER
+from recon_runtime.frontend import log_mel
+
+from .signals import test_signal
+
+# (signal kinds in the batch, mel frames): batch 2 and batch 1, T a multiple of 4 for the VAE,
+# and T not a multiple of 4 for the vocoder.
+VAE_CASES: Final = ((("speech", "music"), 256), (("sweep",), 128))
+VOCODER_CASES: Final = ((("speech", "music"), 256), (("noise",), 101))
+CHAIN_CASE: Final = (("music", "speech"), 192)
+CALIBRATION_KINDS: Final = ("speech", "music", "noise", "sweep")
+CALIBRATION_FRAMES: Final = 256
+
+
+def rel_l2(reference: np.ndarray, actual: np.ndarray) -> float:
+    """||actual - reference|| / ||reference||; inf when the output is not finite."""
+    if not np.isfinite(actual).all():
+        return float("inf")
+    return float(np.linalg.norm(actual - reference) / max(np.linalg.norm(reference), 1e-12))
+
+
+def mel_batch(kinds: tuple[str, ...], frames: int, seed: int = 0) -> np.ndarray:
+    """Log-mel [B, frames, 64] of generated signals, through the runtime's own front end."""
+    samples = (frames - 1) * 160  # inference framing: T = 1 + N // 160
+    return np.stack([log_mel(test_signal(k, samples / 16000, seed + i)) for i, k in enumerate(kinds)])
+
+
+def calibrate_scaling_factor(encoder: torch.nn.Module) -> float:
+    """1 / std of the unscaled latent means, as AudioLDM2 training computed its scaling factor."""
+    mel = mel_batch(CALIBRATION_KINDS, CALIBRATION_FRAMES, seed=100)
+    with torch.no_grad():
+        mean, _ = encoder(torch.from_numpy(mel)[:, None])
+    return float(1.0 / mean.std())
+
+
+@dataclass
+class Reference:
+    """PyTorch inputs and outputs for each graph, computed once and shared by all precisions."""
+
+    cases: dict[str, list[tuple[np.ndarray, list[np.ndarray]]]]
+    chain_input: np.ndarray
+    chain_output: np.ndarray
+
+
+def reference(modules: dict[str, torch.nn.Module]) -> Reference:
+    """Run the PyTorch wrappers on the validation inputs."""
+    def run(role: str, x: np.ndarray) -> list[np.ndarray]:
+        with torch.no_grad():
+            out = modules[role](torch.from_numpy(x))
+        return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
+
+    cases: dict[str, list[tuple[np.ndarray, list[np.ndarray]]]] = {r: [] for r in ROLES}
+    for kinds, frames in VAE_CASES:
+        mel = mel_batch(kinds, frames)[:, None]
+        enc_out = run(ENCODER, mel)
+        cases[ENCODER].append((mel, enc_out))
+        cases[DECODER].append((enc_out[0], run(DECODER, enc_out[0])))
+    for kinds, frames in VOCODER_CASES:
+        mel = mel_batch(kinds, frames)
+        cases[VOCODER].append((mel, run(VOCODER, mel)))
+    chain_in = mel_batch(*CHAIN_CASE)
+    z = run(ENCODER, chain_in[:, None])[0]
+    chain_out = run(VOCODER, run(DECODER, z)[0][:, 0])[0]
+    return Reference(cases, chain_in, chain_out)
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def validate_precision(
+    files: dict[str, Path], precision: str, ref: Reference, threshold: float | None = None,
+    on_graph: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run each graph of one precision and the whole chain in onnxruntime (CPU) against PyTorch.
+
+    Returns a report {role: {...}, "chain": {...}} with rel_l2 (worst case over inputs and
+    outputs), threshold and passed. It never raises on a failed comparison: the caller collects.
+    """
+    threshold = REL_L2_THRESHOLDS[precision] if threshold is None else threshold
+    report: dict[str, Any] = {}
+    sessions = {role: _session(files[role]) for role in ROLES}
+    for role in ROLES:
+        sess = sessions[role]
+        worst, shapes = 0.0, []
+        for x, expected in ref.cases[role]:
+            got = sess.run(None, {sess.get_inputs()[0].name: x})
+            for e, g in zip(expected, got):
+                if e.shape != g.shape:
+                    worst = float("inf")
+                else:
+                    worst = max(worst, rel_l2(e, g))
+            shapes.append(list(x.shape))
+        report[role] = {"rel_l2": worst, "threshold": threshold, "passed": worst <= threshold, "inputs": shapes}
+        if on_graph:
+            on_graph(role, report[role])
+    z = sessions[ENCODER].run(None, {"log_mel": ref.chain_input[:, None]})[0]
+    mel = sessions[DECODER].run(None, {"latent": z})[0]
+    wave = sessions[VOCODER].run(None, {"log_mel": mel[:, 0]})[0]
+    err = rel_l2(ref.chain_output, wave) if wave.shape == ref.chain_output.shape else float("inf")
+    report["chain"] = {"rel_l2": err, "threshold": threshold, "passed": err <= threshold,
+                       "inputs": [list(ref.chain_input.shape)]}
+    if on_graph:
+        on_graph("chain", report["chain"])
+    return report
+
+
+def failures(report: dict[str, dict[str, Any]], precision: str) -> list[str]:
+    """One line per graph over its threshold."""
+    return [
+        f"{precision} {name}: rel-L2 {r['rel_l2']:.3g} > {r['threshold']:.3g}"
+        for name, r in report.items() if not r["passed"]
+    ]
+

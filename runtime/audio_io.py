@@ -1,0 +1,127 @@
+"""Audio and array files in and out: reading with libsndfile, atomic writes, input discovery."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Final, Iterator
+
+import numpy as np
+import soundfile as sf
+
+from .errors import AudioInputError, OutputError
+
+AUDIO_EXTENSIONS: Final = frozenset(
+    {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64", ".rf64"}
+)
+WAV_SUBTYPES: Final = {"float32": "FLOAT", "pcm16": "PCM_16"}
+
+
+def read_audio(path: Path) -> tuple[np.ndarray, int]:
+    """Read any file libsndfile understands.
+
+    Returns:
+        (float32 [samples] or [samples, channels], sample_rate).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AudioInputError(f"{path}: no such file")
+    if path.is_dir():
+        raise AudioInputError(f"{path}: is a folder, not an audio file")
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise AudioInputError(f"{path}: cannot be read ({e.strerror})") from None
+    if size == 0:
+        raise AudioInputError(f"{path}: empty file (0 bytes)")
+    try:
+        audio, rate = sf.read(str(path), dtype="float32", always_2d=False)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise AudioInputError(f"{path}: not a readable audio file ({_one_line(e)})") from None
+    except OSError as e:
+        raise AudioInputError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if audio.size == 0:
+        raise AudioInputError(f"{path}: contains no samples (zero-length audio)")
+    if not np.isfinite(audio).all():
+        raise AudioInputError(f"{path}: contains NaN or infinite samples")
+    return audio, int(rate)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix, dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write output ({e.strerror or e})") from None
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write output ({e.strerror or e})") from None
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_audio(path: Path, waveform: np.ndarray, sample_rate: int, sample_format: str = "float32") -> None:
+    """Write mono audio as WAV (float32 or PCM16), atomically: no partial file on failure."""
+    data = np.asarray(waveform, dtype=np.float32)
+    if sample_format == "pcm16":
+        data = np.clip(data, -1.0, 1.0)
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), data, sample_rate, subtype=WAV_SUBTYPES[sample_format], format="WAV")
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    """Save an array as .npy atomically (never pickled)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def load_array(path: Path) -> np.ndarray:
+    """Load a .npy array without pickle; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioInputError(f"{path}: no such file")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise AudioInputError(f"{path}: not a readable .npy array ({_one_line(e)})") from None
+
+
+def discover(
+    inputs: list[Path], accept: Callable[[Path], bool]
+) -> Iterator[tuple[Path, Path]]:
+    """Expand files and folders (recursively) into (file, path relative to its root) pairs.
+
+    A file given directly keeps only its name; a file found in a folder keeps its sub-path, so
+    outputs can mirror the input tree (as DAC's CLI does). Missing paths are yielded as-is so the
+    caller reports them with the other per-file errors.
+    """
+    for root in map(Path, inputs):
+        if root.is_dir():
+            try:
+                found = sorted(p for p in root.rglob("*") if p.is_file() and accept(p))
+            except OSError as e:
+                raise AudioInputError(f"{root}: folder cannot be read ({e.strerror or e})") from None
+            if not os.access(root, os.R_OK | os.X_OK):
+                raise AudioInputError(f"{root}: folder cannot be read (permission denied)")
+            for p in found:
+                yield p, p.relative_to(root)
+        else:
+            yield root, Path(root.name)
+
+
+def is_audio_file(path: Path) -> bool:
+    return path.suffix.lower() in AUDIO_EXTENSIONS

@@ -1,0 +1,113 @@
+"""Windows over long inputs and their cross-faded overlap-add.
+
+The VAE's attention is quadratic in length and it was trained on 10.24 s, so long audio runs in
+windows of about that length. Windows all have the same length (the last one is aligned to the
+end), which keeps shapes fixed for the GPU. Neighbouring windows overlap; in the overlap the
+earlier window fades out and the later one fades in over the middle half only, so the few
+frames next to each window edge (where the model sees a boundary) get no weight::
+
+    window i     ──────────────────────┐
+                                        ╲
+    weight 1 ···························╲·········  0
+                               |  edge | fade | edge |
+    window i+1                          ╱──────────────────
+                                       ╱
+    weight 0 ·························╱············  1
+                               |<------ overlap ---->|
+
+The two weights sum to 1 at every sample, so a signal both windows agree on passes unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Final
+
+import numpy as np
+
+EDGE_FRACTION: Final = 0.25  # share of the overlap at each end that gets no weight from the far window
+
+
+def plan_windows(total: int, window: int, overlap: int, multiple: int = 1) -> list[tuple[int, int]]:
+    """Split [0, total) into equal windows of `window` units overlapping by at least `overlap`.
+
+    Starts are multiples of `multiple`. A total no longer than `window` is one window.
+    """
+    if window % multiple or overlap % multiple:
+        raise ValueError(f"window {window} and overlap {overlap} must be multiples of {multiple}")
+    if not 0 <= overlap < window:
+        raise ValueError(f"overlap {overlap} must be in [0, window {window})")
+    if total % multiple:
+        raise ValueError(f"total {total} must be a multiple of {multiple}")
+    if total <= window:
+        return [(0, total)]
+    starts = [*range(0, total - window, window - overlap), total - window]
+    return [(s, s + window) for s in starts]
+
+
+def _ramp(length: int) -> np.ndarray:
+    """Fade-in over the middle half of `length` samples: 0 for the first quarter, 1 for the last."""
+    edge = int(round(length * EDGE_FRACTION))
+    fade = length - 2 * edge
+    ramp = np.zeros(length, dtype=np.float32)
+    if fade > 0:
+        ramp[edge : edge + fade] = (np.arange(fade, dtype=np.float32) + 0.5) / fade
+    ramp[edge + max(fade, 0) :] = 1.0
+    return ramp
+
+
+def window_weights(spans: list[tuple[int, int]], scale: float) -> list[np.ndarray]:
+    """Per-window weights at output resolution (`scale` output units per input unit)."""
+    weights = []
+    for i, (s, e) in enumerate(spans):
+        w = np.ones(int(round((e - s) * scale)), dtype=np.float32)
+        if i > 0:
+            n = int(round((spans[i - 1][1] - s) * scale))
+            w[:n] *= _ramp(n)
+        if i + 1 < len(spans):
+            n = int(round((e - spans[i + 1][0]) * scale))
+            w[w.size - n :] *= 1.0 - _ramp(n)
+        weights.append(w)
+    return weights
+
+
+def overlap_add(
+    total: int,
+    window: int,
+    overlap: int,
+    run: Callable[[int, int], np.ndarray],
+    scale: float,
+    axis: int = -1,
+    multiple: int = 1,
+) -> np.ndarray:
+    """Run `run(start, end)` on each window and cross-fade the pieces along `axis`.
+
+    Args:
+        total: input length in input units (mel frames or latent frames).
+        run: returns the output for input [start, end), with (end - start) * scale units on `axis`.
+        scale: output units per input unit (160 samples per mel frame, 1/4 latent frame per frame).
+    Returns:
+        The joined output, int(total * scale) units long on `axis`.
+    """
+    spans = plan_windows(total, window, overlap, multiple)
+    if len(spans) == 1:
+        return run(0, total)
+    weights = window_weights(spans, scale)
+    out: np.ndarray | None = None
+    for (s, e), w in zip(spans, weights):
+        piece = run(s, e)
+        ax = axis % piece.ndim
+        if out is None:
+            shape = list(piece.shape)
+            shape[ax] = int(round(total * scale))
+            out = np.zeros(shape, dtype=np.float32)
+        o0 = int(round(s * scale))
+        bshape = [1] * piece.ndim
+        bshape[ax] = w.size
+        index = [slice(None)] * piece.ndim
+        index[ax] = slice(o0, o0 + w.size)
+        crop = [slice(None)] * piece.ndim
+        crop[ax] = slice(0, w.size)
+        out[tuple(index)] += piece[tuple(crop)] * w.reshape(bshape)
+    if out is None:
+        raise ValueError("no windows to run")
+    return out

@@ -1,0 +1,416 @@
+"""The bundle contract: what `recon-export` writes and `recon-run` refuses to run without.
+
+A bundle is a folder holding ONNX graphs and `recon.json`. This module defines the contract once;
+the export package imports it to write bundles, the runtime uses it to check them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final, Mapping
+
+from .errors import BundleError
+
+SCHEMA_VERSION: Final = 1
+SUPPORTED_SCHEMA_VERSIONS: Final = (1,)
+CONTRACT_FILE: Final = "recon.json"
+MODEL_FAMILY: Final = "audioldm2-vae-hifigan"
+
+# ---------------------------------------------------------------- mel front end (shared/docs)
+SAMPLE_RATE: Final = 16000
+N_FFT: Final = 1024
+WIN_LENGTH: Final = 1024
+HOP_LENGTH: Final = 160
+N_MELS: Final = 64
+F_MIN: Final = 0.0
+F_MAX: Final = 8000.0
+MEL_FLOOR: Final = 1e-5
+SILENCE_LOG_MEL: Final = math.log(MEL_FLOOR)  # ln(1e-5) = -11.5129: the value of silence
+PEAK_LEVEL: Final = 0.5  # AudioLDM2 normalises the waveform peak to 0.5
+PEAK_EPS: Final = 1e-8
+FRAMING_INFERENCE: Final = "inference"  # reflect-pad n_fft/2 each side: T = 1 + N // hop
+FRAMING_TRAINING: Final = "training"  # reflect-pad (n_fft - hop)/2 each side, no centre: T = N // hop
+FRAMING_PADS: Final = {FRAMING_INFERENCE: N_FFT // 2, FRAMING_TRAINING: (N_FFT - HOP_LENGTH) // 2}
+
+# ---------------------------------------------------------------- latent and vocoder layout
+LATENT_CHANNELS: Final = 8
+LATENT_DOWNSAMPLE: Final = 4  # the VAE halves time and frequency twice
+LATENT_FREQ_BINS: Final = N_MELS // LATENT_DOWNSAMPLE
+VOCODER_EXTRA_SAMPLES: Final = 32  # HiFi-GAN returns 160*T + 32 samples
+TRAINING_WINDOW_FRAMES: Final = 1024  # 10.24 s, the length the VAE was trained on
+
+# ---------------------------------------------------------------- graph roles and tolerances
+ENCODER: Final = "encoder"
+DECODER: Final = "decoder"
+VOCODER: Final = "vocoder"
+ROLES: Final = (ENCODER, DECODER, VOCODER)
+FP32: Final = "fp32"
+FP16: Final = "fp16"
+INT8: Final = "int8"
+PRECISIONS: Final = (FP16, FP32, INT8)
+REL_L2_THRESHOLDS: Final = {FP32: 1e-4, FP16: 5e-3}
+DEFAULT_OPSET: Final = 17
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: its name and its axes (ints are fixed, strings are dynamic)."""
+
+    name: str
+    axes: tuple[int | str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.axes)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TensorSpec":
+        return cls(name=str(d["name"]), axes=tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """The I/O declaration of one exported graph (one per role, like an optimum OnnxConfig)."""
+
+    role: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    description: str
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """Axis index -> symbolic name for every dynamic axis, in the form torch.onnx wants."""
+        return {
+            t.name: {i: a for i, a in enumerate(t.axes) if isinstance(a, str)}
+            for t in (*self.inputs, *self.outputs)
+        }
+
+    def file_name(self, precision: str) -> str:
+        return f"{self.role}.{precision}.onnx"
+
+
+GRAPH_SPECS: Final[dict[str, GraphSpec]] = {
+    ENCODER: GraphSpec(
+        ENCODER,
+        inputs=(TensorSpec("log_mel", ("batch", 1, "frames", N_MELS)),),
+        outputs=(
+            TensorSpec("latent", ("batch", LATENT_CHANNELS, "latent_frames", LATENT_FREQ_BINS)),
+            TensorSpec("latent_std", ("batch", LATENT_CHANNELS, "latent_frames", LATENT_FREQ_BINS)),
+        ),
+        description="log-mel -> scaled posterior mean and scaled standard deviation",
+    ),
+    DECODER: GraphSpec(
+        DECODER,
+        inputs=(TensorSpec("latent", ("batch", LATENT_CHANNELS, "latent_frames", LATENT_FREQ_BINS)),),
+        outputs=(TensorSpec("log_mel", ("batch", 1, "frames", N_MELS)),),
+        description="scaled latent -> log-mel (divides by the scaling factor inside)",
+    ),
+    VOCODER: GraphSpec(
+        VOCODER,
+        inputs=(TensorSpec("log_mel", ("batch", "frames", N_MELS)),),
+        outputs=(TensorSpec("waveform", ("batch", "samples")),),
+        description=f"log-mel -> 16 kHz waveform of {HOP_LENGTH}*frames + {VOCODER_EXTRA_SAMPLES} samples",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class MelSpec:
+    """The log-mel front end AudioLDM2 was trained with (see shared/docs/audioldm2.md)."""
+
+    sample_rate: int = SAMPLE_RATE
+    n_fft: int = N_FFT
+    win_length: int = WIN_LENGTH
+    hop_length: int = HOP_LENGTH
+    n_mels: int = N_MELS
+    f_min: float = F_MIN
+    f_max: float = F_MAX
+    window: str = "hann_periodic"
+    framing: str = FRAMING_INFERENCE
+    pad_mode: str = "reflect"
+    spectrum: str = "magnitude"
+    mel_scale: str = "slaney"
+    mel_norm: str = "slaney"
+    compression: str = "natural_log"
+    mel_floor: float = MEL_FLOOR
+    peak_level: float = PEAK_LEVEL
+    orientation: str = "time_first"
+
+    @property
+    def pad(self) -> int:
+        """Reflect padding on each side of the waveform, in samples."""
+        return FRAMING_PADS[self.framing]
+
+    @property
+    def silence(self) -> float:
+        """The log-mel value of silence, ln(mel_floor)."""
+        return math.log(self.mel_floor)
+
+    def num_frames(self, num_samples: int) -> int:
+        """Mel frames for a waveform of `num_samples` samples under this framing."""
+        return (num_samples + 2 * self.pad - self.n_fft) // self.hop_length + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "pad": self.pad, "silence_log_mel": self.silence}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "MelSpec":
+        names = cls.__dataclass_fields__.keys()
+        spec = cls(**{k: d[k] for k in names if k in d})
+        if spec.framing not in FRAMING_PADS:
+            raise BundleError(f"unknown mel framing {spec.framing!r}; supported: {sorted(FRAMING_PADS)}")
+        return spec
+
+
+EXPECTED_MEL: Final = MelSpec()
+MEL_FIELDS_THAT_MUST_MATCH: Final = (
+    "sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "f_min", "f_max", "window",
+    "spectrum", "mel_scale", "mel_norm", "compression", "mel_floor", "orientation",
+)
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One ONNX file of the bundle."""
+
+    role: str
+    precision: str
+    file: str
+    sha256: str
+    size_bytes: int
+    opset: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    rel_l2: float | None = None
+    """Measured error vs the PyTorch reference at export (None for graphs not validated)."""
+    threshold: float | None = None
+    notes: Mapping[str, Any] = field(default_factory=dict)
+    """Precision-specific facts: ops kept in fp32, quantisation settings."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "role": self.role, "precision": self.precision, "file": self.file,
+            "sha256": self.sha256, "size_bytes": self.size_bytes, "opset": self.opset,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "rel_l2": self.rel_l2, "threshold": self.threshold, "notes": dict(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GraphEntry":
+        return cls(
+            role=d["role"], precision=d["precision"], file=d["file"], sha256=d["sha256"],
+            size_bytes=int(d["size_bytes"]), opset=int(d["opset"]),
+            inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+            rel_l2=d.get("rel_l2"), threshold=d.get("threshold"), notes=d.get("notes", {}),
+        )
+
+
+@dataclass(frozen=True)
+class Contract:
+    """Everything `recon.json` holds: source, configs, front end, layout, graphs, validation."""
+
+    source: Mapping[str, Any]
+    """model (hub id or path), revision (resolved), weights ('trained' or 'random'), seed."""
+    vae_config: Mapping[str, Any]
+    vocoder_config: Mapping[str, Any]
+    mel: MelSpec
+    scaling_factor: float
+    graphs: tuple[GraphEntry, ...]
+    validation: Mapping[str, Any]
+    tools: Mapping[str, str]
+    created: str
+    schema_version: int = SCHEMA_VERSION
+    model_family: str = MODEL_FAMILY
+
+    @property
+    def random_weights(self) -> bool:
+        return self.source.get("weights") == "random"
+
+    def graph(self, role: str, precision: str) -> GraphEntry | None:
+        for g in self.graphs:
+            if g.role == role and g.precision == precision:
+                return g
+        return None
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the model (weights source, configs, scaling), not the precision of its graphs.
+
+        Latents made with one bundle decode only with a bundle of the same fingerprint.
+        """
+        key = json.dumps(
+            [self.source.get("model"), self.source.get("revision"), self.source.get("seed"),
+             self.vae_config, self.vocoder_config, self.scaling_factor],
+            sort_keys=True, default=str,
+        )
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """Precisions for which the bundle holds all three graphs."""
+        return tuple(p for p in PRECISIONS if all(self.graph(r, p) for r in ROLES))
+
+    def latent_layout(self) -> dict[str, Any]:
+        return {
+            "channels": LATENT_CHANNELS, "time_downsample": LATENT_DOWNSAMPLE,
+            "freq_bins": LATENT_FREQ_BINS, "shape": "[B, 8, T/4, 16]",
+            "scaled": True, "scaling_factor": self.scaling_factor,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "model_family": self.model_family,
+            "source": dict(self.source),
+            "created": self.created,
+            "mel": self.mel.to_dict(),
+            "scaling_factor": self.scaling_factor,
+            "latent": self.latent_layout(),
+            "vocoder_output": {
+                "hop_length": self.mel.hop_length,
+                "extra_samples": VOCODER_EXTRA_SAMPLES,
+                "length_rule": f"samples = {self.mel.hop_length} * frames + {VOCODER_EXTRA_SAMPLES}",
+            },
+            "vae_config": dict(self.vae_config),
+            "vocoder_config": dict(self.vocoder_config),
+            "graphs": [g.to_dict() for g in self.graphs],
+            "validation": dict(self.validation),
+            "tools": dict(self.tools),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Contract":
+        version = d.get("schema_version")
+        if version not in SUPPORTED_SCHEMA_VERSIONS:
+            raise BundleError(
+                f"unsupported bundle schema_version {version!r}; this recon-run reads "
+                f"{list(SUPPORTED_SCHEMA_VERSIONS)}: re-export the bundle with a matching recon-export"
+            )
+        if d.get("model_family") != MODEL_FAMILY:
+            raise BundleError(
+                f"bundle is for model family {d.get('model_family')!r}, expected {MODEL_FAMILY!r}"
+            )
+        try:
+            return cls(
+                source=d["source"], vae_config=d["vae_config"], vocoder_config=d["vocoder_config"],
+                mel=MelSpec.from_dict(d["mel"]), scaling_factor=float(d["scaling_factor"]),
+                graphs=tuple(GraphEntry.from_dict(g) for g in d["graphs"]),
+                validation=d.get("validation", {}), tools=d.get("tools", {}),
+                created=d.get("created", ""), schema_version=int(version),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"malformed {CONTRACT_FILE}: missing or bad field ({e})") from None
+
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / CONTRACT_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        return path
+
+    def metadata_props(self, entry: GraphEntry) -> dict[str, str]:
+        """Key facts stamped into each ONNX file (a flat string map, as sherpa-onnx does)."""
+        m = self.mel
+        return {
+            "recon.schema_version": str(self.schema_version),
+            "recon.model_family": self.model_family,
+            "recon.role": entry.role,
+            "recon.precision": entry.precision,
+            "recon.source_model": str(self.source.get("model")),
+            "recon.source_revision": str(self.source.get("revision")),
+            "recon.weights": str(self.source.get("weights")),
+            "recon.sample_rate": str(m.sample_rate),
+            "recon.n_fft": str(m.n_fft),
+            "recon.hop_length": str(m.hop_length),
+            "recon.n_mels": str(m.n_mels),
+            "recon.f_max": str(m.f_max),
+            "recon.framing": m.framing,
+            "recon.mel_floor": repr(m.mel_floor),
+            "recon.scaling_factor": repr(self.scaling_factor),
+            "recon.latent_shape": "[B, 8, T/4, 16]",
+            "recon.inputs": json.dumps([t.to_dict() for t in entry.inputs]),
+            "recon.outputs": json.dumps([t.to_dict() for t in entry.outputs]),
+            "recon.vae_config": json.dumps(dict(self.vae_config), sort_keys=True),
+            "recon.vocoder_config": json.dumps(dict(self.vocoder_config), sort_keys=True),
+        }
+
+
+# metadata keys checked against recon.json at load (others are informative)
+METADATA_KEYS_CHECKED: Final = (
+    "recon.schema_version", "recon.model_family", "recon.role", "recon.precision",
+    "recon.sample_rate", "recon.hop_length", "recon.n_mels", "recon.framing",
+    "recon.scaling_factor", "recon.latent_shape",
+)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_contract(bundle_dir: Path) -> Contract:
+    """Read and parse `recon.json` from a bundle folder (no file checks; see `verify_bundle`)."""
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise BundleError(
+            f"{bundle_dir}: no such bundle folder; export one with "
+            f"`recon-export --out {bundle_dir}` (or --random-weights for a test bundle)"
+        )
+    path = bundle_dir / CONTRACT_FILE
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; {bundle_dir} is not a recon bundle (export it with recon-export)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    return Contract.from_dict(data)
+
+
+def check_mel(contract: Contract, where: str) -> None:
+    """Refuse a bundle whose front end is not AudioLDM2's: it would reconstruct garbage."""
+    for name in MEL_FIELDS_THAT_MUST_MATCH:
+        got, want = getattr(contract.mel, name), getattr(EXPECTED_MEL, name)
+        if got != want:
+            raise BundleError(
+                f"{where}: mel parameter {name} is {got!r}, AudioLDM2 needs {want!r}; "
+                "this bundle is from another model"
+            )
+
+
+def verify_graph_file(bundle_dir: Path, entry: GraphEntry) -> Path:
+    """Check that a graph file is present and has the recorded size and SHA-256."""
+    path = Path(bundle_dir) / entry.file
+    if not path.is_file():
+        raise BundleError(f"{path}: missing from the bundle (recon.json lists it); re-export the bundle")
+    size = path.stat().st_size
+    if size != entry.size_bytes:
+        raise BundleError(
+            f"{path}: size {size} bytes, recon.json says {entry.size_bytes}: truncated or replaced file"
+        )
+    digest = sha256_file(path)
+    if digest != entry.sha256:
+        raise BundleError(
+            f"{path}: sha256 {digest[:12]}... does not match recon.json ({entry.sha256[:12]}...): "
+            "the file was modified; re-export the bundle"
+        )
+    return path
+
+
+def check_metadata(path: Path, contract: Contract, entry: GraphEntry, meta: Mapping[str, str]) -> None:
+    """Compare the metadata stamped in an ONNX file with recon.json; name any key that differs."""
+    expected = contract.metadata_props(entry)
+    for key in METADATA_KEYS_CHECKED:
+        if key not in meta:
+            raise BundleError(f"{path}: ONNX metadata lacks {key}; not a recon graph")
+        if meta[key] != expected[key]:
+            raise BundleError(
+                f"{path}: ONNX metadata {key}={meta[key]!r} but recon.json implies {expected[key]!r}"
+            )

@@ -1,0 +1,1 @@
+"""Tests for audioldm2-recon."""
