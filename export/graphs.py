@@ -146,10 +146,7 @@ def stamp(model: onnx.ModelProto, props: dict[str, str]) -> None:
 
 def save(model: onnx.ModelProto, path: Path) -> None:
     """Save one self-contained .onnx file and run onnx's checker on it."""
-    try:
-        onnx.save_model(model, str(path))
-    except OSError as e:
-        raise ExportError(f"{path}: cannot write ({e.strerror or e})") from None
+    onnx.save_model(model, str(path))  # OSError (disk full, permissions) is reported by the caller
     try:
         onnx.checker.check_model(str(path), full_check=False)
     except onnx.checker.ValidationError as e:
