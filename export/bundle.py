@@ -14,13 +14,13 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import onnx
-
 from recon_runtime.contract import (
     DEFAULT_OPSET,
     EXPECTED_MEL,
@@ -42,7 +42,17 @@ from .validate import calibrate_scaling_factor, failures, reference, validate_pr
 
 _LOGGER = logging.getLogger(__name__)
 EXPORTABLE_PRECISIONS = (FP16, FP32)
-TOOL_DISTRIBUTIONS = ("audioldm2-recon", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime", "numpy", "librosa")
+TOOL_DISTRIBUTIONS = (
+    "audioldm2-recon",
+    "torch",
+    "diffusers",
+    "transformers",
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
+    "numpy",
+    "librosa",
+)
 
 
 @dataclass
@@ -106,7 +116,9 @@ def export_bundle(
     out = Path(out)
     unknown = [p for p in precisions if p not in EXPORTABLE_PRECISIONS]
     if unknown or not precisions:
-        raise ExportError(f"precision {unknown or precisions} not exportable; choose from {', '.join(EXPORTABLE_PRECISIONS)}")
+        raise ExportError(
+            f"precision {unknown or precisions} not exportable; choose from {', '.join(EXPORTABLE_PRECISIONS)}"
+        )
     precisions = [p for p in PRECISIONS if p in precisions]
     _prepare_destination(out, force)
     modules = graphs.wrappers(ckpt.vae, ckpt.vocoder)
@@ -116,9 +128,15 @@ def export_bundle(
             modules = graphs.wrappers(ckpt.vae, ckpt.vocoder)
         progress.echo(f"  scaling factor {ckpt.scaling_factor:.6g}")
     contract = Contract(
-        source=ckpt.source, vae_config=config_dict(ckpt.vae), vocoder_config=config_dict(ckpt.vocoder),
-        mel=EXPECTED_MEL, scaling_factor=ckpt.scaling_factor, graphs=(), validation={},
-        tools=tool_versions(), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        source=ckpt.source,
+        vae_config=config_dict(ckpt.vae),
+        vocoder_config=config_dict(ckpt.vocoder),
+        mel=EXPECTED_MEL,
+        scaling_factor=ckpt.scaling_factor,
+        graphs=(),
+        validation={},
+        tools=tool_versions(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -141,7 +159,11 @@ def export_bundle(
 
 
 def _write_graphs(
-    modules: dict[str, Any], contract: Contract, folder: Path, precisions: Sequence[str], opset: int,
+    modules: dict[str, Any],
+    contract: Contract,
+    folder: Path,
+    precisions: Sequence[str],
+    opset: int,
     progress: Progress,
 ) -> list[GraphEntry]:
     entries = []
@@ -156,8 +178,17 @@ def _write_graphs(
                 notes: dict[str, Any] = {"kept_fp32_ops": list(graphs.FP16_KEEP_FP32_OPS), "io_dtype": "float32"}
             else:
                 model, notes = fp32_model, {}
-            entry = GraphEntry(role=role, precision=precision, file=spec.file_name(precision), sha256="",
-                               size_bytes=0, opset=opset, inputs=spec.inputs, outputs=spec.outputs, notes=notes)
+            entry = GraphEntry(
+                role=role,
+                precision=precision,
+                file=spec.file_name(precision),
+                sha256="",
+                size_bytes=0,
+                opset=opset,
+                inputs=spec.inputs,
+                outputs=spec.outputs,
+                notes=notes,
+            )
             graphs.stamp(model, contract.metadata_props(entry))
             path = folder / entry.file
             with progress.step(f"write and check {entry.file}"):
@@ -184,9 +215,13 @@ def _validate(
         replace(e, rel_l2=reports[e.precision][e.role]["rel_l2"], threshold=REL_L2_THRESHOLDS[e.precision])
         for e in entries
     ]
-    return updated, {"enabled": True, "backend": "onnxruntime CPUExecutionProvider", "reference": "PyTorch fp32",
-                     "metric": "rel-L2 = ||onnx - torch|| / ||torch||, worst over inputs and outputs",
-                     "results": reports}
+    return updated, {
+        "enabled": True,
+        "backend": "onnxruntime CPUExecutionProvider",
+        "reference": "PyTorch fp32",
+        "metric": "rel-L2 = ||onnx - torch|| / ||torch||, worst over inputs and outputs",
+        "results": reports,
+    }
 
 
 def format_report(reports: dict[str, dict[str, dict[str, Any]]]) -> str:
@@ -194,8 +229,10 @@ def format_report(reports: dict[str, dict[str, dict[str, Any]]]) -> str:
     lines = [f"  {'precision':<9} {'graph':<8} {'rel-L2':>10} {'threshold':>10}  result"]
     for precision, report in reports.items():
         for name, r in report.items():
-            lines.append(f"  {precision:<9} {name:<8} {r['rel_l2']:>10.2e} {r['threshold']:>10.0e}  "
-                         f"{'ok' if r['passed'] else 'FAIL'}")
+            lines.append(
+                f"  {precision:<9} {name:<8} {r['rel_l2']:>10.2e} {r['threshold']:>10.0e}  "
+                f"{'ok' if r['passed'] else 'FAIL'}"
+            )
     return "\n".join(lines)
 
 

@@ -11,9 +11,8 @@ from typing import Any, Final
 
 import torch
 from diffusers import AutoencoderKL
-from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
-
 from recon_runtime.contract import HOP_LENGTH, LATENT_CHANNELS, LATENT_DOWNSAMPLE, N_MELS, SAMPLE_RATE
+from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
 from .errors import CheckpointError
 
@@ -27,17 +26,29 @@ VOCODER_SUBFOLDER: Final = "vocoder"
 AUDIOLDM2_SCALING_FACTOR: Final = 0.4110932946205139
 
 _VAE_FULL: Final[dict[str, Any]] = {
-    "in_channels": 1, "out_channels": 1,
-    "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
-    "block_out_channels": [128, 256, 512], "layers_per_block": 2, "latent_channels": LATENT_CHANNELS,
-    "norm_num_groups": 32, "act_fn": "silu", "sample_size": 1024, "force_upcast": True,
+    "in_channels": 1,
+    "out_channels": 1,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [128, 256, 512],
+    "layers_per_block": 2,
+    "latent_channels": LATENT_CHANNELS,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "sample_size": 1024,
+    "force_upcast": True,
     "scaling_factor": AUDIOLDM2_SCALING_FACTOR,
 }
 _VOCODER_FULL: Final[dict[str, Any]] = {
-    "model_in_dim": N_MELS, "sampling_rate": SAMPLE_RATE, "upsample_initial_channel": 1024,
-    "upsample_rates": [5, 4, 2, 2, 2], "upsample_kernel_sizes": [16, 16, 8, 4, 4],
-    "resblock_kernel_sizes": [3, 7, 11], "resblock_dilation_sizes": [[1, 3, 5]] * 3,
-    "leaky_relu_slope": 0.1, "normalize_before": False,
+    "model_in_dim": N_MELS,
+    "sampling_rate": SAMPLE_RATE,
+    "upsample_initial_channel": 1024,
+    "upsample_rates": [5, 4, 2, 2, 2],
+    "upsample_kernel_sizes": [16, 16, 8, 4, 4],
+    "resblock_kernel_sizes": [3, 7, 11],
+    "resblock_dilation_sizes": [[1, 3, 5]] * 3,
+    "leaky_relu_slope": 0.1,
+    "normalize_before": False,
 }
 # The three public checkpoints share one VAE and one vocoder architecture (shared/docs/audioldm2.md).
 ARCHITECTURES: Final[dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
@@ -47,8 +58,12 @@ ARCHITECTURES: Final[dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
     # same structure, few channels: for fast tests only
     "tiny": (
         {**_VAE_FULL, "block_out_channels": [16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8},
-        {**_VOCODER_FULL, "upsample_initial_channel": 32, "resblock_kernel_sizes": [3, 5],
-         "resblock_dilation_sizes": [[1, 3], [1, 3]]},
+        {
+            **_VOCODER_FULL,
+            "upsample_initial_channel": 32,
+            "resblock_kernel_sizes": [3, 5],
+            "resblock_dilation_sizes": [[1, 3], [1, 3]],
+        },
     ),
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -91,8 +106,14 @@ def build_random(config: str = "audioldm2-music", seed: int = 0) -> Checkpoint:
     _init_like_pytorch(vae)
     vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(**voc_cfg))
     _init_like_pytorch(vocoder)
-    source = {"model": f"random:{config}", "revision": None, "weights": "random", "seed": seed,
-              "config": config, "format": "in-memory"}
+    source = {
+        "model": f"random:{config}",
+        "revision": None,
+        "weights": "random",
+        "seed": seed,
+        "config": config,
+        "format": "in-memory",
+    }
     return _ready(Checkpoint(vae, vocoder, source))
 
 
@@ -147,11 +168,11 @@ def _local_folder(folder: Path, allow_pickle: bool, source: dict[str, Any]) -> C
     use_safetensors = None if allow_pickle else True
     try:
         vae = AutoencoderKL.from_pretrained(folder, subfolder=VAE_SUBFOLDER, use_safetensors=use_safetensors)
-    except (OSError, EnvironmentError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(_load_message(folder / VAE_SUBFOLDER, e, allow_pickle)) from None
     try:
         vocoder = SpeechT5HifiGan.from_pretrained(folder / VOCODER_SUBFOLDER, use_safetensors=use_safetensors)
-    except (OSError, EnvironmentError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(_load_message(folder / VOCODER_SUBFOLDER, e, allow_pickle)) from None
     return _ready(Checkpoint(vae, vocoder, source))
 
@@ -169,20 +190,31 @@ def load_checkpoint(model: str = DEFAULT_MODEL, revision: str | None = None, all
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{path}: is a file; --model takes a checkpoint folder or a hub id")
-        source = {"model": str(path.resolve()), "revision": revision, "weights": "trained", "seed": None,
-                  "format": "local folder"}
+        source = {
+            "model": str(path.resolve()),
+            "revision": revision,
+            "weights": "trained",
+            "seed": None,
+            "format": "local folder",
+        }
         return _local_folder(path, allow_pickle, source)
     if not _HUB_ID.match(model):
         raise CheckpointError(f"{model}: no such folder, and not a hub id of the form owner/name")
     folder, resolved = _download(model, revision, allow_pickle)
-    source = {"model": model, "revision": resolved, "requested_revision": revision, "weights": "trained",
-              "seed": None, "format": "hub"}
+    source = {
+        "model": model,
+        "revision": resolved,
+        "requested_revision": revision,
+        "weights": "trained",
+        "seed": None,
+        "format": "hub",
+    }
     return _local_folder(folder, allow_pickle, source)
 
 
 def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[Path, str]:
-    from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
+    from huggingface_hub import snapshot_download
 
     patterns = [f"{s}/*.json" for s in (VAE_SUBFOLDER, VOCODER_SUBFOLDER)]
     patterns += [f"{s}/*.safetensors" for s in (VAE_SUBFOLDER, VOCODER_SUBFOLDER)]

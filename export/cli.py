@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import click
-
 from recon_runtime.contract import DEFAULT_OPSET
 from recon_runtime.errors import ReconError
 
@@ -22,22 +21,48 @@ def _echo(message: str) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Hub id or local folder with vae/ and vocoder/.")
+@click.option(
+    "--model", default=DEFAULT_MODEL, show_default=True, help="Hub id or local folder with vae/ and vocoder/."
+)
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
-@click.option("--out", "out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True,
-              help="Bundle folder to write.")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_OUT,
+    show_default=True,
+    help="Bundle folder to write.",
+)
 @click.option("--precision", default="fp16,fp32", show_default=True, help="Comma-separated: fp16, fp32.")
 @click.option("--random-weights", is_flag=True, help="Exact architecture with seeded random weights (offline, tests).")
-@click.option("--config", "config_name", type=click.Choice(sorted(ARCHITECTURES)), default="audioldm2-music",
-              show_default=True, help="Architecture for --random-weights ('tiny' is for tests).")
+@click.option(
+    "--config",
+    "config_name",
+    type=click.Choice(sorted(ARCHITECTURES)),
+    default="audioldm2-music",
+    show_default=True,
+    help="Architecture for --random-weights ('tiny' is for tests).",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed for --random-weights.")
 @click.option("--opset", default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Check parity against PyTorch.")
 @click.option("--allow-pickle", is_flag=True, help="Also load .bin (pickle) weights; only for files you trust.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-def main(model: str, revision: str | None, out: Path, precision: str, random_weights: bool, config_name: str,
-         seed: int, opset: int, validate: bool, allow_pickle: bool, force: bool, debug: bool) -> None:
+def main(
+    model: str,
+    revision: str | None,
+    out: Path,
+    precision: str,
+    random_weights: bool,
+    config_name: str,
+    seed: int,
+    opset: int,
+    validate: bool,
+    allow_pickle: bool,
+    force: bool,
+    debug: bool,
+) -> None:
     """Export the AudioLDM2 VAE encoder, decoder and HiFi-GAN vocoder to an ONNX bundle."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
     t0 = time.perf_counter()

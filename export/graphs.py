@@ -6,15 +6,15 @@ import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Final, Iterator
+from typing import Final
 
 import onnx
 import torch
 from diffusers import AutoencoderKL
-from transformers import SpeechT5HifiGan
-
 from recon_runtime.contract import DECODER, ENCODER, GRAPH_SPECS, LATENT_DOWNSAMPLE, VOCODER, GraphSpec
+from transformers import SpeechT5HifiGan
 
 from .errors import ExportError
 
@@ -93,9 +93,15 @@ def export_fp32(module: torch.nn.Module, role: str, opset: int) -> onnx.ModelPro
     try:
         with _quiet(), torch.no_grad():
             torch.onnx.export(
-                module, (example_input(spec),), buffer,
-                input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
-                dynamic_axes=spec.dynamic_axes(), opset_version=opset, dynamo=False, do_constant_folding=True,
+                module,
+                (example_input(spec),),
+                buffer,
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                dynamic_axes=spec.dynamic_axes(),
+                opset_version=opset,
+                dynamo=False,
+                do_constant_folding=True,
             )
     except Exception as e:  # noqa: BLE001 - the exporter raises many types; report one line
         raise ExportError(f"{role}: ONNX export failed at opset {opset} ({' '.join(str(e).split())[:300]})") from None
@@ -125,7 +131,9 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
     with _quiet():
         converted = convert_float_to_float16(
-            model, keep_io_types=True, disable_shape_infer=False,
+            model,
+            keep_io_types=True,
+            disable_shape_infer=False,
             op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32_OPS)),
         )
         wrapped = OnnxModel(converted)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Final
 
 import numpy as np
-
 from recon_runtime.contract import SAMPLE_RATE
 
 SIGNAL_KINDS: Final = ("speech", "music", "noise", "sweep", "silence")
@@ -14,7 +13,7 @@ SIGNAL_KINDS: Final = ("speech", "music", "noise", "sweep", "silence")
 def _speech_like(n: int, rng: np.random.Generator) -> np.ndarray:
     """Voiced syllables: a gliding harmonic source shaped by moving formants, with pauses."""
     t = np.arange(n) / SAMPLE_RATE
-    f0 = 120 + 40 * np.sin(2 * np.pi * 0.7 * t) + 15 * rng.standard_normal() 
+    f0 = 120 + 40 * np.sin(2 * np.pi * 0.7 * t) + 15 * rng.standard_normal()
     phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
     out = np.zeros(n)
     for k in range(1, 30):
@@ -66,3 +65,18 @@ def test_signal(kind: str, seconds: float, seed: int = 0) -> np.ndarray:
     x = makers[kind](n, rng)
     x = x - x.mean()
     return (0.5 * x / (np.abs(x).max() + 1e-8)).astype(np.float32)
+
+
+def _main() -> None:
+    """`python -m recon_export.signals KIND SECONDS OUT.wav`: write a generated test clip."""
+    import sys
+
+    import soundfile as sf
+
+    if len(sys.argv) != 4 or sys.argv[1] not in SIGNAL_KINDS:
+        sys.exit(f"usage: python -m recon_export.signals {{{','.join(SIGNAL_KINDS)}}} SECONDS OUT.wav")
+    sf.write(sys.argv[3], test_signal(sys.argv[1], float(sys.argv[2])), SAMPLE_RATE, subtype="FLOAT")
+
+
+if __name__ == "__main__":
+    _main()

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Final
+from typing import Any, Final
 
 import numpy as np
 import onnxruntime as ort
 import torch
-
 from recon_runtime.contract import DECODER, ENCODER, REL_L2_THRESHOLDS, ROLES, VOCODER
 from recon_runtime.frontend import log_mel
 
@@ -56,6 +56,7 @@ class Reference:
 
 def reference(modules: dict[str, torch.nn.Module]) -> Reference:
     """Run the PyTorch wrappers on the validation inputs."""
+
     def run(role: str, x: np.ndarray) -> list[np.ndarray]:
         with torch.no_grad():
             out = modules[role](torch.from_numpy(x))
@@ -83,7 +84,10 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 def validate_precision(
-    files: dict[str, Path], precision: str, ref: Reference, threshold: float | None = None,
+    files: dict[str, Path],
+    precision: str,
+    ref: Reference,
+    threshold: float | None = None,
     on_graph: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run each graph of one precision and the whole chain in onnxruntime (CPU) against PyTorch.
@@ -112,8 +116,12 @@ def validate_precision(
     mel = sessions[DECODER].run(None, {"latent": z})[0]
     wave = sessions[VOCODER].run(None, {"log_mel": mel[:, 0]})[0]
     err = rel_l2(ref.chain_output, wave) if wave.shape == ref.chain_output.shape else float("inf")
-    report["chain"] = {"rel_l2": err, "threshold": threshold, "passed": err <= threshold,
-                       "inputs": [list(ref.chain_input.shape)]}
+    report["chain"] = {
+        "rel_l2": err,
+        "threshold": threshold,
+        "passed": err <= threshold,
+        "inputs": [list(ref.chain_input.shape)],
+    }
     if on_graph:
         on_graph("chain", report["chain"])
     return report
@@ -123,6 +131,6 @@ def failures(report: dict[str, dict[str, Any]], precision: str) -> list[str]:
     """One line per graph over its threshold."""
     return [
         f"{precision} {name}: rel-L2 {r['rel_l2']:.3g} > {r['threshold']:.3g}"
-        for name, r in report.items() if not r["passed"]
+        for name, r in report.items()
+        if not r["passed"]
     ]
-

@@ -7,6 +7,16 @@ from .reconstructor import Reconstructor
 
 __version__ = "0.1.0"
 __all__ = [
-    "Reconstructor", "Contract", "MelSpec", "read_contract", "log_mel", "prepare_waveform",
-    "ReconError", "BundleError", "AudioInputError", "OutputError", "ProviderError", "NumericalError",
+    "Reconstructor",
+    "Contract",
+    "MelSpec",
+    "read_contract",
+    "log_mel",
+    "prepare_waveform",
+    "ReconError",
+    "BundleError",
+    "AudioInputError",
+    "OutputError",
+    "ProviderError",
+    "NumericalError",
 ]

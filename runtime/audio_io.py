@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Final, Iterator
+from typing import Final
 
 import numpy as np
 import soundfile as sf
@@ -100,9 +101,7 @@ def load_array(path: Path) -> np.ndarray:
         raise AudioInputError(f"{path}: not a readable .npy array ({_one_line(e)})") from None
 
 
-def discover(
-    inputs: list[Path], accept: Callable[[Path], bool]
-) -> Iterator[tuple[Path, Path]]:
+def discover(inputs: list[Path], accept: Callable[[Path], bool]) -> Iterator[tuple[Path, Path]]:
     """Expand files and folders (recursively) into (file, path relative to its root) pairs.
 
     A file given directly keeps only its name; a file found in a folder keeps its sub-path, so

@@ -20,7 +20,8 @@ The two weights sum to 1 at every sample, so a signal both windows agree on pass
 
 from __future__ import annotations
 
-from typing import Callable, Final
+from collections.abc import Callable
+from typing import Final
 
 import numpy as np
 

@@ -6,9 +6,10 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Final, Iterable, Iterator
+from typing import Any, Final
 
 import click
 import numpy as np
@@ -32,9 +33,11 @@ class Summary:
 
     def line(self, what: str) -> str:
         wall = time.perf_counter() - self.started
-        rtf = wall / self.audio_seconds if self.audio_seconds else float("nan")
-        return (f"{what}: {self.ok} ok, {self.failed} failed; {self.audio_seconds:.1f} s of audio in "
-                f"{wall:.1f} s wall (real-time factor {rtf:.3f})")
+        rtf = f"{wall / self.audio_seconds:.3f}" if self.audio_seconds else "-"
+        return (
+            f"{what}: {self.ok} ok, {self.failed} failed; {self.audio_seconds:.1f} s of audio in "
+            f"{wall:.1f} s wall (real-time factor {rtf})"
+        )
 
 
 def _fail(message: str) -> None:
@@ -42,24 +45,45 @@ def _fail(message: str) -> None:
 
 
 def _model_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed([
-        click.option("--model", "model", type=click.Path(path_type=Path), default=DEFAULT_MODEL, show_default=True,
-                     help="Bundle folder written by recon-export."),
-        click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True),
-        click.option("--precision", type=click.Choice(["auto", "fp16", "fp32", "int8"]), default="auto",
-                     show_default=True, help="auto: fp16 on CUDA, fp32 on CPU."),
-        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per session."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--model",
+                "model",
+                type=click.Path(path_type=Path),
+                default=DEFAULT_MODEL,
+                show_default=True,
+                help="Bundle folder written by recon-export.",
+            ),
+            click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True),
+            click.option(
+                "--precision",
+                type=click.Choice(["auto", "fp16", "fp32", "int8"]),
+                default="auto",
+                show_default=True,
+                help="auto: fp16 on CUDA, fp32 on CPU.",
+            ),
+            click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per session."),
+        ]
+    ):
         f = option(f)
     return f
 
 
 def _io_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed([
-        click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True,
-                     help="Output folder (or a file name when there is exactly one input file)."),
-        click.option("--force", is_flag=True, help="Overwrite existing outputs."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "-o",
+                "--out",
+                "out",
+                type=click.Path(path_type=Path),
+                required=True,
+                help="Output folder (or a file name when there is exactly one input file).",
+            ),
+            click.option("--force", is_flag=True, help="Overwrite existing outputs."),
+        ]
+    ):
         f = option(f)
     return f
 
@@ -70,15 +94,24 @@ def _load(model: Path, provider: str, precision: str, threads: int | None) -> An
     return Reconstructor.load(model, provider=provider, precision=precision, threads=threads)
 
 
-def _jobs(inputs: Iterable[Path], out: Path, suffix: str, accept: Callable[[Path], bool]) -> Iterator[tuple[Path, Path]]:
-    """(input file, output path) pairs; folders are mirrored under `out`."""
+Job = tuple[Path, Path, "ReconError | None"]
+
+
+def _jobs(inputs: Iterable[Path], out: Path, suffix: str, accept: Callable[[Path], bool]) -> list[Job]:
+    """(input file, output path, error) triples; folders are mirrored under `out`.
+
+    A folder that cannot be read becomes one failed job, so the other inputs still run.
+    """
     inputs = list(inputs)
-    single_file = len(inputs) == 1 and not inputs[0].is_dir()
-    if single_file and out.suffix.lower() == suffix:
-        yield inputs[0], out
-        return
-    for path, rel in discover(inputs, accept):
-        yield path, out / rel.with_suffix(suffix)
+    if len(inputs) == 1 and not inputs[0].is_dir() and out.suffix.lower() == suffix:
+        return [(inputs[0], out, None)]
+    jobs: list[Job] = []
+    for root in inputs:
+        try:
+            jobs += [(path, out / rel.with_suffix(suffix), None) for path, rel in discover([root], accept)]
+        except ReconError as e:
+            jobs.append((root, out, e))
+    return jobs
 
 
 def _check_overwrite(target: Path, force: bool) -> None:
@@ -92,6 +125,17 @@ def _progress(items: list[Any], desc: str) -> Iterable[Any]:
     from tqdm import tqdm
 
     return tqdm(items, desc=desc, unit="file", disable=len(items) < 2 or None, file=sys.stderr, leave=False)
+
+
+def _report(src: Path, e: ReconError, summary: Summary) -> None:
+    """One line per failed file, naming it; the batch goes on."""
+    _fail(str(e) if str(src) in str(e) else f"{src}: {e}")
+    summary.failed += 1
+
+
+def _batches(jobs: list[Job], size: int) -> Iterator[list[Job]]:
+    for i in range(0, len(jobs), size):
+        yield jobs[i : i + size]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -120,44 +164,86 @@ def _guard(ctx: click.Context, fn: Callable[[], int]) -> None:
 @_io_options
 @_model_options
 @click.option("--output-rate", type=click.IntRange(min=1000), default=None, help="Resample the output (default 16000).")
-@click.option("--format", "sample_format", type=click.Choice(["float32", "pcm16"]), default="float32", show_default=True)
-@click.option("--metrics", "metrics_path", type=click.Path(path_type=Path), default=None, help="Write metrics JSON here.")
+@click.option(
+    "--format", "sample_format", type=click.Choice(["float32", "pcm16"]), default="float32", show_default=True
+)
+@click.option(
+    "--metrics", "metrics_path", type=click.Path(path_type=Path), default=None, help="Write metrics JSON here."
+)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a log-mel PNG here.")
 @click.pass_context
-def reconstruct(ctx: click.Context, inputs: tuple[Path, ...], out: Path, force: bool, model: Path, provider: str,
-                precision: str, threads: int | None, output_rate: int | None, sample_format: str,
-                metrics_path: Path | None, plot_path: Path | None) -> None:
+def reconstruct(
+    ctx: click.Context,
+    inputs: tuple[Path, ...],
+    out: Path,
+    force: bool,
+    model: Path,
+    provider: str,
+    precision: str,
+    threads: int | None,
+    output_rate: int | None,
+    sample_format: str,
+    metrics_path: Path | None,
+    plot_path: Path | None,
+) -> None:
     """Audio -> VAE -> HiFi-GAN -> audio, for files or folders (the tree is mirrored)."""
+
     def run() -> int:
+        from .reconstructor import MAX_BATCH
+
         rec = _load(model, provider, precision, threads)
         rate = output_rate or rec.contract.mel.sample_rate
         summary, metrics, plots = Summary(), {}, []
-        jobs = list(_jobs(inputs, out, ".wav", is_audio_file))
-        for src, dst in _progress(jobs, "reconstruct"):
+        jobs = _jobs(inputs, out, ".wav", is_audio_file)
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=len(jobs),
+            desc="reconstruct",
+            unit="file",
+            disable=len(jobs) < 2 or None,
+            file=sys.stderr,
+            leave=False,
+        )
+        for group in _batches(jobs, MAX_BATCH):
+            ready = []  # files read and prepared; equal lengths then run as one batch
+            for src, dst, error in group:
+                try:
+                    if error:
+                        raise error
+                    _check_overwrite(dst, force)
+                    ready.append((src, dst, rec.features(*read_audio(src))))
+                except ReconError as e:
+                    _report(src, e, summary)
             try:
-                _check_overwrite(dst, force)
-                audio, sr = read_audio(src)
-                feats = rec.features(audio, sr)
-                wave = rec.reconstruct_features([feats])[0]
-                result = rec.finish(feats, wave, rate)
-                write_audio(dst, result, rate, sample_format)
-            except ReconError as e:
-                _fail(str(e) if str(src) in str(e) else f"{src}: {e}")
-                summary.failed += 1
-                continue
-            summary.ok += 1
-            summary.audio_seconds += feats.num_samples / rec.contract.mel.sample_rate
-            if metrics_path:
-                from .metrics import compare
+                waves = rec.reconstruct_features([f for _, _, f in ready])
+            except ReconError:  # one bad batch member must not sink the others: retry one by one
+                waves = [None] * len(ready)
+            for (src, dst, feats), wave in zip(ready, waves):
+                try:
+                    if wave is None:
+                        wave = rec.reconstruct_features([feats])[0]
+                    write_audio(dst, rec.finish(feats, wave, rate), rate, sample_format)
+                except ReconError as e:
+                    _report(src, e, summary)
+                    continue
+                summary.ok += 1
+                summary.audio_seconds += feats.num_samples / rec.contract.mel.sample_rate
+                if metrics_path:
+                    from .metrics import compare
 
-                metrics[str(src)] = {"output": str(dst), **compare(feats.waveform, wave)}
-            if plot_path:
-                from .frontend import log_mel
+                    metrics[str(src)] = {"output": str(dst), **compare(feats.waveform, wave)}
+                if plot_path:
+                    from .frontend import log_mel
 
-                plots.append((str(src), feats.log_mel, log_mel(wave, rec.contract.mel)))
+                    plots.append((str(src), feats.log_mel, log_mel(wave, rec.contract.mel)))
+            bar.update(len(group))
+        bar.close()
         if metrics_path:
-            _write_json(metrics_path, {"bundle": str(model), "precision": rec.precision, "provider": rec.provider,
-                                       "files": metrics})
+            _write_json(
+                metrics_path,
+                {"bundle": str(model), "precision": rec.precision, "provider": rec.provider, "files": metrics},
+            )
         if plot_path and plots:
             from .plot import plot_mels
 
@@ -175,24 +261,44 @@ def reconstruct(ctx: click.Context, inputs: tuple[Path, ...], out: Path, force: 
 @click.option("--sample", is_flag=True, help="Draw from the posterior instead of taking its mean.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
 @click.pass_context
-def encode(ctx: click.Context, inputs: tuple[Path, ...], out: Path, force: bool, model: Path, provider: str,
-           precision: str, threads: int | None, sample: bool, seed: int) -> None:
+def encode(
+    ctx: click.Context,
+    inputs: tuple[Path, ...],
+    out: Path,
+    force: bool,
+    model: Path,
+    provider: str,
+    precision: str,
+    threads: int | None,
+    sample: bool,
+    seed: int,
+) -> None:
     """Audio -> scaled latents [8, T/4, 16] as .npy, with a JSON sidecar for decode."""
+
     def run() -> int:
         rec = _load(model, provider, precision, threads)
         summary = Summary()
-        jobs = list(_jobs(inputs, out, ".npy", is_audio_file))
-        for src, dst in _progress(jobs, "encode"):
+        jobs = _jobs(inputs, out, ".npy", is_audio_file)
+        for src, dst, error in _progress(jobs, "encode"):
             try:
+                if error:
+                    raise error
                 _check_overwrite(dst, force)
                 audio, sr = read_audio(src)
                 feats = rec.features(audio, sr)
                 latents = rec.encode_features(feats, sample=sample, seed=seed)
                 sidecar = {
-                    "version": SIDECAR_VERSION, "source": str(src), "sample_rate": rec.contract.mel.sample_rate,
-                    "num_samples": feats.num_samples, "input_sample_rate": sr, "gain": feats.gain,
-                    "latent_shape": list(latents.shape), "sampled": sample, "seed": seed if sample else None,
-                    "bundle_fingerprint": rec.contract.fingerprint, "scaling_factor": rec.contract.scaling_factor,
+                    "version": SIDECAR_VERSION,
+                    "source": str(src),
+                    "sample_rate": rec.contract.mel.sample_rate,
+                    "num_samples": feats.num_samples,
+                    "input_sample_rate": sr,
+                    "gain": feats.gain,
+                    "latent_shape": list(latents.shape),
+                    "sampled": sample,
+                    "seed": seed if sample else None,
+                    "bundle_fingerprint": rec.contract.fingerprint,
+                    "scaling_factor": rec.contract.scaling_factor,
                 }
                 save_array(dst, latents)
                 try:
@@ -201,8 +307,7 @@ def encode(ctx: click.Context, inputs: tuple[Path, ...], out: Path, force: bool,
                     dst.unlink(missing_ok=True)
                     raise
             except ReconError as e:
-                _fail(str(e) if str(src) in str(e) else f"{src}: {e}")
-                summary.failed += 1
+                _report(src, e, summary)
                 continue
             summary.ok += 1
             summary.audio_seconds += feats.num_samples / rec.contract.mel.sample_rate
@@ -216,17 +321,31 @@ def encode(ctx: click.Context, inputs: tuple[Path, ...], out: Path, force: bool,
 @click.argument("latents", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_io_options
 @_model_options
-@click.option("--format", "sample_format", type=click.Choice(["float32", "pcm16"]), default="float32", show_default=True)
+@click.option(
+    "--format", "sample_format", type=click.Choice(["float32", "pcm16"]), default="float32", show_default=True
+)
 @click.pass_context
-def decode(ctx: click.Context, latents: tuple[Path, ...], out: Path, force: bool, model: Path, provider: str,
-           precision: str, threads: int | None, sample_format: str) -> None:
+def decode(
+    ctx: click.Context,
+    latents: tuple[Path, ...],
+    out: Path,
+    force: bool,
+    model: Path,
+    provider: str,
+    precision: str,
+    threads: int | None,
+    sample_format: str,
+) -> None:
     """Latents (.npy) -> audio; the sidecar, when present, restores length and level."""
+
     def run() -> int:
         rec = _load(model, provider, precision, threads)
         summary = Summary()
-        jobs = list(_jobs(latents, out, ".wav", lambda p: p.suffix.lower() == ".npy"))
-        for src, dst in _progress(jobs, "decode"):
+        jobs = _jobs(latents, out, ".wav", lambda p: p.suffix.lower() == ".npy")
+        for src, dst, error in _progress(jobs, "decode"):
             try:
+                if error:
+                    raise error
                 _check_overwrite(dst, force)
                 z = load_array(src)
                 side = _read_sidecar(src, rec.contract.fingerprint)
@@ -239,8 +358,7 @@ def decode(ctx: click.Context, latents: tuple[Path, ...], out: Path, force: bool
                 wave = wave * np.float32(side.get("gain", 1.0))
                 write_audio(dst, wave, rec.contract.mel.sample_rate, sample_format)
             except ReconError as e:
-                _fail(str(e) if str(src) in str(e) else f"{src}: {e}")
-                summary.failed += 1
+                _report(src, e, summary)
                 continue
             summary.ok += 1
             summary.audio_seconds += wave.size / rec.contract.mel.sample_rate

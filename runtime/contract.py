@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final, Mapping
+from typing import Any, Final
 
 from .errors import BundleError
 
@@ -83,8 +84,7 @@ class GraphSpec:
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """Axis index -> symbolic name for every dynamic axis, in the form torch.onnx wants."""
         return {
-            t.name: {i: a for i, a in enumerate(t.axes) if isinstance(a, str)}
-            for t in (*self.inputs, *self.outputs)
+            t.name: {i: a for i, a in enumerate(t.axes) if isinstance(a, str)} for t in (*self.inputs, *self.outputs)
         }
 
     def file_name(self, precision: str) -> str:
@@ -166,8 +166,20 @@ class MelSpec:
 
 EXPECTED_MEL: Final = MelSpec()
 MEL_FIELDS_THAT_MUST_MATCH: Final = (
-    "sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "f_min", "f_max", "window",
-    "spectrum", "mel_scale", "mel_norm", "compression", "mel_floor", "orientation",
+    "sample_rate",
+    "n_fft",
+    "win_length",
+    "hop_length",
+    "n_mels",
+    "f_min",
+    "f_max",
+    "window",
+    "spectrum",
+    "mel_scale",
+    "mel_norm",
+    "compression",
+    "mel_floor",
+    "orientation",
 )
 
 
@@ -191,21 +203,33 @@ class GraphEntry:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "role": self.role, "precision": self.precision, "file": self.file,
-            "sha256": self.sha256, "size_bytes": self.size_bytes, "opset": self.opset,
+            "role": self.role,
+            "precision": self.precision,
+            "file": self.file,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "opset": self.opset,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
-            "rel_l2": self.rel_l2, "threshold": self.threshold, "notes": dict(self.notes),
+            "rel_l2": self.rel_l2,
+            "threshold": self.threshold,
+            "notes": dict(self.notes),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "GraphEntry":
         return cls(
-            role=d["role"], precision=d["precision"], file=d["file"], sha256=d["sha256"],
-            size_bytes=int(d["size_bytes"]), opset=int(d["opset"]),
+            role=d["role"],
+            precision=d["precision"],
+            file=d["file"],
+            sha256=d["sha256"],
+            size_bytes=int(d["size_bytes"]),
+            opset=int(d["opset"]),
             inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
-            rel_l2=d.get("rel_l2"), threshold=d.get("threshold"), notes=d.get("notes", {}),
+            rel_l2=d.get("rel_l2"),
+            threshold=d.get("threshold"),
+            notes=d.get("notes", {}),
         )
 
 
@@ -243,9 +267,16 @@ class Contract:
         Latents made with one bundle decode only with a bundle of the same fingerprint.
         """
         key = json.dumps(
-            [self.source.get("model"), self.source.get("revision"), self.source.get("seed"),
-             self.vae_config, self.vocoder_config, self.scaling_factor],
-            sort_keys=True, default=str,
+            [
+                self.source.get("model"),
+                self.source.get("revision"),
+                self.source.get("seed"),
+                self.vae_config,
+                self.vocoder_config,
+                self.scaling_factor,
+            ],
+            sort_keys=True,
+            default=str,
         )
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -256,9 +287,12 @@ class Contract:
 
     def latent_layout(self) -> dict[str, Any]:
         return {
-            "channels": LATENT_CHANNELS, "time_downsample": LATENT_DOWNSAMPLE,
-            "freq_bins": LATENT_FREQ_BINS, "shape": "[B, 8, T/4, 16]",
-            "scaled": True, "scaling_factor": self.scaling_factor,
+            "channels": LATENT_CHANNELS,
+            "time_downsample": LATENT_DOWNSAMPLE,
+            "freq_bins": LATENT_FREQ_BINS,
+            "shape": "[B, 8, T/4, 16]",
+            "scaled": True,
+            "scaling_factor": self.scaling_factor,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -291,16 +325,19 @@ class Contract:
                 f"{list(SUPPORTED_SCHEMA_VERSIONS)}: re-export the bundle with a matching recon-export"
             )
         if d.get("model_family") != MODEL_FAMILY:
-            raise BundleError(
-                f"bundle is for model family {d.get('model_family')!r}, expected {MODEL_FAMILY!r}"
-            )
+            raise BundleError(f"bundle is for model family {d.get('model_family')!r}, expected {MODEL_FAMILY!r}")
         try:
             return cls(
-                source=d["source"], vae_config=d["vae_config"], vocoder_config=d["vocoder_config"],
-                mel=MelSpec.from_dict(d["mel"]), scaling_factor=float(d["scaling_factor"]),
+                source=d["source"],
+                vae_config=d["vae_config"],
+                vocoder_config=d["vocoder_config"],
+                mel=MelSpec.from_dict(d["mel"]),
+                scaling_factor=float(d["scaling_factor"]),
                 graphs=tuple(GraphEntry.from_dict(g) for g in d["graphs"]),
-                validation=d.get("validation", {}), tools=d.get("tools", {}),
-                created=d.get("created", ""), schema_version=int(version),
+                validation=d.get("validation", {}),
+                tools=d.get("tools", {}),
+                created=d.get("created", ""),
+                schema_version=int(version),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"malformed {CONTRACT_FILE}: missing or bad field ({e})") from None
@@ -339,9 +376,16 @@ class Contract:
 
 # metadata keys checked against recon.json at load (others are informative)
 METADATA_KEYS_CHECKED: Final = (
-    "recon.schema_version", "recon.model_family", "recon.role", "recon.precision",
-    "recon.sample_rate", "recon.hop_length", "recon.n_mels", "recon.framing",
-    "recon.scaling_factor", "recon.latent_shape",
+    "recon.schema_version",
+    "recon.model_family",
+    "recon.role",
+    "recon.precision",
+    "recon.sample_rate",
+    "recon.hop_length",
+    "recon.n_mels",
+    "recon.framing",
+    "recon.scaling_factor",
+    "recon.latent_shape",
 )
 
 
@@ -380,8 +424,7 @@ def check_mel(contract: Contract, where: str) -> None:
         got, want = getattr(contract.mel, name), getattr(EXPECTED_MEL, name)
         if got != want:
             raise BundleError(
-                f"{where}: mel parameter {name} is {got!r}, AudioLDM2 needs {want!r}; "
-                "this bundle is from another model"
+                f"{where}: mel parameter {name} is {got!r}, AudioLDM2 needs {want!r}; this bundle is from another model"
             )
 
 
@@ -392,9 +435,7 @@ def verify_graph_file(bundle_dir: Path, entry: GraphEntry) -> Path:
         raise BundleError(f"{path}: missing from the bundle (recon.json lists it); re-export the bundle")
     size = path.stat().st_size
     if size != entry.size_bytes:
-        raise BundleError(
-            f"{path}: size {size} bytes, recon.json says {entry.size_bytes}: truncated or replaced file"
-        )
+        raise BundleError(f"{path}: size {size} bytes, recon.json says {entry.size_bytes}: truncated or replaced file")
     digest = sha256_file(path)
     if digest != entry.sha256:
         raise BundleError(
@@ -411,6 +452,4 @@ def check_metadata(path: Path, contract: Contract, entry: GraphEntry, meta: Mapp
         if key not in meta:
             raise BundleError(f"{path}: ONNX metadata lacks {key}; not a recon graph")
         if meta[key] != expected[key]:
-            raise BundleError(
-                f"{path}: ONNX metadata {key}={meta[key]!r} but recon.json implies {expected[key]!r}"
-            )
+            raise BundleError(f"{path}: ONNX metadata {key}={meta[key]!r} but recon.json implies {expected[key]!r}")

@@ -33,9 +33,7 @@ def to_mono(audio: np.ndarray) -> np.ndarray:
     return x.astype(np.float64, copy=False)
 
 
-def prepare_waveform(
-    audio: np.ndarray, sample_rate: int, mel: MelSpec = EXPECTED_MEL
-) -> tuple[np.ndarray, float]:
+def prepare_waveform(audio: np.ndarray, sample_rate: int, mel: MelSpec = EXPECTED_MEL) -> tuple[np.ndarray, float]:
     """Mono, 16 kHz, mean removed, peak at 0.5: the waveform AudioLDM2 sees.
 
     Args:
@@ -66,8 +64,14 @@ def mel_basis(mel: MelSpec = EXPECTED_MEL) -> np.ndarray:
     import librosa  # imported lazily: librosa's import is slow and only this needs it
 
     return librosa.filters.mel(
-        sr=mel.sample_rate, n_fft=mel.n_fft, n_mels=mel.n_mels, fmin=mel.f_min, fmax=mel.f_max,
-        htk=mel.mel_scale == "htk", norm=mel.mel_norm, dtype=np.float64,
+        sr=mel.sample_rate,
+        n_fft=mel.n_fft,
+        n_mels=mel.n_mels,
+        fmin=mel.f_min,
+        fmax=mel.f_max,
+        htk=mel.mel_scale == "htk",
+        norm=mel.mel_norm,
+        dtype=np.float64,
     )
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -28,8 +28,15 @@ def plot_mels(rows: Sequence[tuple[str, np.ndarray, np.ndarray]], path: Path) ->
     for (title, a, b), (ax_in, ax_out) in zip(rows, axes):
         vmax = float(max(a.max(), b.max()))
         for ax, mel, label in ((ax_in, a, "input"), (ax_out, b, "reconstruction")):
-            im = ax.imshow(mel.T, origin="lower", aspect="auto", vmin=SILENCE_LOG_MEL, vmax=vmax, cmap="magma",
-                           extent=(0, mel.shape[0] / 100, 0, mel.shape[1]))
+            im = ax.imshow(
+                mel.T,
+                origin="lower",
+                aspect="auto",
+                vmin=SILENCE_LOG_MEL,
+                vmax=vmax,
+                cmap="magma",
+                extent=(0, mel.shape[0] / 100, 0, mel.shape[1]),
+            )
             ax.set_title(f"{Path(title).name}: {label}", fontsize=9)
             ax.set_xlabel("seconds")
             ax.set_ylabel("mel bin")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Sequence
+from typing import Final
 
 import numpy as np
 import soxr
 
+from .chunking import overlap_add
 from .contract import (
     DECODER,
     ENCODER,
@@ -27,7 +29,6 @@ from .contract import (
     check_mel,
     read_contract,
 )
-from .chunking import overlap_add
 from .errors import AudioInputError, BundleError, ProviderError
 from .frontend import log_mel, prepare_waveform
 from .sessions import CPU, CUDA, GraphSession, SessionConfig, cuda_available, onnxruntime_distributions, require_finite
@@ -218,21 +219,37 @@ class Reconstructor:
 
     def _mel_to_wave(self, mel: np.ndarray) -> np.ndarray:
         """[B, T, 64] log-mel (T a multiple of 4) -> [B, 160*T] waveform through the VAE and vocoder."""
+
         def run(s: int, e: int) -> np.ndarray:
             wave = self._run_chain((ENCODER, DECODER, VOCODER), mel[:, None, s:e])[0]
             return wave[:, : (e - s) * HOP_LENGTH]
 
-        return overlap_add(mel.shape[1], self.window_frames, self.overlap_frames, run,
-                           scale=HOP_LENGTH, axis=-1, multiple=LATENT_DOWNSAMPLE)
+        return overlap_add(
+            mel.shape[1],
+            self.window_frames,
+            self.overlap_frames,
+            run,
+            scale=HOP_LENGTH,
+            axis=-1,
+            multiple=LATENT_DOWNSAMPLE,
+        )
 
     def _mel_to_latents(self, mel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[B, T, 64] -> scaled (mean, std), each [B, 8, T/4, 16]."""
+
         def run(s: int, e: int) -> np.ndarray:
             mean, std = self._run_chain((ENCODER,), mel[:, None, s:e])
             return np.stack([mean, std])
 
-        both = overlap_add(mel.shape[1], self.window_frames, self.overlap_frames, run,
-                           scale=1 / LATENT_DOWNSAMPLE, axis=3, multiple=LATENT_DOWNSAMPLE)
+        both = overlap_add(
+            mel.shape[1],
+            self.window_frames,
+            self.overlap_frames,
+            run,
+            scale=1 / LATENT_DOWNSAMPLE,
+            axis=3,
+            multiple=LATENT_DOWNSAMPLE,
+        )
         return both[0], both[1]
 
     def _latents_to_wave(self, latents: np.ndarray) -> np.ndarray:
@@ -247,9 +264,7 @@ class Reconstructor:
         return overlap_add(latents.shape[2], window, overlap, run, scale=SAMPLES_PER_LATENT_FRAME, axis=-1)
 
     # ------------------------------------------------------------------ public API
-    def encode(
-        self, audio: np.ndarray, sample_rate: int, sample: bool = False, seed: int | None = None
-    ) -> np.ndarray:
+    def encode(self, audio: np.ndarray, sample_rate: int, sample: bool = False, seed: int | None = None) -> np.ndarray:
         """Audio -> scaled latents float32 [8, ceil(T/4), 16] (the posterior mean, or a draw).
 
         Args:

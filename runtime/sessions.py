@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Final, Mapping, Sequence
+from typing import Any, Final
 
 import numpy as np
 
@@ -68,6 +69,8 @@ class SessionConfig:
 
     provider: str = CPU
     threads: int | None = None
+    cpu_arena: bool = True
+    """onnxruntime's CPU memory arena: faster repeated runs, higher peak RSS."""
     cuda_options: Mapping[str, str] = field(default_factory=lambda: dict(CUDA_PROVIDER_OPTIONS))
     device_id: int = 0
 
@@ -81,6 +84,7 @@ class SessionConfig:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        so.enable_cpu_mem_arena = self.cpu_arena
         if self.threads:
             so.intra_op_num_threads = int(self.threads)
             so.inter_op_num_threads = 1
@@ -114,7 +118,9 @@ class GraphSession:
             require_finite(out, f"{self.entry.role} graph output {name!r}")
         return outputs
 
-    def run_on_device(self, name: str, value: "ort.OrtValue", shape: Sequence[int] | None = None) -> list["ort.OrtValue"]:
+    def run_on_device(
+        self, name: str, value: "ort.OrtValue", shape: Sequence[int] | None = None
+    ) -> list["ort.OrtValue"]:
         """Run with the input already on the GPU; outputs stay on the GPU (IO binding).
 
         `shape` rebinds the input buffer under another shape without a copy (the decoder's
@@ -131,12 +137,12 @@ class GraphSession:
         return binding.get_outputs()
 
     def to_device(self, array: np.ndarray) -> "ort.OrtValue":
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, dtype=np.float32), CUDA, self.config.device_id)
+        return ort.OrtValue.ortvalue_from_numpy(
+            np.ascontiguousarray(array, dtype=np.float32), CUDA, self.config.device_id
+        )
 
 
 def require_finite(array: np.ndarray, what: str) -> None:
     """Fail loudly instead of returning NaN/inf audio."""
     if not np.isfinite(array).all():
-        raise NumericalError(
-            f"{what} contains NaN or inf; try --precision fp32 or shorter windows"
-        )
+        raise NumericalError(f"{what} contains NaN or inf; try --precision fp32 or shorter windows")

@@ -69,8 +69,12 @@ def _ensure_real_audio() -> None:
     if ALSA_DIR.is_dir() and FREEDESKTOP_DIR.is_dir():
         return
     if os.geteuid() == 0 and os.environ.get("RECON_INSTALL_TEST_AUDIO", "1") == "1":
-        subprocess.run(["apt-get", "install", "-y", "-qq", *REAL_AUDIO_PACKAGES], capture_output=True,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=300)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", *REAL_AUDIO_PACKAGES],
+            capture_output=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            timeout=300,
+        )
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import soundfile as sf
-
 from recon_runtime.contract import FRAMING_TRAINING, MelSpec
 from recon_runtime.frontend import log_mel, prepare_waveform
 
@@ -123,8 +122,9 @@ def test_prepare_waveform_keeps_silence_silent() -> None:
     assert np.all(wave == 0) and np.isfinite(gain)
 
 
-@pytest.mark.parametrize("bad", [np.array([np.nan, 0.0], np.float32), np.zeros(0, np.float32),
-                                 np.zeros((2, 2, 2), np.float32)])
+@pytest.mark.parametrize(
+    "bad", [np.array([np.nan, 0.0], np.float32), np.zeros(0, np.float32), np.zeros((2, 2, 2), np.float32)]
+)
 def test_prepare_waveform_rejects_bad_arrays(bad: np.ndarray) -> None:
     from recon_runtime.errors import AudioInputError
 

@@ -1,0 +1,69 @@
+"""Peak resident memory of the CPU chain, measured in a fresh process per case.
+
+    python -m benchmarks.memory --model models/demo --seconds 10.24 600
+
+Each case runs `Reconstructor.reconstruct` on a generated clip in its own process and reports
+ru_maxrss (the kernel's peak RSS), so cases do not inherit each other's arenas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from recon_runtime.contract import SAMPLE_RATE
+
+
+def _child(model: str, seconds: float, precision: str, arena: bool) -> dict[str, float]:
+    from recon_runtime import Reconstructor
+    from recon_runtime.sessions import SessionConfig
+
+    rng = np.random.default_rng(0)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    audio = (0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+    rec = Reconstructor.load(model, provider="cpu", precision=precision)
+    rec._config = SessionConfig(provider="cpu", cpu_arena=arena)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    out = rec.reconstruct(audio, SAMPLE_RATE)
+    wall = time.perf_counter() - t0
+    assert out.shape == audio.shape and np.isfinite(out).all()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": seconds, "precision": precision, "cpu_arena": arena, "peak_rss_mb": round(peak, 1),
+            "rss_before_sessions_mb": round(base, 1), "wall_s": round(wall, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="models/demo")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--no-arena", action="store_true", help="disable onnxruntime's CPU memory arena")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help="append results to this JSON file")
+    ap.add_argument("seconds", nargs="+", type=float)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(_child(args.model, args.seconds[0], args.precision, not args.no_arena)))
+        return
+    rows = []
+    for seconds in args.seconds:
+        cmd = [sys.executable, "-m", "benchmarks.memory", "--child", "--model", args.model,
+               "--precision", args.precision, str(seconds)] + (["--no-arena"] if args.no_arena else [])
+        r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        path = Path(args.out)
+        old = json.loads(path.read_text()) if path.is_file() else []
+        path.write_text(json.dumps(old + rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

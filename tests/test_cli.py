@@ -1,0 +1,233 @@
+"""recon-run as a user runs it: files and folders, outputs, metrics, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from .conftest import run_cli, tone
+
+
+def _wav(path: Path, audio: np.ndarray, rate: int = 16000, subtype: str = "FLOAT") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), audio, rate, subtype=subtype)
+    return path
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".part" in p.name]
+
+
+@pytest.fixture()
+def inputs(tmp_path: Path) -> Path:
+    root = tmp_path / "in"
+    _wav(root / "a.wav", tone(1.0, 16000, 300))
+    _wav(root / "sub" / "b.flac", tone(0.5, 44100, 700), 44100, subtype="PCM_16")
+    _wav(root / "sub" / "deeper" / "c.wav", np.stack([tone(0.3, 48000), tone(0.3, 48000, 200)], 1), 48000)
+    (root / "notes.txt").write_text("not audio, not picked up from a folder")
+    return root
+
+
+def test_reconstruct_folder_mirrors_tree_with_metrics_and_plot(tiny_bundle: Path, inputs: Path, tmp_path: Path) -> None:
+    out, metrics, plot = tmp_path / "out", tmp_path / "m.json", tmp_path / "p.png"
+    r = run_cli(
+        "recon-run",
+        "reconstruct",
+        str(inputs),
+        "-o",
+        str(out),
+        "--model",
+        str(tiny_bundle),
+        "--metrics",
+        str(metrics),
+        "--plot",
+        str(plot),
+    )
+    assert r.returncode == 0, r.stderr
+    made = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.wav"))
+    assert made == ["a.wav", "sub/b.wav", "sub/deeper/c.wav"]
+    for name, seconds in (("a.wav", 1.0), ("sub/b.wav", 0.5), ("sub/deeper/c.wav", 0.3)):
+        info = sf.info(str(out / name))
+        assert info.samplerate == 16000 and info.frames == round(seconds * 16000) and info.subtype == "FLOAT"
+    data = json.loads(metrics.read_text())
+    assert len(data["files"]) == 3
+    for m in data["files"].values():
+        assert {"log_mel_l1", "log_mel_rmse", "mel_correlation", "mrstft", "si_sdr_db"} <= set(m)
+        assert all(np.isfinite(v) for k, v in m.items() if k != "output")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "reconstruct: 3 ok, 0 failed" in r.stderr and "real-time factor" in r.stderr
+
+
+def test_reconstruct_single_file_pcm16_at_output_rate(tiny_bundle: Path, inputs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "x.wav"
+    r = run_cli(
+        "recon-run",
+        "reconstruct",
+        str(inputs / "a.wav"),
+        "-o",
+        str(out),
+        "--model",
+        str(tiny_bundle),
+        "--format",
+        "pcm16",
+        "--output-rate",
+        "44100",
+        "--threads",
+        "1",
+    )
+    assert r.returncode == 0, r.stderr
+    info = sf.info(str(out))
+    assert info.subtype == "PCM_16" and info.samplerate == 44100 and abs(info.frames - 44100) <= 2
+    again = run_cli("recon-run", "reconstruct", str(inputs / "a.wav"), "-o", str(out), "--model", str(tiny_bundle))
+    assert again.returncode == 1 and "--force" in again.stderr
+
+
+def test_encode_decode_round_trip_with_sidecar(tiny_bundle: Path, inputs: Path, tmp_path: Path) -> None:
+    lat = tmp_path / "lat"
+    r = run_cli("recon-run", "encode", str(inputs), "-o", str(lat), "--model", str(tiny_bundle))
+    assert r.returncode == 0, r.stderr
+    z = np.load(lat / "sub" / "b.npy", allow_pickle=False)
+    assert z.shape == (8, (1 + 8000 // 160 + 3) // 4, 16)
+    side = json.loads((lat / "sub" / "b.json").read_text())
+    assert side["num_samples"] == 8000 and side["input_sample_rate"] == 44100 and side["gain"] > 0
+    wav = tmp_path / "wav"
+    r = run_cli("recon-run", "decode", str(lat), "-o", str(wav), "--model", str(tiny_bundle))
+    assert r.returncode == 0, r.stderr
+    assert sf.info(str(wav / "sub" / "b.wav")).frames == 8000
+    # a sidecar-less latent decodes to its full length, 640 samples per latent frame
+    (lat / "a.json").unlink()
+    r = run_cli("recon-run", "decode", str(lat / "a.npy"), "-o", str(tmp_path / "a.wav"), "--model", str(tiny_bundle))
+    assert r.returncode == 0 and sf.info(str(tmp_path / "a.wav")).frames == np.load(lat / "a.npy").shape[1] * 640
+
+
+def test_info_human_and_json(tiny_bundle: Path) -> None:
+    r = run_cli("recon-run", "info", "--model", str(tiny_bundle), "--verify")
+    assert r.returncode == 0, r.stderr
+    for text in ("encoder.fp32.onnx", "rel-L2", "scaling factor", "ln(max(mel, 1e-05))", "inference framing"):
+        assert text in r.stdout
+    r = run_cli("recon-run", "info", "--model", str(tiny_bundle), "--json")
+    assert json.loads(r.stdout)["schema_version"] == 1
+
+
+def test_silence_and_10ms_clips_work(tiny_bundle: Path, tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    _wav(src / "silence.wav", np.zeros(16000, np.float32))
+    _wav(src / "short.wav", tone(0.01, 16000))
+    r = run_cli("recon-run", "reconstruct", str(src), "-o", str(tmp_path / "out"), "--model", str(tiny_bundle))
+    assert r.returncode == 0, r.stderr
+    assert sf.info(str(tmp_path / "out" / "short.wav")).frames == 160
+    assert np.isfinite(sf.read(str(tmp_path / "out" / "silence.wav"))[0]).all()
+
+
+# --------------------------------------------------------------------------------------- bad input
+
+
+def _bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, text the error line must contain)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty.wav").write_bytes(b"")
+    (folder / "text.wav").write_text("this is not audio\n" * 20)
+    _wav(folder / "zero.wav", np.zeros(0, np.float32))
+    _wav(folder / "nan.wav", np.array([0.1, np.nan, 0.2] * 100, np.float32))
+    return {
+        "missing": (folder / "missing.wav", "no such file"),
+        "empty": (folder / "empty.wav", "empty file"),
+        "not audio": (folder / "text.wav", "not a readable audio file"),
+        "zero length": (folder / "zero.wav", "no samples"),
+        "nan": (folder / "nan.wav", "NaN"),
+    }
+
+
+def test_bad_inputs_fail_one_line_each_and_good_files_finish(tiny_bundle: Path, tmp_path: Path) -> None:
+    bad = _bad_inputs(tmp_path / "bad")
+    good = _wav(tmp_path / "good" / "ok.wav", tone(0.5, 16000))
+    out = tmp_path / "out"
+    args = [str(p) for p, _ in bad.values()] + [str(good)]
+    r = run_cli("recon-run", "reconstruct", *args, "-o", str(out), "--model", str(tiny_bundle))
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == len(bad)
+    for path, text in bad.values():
+        assert any(str(path) in ln and text in ln for ln in errors), (path, text, errors)
+    assert (out / "ok.wav").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["ok.wav"]  # no partial outputs for the bad ones
+    assert f"1 ok, {len(bad)} failed" in r.stderr
+
+
+def test_each_bad_input_alone_exits_non_zero_without_output(tiny_bundle: Path, tmp_path: Path) -> None:
+    for name, (path, text) in _bad_inputs(tmp_path / "bad").items():
+        out = tmp_path / f"out-{name.replace(' ', '_')}.wav"
+        r = run_cli("recon-run", "reconstruct", str(path), "-o", str(out), "--model", str(tiny_bundle))
+        assert r.returncode != 0 and not out.exists(), name
+        assert r.stderr.count("error:") == 1 and text in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unwritable_output(tiny_bundle: Path, tmp_path: Path) -> None:
+    src = _wav(tmp_path / "a.wav", tone(0.3, 16000))
+    r = run_cli("recon-run", "reconstruct", str(src), "-o", "/sys/recon-test/out.wav", "--model", str(tiny_bundle))
+    assert r.returncode == 1 and "/sys/recon-test/out.wav: cannot write output" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unreadable_folder_is_reported_and_others_finish(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+    from recon_runtime.cli import main
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    good = _wav(tmp_path / "ok.wav", tone(0.3, 16000))
+    real_rglob = Path.rglob
+
+    def rglob(self: Path, pattern: str):  # root reads every folder, so the OS refusal is simulated
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_rglob(self, pattern)
+
+    monkeypatch.setattr(Path, "rglob", rglob)
+    result = CliRunner().invoke(
+        main, ["reconstruct", str(locked), str(good), "-o", str(tmp_path / "out"), "--model", str(tiny_bundle)]
+    )
+    assert result.exit_code == 1
+    assert f"error: {locked}: folder cannot be read (Permission denied)" in result.output
+    assert (tmp_path / "out" / "ok.wav").is_file()
+
+
+def test_latents_of_wrong_shape(tiny_bundle: Path, tmp_path: Path) -> None:
+    np.save(tmp_path / "z.npy", np.zeros((8, 5, 15), np.float32))
+    out = tmp_path / "z.wav"
+    r = run_cli("recon-run", "decode", str(tmp_path / "z.npy"), "-o", str(out), "--model", str(tiny_bundle))
+    assert r.returncode == 1 and not out.exists()
+    assert f"{tmp_path / 'z.npy'}: latents must be [8, frames, 16]" in r.stderr and "[8, 5, 15]" in r.stderr
+
+
+def test_latents_from_another_model(tiny_bundle: Path, tmp_path: Path) -> None:
+    src = _wav(tmp_path / "a.wav", tone(0.5, 16000))
+    lat = tmp_path / "a.npy"
+    assert run_cli("recon-run", "encode", str(src), "-o", str(lat), "--model", str(tiny_bundle)).returncode == 0
+    side = json.loads(lat.with_suffix(".json").read_text())
+    side["bundle_fingerprint"] = "0123456789abcdef"
+    lat.with_suffix(".json").write_text(json.dumps(side))
+    r = run_cli("recon-run", "decode", str(lat), "-o", str(tmp_path / "dec.wav"), "--model", str(tiny_bundle))
+    assert r.returncode == 1 and "latents come from another model" in r.stderr
+    assert not (tmp_path / "dec.wav").exists()
+
+
+def test_bundle_missing_or_tampered(tiny_bundle: Path, tmp_path: Path) -> None:
+    src = _wav(tmp_path / "a.wav", tone(0.5, 16000))
+    r = run_cli("recon-run", "reconstruct", str(src), "-o", str(tmp_path / "o.wav"), "--model", str(tmp_path / "nope"))
+    assert r.returncode == 1 and "no such bundle folder" in r.stderr and "recon-export" in r.stderr
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "b"))
+    with open(bundle / "vocoder.fp32.onnx", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02\x03")
+    r = run_cli("recon-run", "reconstruct", str(src), "-o", str(tmp_path / "o.wav"), "--model", str(bundle))
+    assert r.returncode == 1 and "vocoder.fp32.onnx: sha256" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o.wav").exists()
