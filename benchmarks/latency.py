@@ -312,9 +312,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     g = gflop.get(stage, 0) * batch if gflop else None
                     rows.append(
                         Row(
-                            engine, device, precision, stage, seconds, batch, frames, med * 1e3, p95 * 1e3,
-                            len(times), med / audio, audio / med, g, (g / med if g else None),
-                            peak.rss / 2**20, (peak.gpu_used / 2**20 if device == "cuda" else None),
+                            engine,
+                            device,
+                            precision,
+                            stage,
+                            seconds,
+                            batch,
+                            frames,
+                            med * 1e3,
+                            p95 * 1e3,
+                            len(times),
+                            med / audio,
+                            audio / med,
+                            g,
+                            (g / med if g else None),
+                            peak.rss / 2**20,
+                            (peak.gpu_used / 2**20 if device == "cuda" else None),
                         )
                     )
                     print(_fmt(rows[-1]), flush=True)
@@ -383,8 +396,11 @@ def table(result: dict[str, Any]) -> str:
             f"{r['median_ms']:.1f} | {r['p95_ms']:.1f} | {r['rtf']:.3f} | {gfs} | {r['peak_rss_mb']:.0f} | {ratio} |"
         )
     if result.get("cold_start_s"):
-        lines += ["", "Cold start (fresh process to first 1 s output): "
-                  + ", ".join(f"{k} {v:.1f} s" for k, v in result["cold_start_s"].items())]
+        lines += [
+            "",
+            "Cold start (fresh process to first 1 s output): "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in result["cold_start_s"].items()),
+        ]
     return "\n".join(lines)
 
 
@@ -403,7 +419,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
         width = 0.8 / max(1, len(engines))
         for i, (engine, precision) in enumerate(engines):
             vals = [
-                next((r["median_ms"] for r in sel if (r["engine"], r["precision"], r["stage"]) == (engine, precision, s)), 0)
+                next(
+                    (
+                        r["median_ms"]
+                        for r in sel
+                        if (r["engine"], r["precision"], r["stage"]) == (engine, precision, s)
+                    ),
+                    0,
+                )
                 for s in STAGES
             ]
             ax.bar(np.arange(len(STAGES)) + i * width, vals, width, label=f"{engine} {precision}")

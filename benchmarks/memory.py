@@ -36,26 +36,41 @@ def _child(model: str, seconds: float, precision: str, arena: bool) -> dict[str,
     wall = time.perf_counter() - t0
     assert out.shape == audio.shape and np.isfinite(out).all()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": seconds, "precision": precision, "cpu_arena": arena, "peak_rss_mb": round(peak, 1),
-            "rss_before_sessions_mb": round(base, 1), "wall_s": round(wall, 2)}
+    return {
+        "seconds": seconds,
+        "precision": precision,
+        "cpu_arena": arena,
+        "peak_rss_mb": round(peak, 1),
+        "rss_before_sessions_mb": round(base, 1),
+        "wall_s": round(wall, 2),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/demo")
     ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--no-arena", action="store_true", help="disable onnxruntime's CPU memory arena")
+    ap.add_argument("--arena", action="store_true", help="enable onnxruntime's CPU memory arena")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="append results to this JSON file")
     ap.add_argument("seconds", nargs="+", type=float)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(_child(args.model, args.seconds[0], args.precision, not args.no_arena)))
+        print(json.dumps(_child(args.model, args.seconds[0], args.precision, args.arena)))
         return
     rows = []
     for seconds in args.seconds:
-        cmd = [sys.executable, "-m", "benchmarks.memory", "--child", "--model", args.model,
-               "--precision", args.precision, str(seconds)] + (["--no-arena"] if args.no_arena else [])
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.memory",
+            "--child",
+            "--model",
+            args.model,
+            "--precision",
+            args.precision,
+            str(seconds),
+        ] + (["--arena"] if args.arena else [])
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)

@@ -1,6 +1,6 @@
 """Print a bundle's measured parity (from its recon.json) as the README's markdown table.
 
-    python -m benchmarks.parity_table models/demo
+python -m benchmarks.parity_table models/demo
 """
 
 from __future__ import annotations

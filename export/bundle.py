@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+
 from recon_runtime.contract import (
     DEFAULT_OPSET,
     EXPECTED_MEL,
     FP16,
     FP32,
     GRAPH_SPECS,
+    INT8,
     PRECISIONS,
     REL_L2_THRESHOLDS,
     ROLES,
@@ -41,7 +43,8 @@ from .errors import ExportError, ParityError
 from .validate import calibrate_scaling_factor, failures, reference, validate_precision
 
 _LOGGER = logging.getLogger(__name__)
-EXPORTABLE_PRECISIONS = (FP16, FP32)
+EXPORTABLE_PRECISIONS = (FP16, FP32, INT8)
+TORCH_VALIDATED = (FP16, FP32)  # int8 is checked against the fp32 graphs with its own budgets
 TOOL_DISTRIBUTIONS = (
     "audioldm2-recon",
     "torch",
@@ -110,8 +113,14 @@ def export_bundle(
     validate: bool = True,
     force: bool = False,
     progress: Progress | None = None,
+    calibration: Path | None = None,
+    int8_budgets: dict[str, float] | None = None,
 ) -> Contract:
-    """Export, convert, stamp, validate and write a bundle to `out`. Returns its contract."""
+    """Export, convert, stamp, validate and write a bundle to `out`. Returns its contract.
+
+    int8 needs the fp32 graphs (it is quantized from them and falls back to them), so asking for
+    int8 adds fp32. `calibration` is a folder of the user's audio for int8 (default: built-in set).
+    """
     progress = progress or Progress()
     out = Path(out)
     unknown = [p for p in precisions if p not in EXPORTABLE_PRECISIONS]
@@ -119,6 +128,8 @@ def export_bundle(
         raise ExportError(
             f"precision {unknown or precisions} not exportable; choose from {', '.join(EXPORTABLE_PRECISIONS)}"
         )
+    if INT8 in precisions and FP32 not in precisions:
+        precisions = [*precisions, FP32]
     precisions = [p for p in PRECISIONS if p in precisions]
     _prepare_destination(out, force)
     modules = graphs.wrappers(ckpt.vae, ckpt.vocoder)
@@ -144,10 +155,16 @@ def export_bundle(
     except OSError as e:
         raise _disk_error(out.parent, e) from None
     try:
-        entries = _write_graphs(modules, contract, tmp, precisions, opset, progress)
+        float_precisions = [p for p in precisions if p in TORCH_VALIDATED]
+        entries = _write_graphs(modules, contract, tmp, float_precisions, opset, progress)
         validation: dict[str, Any] = {"enabled": validate}
         if validate:
-            entries, validation = _validate(modules, entries, tmp, precisions, progress)
+            entries, validation = _validate(modules, entries, tmp, float_precisions, progress)
+        if INT8 in precisions:
+            int8_entries, validation[INT8] = _write_int8(
+                contract, entries, tmp, opset, calibration, progress, int8_budgets
+            )
+            entries += int8_entries
         contract = replace(contract, graphs=tuple(entries), validation=validation)
         contract.save(tmp)
         _move_into_place(tmp, out)
@@ -195,6 +212,69 @@ def _write_graphs(
                 graphs.save(model, path)
             entries.append(replace(entry, sha256=sha256_file(path), size_bytes=path.stat().st_size))
     return entries
+
+
+def _write_int8(
+    contract: Contract,
+    entries: list[GraphEntry],
+    folder: Path,
+    opset: int,
+    calibration: Path | None,
+    progress: Progress,
+    budgets: dict[str, float] | None = None,
+) -> tuple[list[GraphEntry], dict[str, Any]]:
+    from .quantize import CHAIN_LOG_MEL_L1_BUDGET, describe, quantize_bundle
+
+    fp32 = {e.role: folder / e.file for e in entries if e.precision == FP32}
+    with progress.step(f"quantize int8 (calibration: {calibration or 'built-in generated set'})"):
+        graph_budgets = {k: v for k, v in (budgets or {}).items() if k != "chain"} or None
+        chain_budget = (budgets or {}).get("chain", CHAIN_LOG_MEL_L1_BUDGET)
+        results, chain = quantize_bundle(fp32, calibration, progress.echo, graph_budgets, chain_budget)
+    costs = describe(results, chain)
+    out = []
+    for role in ROLES:
+        spec, res = GRAPH_SPECS[role], results[role]
+        notes = {
+            "kept_fp32_blocks": res.kept_fp32,
+            "quantized_ops": ["Conv", "MatMul"],
+            "weights": "int8 per-channel",
+            "activations": "uint8 (MinMax calibration)",
+            "calibration": str(calibration) if calibration else "built-in generated set",
+            "reference": "fp32 ONNX graph",
+            "cost": costs[role],
+        }
+        entry = GraphEntry(
+            role=role,
+            precision=INT8,
+            file=spec.file_name(INT8),
+            sha256="",
+            size_bytes=0,
+            opset=opset,
+            inputs=spec.inputs,
+            outputs=spec.outputs,
+            rel_l2=res.rel_l2,
+            threshold=res.budget,
+            notes=notes,
+        )
+        graphs.stamp(res.model, contract.metadata_props(entry))
+        path = folder / entry.file
+        graphs.save(res.model, path)
+        out.append(replace(entry, sha256=sha256_file(path), size_bytes=path.stat().st_size))
+    report = {
+        "reference": "fp32 ONNX graphs, on calibration-independent generated signals",
+        "graphs": {
+            r: {"rel_l2": results[r].rel_l2, "budget": results[r].budget, "kept_fp32_blocks": results[r].kept_fp32}
+            for r in ROLES
+        },
+        "chain_log_mel_l1": chain,
+        "chain_budget": chain_budget,
+    }
+    progress.echo(
+        "  int8: "
+        + "; ".join(f"{r} rel-L2 {results[r].rel_l2:.2%}" for r in ROLES)
+        + f"; chain log-mel L1 {chain:.4f} nats"
+    )
+    return out, report
 
 
 def _validate(

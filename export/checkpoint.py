@@ -11,8 +11,9 @@ from typing import Any, Final
 
 import torch
 from diffusers import AutoencoderKL
-from recon_runtime.contract import HOP_LENGTH, LATENT_CHANNELS, LATENT_DOWNSAMPLE, N_MELS, SAMPLE_RATE
 from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+from recon_runtime.contract import HOP_LENGTH, LATENT_CHANNELS, LATENT_DOWNSAMPLE, N_MELS, SAMPLE_RATE
 
 from .errors import CheckpointError
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import click
+
 from recon_runtime.contract import DEFAULT_OPSET
 from recon_runtime.errors import ReconError
 
@@ -33,7 +34,15 @@ def _echo(message: str) -> None:
     show_default=True,
     help="Bundle folder to write.",
 )
-@click.option("--precision", default="fp16,fp32", show_default=True, help="Comma-separated: fp16, fp32.")
+@click.option(
+    "--precision", default="fp16,fp32", show_default=True, help="Comma-separated: fp16, fp32, int8 (int8 adds fp32)."
+)
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    default=None,
+    help="Folder of your own audio to calibrate int8 (default: a built-in generated set).",
+)
 @click.option("--random-weights", is_flag=True, help="Exact architecture with seeded random weights (offline, tests).")
 @click.option(
     "--config",
@@ -54,6 +63,7 @@ def main(
     revision: str | None,
     out: Path,
     precision: str,
+    calibration: Path | None,
     random_weights: bool,
     config_name: str,
     seed: int,
@@ -76,7 +86,7 @@ def main(
             ckpt = build_random(config_name, seed) if random_weights else load_checkpoint(model, revision, allow_pickle)
         if random_weights:
             _echo("  WARNING: RANDOM WEIGHTS - this bundle is for tests and benchmarks, not for real audio")
-        contract = export_bundle(ckpt, out, precisions, opset, validate, force, progress)
+        contract = export_bundle(ckpt, out, precisions, opset, validate, force, progress, calibration)
     except ReconError as e:
         if debug:
             raise

@@ -13,8 +13,9 @@ from typing import Final
 import onnx
 import torch
 from diffusers import AutoencoderKL
-from recon_runtime.contract import DECODER, ENCODER, GRAPH_SPECS, LATENT_DOWNSAMPLE, VOCODER, GraphSpec
 from transformers import SpeechT5HifiGan
+
+from recon_runtime.contract import DECODER, ENCODER, GRAPH_SPECS, LATENT_DOWNSAMPLE, VOCODER, GraphSpec
 
 from .errors import ExportError
 

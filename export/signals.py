@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Final
 
 import numpy as np
+
 from recon_runtime.contract import SAMPLE_RATE
 
 SIGNAL_KINDS: Final = ("speech", "music", "noise", "sweep", "silence")

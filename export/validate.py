@@ -10,6 +10,7 @@ from typing import Any, Final
 import numpy as np
 import onnxruntime as ort
 import torch
+
 from recon_runtime.contract import DECODER, ENCODER, REL_L2_THRESHOLDS, ROLES, VOCODER
 from recon_runtime.frontend import log_mel
 

@@ -31,7 +31,9 @@ EDGE_FRACTION: Final = 0.25  # share of the overlap at each end that gets no wei
 def plan_windows(total: int, window: int, overlap: int, multiple: int = 1) -> list[tuple[int, int]]:
     """Split [0, total) into equal windows of `window` units overlapping by at least `overlap`.
 
-    Starts are multiples of `multiple`. A total no longer than `window` is one window.
+    Starts are multiples of `multiple`. A total up to `window + overlap` is one window: splitting
+    it would cost a second full window to save less than one overlap (a 10.24 s clip is 1025
+    frames under the inference framing, one more than the 1024-frame window).
     """
     if window % multiple or overlap % multiple:
         raise ValueError(f"window {window} and overlap {overlap} must be multiples of {multiple}")
@@ -39,7 +41,7 @@ def plan_windows(total: int, window: int, overlap: int, multiple: int = 1) -> li
         raise ValueError(f"overlap {overlap} must be in [0, window {window})")
     if total % multiple:
         raise ValueError(f"total {total} must be a multiple of {multiple}")
-    if total <= window:
+    if total <= window + overlap:
         return [(0, total)]
     starts = [*range(0, total - window, window - overlap), total - window]
     return [(s, s + window) for s in starts]

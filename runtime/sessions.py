@@ -69,8 +69,9 @@ class SessionConfig:
 
     provider: str = CPU
     threads: int | None = None
-    cpu_arena: bool = True
-    """onnxruntime's CPU memory arena: faster repeated runs, higher peak RSS."""
+    cpu_arena: bool = False
+    """onnxruntime's CPU memory arena: off by default, it adds ~0.2-0.5 GB of peak RSS for a few
+    percent of speed (benchmarks/memory.py, benchmarks/latency.py measure both)."""
     cuda_options: Mapping[str, str] = field(default_factory=lambda: dict(CUDA_PROVIDER_OPTIONS))
     device_id: int = 0
 

@@ -179,6 +179,7 @@ def test_unreadable_folder_is_reported_and_others_finish(
     tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from click.testing import CliRunner
+
     from recon_runtime.cli import main
 
     locked = tmp_path / "locked"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from recon_runtime.contract import (
     CONTRACT_FILE,
     FP16,
@@ -90,6 +91,7 @@ def test_each_graph_matches_pytorch_at_several_lengths(
     tiny_bundle: Path, tiny_checkpoint: Path, precision: str
 ) -> None:
     import torch
+
     from recon_export.checkpoint import load_checkpoint
     from recon_export.graphs import wrappers
     from recon_export.validate import mel_batch
@@ -119,6 +121,7 @@ def test_each_graph_matches_pytorch_at_several_lengths(
 
 def test_random_weights_have_realistic_activations() -> None:
     import torch
+
     from recon_export.checkpoint import build_random
     from recon_export.validate import mel_batch
 
@@ -181,6 +184,7 @@ def test_unknown_schema_version_is_refused(tiny_bundle: Path, tmp_path: Path) ->
 def _export(*args: str) -> tuple[int, str]:
     """Run recon-export in-process (torch is already imported); returns exit code and the error line."""
     from click.testing import CliRunner
+
     from recon_export.cli import main
 
     result = CliRunner().invoke(main, list(args))
@@ -204,6 +208,7 @@ def test_error_hub_offline(tmp_path: Path) -> None:
 def test_error_hub_id_or_revision_not_found(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub
     from huggingface_hub import errors as hf_errors
+
     from recon_export.checkpoint import load_checkpoint
     from recon_export.errors import CheckpointError
 
@@ -275,6 +280,7 @@ def test_error_output_not_writable(tmp_path: Path) -> None:
 
 def test_error_disk_full_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import onnx
+
     from recon_export.bundle import export_bundle
     from recon_export.checkpoint import build_random
     from recon_export.errors import ExportError

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import soundfile as sf
+
 from recon_runtime.contract import FRAMING_TRAINING, MelSpec
 from recon_runtime.frontend import log_mel, prepare_waveform
 

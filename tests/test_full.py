@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from recon_runtime import Reconstructor
 from recon_runtime.contract import FP16, FP32, REL_L2_THRESHOLDS, read_contract
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from recon_runtime import Reconstructor
 from recon_runtime.chunking import overlap_add, plan_windows
 from recon_runtime.contract import CONTRACT_FILE, SILENCE_LOG_MEL
@@ -127,6 +128,7 @@ def test_plan_windows_cover_and_overlap() -> None:
     assert all(e - s == 1024 for s, e in spans)
     assert all(prev[1] - nxt[0] >= 64 for prev, nxt in zip(spans, spans[1:]))
     assert plan_windows(1000, 1024, 64, 4) == [(0, 1000)]
+    assert plan_windows(1028, 1024, 64, 4) == [(0, 1028)]  # a 10.24 s clip runs in one pass
 
 
 def test_overlap_add_weights_sum_to_one() -> None:
