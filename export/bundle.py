@@ -108,7 +108,7 @@ def _disk_error(where: Path, e: OSError) -> ExportError:
 def export_bundle(
     ckpt: Checkpoint,
     out: Path,
-    precisions: Sequence[str] = EXPORTABLE_PRECISIONS,
+    precisions: Sequence[str] = (FP16, FP32),
     opset: int = DEFAULT_OPSET,
     validate: bool = True,
     force: bool = False,
@@ -175,6 +175,28 @@ def export_bundle(
     return contract
 
 
+def _write_graph(
+    model: onnx.ModelProto, contract: Contract, folder: Path, role: str, precision: str, opset: int, **fields: Any
+) -> GraphEntry:
+    """Stamp the contract into `model`, save and check it, and describe it (hash, size) for recon.json."""
+    spec = GRAPH_SPECS[role]
+    entry = GraphEntry(
+        role=role,
+        precision=precision,
+        file=spec.file_name(precision),
+        sha256="",
+        size_bytes=0,
+        opset=opset,
+        inputs=spec.inputs,
+        outputs=spec.outputs,
+        **fields,
+    )
+    graphs.stamp(model, contract.metadata_props(entry))
+    path = folder / entry.file
+    graphs.save(model, path)
+    return replace(entry, sha256=sha256_file(path), size_bytes=path.stat().st_size)
+
+
 def _write_graphs(
     modules: dict[str, Any],
     contract: Contract,
@@ -185,7 +207,6 @@ def _write_graphs(
 ) -> list[GraphEntry]:
     entries = []
     for role in ROLES:
-        spec = GRAPH_SPECS[role]
         with progress.step(f"export {role} (fp32, opset {opset})"):
             fp32_model = graphs.export_fp32(modules[role], role, opset)
         for precision in precisions:
@@ -195,22 +216,8 @@ def _write_graphs(
                 notes: dict[str, Any] = {"kept_fp32_ops": list(graphs.FP16_KEEP_FP32_OPS), "io_dtype": "float32"}
             else:
                 model, notes = fp32_model, {}
-            entry = GraphEntry(
-                role=role,
-                precision=precision,
-                file=spec.file_name(precision),
-                sha256="",
-                size_bytes=0,
-                opset=opset,
-                inputs=spec.inputs,
-                outputs=spec.outputs,
-                notes=notes,
-            )
-            graphs.stamp(model, contract.metadata_props(entry))
-            path = folder / entry.file
-            with progress.step(f"write and check {entry.file}"):
-                graphs.save(model, path)
-            entries.append(replace(entry, sha256=sha256_file(path), size_bytes=path.stat().st_size))
+            with progress.step(f"write and check {GRAPH_SPECS[role].file_name(precision)}"):
+                entries.append(_write_graph(model, contract, folder, role, precision, opset, notes=notes))
     return entries
 
 
@@ -233,33 +240,21 @@ def _write_int8(
     costs = describe(results, chain)
     out = []
     for role in ROLES:
-        spec, res = GRAPH_SPECS[role], results[role]
+        res = results[role]
         notes = {
             "kept_fp32_blocks": res.kept_fp32,
             "quantized_ops": ["Conv", "MatMul"],
-            "weights": "int8 per-channel",
+            "weights": "int8 per-channel, 7-bit range (no int16 saturation on CPUs without VNNI)",
             "activations": "uint8 (MinMax calibration)",
             "calibration": str(calibration) if calibration else "built-in generated set",
             "reference": "fp32 ONNX graph",
             "cost": costs[role],
         }
-        entry = GraphEntry(
-            role=role,
-            precision=INT8,
-            file=spec.file_name(INT8),
-            sha256="",
-            size_bytes=0,
-            opset=opset,
-            inputs=spec.inputs,
-            outputs=spec.outputs,
-            rel_l2=res.rel_l2,
-            threshold=res.budget,
-            notes=notes,
+        out.append(
+            _write_graph(
+                res.model, contract, folder, role, INT8, opset, rel_l2=res.rel_l2, threshold=res.budget, notes=notes
+            )
         )
-        graphs.stamp(res.model, contract.metadata_props(entry))
-        path = folder / entry.file
-        graphs.save(res.model, path)
-        out.append(replace(entry, sha256=sha256_file(path), size_bytes=path.stat().st_size))
     report = {
         "reference": "fp32 ONNX graphs, on calibration-independent generated signals",
         "graphs": {

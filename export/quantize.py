@@ -32,6 +32,10 @@ from .validate import mel_batch, rel_l2
 _LOGGER = logging.getLogger(__name__)
 
 QUANTIZED_OPS: Final = ("Conv", "MatMul")
+# 7-bit weights: CPUs without VNNI (AVX2 only, like this workplace's EPYC) multiply u8 x s8 pairs
+# with vpmaddubsw, which saturates at int16 for full-range weights. Measured on the full encoder,
+# every block quantized: rel-L2 32 % with full range, 7.8 % with reduce_range. Safe on VNNI CPUs too.
+REDUCE_RANGE: Final = True
 # Error budgets vs the fp32 graph (rel-L2 of the main output) and for the chain (log-mel L1 of the
 # output waveform vs the fp32 chain's, in nats). Issue 5: decoder mel <= 3 %, chain <= 0.02 nats.
 INT8_BUDGETS: Final = {ENCODER: 0.05, DECODER: 0.03, VOCODER: 0.01}
@@ -194,6 +198,7 @@ class Int8Quantizer:
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS),
             per_channel=True,
+            reduce_range=REDUCE_RANGE,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_quantize=nodes,
