@@ -54,9 +54,9 @@ def main() -> int:
     for precision in (FP16, FP32):
         rec = Reconstructor.load(args.model, provider=args.device, precision=precision)
         got = {
-            "encoder": rec._run_chain(("encoder",), mel[:, None])[0],
-            "decoder": rec._run_chain(("decoder",), ref["encoder"])[0],
-            "vocoder": rec._run_chain(("vocoder",), mel)[0],
+            "encoder": rec.run_graphs(("encoder",), mel[:, None])[0],
+            "decoder": rec.run_graphs(("decoder",), ref["encoder"])[0],
+            "vocoder": rec.run_graphs(("vocoder",), mel)[0],
         }
         for stage, expected in ref.items():
             err = rel_l2(expected, got[stage])

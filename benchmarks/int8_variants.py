@@ -63,8 +63,9 @@ def main() -> None:
             for name, model, kept in variants:
                 err = 0.0 if name == "fp32" else q.error(role, model)
                 ms = _time(model, feeds[role], args.repeats)
-                rows.append({"graph": role, "variant": name, "kept_fp32_blocks": len(kept), "rel_l2": err,
-                             "median_ms": ms})
+                rows.append(
+                    {"graph": role, "variant": name, "kept_fp32_blocks": len(kept), "rel_l2": err, "median_ms": ms}
+                )
                 print(f"{role:<8} {name:<24} kept fp32 {len(kept):2d}  rel-L2 {err:.4f}  {ms:8.1f} ms", flush=True)
     result = {"machine": machine_info("cpu", None), "seconds": args.seconds, "bundle": str(bundle), "rows": rows}
     if args.out:

@@ -23,13 +23,11 @@ from recon_runtime.contract import SAMPLE_RATE
 
 def _child(model: str, seconds: float, precision: str, arena: bool) -> dict[str, float]:
     from recon_runtime import Reconstructor
-    from recon_runtime.sessions import SessionConfig
 
     rng = np.random.default_rng(0)
     t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     audio = (0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
-    rec = Reconstructor.load(model, provider="cpu", precision=precision)
-    rec._config = SessionConfig(provider="cpu", cpu_arena=arena)
+    rec = Reconstructor.load(model, provider="cpu", precision=precision, cpu_arena=arena)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     out = rec.reconstruct(audio, SAMPLE_RATE)

@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from recon_runtime.audio_io import discover, is_audio_file, read_audio
-from recon_runtime.contract import DECODER, ENCODER, LATENT_DOWNSAMPLE, ROLES, VOCODER
+from recon_runtime.contract import DECODER, ENCODER, LATENT_DOWNSAMPLE, PEAK_EPS, PEAK_LEVEL, ROLES, VOCODER
 from recon_runtime.frontend import log_mel, prepare_waveform
 
 from .errors import ExportError, ParityError
@@ -155,7 +155,8 @@ class Int8Quantizer:
             ENCODER: (mel[:, None], z),
             DECODER: (z, decoded),
             VOCODER: (decoded[:, 0], wave),
-            "chain_log_mel": np.stack([log_mel(w) for w in wave]),
+            "chain_gain": _front_end_gain(wave),
+            "chain_log_mel": np.stack([log_mel(w) for w in wave * _front_end_gain(wave)]),
         }
 
     # --------------------------------------------------------------------------- quantization
@@ -213,7 +214,12 @@ class Int8Quantizer:
         return rel_l2(expected, _session(model).run(None, {_session_input(role): x})[0])
 
     def chain_error(self, models: dict[str, onnx.ModelProto]) -> float:
-        """Mean |log-mel(int8 chain output) - log-mel(fp32 chain output)| in nats."""
+        """Mean |log-mel(int8 chain output) - log-mel(fp32 chain output)| in nats.
+
+        Both outputs get the gain that brings the fp32 output's peak to the front end's 0.5, so the
+        log-mel is taken at the level the front end works at (random weights give outputs ~40 dB
+        quieter than a trained vocoder's, where ln(max(mel, 1e-5)) would magnify noise-floor bins).
+        """
         sessions = {r: _session(m) for r, m in models.items()}
         x = self.validation[ENCODER][0]
         z = sessions[ENCODER].run(None, {"log_mel": x})[0]
@@ -221,7 +227,7 @@ class Int8Quantizer:
         wave = sessions[VOCODER].run(None, {"log_mel": mel[:, 0]})[0]
         if not np.isfinite(wave).all():
             return float("inf")
-        ours = np.stack([log_mel(w) for w in wave])
+        ours = np.stack([log_mel(w) for w in wave * self.validation["chain_gain"]])
         return float(np.mean(np.abs(ours - self.validation["chain_log_mel"])))
 
     def fit_graph(self, role: str) -> GraphQuantResult:
@@ -292,6 +298,11 @@ class Int8Quantizer:
         if not res.sensitivity:
             res.sensitivity = {b: self.error(role, self.quantize(role, [*res.kept_fp32, b])) for b in left}
         return min(left, key=lambda b: res.sensitivity.get(b, float("inf")))
+
+
+def _front_end_gain(wave: np.ndarray) -> np.ndarray:
+    """Per-item gain [B, 1] that puts each waveform's peak at the front end's level (0.5)."""
+    return (PEAK_LEVEL / (np.abs(wave).max(axis=-1, keepdims=True) + PEAK_EPS)).astype(np.float32)
 
 
 def _session_input(role: str) -> str:

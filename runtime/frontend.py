@@ -23,14 +23,14 @@ def to_mono(audio: np.ndarray) -> np.ndarray:
     Args:
         audio: [samples] or [samples, channels] (soundfile's layout), any float or int dtype.
     Returns:
-        float64 [samples].
+        float32 [samples] (float32 keeps long inputs light: a 10-minute file is 38 MB).
     """
     x = np.asarray(audio)
     if x.ndim == 2:
         x = x.mean(axis=1, dtype=np.float64)
     elif x.ndim != 1:
         raise AudioInputError(f"audio must be [samples] or [samples, channels], got shape {x.shape}")
-    return x.astype(np.float64, copy=False)
+    return x.astype(np.float32, copy=False)
 
 
 def prepare_waveform(audio: np.ndarray, sample_rate: int, mel: MelSpec = EXPECTED_MEL) -> tuple[np.ndarray, float]:
@@ -51,11 +51,12 @@ def prepare_waveform(audio: np.ndarray, sample_rate: int, mel: MelSpec = EXPECTE
     if not np.isfinite(x).all():
         raise AudioInputError("audio contains NaN or infinite samples")
     if sample_rate != mel.sample_rate:
-        x = soxr.resample(x, sample_rate, mel.sample_rate, quality="HQ")
-    x = x - x.mean()
-    scale = np.abs(x).max() + PEAK_EPS
-    x = np.clip(x / scale * mel.peak_level, -1.0, 1.0)
-    return x.astype(np.float32), float(scale / mel.peak_level)
+        x = soxr.resample(x, sample_rate, mel.sample_rate, quality="HQ").astype(np.float32, copy=False)
+    x = x - np.float32(x.mean(dtype=np.float64))  # a new array: the caller's audio is never modified
+    scale = float(np.abs(x).max()) + PEAK_EPS
+    x *= np.float32(mel.peak_level / scale)
+    np.clip(x, -1.0, 1.0, out=x)
+    return x, scale / mel.peak_level
 
 
 @lru_cache(maxsize=4)
@@ -96,7 +97,9 @@ def log_mel(waveform: np.ndarray, mel: MelSpec = EXPECTED_MEL) -> np.ndarray:
     Returns:
         float32 [T, n_mels], ln(max(mel, 1e-5)); silence is ln(1e-5) = -11.5129.
     """
-    x = np.asarray(waveform, dtype=np.float64)
+    x = np.asarray(waveform)
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
     if x.ndim != 1:
         raise AudioInputError(f"waveform must be 1-D, got shape {x.shape}")
     shortest = mel.n_fft - 2 * mel.pad + mel.hop_length  # so that at least one frame exists
@@ -108,7 +111,7 @@ def log_mel(waveform: np.ndarray, mel: MelSpec = EXPECTED_MEL) -> np.ndarray:
     window, basis = stft_window(mel), mel_basis(mel)
     out = np.empty((frames.shape[0], mel.n_mels), dtype=np.float32)
     for start in range(0, frames.shape[0], _FRAMES_PER_BLOCK):
-        block = frames[start : start + _FRAMES_PER_BLOCK] * window
+        block = frames[start : start + _FRAMES_PER_BLOCK] * window  # float64 from here on
         magnitude = np.abs(np.fft.rfft(block, n=mel.n_fft, axis=-1))
         out[start : start + block.shape[0]] = np.log(np.maximum(magnitude @ basis.T, mel.mel_floor))
     return out

@@ -78,6 +78,7 @@ class Reconstructor:
         threads: int | None = None,
         window_frames: int = DEFAULT_WINDOW_FRAMES,
         overlap_frames: int = DEFAULT_OVERLAP_FRAMES,
+        cpu_arena: bool = False,
     ):
         if window_frames % LATENT_DOWNSAMPLE or overlap_frames % LATENT_DOWNSAMPLE:
             raise ValueError(f"window and overlap must be multiples of {LATENT_DOWNSAMPLE} frames")
@@ -87,7 +88,7 @@ class Reconstructor:
         self.precision = precision
         self.window_frames = window_frames
         self.overlap_frames = overlap_frames
-        self._config = SessionConfig(provider=provider, threads=threads)
+        self._config = SessionConfig(provider=provider, threads=threads, cpu_arena=cpu_arena)
         self._sessions: dict[str, GraphSession] = {}
 
     # ------------------------------------------------------------------ loading
@@ -100,6 +101,7 @@ class Reconstructor:
         threads: int | None = None,
         window_frames: int = DEFAULT_WINDOW_FRAMES,
         overlap_frames: int = DEFAULT_OVERLAP_FRAMES,
+        cpu_arena: bool = False,
     ) -> "Reconstructor":
         """Open a bundle, check its contract, and pick provider and precision.
 
@@ -108,6 +110,8 @@ class Reconstructor:
             provider: "auto" (CUDA when onnxruntime offers it, else CPU), "cuda" or "cpu".
             precision: "auto" (fp16 on CUDA, fp32 on CPU), "fp16", "fp32" or "int8".
             threads: intra-op threads for CPU sessions (None: onnxruntime's default).
+            window_frames, overlap_frames: long-input windowing, in mel frames (multiples of 4).
+            cpu_arena: onnxruntime's CPU memory arena; off by default for a lower peak RSS.
         """
         bundle_dir = Path(bundle_dir)
         contract = read_contract(bundle_dir)
@@ -149,7 +153,7 @@ class Reconstructor:
         if contract.random_weights:
             _LOGGER.warning("%s holds RANDOM weights: output is not meaningful audio", bundle_dir)
         _LOGGER.info("using %s with %s graphs from %s", provider.upper(), precision, bundle_dir)
-        return cls(bundle_dir, contract, provider, precision, threads, window_frames, overlap_frames)
+        return cls(bundle_dir, contract, provider, precision, threads, window_frames, overlap_frames, cpu_arena)
 
     def session(self, role: str) -> GraphSession:
         """The session for one stage, created (and its file verified) on first use."""
@@ -184,7 +188,7 @@ class Reconstructor:
         return Features(log_mel(wave, self.contract.mel), gain, wave.size, wave)
 
     # ------------------------------------------------------------------ graph chains
-    def _run_chain(self, roles: Sequence[str], x: np.ndarray) -> list[np.ndarray]:
+    def run_graphs(self, roles: Sequence[str], x: np.ndarray) -> list[np.ndarray]:
         """Run consecutive stages on a host input; on CUDA intermediates stay on the GPU.
 
         Input layouts: encoder/decoder take their graph input; the vocoder takes [B, T, 64].
@@ -221,7 +225,7 @@ class Reconstructor:
         """[B, T, 64] log-mel (T a multiple of 4) -> [B, 160*T] waveform through the VAE and vocoder."""
 
         def run(s: int, e: int) -> np.ndarray:
-            wave = self._run_chain((ENCODER, DECODER, VOCODER), mel[:, None, s:e])[0]
+            wave = self.run_graphs((ENCODER, DECODER, VOCODER), mel[:, None, s:e])[0]
             return wave[:, : (e - s) * HOP_LENGTH]
 
         return overlap_add(
@@ -238,7 +242,7 @@ class Reconstructor:
         """[B, T, 64] -> scaled (mean, std), each [B, 8, T/4, 16]."""
 
         def run(s: int, e: int) -> np.ndarray:
-            mean, std = self._run_chain((ENCODER,), mel[:, None, s:e])
+            mean, std = self.run_graphs((ENCODER,), mel[:, None, s:e])
             return np.stack([mean, std])
 
         both = overlap_add(
@@ -258,7 +262,7 @@ class Reconstructor:
         overlap = self.overlap_frames // LATENT_DOWNSAMPLE
 
         def run(s: int, e: int) -> np.ndarray:
-            wave = self._run_chain((DECODER, VOCODER), latents[:, :, s:e])[0]
+            wave = self.run_graphs((DECODER, VOCODER), latents[:, :, s:e])[0]
             return wave[:, : (e - s) * SAMPLES_PER_LATENT_FRAME]
 
         return overlap_add(latents.shape[2], window, overlap, run, scale=SAMPLES_PER_LATENT_FRAME, axis=-1)

@@ -143,13 +143,13 @@ def test_overlap_add_weights_sum_to_one() -> None:
 def test_windowed_long_input_exact_length_finite_and_bounded(tiny_bundle: Path) -> None:
     rec = Reconstructor.load(tiny_bundle, provider="cpu")
     seen: list[int] = []
-    run = rec._run_chain
+    run = rec.run_graphs
 
     def spy(roles, x):  # record the longest input any graph sees: memory is bounded by the window
         seen.append(x.shape[-2] if roles[0] != "decoder" else x.shape[2] * 4)
         return run(roles, x)
 
-    rec._run_chain = spy
+    rec.run_graphs = spy
     audio = np.random.default_rng(0).standard_normal(16000 * 61).astype(np.float32) * 0.1
     out = rec.reconstruct(audio, 16000)
     assert out.shape == (16000 * 61,) and np.isfinite(out).all()
