@@ -50,3 +50,29 @@ def test_full_windowed_path_keeps_length_and_level(full_bundle: Path) -> None:
     seam_err = float(np.sqrt(np.mean((out - one) ** 2)) / np.sqrt(np.mean(one**2)))
     print(f"full architecture, windowed vs one pass: RMS error {seam_err:.4f} of signal RMS")
     assert seam_err <= 0.25
+
+
+def test_full_int8_export_and_runtime_at_a_short_length(
+    full_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The int8 path on the real architecture: short calibration/validation clips, loose budgets
+    (one quantization per graph; the default budgets' block search is measured by benchmarks)."""
+    import recon_export.quantize as quantize
+    from recon_export.bundle import export_bundle
+    from recon_export.checkpoint import load_checkpoint
+
+    from .test_int8 import LOOSE
+
+    monkeypatch.setattr(quantize, "CALIBRATION_KINDS", ("speech", "music", "silence"))
+    monkeypatch.setattr(quantize, "CALIBRATION_FRAMES", (64,))
+    monkeypatch.setattr(quantize, "VALIDATION_FRAMES", 64)
+    out = tmp_path / "int8"
+    contract = export_bundle(
+        load_checkpoint(str(full_checkpoint)), out, precisions=["int8"], validate=False, int8_budgets=LOOSE
+    )
+    for role in ("encoder", "decoder", "vocoder"):
+        entry = contract.graph(role, "int8")
+        assert entry is not None and entry.rel_l2 is not None and entry.rel_l2 <= LOOSE[role]
+    rec = Reconstructor.load(out, provider="cpu", precision="int8")
+    wave = rec.reconstruct(tone(0.64, 16000), 16000)
+    assert wave.shape == (10240,) and np.isfinite(wave).all()
