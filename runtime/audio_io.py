@@ -110,12 +110,12 @@ def discover(inputs: list[Path], accept: Callable[[Path], bool]) -> Iterator[tup
     """
     for root in map(Path, inputs):
         if root.is_dir():
+            if not os.access(root, os.R_OK | os.X_OK):
+                raise AudioInputError(f"{root}: folder cannot be read (permission denied)")
             try:
                 found = sorted(p for p in root.rglob("*") if p.is_file() and accept(p))
             except OSError as e:
                 raise AudioInputError(f"{root}: folder cannot be read ({e.strerror or e})") from None
-            if not os.access(root, os.R_OK | os.X_OK):
-                raise AudioInputError(f"{root}: folder cannot be read (permission denied)")
             for p in found:
                 yield p, p.relative_to(root)
         else:

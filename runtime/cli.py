@@ -133,6 +133,27 @@ def _report(src: Path, e: ReconError, summary: Summary) -> None:
     summary.failed += 1
 
 
+def _run_jobs(jobs: list[Job], what: str, force: bool, work: Callable[[Path, Path], float]) -> int:
+    """Run `work(src, dst) -> audio seconds` per job; failures get one line each and the batch goes on.
+
+    Returns the exit code: 1 if any job failed or none ran.
+    """
+    summary = Summary()
+    for src, dst, error in _progress(jobs, what):
+        try:
+            if error:
+                raise error
+            _check_overwrite(dst, force)
+            seconds = work(src, dst)
+        except ReconError as e:
+            _report(src, e, summary)
+            continue
+        summary.ok += 1
+        summary.audio_seconds += seconds
+    click.echo(summary.line(what), err=True)
+    return 1 if summary.failed or not summary.ok else 0
+
+
 def _batches(jobs: list[Job], size: int) -> Iterator[list[Job]]:
     for i in range(0, len(jobs), size):
         yield jobs[i : i + size]
@@ -277,42 +298,33 @@ def encode(
 
     def run() -> int:
         rec = _load(model, provider, precision, threads)
-        summary = Summary()
-        jobs = _jobs(inputs, out, ".npy", is_audio_file)
-        for src, dst, error in _progress(jobs, "encode"):
+
+        def one(src: Path, dst: Path) -> float:
+            audio, sr = read_audio(src)
+            feats = rec.features(audio, sr)
+            latents = rec.encode_features(feats, sample=sample, seed=seed)
+            sidecar = {
+                "version": SIDECAR_VERSION,
+                "source": str(src),
+                "sample_rate": rec.contract.mel.sample_rate,
+                "num_samples": feats.num_samples,
+                "input_sample_rate": sr,
+                "gain": feats.gain,
+                "latent_shape": list(latents.shape),
+                "sampled": sample,
+                "seed": seed if sample else None,
+                "bundle_fingerprint": rec.contract.fingerprint,
+                "scaling_factor": rec.contract.scaling_factor,
+            }
+            save_array(dst, latents)
             try:
-                if error:
-                    raise error
-                _check_overwrite(dst, force)
-                audio, sr = read_audio(src)
-                feats = rec.features(audio, sr)
-                latents = rec.encode_features(feats, sample=sample, seed=seed)
-                sidecar = {
-                    "version": SIDECAR_VERSION,
-                    "source": str(src),
-                    "sample_rate": rec.contract.mel.sample_rate,
-                    "num_samples": feats.num_samples,
-                    "input_sample_rate": sr,
-                    "gain": feats.gain,
-                    "latent_shape": list(latents.shape),
-                    "sampled": sample,
-                    "seed": seed if sample else None,
-                    "bundle_fingerprint": rec.contract.fingerprint,
-                    "scaling_factor": rec.contract.scaling_factor,
-                }
-                save_array(dst, latents)
-                try:
-                    _write_json(dst.with_suffix(".json"), sidecar)
-                except ReconError:
-                    dst.unlink(missing_ok=True)
-                    raise
-            except ReconError as e:
-                _report(src, e, summary)
-                continue
-            summary.ok += 1
-            summary.audio_seconds += feats.num_samples / rec.contract.mel.sample_rate
-        click.echo(summary.line("encode"), err=True)
-        return 1 if summary.failed or not summary.ok else 0
+                _write_json(dst.with_suffix(".json"), sidecar)
+            except ReconError:
+                dst.unlink(missing_ok=True)
+                raise
+            return feats.num_samples / rec.contract.mel.sample_rate
+
+        return _run_jobs(_jobs(inputs, out, ".npy", is_audio_file), "encode", force, one)
 
     _guard(ctx, run)
 
@@ -340,30 +352,21 @@ def decode(
 
     def run() -> int:
         rec = _load(model, provider, precision, threads)
-        summary = Summary()
-        jobs = _jobs(latents, out, ".wav", lambda p: p.suffix.lower() == ".npy")
-        for src, dst, error in _progress(jobs, "decode"):
+
+        def one(src: Path, dst: Path) -> float:
+            z = load_array(src)
+            side = _read_sidecar(src, rec.contract.fingerprint)
             try:
-                if error:
-                    raise error
-                _check_overwrite(dst, force)
-                z = load_array(src)
-                side = _read_sidecar(src, rec.contract.fingerprint)
-                try:
-                    wave = rec.decode(z, num_samples=side.get("num_samples"))
-                except AudioInputError as e:
-                    raise AudioInputError(f"{src}: {e}") from None
-                if wave.ndim != 1:
-                    raise AudioInputError(f"{src}: holds a batch of latents {list(z.shape)}; save one per file")
-                wave = wave * np.float32(side.get("gain", 1.0))
-                write_audio(dst, wave, rec.contract.mel.sample_rate, sample_format)
-            except ReconError as e:
-                _report(src, e, summary)
-                continue
-            summary.ok += 1
-            summary.audio_seconds += wave.size / rec.contract.mel.sample_rate
-        click.echo(summary.line("decode"), err=True)
-        return 1 if summary.failed or not summary.ok else 0
+                wave = rec.decode(z, num_samples=side.get("num_samples"))
+            except AudioInputError as e:
+                raise AudioInputError(f"{src}: {e}") from None
+            if wave.ndim != 1:
+                raise AudioInputError(f"{src}: holds a batch of latents {list(z.shape)}; save one per file")
+            wave = wave * np.float32(side.get("gain", 1.0))
+            write_audio(dst, wave, rec.contract.mel.sample_rate, sample_format)
+            return wave.size / rec.contract.mel.sample_rate
+
+        return _run_jobs(_jobs(latents, out, ".wav", lambda p: p.suffix.lower() == ".npy"), "decode", force, one)
 
     _guard(ctx, run)
 
