@@ -5,7 +5,8 @@
 
 CPU variants: threads, memory arena, graph optimisation level. CUDA variants: cuDNN algorithm
 search (EXHAUSTIVE vs HEURISTIC, first run and steady state), the 1-D convolution padding, NHWC,
-and CUDA graph capture for the fixed window shape (with IO binding). Prints a table, writes JSON.
+CUDA graph capture for the fixed window shape (with IO binding, on the dynamic graphs and on the
+runtime's fixed-shape chain, whose pinned dimensions leave no shape computation on the CPU). Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import onnxruntime as ort
 
 from benchmarks.latency import machine_info, test_mel
 from recon_runtime.contract import HOP_LENGTH, LATENT_DOWNSAMPLE, ROLES, SAMPLE_RATE, read_contract
-from recon_runtime.sessions import CUDA_PROVIDER_OPTIONS
+from recon_runtime.sessions import CUDA_PROVIDER_OPTIONS, FixedShapeChain, SessionConfig
 
 LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -145,6 +146,19 @@ def main() -> None:
                     fn = _chain_bound(sessions, mel) if bound else (lambda s=sessions: _chain_host(s, mel))
                     r = measure(fn, repeats)
                 except Exception as e:  # noqa: BLE001 - a variant that fails is reported, not fatal
+                    r = {"error": " ".join(str(e).split())[:200]}
+                rows.append({"variant": name, "precision": precision, **r})
+                print(f"{precision} {name:<55} {r}", flush=True)
+            # The runtime's own fixed-shape chain (free dimensions pinned, so no CPU shape nodes),
+            # without and with CUDA graph capture: what `Reconstructor(cuda_graph=True)` runs.
+            contract = read_contract(bundle)
+            entries = [contract.graph(role, precision) for role in ROLES]
+            for name, graph in (("runtime fixed-shape chain", False), ("runtime fixed-shape chain + CUDA graph", True)):
+                try:
+                    config = SessionConfig(provider="cuda", cuda_graph=graph)
+                    chain = FixedShapeChain(bundle, contract, entries, config, mel[:, None].shape)
+                    r = measure(lambda c=chain: c.run(mel[:, None]), repeats)
+                except Exception as e:  # noqa: BLE001 - reported, not fatal
                     r = {"error": " ".join(str(e).split())[:200]}
                 rows.append({"variant": name, "precision": precision, **r})
                 print(f"{precision} {name:<55} {r}", flush=True)

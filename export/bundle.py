@@ -23,6 +23,8 @@ from typing import Any
 import onnx
 
 from recon_runtime.contract import (
+    CHAIN_BUDGET_KEY,
+    CHAIN_LOG_MEL_L1_BUDGET,
     DEFAULT_OPSET,
     EXPECTED_MEL,
     FP16,
@@ -230,26 +232,32 @@ def _write_int8(
     progress: Progress,
     budgets: dict[str, float] | None = None,
 ) -> tuple[list[GraphEntry], dict[str, Any]]:
-    from .quantize import CHAIN_LOG_MEL_L1_BUDGET, describe, quantize_bundle
+    from .quantize import DEFAULT_SCHEME, QUANTIZED_OPS, describe, quantize_bundle
 
     fp32 = {e.role: folder / e.file for e in entries if e.precision == FP32}
     with progress.step(f"quantize int8 (calibration: {calibration or 'built-in generated set'})"):
-        graph_budgets = {k: v for k, v in (budgets or {}).items() if k != "chain"} or None
-        chain_budget = (budgets or {}).get("chain", CHAIN_LOG_MEL_L1_BUDGET)
-        results, chain = quantize_bundle(fp32, calibration, progress.echo, graph_budgets, chain_budget)
+        graph_budgets = {k: v for k, v in (budgets or {}).items() if k != CHAIN_BUDGET_KEY} or None
+        chain_budget = (budgets or {}).get(CHAIN_BUDGET_KEY, CHAIN_LOG_MEL_L1_BUDGET)
+        results, chain, trajectory = quantize_bundle(fp32, calibration, progress.echo, graph_budgets, chain_budget)
     costs = describe(results, chain)
     out = []
     for role in ROLES:
         res = results[role]
         notes = {
             "kept_fp32_blocks": res.kept_fp32,
-            "quantized_ops": ["Conv", "MatMul"],
-            "weights": "int8 per-channel, 7-bit range (no int16 saturation on CPUs without VNNI)",
-            "activations": "uint8 (MinMax calibration)",
+            "int8_mac_share": round(res.int8_share, 4),
+            "quantized_ops": list(QUANTIZED_OPS),
+            "scheme": DEFAULT_SCHEME.label(),
             "calibration": str(calibration) if calibration else "built-in generated set",
             "reference": "fp32 ONNX graph",
             "cost": costs[role],
         }
+        if res.fp32_fallback:  # no duplicate file: the int8 set points at the fp32 graph
+            fp32_entry = next(e for e in entries if e.role == role and e.precision == FP32)
+            out.append(
+                replace(fp32_entry, precision=INT8, file_precision=FP32, rel_l2=0.0, threshold=res.budget, notes=notes)
+            )
+            continue
         out.append(
             _write_graph(
                 res.model, contract, folder, role, INT8, opset, rel_l2=res.rel_l2, threshold=res.budget, notes=notes
@@ -258,11 +266,18 @@ def _write_int8(
     report = {
         "reference": "fp32 ONNX graphs, on calibration-independent generated signals",
         "graphs": {
-            r: {"rel_l2": results[r].rel_l2, "budget": results[r].budget, "kept_fp32_blocks": results[r].kept_fp32}
+            r: {
+                "rel_l2": results[r].rel_l2,
+                "budget": results[r].budget,
+                "kept_fp32_blocks": results[r].kept_fp32,
+                "int8_mac_share": results[r].int8_share,
+                "fp32_fallback": results[r].fp32_fallback,
+            }
             for r in ROLES
         },
         "chain_log_mel_l1": chain,
         "chain_budget": chain_budget,
+        "search": trajectory,
     }
     progress.echo(
         "  int8: "

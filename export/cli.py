@@ -9,16 +9,39 @@ from pathlib import Path
 
 import click
 
-from recon_runtime.contract import DEFAULT_OPSET
+from recon_runtime.contract import CHAIN_BUDGET_KEY, CHAIN_LOG_MEL_L1_BUDGET, DEFAULT_OPSET, INT8_BUDGETS
 from recon_runtime.errors import ReconError
 
 from .checkpoint import ARCHITECTURES, DEFAULT_MODEL
+from .errors import ExportError
 
 DEFAULT_OUT = Path("models/audioldm2-music")
 
 
 def _echo(message: str) -> None:
     click.echo(message, err=True)
+
+
+def _default_budgets() -> str:
+    return ", ".join([*(f"{k}={v}" for k, v in INT8_BUDGETS.items()), f"chain={CHAIN_LOG_MEL_L1_BUDGET}"])
+
+
+def parse_budgets(items: tuple[str, ...]) -> dict[str, float]:
+    """NAME=VALUE pairs from --int8-budget; a bad name or value is a one-line error."""
+    names = (*INT8_BUDGETS, CHAIN_BUDGET_KEY)
+    budgets = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if name.strip() not in names or not number > 0:
+            raise ExportError(
+                f"--int8-budget {item!r}: expected NAME=VALUE with NAME one of {', '.join(names)} and VALUE > 0"
+            )
+        budgets[name.strip()] = number
+    return budgets
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,6 +66,14 @@ def _echo(message: str) -> None:
     default=None,
     help="Folder of your own audio to calibrate int8 (default: a built-in generated set).",
 )
+@click.option(
+    "--int8-budget",
+    "int8_budget",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Override an int8 error budget: encoder/decoder/vocoder (rel-L2 vs fp32, e.g. decoder=0.05) "
+    f"or chain (log-mel L1 in nats, e.g. chain=0.1). Defaults: {_default_budgets()}.",
+)
 @click.option("--random-weights", is_flag=True, help="Exact architecture with seeded random weights (offline, tests).")
 @click.option(
     "--config",
@@ -64,6 +95,7 @@ def main(
     out: Path,
     precision: str,
     calibration: Path | None,
+    int8_budget: tuple[str, ...],
     random_weights: bool,
     config_name: str,
     seed: int,
@@ -81,12 +113,15 @@ def main(
         from .checkpoint import build_random, load_checkpoint
 
         precisions = [p.strip() for p in precision.split(",") if p.strip()]
+        budgets = parse_budgets(int8_budget)
         progress = Progress(echo=_echo)
         with progress.step("load " + (f"random weights ({config_name}, seed {seed})" if random_weights else model)):
             ckpt = build_random(config_name, seed) if random_weights else load_checkpoint(model, revision, allow_pickle)
         if random_weights:
             _echo("  WARNING: RANDOM WEIGHTS - this bundle is for tests and benchmarks, not for real audio")
-        contract = export_bundle(ckpt, out, precisions, opset, validate, force, progress, calibration)
+        contract = export_bundle(
+            ckpt, out, precisions, opset, validate, force, progress, calibration, int8_budgets=budgets or None
+        )
     except ReconError as e:
         if debug:
             raise

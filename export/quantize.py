@@ -1,6 +1,6 @@
 """int8 graphs for CPUs: static QDQ quantization with per-graph mixed precision chosen by measurement.
 
-Only Conv and MatMul are quantized (int8 per-channel weights, uint8 activations, MinMax
+Only Conv and MatMul are quantized (int8 per-channel weights, uint8 activations, percentile
 calibration); ConvTranspose has no int8 CPU kernel and stays fp32. Which blocks stay fp32 is
 decided against an error budget measured on calibration-independent generated signals: every
 candidate block is quantized, then the blocks whose exclusion helps most are put back to fp32 one
@@ -10,9 +10,11 @@ under- or overstate sensitivity, so the choice is always measured, never assumed
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -22,7 +24,21 @@ import onnx
 import onnxruntime as ort
 
 from recon_runtime.audio_io import discover, is_audio_file, read_audio
-from recon_runtime.contract import DECODER, ENCODER, LATENT_DOWNSAMPLE, PEAK_EPS, PEAK_LEVEL, ROLES, VOCODER
+from recon_runtime.contract import (
+    CHAIN_LOG_MEL_L1_BUDGET,
+    DECODER,
+    ENCODER,
+    INT8_BUDGETS,
+    LATENT_CHANNELS,
+    LATENT_DOWNSAMPLE,
+    LATENT_FREQ_BINS,
+    N_MELS,
+    PEAK_EPS,
+    PEAK_LEVEL,
+    ROLES,
+    SILENCE_LOG_MEL,
+    VOCODER,
+)
 from recon_runtime.frontend import log_mel, prepare_waveform
 
 from .errors import ExportError, ParityError
@@ -36,19 +52,42 @@ QUANTIZED_OPS: Final = ("Conv", "MatMul")
 # with vpmaddubsw, which saturates at int16 for full-range weights. Measured on the full encoder,
 # every block quantized: rel-L2 32 % with full range, 7.8 % with reduce_range. Safe on VNNI CPUs too.
 REDUCE_RANGE: Final = True
-# Error budgets vs the fp32 graph (rel-L2 of the main output) and for the chain (log-mel L1 of the
-# output waveform vs the fp32 chain's, in nats). Issue 5: decoder mel <= 3 %, chain <= 0.02 nats.
-INT8_BUDGETS: Final = {ENCODER: 0.05, DECODER: 0.03, VOCODER: 0.01}
-CHAIN_LOG_MEL_L1_BUDGET: Final = 0.02
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How Conv/MatMul are quantized: weight type and range, activation calibration."""
+
+    weight_type: str = "int8"  # "int8" (symmetric, per channel) or "uint8" (asymmetric, per channel)
+    reduce_range: bool = REDUCE_RANGE
+    calibration: str = "percentile"  # "minmax" or "percentile"
+    percentile: float = 99.99
+    quantize_outputs: bool = True  # requantize Conv/MatMul outputs (lets ORT fuse QLinearConv)
+
+    def label(self) -> str:
+        weights = f"{self.weight_type}{' 7-bit' if self.reduce_range else ''}"
+        calib = self.calibration if self.calibration == "minmax" else f"percentile {self.percentile}"
+        return f"w {weights}, act uint8 {calib}{'' if self.quantize_outputs else ', fp32 outputs'}"
+
+
+# Measured on the full architecture, every block quantized, vs MinMax (graph rel-L2 / chain log-mel L1
+# with only that graph int8): percentile 99.99 encoder 7.8 % / 0.049 (MinMax 7.8 % / 0.050), decoder
+# 10.1 % / 0.049 (11.3 % / 0.055), vocoder 0.82 % / 0.149 (0.87 % / 0.163). Full-range uint8 weights
+# (u8u8) were no more accurate and slower than fp32; leaving Conv outputs unquantized halved the
+# vocoder's error but blocks ORT's QLinearConv fusion (slower than fp32). benchmarks/int8_variants.py.
+DEFAULT_SCHEME: Final = QuantScheme()
 # First and last vocoder convolutions stay fp32: they cost nothing and carry the waveform's fine detail.
 ALWAYS_FP32: Final = {VOCODER: ("/vocoder/conv_pre/", "/vocoder/conv_post/")}
 CALIBRATION_KINDS: Final = ("speech", "music", "noise", "silence", "sweep")
-CALIBRATION_FRAMES: Final = (128, 256)
-CALIBRATION_MAX_FRAMES: Final = 256  # user audio is cut into windows of this many frames
+CALIBRATION_SECONDS: Final = (1.28, 2.55)  # built-in signals: a short clip (padded with silence) and a full window
+CALIBRATION_FRAMES: Final = 256  # every calibration input is one window of this many mel frames
+CALIBRATION_MIN_FRAMES: Final = 16  # a shorter tail of a longer file is not worth a window
 CALIBRATION_MAX_WINDOWS: Final = 24
 VALIDATION_KINDS: Final = ("speech", "music", "sweep", "noise")
 VALIDATION_FRAMES: Final = 256
 VALIDATION_SEED: Final = 1000  # distinct from calibration seeds: the check is calibration-independent
+# Input shapes at which each graph's multiply-accumulates are counted (the cost side of the search).
+COST_FRAMES: Final = 256
 
 
 def block_of(node_name: str) -> str:
@@ -58,8 +97,62 @@ def block_of(node_name: str) -> str:
     return "/".join(parts[:4] if nested else parts[:3])
 
 
+def node_macs(model: onnx.ModelProto, input_shape: Sequence[int]) -> dict[str, int]:
+    """Multiply-accumulates of every Conv, ConvTranspose and MatMul node for one concrete input shape.
+
+    Shapes come from one run on zeros (static shape inference loses them after dynamic Pad/Reshape).
+    """
+    weights = {init.name: list(init.dims) for init in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "MatMul")]
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    wanted = list(dict.fromkeys(t for n in nodes for t in (n.input[0], n.output[0]) if t not in weights))
+    known = {o.name for o in probe.graph.output} | {i.name for i in probe.graph.input}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in wanted if t not in known)
+    sess = _session(probe)
+    names = [o.name for o in sess.get_outputs()]
+    values = sess.run(None, {sess.get_inputs()[0].name: np.zeros(input_shape, np.float32)})
+    shapes = {name: v.shape for name, v in zip(names, values)}
+    shapes[sess.get_inputs()[0].name] = tuple(input_shape)
+    macs: dict[str, int] = {}
+    for node in nodes:
+        out, x = shapes[node.output[0]], shapes.get(node.input[0], ())
+        if node.op_type == "Conv":  # each output element: Cin/groups x kernel
+            macs[node.name] = int(np.prod(out)) * int(np.prod(weights[node.input[1]][1:]))
+        elif node.op_type == "ConvTranspose":  # each input element: Cout/groups x kernel
+            macs[node.name] = int(np.prod(x)) * int(np.prod(weights[node.input[1]][1:]))
+        else:
+            macs[node.name] = int(np.prod(out)) * int(x[-1])
+    return macs
+
+
+def cost_input_shape(role: str) -> tuple[int, ...]:
+    """The graph input shape (batch 1, COST_FRAMES mel frames) used to count MACs."""
+    latent = COST_FRAMES // LATENT_DOWNSAMPLE
+    return {
+        ENCODER: (1, 1, COST_FRAMES, N_MELS),
+        DECODER: (1, LATENT_CHANNELS, latent, LATENT_FREQ_BINS),
+        VOCODER: (1, COST_FRAMES, N_MELS),
+    }[role]
+
+
+def _windows(mel: np.ndarray) -> list[np.ndarray]:
+    """Cut [T, 64] into CALIBRATION_FRAMES windows; a short tail is padded with silence.
+
+    Histogram calibration needs every input of one shape, and silence padding is what the runtime
+    does to a clip's end anyway.
+    """
+    out = []
+    for start in range(0, mel.shape[0], CALIBRATION_FRAMES):
+        chunk = mel[start : start + CALIBRATION_FRAMES]
+        if chunk.shape[0] < CALIBRATION_MIN_FRAMES and out:
+            break
+        pad = CALIBRATION_FRAMES - chunk.shape[0]
+        out.append(np.pad(chunk, ((0, pad), (0, 0)), constant_values=SILENCE_LOG_MEL).astype(np.float32))
+    return out
+
+
 def calibration_mels(folder: Path | None = None) -> list[np.ndarray]:
-    """Log-mel windows [T, 64] (T a multiple of 4) for calibration: the user's audio, or a built-in set."""
+    """Log-mel windows [CALIBRATION_FRAMES, 64] for calibration: the user's audio, or a built-in set."""
     mels: list[np.ndarray] = []
     if folder is not None:
         files = [p for p, _ in discover([Path(folder)], is_audio_file)]
@@ -67,18 +160,12 @@ def calibration_mels(folder: Path | None = None) -> list[np.ndarray]:
             raise ExportError(f"{folder}: no audio files for --calibration")
         for path in files:
             wave, _ = prepare_waveform(*read_audio(path))
-            mel = log_mel(wave)
-            for start in range(0, mel.shape[0], CALIBRATION_MAX_FRAMES):
-                chunk = mel[start : start + CALIBRATION_MAX_FRAMES]
-                chunk = chunk[: chunk.shape[0] - chunk.shape[0] % LATENT_DOWNSAMPLE]
-                if chunk.shape[0] >= 4 * LATENT_DOWNSAMPLE:
-                    mels.append(chunk)
+            mels += _windows(log_mel(wave))
         step = max(1, len(mels) // CALIBRATION_MAX_WINDOWS)
         return mels[::step][:CALIBRATION_MAX_WINDOWS]
     for i, kind in enumerate(CALIBRATION_KINDS):
-        for j, frames in enumerate(CALIBRATION_FRAMES):
-            wave = test_signal(kind, (frames - 1) * 160 / 16000, seed=10 * i + j)
-            mels.append(log_mel(wave)[:frames])
+        for j, seconds in enumerate(CALIBRATION_SECONDS):
+            mels += _windows(log_mel(test_signal(kind, seconds, seed=10 * i + j)))
     return mels
 
 
@@ -106,6 +193,12 @@ class GraphQuantResult:
     budget: float
     kept_fp32: list[str]
     sensitivity: dict[str, float] = field(default_factory=dict)
+    """The graph's error with each block alone returned to fp32, measured once at `sensitivity_base`."""
+    sensitivity_base: float = 0.0
+    int8_share: float = 0.0
+    """Fraction of the graph's Conv/ConvTranspose/MatMul multiply-accumulates that run in int8."""
+    fp32_fallback: bool = False
+    """No block could stay quantized within the budgets: the int8 set uses the fp32 graph here."""
 
 
 class Int8Quantizer:
@@ -119,7 +212,9 @@ class Int8Quantizer:
         budgets: dict[str, float] | None = None,
         chain_budget: float = CHAIN_LOG_MEL_L1_BUDGET,
         echo: Callable[[str], None] = _LOGGER.info,
+        scheme: QuantScheme = DEFAULT_SCHEME,
     ):
+        self.scheme = scheme
         self.fp32 = fp32_files
         self.work = Path(work)
         self.budgets = {**INT8_BUDGETS, **(budgets or {})}
@@ -127,6 +222,8 @@ class Int8Quantizer:
         self.echo = echo
         self._fp32_sessions = {r: _session(p) for r, p in fp32_files.items()}
         self._candidates: dict[str, dict[str, list[str]]] = {}
+        self._costs: dict[str, tuple[dict[str, int], int]] = {}
+        self.trajectory: list[dict[str, Any]] = []
         self.calibration = self._calibration_feeds(calibration)
         self.validation = self._validation_feeds()
 
@@ -182,6 +279,25 @@ class Int8Quantizer:
             blocks.setdefault(block_of(node.name), []).append(node.name)
         return blocks
 
+    def block_costs(self, role: str) -> tuple[dict[str, int], int]:
+        """Multiply-accumulates per candidate block, and the graph's total, at COST_FRAMES frames."""
+        if role not in self._costs:
+            macs = node_macs(onnx.load(str(self.fp32[role])), cost_input_shape(role))
+            per_block = {b: sum(macs.get(n, 0) for n in names) for b, names in self.candidates(role).items()}
+            self._costs[role] = (per_block, sum(macs.values()))
+        return self._costs[role]
+
+    def int8_share(self, role: str, kept_fp32: Iterable[str]) -> float:
+        """Fraction of the graph's multiply-accumulates that run in int8 with these blocks kept fp32."""
+        per_block, total = self.block_costs(role)
+        kept = set(kept_fp32)
+        return sum(c for b, c in per_block.items() if b not in kept) / max(total, 1)
+
+    def _benefit_per_mac(self, res: GraphQuantResult, role: str, block: str) -> float:
+        """How much keeping `block` fp32 lowers the graph's error, per multiply-accumulate it gives up."""
+        base = res.sensitivity_base
+        return (base - res.sensitivity.get(block, base)) / max(self.block_costs(role)[0][block], 1)
+
     def quantize(self, role: str, exclude_blocks: Iterable[str]) -> onnx.ModelProto:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -191,22 +307,31 @@ class Int8Quantizer:
         if not nodes:
             return onnx.load(str(self.fp32[role]))
         out = self.work / f"{role}.int8.onnx"
-        cache = self.work / f"{role}.calibration"
-        quantize_static(
-            str(self._preprocessed(role)),
-            str(out),
-            _Reader(self.calibration[role]),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(QUANTIZED_OPS),
-            per_channel=True,
-            reduce_range=REDUCE_RANGE,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_quantize=nodes,
-            calibrate_method=CalibrationMethod.MinMax,
-            calibration_cache_path=str(cache),
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-        )
+        sc = self.scheme
+        method = CalibrationMethod.MinMax if sc.calibration == "minmax" else CalibrationMethod.Percentile
+        tag = sc.calibration if sc.calibration == "minmax" else f"p{sc.percentile}"
+        cache = self.work / f"{role}.{tag}.calibration"
+        extra: dict[str, Any] = {"ActivationSymmetric": False, "WeightSymmetric": sc.weight_type == "int8"}
+        if sc.calibration == "percentile":
+            extra["CalibPercentile"] = sc.percentile
+        if not sc.quantize_outputs:
+            extra["OpTypesToExcludeOutputQuantization"] = list(QUANTIZED_OPS)
+        with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's calibrator prints progress
+            quantize_static(
+                str(self._preprocessed(role)),
+                str(out),
+                _Reader(self.calibration[role]),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANTIZED_OPS),
+                per_channel=True,
+                reduce_range=sc.reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8 if sc.weight_type == "int8" else QuantType.QUInt8,
+                nodes_to_quantize=nodes,
+                calibrate_method=method,
+                calibration_cache_path=str(cache),
+                extra_options=extra,
+            )
         return onnx.load(str(out))
 
     def error(self, role: str, model: onnx.ModelProto) -> float:
@@ -237,67 +362,115 @@ class Int8Quantizer:
         model = self.quantize(role, [])
         err = self.error(role, model)
         self.echo(f"  int8 {role}: all {len(blocks)} blocks quantized, rel-L2 {err:.4f} (budget {budget})")
-        result = GraphQuantResult(model, err, budget, [])
+        result = GraphQuantResult(model, err, budget, [], int8_share=self.int8_share(role, []))
         if err <= budget:
             return result
         for block in blocks:  # sensitivity: the error with just this block kept fp32
             result.sensitivity[block] = self.error(role, self.quantize(role, [block]))
-        order = sorted(blocks, key=lambda b: result.sensitivity[b])
-        for block in order[:-1]:  # keeping every block fp32 would not be an int8 graph at all
+        result.sensitivity_base = err
+        # Cheapest error first: blocks that remove most error per multiply-accumulate go back to fp32 first.
+        order = sorted(blocks, key=lambda b: -self._benefit_per_mac(result, role, b))
+        for block in order[:-1]:
             result.kept_fp32.append(block)
             result.model = self.quantize(role, result.kept_fp32)
             result.rel_l2 = self.error(role, result.model)
-            self.echo(f"  int8 {role}: keep {block} fp32 -> rel-L2 {result.rel_l2:.4f}")
+            result.int8_share = self.int8_share(role, result.kept_fp32)
+            self.echo(
+                f"  int8 {role}: keep {block} fp32 -> rel-L2 {result.rel_l2:.4f} "
+                f"(int8 share {result.int8_share:.0%} of MACs)"
+            )
             if result.rel_l2 <= budget:
                 return result
-        raise ParityError(
-            f"int8 {role}: error budget rel-L2 {budget} cannot be met with any block quantized "
-            f"(best {result.rel_l2:.4f} with {len(result.kept_fp32)} of {len(blocks)} blocks in fp32); "
-            "export without int8, or calibrate with --calibration on your own audio"
-        )
+        self.echo(f"  int8 {role}: budget {budget} not met with any block quantized; this stage stays fp32")
+        self._fall_back(result, role)
+        return result
+
+    def _fall_back(self, res: GraphQuantResult, role: str) -> None:
+        """The whole graph back to fp32: the int8 set then reuses the fp32 file for this stage."""
+        res.kept_fp32 = list(self.candidates(role))
+        res.model = onnx.load(str(self.fp32[role]))
+        res.rel_l2, res.int8_share, res.fp32_fallback = 0.0, 0.0, True
 
     def run(self) -> tuple[dict[str, GraphQuantResult], float]:
         """Fit every graph, then tighten until the chain meets its log-mel budget.
 
-        Each tightening step tries, in every graph, its most harmful block still quantized, and
-        keeps the one that lowers the chain error most (greedy on the chain's own metric).
+        Each tightening step tries, in every graph, the quantized block with the most error removed
+        per multiply-accumulate, and keeps the one that lowers the chain error most per
+        multiply-accumulate given up (greedy on the chain's own metric, cost-aware).
         """
         results = {role: self.fit_graph(role) for role in ROLES}
         chain = self.chain_error({r: res.model for r, res in results.items()})
+        self._record(results, chain, None)
         self.echo(f"  int8 chain: log-mel L1 vs fp32 {chain:.4f} nats (budget {self.chain_budget})")
         while chain > self.chain_budget:
-            best: tuple[float, str, str, onnx.ModelProto] | None = None
-            for role in ROLES:
-                block = self._most_harmful(results[role], role)
-                if block is None:
+            # (gain per MAC, chain error, role, block or None for the whole graph, model)
+            trials: list[tuple[float, float, str, str | None, onnx.ModelProto]] = []
+            for role, res in results.items():
+                if res.fp32_fallback:
                     continue
-                model = self.quantize(role, [*results[role].kept_fp32, block])
-                trial = self.chain_error({r: (model if r == role else x.model) for r, x in results.items()})
-                if best is None or trial < best[0]:
-                    best = (trial, role, block, model)
-            if best is None:
-                raise ParityError(
-                    f"int8 chain: log-mel L1 budget {self.chain_budget} nats cannot be met (best {chain:.4f}); "
-                    "export without int8 or raise the budget"
-                )
-            chain, role, block, model = best
+                costs, _ = self.block_costs(role)
+                left = [b for b in self.candidates(role) if b not in res.kept_fp32]
+                moves: list[tuple[str | None, onnx.ModelProto, int]] = []
+                block = self._next_block(res, role) if len(left) > 1 else None
+                if block is not None:
+                    moves.append((block, self.quantize(role, [*res.kept_fp32, block]), costs[block]))
+                moves.append((None, onnx.load(str(self.fp32[role])), sum(costs[b] for b in left)))
+                for move, model, cost in moves:
+                    trial = self.chain_error({r: (model if r == role else x.model) for r, x in results.items()})
+                    trials.append(((chain - trial) / max(cost, 1), trial, role, move, model))
+            if not trials:
+                break
+            improving = [t for t in trials if t[0] > 0]
+            _, chain, role, block, model = (
+                max(improving, key=lambda t: t[0]) if improving else min(trials, key=lambda t: t[1])
+            )
             res = results[role]
-            res.kept_fp32.append(block)
-            res.model, res.rel_l2 = model, self.error(role, model)
-            self.echo(f"  int8 chain: keep {block} fp32 -> {chain:.4f} nats")
+            if block is None:
+                self._fall_back(res, role)
+            else:
+                res.kept_fp32.append(block)
+                res.model, res.rel_l2 = model, self.error(role, model)
+                res.int8_share = self.int8_share(role, res.kept_fp32)
+            self._record(results, chain, block or f"/{role} (whole graph)")
+            self.echo(
+                f"  int8 chain: keep {block or f'the whole {role}'} fp32 -> {chain:.4f} nats "
+                f"(int8 share {self._share_text(results)})"
+            )
+        if all(res.fp32_fallback for res in results.values()) or chain > self.chain_budget:
+            raise ParityError(
+                f"int8: the budgets (chain log-mel L1 {self.chain_budget} nats, "
+                + ", ".join(f"{r} rel-L2 {self.budgets[r]}" for r in ROLES)
+                + ") cannot be met with any block quantized; export without int8 or raise a budget "
+                "(--int8-budget NAME=VALUE)"
+            )
         return results, chain
 
-    def _most_harmful(self, res: GraphQuantResult, role: str) -> str | None:
-        """The quantized block whose return to fp32 lowers this graph's error most (measured once).
+    def _record(self, results: dict[str, GraphQuantResult], chain: float, block: str | None) -> None:
+        self.trajectory.append(
+            {
+                "kept_fp32": block,
+                "fp32_stages": [r for r, x in results.items() if x.fp32_fallback],
+                "chain_log_mel_l1": chain,
+                "rel_l2": {r: x.rel_l2 for r, x in results.items()},
+                "int8_share": {r: x.int8_share for r, x in results.items()},
+            }
+        )
 
-        None when one block is left: the graph must keep something quantized to be int8.
+    def _share_text(self, results: dict[str, GraphQuantResult]) -> str:
+        return ", ".join(f"{r} {x.int8_share:.0%}" for r, x in results.items())
+
+    def _next_block(self, res: GraphQuantResult, role: str) -> str | None:
+        """The quantized block whose return to fp32 removes most of this graph's error per MAC.
+
+        Sensitivities are measured once per graph (at the error they were measured from).
         """
         left = [b for b in self.candidates(role) if b not in res.kept_fp32]
-        if len(left) <= 1:
+        if not left:
             return None
         if not res.sensitivity:
             res.sensitivity = {b: self.error(role, self.quantize(role, [*res.kept_fp32, b])) for b in left}
-        return min(left, key=lambda b: res.sensitivity.get(b, float("inf")))
+            res.sensitivity_base = res.rel_l2
+        return max(left, key=lambda b: self._benefit_per_mac(res, role, b))
 
 
 def _front_end_gain(wave: np.ndarray) -> np.ndarray:
@@ -315,19 +488,25 @@ def quantize_bundle(
     echo: Callable[[str], None],
     budgets: dict[str, float] | None = None,
     chain_budget: float = CHAIN_LOG_MEL_L1_BUDGET,
-) -> tuple[dict[str, GraphQuantResult], float]:
-    """int8 models for the three graphs, each within its budget, and the chain's measured error."""
+) -> tuple[dict[str, GraphQuantResult], float, list[dict[str, Any]]]:
+    """int8 models for the three graphs within the budgets, the chain's measured error, and the search path."""
     with tempfile.TemporaryDirectory(prefix="recon-int8-") as work:
         quantizer = Int8Quantizer(
             fp32_files, Path(work), calibration_mels(calibration_dir), budgets, chain_budget, echo
         )
-        return quantizer.run()
+        results, chain = quantizer.run()
+        return results, chain, quantizer.trajectory
 
 
 def describe(results: dict[str, GraphQuantResult], chain: float) -> dict[str, str]:
     """Human-readable cost lines for `recon-run info`."""
-    return {
-        role: f"int8 costs rel-L2 {r.rel_l2:.2%} vs fp32 (budget {r.budget:.0%}); chain log-mel L1 {chain:.4f} nats; "
-        f"{len(r.kept_fp32)} block(s) kept fp32"
-        for role, r in results.items()
-    }
+    lines = {}
+    for role, r in results.items():
+        if r.fp32_fallback:
+            lines[role] = f"runs the fp32 graph (int8 missed the budgets here); chain log-mel L1 {chain:.4f} nats"
+        else:
+            lines[role] = (
+                f"int8 costs rel-L2 {r.rel_l2:.2%} vs fp32 (budget {r.budget:.0%}); chain log-mel L1 {chain:.4f} "
+                f"nats; {r.int8_share:.0%} of MACs in int8, {len(r.kept_fp32)} block(s) kept fp32"
+            )
+    return lines

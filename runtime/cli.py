@@ -64,6 +64,11 @@ def _model_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 help="auto: fp16 on CUDA, fp32 on CPU.",
             ),
             click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per session."),
+            click.option(
+                "--cuda-graph",
+                is_flag=True,
+                help="CUDA: capture CUDA graphs for repeated input shapes (more GPU memory; not yet measured).",
+            ),
         ]
     ):
         f = option(f)
@@ -88,10 +93,10 @@ def _io_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _load(model: Path, provider: str, precision: str, threads: int | None) -> Any:
+def _load(model: Path, provider: str, precision: str, threads: int | None, cuda_graph: bool = False) -> Any:
     from .reconstructor import Reconstructor  # imports onnxruntime only when needed
 
-    return Reconstructor.load(model, provider=provider, precision=precision, threads=threads)
+    return Reconstructor.load(model, provider=provider, precision=precision, threads=threads, cuda_graph=cuda_graph)
 
 
 Job = tuple[Path, Path, "ReconError | None"]
@@ -202,6 +207,7 @@ def reconstruct(
     provider: str,
     precision: str,
     threads: int | None,
+    cuda_graph: bool,
     output_rate: int | None,
     sample_format: str,
     metrics_path: Path | None,
@@ -212,7 +218,7 @@ def reconstruct(
     def run() -> int:
         from .reconstructor import MAX_BATCH
 
-        rec = _load(model, provider, precision, threads)
+        rec = _load(model, provider, precision, threads, cuda_graph)
         rate = output_rate or rec.contract.mel.sample_rate
         summary, metrics, plots = Summary(), {}, []
         jobs = _jobs(inputs, out, ".wav", is_audio_file)
@@ -291,13 +297,14 @@ def encode(
     provider: str,
     precision: str,
     threads: int | None,
+    cuda_graph: bool,
     sample: bool,
     seed: int,
 ) -> None:
     """Audio -> scaled latents [8, T/4, 16] as .npy, with a JSON sidecar for decode."""
 
     def run() -> int:
-        rec = _load(model, provider, precision, threads)
+        rec = _load(model, provider, precision, threads, cuda_graph)
 
         def one(src: Path, dst: Path) -> float:
             audio, sr = read_audio(src)
@@ -346,12 +353,13 @@ def decode(
     provider: str,
     precision: str,
     threads: int | None,
+    cuda_graph: bool,
     sample_format: str,
 ) -> None:
     """Latents (.npy) -> audio; the sidecar, when present, restores length and level."""
 
     def run() -> int:
-        rec = _load(model, provider, precision, threads)
+        rec = _load(model, provider, precision, threads, cuda_graph)
 
         def one(src: Path, dst: Path) -> float:
             z = load_array(src)

@@ -54,6 +54,12 @@ FP16: Final = "fp16"
 INT8: Final = "int8"
 PRECISIONS: Final = (FP16, FP32, INT8)
 REL_L2_THRESHOLDS: Final = {FP32: 1e-4, FP16: 5e-3}
+# Default int8 error budgets vs the fp32 graphs (rel-L2 of each graph's main output) and for the whole
+# chain (log-mel L1 of the output waveform vs the fp32 chain's, in nats); the export refuses int8
+# graphs that miss them. Overridable per export (recon-export --int8-budget NAME=VALUE).
+INT8_BUDGETS: Final = {ENCODER: 0.05, DECODER: 0.03, VOCODER: 0.01}
+CHAIN_BUDGET_KEY: Final = "chain"
+CHAIN_LOG_MEL_L1_BUDGET: Final = 0.02
 DEFAULT_OPSET: Final = 17
 
 
@@ -200,8 +206,17 @@ class GraphEntry:
     threshold: float | None = None
     notes: Mapping[str, Any] = field(default_factory=dict)
     """Precision-specific facts: ops kept in fp32, quantisation settings."""
+    file_precision: str | None = None
+    """Set when the file belongs to another precision: an int8 set whose graph could not meet its
+    error budget with any block quantized reuses the fp32 file for that stage."""
+
+    @property
+    def graph_precision(self) -> str:
+        """The precision stamped in the file itself."""
+        return self.file_precision or self.precision
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {"file_precision": self.file_precision} if self.file_precision else {}
         return {
             "role": self.role,
             "precision": self.precision,
@@ -214,6 +229,7 @@ class GraphEntry:
             "rel_l2": self.rel_l2,
             "threshold": self.threshold,
             "notes": dict(self.notes),
+            **extra,
         }
 
     @classmethod
@@ -230,6 +246,7 @@ class GraphEntry:
             rel_l2=d.get("rel_l2"),
             threshold=d.get("threshold"),
             notes=d.get("notes", {}),
+            file_precision=d.get("file_precision"),
         )
 
 
@@ -354,7 +371,7 @@ class Contract:
             "recon.schema_version": str(self.schema_version),
             "recon.model_family": self.model_family,
             "recon.role": entry.role,
-            "recon.precision": entry.precision,
+            "recon.precision": entry.graph_precision,
             "recon.source_model": str(self.source.get("model")),
             "recon.source_revision": str(self.source.get("revision")),
             "recon.weights": str(self.source.get("weights")),

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import soxr
@@ -29,15 +30,25 @@ from .contract import (
     check_mel,
     read_contract,
 )
-from .errors import AudioInputError, BundleError, ProviderError
+from .errors import AudioInputError, BundleError, ProviderError, ReconError
 from .frontend import log_mel, prepare_waveform
-from .sessions import CPU, CUDA, GraphSession, SessionConfig, cuda_available, onnxruntime_distributions, require_finite
+from .sessions import (
+    CPU,
+    CUDA,
+    FixedShapeChain,
+    GraphSession,
+    SessionConfig,
+    cuda_available,
+    onnxruntime_distributions,
+    require_finite,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_WINDOW_FRAMES: Final = TRAINING_WINDOW_FRAMES  # mel frames per window (10.24 s)
 DEFAULT_OVERLAP_FRAMES: Final = 64  # mel frames shared by neighbouring windows (0.64 s)
 MAX_BATCH: Final = 8  # equal-length inputs run together up to this many
+MAX_CAPTURED_SHAPES: Final = 2  # CUDA-graph chains kept (each holds a copy of the weights on the GPU)
 SAMPLES_PER_LATENT_FRAME: Final = HOP_LENGTH * LATENT_DOWNSAMPLE
 
 
@@ -79,6 +90,7 @@ class Reconstructor:
         window_frames: int = DEFAULT_WINDOW_FRAMES,
         overlap_frames: int = DEFAULT_OVERLAP_FRAMES,
         cpu_arena: bool = False,
+        cuda_graph: bool = False,
     ):
         if window_frames % LATENT_DOWNSAMPLE or overlap_frames % LATENT_DOWNSAMPLE:
             raise ValueError(f"window and overlap must be multiples of {LATENT_DOWNSAMPLE} frames")
@@ -88,8 +100,12 @@ class Reconstructor:
         self.precision = precision
         self.window_frames = window_frames
         self.overlap_frames = overlap_frames
-        self._config = SessionConfig(provider=provider, threads=threads, cpu_arena=cpu_arena)
+        self._config = SessionConfig(
+            provider=provider, threads=threads, cpu_arena=cpu_arena, cuda_graph=cuda_graph and provider == CUDA
+        )
         self._sessions: dict[str, GraphSession] = {}
+        self._fixed: dict[tuple[Any, ...], FixedShapeChain] = {}
+        self._shapes_seen: Counter[tuple[Any, ...]] = Counter()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -102,6 +118,7 @@ class Reconstructor:
         window_frames: int = DEFAULT_WINDOW_FRAMES,
         overlap_frames: int = DEFAULT_OVERLAP_FRAMES,
         cpu_arena: bool = False,
+        cuda_graph: bool = False,
     ) -> "Reconstructor":
         """Open a bundle, check its contract, and pick provider and precision.
 
@@ -112,6 +129,9 @@ class Reconstructor:
             threads: intra-op threads for CPU sessions (None: onnxruntime's default).
             window_frames, overlap_frames: long-input windowing, in mel frames (multiples of 4).
             cpu_arena: onnxruntime's CPU memory arena; off by default for a lower peak RSS.
+            cuda_graph: on CUDA, capture CUDA graphs for input shapes seen twice (at most
+                MAX_CAPTURED_SHAPES; other shapes run normally). Each captured shape holds a
+                second copy of the weights on the GPU. Not yet measured on a GPU, so off by default.
         """
         bundle_dir = Path(bundle_dir)
         contract = read_contract(bundle_dir)
@@ -153,7 +173,9 @@ class Reconstructor:
         if contract.random_weights:
             _LOGGER.warning("%s holds RANDOM weights: output is not meaningful audio", bundle_dir)
         _LOGGER.info("using %s with %s graphs from %s", provider.upper(), precision, bundle_dir)
-        return cls(bundle_dir, contract, provider, precision, threads, window_frames, overlap_frames, cpu_arena)
+        return cls(
+            bundle_dir, contract, provider, precision, threads, window_frames, overlap_frames, cpu_arena, cuda_graph
+        )
 
     def session(self, role: str) -> GraphSession:
         """The session for one stage, created (and its file verified) on first use."""
@@ -194,6 +216,16 @@ class Reconstructor:
         Input layouts: encoder/decoder take their graph input; the vocoder takes [B, T, 64].
         Returns the host outputs of the last stage.
         """
+        fixed = self._fixed_chain(roles, x) if self.on_gpu and self._config.cuda_graph else None
+        if fixed is not None:
+            try:
+                return fixed.run(x)
+            except ReconError:
+                raise
+            except Exception as e:  # noqa: BLE001 - onnxruntime refused the capture: run without it
+                _LOGGER.warning("CUDA graph capture failed (%s); continuing without it", " ".join(str(e).split())[:200])
+                self._config.cuda_graph = False
+                self._fixed.clear()
         if self.on_gpu:
             value = None
             for i, role in enumerate(roles):
@@ -220,6 +252,23 @@ class Reconstructor:
                 inp = inp[:, 0]
             outs = sess.run({sess.input_names[0]: inp})
         return outs
+
+    def _fixed_chain(self, roles: Sequence[str], x: np.ndarray) -> FixedShapeChain | None:
+        """The captured chain for this input shape, built the second time the shape is seen."""
+        key = (tuple(roles), tuple(x.shape))
+        self._shapes_seen[key] += 1
+        if key not in self._fixed and self._shapes_seen[key] >= 2 and len(self._fixed) < MAX_CAPTURED_SHAPES:
+            entries = [self.contract.graph(r, self.precision) for r in roles]
+            try:
+                self._fixed[key] = FixedShapeChain(self.bundle_dir, self.contract, entries, self._config, x.shape)
+            except ReconError:
+                raise
+            except Exception as e:  # noqa: BLE001 - see run_graphs: fall back to the dynamic sessions
+                _LOGGER.warning(
+                    "CUDA graph sessions failed (%s); continuing without them", " ".join(str(e).split())[:200]
+                )
+                self._config.cuda_graph = False
+        return self._fixed.get(key)
 
     def _mel_to_wave(self, mel: np.ndarray) -> np.ndarray:
         """[B, T, 64] log-mel (T a multiple of 4) -> [B, 160*T] waveform through the VAE and vocoder."""

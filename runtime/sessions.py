@@ -11,7 +11,17 @@ from typing import Any, Final
 
 import numpy as np
 
-from .contract import Contract, GraphEntry, check_metadata, verify_graph_file
+from .contract import (
+    DECODER,
+    ENCODER,
+    HOP_LENGTH,
+    LATENT_DOWNSAMPLE,
+    VOCODER_EXTRA_SAMPLES,
+    Contract,
+    GraphEntry,
+    check_metadata,
+    verify_graph_file,
+)
 from .errors import NumericalError, ProviderError
 
 try:
@@ -74,15 +84,21 @@ class SessionConfig:
     percent of speed (benchmarks/memory.py, benchmarks/latency.py measure both)."""
     cuda_options: Mapping[str, str] = field(default_factory=lambda: dict(CUDA_PROVIDER_OPTIONS))
     device_id: int = 0
+    cuda_graph: bool = False
+    """Capture CUDA graphs for input shapes that repeat (FixedShapeChain); not measured on a GPU yet."""
 
-    def providers(self) -> list[Any]:
+    def providers(self, cuda_graph: bool = False) -> list[Any]:
         if self.provider == CUDA:
             opts = {"device_id": str(self.device_id), **self.cuda_options}
+            if cuda_graph:
+                opts["enable_cuda_graph"] = "1"
             return [(PROVIDERS[CUDA], opts), PROVIDERS[CPU]]
         return [PROVIDERS[CPU]]
 
-    def options(self) -> ort.SessionOptions:
+    def options(self, fixed_dims: Mapping[str, int] | None = None) -> ort.SessionOptions:
         so = ort.SessionOptions()
+        for name, size in (fixed_dims or {}).items():
+            so.add_free_dimension_override_by_name(name, int(size))
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
         so.enable_cpu_mem_arena = self.cpu_arena
@@ -95,13 +111,22 @@ class SessionConfig:
 class GraphSession:
     """One verified graph of a bundle in an onnxruntime session."""
 
-    def __init__(self, bundle_dir: Path, contract: Contract, entry: GraphEntry, config: SessionConfig):
+    def __init__(
+        self,
+        bundle_dir: Path,
+        contract: Contract,
+        entry: GraphEntry,
+        config: SessionConfig,
+        fixed_dims: Mapping[str, int] | None = None,
+    ):
+        """`fixed_dims` pins the graph's free dimensions (batch, frames, ...) for a fixed-shape session."""
         self.entry = entry
         self.path = verify_graph_file(bundle_dir, entry)
         self.config = config
         if config.provider == CUDA:
             _preload_cuda_libraries()
-        self.session = ort.InferenceSession(str(self.path), config.options(), providers=config.providers())
+        providers = config.providers(cuda_graph=bool(fixed_dims) and config.cuda_graph)
+        self.session = ort.InferenceSession(str(self.path), config.options(fixed_dims), providers=providers)
         check_metadata(self.path, contract, entry, self.session.get_modelmeta().custom_metadata_map)
         self.on_cuda = self.session.get_providers()[0] == PROVIDERS[CUDA]
         if config.provider == CUDA and not self.on_cuda:
@@ -141,6 +166,82 @@ class GraphSession:
         return ort.OrtValue.ortvalue_from_numpy(
             np.ascontiguousarray(array, dtype=np.float32), CUDA, self.config.device_id
         )
+
+
+def stage_dims(first_role: str, shape: Sequence[int]) -> dict[str, int]:
+    """Sizes of the contract's named axes for a chain that starts at `first_role` with input `shape`."""
+    if first_role == ENCODER:  # [B, 1, T, 64]
+        batch, frames = shape[0], shape[2]
+    elif first_role == DECODER:  # [B, 8, T/4, 16]
+        batch, frames = shape[0], shape[2] * LATENT_DOWNSAMPLE
+    else:  # vocoder [B, T, 64]
+        batch, frames = shape[0], shape[1]
+    return {
+        "batch": int(batch),
+        "frames": int(frames),
+        "latent_frames": int(frames) // LATENT_DOWNSAMPLE,
+        "samples": HOP_LENGTH * int(frames) + VOCODER_EXTRA_SAMPLES,
+    }
+
+
+class FixedShapeChain:
+    """Consecutive stages for one input shape, every buffer allocated once and bound (IO binding).
+
+    On CUDA with `SessionConfig.cuda_graph`, onnxruntime captures each stage's kernels as a CUDA
+    graph on its first run and replays them, saving the per-kernel launch cost. Capture needs
+    buffers at fixed addresses (hence this class) and a graph without CPU nodes: the free
+    dimensions are pinned at session creation, which folds the Shape computations of the dynamic
+    graphs into constants (otherwise they run on the CPU and onnxruntime refuses to capture).
+    Each chain holds its own sessions, so its weights are a second copy in device memory.
+    """
+
+    def __init__(
+        self,
+        bundle_dir: Path,
+        contract: Contract,
+        entries: Sequence[GraphEntry],
+        config: SessionConfig,
+        shape: Sequence[int],
+    ):
+        self.shape = tuple(int(s) for s in shape)
+        dims = stage_dims(entries[0].role, self.shape)
+        fixed = {k: v for k, v in dims.items() if k != "samples"}  # samples is an output axis only
+        self.device = CUDA if config.provider == CUDA else CPU
+        self._device_id = config.device_id
+        self.stages = [GraphSession(bundle_dir, contract, e, config, fixed_dims=fixed) for e in entries]
+        self._input = ort.OrtValue.ortvalue_from_shape_and_type(
+            list(self.shape), np.float32, self.device, self._device_id
+        )
+        self._bindings = []
+        value, value_shape = self._input, list(self.shape)
+        for stage in self.stages:
+            binding = stage.session.io_binding()
+            wanted = [dims.get(a, a) if isinstance(a, str) else a for a in stage.entry.inputs[0].axes]
+            binding.bind_input(stage.input_names[0], self.device, self._device_id, np.float32, wanted, value.data_ptr())
+            if int(np.prod(wanted)) != int(np.prod(value_shape)):
+                raise ProviderError(f"{stage.path}: input {wanted} does not match the previous stage's {value_shape}")
+            outputs = []
+            for spec in stage.entry.outputs:
+                out_shape = [dims[a] if isinstance(a, str) else a for a in spec.axes]
+                out = ort.OrtValue.ortvalue_from_shape_and_type(out_shape, np.float32, self.device, self._device_id)
+                binding.bind_ortvalue_output(spec.name, out)
+                outputs.append(out)
+            self._bindings.append((stage, binding))
+            value, value_shape = outputs[0], [dims[a] if isinstance(a, str) else a for a in stage.entry.outputs[0].axes]
+        self._outputs = outputs
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        """Copy `x` into the bound input, run every stage, and return the last stage's outputs on the host."""
+        if tuple(x.shape) != self.shape:
+            raise ValueError(f"this chain was built for input shape {self.shape}, not {tuple(x.shape)}")
+        self._input.update_inplace(np.ascontiguousarray(x, dtype=np.float32))
+        for stage, binding in self._bindings:
+            stage.session.run_with_iobinding(binding)
+        last = self.stages[-1]
+        host = [o.numpy() for o in self._outputs]
+        for name, out in zip(last.output_names, host):
+            require_finite(out, f"{last.entry.role} graph output {name!r}")
+        return host
 
 
 def require_finite(array: np.ndarray, what: str) -> None:

@@ -305,3 +305,10 @@ def test_parity_failure_writes_no_bundle(tmp_path: Path, monkeypatch: pytest.Mon
         export_bundle(build_random("tiny"), tmp_path / "b", precisions=[FP32])
     assert all(role in str(err.value) for role in ROLES)  # every failure is collected, not just the first
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("budget", ["mixer=0.1", "decoder=abc", "chain=-1", "chain"])
+def test_error_bad_int8_budget(tmp_path: Path, budget: str) -> None:
+    code, line = _export("--random-weights", "--config", "tiny", "--out", str(tmp_path / "b"), "--int8-budget", budget)
+    assert code == 1 and "--int8-budget" in line and budget in line
+    assert not (tmp_path / "b").exists()

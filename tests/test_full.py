@@ -64,7 +64,8 @@ def test_full_int8_export_and_runtime_at_a_short_length(
     from .test_int8 import LOOSE
 
     monkeypatch.setattr(quantize, "CALIBRATION_KINDS", ("speech", "music", "silence"))
-    monkeypatch.setattr(quantize, "CALIBRATION_FRAMES", (64,))
+    monkeypatch.setattr(quantize, "CALIBRATION_FRAMES", 64)
+    monkeypatch.setattr(quantize, "CALIBRATION_SECONDS", (0.3, 0.6))
     monkeypatch.setattr(quantize, "VALIDATION_FRAMES", 64)
     out = tmp_path / "int8"
     contract = export_bundle(

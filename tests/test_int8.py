@@ -80,11 +80,65 @@ def test_unmeetable_budget_fails_the_export(tiny_checkpoint: Path, tmp_path: Pat
     from recon_export.checkpoint import load_checkpoint
     from recon_export.errors import ParityError
 
-    with pytest.raises(ParityError, match="int8 vocoder: error budget rel-L2 0.0 cannot be met"):
+    impossible = {"encoder": 1e-9, "decoder": 1e-9, "vocoder": 1e-9, "chain": 1e-9}
+    with pytest.raises(ParityError, match="cannot be met with any block quantized"):
         export_bundle(
-            load_checkpoint(str(tiny_checkpoint)),
-            tmp_path / "b",
-            precisions=["int8"],
-            int8_budgets={**LOOSE, "vocoder": 0.0},
+            load_checkpoint(str(tiny_checkpoint)), tmp_path / "b", precisions=["int8"], int8_budgets=impossible
         )
     assert not (tmp_path / "b").exists()
+
+
+def test_a_stage_that_misses_its_budget_reuses_the_fp32_graph(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from recon_export.bundle import export_bundle
+    from recon_export.checkpoint import load_checkpoint
+    from recon_runtime import Reconstructor
+
+    out = tmp_path / "b"
+    export_bundle(
+        load_checkpoint(str(tiny_checkpoint)), out, precisions=["int8"], int8_budgets={**LOOSE, "vocoder": 1e-9}
+    )
+    contract = read_contract(out)
+    vocoder = contract.graph("vocoder", INT8)
+    assert vocoder.file == "vocoder.fp32.onnx" and vocoder.file_precision == "fp32"
+    assert not (out / "vocoder.int8.onnx").exists()  # no duplicate of the fp32 file
+    assert contract.graph("decoder", INT8).file == "decoder.int8.onnx"
+    report = json.loads((out / "recon.json").read_text())["validation"]["int8"]
+    assert report["graphs"]["vocoder"]["fp32_fallback"] and not report["graphs"]["decoder"]["fp32_fallback"]
+    assert report["search"] and report["search"][0]["int8_share"]["decoder"] > 0
+    rec = Reconstructor.load(out, provider="cpu", precision="int8")
+    assert np.isfinite(rec.reconstruct(tone(0.5, 16000), 16000)).all()
+    assert rec.session("vocoder").path.name == "vocoder.fp32.onnx"
+    from .conftest import run_cli
+
+    r = run_cli("recon-run", "info", "--model", str(out))
+    assert r.returncode == 0 and "runs the fp32 graph" in r.stdout, r.stdout
+
+
+def test_node_macs_counts_conv_transpose_and_matmul() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    from recon_export.quantize import node_macs
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 4, 3)).astype(np.float32), "w_conv"),  # Cout, Cin, k
+        numpy_helper.from_array(rng.standard_normal((8, 2, 4)).astype(np.float32), "w_up"),  # Cin, Cout, k
+        numpy_helper.from_array(rng.standard_normal((20, 5)).astype(np.float32), "w_mm"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w_conv"], ["c"], name="/a/conv", pads=[1, 1]),
+        helper.make_node("ConvTranspose", ["c", "w_up"], ["u"], name="/a/up", strides=[2], pads=[1, 1]),
+        helper.make_node("MatMul", ["u", "w_mm"], ["y"], name="/b/mm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 4, "T"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    macs = node_macs(model, (1, 4, 10))
+    assert macs["/a/conv"] == 8 * 10 * 4 * 3  # each of 8x10 outputs: 4 inputs x 3 taps
+    assert macs["/a/up"] == 8 * 10 * 2 * 4  # each of 8x10 inputs feeds 2 outputs x 4 taps
+    assert macs["/b/mm"] == 2 * 5 * 20  # u [1, 2, 20] @ [20, 5]: each of 2x5 outputs sums 20 products

@@ -224,3 +224,38 @@ def test_metadata_disagreeing_with_contract_is_named(tiny_bundle: Path, tmp_path
 def test_missing_precision_is_explained(tiny_bundle: Path) -> None:
     with pytest.raises(BundleError, match="no int8 graphs"):
         Reconstructor.load(tiny_bundle, precision="int8")
+
+
+def test_fixed_shape_chain_matches_the_dynamic_sessions(tiny_bundle: Path) -> None:
+    """The buffers-bound, fixed-shape chain that CUDA graph capture runs (here on the CPU, where the
+    same IO binding works): same outputs as the dynamic path, buffers reused across calls, shapes pinned."""
+    from recon_runtime.contract import read_contract
+    from recon_runtime.sessions import FixedShapeChain, SessionConfig
+
+    rec = Reconstructor.load(tiny_bundle, provider="cpu", precision="fp32")
+    contract = read_contract(tiny_bundle)
+    roles = ("encoder", "decoder", "vocoder")
+    shape = (2, 1, 64, 64)
+    chain = FixedShapeChain(
+        tiny_bundle, contract, [contract.graph(r, "fp32") for r in roles], SessionConfig(provider="cpu"), shape
+    )
+    assert chain.stages[0].session.get_inputs()[0].shape == list(shape)  # free dimensions pinned
+    assert chain.stages[2].session.get_inputs()[0].shape == [2, 64, 64]
+    rng = np.random.default_rng(0)
+    for _ in range(2):  # the second call overwrites the same buffers
+        x = rng.uniform(-11.5, 1.0, shape).astype(np.float32)
+        (got,) = chain.run(x)
+        (want,) = rec.run_graphs(roles, x)
+        assert got.shape == (2, 160 * 64 + 32)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    latents = rng.standard_normal((1, 8, 16, 16)).astype(np.float32)
+    decode = FixedShapeChain(
+        tiny_bundle,
+        contract,
+        [contract.graph(r, "fp32") for r in roles[1:]],
+        SessionConfig(provider="cpu"),
+        (1, 8, 16, 16),
+    )
+    np.testing.assert_allclose(decode.run(latents)[0], rec.run_graphs(roles[1:], latents)[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="built for input shape"):
+        decode.run(latents[:, :, :8])
