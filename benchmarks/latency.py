@@ -460,7 +460,8 @@ def main() -> None:
     result = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{platform.node() or 'machine'}-{args.device}-{dt.date.today().isoformat()}{args.tag}"
+    tag = f"-{args.tag.lstrip('-')}" if args.tag else ""
+    name = f"{platform.node() or 'machine'}-{args.device}-{dt.date.today().isoformat()}{tag}"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / f"{name}.png")
     print(table(result))

@@ -3,7 +3,7 @@
     python -m benchmarks.tuning --model models/demo --device cpu  --seconds 2.56
     python -m benchmarks.tuning --model DIR         --device cuda --seconds 10.24
 
-CPU variants: threads, memory arena, graph optimisation level. CUDA variants: cuDNN algorithm
+CPU variants: threads, memory arena, graph optimisation level, memory patterns. CUDA variants: cuDNN algorithm
 search (EXHAUSTIVE vs HEURISTIC, first run and steady state), the 1-D convolution padding, NHWC,
 CUDA graph capture for the fixed window shape (with IO binding, on the dynamic graphs and on the
 runtime's fixed-shape chain, whose pinned dimensions leave no shape computation on the CPU). Prints a table, writes JSON.
@@ -33,13 +33,22 @@ LEVELS = {
 }
 
 
-def _sessions(bundle: Path, precision: str, providers: list[Any], threads: int | None, arena: bool, level: str):
+def _sessions(
+    bundle: Path,
+    precision: str,
+    providers: list[Any],
+    threads: int | None,
+    arena: bool,
+    level: str,
+    mem_pattern: bool = True,
+):
     contract = read_contract(bundle)
     out = {}
     for role in ROLES:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.enable_cpu_mem_arena = arena
+        so.enable_mem_pattern = mem_pattern
         so.graph_optimization_level = LEVELS[level]
         if threads:
             so.intra_op_num_threads = threads
@@ -114,16 +123,17 @@ def main() -> None:
     repeats = args.repeats or (20 if args.device == "cuda" else 2)
     rows = []
     if args.device == "cpu":
-        variants = [
-            ("threads=default arena=off level=all", None, False, "all"),
-            ("threads=default arena=on level=all", None, True, "all"),
-            ("threads=1 arena=off level=all", 1, False, "all"),
-            ("threads=2 arena=off level=all", 2, False, "all"),
-            ("threads=default arena=off level=extended", None, False, "extended"),
-            ("threads=default arena=off level=basic", None, False, "basic"),
+        variants = [  # name, threads, arena, optimisation level, memory patterns
+            ("threads=default arena=off level=all", None, False, "all", True),
+            ("threads=default arena=on level=all", None, True, "all", True),
+            ("threads=1 arena=off level=all", 1, False, "all", True),
+            ("threads=2 arena=off level=all", 2, False, "all", True),
+            ("threads=default arena=off level=extended", None, False, "extended", True),
+            ("threads=default arena=off level=basic", None, False, "basic", True),
+            ("threads=default arena=off level=all mem_pattern=off", None, False, "all", False),
         ]
-        for name, threads, arena, level in variants:
-            sessions = _sessions(bundle, "fp32", ["CPUExecutionProvider"], threads, arena, level)
+        for name, threads, arena, level, pattern in variants:
+            sessions = _sessions(bundle, "fp32", ["CPUExecutionProvider"], threads, arena, level, pattern)
             r = measure(lambda s=sessions: _chain_host(s, mel), repeats)
             rows.append({"variant": name, "precision": "fp32", **r})
             print(f"{name:<45} median {r['median_ms']:9.1f} ms", flush=True)

@@ -130,8 +130,9 @@ def main(
     except KeyboardInterrupt:
         click.echo("error: interrupted; no bundle written", err=True)
         sys.exit(130)
-    size = sum(g.size_bytes for g in contract.graphs) / 1e6
-    _echo(f"wrote {out} ({len(contract.graphs)} graphs, {size:.0f} MB) in {time.perf_counter() - t0:.1f} s")
+    files = {g.file: g.size_bytes for g in contract.graphs}  # an int8 stage may reuse the fp32 file
+    size = sum(files.values()) / 1e6
+    _echo(f"wrote {out} ({len(files)} graph files, {size:.0f} MB) in {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":

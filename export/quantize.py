@@ -86,6 +86,7 @@ CALIBRATION_MAX_WINDOWS: Final = 24
 VALIDATION_KINDS: Final = ("speech", "music", "sweep", "noise")
 VALIDATION_FRAMES: Final = 256
 VALIDATION_SEED: Final = 1000  # distinct from calibration seeds: the check is calibration-independent
+STAGE_CACHE_SIZE: Final = 12  # stage outputs kept during the chain search (small: 4 validation clips)
 # Input shapes at which each graph's multiply-accumulates are counted (the cost side of the search).
 COST_FRAMES: Final = 256
 
@@ -224,6 +225,8 @@ class Int8Quantizer:
         self._candidates: dict[str, dict[str, list[str]]] = {}
         self._costs: dict[str, tuple[dict[str, int], int]] = {}
         self.trajectory: list[dict[str, Any]] = []
+        self._stage_cache: dict[tuple[int, ...], tuple[list[onnx.ModelProto], np.ndarray]] = {}
+        self._last_quantized: dict[str, tuple[Any, onnx.ModelProto]] = {}
         self.calibration = self._calibration_feeds(calibration)
         self.validation = self._validation_feeds()
 
@@ -303,6 +306,9 @@ class Int8Quantizer:
 
         blocks = self.candidates(role)
         excluded = set(exclude_blocks)
+        key = (frozenset(excluded), self.scheme)
+        if role in self._last_quantized and self._last_quantized[role][0] == key:
+            return self._last_quantized[role][1]  # a search step re-tries the unchanged graphs
         nodes = [n for b, names in blocks.items() if b not in excluded for n in names]
         if not nodes:
             return onnx.load(str(self.fp32[role]))
@@ -332,7 +338,9 @@ class Int8Quantizer:
                 calibration_cache_path=str(cache),
                 extra_options=extra,
             )
-        return onnx.load(str(out))
+        model = onnx.load(str(out))
+        self._last_quantized[role] = (key, model)
+        return model
 
     def error(self, role: str, model: onnx.ModelProto) -> float:
         x, expected = self.validation[role]
@@ -345,15 +353,29 @@ class Int8Quantizer:
         log-mel is taken at the level the front end works at (random weights give outputs ~40 dB
         quieter than a trained vocoder's, where ln(max(mel, 1e-5)) would magnify noise-floor bins).
         """
-        sessions = {r: _session(m) for r, m in models.items()}
         x = self.validation[ENCODER][0]
-        z = sessions[ENCODER].run(None, {"log_mel": x})[0]
-        mel = sessions[DECODER].run(None, {"latent": z})[0]
-        wave = sessions[VOCODER].run(None, {"log_mel": mel[:, 0]})[0]
+        z = self._stage(models, ENCODER, x)
+        mel = self._stage(models, DECODER, z)
+        wave = self._stage(models, VOCODER, mel[:, 0])
         if not np.isfinite(wave).all():
             return float("inf")
         ours = np.stack([log_mel(w) for w in wave * self.validation["chain_gain"]])
         return float(np.mean(np.abs(ours - self.validation["chain_log_mel"])))
+
+    def _stage(self, models: dict[str, onnx.ModelProto], role: str, x: np.ndarray) -> np.ndarray:
+        """One stage of the chain on the validation input, reusing outputs for unchanged upstream models.
+
+        A search step changes one graph, so the stages before it need not run again.
+        """
+        upstream = ROLES[: ROLES.index(role) + 1]
+        key = tuple(id(models[r]) for r in upstream)
+        if key not in self._stage_cache:
+            out = _session(models[role]).run(None, {_session_input(role): x})[0]
+            # the models are kept with the output so their ids cannot be reused while cached
+            self._stage_cache[key] = ([models[r] for r in upstream], out)
+            while len(self._stage_cache) > STAGE_CACHE_SIZE:
+                self._stage_cache.pop(next(iter(self._stage_cache)))
+        return self._stage_cache[key][1]
 
     def fit_graph(self, role: str) -> GraphQuantResult:
         """Quantize all candidate blocks, then keep the most harmful ones fp32 until under budget."""
