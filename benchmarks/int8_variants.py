@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,18 +23,9 @@ import numpy as np
 import onnx
 
 from benchmarks.latency import machine_info, test_mel
+from benchmarks.tuning import measure
 from recon_export.quantize import DEFAULT_SCHEME, Int8Quantizer, _session, calibration_mels
 from recon_runtime.contract import FP32, HOP_LENGTH, INT8, LATENT_DOWNSAMPLE, ROLES, SAMPLE_RATE, read_contract
-
-
-def _median_ms(run: Any, repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -56,14 +45,14 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as work:
         q = Int8Quantizer(fp32_files, Path(work), calibration_mels(None), echo=lambda s: None)
-        fp32 = {r: onnx.load(str(p)) for r, p in fp32_files.items()}
+        fp32 = {r: q.fp32_model(r) for r in ROLES}
         z = q._run32("encoder", mel[:, None])[0]
         feeds = {"encoder": {"log_mel": mel[:, None]}, "decoder": {"latent": z}, "vocoder": {"log_mel": mel}}
         every: dict[str, onnx.ModelProto] = {}
 
         def add(graph: str, variant: str, models: dict[str, onnx.ModelProto], share: float | None) -> None:
-            sessions = {r: _session(m) for r, m in models.items()}
             if graph == "chain":
+                sessions = {r: _session(m) for r, m in models.items()}
                 chain = q.chain_error(models)
 
                 def run() -> None:
@@ -75,12 +64,12 @@ def main() -> None:
             else:
                 chain = q.chain_error({r: (models[graph] if r == graph else fp32[r]) for r in ROLES})
                 err = 0.0 if variant == "fp32" else q.error(graph, models[graph])
-                sess = sessions[graph]
+                sess = _session(models[graph])
 
                 def run() -> None:
                     sess.run(None, feeds[graph])
 
-            ms = _median_ms(run, args.repeats)
+            ms = measure(run, args.repeats)["median_ms"]
             row = {"graph": graph, "variant": variant, "rel_l2": err, "chain_log_mel_l1": chain}
             row.update({"int8_mac_share": share, "median_ms": ms})
             rows.append(row)

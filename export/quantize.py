@@ -58,23 +58,20 @@ REDUCE_RANGE: Final = True
 class QuantScheme:
     """How Conv/MatMul are quantized: weight type and range, activation calibration."""
 
-    weight_type: str = "int8"  # "int8" (symmetric, per channel) or "uint8" (asymmetric, per channel)
     reduce_range: bool = REDUCE_RANGE
     calibration: str = "percentile"  # "minmax" or "percentile"
     percentile: float = 99.99
-    quantize_outputs: bool = True  # requantize Conv/MatMul outputs (lets ORT fuse QLinearConv)
 
     def label(self) -> str:
-        weights = f"{self.weight_type}{' 7-bit' if self.reduce_range else ''}"
         calib = self.calibration if self.calibration == "minmax" else f"percentile {self.percentile}"
-        return f"w {weights}, act uint8 {calib}{'' if self.quantize_outputs else ', fp32 outputs'}"
+        return f"w int8{' 7-bit' if self.reduce_range else ''}, act uint8 {calib}"
 
 
 # Measured on the full architecture, every block quantized, vs MinMax (graph rel-L2 / chain log-mel L1
 # with only that graph int8): percentile 99.99 encoder 7.8 % / 0.049 (MinMax 7.8 % / 0.050), decoder
-# 10.1 % / 0.049 (11.3 % / 0.055), vocoder 0.82 % / 0.149 (0.87 % / 0.163). Full-range uint8 weights
-# (u8u8) were no more accurate and slower than fp32; leaving Conv outputs unquantized halved the
-# vocoder's error but blocks ORT's QLinearConv fusion (slower than fp32). benchmarks/int8_variants.py.
+# 10.1 % / 0.049 (11.3 % / 0.055), vocoder 0.82 % / 0.149 (0.87 % / 0.163) (benchmarks/int8_variants.py).
+# Tried once and dropped: full-range uint8 weights (u8u8: no more accurate, slower than fp32), and
+# unquantized Conv outputs (halved the vocoder's error but block ORT's QLinearConv fusion: slower than fp32).
 DEFAULT_SCHEME: Final = QuantScheme()
 # First and last vocoder convolutions stay fp32: they cost nothing and carry the waveform's fine detail.
 ALWAYS_FP32: Final = {VOCODER: ("/vocoder/conv_pre/", "/vocoder/conv_post/")}
@@ -224,6 +221,7 @@ class Int8Quantizer:
         self._fp32_sessions = {r: _session(p) for r, p in fp32_files.items()}
         self._candidates: dict[str, dict[str, list[str]]] = {}
         self._costs: dict[str, tuple[dict[str, int], int]] = {}
+        self._fp32_models: dict[str, onnx.ModelProto] = {}
         self.trajectory: list[dict[str, Any]] = []
         self._stage_cache: dict[tuple[int, ...], tuple[list[onnx.ModelProto], np.ndarray]] = {}
         self._last_quantized: dict[str, tuple[Any, onnx.ModelProto]] = {}
@@ -251,12 +249,13 @@ class Int8Quantizer:
         z = self._run32(ENCODER, mel[:, None])[0]
         decoded = self._run32(DECODER, z)[0]
         wave = self._run32(VOCODER, decoded[:, 0])[0]
+        gain = _front_end_gain(wave)
         return {
             ENCODER: (mel[:, None], z),
             DECODER: (z, decoded),
             VOCODER: (decoded[:, 0], wave),
-            "chain_gain": _front_end_gain(wave),
-            "chain_log_mel": np.stack([log_mel(w) for w in wave * _front_end_gain(wave)]),
+            "chain_gain": gain,
+            "chain_log_mel": np.stack([log_mel(w) for w in wave * gain]),
         }
 
     # --------------------------------------------------------------------------- quantization
@@ -282,10 +281,16 @@ class Int8Quantizer:
             blocks.setdefault(block_of(node.name), []).append(node.name)
         return blocks
 
+    def fp32_model(self, role: str) -> onnx.ModelProto:
+        """The fp32 graph, loaded once (the same object each time, so cached stage outputs match it)."""
+        if role not in self._fp32_models:
+            self._fp32_models[role] = onnx.load(str(self.fp32[role]))
+        return self._fp32_models[role]
+
     def block_costs(self, role: str) -> tuple[dict[str, int], int]:
         """Multiply-accumulates per candidate block, and the graph's total, at COST_FRAMES frames."""
         if role not in self._costs:
-            macs = node_macs(onnx.load(str(self.fp32[role])), cost_input_shape(role))
+            macs = node_macs(self.fp32_model(role), cost_input_shape(role))
             per_block = {b: sum(macs.get(n, 0) for n in names) for b, names in self.candidates(role).items()}
             self._costs[role] = (per_block, sum(macs.values()))
         return self._costs[role]
@@ -311,17 +316,15 @@ class Int8Quantizer:
             return self._last_quantized[role][1]  # a search step re-tries the unchanged graphs
         nodes = [n for b, names in blocks.items() if b not in excluded for n in names]
         if not nodes:
-            return onnx.load(str(self.fp32[role]))
+            return self.fp32_model(role)
         out = self.work / f"{role}.int8.onnx"
         sc = self.scheme
         method = CalibrationMethod.MinMax if sc.calibration == "minmax" else CalibrationMethod.Percentile
         tag = sc.calibration if sc.calibration == "minmax" else f"p{sc.percentile}"
         cache = self.work / f"{role}.{tag}.calibration"
-        extra: dict[str, Any] = {"ActivationSymmetric": False, "WeightSymmetric": sc.weight_type == "int8"}
+        extra: dict[str, Any] = {"ActivationSymmetric": False, "WeightSymmetric": True}
         if sc.calibration == "percentile":
             extra["CalibPercentile"] = sc.percentile
-        if not sc.quantize_outputs:
-            extra["OpTypesToExcludeOutputQuantization"] = list(QUANTIZED_OPS)
         with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's calibrator prints progress
             quantize_static(
                 str(self._preprocessed(role)),
@@ -332,7 +335,7 @@ class Int8Quantizer:
                 per_channel=True,
                 reduce_range=sc.reduce_range,
                 activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8 if sc.weight_type == "int8" else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
                 nodes_to_quantize=nodes,
                 calibrate_method=method,
                 calibration_cache_path=str(cache),
@@ -410,7 +413,7 @@ class Int8Quantizer:
     def _fall_back(self, res: GraphQuantResult, role: str) -> None:
         """The whole graph back to fp32: the int8 set then reuses the fp32 file for this stage."""
         res.kept_fp32 = list(self.candidates(role))
-        res.model = onnx.load(str(self.fp32[role]))
+        res.model = self.fp32_model(role)
         res.rel_l2, res.int8_share, res.fp32_fallback = 0.0, 0.0, True
 
     def run(self) -> tuple[dict[str, GraphQuantResult], float]:
@@ -436,7 +439,7 @@ class Int8Quantizer:
                 block = self._next_block(res, role) if len(left) > 1 else None
                 if block is not None:
                     moves.append((block, self.quantize(role, [*res.kept_fp32, block]), costs[block]))
-                moves.append((None, onnx.load(str(self.fp32[role])), sum(costs[b] for b in left)))
+                moves.append((None, self.fp32_model(role), sum(costs[b] for b in left)))
                 for move, model, cost in moves:
                     trial = self.chain_error({r: (model if r == role else x.model) for r, x in results.items()})
                     trials.append(((chain - trial) / max(cost, 1), trial, role, move, model))

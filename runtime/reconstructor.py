@@ -216,13 +216,14 @@ class Reconstructor:
         Input layouts: encoder/decoder take their graph input; the vocoder takes [B, T, 64].
         Returns the host outputs of the last stage.
         """
-        fixed = self._fixed_chain(roles, x) if self.on_gpu and self._config.cuda_graph else None
-        if fixed is not None:
+        if self.on_gpu and self._config.cuda_graph:
             try:
-                return fixed.run(x)
+                fixed = self._fixed_chain(roles, x)
+                if fixed is not None:
+                    return fixed.run(x)
             except ReconError:
                 raise
-            except Exception as e:  # noqa: BLE001 - onnxruntime refused the capture: run without it
+            except Exception as e:  # noqa: BLE001 - onnxruntime refused the pinned sessions or the capture
                 _LOGGER.warning("CUDA graph capture failed (%s); continuing without it", " ".join(str(e).split())[:200])
                 self._config.cuda_graph = False
                 self._fixed.clear()
@@ -254,20 +255,15 @@ class Reconstructor:
         return outs
 
     def _fixed_chain(self, roles: Sequence[str], x: np.ndarray) -> FixedShapeChain | None:
-        """The captured chain for this input shape, built the second time the shape is seen."""
+        """The captured chain for this input shape, built the second time the shape is seen.
+
+        Failures (onnxruntime refusing the pinned sessions or the capture) are handled in run_graphs.
+        """
         key = (tuple(roles), tuple(x.shape))
         self._shapes_seen[key] += 1
         if key not in self._fixed and self._shapes_seen[key] >= 2 and len(self._fixed) < MAX_CAPTURED_SHAPES:
             entries = [self.contract.graph(r, self.precision) for r in roles]
-            try:
-                self._fixed[key] = FixedShapeChain(self.bundle_dir, self.contract, entries, self._config, x.shape)
-            except ReconError:
-                raise
-            except Exception as e:  # noqa: BLE001 - see run_graphs: fall back to the dynamic sessions
-                _LOGGER.warning(
-                    "CUDA graph sessions failed (%s); continuing without them", " ".join(str(e).split())[:200]
-                )
-                self._config.cuda_graph = False
+            self._fixed[key] = FixedShapeChain(self.bundle_dir, self.contract, entries, self._config, x.shape)
         return self._fixed.get(key)
 
     def _mel_to_wave(self, mel: np.ndarray) -> np.ndarray:
