@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
@@ -54,17 +55,45 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+_TEMP_ATTEMPTS: Final = 100
+# O_EXCL: never reuse an existing name; O_NOFOLLOW (where it exists): never write through a link.
+_TEMP_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _create_temp(path: Path) -> Path:
+    """Create an empty, new temporary file beside `path` with the permissions of any new file.
+
+    tempfile.mkstemp creates its file with mode 0600, and the rename would carry that mode onto
+    the output. Here the file is opened with mode 0666 and the kernel applies the process umask
+    (and any default ACL of the folder), exactly as for a file created by `open(path, "w")`:
+    0644 under umask 022, 0640 under 027. Reading the umask instead would need os.umask, which
+    can only read it by setting it, process-wide, racing every other thread that creates a file.
+    """
+    for _ in range(_TEMP_ATTEMPTS):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.part{path.suffix}"
+        try:
+            fd = os.open(tmp, _TEMP_FLAGS, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(errno.EEXIST, f"no free temporary name after {_TEMP_ATTEMPTS} tries", str(path.parent))
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The output gets the permissions any new file gets under the user's umask (0644 under umask
+    022), not tempfile's 0600. If the block raises, the temporary file is removed and `path` is
+    left as it was (absent, or its previous content): never a partial output.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix, dir=path.parent)
-        os.close(fd)
+        tmp_path = _create_temp(path)
     except OSError as e:
         raise OutputError(f"{path}: cannot write output ({e.strerror or e})") from None
-    tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
