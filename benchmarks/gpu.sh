@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One run on the lent GPU machine: install, export a random-weight bundle, GPU parity, latency.
-# Prepared with benchmarks/gpu_prepare.sh here; run as the LAST of the carry calls (see README,
-# "GPU"), e.g. carry [".ortgpu/4", ".wheels/b"] with:
+# One run on a GPU host without network access: install, export a random-weight bundle, GPU parity, latency.
+# Prepared with benchmarks/gpu_prepare.sh on a networked machine; run after the last transfer (see
+# docs/gpu.md), e.g. with .ortgpu/4 and .wheels/b copied into the checkout:
 #   cp .ortgpu/4/piece /tmp/ortparts/4 && bash benchmarks/gpu.sh
 # Earlier calls copy .ortgpu/1..3 pieces to /tmp/ortparts and .wheels/a to /tmp/wheels.
 # Test here on the CPU with: RECON_GPU_DEVICE=cpu RECON_QUICK=1 bash benchmarks/gpu.sh

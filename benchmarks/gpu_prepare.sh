@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run HERE (not on the device): packs what the lent GPU machine lacks, in pieces that fit one carry each.
-#   .ortgpu/1..4/piece   onnxruntime-gpu (CUDA 13), from ../shared/tools/ort-gpu-pieces
+# Run on a networked machine (not the GPU host): packs what an offline GPU host lacks, in pieces of at most 64 MiB.
+#   .ortgpu/1..4/piece   onnxruntime-gpu (CUDA 13) as an xz tar cut in four, by an external packing tool
 #   .wheels/a, .wheels/b Python 3.12 wheels: diffusers, librosa and its imports, soxr, soundfile, click, tqdm
 # Then see benchmarks/gpu.sh for the run calls.
 set -euo pipefail

@@ -48,7 +48,7 @@ from .validate import mel_batch, rel_l2
 _LOGGER = logging.getLogger(__name__)
 
 QUANTIZED_OPS: Final = ("Conv", "MatMul")
-# 7-bit weights: CPUs without VNNI (AVX2 only, like this workplace's EPYC) multiply u8 x s8 pairs
+# 7-bit weights: CPUs without VNNI (AVX2 only, like the measured AMD EPYC) multiply u8 x s8 pairs
 # with vpmaddubsw, which saturates at int16 for full-range weights. Measured on the full encoder,
 # every block quantized: rel-L2 32 % with full range, 7.8 % with reduce_range. Safe on VNNI CPUs too.
 REDUCE_RANGE: Final = True

@@ -63,7 +63,7 @@ _TEMP_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOL
 def _create_temp(path: Path) -> Path:
     """Create an empty, new temporary file beside `path` with the permissions of any new file.
 
-    tempfile.mkstemp creates its file with mode 0600, and the rename would carry that mode onto
+    tempfile.mkstemp creates its file with mode 0600, and the rename would give that mode to
     the output. Here the file is opened with mode 0666 and the kernel applies the process umask
     (and any default ACL of the folder), exactly as for a file created by `open(path, "w")`:
     0644 under umask 022, 0640 under 027. Reading the umask instead would need os.umask, which

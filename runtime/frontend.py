@@ -1,6 +1,6 @@
 """The AudioLDM2 front end: waveform preparation and the natural-log magnitude mel it was trained on.
 
-Not the widely copied dB recipe (power, dB, ref=max, frequency-first): see shared/docs/audioldm2.md.
+Not the widely copied dB recipe (power, dB, ref=max, frequency-first): see docs/front-end.md.
 """
 
 from __future__ import annotations
