@@ -51,7 +51,7 @@ _VOCODER_FULL: Final[dict[str, Any]] = {
     "leaky_relu_slope": 0.1,
     "normalize_before": False,
 }
-# The three public checkpoints share one VAE and one vocoder architecture (shared/docs/audioldm2.md).
+# The three public checkpoints share one VAE and one vocoder architecture (docs/bundle.md).
 ARCHITECTURES: Final[dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
     "audioldm2": (_VAE_FULL, _VOCODER_FULL),
     "audioldm2-music": (_VAE_FULL, _VOCODER_FULL),
