@@ -186,7 +186,7 @@ def ort_stages(rec: Any, mel: np.ndarray) -> dict[str, Callable[[], Any]]:
     from recon_runtime.frontend import log_mel
     from recon_runtime.reconstructor import Features
 
-    enc, dec, voc = (rec.session(r) for r in ("encoder", "decoder", "vocoder"))
+    enc, dec, voc = (rec.executor.session(r) for r in ("encoder", "decoder", "vocoder"))
     mel4 = np.ascontiguousarray(mel[:, None])
     z = enc.run({"log_mel": mel4})[0]
     wave = np.zeros(mel.shape[1] * HOP_LENGTH - HOP_LENGTH, np.float32)

@@ -24,7 +24,7 @@ import onnxruntime as ort
 
 from benchmarks.latency import machine_info, test_mel
 from recon_runtime.contract import HOP_LENGTH, LATENT_DOWNSAMPLE, ROLES, SAMPLE_RATE, read_contract
-from recon_runtime.sessions import CUDA_PROVIDER_OPTIONS, FixedShapeChain, SessionConfig
+from recon_runtime.executors.onnxruntime import CUDA_PROVIDER_OPTIONS, FixedShapeChain, SessionConfig
 
 LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -28,6 +28,7 @@ from recon_runtime.contract import (
     DEFAULT_OPSET,
     EXPECTED_MEL,
     FP16,
+    FP16_ARITHMETIC_KEY,
     FP32,
     GRAPH_SPECS,
     INT8,
@@ -40,9 +41,9 @@ from recon_runtime.contract import (
 )
 
 from . import graphs
-from .checkpoint import Checkpoint, config_dict
+from .checkpoint import Checkpoint, config_dict, decoding_weights_sha256
 from .errors import ExportError, ParityError
-from .validate import calibrate_scaling_factor, failures, reference, validate_precision
+from .validate import calibrate_scaling_factor, failures, fp16_arithmetic, reference, validate_precision
 
 _LOGGER = logging.getLogger(__name__)
 EXPORTABLE_PRECISIONS = (FP16, FP32, INT8)
@@ -150,6 +151,7 @@ def export_bundle(
         validation={},
         tools=tool_versions(),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        weights_sha256=decoding_weights_sha256(ckpt),
     )
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -162,6 +164,14 @@ def export_bundle(
         validation: dict[str, Any] = {"enabled": validate}
         if validate:
             entries, validation = _validate(modules, entries, tmp, float_precisions, progress)
+        if validate and FP16 in precisions:
+            with progress.step("measure fp16 arithmetic (PyTorch float16 on the CPU, one 10.24 s window)"):
+                validation[FP16_ARITHMETIC_KEY] = check = fp16_arithmetic(modules)
+            progress.echo(
+                "  fp16 arithmetic: "
+                + "; ".join(f"{r} rel-L2 {v['rel_l2']:.2%}" for r, v in check["results"].items())
+                + (" (passed: auto picks fp16 on CUDA)" if check["passed"] else " (FAILED: auto keeps fp32 on CUDA)")
+            )
         if INT8 in precisions:
             int8_entries, validation[INT8] = _write_int8(
                 contract, entries, tmp, opset, calibration, progress, int8_budgets

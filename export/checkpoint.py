@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -81,6 +82,24 @@ class Checkpoint:
     @property
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
+
+
+DECODING_VAE_PREFIXES = ("post_quant_conv.", "decoder.")
+
+
+def decoding_weights_sha256(ckpt: Checkpoint) -> str:
+    """SHA-256 of everything that turns latents into sound: the VAE's post_quant_conv and decoder,
+    the vocoder, and the scaling factor. It names the weights, not the folder they were loaded from,
+    so it is the bundle's fingerprint (latents decode only with a bundle of the same one)."""
+    h = hashlib.sha256()
+    h.update(f"scaling_factor={ckpt.scaling_factor!r}".encode())
+    vae = {k: v for k, v in ckpt.vae.state_dict().items() if k.startswith(DECODING_VAE_PREFIXES)}
+    vocoder = {f"vocoder.{k}": v for k, v in ckpt.vocoder.state_dict().items()}
+    for name, tensor in sorted({**vae, **vocoder}.items()):
+        array = tensor.detach().to(torch.float32).contiguous().numpy()
+        h.update(f"{name}:{list(array.shape)}".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
 
 
 def _init_like_pytorch(module: torch.nn.Module) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,15 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from recon_runtime.contract import DECODER, ENCODER, REL_L2_THRESHOLDS, ROLES, VOCODER
+from recon_runtime.contract import (
+    DECODER,
+    ENCODER,
+    FP16_ARITHMETIC_BUDGET,
+    REL_L2_THRESHOLDS,
+    ROLES,
+    TRAINING_WINDOW_FRAMES,
+    VOCODER,
+)
 from recon_runtime.frontend import log_mel
 
 from .signals import test_signal
@@ -126,6 +135,52 @@ def validate_precision(
     if on_graph:
         on_graph("chain", report["chain"])
     return report
+
+
+FP16_CHECK_KIND: Final = "music"  # a dense spectrum: every mel band and the loud range are exercised
+
+
+def fp16_arithmetic(modules: dict[str, torch.nn.Module], frames: int = TRAINING_WINDOW_FRAMES) -> dict[str, Any]:
+    """fp16 arithmetic error of each graph, measured where it is really computed in fp16.
+
+    onnxruntime's CPU provider runs fp16 graphs in fp32 after optimisation, so the fp16 bundle's
+    CPU parity says nothing about overflow or fp16 rounding. PyTorch's CPU float16 kernels do
+    compute in half precision: each module runs in float16 and float32 on one full training window
+    of a generated signal (the decoder on the fp32 encoder's latents, the vocoder on the real mel).
+    GroupNorm and softmax run in float16 too, so this is an upper bound for the fp16 graphs, which
+    keep them in fp32.
+    """
+    mel = mel_batch((FP16_CHECK_KIND,), frames)
+    inputs = {ENCODER: torch.from_numpy(mel)[:, None], VOCODER: torch.from_numpy(mel)}
+    with torch.no_grad():
+        inputs[DECODER] = modules[ENCODER](inputs[ENCODER])[0]
+    results: dict[str, Any] = {}
+    for role in ROLES:
+        module = modules[role]
+        with torch.no_grad():
+            ref = module(inputs[role])
+            half = copy.deepcopy(module).half()
+            got = half(inputs[role].half())
+            del half
+        ref_np = (ref[0] if isinstance(ref, tuple) else ref).float().numpy()
+        got_np = (got[0] if isinstance(got, tuple) else got).float().numpy()
+        finite = bool(np.isfinite(got_np).all())
+        err = rel_l2(ref_np, got_np)
+        results[role] = {
+            "rel_l2": err,
+            "finite": finite,
+            "peak_abs": float(np.abs(got_np).max()) if finite else float("inf"),
+            "passed": finite and err <= FP16_ARITHMETIC_BUDGET,
+        }
+    return {
+        "engine": f"PyTorch {torch.__version__} CPU float16 (GroupNorm and softmax in fp16 too)",
+        "reference": "the same modules in float32",
+        "frames": frames,
+        "signal": FP16_CHECK_KIND,
+        "budget": FP16_ARITHMETIC_BUDGET,
+        "results": results,
+        "passed": all(r["passed"] for r in results.values()),
+    }
 
 
 def failures(report: dict[str, dict[str, Any]], precision: str) -> list[str]:

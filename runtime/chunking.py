@@ -15,12 +15,14 @@ frames next to each window edge (where the model sees a boundary) get no weight:
     weight 0 ·························╱············  1
                                |<------ overlap ---->|
 
-The two weights sum to 1 at every sample, so a signal both windows agree on passes unchanged.
+Where two neighbours overlap their two weights sum to 1. The last window is aligned to the end,
+so it can overlap more than one earlier window; the join therefore divides by the summed weights
+at every sample, and a signal all windows agree on passes unchanged whatever the overlap.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import numpy as np
@@ -73,35 +75,37 @@ def window_weights(spans: list[tuple[int, int]], scale: float) -> list[np.ndarra
     return weights
 
 
-def overlap_add(
+def join_windows(
     total: int,
-    window: int,
-    overlap: int,
-    run: Callable[[int, int], np.ndarray],
+    spans: Sequence[tuple[int, int]],
+    pieces: Sequence[np.ndarray],
     scale: float,
     axis: int = -1,
-    multiple: int = 1,
 ) -> np.ndarray:
-    """Run `run(start, end)` on each window and cross-fade the pieces along `axis`.
+    """Cross-fade per-window outputs into one array, normalised by the summed weights.
 
     Args:
         total: input length in input units (mel frames or latent frames).
-        run: returns the output for input [start, end), with (end - start) * scale units on `axis`.
+        spans: the windows, as `plan_windows` returns them.
+        pieces: one output per window, at least (end - start) * scale units long on `axis`.
         scale: output units per input unit (160 samples per mel frame, 1/4 latent frame per frame).
     Returns:
         The joined output, int(total * scale) units long on `axis`.
     """
-    spans = plan_windows(total, window, overlap, multiple)
+    if len(spans) != len(pieces) or not spans:
+        raise ValueError(f"{len(pieces)} outputs for {len(spans)} windows")
     if len(spans) == 1:
-        return run(0, total)
-    weights = window_weights(spans, scale)
+        return pieces[0]
+    weights = window_weights(list(spans), scale)
+    length = int(round(total * scale))
     out: np.ndarray | None = None
-    for (s, e), w in zip(spans, weights):
-        piece = run(s, e)
+    weight_sum = np.zeros(length, dtype=np.float32)
+    ax = 0
+    for (s, _), w, piece in zip(spans, weights, pieces):
         ax = axis % piece.ndim
         if out is None:
             shape = list(piece.shape)
-            shape[ax] = int(round(total * scale))
+            shape[ax] = length
             out = np.zeros(shape, dtype=np.float32)
         o0 = int(round(s * scale))
         bshape = [1] * piece.ndim
@@ -111,6 +115,25 @@ def overlap_add(
         crop = [slice(None)] * piece.ndim
         crop[ax] = slice(0, w.size)
         out[tuple(index)] += piece[tuple(crop)] * w.reshape(bshape)
-    if out is None:
-        raise ValueError("no windows to run")
+        weight_sum[o0 : o0 + w.size] += w
+    assert out is not None
+    if not (weight_sum > 0).all():  # plan_windows covers every unit; this guards a broken plan
+        raise ValueError("windows leave part of the output without weight")
+    bshape = [1] * out.ndim
+    bshape[ax] = length
+    out /= weight_sum.reshape(bshape)
     return out
+
+
+def overlap_add(
+    total: int,
+    window: int,
+    overlap: int,
+    run: Callable[[int, int], np.ndarray],
+    scale: float,
+    axis: int = -1,
+    multiple: int = 1,
+) -> np.ndarray:
+    """Run `run(start, end)` on each window of `plan_windows(total, ...)` and join the pieces."""
+    spans = plan_windows(total, window, overlap, multiple)
+    return join_windows(total, spans, [run(s, e) for s, e in spans], scale, axis)

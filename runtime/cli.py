@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -15,7 +17,11 @@ import click
 import numpy as np
 
 from .audio_io import atomic_path, discover, is_audio_file, load_array, read_audio, save_array, write_audio
+from .contract import DECODER, ENCODER, FP16, FP16_ARITHMETIC_KEY, ROLES, VOCODER
 from .errors import AudioInputError, BundleError, OutputError, ReconError
+from .executors import BACKENDS
+
+BACKEND_CHOICES: Final = ("auto", *BACKENDS)
 
 DEFAULT_MODEL: Final = Path("models/audioldm2-music")
 SIDECAR_VERSION: Final = 1
@@ -28,16 +34,23 @@ class Summary:
 
     ok: int = 0
     failed: int = 0
+    skipped: int = 0
     audio_seconds: float = 0.0
     started: float = field(default_factory=time.perf_counter)
 
     def line(self, what: str) -> str:
         wall = time.perf_counter() - self.started
         rtf = f"{wall / self.audio_seconds:.3f}" if self.audio_seconds else "-"
+        skipped = f", {self.skipped} skipped (output exists)" if self.skipped else ""
         return (
-            f"{what}: {self.ok} ok, {self.failed} failed; {self.audio_seconds:.1f} s of audio in "
+            f"{what}: {self.ok} ok, {self.failed} failed{skipped}; {self.audio_seconds:.1f} s of audio in "
             f"{wall:.1f} s wall (real-time factor {rtf})"
         )
+
+    @property
+    def exit_code(self) -> int:
+        """1 if any file failed, or if nothing was done nor skipped."""
+        return 1 if self.failed or not (self.ok or self.skipped) else 0
 
 
 def _fail(message: str) -> None:
@@ -55,19 +68,38 @@ def _model_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 show_default=True,
                 help="Bundle folder written by recon-export.",
             ),
-            click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True),
+            click.option(
+                "--backend",
+                type=click.Choice(BACKEND_CHOICES),
+                default="auto",
+                show_default=True,
+                help="Inference engine.",
+            ),
+            click.option(
+                "--provider",
+                type=click.Choice(["auto", "cuda", "cpu"]),
+                default="auto",
+                show_default=True,
+                help="auto: CUDA when it starts, else CPU (with a warning); cuda: fail if CUDA does not start.",
+            ),
             click.option(
                 "--precision",
                 type=click.Choice(["auto", "fp16", "fp32", "int8"]),
                 default="auto",
                 show_default=True,
-                help="auto: fp16 on CUDA, fp32 on CPU.",
+                help="auto: fp16 on CUDA when the bundle's fp16 check passed, else fp32.",
             ),
             click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per session."),
             click.option(
                 "--cuda-graph",
                 is_flag=True,
                 help="CUDA: capture CUDA graphs for repeated input shapes (more GPU memory; not yet measured).",
+            ),
+            click.option(
+                "--expect-digest",
+                default=None,
+                metavar="DIGEST",
+                help="Refuse the bundle unless its digest (recon-run info) is DIGEST: pins a bundle you trust.",
             ),
         ]
     ):
@@ -87,76 +119,166 @@ def _io_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 help="Output folder (or a file name when there is exactly one input file).",
             ),
             click.option("--force", is_flag=True, help="Overwrite existing outputs."),
+            click.option(
+                "--skip-existing",
+                is_flag=True,
+                help="Skip inputs whose output exists (resume an interrupted folder run).",
+            ),
         ]
     ):
         f = option(f)
     return f
 
 
-def _load(model: Path, provider: str, precision: str, threads: int | None, cuda_graph: bool = False) -> Any:
-    from .reconstructor import Reconstructor  # imports onnxruntime only when needed
+@dataclass(frozen=True)
+class ModelArgs:
+    """The model options every command that loads a bundle shares."""
 
-    return Reconstructor.load(model, provider=provider, precision=precision, threads=threads, cuda_graph=cuda_graph)
+    model: Path
+    backend: str
+    provider: str
+    precision: str
+    threads: int | None
+    cuda_graph: bool
+    expect_digest: str | None
+
+    def load(self, stages: Sequence[str]) -> Any:
+        from .reconstructor import Reconstructor  # imports the inference engine only when needed
+
+        return Reconstructor.load(
+            self.model,
+            provider=self.provider,
+            precision=self.precision,
+            backend=self.backend,
+            stages=stages,
+            threads=self.threads,
+            cuda_graph=self.cuda_graph,
+            expect_digest=self.expect_digest,
+        )
 
 
-Job = tuple[Path, Path, "ReconError | None"]
+def _model_args(kwargs: dict[str, Any]) -> ModelArgs:
+    return ModelArgs(**{k: kwargs.pop(k) for k in ModelArgs.__dataclass_fields__})
+
+
+@dataclass
+class Job:
+    """One input file and where its output goes; `error` fails it before it runs."""
+
+    src: Path
+    dst: Path
+    error: Exception | None = None
 
 
 def _jobs(inputs: Iterable[Path], out: Path, suffix: str, accept: Callable[[Path], bool]) -> list[Job]:
-    """(input file, output path, error) triples; folders are mirrored under `out`.
+    """One job per input file; folders are mirrored under `out`.
 
-    A folder that cannot be read becomes one failed job, so the other inputs still run.
+    A folder that cannot be read becomes one failed job, so the other inputs still run. Inputs
+    whose outputs would land on the same path (a/x.wav and b/x.wav, or x.wav and x.flac in one
+    folder) all fail with a line naming the others: none of them is silently overwritten.
     """
     inputs = list(inputs)
     if len(inputs) == 1 and not inputs[0].is_dir() and out.suffix.lower() == suffix:
-        return [(inputs[0], out, None)]
+        return [Job(inputs[0], out)]
     jobs: list[Job] = []
     for root in inputs:
         try:
-            jobs += [(path, out / rel.with_suffix(suffix), None) for path, rel in discover([root], accept)]
+            jobs += [Job(path, out / rel.with_suffix(suffix)) for path, rel in discover([root], accept)]
         except ReconError as e:
-            jobs.append((root, out, e))
+            jobs.append(Job(root, out, e))
+    by_dst: dict[str, list[Job]] = {}
+    for job in jobs:
+        if job.error is None:
+            by_dst.setdefault(os.path.normcase(os.path.abspath(job.dst)), []).append(job)
+    for clash in (group for group in by_dst.values() if len(group) > 1):
+        for job in clash:
+            others = ", ".join(str(o.src) for o in clash if o is not job)
+            job.error = OutputError(
+                f"{job.src}: its output {job.dst} would also be written from {others}; "
+                "rename one or run them separately"
+            )
     return jobs
 
 
 def _check_overwrite(target: Path, force: bool) -> None:
-    if target.exists() and not force:
-        raise OutputError(f"{target}: exists; pass --force to overwrite")
     if target.is_dir():
         raise OutputError(f"{target}: is a folder")
+    if target.exists() and not force:
+        raise OutputError(f"{target}: exists; pass --force to overwrite or --skip-existing to keep it")
 
 
-def _progress(items: list[Any], desc: str) -> Iterable[Any]:
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="file", disable=len(items) < 2 or None, file=sys.stderr, leave=False)
-
-
-def _report(src: Path, e: ReconError, summary: Summary) -> None:
-    """One line per failed file, naming it; the batch goes on."""
-    _fail(str(e) if str(src) in str(e) else f"{src}: {e}")
+def _report(src: Path, e: BaseException, summary: Summary, debug: bool) -> None:
+    """One line per failed file, naming it; the batch goes on. A traceback only with --debug."""
+    if debug and not isinstance(e, ReconError):
+        traceback.print_exception(e, file=sys.stderr)
+    if isinstance(e, ReconError):
+        message = str(e)
+    elif isinstance(e, MemoryError):
+        message = "out of memory; try shorter windows, --threads 1, or a machine with more memory"
+    else:
+        message = f"{type(e).__name__}: {' '.join(str(e).split()) or 'no message'}"
+    _fail(message if str(src) in message else f"{src}: {message}")
     summary.failed += 1
 
 
-def _run_jobs(jobs: list[Job], what: str, force: bool, work: Callable[[Path, Path], float]) -> int:
-    """Run `work(src, dst) -> audio seconds` per job; failures get one line each and the batch goes on.
+class JobRunner:
+    """Runs a command's jobs with its overwrite policy: skips, failures and the closing summary."""
 
-    Returns the exit code: 1 if any job failed or none ran.
-    """
-    summary = Summary()
-    for src, dst, error in _progress(jobs, what):
+    def __init__(self, what: str, force: bool, skip_existing: bool, debug: bool):
+        self.what = what
+        self.force = force
+        self.skip_existing = skip_existing
+        self.debug = debug
+        self.summary = Summary()
+        self._written: set[str] = set()
+
+    def ready(self, job: Job) -> bool:
+        """False when the job fails (reported) or is skipped before it runs."""
         try:
-            if error:
-                raise error
-            _check_overwrite(dst, force)
-            seconds = work(src, dst)
-        except ReconError as e:
-            _report(src, e, summary)
-            continue
-        summary.ok += 1
-        summary.audio_seconds += seconds
-    click.echo(summary.line(what), err=True)
-    return 1 if summary.failed or not summary.ok else 0
+            if job.error is not None:
+                raise job.error
+            if self.skip_existing and job.dst.is_file() and not self.force:
+                self.summary.skipped += 1
+                return False
+            if os.path.abspath(job.dst) in self._written:
+                raise OutputError(f"{job.dst}: already written by this run; not overwriting it")
+            _check_overwrite(job.dst, self.force)
+        except Exception as e:  # noqa: BLE001 - every per-file failure becomes one line
+            self.fail(job, e)
+            return False
+        return True
+
+    def attempt(self, job: Job, work: Callable[[], float]) -> bool:
+        """Run `work() -> audio seconds` for one ready job; a failure is one line and the batch goes on."""
+        try:
+            seconds = work()
+        except Exception as e:  # noqa: BLE001 - every per-file failure becomes one line
+            self.fail(job, e)
+            return False
+        self._written.add(os.path.abspath(job.dst))
+        self.summary.ok += 1
+        self.summary.audio_seconds += seconds
+        return True
+
+    def fail(self, job: Job, e: BaseException) -> None:
+        _report(job.src, e, self.summary, self.debug)
+
+    def run(self, jobs: list[Job], work: Callable[[Path, Path], float]) -> int:
+        """`work(src, dst)` per job, with a progress bar; returns the exit code."""
+        for job in _progress(jobs, self.what):
+            if self.ready(job):
+                self.attempt(job, lambda job=job: work(job.src, job.dst))
+        return self.close()
+
+    def close(self) -> int:
+        click.echo(self.summary.line(self.what), err=True)
+        return self.summary.exit_code
+
+
+def _progress(items: list[Any], desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="file", disable=len(items) < 2 or None, file=sys.stderr, leave=False)
 
 
 def _batches(jobs: list[Job], size: int) -> Iterator[list[Job]]:
@@ -174,13 +296,20 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 def _guard(ctx: click.Context, fn: Callable[[], int]) -> None:
-    """Turn library errors into one line and a non-zero exit (a traceback only with --debug)."""
+    """Turn any error into one line and a non-zero exit (a traceback only with --debug)."""
     try:
         code = fn()
-    except ReconError as e:
+    except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - the user gets one line, the developer --debug
         if ctx.obj.get("debug"):
             raise
-        _fail(str(e))
+        if isinstance(e, ReconError):
+            _fail(str(e))
+        elif isinstance(e, MemoryError):
+            _fail("out of memory")
+        else:
+            _fail(f"{type(e).__name__}: {' '.join(str(e).split())} (run with --debug for the traceback)")
         code = 1
     ctx.exit(code)
 
@@ -203,80 +332,65 @@ def reconstruct(
     inputs: tuple[Path, ...],
     out: Path,
     force: bool,
-    model: Path,
-    provider: str,
-    precision: str,
-    threads: int | None,
-    cuda_graph: bool,
+    skip_existing: bool,
     output_rate: int | None,
     sample_format: str,
     metrics_path: Path | None,
     plot_path: Path | None,
+    **model_kwargs: Any,
 ) -> None:
     """Audio -> VAE -> HiFi-GAN -> audio, for files or folders (the tree is mirrored)."""
+    margs = _model_args(model_kwargs)
 
     def run() -> int:
-        from .reconstructor import MAX_BATCH
-
-        rec = _load(model, provider, precision, threads, cuda_graph)
+        rec = margs.load(ROLES)
         rate = output_rate or rec.contract.mel.sample_rate
-        summary, metrics, plots = Summary(), {}, []
+        runner = JobRunner("reconstruct", force, skip_existing, ctx.obj["debug"])
+        metrics: dict[str, Any] = {}
+        plots: list[Any] = []
         jobs = _jobs(inputs, out, ".wav", is_audio_file)
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=len(jobs),
-            desc="reconstruct",
-            unit="file",
-            disable=len(jobs) < 2 or None,
-            file=sys.stderr,
-            leave=False,
-        )
-        for group in _batches(jobs, MAX_BATCH):
-            ready = []  # files read and prepared; equal lengths then run as one batch
-            for src, dst, error in group:
-                try:
-                    if error:
-                        raise error
-                    _check_overwrite(dst, force)
-                    ready.append((src, dst, rec.features(*read_audio(src))))
-                except ReconError as e:
-                    _report(src, e, summary)
+        bar = _progress(jobs, "reconstruct")
+        for group in _batches(jobs, rec.max_batch):
+            ready = []  # files read and prepared; their equal-shape windows run as one batch
+            for job in group:
+                if runner.ready(job):
+                    try:
+                        ready.append((job, rec.features(*read_audio(job.src))))
+                    except Exception as e:  # noqa: BLE001 - every per-file failure becomes one line
+                        runner.fail(job, e)
             try:
-                waves = rec.reconstruct_features([f for _, _, f in ready])
-            except ReconError:  # one bad batch member must not sink the others: retry one by one
+                waves: list[Any] = rec.reconstruct_features([f for _, f in ready])
+            except Exception:  # noqa: BLE001 - one bad batch member must not sink the others: retry one by one
                 waves = [None] * len(ready)
-            for (src, dst, feats), wave in zip(ready, waves):
-                try:
+            for (job, feats), wave in zip(ready, waves):
+
+                def work(job: Job = job, feats: Any = feats, wave: Any = wave) -> float:
                     if wave is None:
                         wave = rec.reconstruct_features([feats])[0]
-                    write_audio(dst, rec.finish(feats, wave, rate), rate, sample_format)
-                except ReconError as e:
-                    _report(src, e, summary)
-                    continue
-                summary.ok += 1
-                summary.audio_seconds += feats.num_samples / rec.contract.mel.sample_rate
-                if metrics_path:
-                    from .metrics import compare
+                    write_audio(job.dst, rec.finish(feats, wave, rate), rate, sample_format)
+                    if metrics_path:
+                        from .metrics import compare
 
-                    metrics[str(src)] = {"output": str(dst), **compare(feats.waveform, wave)}
-                if plot_path:
-                    from .frontend import log_mel
+                        metrics[str(job.src)] = {"output": str(job.dst), **compare(feats.waveform, wave)}
+                    if plot_path:
+                        from .frontend import log_mel
 
-                    plots.append((str(src), feats.log_mel, log_mel(wave, rec.contract.mel)))
+                        plots.append((str(job.src), feats.log_mel, log_mel(wave, rec.contract.mel)))
+                    return feats.num_samples / rec.contract.mel.sample_rate
+
+                runner.attempt(job, work)
             bar.update(len(group))
         bar.close()
         if metrics_path:
             _write_json(
                 metrics_path,
-                {"bundle": str(model), "precision": rec.precision, "provider": rec.provider, "files": metrics},
+                {"bundle": str(margs.model), "precision": rec.precision, "provider": rec.provider, "files": metrics},
             )
         if plot_path and plots:
             from .plot import plot_mels
 
             plot_mels(plots, plot_path)
-        click.echo(summary.line("reconstruct"), err=True)
-        return 1 if summary.failed or not summary.ok else 0
+        return runner.close()
 
     _guard(ctx, run)
 
@@ -293,18 +407,16 @@ def encode(
     inputs: tuple[Path, ...],
     out: Path,
     force: bool,
-    model: Path,
-    provider: str,
-    precision: str,
-    threads: int | None,
-    cuda_graph: bool,
+    skip_existing: bool,
     sample: bool,
     seed: int,
+    **model_kwargs: Any,
 ) -> None:
     """Audio -> scaled latents [8, T/4, 16] as .npy, with a JSON sidecar for decode."""
+    margs = _model_args(model_kwargs)
 
     def run() -> int:
-        rec = _load(model, provider, precision, threads, cuda_graph)
+        rec = margs.load((ENCODER,))
 
         def one(src: Path, dst: Path) -> float:
             audio, sr = read_audio(src)
@@ -326,12 +438,13 @@ def encode(
             save_array(dst, latents)
             try:
                 _write_json(dst.with_suffix(".json"), sidecar)
-            except ReconError:
+            except BaseException:
                 dst.unlink(missing_ok=True)
                 raise
             return feats.num_samples / rec.contract.mel.sample_rate
 
-        return _run_jobs(_jobs(inputs, out, ".npy", is_audio_file), "encode", force, one)
+        runner = JobRunner("encode", force, skip_existing, ctx.obj["debug"])
+        return runner.run(_jobs(inputs, out, ".npy", is_audio_file), one)
 
     _guard(ctx, run)
 
@@ -349,34 +462,77 @@ def decode(
     latents: tuple[Path, ...],
     out: Path,
     force: bool,
-    model: Path,
-    provider: str,
-    precision: str,
-    threads: int | None,
-    cuda_graph: bool,
+    skip_existing: bool,
     sample_format: str,
+    **model_kwargs: Any,
 ) -> None:
     """Latents (.npy) -> audio; the sidecar, when present, restores length and level."""
+    margs = _model_args(model_kwargs)
 
     def run() -> int:
-        rec = _load(model, provider, precision, threads, cuda_graph)
+        rec = margs.load((DECODER, VOCODER))
 
         def one(src: Path, dst: Path) -> float:
             z = load_array(src)
             side = _read_sidecar(src, rec.contract.fingerprint)
+            if z.ndim != 3:
+                raise AudioInputError(f"{src}: latents must be one [8, frames, 16] array per file, got {list(z.shape)}")
             try:
                 wave = rec.decode(z, num_samples=side.get("num_samples"))
             except AudioInputError as e:
                 raise AudioInputError(f"{src}: {e}") from None
-            if wave.ndim != 1:
-                raise AudioInputError(f"{src}: holds a batch of latents {list(z.shape)}; save one per file")
             wave = wave * np.float32(side.get("gain", 1.0))
             write_audio(dst, wave, rec.contract.mel.sample_rate, sample_format)
             return wave.size / rec.contract.mel.sample_rate
 
-        return _run_jobs(_jobs(latents, out, ".wav", lambda p: p.suffix.lower() == ".npy"), "decode", force, one)
+        runner = JobRunner("decode", force, skip_existing, ctx.obj["debug"])
+        return runner.run(_jobs(latents, out, ".wav", _is_npy), one)
 
     _guard(ctx, run)
+
+
+@main.command()
+@click.argument("mels", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_io_options
+@_model_options
+@click.option(
+    "--format", "sample_format", type=click.Choice(["float32", "pcm16"]), default="float32", show_default=True
+)
+@click.pass_context
+def vocode(
+    ctx: click.Context,
+    mels: tuple[Path, ...],
+    out: Path,
+    force: bool,
+    skip_existing: bool,
+    sample_format: str,
+    **model_kwargs: Any,
+) -> None:
+    """AudioLDM2 log-mel [frames, 64] (.npy, time first, natural log) -> 16 kHz audio, vocoder only."""
+    margs = _model_args(model_kwargs)
+
+    def run() -> int:
+        rec = margs.load((VOCODER,))
+
+        def one(src: Path, dst: Path) -> float:
+            mel = load_array(src)
+            if mel.ndim != 2:
+                raise AudioInputError(f"{src}: log-mel must be one [frames, 64] array per file, got {list(mel.shape)}")
+            try:
+                wave = rec.vocode(mel)
+            except AudioInputError as e:
+                raise AudioInputError(f"{src}: {e}") from None
+            write_audio(dst, wave, rec.contract.mel.sample_rate, sample_format)
+            return wave.size / rec.contract.mel.sample_rate
+
+        runner = JobRunner("vocode", force, skip_existing, ctx.obj["debug"])
+        return runner.run(_jobs(mels, out, ".wav", _is_npy), one)
+
+    _guard(ctx, run)
+
+
+def _is_npy(path: Path) -> bool:
+    return path.suffix.lower() == ".npy"
 
 
 def _read_sidecar(latents_path: Path, fingerprint: str) -> dict[str, Any]:
@@ -425,7 +581,9 @@ def info(ctx: click.Context, model: Path, as_json: bool, verify: bool) -> None:
             f"bundle       {model}",
             f"source       {src.get('model')} @ {src.get('revision') or '-'}"
             + ("   ** RANDOM WEIGHTS: not for real audio **" if c.random_weights else ""),
-            f"created      {c.created} (schema {c.schema_version}, fingerprint {c.fingerprint})",
+            f"created      {c.created} (schema {c.schema_version})",
+            f"identity     fingerprint {c.fingerprint} (decoding weights: latents decode only with a bundle "
+            f"of the same one), digest {c.digest} (this exact bundle: pin it with --expect-digest)",
             f"front end    {m.sample_rate} Hz, n_fft {m.n_fft}, hop {m.hop_length}, {m.n_mels} mels "
             f"{m.f_min:g}-{m.f_max:g} Hz ({m.mel_norm}), {m.spectrum}, ln(max(mel, {m.mel_floor:g})), "
             f"{m.framing} framing (pad {m.pad})",
@@ -433,6 +591,15 @@ def info(ctx: click.Context, model: Path, as_json: bool, verify: bool) -> None:
             f"precisions   {', '.join(c.precisions) or 'none'}",
             "graphs:",
         ]
+        fp16 = c.validation.get(FP16_ARITHMETIC_KEY)
+        if fp16:
+            errors = ", ".join(f"{r} {v['rel_l2']:.2%}" for r, v in fp16["results"].items())
+            verdict = "passed" if fp16["passed"] else "FAILED (auto keeps fp32 on CUDA)"
+            lines.insert(
+                -1, f"fp16 check   {verdict}: rel-L2 {errors} in fp16 arithmetic (budget {fp16['budget']:.0%})"
+            )
+        elif FP16 in c.precisions:
+            lines.insert(-1, "fp16 check   not run at export (auto keeps fp32 on CUDA)")
         for g in c.graphs:
             err = f"rel-L2 {g.rel_l2:.2e} (limit {g.threshold:.0e})" if g.rel_l2 is not None else "not validated"
             lines.append(f"  {g.file:<22} {g.size_bytes / 1e6:7.1f} MB  {err}")

@@ -1,18 +1,23 @@
-"""`Reconstructor`: encode, decode and reconstruct audio with a recon bundle on ONNX Runtime."""
+"""`Reconstructor`: encode, decode, vocode and reconstruct audio with a recon bundle.
+
+The object is fixed after `load`: backend, provider, precision and windowing never change, and
+it is safe to share between threads. What varies per call lives in the call. Execution belongs to
+an executor (one per backend, `executors/`); this module keeps the front end, the windows, the
+batching of equal-shape windows and the post-processing.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 import soxr
 
-from .chunking import overlap_add
+from .chunking import join_windows, plan_windows
 from .contract import (
     DECODER,
     ENCODER,
@@ -23,6 +28,7 @@ from .contract import (
     LATENT_CHANNELS,
     LATENT_DOWNSAMPLE,
     LATENT_FREQ_BINS,
+    N_MELS,
     ROLES,
     TRAINING_WINDOW_FRAMES,
     VOCODER,
@@ -30,29 +36,29 @@ from .contract import (
     check_mel,
     read_contract,
 )
-from .errors import AudioInputError, BundleError, ProviderError, ReconError
+from .errors import AudioInputError, BundleError, ProviderError
+from .executors import BACKENDS, ONNXRUNTIME, Executor, ExecutorOptions, require_finite
 from .frontend import log_mel, prepare_waveform
-from .sessions import (
-    CPU,
-    CUDA,
-    FixedShapeChain,
-    GraphSession,
-    SessionConfig,
-    cuda_available,
-    onnxruntime_distributions,
-    require_finite,
-)
 
 _LOGGER = logging.getLogger(__name__)
 
+AUTO: Final = "auto"
+CPU: Final = "cpu"
+CUDA: Final = "cuda"
+PROVIDER_CHOICES: Final = (AUTO, CUDA, CPU)
+PRECISION_CHOICES: Final = (AUTO, FP16, FP32, INT8)
+BACKEND_CHOICES: Final = (AUTO, *BACKENDS)
+
 DEFAULT_WINDOW_FRAMES: Final = TRAINING_WINDOW_FRAMES  # mel frames per window (10.24 s)
 DEFAULT_OVERLAP_FRAMES: Final = 64  # mel frames shared by neighbouring windows (0.64 s)
-MAX_BATCH: Final = 8  # equal-length inputs run together up to this many
-MAX_CAPTURED_SHAPES: Final = 2  # CUDA-graph chains kept (each holds a copy of the weights on the GPU)
+MAX_BATCH: Final = 8  # windows per graph run on a GPU
+# On the CPU a batch is no faster per window (benchmarks: the 1 s chain at batch 4 vs 1 gains 1.18x
+# at most, the 10.24 s chain nothing) and peak memory grows with it, so windows run one at a time.
+CPU_MAX_BATCH: Final = 1
 SAMPLES_PER_LATENT_FRAME: Final = HOP_LENGTH * LATENT_DOWNSAMPLE
 
 
-@dataclass
+@dataclass(frozen=True)
 class Features:
     """A prepared input: its log-mel and what is needed to give the output back at its level."""
 
@@ -60,6 +66,31 @@ class Features:
     gain: float  # multiply the 16 kHz output by this to restore the input level
     num_samples: int  # length at 16 kHz
     waveform: np.ndarray  # float32 [num_samples], the prepared 16 kHz input
+
+
+@dataclass(frozen=True)
+class WindowJob:
+    """One input cut into windows: the stages to run, one graph input per window, and how to join.
+
+    Windows of equal shape from any number of jobs (and callers) can run as one batch with
+    `Reconstructor.run_windows`; `Reconstructor.join` then cross-fades one job's outputs.
+    """
+
+    roles: tuple[str, ...]
+    windows: tuple[np.ndarray, ...]
+    """Graph inputs without the batch axis: [1, T, 64] (encoder), [8, T/4, 16] (decoder), [T, 64] (vocoder)."""
+    spans: tuple[tuple[int, int], ...]
+    """[start, end) of each window, in input units (mel frames, or latent frames for the decoder)."""
+    total: int
+    """Input length in input units."""
+    scale: float
+    """Output units per input unit on the joined axis (samples per frame, or latent frames per frame)."""
+    axis: int
+    """The joined axis of each per-window output (the batch axis removed)."""
+
+    def key(self, i: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """Windows with equal keys can share a batch."""
+        return self.roles, tuple(self.windows[i].shape)
 
 
 def _pad_frames(mel: np.ndarray, multiple: int, value: float) -> np.ndarray:
@@ -73,131 +104,193 @@ def _pad_frames(mel: np.ndarray, multiple: int, value: float) -> np.ndarray:
     return np.pad(mel, widths, constant_values=value)
 
 
-class Reconstructor:
-    """The AudioLDM2 VAE + HiFi-GAN chain on ONNX Runtime, built from a recon bundle.
+def _choose_precision(contract: Contract, precision: str, provider: str, where: Path) -> str:
+    available = contract.precisions
+    if not available:
+        raise BundleError(f"{where}: recon.json lists no complete set of graphs")
+    if precision == AUTO:
+        if provider == CUDA and FP16 in available:
+            if contract.fp16_arithmetic_passed:
+                return FP16
+            _LOGGER.info("fp32 graphs on CUDA: this bundle's fp16 arithmetic check did not pass (or was not run)")
+        return FP32 if FP32 in available else available[0]
+    if precision not in available:
+        raise BundleError(
+            f"{where}: bundle has no {precision} graphs (it has {', '.join(available)}); "
+            f"export them with recon-export --precision {precision}"
+        )
+    return precision
 
-    Create it with `Reconstructor.load`. Sessions are created on first use and only for the
-    stages used, so a decode-only user never loads the encoder.
+
+def _check_files(contract: Contract, precision: str, where: Path) -> None:
+    for role in ROLES:
+        entry = contract.graph(role, precision)
+        if entry is None or not (where / entry.file).is_file():
+            missing = entry.file if entry else f"{role}.{precision}.onnx"
+            raise BundleError(f"{where / missing}: missing from the bundle; re-export it")
+
+
+def _onnxruntime_executor(
+    bundle_dir: Path,
+    contract: Contract,
+    provider: str,
+    precision: str,
+    options: ExecutorOptions,
+    stages: Sequence[str] | None,
+) -> Executor:
+    from .executors import onnxruntime as ort_exec  # imports onnxruntime only here
+
+    dists = ort_exec.onnxruntime_distributions()
+    if len(dists) > 1:
+        _LOGGER.warning(
+            "both %s are installed and overwrite each other's files; keep one "
+            "(pip uninstall -y onnxruntime onnxruntime-gpu, then install the one you want)",
+            " and ".join(dists),
+        )
+    if provider == CUDA and not ort_exec.cuda_available():
+        raise ProviderError(
+            "the CUDA provider is not in this onnxruntime build; install the GPU extra (see README) or use --provider cpu"
+        )
+    if provider in (AUTO, CUDA) and ort_exec.cuda_available():
+        chosen = _choose_precision(contract, precision, CUDA, bundle_dir)
+        _check_files(contract, chosen, bundle_dir)
+        try:
+            executor = ort_exec.create_executor(bundle_dir, contract, CUDA, chosen, options)
+            # CUDA must start now, so that provider and precision are final after load
+            executor.prepare(stages or (VOCODER,))
+            return executor
+        except ProviderError as e:
+            if provider == CUDA:
+                raise
+            _LOGGER.warning("CUDA did not start (%s); running on the CPU", e)
+    chosen = _choose_precision(contract, precision, CPU, bundle_dir)
+    _check_files(contract, chosen, bundle_dir)
+    executor = ort_exec.create_executor(bundle_dir, contract, CPU, chosen, options)
+    executor.prepare(stages or ())
+    return executor
+
+
+ExecutorFactory = Callable[[Path, Contract, str, str, ExecutorOptions, "Sequence[str] | None"], Executor]
+_EXECUTOR_FACTORIES: Final[dict[str, ExecutorFactory]] = {ONNXRUNTIME: _onnxruntime_executor}
+
+
+def _resolve_backend(backend: str, provider: str) -> str:
+    """The backend `auto` stands for: onnxruntime (the only one built in)."""
+    return ONNXRUNTIME if backend == AUTO else backend
+
+
+class Reconstructor:
+    """The AudioLDM2 VAE + HiFi-GAN chain, built from a recon bundle.
+
+    Create it with `Reconstructor.load`. After load nothing about it changes: one instance can
+    serve many threads at once. Sessions are created at load for the `stages` asked for, and
+    otherwise on first use (under a lock) and only for the stages used, so a decode-only user never
+    loads the encoder.
     """
 
     def __init__(
         self,
         bundle_dir: Path,
         contract: Contract,
-        provider: str,
-        precision: str,
-        threads: int | None = None,
+        executor: Executor,
         window_frames: int = DEFAULT_WINDOW_FRAMES,
         overlap_frames: int = DEFAULT_OVERLAP_FRAMES,
-        cpu_arena: bool = False,
-        cuda_graph: bool = False,
+        max_batch: int | None = None,
     ):
         if window_frames % LATENT_DOWNSAMPLE or overlap_frames % LATENT_DOWNSAMPLE:
             raise ValueError(f"window and overlap must be multiples of {LATENT_DOWNSAMPLE} frames")
+        if not 0 <= overlap_frames < window_frames:
+            raise ValueError(
+                f"overlap ({overlap_frames}) must be at least 0 and less than the window ({window_frames})"
+            )
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.bundle_dir = Path(bundle_dir)
         self.contract = contract
-        self.provider = provider
-        self.precision = precision
+        self.executor = executor
         self.window_frames = window_frames
         self.overlap_frames = overlap_frames
-        self._config = SessionConfig(
-            provider=provider, threads=threads, cpu_arena=cpu_arena, cuda_graph=cuda_graph and provider == CUDA
-        )
-        self._sessions: dict[str, GraphSession] = {}
-        self._fixed: dict[tuple[Any, ...], FixedShapeChain] = {}
-        self._shapes_seen: Counter[tuple[Any, ...]] = Counter()
+        self.max_batch = max_batch or (MAX_BATCH if executor.provider == CUDA else CPU_MAX_BATCH)
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(
         cls,
         bundle_dir: Path | str,
-        provider: str = "auto",
-        precision: str = "auto",
+        provider: str = AUTO,
+        precision: str = AUTO,
+        backend: str = AUTO,
+        stages: Sequence[str] | None = None,
         threads: int | None = None,
         window_frames: int = DEFAULT_WINDOW_FRAMES,
         overlap_frames: int = DEFAULT_OVERLAP_FRAMES,
+        max_batch: int | None = None,
         cpu_arena: bool = False,
         cuda_graph: bool = False,
+        expect_digest: str | None = None,
     ) -> "Reconstructor":
-        """Open a bundle, check its contract, and pick provider and precision.
+        """Open a bundle, check its contract, and fix backend, provider and precision.
 
         Args:
             bundle_dir: folder written by `recon-export` (holds recon.json and the .onnx files).
-            provider: "auto" (CUDA when onnxruntime offers it, else CPU), "cuda" or "cpu".
-            precision: "auto" (fp16 on CUDA, fp32 on CPU), "fp16", "fp32" or "int8".
-            threads: intra-op threads for CPU sessions (None: onnxruntime's default).
+            provider: "auto" (CUDA when it starts, else CPU, with one warning), "cuda" (an error
+                when CUDA does not start) or "cpu".
+            precision: "auto" (fp16 on CUDA when the bundle's fp16 arithmetic check passed, else
+                fp32), "fp16", "fp32" or "int8".
+            backend: "auto" or "onnxruntime".
+            stages: create these stages' sessions now (e.g. ("decoder", "vocoder") for a decoder);
+                None creates each on first use.
+            threads: intra-op threads per session (None: the engine's default).
             window_frames, overlap_frames: long-input windowing, in mel frames (multiples of 4).
+            max_batch: windows per graph run (default 8 on CUDA, 1 on the CPU).
             cpu_arena: onnxruntime's CPU memory arena; off by default for a lower peak RSS.
-            cuda_graph: on CUDA, capture CUDA graphs for input shapes seen twice (at most
-                MAX_CAPTURED_SHAPES; other shapes run normally). Each captured shape holds a
-                second copy of the weights on the GPU. Not yet measured on a GPU, so off by default.
+            cuda_graph: on CUDA, capture CUDA graphs for window shapes seen twice (a second copy of
+                the weights on the GPU per shape). Not yet measured on a GPU, so off by default.
+            expect_digest: refuse the bundle unless its digest (`recon-run info`) is this one. The
+                hashes in recon.json catch corruption, not deliberate tampering (whoever edits a
+                graph can edit recon.json too); pinning the digest of a bundle you trust does.
         """
         bundle_dir = Path(bundle_dir)
         contract = read_contract(bundle_dir)
         check_mel(contract, str(bundle_dir / "recon.json"))
-        if provider not in ("auto", CPU, CUDA):
-            raise ProviderError(f"unknown provider {provider!r}; use auto, cuda or cpu")
-        if precision not in ("auto", FP16, FP32, INT8):
-            raise ProviderError(f"unknown precision {precision!r}; use auto, fp16, fp32 or int8")
-        dists = onnxruntime_distributions()
-        if len(dists) > 1:
-            _LOGGER.warning(
-                "both %s are installed and overwrite each other's files; keep one "
-                "(pip uninstall -y onnxruntime onnxruntime-gpu, then install the one you want)",
-                " and ".join(dists),
-            )
-        if provider == "auto":
-            provider = CUDA if cuda_available() else CPU
-        elif provider == CUDA and not cuda_available():
-            raise ProviderError(
-                "the CUDA provider is not in this onnxruntime build; install the GPU extra "
-                "(see README) or use --provider cpu"
-            )
-        available = contract.precisions
-        if not available:
-            raise BundleError(f"{bundle_dir}: recon.json lists no complete set of graphs")
-        if precision == "auto":
-            preferred = (FP16, FP32) if provider == CUDA else (FP32, FP16)
-            precision = next((p for p in preferred if p in available), available[0])
-        elif precision not in available:
+        if expect_digest is not None and expect_digest != contract.digest:
             raise BundleError(
-                f"{bundle_dir}: bundle has no {precision} graphs (it has {', '.join(available)}); "
-                f"export them with recon-export --precision {precision}"
+                f"{bundle_dir}: bundle digest is {contract.digest}, expected {expect_digest}; "
+                "this is not the bundle you pinned"
             )
-        for role in ROLES:
-            entry = contract.graph(role, precision)
-            if entry is None or not (bundle_dir / entry.file).is_file():
-                missing = entry.file if entry else f"{role}.{precision}.onnx"
-                raise BundleError(f"{bundle_dir / missing}: missing from the bundle; re-export it")
+        if provider not in PROVIDER_CHOICES:
+            raise ProviderError(f"unknown provider {provider!r}; use {', '.join(PROVIDER_CHOICES)}")
+        if precision not in PRECISION_CHOICES:
+            raise ProviderError(f"unknown precision {precision!r}; use {', '.join(PRECISION_CHOICES)}")
+        if backend not in BACKEND_CHOICES:
+            raise ProviderError(f"unknown backend {backend!r}; use {', '.join(BACKEND_CHOICES)}")
+        if stages is not None:
+            unknown = [s for s in stages if s not in ROLES]
+            if unknown:
+                raise ValueError(f"unknown stages {unknown}; use {ROLES}")
+        options = ExecutorOptions(threads=threads, cpu_arena=cpu_arena, cuda_graph=cuda_graph)
+        factory = _EXECUTOR_FACTORIES[_resolve_backend(backend, provider)]
+        executor = factory(bundle_dir, contract, provider, precision, options, stages)
         if contract.random_weights:
             _LOGGER.warning("%s holds RANDOM weights: output is not meaningful audio", bundle_dir)
-        _LOGGER.info("using %s with %s graphs from %s", provider.upper(), precision, bundle_dir)
-        return cls(
-            bundle_dir, contract, provider, precision, threads, window_frames, overlap_frames, cpu_arena, cuda_graph
-        )
+        _LOGGER.info("using %s with %s graphs from %s", executor.provider.upper(), executor.precision, bundle_dir)
+        return cls(bundle_dir, contract, executor, window_frames, overlap_frames, max_batch)
 
-    def session(self, role: str) -> GraphSession:
-        """The session for one stage, created (and its file verified) on first use."""
-        if role not in self._sessions:
-            entry = self.contract.graph(role, self.precision)
-            if entry is None:
-                raise BundleError(f"{self.bundle_dir}: no {role} graph at {self.precision}")
-            try:
-                self._sessions[role] = GraphSession(self.bundle_dir, self.contract, entry, self._config)
-            except ProviderError:
-                if self._sessions:
-                    raise
-                _LOGGER.warning("CUDA did not start; falling back to CPU with fp32 graphs")
-                self.provider, self._config.provider = CPU, CPU
-                if self.precision == FP16 and FP32 in self.contract.precisions:
-                    self.precision = FP32
-                return self.session(role)
-        return self._sessions[role]
+    @property
+    def provider(self) -> str:
+        return self.executor.provider
+
+    @property
+    def precision(self) -> str:
+        return self.executor.precision
+
+    @property
+    def backend(self) -> str:
+        return self.executor.backend
 
     @property
     def loaded_stages(self) -> list[str]:
-        return list(self._sessions)
+        return self.executor.loaded_stages
 
     @property
     def on_gpu(self) -> bool:
@@ -209,108 +302,78 @@ class Reconstructor:
         wave, gain = prepare_waveform(audio, sample_rate, self.contract.mel)
         return Features(log_mel(wave, self.contract.mel), gain, wave.size, wave)
 
-    # ------------------------------------------------------------------ graph chains
-    def run_graphs(self, roles: Sequence[str], x: np.ndarray) -> list[np.ndarray]:
-        """Run consecutive stages on a host input; on CUDA intermediates stay on the GPU.
+    # ------------------------------------------------------------------ windows
+    def run_graphs(self, roles: Sequence[str], batch: np.ndarray) -> list[np.ndarray]:
+        """Run consecutive stages on one batch (the executor's layouts; see `Executor.run`)."""
+        return self.executor.run(roles, batch)
 
-        Input layouts: encoder/decoder take their graph input; the vocoder takes [B, T, 64].
-        Returns the host outputs of the last stage.
+    def run_windows(self, roles: Sequence[str], windows: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
+        """Run windows of one shape, from any number of inputs or callers, as one batch.
+
+        Args:
+            roles: consecutive stages, e.g. ("encoder", "decoder", "vocoder").
+            windows: graph inputs of equal shape without the batch axis (see `WindowJob.windows`).
+        Returns:
+            Per window, the last stage's outputs without the batch axis; a vocoder output is
+            cropped to 160 samples per input frame.
         """
-        if self.on_gpu and self._config.cuda_graph:
-            try:
-                fixed = self._fixed_chain(roles, x)
-                if fixed is not None:
-                    return fixed.run(x)
-            except ReconError:
-                raise
-            except Exception as e:  # noqa: BLE001 - onnxruntime refused the pinned sessions or the capture
-                _LOGGER.warning("CUDA graph capture failed (%s); continuing without it", " ".join(str(e).split())[:200])
-                self._config.cuda_graph = False
-                self._fixed.clear()
-        if self.on_gpu:
-            value = None
-            for i, role in enumerate(roles):
-                sess = self.session(role)
-                if value is None:
-                    value = sess.to_device(x)
-                    outs = sess.run_on_device(sess.input_names[0], value)
-                elif role == VOCODER:
-                    b, _, t, f = value.shape()
-                    outs = sess.run_on_device(sess.input_names[0], value, shape=(b, t, f))
-                else:
-                    outs = sess.run_on_device(sess.input_names[0], value)
-                value = outs[0]
-                if i == len(roles) - 1:
-                    host = [o.numpy() for o in outs]
-                    for name, out in zip(sess.output_names, host):
-                        require_finite(out, f"{role} graph output {name!r}")
-                    return host
-        outs = [x]
-        for role in roles:
-            sess = self.session(role)
-            inp = outs[0]
-            if role == VOCODER and inp.ndim == 4:
-                inp = inp[:, 0]
-            outs = sess.run({sess.input_names[0]: inp})
-        return outs
+        roles = tuple(roles)
+        shapes = {tuple(w.shape) for w in windows}
+        if len(shapes) != 1:
+            raise ValueError(f"windows in one batch must share a shape, got {sorted(shapes)}")
+        outs = self.run_graphs(roles, np.stack(windows))
+        if roles[-1] == VOCODER:
+            frames = windows[0].shape[-2] if roles[0] != DECODER else windows[0].shape[-2] * LATENT_DOWNSAMPLE
+            outs = [o[:, : frames * HOP_LENGTH] for o in outs]
+        return [[o[i] for o in outs] for i in range(len(windows))]
 
-    def _fixed_chain(self, roles: Sequence[str], x: np.ndarray) -> FixedShapeChain | None:
-        """The captured chain for this input shape, built the second time the shape is seen.
+    def join(self, job: WindowJob, outputs: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
+        """Cross-fade one job's per-window outputs (as `run_windows` returns them) into whole outputs."""
+        count = len(outputs[0])
+        return [join_windows(job.total, job.spans, [o[k] for o in outputs], job.scale, job.axis) for k in range(count)]
 
-        Failures (onnxruntime refusing the pinned sessions or the capture) are handled in run_graphs.
-        """
-        key = (tuple(roles), tuple(x.shape))
-        self._shapes_seen[key] += 1
-        if key not in self._fixed and self._shapes_seen[key] >= 2 and len(self._fixed) < MAX_CAPTURED_SHAPES:
-            entries = [self.contract.graph(r, self.precision) for r in roles]
-            self._fixed[key] = FixedShapeChain(self.bundle_dir, self.contract, entries, self._config, x.shape)
-        return self._fixed.get(key)
+    def run_jobs(self, jobs: Sequence[WindowJob]) -> list[list[np.ndarray]]:
+        """Run every window of several jobs, equal shapes batched up to `max_batch`, and join each job."""
+        pending: dict[tuple[tuple[str, ...], tuple[int, ...]], list[tuple[int, int]]] = {}
+        for j, job in enumerate(jobs):
+            for i in range(len(job.windows)):
+                pending.setdefault(job.key(i), []).append((j, i))
+        results: list[list[list[np.ndarray] | None]] = [[None] * len(job.windows) for job in jobs]
+        for (roles, _), members in pending.items():
+            for k in range(0, len(members), self.max_batch):
+                batch = members[k : k + self.max_batch]
+                outs = self.run_windows(roles, [jobs[j].windows[i] for j, i in batch])
+                for (j, i), out in zip(batch, outs):
+                    results[j][i] = out
+        return [self.join(job, [o for o in res if o is not None]) for job, res in zip(jobs, results)]
 
-    def _mel_to_wave(self, mel: np.ndarray) -> np.ndarray:
-        """[B, T, 64] log-mel (T a multiple of 4) -> [B, 160*T] waveform through the VAE and vocoder."""
+    def _spans(self, total: int, latent: bool = False, multiple: int = LATENT_DOWNSAMPLE) -> list[tuple[int, int]]:
+        div = LATENT_DOWNSAMPLE if latent else 1
+        return plan_windows(total, self.window_frames // div, self.overlap_frames // div, 1 if latent else multiple)
 
-        def run(s: int, e: int) -> np.ndarray:
-            wave = self.run_graphs((ENCODER, DECODER, VOCODER), mel[:, None, s:e])[0]
-            return wave[:, : (e - s) * HOP_LENGTH]
+    def reconstruction_job(self, feats: Features) -> WindowJob:
+        """Windows of the whole chain for one prepared input (log-mel padded to a multiple of 4 frames)."""
+        mel = _pad_frames(feats.log_mel, LATENT_DOWNSAMPLE, self.contract.mel.silence)
+        spans = self._spans(mel.shape[0])
+        windows = tuple(mel[None, s:e] for s, e in spans)
+        return WindowJob((ENCODER, DECODER, VOCODER), windows, tuple(spans), mel.shape[0], HOP_LENGTH, -1)
 
-        return overlap_add(
-            mel.shape[1],
-            self.window_frames,
-            self.overlap_frames,
-            run,
-            scale=HOP_LENGTH,
-            axis=-1,
-            multiple=LATENT_DOWNSAMPLE,
-        )
+    def encoding_job(self, feats: Features) -> WindowJob:
+        """Encoder windows for one prepared input; outputs join into (mean, std) [8, ceil(T/4), 16]."""
+        job = self.reconstruction_job(feats)
+        return WindowJob((ENCODER,), job.windows, job.spans, job.total, 1 / LATENT_DOWNSAMPLE, 1)
 
-    def _mel_to_latents(self, mel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[B, T, 64] -> scaled (mean, std), each [B, 8, T/4, 16]."""
+    def decoding_job(self, latents: np.ndarray) -> WindowJob:
+        """Decoder + vocoder windows for one scaled latent [8, L, 16]; the output joins to [640*L]."""
+        spans = self._spans(latents.shape[1], latent=True)
+        windows = tuple(latents[:, s:e] for s, e in spans)
+        return WindowJob((DECODER, VOCODER), windows, tuple(spans), latents.shape[1], SAMPLES_PER_LATENT_FRAME, -1)
 
-        def run(s: int, e: int) -> np.ndarray:
-            mean, std = self.run_graphs((ENCODER,), mel[:, None, s:e])
-            return np.stack([mean, std])
-
-        both = overlap_add(
-            mel.shape[1],
-            self.window_frames,
-            self.overlap_frames,
-            run,
-            scale=1 / LATENT_DOWNSAMPLE,
-            axis=3,
-            multiple=LATENT_DOWNSAMPLE,
-        )
-        return both[0], both[1]
-
-    def _latents_to_wave(self, latents: np.ndarray) -> np.ndarray:
-        """[B, 8, L, 16] scaled latents -> [B, 640*L] waveform."""
-        window = self.window_frames // LATENT_DOWNSAMPLE
-        overlap = self.overlap_frames // LATENT_DOWNSAMPLE
-
-        def run(s: int, e: int) -> np.ndarray:
-            wave = self.run_graphs((DECODER, VOCODER), latents[:, :, s:e])[0]
-            return wave[:, : (e - s) * SAMPLES_PER_LATENT_FRAME]
-
-        return overlap_add(latents.shape[2], window, overlap, run, scale=SAMPLES_PER_LATENT_FRAME, axis=-1)
+    def vocoding_job(self, mel: np.ndarray) -> WindowJob:
+        """Vocoder windows for one log-mel [T, 64]; the output joins to [160*T]."""
+        spans = self._spans(mel.shape[0], multiple=1)
+        windows = tuple(mel[s:e] for s, e in spans)
+        return WindowJob((VOCODER,), windows, tuple(spans), mel.shape[0], HOP_LENGTH, -1)
 
     # ------------------------------------------------------------------ public API
     def encode(self, audio: np.ndarray, sample_rate: int, sample: bool = False, seed: int | None = None) -> np.ndarray:
@@ -324,11 +387,10 @@ class Reconstructor:
 
     def encode_features(self, feats: Features, sample: bool = False, seed: int | None = None) -> np.ndarray:
         """Prepared input -> scaled latents [8, ceil(T/4), 16] (see `encode`)."""
-        mel = _pad_frames(feats.log_mel[None], LATENT_DOWNSAMPLE, self.contract.mel.silence)
-        mean, std = self._mel_to_latents(mel)
+        mean, std = self.run_jobs([self.encoding_job(feats)])[0]
         if sample:
             mean = mean + std * np.random.default_rng(seed).standard_normal(mean.shape).astype(np.float32)
-        return mean[0]
+        return mean
 
     def decode(self, latents: np.ndarray, num_samples: int | None = None) -> np.ndarray:
         """Scaled latents [8, L, 16] or [B, 8, L, 16] -> 16 kHz waveform [640*L] or [B, 640*L].
@@ -349,9 +411,32 @@ class Reconstructor:
             raise AudioInputError(f"latents must be floating point, got {z.dtype}")
         if not np.isfinite(z).all():
             raise AudioInputError("latents contain NaN or inf")
-        wave = self._latents_to_wave(z.astype(np.float32))
+        z = z.astype(np.float32, copy=False)
+        wave = np.stack([w for (w,) in self.run_jobs([self.decoding_job(item) for item in z])])
         if num_samples is not None:
             wave = wave[:, :num_samples]
+        return wave if batched else wave[0]
+
+    def vocode(self, mel: np.ndarray) -> np.ndarray:
+        """AudioLDM2 log-mel [T, 64] or [B, T, 64] (time first, natural log) -> 16 kHz waveform [160*T] or [B, 160*T].
+
+        For mels from elsewhere (another model, an edit): they must follow the front end in
+        docs/front-end.md (silence is ln(1e-5)).
+        """
+        m = np.asarray(mel)
+        batched = m.ndim == 3
+        if m.ndim == 2:
+            m = m[None]
+        if m.ndim != 3 or m.shape[2] != N_MELS or m.shape[1] < 1:
+            raise AudioInputError(
+                f"log-mel must be [frames, {N_MELS}] or [batch, frames, {N_MELS}], got {list(np.shape(mel))}"
+            )
+        if not np.issubdtype(m.dtype, np.floating):
+            raise AudioInputError(f"log-mel must be floating point, got {m.dtype}")
+        if not np.isfinite(m).all():
+            raise AudioInputError("log-mel contains NaN or inf")
+        m = m.astype(np.float32, copy=False)
+        wave = np.stack([w for (w,) in self.run_jobs([self.vocoding_job(item) for item in m])])
         return wave if batched else wave[0]
 
     def reconstruct(self, audio: np.ndarray, sample_rate: int, output_rate: int | None = None) -> np.ndarray:
@@ -365,28 +450,22 @@ class Reconstructor:
     def reconstruct_many(
         self, items: Sequence[tuple[np.ndarray, int]], output_rate: int | None = None
     ) -> list[np.ndarray]:
-        """Reconstruct several inputs; those of equal length run as one batch."""
+        """Reconstruct several inputs; windows of equal shape run as one batch (up to `max_batch`)."""
         feats = [self.features(a, sr) for a, sr in items]
         return [self.finish(f, w, output_rate) for f, w in zip(feats, self.reconstruct_features(feats))]
 
     def reconstruct_features(self, feats: Sequence[Features]) -> list[np.ndarray]:
         """Prepared inputs -> 16 kHz reconstructions at the prepared level (peak near 0.5)."""
-        results: list[np.ndarray | None] = [None] * len(feats)
-        groups: dict[int, list[int]] = {}
-        for i, f in enumerate(feats):
-            groups.setdefault(f.log_mel.shape[0], []).append(i)
-        for indices in groups.values():
-            for k in range(0, len(indices), MAX_BATCH):
-                batch = indices[k : k + MAX_BATCH]
-                mel = np.stack([feats[i].log_mel for i in batch])
-                mel = _pad_frames(mel, LATENT_DOWNSAMPLE, self.contract.mel.silence)
-                waves = self._mel_to_wave(mel)
-                for j, i in enumerate(batch):
-                    wave = waves[j, : feats[i].num_samples]
-                    if wave.size < feats[i].num_samples:  # the training framing yields N // 160 frames
-                        wave = np.pad(wave, (0, feats[i].num_samples - wave.size))
-                    results[i] = wave
-        return [r for r in results if r is not None]
+        joined = self.run_jobs([self.reconstruction_job(f) for f in feats])
+        return [self.crop(f, w) for f, (w,) in zip(feats, joined)]
+
+    @staticmethod
+    def crop(feats: Features, wave: np.ndarray) -> np.ndarray:
+        """A joined 16 kHz reconstruction cut (or padded) to the prepared input's length."""
+        wave = wave[: feats.num_samples]
+        if wave.size < feats.num_samples:  # the training framing yields N // 160 frames
+            wave = np.pad(wave, (0, feats.num_samples - wave.size))
+        return wave
 
     def finish(self, feats: Features, wave: np.ndarray, output_rate: int | None = None) -> np.ndarray:
         """Restore the input level and resample a 16 kHz reconstruction to `output_rate`."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,6 @@ import pytest
 
 ALSA_DIR = Path("/usr/share/sounds/alsa")
 FREEDESKTOP_DIR = Path("/usr/share/sounds/freedesktop/stereo")
-REAL_AUDIO_PACKAGES = ("alsa-utils", "sound-theme-freedesktop")
 
 torch_missing = pytest.mark.skipif(
     any(__import__("importlib").util.find_spec(m) is None for m in ("torch", "diffusers", "transformers", "onnx")),
@@ -65,22 +63,9 @@ def full_bundle(full_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
-def _ensure_real_audio() -> None:
-    if ALSA_DIR.is_dir() and FREEDESKTOP_DIR.is_dir():
-        return
-    if os.geteuid() == 0 and os.environ.get("RECON_INSTALL_TEST_AUDIO", "1") == "1":
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", *REAL_AUDIO_PACKAGES],
-            capture_output=True,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-            timeout=300,
-        )
-
-
 @pytest.fixture(scope="session")
 def real_speech() -> Path:
-    """48 kHz speech from alsa-utils."""
-    _ensure_real_audio()
+    """48 kHz speech from alsa-utils (installed by .ci/run; tests skip without it)."""
     path = ALSA_DIR / "Front_Center.wav"
     if not path.is_file():
         pytest.skip(f"real speech needs the Debian package alsa-utils ({path} missing; apt-get install alsa-utils)")
@@ -89,11 +74,10 @@ def real_speech() -> Path:
 
 @pytest.fixture(scope="session")
 def real_stereo() -> Path:
-    """44.1 kHz stereo Ogg from sound-theme-freedesktop."""
-    _ensure_real_audio()
+    """44.1 kHz stereo Ogg from sound-theme-freedesktop (installed by .ci/run; tests skip without it)."""
     path = FREEDESKTOP_DIR / "bell.oga"
     if not path.is_file():
-        pytest.skip(f"real stereo audio needs sound-theme-freedesktop ({path} missing)")
+        pytest.skip(f"real stereo audio needs the Debian package sound-theme-freedesktop ({path} missing)")
     return path
 
 

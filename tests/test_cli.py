@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from recon_runtime.contract import SCHEMA_VERSION
+
 from .conftest import run_cli, tone
 
 
@@ -108,10 +110,17 @@ def test_encode_decode_round_trip_with_sidecar(tiny_bundle: Path, inputs: Path, 
 def test_info_human_and_json(tiny_bundle: Path) -> None:
     r = run_cli("recon-run", "info", "--model", str(tiny_bundle), "--verify")
     assert r.returncode == 0, r.stderr
-    for text in ("encoder.fp32.onnx", "rel-L2", "scaling factor", "ln(max(mel, 1e-05))", "inference framing"):
+    for text in (
+        "encoder.fp32.onnx",
+        "rel-L2",
+        "scaling factor",
+        "ln(max(mel, 1e-05))",
+        "inference framing",
+        "fp16 check   passed",
+    ):
         assert text in r.stdout
     r = run_cli("recon-run", "info", "--model", str(tiny_bundle), "--json")
-    assert json.loads(r.stdout)["schema_version"] == 1
+    assert json.loads(r.stdout)["schema_version"] == SCHEMA_VERSION
 
 
 def test_silence_and_10ms_clips_work(tiny_bundle: Path, tmp_path: Path) -> None:

@@ -107,7 +107,7 @@ def test_a_stage_that_misses_its_budget_reuses_the_fp32_graph(tiny_checkpoint: P
     assert report["search"] and report["search"][0]["int8_share"]["decoder"] > 0
     rec = Reconstructor.load(out, provider="cpu", precision="int8")
     assert np.isfinite(rec.reconstruct(tone(0.5, 16000), 16000)).all()
-    assert rec.session("vocoder").path.name == "vocoder.fp32.onnx"
+    assert rec.executor.session("vocoder").path.name == "vocoder.fp32.onnx"
     from .conftest import run_cli
 
     r = run_cli("recon-run", "info", "--model", str(out))

@@ -1,8 +1,14 @@
-"""ONNX Runtime sessions: provider choice, session options, and device-resident chaining."""
+"""ONNX Runtime executors: CPU, CUDA with IO binding, and the captured fixed-shape chain.
+
+Sessions, their options and the provider check live here too; nothing outside this module knows
+that onnxruntime runs the graphs.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -11,18 +17,20 @@ from typing import Any, Final
 
 import numpy as np
 
-from .contract import (
+from ..contract import (
     DECODER,
     ENCODER,
     HOP_LENGTH,
     LATENT_DOWNSAMPLE,
+    VOCODER,
     VOCODER_EXTRA_SAMPLES,
     Contract,
     GraphEntry,
     check_metadata,
     verify_graph_file,
 )
-from .errors import NumericalError, ProviderError
+from ..errors import ProviderError, ReconError
+from .base import Executor, ExecutorOptions, vocoder_input
 
 try:
     import onnxruntime as ort
@@ -37,8 +45,9 @@ CPU: Final = "cpu"
 CUDA: Final = "cuda"
 PROVIDERS: Final = {CPU: "CPUExecutionProvider", CUDA: "CUDAExecutionProvider"}
 
-# cuDNN settings chosen by measurement (benchmarks/gpu): HEURISTIC avoids seconds-long first runs;
-# the 1-D pad keeps the vocoder's Conv1d off cuDNN's slow NCHW-with-width-1 path.
+# cuDNN settings taken from onnxruntime's CUDA provider guidance, not yet measured on a GPU with this
+# model (benchmarks/gpu.sh measures them when run on a GPU host): HEURISTIC avoids the seconds-long
+# first runs of EXHAUSTIVE search; the 1-D pad keeps the vocoder's Conv1d off cuDNN's slow path.
 CUDA_PROVIDER_OPTIONS: Final[dict[str, str]] = {
     "cudnn_conv_algo_search": "HEURISTIC",
     "cudnn_conv_use_max_workspace": "1",
@@ -86,6 +95,16 @@ class SessionConfig:
     device_id: int = 0
     cuda_graph: bool = False
     """Capture CUDA graphs for input shapes that repeat (FixedShapeChain); not measured on a GPU yet."""
+
+    @classmethod
+    def from_options(cls, provider: str, options: ExecutorOptions) -> "SessionConfig":
+        return cls(
+            provider=provider,
+            threads=options.threads,
+            cpu_arena=options.cpu_arena,
+            device_id=options.device_id,
+            cuda_graph=options.cuda_graph and provider == CUDA,
+        )
 
     def providers(self, cuda_graph: bool = False) -> list[Any]:
         if self.provider == CUDA:
@@ -138,11 +157,8 @@ class GraphSession:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Run on host arrays; every output is checked for NaN/inf."""
-        outputs = self.session.run(None, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()})
-        for name, out in zip(self.output_names, outputs):
-            require_finite(out, f"{self.entry.role} graph output {name!r}")
-        return outputs
+        """Run on host arrays (thread-safe: onnxruntime sessions allow concurrent `run`)."""
+        return self.session.run(None, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()})
 
     def run_on_device(
         self, name: str, value: "ort.OrtValue", shape: Sequence[int] | None = None
@@ -193,6 +209,9 @@ class FixedShapeChain:
     dimensions are pinned at session creation, which folds the Shape computations of the dynamic
     graphs into constants (otherwise they run on the CPU and onnxruntime refuses to capture).
     Each chain holds its own sessions, so its weights are a second copy in device memory.
+
+    One chain has one set of buffers: `run` is serialised by a lock and returns copies, so a result
+    stays valid after the next call and threads sharing a chain never see each other's outputs.
     """
 
     def __init__(
@@ -229,22 +248,144 @@ class FixedShapeChain:
             self._bindings.append((stage, binding))
             value, value_shape = outputs[0], [dims[a] if isinstance(a, str) else a for a in stage.entry.outputs[0].axes]
         self._outputs = outputs
+        self._lock = threading.Lock()
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
-        """Copy `x` into the bound input, run every stage, and return the last stage's outputs on the host."""
+        """Copy `x` into the bound input, run every stage, and return copies of the last stage's outputs."""
         if tuple(x.shape) != self.shape:
             raise ValueError(f"this chain was built for input shape {self.shape}, not {tuple(x.shape)}")
-        self._input.update_inplace(np.ascontiguousarray(x, dtype=np.float32))
-        for stage, binding in self._bindings:
-            stage.session.run_with_iobinding(binding)
-        last = self.stages[-1]
-        host = [o.numpy() for o in self._outputs]
-        for name, out in zip(last.output_names, host):
-            require_finite(out, f"{last.entry.role} graph output {name!r}")
-        return host
+        with self._lock:
+            self._input.update_inplace(np.ascontiguousarray(x, dtype=np.float32))
+            for stage, binding in self._bindings:
+                stage.session.run_with_iobinding(binding)
+            # .numpy() of a CPU OrtValue is a view of the bound buffer: copy before the next call reuses it
+            return [np.array(o.numpy(), copy=True) for o in self._outputs]
 
 
-def require_finite(array: np.ndarray, what: str) -> None:
-    """Fail loudly instead of returning NaN/inf audio."""
-    if not np.isfinite(array).all():
-        raise NumericalError(f"{what} contains NaN or inf; try --precision fp32 or shorter windows")
+MAX_CAPTURED_SHAPES: Final = 2  # captured chains kept (each holds a copy of the weights on the GPU)
+MAX_TRACKED_SHAPES: Final = 64  # input shapes counted while waiting for a repeat (oldest forgotten first)
+
+
+class OrtExecutor(Executor):
+    """onnxruntime on the CPU: plain host-to-host runs, one session per stage."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, bundle_dir: Path, contract: Contract, provider: str, precision: str, options: ExecutorOptions):
+        super().__init__(bundle_dir, contract, provider, precision, options)
+        self._config = SessionConfig.from_options(provider, options)
+        self._sessions: dict[str, GraphSession] = {}
+
+    def _stage(self, role: str) -> GraphSession:
+        session = self._sessions.get(role)
+        if session is None:
+            with self._lock:
+                session = self._sessions.get(role)
+                if session is None:
+                    entry = self.contract.graph(role, self.precision)
+                    assert entry is not None  # checked in Executor.__init__
+                    session = GraphSession(self.bundle_dir, self.contract, entry, self._config)
+                    self._sessions[role] = session
+        return session
+
+    def _has_stage(self, role: str) -> bool:
+        return role in self._sessions
+
+    def session(self, role: str) -> GraphSession:
+        """The onnxruntime session of one stage (created and verified on first use)."""
+        return self._stage(role)
+
+    def _run(self, roles: tuple[str, ...], x: np.ndarray) -> list[np.ndarray]:
+        outs = [x]
+        for role in roles:
+            sess = self._stage(role)
+            inp = vocoder_input(outs[0]) if role == VOCODER else outs[0]
+            outs = sess.run({sess.input_names[0]: inp})
+        return outs
+
+
+class OrtCudaExecutor(OrtExecutor):
+    """onnxruntime on CUDA: intermediates stay on the GPU between stages (IO binding)."""
+
+    def _run(self, roles: tuple[str, ...], x: np.ndarray) -> list[np.ndarray]:
+        value = None
+        outs: list[Any] = []
+        for role in roles:
+            sess = self._stage(role)
+            if value is None:
+                outs = sess.run_on_device(sess.input_names[0], sess.to_device(x))
+            elif role == VOCODER:
+                b, _, t, f = value.shape()
+                outs = sess.run_on_device(sess.input_names[0], value, shape=(b, t, f))
+            else:
+                outs = sess.run_on_device(sess.input_names[0], value)
+            value = outs[0]
+        return [o.numpy() for o in outs]
+
+
+class CapturedChainExecutor(OrtCudaExecutor):
+    """CUDA with CUDA graphs: a captured fixed-shape chain for shapes seen twice, IO binding otherwise.
+
+    The chains are a bounded cache behind the lock (at most MAX_CAPTURED_SHAPES chains, at most
+    MAX_TRACKED_SHAPES shapes counted). If onnxruntime refuses a capture, capturing stops for this
+    executor with one warning and every shape runs through IO binding; results do not change.
+    """
+
+    def __init__(self, bundle_dir: Path, contract: Contract, provider: str, precision: str, options: ExecutorOptions):
+        super().__init__(bundle_dir, contract, provider, precision, options)
+        self._chains: dict[tuple[Any, ...], FixedShapeChain] = {}
+        self._seen: OrderedDict[tuple[Any, ...], int] = OrderedDict()
+        self._capture_failed = False
+
+    def _chain(self, roles: tuple[str, ...], shape: tuple[int, ...]) -> FixedShapeChain | None:
+        key = (roles, shape)
+        with self._lock:
+            if self._capture_failed:
+                return None
+            chain = self._chains.get(key)
+            if chain is not None:
+                return chain
+            self._seen[key] = self._seen.pop(key, 0) + 1
+            while len(self._seen) > MAX_TRACKED_SHAPES:
+                self._seen.popitem(last=False)
+            if self._seen[key] < 2 or len(self._chains) >= MAX_CAPTURED_SHAPES:
+                return None
+            entries = [self.contract.graph(r, self.precision) for r in roles]
+            try:
+                chain = FixedShapeChain(self.bundle_dir, self.contract, entries, self._config, shape)  # type: ignore[arg-type]
+            except ReconError:
+                raise
+            except Exception as e:  # noqa: BLE001 - onnxruntime refused the pinned sessions
+                self._disable(e)
+                return None
+            self._chains[key] = chain
+            return chain
+
+    def _disable(self, e: BaseException) -> None:
+        _LOGGER.warning("CUDA graph capture failed (%s); continuing without it", " ".join(str(e).split())[:200])
+        self._capture_failed = True
+        self._chains.clear()
+
+    def _run(self, roles: tuple[str, ...], x: np.ndarray) -> list[np.ndarray]:
+        chain = self._chain(roles, tuple(x.shape))
+        if chain is not None:
+            try:
+                return chain.run(x)
+            except ReconError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the capture itself happens on the first run
+                with self._lock:
+                    if not self._capture_failed:
+                        self._disable(e)
+        return super()._run(roles, x)
+
+
+def create_executor(
+    bundle_dir: Path, contract: Contract, provider: str, precision: str, options: ExecutorOptions
+) -> OrtExecutor:
+    """The onnxruntime executor for a provider (CUDA with CUDA graphs when asked for)."""
+    if provider == CUDA:
+        if options.cuda_graph:
+            return CapturedChainExecutor(bundle_dir, contract, provider, precision, options)
+        return OrtCudaExecutor(bundle_dir, contract, provider, precision, options)
+    return OrtExecutor(bundle_dir, contract, provider, precision, options)

@@ -1,0 +1,173 @@
+"""recon-run's per-file job handling: output clashes, any per-file failure, resuming, vocode, pinning."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from click.testing import CliRunner
+
+from recon_runtime.cli import main
+from recon_runtime.contract import read_contract
+
+from .conftest import run_cli, tone
+
+
+def _wav(path: Path, audio: np.ndarray, rate: int = 16000, fmt: str = "WAV") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), audio, rate, format=fmt)
+    return path
+
+
+def _errors(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+
+
+def test_same_name_outputs_from_two_folders_are_refused_not_overwritten(tiny_bundle: Path, tmp_path: Path) -> None:
+    a = _wav(tmp_path / "a" / "x.wav", tone(0.4, 16000, 300))
+    b = _wav(tmp_path / "b" / "x.wav", tone(0.4, 16000, 900))
+    ok = _wav(tmp_path / "b" / "y.wav", tone(0.3, 16000))
+    out = tmp_path / "out"
+    r = run_cli("recon-run", "reconstruct", str(a), str(b), str(ok), "-o", str(out), "--model", str(tiny_bundle))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    errors = _errors(r.stderr)
+    assert len(errors) == 2
+    assert any(str(a) in e and str(b) in e and "would also be written" in e for e in errors)
+    assert sorted(p.name for p in out.iterdir()) == ["y.wav"]
+    assert "1 ok, 2 failed" in r.stderr
+
+
+def test_same_stem_in_one_folder_clashes_too(tiny_bundle: Path, tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    _wav(root / "x.wav", tone(0.4, 16000))
+    _wav(root / "x.flac", tone(0.4, 16000, 800), fmt="FLAC")
+    _wav(root / "z.wav", tone(0.3, 16000))
+    r = run_cli("recon-run", "encode", str(root), "-o", str(tmp_path / "lat"), "--model", str(tiny_bundle))
+    assert r.returncode == 1 and len(_errors(r.stderr)) == 2
+    assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == ["z.json", "z.npy"]
+
+
+def test_a_full_disk_fails_one_file_and_the_batch_goes_on(tiny_bundle: Path, tmp_path: Path) -> None:
+    """`ulimit -f`: Python ignores SIGXFSZ, so writes past the limit fail like a full disk."""
+    small = _wav(tmp_path / "in" / "small.wav", tone(0.3, 16000))  # ~19 kB of float32 output
+    big = _wav(tmp_path / "in" / "big.wav", tone(4.0, 16000))  # ~256 kB of float32 output
+    out = tmp_path / "out"
+    limit = 100_000
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("recon-run")
+    args = [str(exe), "reconstruct", str(big), str(small), "-o", str(out), "--model", str(tiny_bundle)]
+    r = subprocess.run(args, capture_output=True, text=True, preexec_fn=cap, timeout=600)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    (line,) = _errors(r.stderr)
+    assert str(out / "big.wav") in line or str(big) in line
+    assert sorted(p.name for p in out.iterdir()) == ["small.wav"]  # no partial file for the big one
+    assert "1 ok, 1 failed" in r.stderr
+
+
+def test_any_per_file_exception_is_one_line_and_the_batch_goes_on(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from recon_runtime.reconstructor import Reconstructor
+
+    inputs = [_wav(tmp_path / "in" / f"{n}.wav", tone(s, 16000)) for n, s in (("a", 0.3), ("bad", 0.5), ("c", 0.4))]
+    real = Reconstructor.reconstruct_features
+
+    def flaky(self, feats):  # type: ignore[no-untyped-def]
+        if any(f.num_samples == 8000 for f in feats):
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : simulated\nsecond line")
+        return real(self, feats)
+
+    monkeypatch.setattr(Reconstructor, "reconstruct_features", flaky)
+    args = ["reconstruct", *map(str, inputs), "-o", str(tmp_path / "out"), "--model", str(tiny_bundle)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    (line,) = _errors(result.output)
+    assert str(inputs[1]) in line and "RuntimeError: [ONNXRuntimeError]" in line and "second line" in line
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.wav", "c.wav"]
+    debug = CliRunner().invoke(main, ["--debug", *args[:-4], "-o", str(tmp_path / "out2"), *args[-2:]])
+    assert "Traceback" in debug.output and debug.exit_code == 1
+
+
+def test_out_of_memory_is_one_line(tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from recon_runtime.reconstructor import Reconstructor
+
+    src = _wav(tmp_path / "a.wav", tone(0.3, 16000))
+
+    def oom(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise MemoryError
+
+    monkeypatch.setattr(Reconstructor, "encode_features", oom)
+    result = CliRunner().invoke(main, ["encode", str(src), "-o", str(tmp_path / "z"), "--model", str(tiny_bundle)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert _errors(result.output) == [
+        f"error: {src}: out of memory; try shorter windows, --threads 1, or a machine with more memory"
+    ]
+
+
+def test_skip_existing_resumes_a_folder_run(tiny_bundle: Path, tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    for name in ("a", "b"):
+        _wav(root / f"{name}.wav", tone(0.3, 16000))
+    out = tmp_path / "out"
+    model = ["--model", str(tiny_bundle)]
+    assert run_cli("recon-run", "reconstruct", str(root / "a.wav"), "-o", str(out / "a.wav"), *model).returncode == 0
+    stamp = (out / "a.wav").stat().st_mtime_ns
+    again = run_cli("recon-run", "reconstruct", str(root), "-o", str(out), *model)
+    assert again.returncode == 1 and "exists; pass --force" in again.stderr and "--skip-existing" in again.stderr
+    resumed = run_cli("recon-run", "reconstruct", str(root), "-o", str(out), "--skip-existing", *model)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "0 ok, 0 failed, 2 skipped" in resumed.stderr or "0 failed, 1 skipped" in resumed.stderr
+    assert (out / "a.wav").stat().st_mtime_ns == stamp  # kept, not rewritten
+    assert (out / "b.wav").is_file()
+    done = run_cli("recon-run", "reconstruct", str(root), "-o", str(out), "--skip-existing", *model)
+    assert done.returncode == 0 and "0 ok, 0 failed, 2 skipped" in done.stderr
+    forced = run_cli("recon-run", "reconstruct", str(root), "-o", str(out), "--force", *model)
+    assert forced.returncode == 0 and "2 ok, 0 failed" in forced.stderr
+
+
+def test_vocode_cli_turns_a_log_mel_into_audio(tiny_bundle: Path, tmp_path: Path) -> None:
+    from recon_runtime import Reconstructor
+
+    rec = Reconstructor.load(tiny_bundle, provider="cpu")
+    mel = rec.features(tone(0.8, 16000), 16000).log_mel
+    np.save(tmp_path / "m.npy", mel)
+    np.save(tmp_path / "bad.npy", mel[:, :10])
+    out = tmp_path / "out"
+    r = run_cli(
+        "recon-run",
+        "vocode",
+        str(tmp_path / "m.npy"),
+        str(tmp_path / "bad.npy"),
+        "-o",
+        str(out),
+        "--model",
+        str(tiny_bundle),
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    (line,) = _errors(r.stderr)
+    assert "bad.npy" in line and "log-mel must be" in line
+    wave, rate = sf.read(str(out / "m.wav"), dtype="float32")
+    assert rate == 16000 and wave.size == mel.shape[0] * 160
+    np.testing.assert_allclose(wave, rec.vocode(mel), atol=1e-5)
+
+
+def test_expect_digest_on_the_cli(tiny_bundle: Path, tmp_path: Path) -> None:
+    src = _wav(tmp_path / "a.wav", tone(0.3, 16000))
+    fp = read_contract(tiny_bundle).digest
+    model = ["--model", str(tiny_bundle)]
+    ok = run_cli("recon-run", "encode", str(src), "-o", str(tmp_path / "a.npy"), "--expect-digest", fp, *model)
+    assert ok.returncode == 0, ok.stderr
+    bad = run_cli("recon-run", "encode", str(src), "-o", str(tmp_path / "b.npy"), "--expect-digest", "f" * 16, *model)
+    assert bad.returncode == 1 and len(_errors(bad.stderr)) == 1 and "not the bundle you pinned" in bad.stderr
+    assert not (tmp_path / "b.npy").exists()
