@@ -15,31 +15,41 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from recon_runtime.contract import SAMPLE_RATE
 
 
-def _child(model: str, seconds: float, precision: str, arena: bool) -> dict[str, float]:
+def _child(model: str, seconds: float, precision: str, arena: bool, threads: int | None) -> dict[str, Any]:
     from recon_runtime import Reconstructor
+    from recon_runtime.contract import ROLES
 
     rng = np.random.default_rng(0)
     t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     audio = (0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
-    rec = Reconstructor.load(model, provider="cpu", precision=precision, cpu_arena=arena)
+    del t
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # every session created at load, so their weights are in "after load", not in the growth
+    rec = Reconstructor.load(model, provider="cpu", precision=precision, cpu_arena=arena, threads=threads, stages=ROLES)
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     out = rec.reconstruct(audio, SAMPLE_RATE)
     wall = time.perf_counter() - t0
     assert out.shape == audio.shape and np.isfinite(out).all()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    input_mb = audio.nbytes / 2**20
     return {
         "seconds": seconds,
         "precision": precision,
         "cpu_arena": arena,
+        "threads": threads,
+        "input_mb": round(input_mb, 1),
         "peak_rss_mb": round(peak, 1),
-        "rss_before_sessions_mb": round(base, 1),
+        "rss_before_load_mb": round(base, 1),
+        "rss_after_load_mb": round(loaded, 1),
+        "peak_minus_input_mb": round(peak - input_mb, 1),
         "wall_s": round(wall, 2),
     }
 
@@ -49,26 +59,31 @@ def main() -> None:
     ap.add_argument("--model", default="models/demo")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--arena", action="store_true", help="enable onnxruntime's CPU memory arena")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="append results to this JSON file")
     ap.add_argument("seconds", nargs="+", type=float)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(_child(args.model, args.seconds[0], args.precision, args.arena)))
+        print(json.dumps(_child(args.model, args.seconds[0], args.precision, args.arena, args.threads)))
         return
     rows = []
     for seconds in args.seconds:
-        cmd = [
-            sys.executable,
-            "-m",
-            "benchmarks.memory",
-            "--child",
-            "--model",
-            args.model,
-            "--precision",
-            args.precision,
-            str(seconds),
-        ] + (["--arena"] if args.arena else [])
+        cmd = (
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.memory",
+                "--child",
+                "--model",
+                args.model,
+                "--precision",
+                args.precision,
+                str(seconds),
+            ]
+            + (["--arena"] if args.arena else [])
+            + (["--threads", str(args.threads)] if args.threads else [])
+        )
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)

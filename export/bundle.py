@@ -11,8 +11,8 @@ import datetime as _dt
 import errno
 import logging
 import platform
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -100,6 +100,21 @@ def _prepare_destination(out: Path, force: bool) -> None:
         raise ExportError(f"{out.parent}: cannot create the output folder ({e.strerror or e})") from None
 
 
+def _new_partial_folder(out: Path) -> Path:
+    """A new, empty folder beside `out` with the permissions of any new folder (the umask applies).
+
+    tempfile.mkdtemp makes it 0700, which the rename would give to the bundle.
+    """
+    for _ in range(100):
+        tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.partial"
+        try:
+            tmp.mkdir(mode=0o777)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary folder name", str(out.parent))
+
+
 def _disk_error(where: Path, e: OSError) -> ExportError:
     if e.errno == errno.ENOSPC:
         return ExportError(f"{where}: disk full while writing the bundle; free space or choose another --out")
@@ -154,8 +169,7 @@ def export_bundle(
         weights_sha256=decoding_weights_sha256(ckpt),
     )
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-        tmp.chmod(0o755)
+        tmp = _new_partial_folder(out)
     except OSError as e:
         raise _disk_error(out.parent, e) from None
     try:

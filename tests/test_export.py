@@ -311,3 +311,21 @@ def test_error_bad_int8_budget(tmp_path: Path, budget: str) -> None:
     code, line = _export("--random-weights", "--config", "tiny", "--out", str(tmp_path / "b"), "--int8-budget", budget)
     assert code == 1 and "--int8-budget" in line and budget in line
     assert not (tmp_path / "b").exists()
+
+
+@torch_missing
+def test_bundle_gets_the_umask_permissions(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from recon_export.bundle import export_bundle
+    from recon_export.checkpoint import load_checkpoint
+
+    old = os.umask(0o027)
+    try:
+        out = tmp_path / "bundle"
+        export_bundle(load_checkpoint(str(tiny_checkpoint)), out, precisions=("fp32",), validate=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o640}
