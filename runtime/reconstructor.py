@@ -196,9 +196,12 @@ class Reconstructor:
         window_frames: int = DEFAULT_WINDOW_FRAMES,
         overlap_frames: int = DEFAULT_OVERLAP_FRAMES,
         max_batch: int | None = None,
+        bucket_frames: int = LATENT_DOWNSAMPLE,
     ):
         if window_frames % LATENT_DOWNSAMPLE or overlap_frames % LATENT_DOWNSAMPLE:
             raise ValueError(f"window and overlap must be multiples of {LATENT_DOWNSAMPLE} frames")
+        if bucket_frames < LATENT_DOWNSAMPLE or bucket_frames % LATENT_DOWNSAMPLE:
+            raise ValueError(f"bucket_frames must be a positive multiple of {LATENT_DOWNSAMPLE}, got {bucket_frames}")
         if not 0 <= overlap_frames < window_frames:
             raise ValueError(
                 f"overlap ({overlap_frames}) must be at least 0 and less than the window ({window_frames})"
@@ -211,6 +214,7 @@ class Reconstructor:
         self.window_frames = window_frames
         self.overlap_frames = overlap_frames
         self.max_batch = max_batch or (MAX_BATCH if executor.provider == CUDA else CPU_MAX_BATCH)
+        self.bucket_frames = bucket_frames
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -225,6 +229,7 @@ class Reconstructor:
         window_frames: int = DEFAULT_WINDOW_FRAMES,
         overlap_frames: int = DEFAULT_OVERLAP_FRAMES,
         max_batch: int | None = None,
+        bucket_frames: int = LATENT_DOWNSAMPLE,
         cpu_arena: bool = False,
         cuda_graph: bool = False,
         expect_digest: str | None = None,
@@ -243,6 +248,12 @@ class Reconstructor:
             threads: intra-op threads per session (None: the engine's default).
             window_frames, overlap_frames: long-input windowing, in mel frames (multiples of 4).
             max_batch: windows per graph run (default 8 on CUDA, 1 on the CPU).
+            bucket_frames: pad a one-window input's log-mel (with silence) to a multiple of this many
+                frames (at most to the window), so that clips of different lengths share a window
+                shape and can run in one batch; the output is cropped to the input's length. The
+                VAE attends over the whole window, so the padding changes the result slightly:
+                outputs equal only between instances with the same value. Default 4 (the least
+                the VAE needs); `recon-run serve` uses 128.
             cpu_arena: onnxruntime's CPU memory arena; off by default for a lower peak RSS.
             cuda_graph: on CUDA, capture CUDA graphs for window shapes seen twice (a second copy of
                 the weights on the GPU per shape). Not yet measured on a GPU, so off by default.
@@ -274,7 +285,7 @@ class Reconstructor:
         if contract.random_weights:
             _LOGGER.warning("%s holds RANDOM weights: output is not meaningful audio", bundle_dir)
         _LOGGER.info("using %s with %s graphs from %s", executor.provider.upper(), executor.precision, bundle_dir)
-        return cls(bundle_dir, contract, executor, window_frames, overlap_frames, max_batch)
+        return cls(bundle_dir, contract, executor, window_frames, overlap_frames, max_batch, bucket_frames)
 
     @property
     def provider(self) -> str:
@@ -351,9 +362,19 @@ class Reconstructor:
         div = LATENT_DOWNSAMPLE if latent else 1
         return plan_windows(total, self.window_frames // div, self.overlap_frames // div, 1 if latent else multiple)
 
+    def padded_frames(self, frames: int) -> int:
+        """The log-mel length an input of `frames` frames runs at: a multiple of 4, and for one-window
+        inputs a multiple of `bucket_frames` (at most the window; inputs longer than the window keep
+        their own multiple of 4, and multi-window inputs only have windows of the window's length)."""
+        t = -(-frames // LATENT_DOWNSAMPLE) * LATENT_DOWNSAMPLE
+        if t > self.window_frames + self.overlap_frames:
+            return t
+        return min(-(-t // self.bucket_frames) * self.bucket_frames, max(t, self.window_frames))
+
     def reconstruction_job(self, feats: Features) -> WindowJob:
-        """Windows of the whole chain for one prepared input (log-mel padded to a multiple of 4 frames)."""
-        mel = _pad_frames(feats.log_mel, LATENT_DOWNSAMPLE, self.contract.mel.silence)
+        """Windows of the whole chain for one prepared input (log-mel padded with silence, see `padded_frames`)."""
+        frames = feats.log_mel.shape[0]
+        mel = _pad_frames(feats.log_mel, self.padded_frames(frames), self.contract.mel.silence)  # frames <= target
         spans = self._spans(mel.shape[0])
         windows = tuple(mel[None, s:e] for s, e in spans)
         return WindowJob((ENCODER, DECODER, VOCODER), windows, tuple(spans), mel.shape[0], HOP_LENGTH, -1)
@@ -387,7 +408,7 @@ class Reconstructor:
 
     def encode_features(self, feats: Features, sample: bool = False, seed: int | None = None) -> np.ndarray:
         """Prepared input -> scaled latents [8, ceil(T/4), 16] (see `encode`)."""
-        mean, std = self.run_jobs([self.encoding_job(feats)])[0]
+        mean, std = (self.crop_latents(feats, z) for z in self.run_jobs([self.encoding_job(feats)])[0])
         if sample:
             mean = mean + std * np.random.default_rng(seed).standard_normal(mean.shape).astype(np.float32)
         return mean
@@ -458,6 +479,11 @@ class Reconstructor:
         """Prepared inputs -> 16 kHz reconstructions at the prepared level (peak near 0.5)."""
         joined = self.run_jobs([self.reconstruction_job(f) for f in feats])
         return [self.crop(f, w) for f, (w,) in zip(feats, joined)]
+
+    @staticmethod
+    def crop_latents(feats: Features, latents: np.ndarray) -> np.ndarray:
+        """Joined encoder output [8, frames, 16] cut to the input's ceil(T/4) latent frames (drops bucket padding)."""
+        return latents[:, : -(-feats.log_mel.shape[0] // LATENT_DOWNSAMPLE)]
 
     @staticmethod
     def crop(feats: Features, wave: np.ndarray) -> np.ndarray:
