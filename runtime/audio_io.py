@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -48,6 +49,36 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
         raise AudioInputError(f"{path}: contains no samples (zero-length audio)")
     if not np.isfinite(audio).all():
         raise AudioInputError(f"{path}: contains NaN or infinite samples")
+    return audio, int(rate)
+
+
+def read_audio_bytes(
+    data: bytes, what: str = "input", check: Callable[[int, int], None] | None = None
+) -> tuple[np.ndarray, int]:
+    """Read audio from memory (an upload) in any format libsndfile understands.
+
+    Args:
+        what: names the input in error messages (never a server path).
+        check: called with (frames, sample_rate) from the header before any sample is decoded,
+            e.g. to refuse audio that is too long; it raises to refuse.
+    Returns:
+        (float32 [samples] or [samples, channels], sample_rate).
+    """
+    if not data:
+        raise AudioInputError(f"{what}: empty (0 bytes)")
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            if check is not None:
+                check(f.frames, f.samplerate)
+            audio = f.read(dtype="float32", always_2d=False)
+            rate = f.samplerate
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:  # libsndfile's own words, without the object's repr
+        reason = getattr(e, "error_string", None) or _one_line(e)
+        raise AudioInputError(f"{what}: not a readable audio file ({reason})") from None
+    if audio.size == 0:
+        raise AudioInputError(f"{what}: contains no samples (zero-length audio)")
+    if not np.isfinite(audio).all():
+        raise AudioInputError(f"{what}: contains NaN or infinite samples")
     return audio, int(rate)
 
 
