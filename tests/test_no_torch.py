@@ -91,3 +91,24 @@ def test_base_install_metadata_lists_no_heavy_package() -> None:
     assert {"numpy", "librosa", "soundfile", "click", "tqdm"} <= names
     extras = {r.split("extra ==")[1].strip().strip("'\"") for r in requires if "extra ==" in r}
     assert {"cpu", "gpu", "export", "test"} <= extras
+
+
+def test_runtime_and_cli_import_no_ray() -> None:
+    """Ray (and pyarrow) are the `ray` extra's: only a `recon-run dataset` job imports them."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent("""
+        import sys
+        import recon_runtime
+        from recon_runtime import Reconstructor
+        import recon_runtime.cli, recon_runtime.cli_dataset, recon_runtime.dataset
+        print(sorted(n for n in ("ray", "pyarrow") if n in sys.modules))
+    """),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr

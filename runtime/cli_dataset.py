@@ -1,0 +1,125 @@
+"""`recon-run dataset encode|reconstruct|evaluate`: whole datasets on Ray Data (see dataset.py).
+
+ray and pyarrow are imported only when a command runs, so `recon-run` and `import recon_runtime`
+stay lean without the `ray` extra.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .cli import _fail, _guard, _model_args, _model_options
+from .dataset import DEFAULT_MAX_SECONDS, ENCODE, EVALUATE, RECONSTRUCT, JobConfig
+
+
+@click.group()
+def dataset() -> None:
+    """Encode, reconstruct or evaluate a whole dataset on Ray (local, or a cluster with --ray-address)."""
+
+
+def _job_options(f: Any) -> Any:
+    options = [
+        click.argument("inputs", nargs=-1, required=True),
+        click.option(
+            "-o", "--out", "out", type=click.Path(path_type=Path), required=True, help="Output folder of the job."
+        ),
+        click.option(
+            "--ray-address",
+            default=None,
+            metavar="ADDR",
+            help="Run on this Ray cluster (e.g. 10.0.0.1:6379 or auto); default: a local Ray in this process.",
+        ),
+        click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Graph workers."),
+        click.option(
+            "--gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True, help="GPUs per worker."
+        ),
+        click.option(
+            "--cpus-per-worker",
+            type=click.FloatRange(min=0),
+            default=1.0,
+            show_default=True,
+            help="Ray CPUs per worker (also its intra-op threads unless --threads is given).",
+        ),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Files per batch."),
+        click.option(
+            "--resume/--no-resume",
+            default=True,
+            show_default=True,
+            help="Skip files already done (same path, size, mtime); --no-resume deletes the job's results first.",
+        ),
+        click.option("--retry-errors", is_flag=True, help="Run files that failed in an earlier run again."),
+        click.option(
+            "--max-seconds",
+            type=click.FloatRange(min=0, min_open=True),
+            default=DEFAULT_MAX_SECONDS,
+            show_default=True,
+            help="Longer files fail (an error row) instead of running.",
+        ),
+        click.option("--no-progress", is_flag=True, help="No progress bars."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return _model_options(f)
+
+
+def _run(ctx: click.Context, mode: str, inputs: tuple[str, ...], out: Path, kwargs: dict[str, Any]) -> None:
+    margs = _model_args(kwargs)
+
+    def run() -> int:
+        from .dataset import run_job
+
+        cfg = JobConfig(
+            mode=mode,
+            inputs=inputs,
+            out=out.absolute(),
+            model=margs,
+            ray_address=kwargs["ray_address"],
+            workers=kwargs["workers"],
+            gpus_per_worker=kwargs["gpus_per_worker"],
+            cpus_per_worker=kwargs["cpus_per_worker"],
+            batch_size=kwargs["batch_size"],
+            resume=kwargs["resume"],
+            retry_errors=kwargs["retry_errors"],
+            max_seconds=kwargs["max_seconds"],
+            output_rate=kwargs.get("output_rate"),
+            sample_format=kwargs.get("sample_format", "float32"),
+            progress=not kwargs["no_progress"],
+        )
+        result = run_job(cfg, echo=lambda s: click.echo(s, err=True))
+        if not result.ok and not result.skipped and not result.failed:
+            _fail("no input files found")
+            return 1
+        return 1 if result.failed else 0
+
+    _guard(ctx, run)
+
+
+@dataset.command("encode")
+@_job_options
+@click.pass_context
+def encode(ctx: click.Context, inputs: tuple[str, ...], out: Path, **kwargs: Any) -> None:
+    """Audio -> latents: Parquet shards in OUT/latents (one row per file), failures in OUT/errors."""
+    _run(ctx, ENCODE, inputs, out, kwargs)
+
+
+@dataset.command("reconstruct")
+@_job_options
+@click.option("--output-rate", type=click.IntRange(min=1000), default=None, help="Resample the output (default 16000).")
+@click.option(
+    "--format", "sample_format", type=click.Choice(["float32", "pcm16"]), default="float32", show_default=True
+)
+@click.pass_context
+def reconstruct(ctx: click.Context, inputs: tuple[str, ...], out: Path, **kwargs: Any) -> None:
+    """Audio -> VAE -> HiFi-GAN -> audio under OUT/audio (the input tree mirrored), as `recon-run reconstruct`."""
+    _run(ctx, RECONSTRUCT, inputs, out, kwargs)
+
+
+@dataset.command("evaluate")
+@_job_options
+@click.pass_context
+def evaluate(ctx: click.Context, inputs: tuple[str, ...], out: Path, **kwargs: Any) -> None:
+    """Per-file reconstruction metrics in OUT/metrics (Parquet) and their summary (mean, median, p95)."""
+    _run(ctx, EVALUATE, inputs, out, kwargs)

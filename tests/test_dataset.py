@@ -1,0 +1,231 @@
+"""Dataset jobs on Ray Data (local Ray, tiny bundle, short clips): encode, reconstruct, evaluate, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ray = pytest.importorskip("ray", reason="dataset jobs need the `ray` extra (pip install -e '.[ray]')")
+pq = pytest.importorskip("pyarrow.parquet", reason="dataset jobs need pyarrow (the `ray` extra)")
+
+from click.testing import CliRunner  # noqa: E402
+
+from recon_runtime.audio_io import read_audio  # noqa: E402
+from recon_runtime.cli import ModelArgs, main  # noqa: E402
+from recon_runtime.dataset import JobConfig, read_table, run_job  # noqa: E402
+
+from .conftest import run_cli, tone  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    if started:
+        ray.shutdown()
+
+
+def _model(bundle: Path) -> ModelArgs:
+    return ModelArgs(bundle, "auto", "cpu", "auto", None, False, None)
+
+
+def _job(bundle: Path, mode: str, inputs: list[Path | str], out: Path, **kw) -> JobConfig:
+    kw.setdefault("progress", False)
+    return JobConfig(mode=mode, inputs=tuple(str(i) for i in inputs), out=out, model=_model(bundle), **kw)
+
+
+def _wav(path: Path, audio: np.ndarray, rate: int = 16000) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), audio, rate, subtype="FLOAT")
+    return path
+
+
+def _folder(root: Path, count: int) -> list[Path]:
+    """`count` short generated clips in a small tree, some not at 16 kHz, one stereo."""
+    files = []
+    for i in range(count):
+        rate = (16000, 22050, 44100)[i % 3]
+        audio = tone(0.15 + 0.05 * (i % 4), rate, 150 + 40 * i)
+        if i == 5:
+            audio = np.stack([audio, audio * 0.5], 1)
+        files.append(_wav(root / ("sub" if i % 2 else "") / f"clip{i:02d}.wav", audio, rate))
+    return files
+
+
+def _keys(out: Path, folder: str) -> list[str]:
+    table = read_table(out / folder, ["path"])
+    return [] if table is None else table.column("path").to_pylist()
+
+
+def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-12))
+
+
+def test_encode_folder_rows_equal_reconstructor_encode_and_errors_recorded(tiny_bundle: Path, tmp_path: Path) -> None:
+    from recon_runtime import Reconstructor
+
+    root = tmp_path / "in"
+    good = _folder(root, 18)
+    (root / "sub" / "text.wav").write_text("this is not audio\n" * 20)
+    _wav(root / "nan.wav", np.array([0.1, np.nan, 0.2] * 200, np.float32))
+    out = tmp_path / "out"
+    result = run_job(_job(tiny_bundle, "encode", [root], out, workers=2, cpus_per_worker=0.5, batch_size=4))
+    assert (result.ok, result.failed, result.skipped) == (18, 2, 0)
+
+    table = read_table(out / "latents")
+    assert table.num_rows == 18 and sorted(table.column("path").to_pylist()) == sorted(str(p) for p in good)
+    rec = Reconstructor.load(tiny_bundle, provider="cpu")
+    for row in table.to_pylist():
+        audio, sr = read_audio(Path(row["path"]))
+        expected = rec.encode(audio, sr)
+        got = np.asarray(row["latents"], np.float32).reshape(row["latent_shape"])
+        assert got.shape == expected.shape and _rel_l2(got, expected) <= 1e-6, row["path"]
+        st = os.stat(row["path"])
+        assert (row["size"], row["mtime_ns"]) == (st.st_size, st.st_mtime_ns)
+        assert row["source_sample_rate"] == sr and row["num_samples"] == round(audio.shape[0] * 16000 / sr)
+        assert row["duration_s"] == pytest.approx(row["num_samples"] / 16000) and row["gain"] > 0
+        assert row["bundle_fingerprint"] == rec.contract.fingerprint
+
+    errors = {r["path"]: r for r in read_table(out / "errors").to_pylist()}
+    assert set(errors) == {str(root / "sub" / "text.wav"), str(root / "nan.wav")}
+    assert all(r["stage"] == "read" for r in errors.values())
+    assert "not a readable audio file" in errors[str(root / "sub" / "text.wav")]["message"]
+    assert "NaN" in errors[str(root / "nan.wav")]["message"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] == 18 and summary["failed"] == 2 and summary["audio_hours"] > 0
+
+    # a rerun does nothing and writes nothing
+    shards = sorted(p.name for p in out.rglob("*.parquet"))
+    again = run_job(_job(tiny_bundle, "encode", [root], out))
+    assert (again.ok, again.failed, again.skipped, again.failed_before) == (0, 0, 20, 2)
+    assert sorted(p.name for p in out.rglob("*.parquet")) == shards
+
+
+def test_manifest_inputs_missing_empty_and_too_long(tiny_bundle: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    data = tmp_path / "data"
+    a = _wav(data / "a.wav", tone(0.2, 16000))
+    b = _wav(data / "deep" / "b.wav", tone(0.3, 22050), 22050)
+    long = _wav(data / "long.wav", tone(1.0, 16000))
+    (data / "empty.wav").write_bytes(b"")
+    (data / "list.csv").write_text("path,label\na.wav,x\ndeep/b.wav,y\nmissing.wav,z\nempty.wav,w\n")
+    pq.write_table(pa.table({"path": [str(long)]}), tmp_path / "more.parquet")
+    out = tmp_path / "out"
+    result = run_job(_job(tiny_bundle, "encode", [data / "list.csv", tmp_path / "more.parquet"], out, max_seconds=0.5))
+    assert (result.ok, result.failed) == (2, 3)
+    assert sorted(_keys(out, "latents")) == sorted([str(a), str(b)])
+    errors = {r["path"]: (r["stage"], r["message"]) for r in read_table(out / "errors").to_pylist()}
+    assert errors[str(data / "missing.wav")][0] == "list" and "no such file" in errors[str(data / "missing.wav")][1]
+    assert "empty file" in errors[str(data / "empty.wav")][1]
+    assert "longer than the limit" in errors[str(long)][1]
+
+
+def test_stopped_job_resumes_without_duplicates_or_gaps(tiny_bundle: Path, tmp_path: Path) -> None:
+    from recon_runtime.dataset import _Stopped
+
+    root = tmp_path / "in"
+    files = _folder(root, 12)
+    out = tmp_path / "out"
+    with pytest.raises(_Stopped):
+        run_job(_job(tiny_bundle, "encode", [root], out, batch_size=2, stop_after=3))
+    first = _keys(out, "latents")
+    assert 3 <= len(first) < 12
+    result = run_job(_job(tiny_bundle, "encode", [root], out, batch_size=2))
+    assert result.skipped == len(first) and result.ok == 12 - len(first) and result.failed == 0
+    keys = _keys(out, "latents")
+    assert Counter(keys) == Counter(str(p) for p in files)  # each file once, none missing
+
+    # a file that changed since is done again and its old row goes
+    _wav(files[0], tone(0.4, 16000, 900))
+    result = run_job(_job(tiny_bundle, "encode", [root], out))
+    assert (result.ok, result.skipped) == (1, 11)
+    rows = read_table(out / "latents", ["path", "size"]).to_pylist()
+    assert Counter(r["path"] for r in rows) == Counter(str(p) for p in files)
+    assert next(r["size"] for r in rows if r["path"] == str(files[0])) == files[0].stat().st_size
+
+
+def test_a_worker_that_dies_is_retried_and_every_file_accounted_for(tiny_bundle: Path, tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    files = _folder(root, 6)
+    marker = tmp_path / "crashed"
+    out = tmp_path / "out"
+    result = run_job(_job(tiny_bundle, "encode", [root], out, batch_size=2, crash_once=(files[3].name, str(marker))))
+    assert marker.is_file(), "the hook did not kill the worker"
+    assert (result.ok, result.failed) == (6, 0)
+    assert Counter(_keys(out, "latents")) == Counter(str(p) for p in files)
+
+
+def test_reconstruct_matches_the_cli_and_evaluate_matches_its_metrics(tiny_bundle: Path, tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    _folder(root, 4)
+    cli_out, metrics = tmp_path / "cli", tmp_path / "m.json"
+    r = run_cli(
+        "recon-run",
+        "reconstruct",
+        str(root),
+        "-o",
+        str(cli_out),
+        "--model",
+        str(tiny_bundle),
+        "--metrics",
+        str(metrics),
+    )
+    assert r.returncode == 0, r.stderr
+
+    out = tmp_path / "ray"
+    common = ["--model", str(tiny_bundle), "--provider", "cpu", "--no-progress"]
+    res = CliRunner().invoke(main, ["dataset", "reconstruct", str(root), "-o", str(out), *common])
+    assert res.exit_code == 0, res.output
+    assert "dataset reconstruct: 4 ok, 0 failed" in res.output and "audio-s/s" in res.output
+    made = sorted(p.relative_to(out / "audio").as_posix() for p in (out / "audio").rglob("*.wav"))
+    assert made == sorted(p.relative_to(cli_out).as_posix() for p in cli_out.rglob("*.wav"))
+    for name in made:
+        ours, rate = sf.read(str(out / "audio" / name), dtype="float32")
+        theirs, rate2 = sf.read(str(cli_out / name), dtype="float32")
+        assert rate == rate2 and ours.shape == theirs.shape
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+    ev = tmp_path / "eval"
+    res = CliRunner().invoke(main, ["dataset", "evaluate", str(root), "-o", str(ev), *common])
+    assert res.exit_code == 0, res.output
+    expected = json.loads(metrics.read_text())["files"]
+    rows = read_table(ev / "metrics").to_pylist()
+    assert sorted(r["path"] for r in rows) == sorted(expected)
+    names = ("log_mel_l1", "log_mel_rmse", "mel_correlation", "mrstft", "si_sdr_db")
+    for row in rows:
+        for name in names:
+            assert row[name] == pytest.approx(expected[row["path"]][name], rel=1e-4, abs=1e-4), (row["path"], name)
+    summary = json.loads((ev / "metrics-summary.json").read_text())
+    for name in names:
+        values = [expected[p][name] for p in expected]
+        assert summary[name]["mean"] == pytest.approx(np.mean(values), rel=1e-4, abs=1e-4)
+        assert summary[name]["median"] == pytest.approx(np.median(values), rel=1e-4, abs=1e-4)
+        assert summary[name]["p95"] == pytest.approx(np.percentile(values, 95), rel=1e-4, abs=1e-4)
+        assert name in res.output
+
+
+def test_resume_options_and_refusals(tiny_bundle: Path, tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    _folder(root, 2)
+    (root / "bad.wav").write_text("not audio")
+    out = tmp_path / "out"
+    assert run_job(_job(tiny_bundle, "encode", [root], out)).failed == 1
+    # --retry-errors runs the failed file again; its error row is replaced, not added
+    again = run_job(_job(tiny_bundle, "encode", [root], out, retry_errors=True))
+    assert (again.ok, again.failed, again.skipped) == (0, 1, 2)
+    assert _keys(out, "errors") == [str(root / "bad.wav")]
+    # another mode into the same folder is refused; --no-resume starts over
+    res = CliRunner().invoke(main, ["dataset", "evaluate", str(root), "-o", str(out), "--model", str(tiny_bundle)])
+    assert res.exit_code == 1 and "holds a dataset encode job" in res.output
+    fresh = run_job(_job(tiny_bundle, "encode", [root], out, resume=False))
+    assert (fresh.ok, fresh.failed, fresh.skipped) == (2, 1, 0)
+    assert sorted(_keys(out, "latents")) == sorted(str(p) for p in root.rglob("clip*.wav"))
