@@ -613,5 +613,9 @@ def info(ctx: click.Context, model: Path, as_json: bool, verify: bool) -> None:
     _guard(ctx, run)
 
 
+from .cli_dataset import dataset as _dataset  # noqa: E402 - `recon-run dataset` (Ray imported only when it runs)
+
+main.add_command(_dataset)
+
 if __name__ == "__main__":
     main()
