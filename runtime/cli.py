@@ -17,14 +17,15 @@ import click
 import numpy as np
 
 from .audio_io import atomic_path, discover, is_audio_file, load_array, read_audio, save_array, write_audio
-from .contract import DECODER, ENCODER, FP16, FP16_ARITHMETIC_KEY, ROLES, VOCODER
+from .contract import BF16_KEY, DECODER, ENCODER, FP16, FP16_ARITHMETIC_KEY, ROLES, VOCODER
 from .errors import AudioInputError, BundleError, OutputError, ReconError
 from .executors import BACKENDS
 
 BACKEND_CHOICES: Final = ("auto", *BACKENDS)
 
 DEFAULT_MODEL: Final = Path("models/audioldm2-music")
-SIDECAR_VERSION: Final = 1
+SIDECAR_VERSION: Final = 2  # 2: bundle_fingerprint names the decoding weights (1 named the source and configs)
+SIDECAR: Final = ".json"  # encode writes it beside each .npy
 _LOGGER = logging.getLogger("recon_runtime")
 
 
@@ -84,10 +85,11 @@ def _model_options(f: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--precision",
-                type=click.Choice(["auto", "fp16", "fp32", "int8"]),
+                type=click.Choice(["auto", "bf16", "fp16", "fp32", "int8"]),
                 default="auto",
                 show_default=True,
-                help="auto: fp16 on CUDA when the bundle's fp16 check passed, else fp32.",
+                help="auto: fp16 on CUDA when the bundle's fp16 check passed, else fp32. "
+                "bf16: openvino on a CPU with AVX512-BF16 or AMX (refused elsewhere).",
             ),
             click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per session."),
             click.option(
@@ -123,6 +125,27 @@ def _io_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 "--skip-existing",
                 is_flag=True,
                 help="Skip inputs whose output exists (resume an interrupted folder run).",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def _server_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.option(
+                "--server",
+                metavar="URL",
+                default=None,
+                help="Run the job on a recon-run serve server instead of local sessions (model options then unused).",
+            ),
+            click.option(
+                "--api-key-env",
+                metavar="VAR",
+                default=None,
+                help="With --server: send the API key held in the environment variable VAR.",
             ),
         ]
     ):
@@ -168,35 +191,61 @@ class Job:
     src: Path
     dst: Path
     error: Exception | None = None
+    companions: tuple[str, ...] = ()
+    """Suffixes of files written beside `dst` (encode's sidecar): outputs too."""
+
+    @property
+    def outputs(self) -> list[Path]:
+        return [self.dst, *(self.dst.with_suffix(s) for s in self.companions)]
 
 
-def _jobs(inputs: Iterable[Path], out: Path, suffix: str, accept: Callable[[Path], bool]) -> list[Job]:
+def _key(path: Path) -> str:
+    """One spelling per file: symlinks and `..` resolved, so two names of one file compare equal."""
+    return os.path.normcase(str(path.resolve()))
+
+
+def _jobs(
+    inputs: Iterable[Path], out: Path, suffix: str, accept: Callable[[Path], bool], companions: tuple[str, ...] = ()
+) -> list[Job]:
     """One job per input file; folders are mirrored under `out`.
 
-    A folder that cannot be read becomes one failed job, so the other inputs still run. Inputs
-    whose outputs would land on the same path (a/x.wav and b/x.wav, or x.wav and x.flac in one
-    folder) all fail with a line naming the others: none of them is silently overwritten.
+    A folder that cannot be read becomes one failed job, so the other inputs still run. Outputs
+    are planned before anything runs, and none is ever silently overwritten: inputs whose outputs
+    would land on the same path (a/x.wav and b/x.wav, or x.wav and x.flac in one folder) all fail
+    with a line naming the others, and so does a job whose output would replace one of the inputs.
     """
     inputs = list(inputs)
     if len(inputs) == 1 and not inputs[0].is_dir() and out.suffix.lower() == suffix:
-        return [Job(inputs[0], out)]
-    jobs: list[Job] = []
-    for root in inputs:
-        try:
-            jobs += [Job(path, out / rel.with_suffix(suffix)) for path, rel in discover([root], accept)]
-        except ReconError as e:
-            jobs.append(Job(root, out, e))
-    by_dst: dict[str, list[Job]] = {}
+        jobs = [Job(inputs[0], out, companions=companions)]
+    else:
+        jobs = []
+        for root in inputs:
+            try:
+                found = list(discover([root], accept))
+            except ReconError as e:
+                jobs.append(Job(root, out, e))
+                continue
+            if not found:
+                jobs.append(Job(root, out, AudioInputError(f"{root}: no input files found in this folder")))
+            jobs += [Job(path, out / rel.with_suffix(suffix), companions=companions) for path, rel in found]
+    sources = {_key(job.src) for job in jobs if job.src.is_file()}
+    by_output: dict[str, list[Job]] = {}
     for job in jobs:
         if job.error is None:
-            by_dst.setdefault(os.path.normcase(os.path.abspath(job.dst)), []).append(job)
-    for clash in (group for group in by_dst.values() if len(group) > 1):
-        for job in clash:
-            others = ", ".join(str(o.src) for o in clash if o is not job)
-            job.error = OutputError(
-                f"{job.src}: its output {job.dst} would also be written from {others}; "
-                "rename one or run them separately"
-            )
+            for path in job.outputs:
+                by_output.setdefault(_key(path), []).append(job)
+    for key, group in by_output.items():
+        for job in group:
+            if job.error is not None:
+                continue
+            if key in sources:
+                job.error = OutputError(f"{job.src}: its output {job.dst} would replace an input; choose another -o")
+            elif len(group) > 1:
+                others = ", ".join(str(o.src) for o in group if o is not job)
+                job.error = OutputError(
+                    f"{job.src}: its output {job.dst} would also be written from {others}; "
+                    "rename one or run them separately"
+                )
     return jobs
 
 
@@ -214,7 +263,7 @@ def _report(src: Path, e: BaseException, summary: Summary, debug: bool) -> None:
     if isinstance(e, ReconError):
         message = str(e)
     elif isinstance(e, MemoryError):
-        message = "out of memory; try shorter windows, --threads 1, or a machine with more memory"
+        message = "out of memory; try --threads 1, fewer files at once, or a machine with more memory"
     else:
         message = f"{type(e).__name__}: {' '.join(str(e).split()) or 'no message'}"
     _fail(message if str(src) in message else f"{src}: {message}")
@@ -225,6 +274,8 @@ class JobRunner:
     """Runs a command's jobs with its overwrite policy: skips, failures and the closing summary."""
 
     def __init__(self, what: str, force: bool, skip_existing: bool, debug: bool):
+        if force and skip_existing:
+            raise click.UsageError("--force and --skip-existing exclude each other")
         self.what = what
         self.force = force
         self.skip_existing = skip_existing
@@ -237,12 +288,13 @@ class JobRunner:
         try:
             if job.error is not None:
                 raise job.error
-            if self.skip_existing and job.dst.is_file() and not self.force:
+            if self.skip_existing and all(p.is_file() for p in job.outputs):
                 self.summary.skipped += 1
                 return False
-            if os.path.abspath(job.dst) in self._written:
-                raise OutputError(f"{job.dst}: already written by this run; not overwriting it")
-            _check_overwrite(job.dst, self.force)
+            for path in job.outputs:
+                if _key(path) in self._written:
+                    raise OutputError(f"{path}: already written by this run; not overwriting it")
+                _check_overwrite(path, self.force)
         except Exception as e:  # noqa: BLE001 - every per-file failure becomes one line
             self.fail(job, e)
             return False
@@ -255,7 +307,7 @@ class JobRunner:
         except Exception as e:  # noqa: BLE001 - every per-file failure becomes one line
             self.fail(job, e)
             return False
-        self._written.add(os.path.abspath(job.dst))
+        self._written.update(_key(p) for p in job.outputs)
         self.summary.ok += 1
         self.summary.audio_seconds += seconds
         return True
@@ -326,6 +378,7 @@ def _guard(ctx: click.Context, fn: Callable[[], int]) -> None:
     "--metrics", "metrics_path", type=click.Path(path_type=Path), default=None, help="Write metrics JSON here."
 )
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a log-mel PNG here.")
+@_server_options
 @click.pass_context
 def reconstruct(
     ctx: click.Context,
@@ -337,12 +390,23 @@ def reconstruct(
     sample_format: str,
     metrics_path: Path | None,
     plot_path: Path | None,
+    server: str | None,
+    api_key_env: str | None,
     **model_kwargs: Any,
 ) -> None:
     """Audio -> VAE -> HiFi-GAN -> audio, for files or folders (the tree is mirrored)."""
     margs = _model_args(model_kwargs)
 
     def run() -> int:
+        if server:
+            if metrics_path or plot_path:
+                raise click.UsageError("--metrics and --plot need local sessions; drop --server for them")
+            from .cli_serve import remote_client, remote_reconstruct
+
+            with remote_client(server, api_key_env) as client:
+                runner = JobRunner("reconstruct", force, skip_existing, ctx.obj["debug"])
+                work = remote_reconstruct(client, output_rate, sample_format)
+                return runner.run(_jobs(inputs, out, ".wav", is_audio_file), work)
         rec = margs.load(ROLES)
         rate = output_rate or rec.contract.mel.sample_rate
         runner = JobRunner("reconstruct", force, skip_existing, ctx.obj["debug"])
@@ -367,11 +431,14 @@ def reconstruct(
                 def work(job: Job = job, feats: Any = feats, wave: Any = wave) -> float:
                     if wave is None:
                         wave = rec.reconstruct_features([feats])[0]
-                    write_audio(job.dst, rec.finish(feats, wave, rate), rate, sample_format)
-                    if metrics_path:
+                    scores = None
+                    if metrics_path:  # before the write: a file on disk is a file counted as done
                         from .metrics import compare
 
-                        metrics[str(job.src)] = {"output": str(job.dst), **compare(feats.waveform, wave)}
+                        scores = {"output": str(job.dst), **compare(feats.waveform, wave)}
+                    write_audio(job.dst, rec.finish(feats, wave, rate), rate, sample_format)
+                    if scores is not None:
+                        metrics[str(job.src)] = scores
                     if plot_path:
                         from .frontend import log_mel
 
@@ -381,16 +448,19 @@ def reconstruct(
                 runner.attempt(job, work)
             bar.update(len(group))
         bar.close()
-        if metrics_path:
-            _write_json(
-                metrics_path,
-                {"bundle": str(margs.model), "precision": rec.precision, "provider": rec.provider, "files": metrics},
-            )
-        if plot_path and plots:
-            from .plot import plot_mels
+        try:
+            if metrics_path:
+                _write_json(
+                    metrics_path,
+                    {"bundle": str(margs.model), "precision": rec.precision, "provider": rec.provider, "files": metrics},
+                )
+            if plot_path and plots:
+                from .plot import plot_mels
 
-            plot_mels(plots, plot_path)
-        return runner.close()
+                plot_mels(plots, plot_path)
+        finally:  # the per-file summary is printed even when the metrics or plot file fails
+            code = runner.close()
+        return code
 
     _guard(ctx, run)
 
@@ -401,6 +471,7 @@ def reconstruct(
 @_model_options
 @click.option("--sample", is_flag=True, help="Draw from the posterior instead of taking its mean.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
+@_server_options
 @click.pass_context
 def encode(
     ctx: click.Context,
@@ -410,12 +481,21 @@ def encode(
     skip_existing: bool,
     sample: bool,
     seed: int,
+    server: str | None,
+    api_key_env: str | None,
     **model_kwargs: Any,
 ) -> None:
     """Audio -> scaled latents [8, T/4, 16] as .npy, with a JSON sidecar for decode."""
     margs = _model_args(model_kwargs)
 
     def run() -> int:
+        if server:
+            from .cli_serve import remote_client, remote_encode
+
+            with remote_client(server, api_key_env) as client:
+                runner = JobRunner("encode", force, skip_existing, ctx.obj["debug"])
+                work = remote_encode(client, sample, seed, SIDECAR_VERSION)
+                return runner.run(_jobs(inputs, out, ".npy", is_audio_file, companions=(SIDECAR,)), work)
         rec = margs.load((ENCODER,))
 
         def one(src: Path, dst: Path) -> float:
@@ -444,7 +524,7 @@ def encode(
             return feats.num_samples / rec.contract.mel.sample_rate
 
         runner = JobRunner("encode", force, skip_existing, ctx.obj["debug"])
-        return runner.run(_jobs(inputs, out, ".npy", is_audio_file), one)
+        return runner.run(_jobs(inputs, out, ".npy", is_audio_file, companions=(SIDECAR,)), one)
 
     _guard(ctx, run)
 
@@ -456,6 +536,7 @@ def encode(
 @click.option(
     "--format", "sample_format", type=click.Choice(["float32", "pcm16"]), default="float32", show_default=True
 )
+@_server_options
 @click.pass_context
 def decode(
     ctx: click.Context,
@@ -464,12 +545,21 @@ def decode(
     force: bool,
     skip_existing: bool,
     sample_format: str,
+    server: str | None,
+    api_key_env: str | None,
     **model_kwargs: Any,
 ) -> None:
     """Latents (.npy) -> audio; the sidecar, when present, restores length and level."""
     margs = _model_args(model_kwargs)
 
     def run() -> int:
+        if server:
+            from .cli_serve import remote_client, remote_decode
+
+            with remote_client(server, api_key_env) as client:
+                runner = JobRunner("decode", force, skip_existing, ctx.obj["debug"])
+                work = remote_decode(client, sample_format, _read_sidecar)
+                return runner.run(_jobs(latents, out, ".wav", _is_npy), work)
         rec = margs.load((DECODER, VOCODER))
 
         def one(src: Path, dst: Path) -> float:
@@ -543,6 +633,11 @@ def _read_sidecar(latents_path: Path, fingerprint: str) -> dict[str, Any]:
         side = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise AudioInputError(f"{path}: sidecar is not valid JSON ({e})") from None
+    if isinstance(side, dict) and side.get("version") == 1:
+        raise AudioInputError(
+            f"{path}: sidecar version 1 (an older recon-run, whose fingerprint did not name the weights); "
+            "encode the audio again, or delete the sidecar to decode without its length and level"
+        )
     if not isinstance(side, dict) or side.get("version") != SIDECAR_VERSION:
         raise AudioInputError(f"{path}: unknown sidecar format (expected version {SIDECAR_VERSION})")
     if side.get("bundle_fingerprint") not in (None, fingerprint):
@@ -556,6 +651,22 @@ def _read_sidecar(latents_path: Path, fingerprint: str) -> dict[str, Any]:
 def _write_json(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _bf16_line(check: Any) -> str:
+    """The bf16 (openvino) errors recorded at export, on one line."""
+    if not check:
+        return "not recorded at export (re-export with openvino installed on a CPU with AVX512-BF16 or AMX)"
+    if not check.get("measured"):
+        return f"not measured on the exporting CPU: {check.get('reason', 'no reason recorded')}"
+    r = check["results"]
+    verdict = "within budget" if check["passed"] else "OVER BUDGET"
+    return (
+        f"{verdict} (openvino, f32 stages: {', '.join(check['f32_stages']) or 'none'}): encoder latents "
+        f"rel-L2 {r['encoder_rel_l2']:.2%} (budget {check['budgets']['encoder_rel_l2']:.0%}), vocoder on real "
+        f"mels log-mel L1 {r['vocoder_log_mel_l1']:.4f} nats (budget {check['budgets']['vocoder_log_mel_l1']:g}); "
+        f"decoder mel rel-L2 {r['decoder_rel_l2']:.2%}, chain log-mel L1 {r['chain_log_mel_l1']:.3f} nats (not budgeted)"
+    )
 
 
 @main.command()
@@ -600,6 +711,7 @@ def info(ctx: click.Context, model: Path, as_json: bool, verify: bool) -> None:
             )
         elif FP16 in c.precisions:
             lines.insert(-1, "fp16 check   not run at export (auto keeps fp32 on CUDA)")
+        lines.insert(-1, "bf16 check   " + _bf16_line(c.validation.get(BF16_KEY)))
         for g in c.graphs:
             err = f"rel-L2 {g.rel_l2:.2e} (limit {g.threshold:.0e})" if g.rel_l2 is not None else "not validated"
             lines.append(f"  {g.file:<22} {g.size_bytes / 1e6:7.1f} MB  {err}")
@@ -616,6 +728,16 @@ def info(ctx: click.Context, model: Path, as_json: bool, verify: bool) -> None:
 from .cli_dataset import dataset as _dataset  # noqa: E402 - `recon-run dataset` (Ray imported only when it runs)
 
 main.add_command(_dataset)
+
+
+def _add_serve() -> None:
+    from .cli_serve import serve  # fastapi and uvicorn are imported only when serve runs
+
+    main.add_command(serve)
+
+
+_add_serve()
+
 
 if __name__ == "__main__":
     main()

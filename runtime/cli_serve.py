@@ -1,0 +1,236 @@
+"""`recon-run serve` (the HTTP service) and the file jobs of `recon-run ... --server URL`.
+
+fastapi, uvicorn and httpx (the `serve` extra) are imported only inside the commands that use them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from .audio_io import atomic_path, load_array, save_array, write_audio
+from .errors import AudioInputError, ReconError
+from .executors import BACKENDS
+
+_LOGGER = logging.getLogger("recon_runtime")
+
+
+def _need_serve_extra(what: str) -> None:
+    missing = [m for m in ("fastapi", "uvicorn", "httpx", "prometheus_client", "multipart") if not _importable(m)]
+    if what == "client":
+        missing = [m for m in missing if m == "httpx"]
+    if missing:
+        raise click.ClickException(
+            f"{', '.join(missing)} not installed: pip install 'audioldm2-recon[serve]' (with cpu or gpu)"
+        )
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def api_key_from_env(var: str | None) -> str | None:
+    """The key from the environment variable `var` (never from a flag, so it stays out of `ps`)."""
+    if not var:
+        return None
+    key = os.environ.get(var)
+    if not key:
+        raise click.ClickException(f"--api-key-env {var}: the environment variable {var} is not set or empty")
+    return key
+
+
+@click.command()
+@click.option(
+    "--model", type=click.Path(path_type=Path), default=Path("models/audioldm2-music"), show_default=True,
+    help="Bundle folder written by recon-export.",
+)  # fmt: skip
+@click.option("--backend", type=click.Choice(("auto", *BACKENDS)), default="auto", show_default=True)
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp16", "fp32", "int8"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per session.")
+@click.option("--expect-digest", default=None, metavar="DIGEST", help="Refuse the bundle unless its digest is DIGEST.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Windows per graph run.")
+@click.option(
+    "--max-wait-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
+    help="How long the worker waits for a batch to fill.",
+)  # fmt: skip
+@click.option(
+    "--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+    help="Requests in progress at once; more get 503 with Retry-After.",
+)  # fmt: skip
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True)
+@click.option(
+    "--max-seconds", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+    help="Longest audio accepted (413 beyond).",
+)  # fmt: skip
+@click.option(
+    "--timeout-s", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+    help="Per-request limit (504 beyond; the request's windows leave the queue).",
+)  # fmt: skip
+@click.option(
+    "--api-key-env", default=None, metavar="VAR",
+    help="Require 'Authorization: Bearer <key>' on every route but /healthz; the key is read from $VAR.",
+)  # fmt: skip
+@click.option(
+    "--grace-s", type=click.FloatRange(min=0), default=30.0, show_default=True,
+    help="On SIGTERM/SIGINT: how long in-flight requests may take to finish.",
+)  # fmt: skip
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int, grace_s: float, api_key_env: str | None, **kwargs: Any) -> None:
+    """HTTP service: /v1/reconstruct, /v1/encode, /v1/decode with window-level dynamic batching.
+
+    Outputs equal Reconstructor.load(..., bucket_frames=128) run in-process. See docs/serving.md.
+    """
+    _need_serve_extra("server")
+    import uvicorn
+
+    from .contract import check_mel, read_contract
+    from .server import ServerConfig, bind_is_loopback, create_app
+
+    key = api_key_from_env(api_key_env)
+    model: Path = kwargs.pop("model")
+    try:
+        contract = read_contract(model)  # a wrong --model fails now, in one line, before binding
+        check_mel(contract, str(model / "recon.json"))
+        config = ServerConfig(model=str(model), api_key=key, **kwargs)
+    except (ReconError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    if not bind_is_loopback(host) and key is None:
+        _LOGGER.warning("binding %s without --api-key-env: anyone who can reach this port can use the server", host)
+
+    failed: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def on_load_error(e: BaseException) -> None:
+        failed.append(e)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(config, on_load_error=on_load_error)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            timeout_graceful_shutdown=int(round(grace_s)) if grace_s else None,
+            log_level="debug" if ctx.obj and ctx.obj.get("debug") else "info",
+            server_header=False,
+            proxy_headers=False,
+        )
+    )
+    # uvicorn re-raises the signal that stopped it once it has drained; with these handlers in place
+    # that re-raise is a no-op, so a SIGTERM'd server that drained cleanly exits 0.
+    stopped_by: list[int] = []
+    previous = {s: signal.signal(s, lambda sig, frame: stopped_by.append(sig)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if failed:
+        e = failed[0]
+        click.echo(f"error: {e if isinstance(e, ReconError) else f'{type(e).__name__}: {e}'}", err=True)
+        ctx.exit(1)
+    if not server.started:
+        ctx.exit(1)  # e.g. the port is in use (uvicorn said so)
+    ctx.exit(0)
+
+
+# ---------------------------------------------------------------------- --server jobs
+def remote_client(server: str, api_key_env: str | None) -> Any:
+    _need_serve_extra("client")
+    from .client import Client
+
+    return Client(server, api_key=api_key_from_env(api_key_env))
+
+
+def remote_reconstruct(client: Any, output_rate: int | None, sample_format: str) -> Callable[[Path, Path], float]:
+    subtype = "pcm16" if sample_format == "pcm16" else "float"
+
+    def one(src: Path, dst: Path) -> float:
+        wave, wav = client.reconstruct_wav(_read_bytes(src), output_rate=output_rate, subtype=subtype)
+        with atomic_path(dst) as tmp:  # the server's WAV as it came: no second conversion
+            tmp.write_bytes(wav)
+        return wave.shape[0] / (output_rate or 16000)
+
+    return one
+
+
+def remote_encode(client: Any, sample: bool, seed: int, sidecar_version: int) -> Callable[[Path, Path], float]:
+    def one(src: Path, dst: Path) -> float:
+        latents, info = client.encode_with_info(_read_bytes(src), sample=sample, seed=seed if sample else None)
+        sidecar = {
+            "version": sidecar_version,
+            "source": str(src),
+            "sample_rate": info.sample_rate,
+            "num_samples": info.num_samples,
+            "input_sample_rate": info.input_sample_rate,
+            "gain": info.gain,
+            "latent_shape": list(latents.shape),
+            "sampled": sample,
+            "seed": seed if sample else None,
+            "bundle_fingerprint": info.fingerprint,
+            "scaling_factor": info.scaling_factor,
+        }
+        save_array(dst, latents)
+        try:
+            from .cli import _write_json
+
+            _write_json(dst.with_suffix(".json"), sidecar)
+        except BaseException:
+            dst.unlink(missing_ok=True)
+            raise
+        return info.num_samples / info.sample_rate
+
+    return one
+
+
+def remote_decode(
+    client: Any, sample_format: str, read_sidecar: Callable[[Path, str], dict[str, Any]]
+) -> Callable[[Path, Path], float]:
+    info = client.info()
+    fingerprint = info["fingerprint"]
+    rate = int(info["sample_rate"])
+    subtype = "pcm16" if sample_format == "pcm16" else "float"
+
+    def one(src: Path, dst: Path) -> float:
+        z = load_array(src)
+        side = read_sidecar(src, fingerprint)  # same check (and message) as a local decode
+        if z.ndim != 3:
+            raise AudioInputError(f"{src}: latents must be one [8, frames, 16] array per file, got {list(z.shape)}")
+        wave = client.decode(
+            z,
+            num_samples=side.get("num_samples"),
+            gain=side.get("gain"),
+            fingerprint=side.get("bundle_fingerprint"),
+            subtype=subtype,
+        )
+        write_audio(dst, np.asarray(wave, np.float32), rate, sample_format)
+        return wave.shape[0] / rate
+
+    return one
+
+
+def _read_bytes(src: Path) -> bytes:
+    if not src.exists():
+        raise AudioInputError(f"{src}: no such file")
+    if src.is_dir():
+        raise AudioInputError(f"{src}: is a folder, not an audio file")
+    try:
+        data = src.read_bytes()
+    except OSError as e:
+        raise AudioInputError(f"{src}: cannot be read ({e.strerror or e})") from None
+    if not data:
+        raise AudioInputError(f"{src}: empty file (0 bytes)")
+    return data

@@ -1,0 +1,846 @@
+"""HTTP service: reconstruct, encode and decode over HTTP, with window-level dynamic batching.
+
+`create_app(config)` builds the one FastAPI app that `recon-run serve`, tests, gunicorn
+(`gunicorn -k uvicorn.workers.UvicornWorker 'recon_runtime.server:create_app()'`, configured from
+`RECON_*` environment variables, see `ServerConfig.from_env`) and other hosts run. Sessions are
+created and warmed up when the app starts (in its lifespan, on a background thread, so `/healthz`
+answers while the model loads and `/readyz` says 503 until it is ready), never at import.
+
+Every request is cut into the runtime's windows (`Reconstructor.reconstruction_job` and friends);
+one worker thread per model (`batcher.WindowBatcher`) runs windows of one shape from all waiting
+requests as one batch, and each request joins its own windows with the runtime's cross-fade. A
+request's output therefore equals `Reconstructor.reconstruct` / `encode` / `decode` of a
+Reconstructor loaded with the same settings (`bucket_frames=128`), within batch rounding.
+
+Needs the `serve` extra (fastapi, uvicorn, prometheus-client, python-multipart); nothing imports
+this module unless it serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import numpy as np
+import soundfile as sf
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__
+from .audio_io import read_audio_bytes
+from .batcher import BatchStats, DeadlineExceeded, QueueFull, ShuttingDown, WindowBatcher
+from .chunking import window_weights
+from .contract import LATENT_CHANNELS, LATENT_FREQ_BINS, ROLES
+from .errors import AudioInputError, BundleError, ReconError
+
+_LOGGER = logging.getLogger("recon_runtime.server")
+
+SERVER_BUCKET_FRAMES = 128
+"""Log-mel frames that one-window inputs are padded to a multiple of, so short clips share shapes."""
+
+# response and request headers (the facts the CLI's encode sidecar holds)
+H_NUM_SAMPLES = "X-Recon-Num-Samples"
+H_GAIN = "X-Recon-Gain"
+H_SAMPLE_RATE = "X-Recon-Sample-Rate"
+H_INPUT_RATE = "X-Recon-Input-Sample-Rate"
+H_LATENT_SHAPE = "X-Recon-Latent-Shape"
+H_SAMPLED = "X-Recon-Sampled"
+H_SEED = "X-Recon-Seed"
+H_FINGERPRINT = "X-Recon-Bundle-Fingerprint"
+H_SCALING = "X-Recon-Scaling-Factor"
+H_CHANNELS = "X-Recon-Channels"
+H_FORMAT = "X-Recon-Sample-Format"
+H_WINDOWS = "X-Recon-Windows"
+
+STREAM_MEDIA_TYPE = "application/octet-stream"
+STREAM_FORMATS = {"float": "f32le", "pcm16": "s16le"}
+WAV_SUBTYPES = {"float": "FLOAT", "pcm16": "PCM_16"}
+NPY_MEDIA_TYPE = "application/x-npy"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `recon-run serve` takes; defaults as documented in docs/serving.md."""
+
+    model: str = "models/audioldm2-music"
+    backend: str = "auto"
+    provider: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+    max_batch: int = 8
+    max_wait_ms: float = 10.0
+    max_queue: int = 64
+    """Requests admitted at once (waiting or running); one more gets 503 with Retry-After."""
+    max_body_mb: float = 64.0
+    max_seconds: float = 600.0
+    timeout_s: float = 120.0
+    api_key: str | None = None
+    """The key itself (`recon-run serve --api-key-env VAR` reads it from the environment)."""
+    bucket_frames: int = SERVER_BUCKET_FRAMES
+    expect_digest: str | None = None
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("max_wait_ms",):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be at least 0")
+        for name in ("max_body_mb", "max_seconds", "timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("the API key is empty")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> ServerConfig:
+        """Settings from RECON_MODEL, RECON_BACKEND, RECON_PROVIDER, RECON_PRECISION, RECON_THREADS,
+        RECON_MAX_BATCH, RECON_MAX_WAIT_MS, RECON_MAX_QUEUE, RECON_MAX_BODY_MB, RECON_MAX_SECONDS,
+        RECON_TIMEOUT_S, RECON_EXPECT_DIGEST and RECON_API_KEY_ENV (the name of the variable that
+        holds the key), for hosts that build the app without the CLI (gunicorn)."""
+        env = os.environ if environ is None else environ
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"RECON_{f.name.upper()}")
+            if raw is None or f.name in ("api_key", "warmup"):
+                continue
+            default = getattr(cls, f.name, None)
+            if f.name == "threads":
+                kwargs[f.name] = int(raw)
+            elif isinstance(default, bool):
+                kwargs[f.name] = raw.lower() in ("1", "true", "yes")
+            elif isinstance(default, int):
+                kwargs[f.name] = int(raw)
+            elif isinstance(default, float):
+                kwargs[f.name] = float(raw)
+            else:
+                kwargs[f.name] = raw
+        key_var = env.get("RECON_API_KEY_ENV")
+        if key_var:
+            key = env.get(key_var)
+            if not key:
+                raise ValueError(f"RECON_API_KEY_ENV names {key_var}, which is not set or empty")
+            kwargs["api_key"] = key
+        return cls(**kwargs)
+
+
+class HTTPError(Exception):
+    """A client-facing error: status, one-line message, optional headers."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+class PayloadTooLarge(ReconError):
+    """Body or audio over the server's limits (413)."""
+
+
+class _Metrics:
+    """Prometheus metrics in a registry of their own (several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("recon_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.latency = Histogram(
+            "recon_request_seconds",
+            "Request latency (to the last byte)",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("recon_queue_depth", "Windows waiting for the inference worker", registry=r)
+        self.in_flight = Gauge("recon_requests_in_flight", "Inference requests admitted and not finished", registry=r)
+        self.batch_size = Histogram(
+            "recon_batch_size", "Windows per graph run", ["stages"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_seconds = Histogram(
+            "recon_batch_seconds", "Seconds per graph run", ["stages"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.windows = Counter("recon_windows", "Windows processed", ["stages"], registry=r)
+        self.audio_seconds = Counter("recon_audio_seconds", "Seconds of audio processed", ["route"], registry=r)
+        self.ready = Gauge("recon_ready", "1 when the sessions exist and the warm-up ran", registry=r)
+
+    def on_batch(self, stats: BatchStats) -> None:
+        roles = stats.key[0] if isinstance(stats.key, tuple) and stats.key else ()
+        stages = "+".join(roles) if isinstance(roles, tuple) else str(roles)
+        self.batch_size.labels(stages).observe(stats.size)
+        self.batch_seconds.labels(stages).observe(stats.seconds)
+        if not stats.failed:
+            self.windows.labels(stages).inc(stats.size)
+
+
+ReconstructorSource = Any  # a Reconstructor, a callable returning one, or None (load from the config)
+
+
+class Service:
+    """The loaded model, its batcher, admission and the request logic, without routes."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        reconstructor: ReconstructorSource = None,
+        on_load_error: Callable[[BaseException], None] | None = None,
+    ):
+        self.config = config
+        self.metrics = _Metrics()
+        self._source = reconstructor
+        self._on_load_error = on_load_error
+        self.rec: Any = None
+        self.batcher: WindowBatcher | None = None
+        self.ready = threading.Event()
+        self.load_error: BaseException | None = None
+        self.in_flight = 0
+        self._loader: threading.Thread | None = None
+        self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
+        self.metrics.in_flight.set_function(lambda: self.in_flight)
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self) -> None:
+        """Load and warm up on a background thread (the server answers /healthz meanwhile)."""
+        self._loader = threading.Thread(target=self._load, name="recon-load", daemon=True)
+        self._loader.start()
+
+    def _load(self) -> None:
+        try:
+            t0 = time.perf_counter()
+            rec = self._source() if callable(self._source) else self._source
+            if rec is None:
+                from .reconstructor import Reconstructor
+
+                c = self.config
+                rec = Reconstructor.load(
+                    c.model,
+                    provider=c.provider,
+                    precision=c.precision,
+                    backend=c.backend,
+                    stages=ROLES,
+                    threads=c.threads,
+                    max_batch=c.max_batch,
+                    bucket_frames=c.bucket_frames,
+                    expect_digest=c.expect_digest,
+                )
+            self.rec = rec
+            self.batcher = WindowBatcher(
+                rec.run_windows,
+                max_batch=self.config.max_batch,
+                max_wait_s=self.config.max_wait_ms / 1000,
+                on_batch=self.metrics.on_batch,
+            )
+            if self.config.warmup:
+                self._warm_up(rec)
+            _LOGGER.info(
+                "ready in %.1f s: %s with %s graphs%s",
+                time.perf_counter() - t0,
+                rec.provider.upper(),
+                rec.precision,
+                " (RANDOM weights: output is not meaningful audio)" if rec.contract.random_weights else "",
+            )
+            self.metrics.ready.set(1)
+            self.ready.set()
+        except BaseException as e:  # noqa: BLE001 - reported to the host, which decides to exit
+            self.load_error = e
+            _LOGGER.error("the model did not load: %s", e if isinstance(e, ReconError) else repr(e))
+            if self._on_load_error is not None:
+                self._on_load_error(e)
+
+    @staticmethod
+    def _warm_up(rec: Any) -> None:
+        """One short reconstruction and one decode: creates every session and runs each graph once."""
+        rate = rec.contract.mel.sample_rate
+        t = np.arange(rate, dtype=np.float32) / rate
+        feats = rec.features(0.1 * np.sin(2 * np.pi * 440 * t), rate)
+        rec.run_jobs([rec.reconstruction_job(feats)])
+        rec.run_jobs([rec.decoding_job(np.zeros((LATENT_CHANNELS, 16, LATENT_FREQ_BINS), np.float32))])
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        if self.batcher is not None:
+            self.batcher.close(drain=True, timeout=timeout)
+
+    # ------------------------------------------------------------------ admission
+    @asynccontextmanager
+    async def admitted(self) -> AsyncIterator[Any]:
+        self.admit()
+        try:
+            yield self.rec
+        finally:
+            self.release()
+
+    def admit(self) -> None:
+        if not self.ready.is_set():
+            raise HTTPError(503, "the model is not loaded yet; retry shortly", {"Retry-After": "1"})
+        if self.in_flight >= self.config.max_queue:
+            raise HTTPError(
+                503, f"server busy: {self.in_flight} requests in progress (limit {self.config.max_queue})",
+                {"Retry-After": "1"},
+            )  # fmt: skip
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    # ------------------------------------------------------------------ input
+    async def read_body(self, request: Request) -> bytes:
+        """The upload (raw body, or the `file` field of a multipart form), refused past `max_body_mb`
+        without reading the rest."""
+        limit = int(self.config.max_body_mb * 2**20)
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                raise HTTPError(400, "Content-Length is not a number") from None
+            if size > limit:
+                raise HTTPError(
+                    413, f"body of {size} bytes is over the limit of {limit} bytes", {"Connection": "close"}
+                )
+        chunks = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"body is over the limit of {limit} bytes", {"Connection": "close"})
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            body = await _multipart_file(request, body)
+        if not body:
+            raise HTTPError(400, "empty body: send the file as the body or as the multipart field `file`")
+        return body
+
+    def features(self, body: bytes) -> tuple[Any, int]:
+        """Decode the uploaded audio (refusing it past `max_seconds` from its header) and prepare it.
+
+        Returns:
+            (Features, the upload's sample rate).
+        """
+        limit = self.config.max_seconds
+
+        def check(frames: int, rate: int) -> None:
+            if rate > 0 and 0 < frames < 2**62 and frames / rate > limit:
+                raise PayloadTooLarge(f"audio of {frames / rate:.1f} s is over the limit of {limit:g} s")
+
+        audio, rate = read_audio_bytes(body, "uploaded audio", check)
+        check(audio.shape[0], rate)  # some formats do not state their length up front
+        return self.rec.features(audio, rate), rate
+
+    def latents(self, body: bytes, fingerprint: str | None) -> np.ndarray:
+        if fingerprint is not None and fingerprint != self.rec.contract.fingerprint:
+            raise HTTPError(
+                422,
+                f"latents come from another model (bundle {fingerprint}, this server {self.rec.contract.fingerprint}); "
+                "decode them with the bundle that encoded them",
+            )
+        try:
+            z = np.load(io.BytesIO(body), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise HTTPError(400, f"body is not a readable .npy array ({' '.join(str(e).split())})") from None
+        if not isinstance(z, np.ndarray):
+            raise HTTPError(400, "body is not a single .npy array")
+        if z.ndim != 3 or z.shape[0] != LATENT_CHANNELS or z.shape[2] != LATENT_FREQ_BINS or z.shape[1] < 1:
+            raise HTTPError(
+                422, f"latents must be one [{LATENT_CHANNELS}, frames, {LATENT_FREQ_BINS}] array, got {list(z.shape)}"
+            )
+        if z.dtype.kind != "f":
+            raise HTTPError(422, f"latents must be float16, float32 or float64, got {z.dtype}")
+        if not np.isfinite(z).all():
+            raise HTTPError(400, "latents contain NaN or inf")
+        seconds = z.shape[1] * self.samples_per_latent / self.rate
+        if seconds > self.config.max_seconds:
+            raise PayloadTooLarge(f"latents of {seconds:.1f} s are over the limit of {self.config.max_seconds:g} s")
+        return z.astype(np.float32, copy=False)
+
+    @property
+    def rate(self) -> int:
+        return int(self.rec.contract.mel.sample_rate)
+
+    @property
+    def samples_per_latent(self) -> int:
+        from .reconstructor import SAMPLES_PER_LATENT_FRAME
+
+        return SAMPLES_PER_LATENT_FRAME
+
+    # ------------------------------------------------------------------ windows
+    def submit(self, job: Any, indices: Sequence[int], deadline: float) -> list[Future]:
+        assert self.batcher is not None
+        try:
+            return self.batcher.submit_many([(job.key(i), job.roles, job.windows[i]) for i in indices], deadline)
+        except QueueFull as e:
+            raise HTTPError(503, f"server busy: {e}", {"Retry-After": "1"}) from None
+        except ShuttingDown:
+            raise HTTPError(503, "the server is shutting down", {"Retry-After": "5"}) from None
+
+    async def wait(self, futures: list[Future], deadline: float) -> list[Any]:
+        """Await the windows' outputs; past the deadline their windows leave the queue and this gives 504."""
+        assert self.batcher is not None
+        try:
+            return await asyncio.wait_for(
+                asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), max(0.0, deadline - time.monotonic())
+            )
+        except (asyncio.TimeoutError, DeadlineExceeded):
+            self.batcher.cancel(futures)
+            raise HTTPError(
+                504, f"the request took longer than the server's limit of {self.config.timeout_s:g} s"
+            ) from None
+        except asyncio.CancelledError:
+            self.batcher.cancel(futures)
+            if self.batcher.alive:
+                raise  # the client went away
+            raise HTTPError(503, "the server is shutting down", {"Retry-After": "5"}) from None
+        except BaseException:
+            self.batcher.cancel(futures)
+            raise
+
+    async def run_job(self, job: Any, deadline: float) -> list[Any]:
+        return await self.wait(self.submit(job, range(len(job.windows)), deadline), deadline)
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.config.timeout_s
+
+    async def within(self, deadline: float, work: Any) -> Any:
+        """Run a coroutine under the request's deadline (504 past it)."""
+        try:
+            return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise HTTPError(
+                504, f"the request took longer than the server's limit of {self.config.timeout_s:g} s"
+            ) from None
+
+
+async def _multipart_file(request: Request, body: bytes) -> bytes:
+    """The `file` field of a multipart body that was already read (and size-checked)."""
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=16)
+    except Exception as e:  # noqa: BLE001 - any parser complaint is the client's malformed form
+        raise HTTPError(400, f"malformed multipart body ({' '.join(str(e).split()) or type(e).__name__})") from None
+    try:
+        item = form.get("file")
+        if item is None or isinstance(item, str):
+            raise HTTPError(400, "multipart body needs a file field named `file`")
+        return await item.read()
+    finally:
+        await form.close()
+
+
+def _wav_bytes(audio: np.ndarray, rate: int, subtype: str) -> bytes:
+    data = np.asarray(audio, dtype=np.float32)
+    if subtype == "pcm16":
+        data = np.clip(data, -1.0, 1.0)
+    buf = io.BytesIO()
+    sf.write(buf, data, rate, subtype=WAV_SUBTYPES[subtype], format="WAV")
+    return buf.getvalue()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _pcm_bytes(chunk: np.ndarray, fmt: str) -> bytes:
+    if fmt == "s16le":
+        return (np.rint(np.clip(chunk, -1.0, 1.0) * 32767.0)).astype("<i2").tobytes()
+    return np.asarray(chunk, dtype="<f4").tobytes()
+
+
+class _Edge:
+    """ASGI middleware: API key on every route but /healthz, and request metrics by route and status."""
+
+    def __init__(self, app: Any, service: Service):
+        self.app = app
+        self.service = service
+        key = service.config.api_key
+        self._expected = f"Bearer {key}".encode() if key else None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self._expected is not None and scope["path"] != "/healthz" and not self._authorised(scope):
+                response = JSONResponse(
+                    {"error": "missing or wrong API key: send the header Authorization: Bearer <key>"},
+                    401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await response(scope, receive, send_status)
+                return
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            m = self.service.metrics
+            m.requests.labels(label, str(status)).inc()
+            m.latency.labels(label).observe(time.perf_counter() - started)
+
+    def _authorised(self, scope: dict[str, Any]) -> bool:
+        assert self._expected is not None
+        given = b""
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                given = value
+                break
+        return hmac.compare_digest(given, self._expected)
+
+
+def create_app(
+    config: ServerConfig | None = None,
+    *,
+    reconstructor: ReconstructorSource = None,
+    on_load_error: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """The service as a FastAPI app.
+
+    Args:
+        config: settings (default: `ServerConfig.from_env()`).
+        reconstructor: a loaded `Reconstructor` (or a callable that returns one, called on the
+            loading thread) to serve instead of loading `config.model`. Its settings (e.g.
+            `bucket_frames`) then define the outputs.
+        on_load_error: called (on the loading thread) if the model fails to load; `recon-run serve`
+            stops the server with it.
+    """
+    config = config or ServerConfig.from_env()
+    service = Service(config, reconstructor, on_load_error)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(service.stop)
+
+    app = FastAPI(
+        title="audioldm2-recon",
+        version=__version__,
+        summary="AudioLDM2's VAE + HiFi-GAN vocoder: reconstruct, encode and decode audio.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.add_middleware(_Edge, service=service)
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, e: HTTPError) -> JSONResponse:
+        return JSONResponse({"error": e.message}, e.status, headers=e.headers)
+
+    @app.exception_handler(PayloadTooLarge)
+    async def _too_large(request: Request, e: PayloadTooLarge) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, 413)
+
+    @app.exception_handler(ReconError)
+    async def _recon_error(request: Request, e: ReconError) -> JSONResponse:
+        if isinstance(e, AudioInputError):
+            return JSONResponse({"error": str(e)}, 400)
+        if isinstance(e, BundleError):
+            return JSONResponse({"error": str(e)}, 422)
+        _LOGGER.error("request failed: %s", e)
+        return JSONResponse({"error": str(e)}, 500)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _starlette_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(e.detail)}, e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}" for err in e.errors())
+        return JSONResponse({"error": problems or "invalid request"}, 422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        _LOGGER.exception("unexpected error")
+        return JSONResponse({"error": "internal error"}, 500)
+
+    # ------------------------------------------------------------------ probes
+    @app.get("/healthz", summary="Alive (no API key needed)")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz", summary="503 until the sessions exist and the warm-up ran")
+    async def readyz() -> JSONResponse:
+        if service.ready.is_set():
+            return JSONResponse({"status": "ready"})
+        if service.load_error is not None:
+            return JSONResponse({"status": "failed", "error": "the model did not load"}, 503)
+        return JSONResponse({"status": "loading"}, 503, headers={"Retry-After": "1"})
+
+    @app.get("/v1/info", summary="Model, provider, precision, fingerprint and limits")
+    async def info() -> dict[str, Any]:
+        if not service.ready.is_set():
+            raise HTTPError(503, "the model is not loaded yet; retry shortly", {"Retry-After": "1"})
+        rec = service.rec
+        c = rec.contract
+        limits = {k: v for k, v in asdict(config).items() if k not in ("model", "api_key", "warmup")}
+        return {
+            "version": __version__,
+            "source": dict(c.source),
+            "weights": "random" if c.random_weights else "trained",
+            "backend": rec.backend,
+            "provider": rec.provider,
+            "precision": rec.precision,
+            "fingerprint": c.fingerprint,
+            "digest": c.digest,
+            "sample_rate": int(c.mel.sample_rate),
+            "scaling_factor": c.scaling_factor,
+            "window_frames": rec.window_frames,
+            "overlap_frames": rec.overlap_frames,
+            "bucket_frames": rec.bucket_frames,
+            "limits": limits,
+            "api_key_required": config.api_key is not None,
+        }
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ------------------------------------------------------------------ inference
+    audio_body = {"content": {"audio/wav": {}, "application/octet-stream": {}, "multipart/form-data": {}}}
+
+    @app.post(
+        "/v1/reconstruct",
+        summary="Audio (any format libsndfile reads) -> VAE -> vocoder -> WAV at the input's length and level",
+        response_class=Response,
+        responses={200: {"content": {"audio/wav": {}}}},
+        openapi_extra={"requestBody": audio_body},
+    )
+    async def reconstruct(
+        request: Request,
+        output_rate: int | None = Query(None, ge=1000, le=384000, description="Resample the output (default 16000)"),
+        subtype: Literal["float", "pcm16"] = Query("float", description="WAV sample format"),
+    ) -> Response:
+        body = await service.read_body(request)
+        async with service.admitted() as rec:
+            deadline = service.deadline()
+
+            async def work() -> tuple[bytes, Any]:
+                feats, _ = await run_in_threadpool(service.features, body)
+                job = rec.reconstruction_job(feats)
+                outputs = await service.run_job(job, deadline)
+
+                def finish() -> bytes:
+                    (wave,) = rec.join(job, outputs)
+                    out = rec.finish(feats, rec.crop(feats, wave), output_rate)
+                    return _wav_bytes(out, output_rate or service.rate, subtype)
+
+                return await run_in_threadpool(finish), feats
+
+            data, feats = await service.within(deadline, work())
+        service.metrics.audio_seconds.labels("/v1/reconstruct").inc(feats.num_samples / service.rate)
+        return Response(data, media_type="audio/wav", headers={H_NUM_SAMPLES: str(feats.num_samples)})
+
+    @app.post(
+        "/v1/encode",
+        summary="Audio -> scaled latents [8, ceil(T/4), 16] as .npy (posterior mean, or a draw)",
+        response_class=Response,
+        responses={200: {"content": {NPY_MEDIA_TYPE: {}}}},
+        openapi_extra={"requestBody": audio_body},
+    )
+    async def encode(
+        request: Request,
+        sample: bool = Query(False, description="Draw mean + std * noise instead of the mean"),
+        seed: int | None = Query(
+            None, ge=0, lt=2**63, description="Seed for the draw (default: a random one, reported)"
+        ),
+    ) -> Response:
+        body = await service.read_body(request)
+        async with service.admitted() as rec:
+            deadline = service.deadline()
+            used_seed = seed if seed is not None else secrets.randbits(63)
+
+            async def work() -> tuple[np.ndarray, Any, int]:
+                feats, input_rate = await run_in_threadpool(service.features, body)
+                job = rec.encoding_job(feats)
+                outputs = await service.run_job(job, deadline)
+
+                def finish() -> np.ndarray:
+                    mean, std = (rec.crop_latents(feats, z) for z in rec.join(job, outputs))
+                    if sample:  # as Reconstructor.encode_features
+                        noise = np.random.default_rng(used_seed).standard_normal(mean.shape).astype(np.float32)
+                        mean = mean + std * noise
+                    return mean
+
+                return await run_in_threadpool(finish), feats, input_rate
+
+            latents, feats, input_rate = await service.within(deadline, work())
+        service.metrics.audio_seconds.labels("/v1/encode").inc(feats.num_samples / service.rate)
+        c = rec.contract
+        headers = {
+            H_NUM_SAMPLES: str(feats.num_samples),
+            H_GAIN: repr(float(feats.gain)),
+            H_SAMPLE_RATE: str(service.rate),
+            H_INPUT_RATE: str(input_rate),
+            H_LATENT_SHAPE: ",".join(map(str, latents.shape)),
+            H_SAMPLED: "true" if sample else "false",
+            H_FINGERPRINT: c.fingerprint,
+            H_SCALING: repr(float(c.scaling_factor)),
+        }
+        if sample:
+            headers[H_SEED] = str(used_seed)
+        return Response(_npy_bytes(latents), media_type=NPY_MEDIA_TYPE, headers=headers)
+
+    @app.post(
+        "/v1/decode",
+        summary="Scaled latents (.npy [8, frames, 16]) -> 16 kHz audio; stream=true sends raw PCM as each window finishes",
+        response_class=Response,
+        responses={200: {"content": {"audio/wav": {}, STREAM_MEDIA_TYPE: {}}}},
+        openapi_extra={"requestBody": {"content": {NPY_MEDIA_TYPE: {}, "multipart/form-data": {}}}},
+    )
+    async def decode(
+        request: Request,
+        num_samples: int | None = Query(None, ge=1, description="Crop the output to this many samples"),
+        gain: float | None = Query(None, description="Multiply the output by this (the encode response's gain)"),
+        stream: bool = Query(False, description="Send raw PCM (see the X-Recon-* headers) as each window finishes"),
+        subtype: Literal["float", "pcm16"] = Query("float", description="float: f32le / FLOAT WAV; pcm16: s16le"),
+    ) -> Response:
+        if gain is not None and not math.isfinite(gain):
+            raise HTTPError(422, "gain must be a finite number")
+        body = await service.read_body(request)
+        fingerprint = request.headers.get(H_FINGERPRINT)
+        if stream:
+            return await _decode_stream(service, body, fingerprint, num_samples, gain, subtype)
+        async with service.admitted() as rec:
+            deadline = service.deadline()
+            z = service.latents(body, fingerprint)
+
+            async def work() -> np.ndarray:
+                job = rec.decoding_job(z)
+                outputs = await service.run_job(job, deadline)
+
+                def finish() -> np.ndarray:  # as Reconstructor.decode, then the sidecar's gain
+                    (wave,) = rec.join(job, outputs)
+                    wave = wave[:num_samples] if num_samples is not None else wave
+                    return wave * np.float32(gain) if gain is not None else wave
+
+                return await run_in_threadpool(finish)
+
+            wave = await service.within(deadline, work())
+        service.metrics.audio_seconds.labels("/v1/decode").inc(wave.size / service.rate)
+        return Response(
+            _wav_bytes(wave, service.rate, subtype), media_type="audio/wav", headers={H_NUM_SAMPLES: str(wave.size)}
+        )
+
+    return app
+
+
+async def _decode_stream(
+    service: Service, body: bytes, fingerprint: str | None, num_samples: int | None, gain: float | None, subtype: str
+) -> StreamingResponse:
+    """Decode window by window and send each part of the output as soon as no later window touches it.
+
+    The first window is computed before the response starts (so errors still get a status); each
+    later window is queued when the previous one is done, so the time to first audio is one
+    window's compute whatever the length. Every part is the exact cross-fade `join` computes.
+    """
+    service.admit()
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            service.release()
+
+    try:
+        rec = service.rec
+        z = service.latents(body, fingerprint)
+        job = rec.decoding_job(z)
+        n = len(job.windows)
+        length = int(round(job.total * job.scale))
+        total = length if num_samples is None else min(num_samples, length)
+        fmt = STREAM_FORMATS[subtype]
+        factor = np.float32(gain) if gain is not None else None
+        deadline = service.deadline()
+        first = (await service.wait(service.submit(job, [0], deadline), deadline))[0]
+    except BaseException:
+        release()
+        raise
+    headers = {
+        H_SAMPLE_RATE: str(service.rate),
+        H_CHANNELS: "1",
+        H_FORMAT: fmt,
+        H_NUM_SAMPLES: str(total),
+        H_WINDOWS: str(n),
+        "Cache-Control": "no-store",
+    }
+
+    async def parts() -> AsyncIterator[bytes]:
+        try:
+            weights = window_weights(list(job.spans), job.scale) if n > 1 else None
+            out = np.zeros(length, np.float32) if n > 1 else None
+            wsum = np.zeros(length, np.float32) if n > 1 else None
+            sent = 0
+            output = first
+            for i in range(n):
+                nxt = None
+                if i + 1 < n:  # queue the next window before sending this part
+                    deadline = service.deadline()
+                    nxt = service.submit(job, [i + 1], deadline)
+                (piece,) = output
+                if n == 1:
+                    chunk = piece
+                else:
+                    assert weights is not None and out is not None and wsum is not None
+                    w = weights[i]
+                    o0 = int(round(job.spans[i][0] * job.scale))
+                    out[o0 : o0 + w.size] += piece[: w.size] * w
+                    wsum[o0 : o0 + w.size] += w
+                    done = int(round(job.spans[i + 1][0] * job.scale)) if i + 1 < n else length
+                    chunk = out[sent:done] / wsum[sent:done] if done > sent else out[:0]
+                part = chunk[: max(0, total - sent)]
+                sent += chunk.size
+                if factor is not None:
+                    part = part * factor
+                if part.size:
+                    yield _pcm_bytes(part, fmt)
+                if nxt is not None:
+                    output = (await service.wait(nxt, deadline))[0]
+            service.metrics.audio_seconds.labels("/v1/decode").inc(total / service.rate)
+        except HTTPError as e:  # the status is sent: all that is left is to end the stream early
+            _LOGGER.warning("streaming decode stopped: %s", e.message)
+        finally:
+            release()
+
+    return StreamingResponse(parts(), media_type=STREAM_MEDIA_TYPE, headers=headers)
+
+
+def bind_is_loopback(host: str) -> bool:
+    """True for the loopback addresses (the default bind); anything else is reachable from the network."""
+    return host in ("127.0.0.1", "::1", "localhost")
