@@ -1,0 +1,178 @@
+"""The same files through `recon-run encode` (one process) and through `recon-run dataset encode`
+(Ray Data, local Ray) with 1 and 2 workers: files/s, audio-s/s and the overhead against the CLI.
+
+    python -m benchmarks.dataset --model models/audioldm2-music --files 8 --seconds 3
+
+Writes benchmarks/results/dataset-<device>-<date>.json with the machine (CPU model and flags) and
+versions. Each run is a fresh process, timed from launch to exit, so Ray's start-up and the
+sessions' load are in the numbers, as a user sees them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma")
+
+
+def machine() -> dict[str, Any]:
+    cpu, flags = platform.processor(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cpu_flags": [f for f in CPU_FLAGS_OF_INTEREST if f in flags],
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    for dist in ("audioldm2-recon", "onnxruntime", "ray", "pyarrow", "numpy"):
+        try:
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return info
+
+
+def make_files(folder: Path, count: int, seconds: float) -> float:
+    """`count` clips of a few tones and noise at 16 kHz; returns the total audio seconds."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        t = np.arange(int(seconds * 16000)) / 16000
+        audio = sum(0.1 * np.sin(2 * np.pi * f * t) for f in (110 * (i + 1), 440, 1250)) + 0.01 * rng.standard_normal(
+            t.size
+        )
+        sf.write(str(folder / f"clip{i:03d}.wav"), audio.astype(np.float32), 16000, subtype="FLOAT")
+    return count * seconds
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="models/audioldm2-music")
+    ap.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--gpus-per-worker", default="0", help="with --provider cuda, e.g. 1")
+    ap.add_argument("--files", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--workers", default="1,2", help="comma-separated worker counts for the Ray runs")
+    ap.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/...)")
+    args = ap.parse_args()
+    exe = Path(sys.executable).parent
+    contract = json.loads((Path(args.model) / "recon.json").read_text())
+    rows = []
+    load_at_start = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "in"
+        src.mkdir()
+        audio_s = make_files(src, args.files, args.seconds)
+        cores = os.cpu_count() or 1
+        runs: list[tuple[str, list[str]]] = [
+            (
+                "cli",
+                [
+                    str(exe / "recon-run"),
+                    "encode",
+                    str(src),
+                    "-o",
+                    f"{tmp}/cli",
+                    "--model",
+                    args.model,
+                    "--provider",
+                    args.provider,
+                ],
+            ),
+        ]
+        for w in (int(x) for x in args.workers.split(",")):
+            runs.append(
+                (
+                    f"ray, {w} worker{'s' if w > 1 else ''}",
+                    [
+                        str(exe / "recon-run"),
+                        "dataset",
+                        "encode",
+                        str(src),
+                        "-o",
+                        f"{tmp}/ray{w}",
+                        "--model",
+                        args.model,
+                        "--provider",
+                        args.provider,
+                        "--gpus-per-worker",
+                        args.gpus_per_worker,
+                        "--workers",
+                        str(w),
+                        "--cpus-per-worker",
+                        str(max(1, cores // w)),
+                        "--batch-size",
+                        "2",
+                        "--no-progress",
+                    ],
+                )
+            )
+        for name, cmd in runs:
+            wall = timed(cmd)
+            rows.append(
+                {
+                    "run": name,
+                    "wall_s": round(wall, 2),
+                    "files_per_s": round(args.files / wall, 4),
+                    "audio_s_per_s": round(audio_s / wall, 4),
+                }
+            )
+            print(
+                f"{name:<16} {wall:7.1f} s  {args.files / wall:6.3f} files/s  {audio_s / wall:6.3f} audio-s/s",
+                flush=True,
+            )
+    info = machine()
+    info["load_average_at_start"], info["load_average_at_end"] = load_at_start, os.getloadavg()
+    cli_wall = rows[0]["wall_s"]
+    for r in rows:
+        r["overhead_vs_cli"] = round(r["wall_s"] / cli_wall - 1, 4)
+    result = {
+        "what": "encode the same files: recon-run encode vs recon-run dataset encode (local Ray), wall from launch",
+        "date": dt.date.today().isoformat(),
+        "model": args.model,
+        "provider": args.provider,
+        "architecture": contract.get("source", {}).get("config") or contract.get("source", {}).get("model"),
+        "random_weights": contract.get("source", {}).get("weights") == "random",
+        "files": args.files,
+        "seconds_per_file": args.seconds,
+        "audio_seconds": audio_s,
+        "machine": info,
+        "rows": rows,
+    }
+    out = args.out or Path(__file__).parent / "results" / f"dataset-cpu-{result['date']}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
