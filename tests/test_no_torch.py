@@ -112,3 +112,50 @@ def test_runtime_and_cli_import_no_ray() -> None:
         timeout=300,
     )
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_importing_the_api_loads_no_inference_engine() -> None:
+    """`from recon_runtime import Reconstructor` imports neither openvino nor onnxruntime (nor torch)."""
+    r = _python("""
+        import sys
+        from recon_runtime import Reconstructor
+        import recon_runtime.cli
+        print(sorted(n for n in ("openvino", "onnxruntime", "torch") if n in sys.modules))
+    """)
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout + r.stderr
+
+
+def test_openvino_backend_runs_with_heavy_packages_unimportable(tiny_bundle: Path, tmp_path: Path) -> None:
+    pytest.importorskip("openvino", reason="needs the `openvino` extra")
+    r = _python(f"""
+        import sys
+        import numpy as np
+        from recon_runtime import Reconstructor
+        rec = Reconstructor.load({str(tiny_bundle)!r}, provider="cpu", backend="openvino", cache_dir={str(tmp_path)!r})
+        out = rec.reconstruct(np.zeros(16000, np.float32), 16000)
+        print("heavy:", [m for m in {HEAVY!r} if m in sys.modules], rec.backend, out.shape)
+    """)
+    assert "heavy: [] openvino (16000,)" in r.stdout, r.stdout + r.stderr
+
+
+def test_importing_the_runtime_and_its_cli_loads_no_server_package() -> None:
+    """fastapi, uvicorn, httpx and prometheus_client (the `serve` extra) load only where they are used."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent("""
+        import sys
+        import recon_runtime
+        from recon_runtime import Reconstructor
+        import recon_runtime.cli, recon_runtime.batcher, recon_runtime.cli_serve
+        from recon_runtime.cli import main
+        print(sorted(n for n in ("fastapi", "uvicorn", "httpx", "prometheus_client", "starlette", "multipart")
+                     if n in sys.modules))
+    """),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr

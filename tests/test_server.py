@@ -1,0 +1,549 @@
+"""`recon-run serve` as a real uvicorn server on a free 127.0.0.1 port with the tiny bundle.
+
+Every endpoint's output equals the in-process runtime (a Reconstructor with the server's
+bucket_frames); concurrent requests share batches; bad input gets its status and JSON error; queue
+limits, timeouts, the API key, SIGTERM draining, readiness and streaming are checked for real.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from .conftest import tone
+
+MISSING = [
+    m for m in ("fastapi", "uvicorn", "httpx", "prometheus_client", "multipart") if not importlib.util.find_spec(m)
+]
+pytestmark = pytest.mark.skipif(
+    bool(MISSING), reason=f"server tests need the `serve` extra ({', '.join(MISSING)} missing)"
+)
+
+if not MISSING:
+    import httpx
+
+    from recon_runtime.client import Client, ServerError
+
+KEY_VAR = "RECON_TEST_API_KEY"
+KEY = "test-key-5c1e2a"
+RATE = 16000
+REL = 1e-5
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wav_bytes(audio: np.ndarray, rate: int = RATE, subtype: str = "FLOAT") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, audio, rate, subtype=subtype, format="WAV")
+    return buf.getvalue()
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+class Server:
+    """A `recon-run serve` process; its log goes to a file (never a full pipe)."""
+
+    def __init__(self, bundle: Path, tmp: Path, *args: str, api_key: bool = False):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"server-{self.port}.log"
+        env = {**os.environ, KEY_VAR: KEY}
+        cmd = [str(Path(sys.executable).with_name("recon-run")), "serve", "--model", str(bundle)]
+        cmd += ["--provider", "cpu", "--precision", "fp32", "--threads", "1", "--port", str(self.port), *args]
+        if api_key:
+            cmd += ["--api-key-env", KEY_VAR]
+        self.headers = {"Authorization": f"Bearer {KEY}"} if api_key else {}
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                if httpx.get(self.url + "/readyz", headers=self.headers, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"server not ready in {timeout} s:\n{self.log.read_text()}")
+
+    def client(self) -> Client:
+        return Client(self.url, api_key=KEY if self.headers else None, timeout=60)
+
+    def post(self, path: str, body: bytes, **kw: Any) -> httpx.Response:
+        headers = {**self.headers, **kw.pop("headers", {})}
+        return httpx.post(self.url + path, content=body, headers=headers, timeout=60, **kw)
+
+    def metrics(self) -> str:
+        return httpx.get(self.url + "/metrics", headers=self.headers, timeout=10).text
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)
+        if not m:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+@pytest.fixture(scope="module")
+def rec(tiny_bundle: Path) -> Any:
+    from recon_runtime import Reconstructor
+    from recon_runtime.server import SERVER_BUCKET_FRAMES
+
+    return Reconstructor.load(
+        tiny_bundle, provider="cpu", precision="fp32", threads=1, bucket_frames=SERVER_BUCKET_FRAMES
+    )
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = Server(
+        tiny_bundle,
+        tmp_path_factory.mktemp("srv"),
+        "--max-wait-ms", "40", "--max-body-mb", "2", "--max-seconds", "120",
+        api_key=True,
+    )  # fmt: skip
+    yield s
+    assert s.stop() == 0, s.log.read_text()
+
+
+# ---------------------------------------------------------------------- results equal the runtime's
+def test_every_endpoint_equals_the_in_process_runtime(server: Server, rec: Any, tmp_path: Path) -> None:
+    audio = tone(3.3, 22050, 330.0) + 0.05 * np.random.default_rng(0).standard_normal(round(3.3 * 22050)).astype(
+        np.float32
+    )
+    with server.client() as c:
+        info = c.info()
+        assert info["fingerprint"] == rec.contract.fingerprint
+        weights = "random" if rec.contract.random_weights else "trained"
+        assert (info["weights"], info["provider"], info["precision"]) == (weights, "cpu", "fp32")
+        assert info["bucket_frames"] == 128 and info["limits"]["max_batch"] == 8
+        assert "api_key" not in json.dumps(info["limits"]) and KEY not in json.dumps(info)
+
+        out = c.reconstruct(audio, 22050)
+        assert out.shape == (round(3.3 * RATE),)
+        assert rel_l2(out, rec.reconstruct(audio, 22050)) <= REL
+        out48 = c.reconstruct(audio, 22050, output_rate=48000)
+        assert rel_l2(out48, rec.reconstruct(audio, 22050, output_rate=48000)) <= REL
+
+        z, meta = c.encode_with_info(audio, 22050)
+        assert rel_l2(z, rec.encode(audio, 22050)) <= REL
+        feats = rec.features(audio, 22050)
+        assert (meta.num_samples, meta.input_sample_rate, meta.sampled) == (feats.num_samples, 22050, False)
+        assert meta.gain == pytest.approx(feats.gain, rel=1e-7) and meta.fingerprint == rec.contract.fingerprint
+        zs, meta_s = c.encode_with_info(audio, 22050, sample=True, seed=11)
+        assert meta_s.seed == 11 and meta_s.sampled
+        assert rel_l2(zs, rec.encode(audio, 22050, sample=True, seed=11)) <= REL
+
+        long_z = rec.encode(np.tile(audio, 4), 22050)  # 13.2 s: two windows
+        ref = rec.decode(long_z, num_samples=300_000) * np.float32(meta.gain)
+        dec = c.decode(long_z, num_samples=300_000, gain=meta.gain, fingerprint=meta.fingerprint)
+        assert rel_l2(dec, ref) <= REL
+        parts = list(c.decode_stream(long_z, num_samples=300_000, gain=meta.gain))
+        assert len(parts) >= 2 and rel_l2(np.concatenate(parts), ref) <= REL
+
+    # a multipart upload and a PCM16 answer, as curl -F file=@x.wav sends it
+    r = httpx.post(
+        server.url + "/v1/reconstruct",
+        params={"subtype": "pcm16"},
+        files={"file": ("in.wav", wav_bytes(audio, 22050), "audio/wav")},
+        headers=server.headers,
+        timeout=60,
+    )
+    assert r.status_code == 200 and r.headers["content-type"] == "audio/wav"
+    assert sf.info(io.BytesIO(r.content)).subtype == "PCM_16"
+    pcm, rate = sf.read(io.BytesIO(r.content), dtype="float32")
+    assert rate == RATE and np.abs(pcm - np.clip(rec.reconstruct(audio, 22050), -1, 1)).max() <= 2 / 32768
+
+    docs = httpx.get(server.url + "/docs", headers=server.headers, timeout=10)
+    spec = httpx.get(server.url + "/openapi.json", headers=server.headers, timeout=10).json()
+    assert docs.status_code == 200 and {"/v1/reconstruct", "/v1/encode", "/v1/decode"} <= set(spec["paths"])
+
+
+def test_cli_jobs_run_against_the_server(server: Server, rec: Any, tmp_path: Path) -> None:
+    src = tmp_path / "in.flac"
+    audio = tone(2.1, 44100, 523.0)
+    sf.write(str(src), audio, 44100)
+    exe = str(Path(sys.executable).with_name("recon-run"))
+    env = {**os.environ, KEY_VAR: KEY}
+    common = ["--server", server.url, "--api-key-env", KEY_VAR]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([exe, *args, *common], capture_output=True, text=True, env=env, timeout=120)
+
+    r = run("reconstruct", str(src), "-o", str(tmp_path / "rec.wav"))
+    assert r.returncode == 0, r.stderr
+    out, rate = sf.read(str(tmp_path / "rec.wav"), dtype="float32")
+    assert rate == RATE and rel_l2(out, rec.reconstruct(*sf.read(str(src), dtype="float32"))) <= REL
+
+    r = run("encode", str(src), "-o", str(tmp_path / "z.npy"))
+    assert r.returncode == 0, r.stderr
+    side = json.loads((tmp_path / "z.json").read_text())
+    feats = rec.features(*sf.read(str(src), dtype="float32"))
+    assert side["num_samples"] == feats.num_samples and side["bundle_fingerprint"] == rec.contract.fingerprint
+    assert side["input_sample_rate"] == 44100 and side["gain"] == pytest.approx(feats.gain, rel=1e-7)
+    z = np.load(tmp_path / "z.npy")
+
+    r = run("decode", str(tmp_path / "z.npy"), "-o", str(tmp_path / "dec.wav"))
+    assert r.returncode == 0, r.stderr
+    dec, _ = sf.read(str(tmp_path / "dec.wav"), dtype="float32")
+    assert rel_l2(dec, rec.decode(z, num_samples=side["num_samples"]) * np.float32(side["gain"])) <= REL
+
+    side["bundle_fingerprint"] = "0123456789abcdef"  # latents from another model: refused before sending
+    (tmp_path / "z.json").write_text(json.dumps(side))
+    r = run("decode", str(tmp_path / "z.npy"), "-o", str(tmp_path / "dec2.wav"))
+    assert r.returncode == 1 and "another model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sixteen_concurrent_requests_share_batches_and_stay_unchanged(server: Server, rec: Any) -> None:
+    before = server.metrics()
+    clips = [tone(0.5 + 0.05 * i, RATE, 200.0 + 40 * i) for i in range(16)]  # all bucket to 128 frames
+    barrier = threading.Barrier(16)
+
+    def one(clip: np.ndarray) -> np.ndarray:
+        with server.client() as c:
+            barrier.wait(30)
+            return c.reconstruct(clip, RATE)
+
+    with ThreadPoolExecutor(16) as pool:
+        outs = list(pool.map(one, clips, timeout=120))
+    for clip, out in zip(clips, outs):
+        assert rel_l2(out, rec.reconstruct(clip, RATE)) <= REL
+    after = server.metrics()
+    stages = "encoder+decoder+vocoder"
+    runs = metric(after, "recon_batch_size_count", stages=stages) - metric(
+        before, "recon_batch_size_count", stages=stages
+    )
+    windows = metric(after, "recon_batch_size_sum", stages=stages) - metric(
+        before, "recon_batch_size_sum", stages=stages
+    )
+    singles = metric(after, "recon_batch_size_bucket", stages=stages, le="1.0") - metric(
+        before, "recon_batch_size_bucket", stages=stages, le="1.0"
+    )
+    assert windows == 16
+    assert runs < 16 and singles < runs, f"no batch of more than one window: {runs} runs, {singles} of size 1"
+    ok = metric(after, "recon_requests_total", route="/v1/reconstruct", status="200")
+    assert ok - metric(before, "recon_requests_total", route="/v1/reconstruct", status="200") == 16
+    assert metric(after, "recon_audio_seconds_total", route="/v1/reconstruct") > 0
+    assert "recon_queue_depth" in after and "recon_request_seconds_bucket" in after
+
+
+def test_bad_input_gets_its_status_and_the_next_request_works(server: Server, rec: Any) -> None:
+    good = tone(0.7)
+    zeros = wav_bytes(np.zeros(0, np.float32))
+    nan = wav_bytes(np.array([0.1, np.nan, 0.2] * 100, np.float32))
+    z = rec.encode(good, RATE)
+    too_long = wav_bytes(np.zeros(121 * 4000, np.int16), 4000, "PCM_16")  # 121 s at 4 kHz, under the 2 MB body limit
+    cases = [
+        ("/v1/reconstruct", b"this is not audio", {}, {}, 400),
+        ("/v1/reconstruct", b"", {}, {}, 400),
+        ("/v1/reconstruct", zeros, {}, {}, 400),
+        ("/v1/reconstruct", nan, {}, {}, 400),
+        ("/v1/encode", b"RIFF\x00\x00", {}, {}, 400),
+        ("/v1/reconstruct", too_long, {}, {}, 413),
+        ("/v1/reconstruct", wav_bytes(good), {"output_rate": "12"}, {}, 422),
+        ("/v1/reconstruct", wav_bytes(good), {"subtype": "mp3"}, {}, 422),
+        ("/v1/decode", b"not an npy", {}, {}, 400),
+        ("/v1/decode", npy_bytes(z[:, :, :8]), {}, {}, 422),
+        ("/v1/decode", npy_bytes(z[None]), {}, {}, 422),
+        ("/v1/decode", npy_bytes(z.astype(np.int32)), {}, {}, 422),
+        ("/v1/decode", npy_bytes(np.full_like(z, np.nan)), {}, {}, 400),
+        ("/v1/decode", npy_bytes(z), {}, {"X-Recon-Bundle-Fingerprint": "0123456789abcdef"}, 422),
+        ("/v1/decode", npy_bytes(z), {"stream": "true"}, {"X-Recon-Bundle-Fingerprint": "ffff"}, 422),
+        ("/v1/decode", npy_bytes(z), {"gain": "nan"}, {}, 422),
+        ("/v1/decode", npy_bytes(np.zeros((8, 3001, 16), np.float16)), {}, {}, 413),  # 120.04 s of latents
+        ("/v1/decode", np.array([1, 2]).tobytes(), {}, {"content-type": "multipart/form-data; boundary=x"}, 400),
+    ]
+    with server.client() as c:
+        for path, body, params, headers, status in cases:
+            r = server.post(path, body, params=params, headers=headers)
+            assert r.status_code == status, (path, params, r.status_code, r.text)
+            assert r.headers["content-type"].startswith("application/json"), r.headers
+            assert r.json()["error"] and "Traceback" not in r.text and "/tmp" not in r.text, r.text
+            out = c.reconstruct(good, RATE)  # the server serves the next request normally
+            assert rel_l2(out, rec.reconstruct(good, RATE)) <= REL
+    r = httpx.get(server.url + "/v1/nothing-here", headers=server.headers, timeout=10)
+    assert r.status_code == 404 and r.json()["error"]
+    r = httpx.get(server.url + "/v1/reconstruct", headers=server.headers, timeout=10)
+    assert r.status_code == 405
+    assert 'status="500"' not in server.metrics()
+
+
+def test_an_oversized_body_is_refused_from_its_header_without_reading_it(server: Server) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(
+            b"POST /v1/reconstruct HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
+            + f"Authorization: Bearer {KEY}\r\nContent-Length: {5 * 2**20}\r\n\r\n".encode()
+            + b"RIFF" * 16
+        )
+        t0 = time.monotonic()
+        head = s.recv(4096).decode(errors="replace")
+        assert time.monotonic() - t0 < 5
+    assert head.startswith("HTTP/1.1 413"), head
+    assert '"error"' in head or "application/json" in head
+    # a chunked body (no length) over the limit is cut off as it arrives
+    r = httpx.post(
+        server.url + "/v1/reconstruct", content=iter([b"\0" * 2**20] * 3), headers=server.headers, timeout=30
+    )
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+
+
+def test_the_api_key_guards_every_route_but_healthz(server: Server) -> None:
+    get = lambda path, **h: httpx.get(server.url + path, headers=h, timeout=10)  # noqa: E731
+    assert get("/healthz").status_code == 200
+    for path in ("/readyz", "/v1/info", "/metrics", "/docs", "/openapi.json", "/nowhere"):
+        r = get(path)
+        assert r.status_code == 401 and r.headers.get("www-authenticate") == "Bearer", path
+        assert get(path, Authorization=f"Bearer {KEY}x").status_code == 401
+        assert get(path, Authorization=KEY).status_code == 401
+    r = httpx.post(server.url + "/v1/reconstruct", content=wav_bytes(tone(0.3)), timeout=10)
+    assert r.status_code == 401 and "API key" in r.json()["error"]
+    assert get("/v1/info", Authorization=f"Bearer {KEY}").status_code == 200
+
+
+# ---------------------------------------------------------------------- limits under load
+@pytest.fixture(scope="module")
+def limited(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = Server(
+        tiny_bundle, tmp_path_factory.mktemp("limited"),
+        "--max-queue", "2", "--max-batch", "1", "--max-wait-ms", "0", "--timeout-s", "1.5",
+    )  # fmt: skip
+    yield s
+    assert s.stop() == 0, s.log.read_text()
+
+
+def test_a_full_queue_answers_503_and_every_accepted_request_completes(limited: Server, rec: Any) -> None:
+    clip = tone(1.0, RATE, 440.0)
+    ref = rec.reconstruct(clip, RATE)
+    body = wav_bytes(clip)
+    barrier = threading.Barrier(10)
+
+    def one(_: int) -> httpx.Response:
+        barrier.wait(30)
+        return httpx.post(limited.url + "/v1/reconstruct", content=body, timeout=60)
+
+    with ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(one, range(10), timeout=120))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) == {200, 503}, codes
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] and "busy" in r.json()["error"]
+        else:
+            out, _ = sf.read(io.BytesIO(r.content), dtype="float32")
+            assert rel_l2(out, ref) <= REL
+    r = httpx.post(limited.url + "/v1/reconstruct", content=body, timeout=60)  # the load is gone: accepted again
+    assert r.status_code == 200
+    assert metric(limited.metrics(), "recon_requests_total", route="/v1/reconstruct", status="503") == codes.count(503)
+
+
+def test_past_the_timeout_a_request_gets_504_and_its_windows_leave_the_queue(limited: Server) -> None:
+    before = metric(limited.metrics(), "recon_windows_total", stages="encoder+decoder+vocoder")
+    long_clip = wav_bytes(tone(70.0, 8000), 8000, "PCM_16")  # 8 windows of about 0.5 s each here
+    t0 = time.monotonic()
+    r = httpx.post(limited.url + "/v1/reconstruct", content=long_clip, timeout=60)
+    assert r.status_code == 504 and "1.5 s" in r.json()["error"]
+    assert time.monotonic() - t0 < 4
+    time.sleep(1.5)
+    m = limited.metrics()
+    ran = metric(m, "recon_windows_total", stages="encoder+decoder+vocoder") - before
+    assert ran < 8, f"{ran} windows ran for a request that timed out"
+    assert metric(m, "recon_queue_depth") == 0
+    assert httpx.post(limited.url + "/v1/reconstruct", content=wav_bytes(tone(0.2)), timeout=60).status_code == 200
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_bundle: Path, tmp_path: Path, rec: Any) -> None:
+    s = Server(tiny_bundle, tmp_path)
+    clip = tone(20.0, RATE, 300.0)
+    result: dict[str, Any] = {}
+
+    def slow() -> None:
+        result["r"] = httpx.post(s.url + "/v1/reconstruct", content=wav_bytes(clip), timeout=60)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.6)
+    assert t.is_alive(), "the request must still be in flight (a 20 s clip takes seconds here)"
+    s.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(httpx.ConnectError):  # no new connections while it drains
+        httpx.get(s.url + "/healthz", timeout=5)
+    t.join(60)
+    assert s.proc.wait(30) == 0, s.log.read_text()
+    r = result["r"]
+    assert r.status_code == 200, r.text
+    out, _ = sf.read(io.BytesIO(r.content), dtype="float32")
+    assert rel_l2(out, rec.reconstruct(clip, RATE)) <= REL
+
+
+# ---------------------------------------------------------------------- in-process uvicorn with a held model
+class _Threaded:
+    """The app factory's app on a real uvicorn server in a thread (to hold the model from the test)."""
+
+    def __init__(self, app: Any):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        end = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < end:
+            time.sleep(0.02)
+        assert self.server.started
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def test_readyz_is_503_until_the_model_is_loaded_and_warmed_up(tiny_bundle: Path, rec: Any) -> None:
+    from recon_runtime.server import ServerConfig, create_app
+
+    release = threading.Event()
+
+    def load() -> Any:
+        assert release.wait(30)
+        return rec
+
+    srv = _Threaded(create_app(ServerConfig(model=str(tiny_bundle)), reconstructor=load))
+    try:
+        r = httpx.get(srv.url + "/readyz", timeout=10)
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        assert httpx.get(srv.url + "/healthz", timeout=10).status_code == 200
+        r = httpx.post(srv.url + "/v1/reconstruct", content=wav_bytes(tone(0.2)), timeout=10)
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert httpx.get(srv.url + "/v1/info", timeout=10).status_code == 503
+        assert "recon_ready 0.0" in httpx.get(srv.url + "/metrics", timeout=10).text
+        release.set()
+        end = time.monotonic() + 30
+        while httpx.get(srv.url + "/readyz", timeout=10).status_code != 200:
+            assert time.monotonic() < end, "never became ready"
+            time.sleep(0.05)
+        assert "recon_ready 1.0" in httpx.get(srv.url + "/metrics", timeout=10).text
+        r = httpx.post(srv.url + "/v1/reconstruct", content=wav_bytes(tone(0.2)), timeout=30)
+        assert r.status_code == 200
+    finally:
+        release.set()
+        srv.close()
+
+
+def test_streaming_decode_sends_its_first_part_before_the_last_window_is_computed(tiny_bundle: Path, rec: Any) -> None:
+    from recon_runtime.server import ServerConfig, create_app
+
+    class Held:
+        """The runtime, with decoder windows after the first held until the test lets them go."""
+
+        def __init__(self, inner: Any):
+            self._inner = inner
+            self.release = threading.Event()
+            self.decoded = 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+        def run_windows(self, roles: Any, windows: Any) -> Any:
+            if tuple(roles)[0] == "decoder" and windows[0].shape[1] == 256:
+                if self.decoded >= 1:
+                    assert self.release.wait(30)
+                out = self._inner.run_windows(roles, windows)
+                self.decoded += len(windows)
+                return out
+            return self._inner.run_windows(roles, windows)
+
+    held = Held(rec)
+    z = rec.encode(tone(40.0, RATE, 250.0), RATE)  # 40 s: 5 windows of 256 latent frames
+    n_windows = len(rec.decoding_job(z).windows)
+    assert n_windows >= 4
+    srv = _Threaded(create_app(ServerConfig(model=str(tiny_bundle)), reconstructor=held))
+    try:
+        c = Client(srv.url, timeout=60)
+        end = time.monotonic() + 30
+        while not c.ready():
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        parts = []
+        with httpx.stream(
+            "POST", srv.url + "/v1/decode", params={"stream": "true"}, content=npy_bytes(z), timeout=60
+        ) as r:
+            assert r.status_code == 200
+            assert r.headers["x-recon-sample-format"] == "f32le" and r.headers["x-recon-sample-rate"] == "16000"
+            assert int(r.headers["x-recon-windows"]) == n_windows
+            stream = r.iter_raw()
+            first = next(stream)
+            decoded_at_first_part = held.decoded
+            held.release.set()
+            parts = [first, *stream]
+        assert decoded_at_first_part == 1 < n_windows, "the first part waited for more than one window"
+        wave = np.frombuffer(b"".join(parts), "<f4")
+        ref = rec.decode(z)
+        assert rel_l2(wave, ref) <= REL
+        # the same through the client, cropped and scaled
+        got = np.concatenate(list(c.decode_stream(z, num_samples=500_000, gain=0.5)))
+        assert rel_l2(got, ref[:500_000] * np.float32(0.5)) <= REL  # = rec.decode(z, num_samples=500_000) * gain
+        c.close()
+    finally:
+        held.release.set()
+        srv.close()
+
+
+def test_the_client_raises_server_errors_with_the_status(server: Server) -> None:
+    with server.client() as c:
+        with pytest.raises(ServerError) as e:
+            c.reconstruct(b"not audio")
+        assert e.value.status == 400 and "not a readable audio file" in str(e.value)
+    with Client(server.url) as c:
+        with pytest.raises(ServerError) as e:
+            c.info()
+        assert e.value.status == 401
