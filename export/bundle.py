@@ -23,6 +23,7 @@ from typing import Any
 import onnx
 
 from recon_runtime.contract import (
+    BF16_KEY,
     CHAIN_BUDGET_KEY,
     CHAIN_LOG_MEL_L1_BUDGET,
     DEFAULT_OPSET,
@@ -43,7 +44,14 @@ from recon_runtime.contract import (
 from . import graphs
 from .checkpoint import Checkpoint, config_dict, decoding_weights_sha256
 from .errors import ExportError, ParityError
-from .validate import calibrate_scaling_factor, failures, fp16_arithmetic, reference, validate_precision
+from .validate import (
+    bf16_check,
+    calibrate_scaling_factor,
+    failures,
+    fp16_arithmetic,
+    reference,
+    validate_precision,
+)
 
 _LOGGER = logging.getLogger(__name__)
 EXPORTABLE_PRECISIONS = (FP16, FP32, INT8)
@@ -56,6 +64,7 @@ TOOL_DISTRIBUTIONS = (
     "onnx",
     "onnxscript",
     "onnxruntime",
+    "openvino",
     "numpy",
     "librosa",
 )
@@ -183,9 +192,14 @@ def export_bundle(
                 validation[FP16_ARITHMETIC_KEY] = check = fp16_arithmetic(modules)
             progress.echo(
                 "  fp16 arithmetic: "
-                + "; ".join(f"{r} rel-L2 {v['rel_l2']:.2%}" for r, v in check["results"].items())
+                + "; ".join(
+                    f"{r} rel-L2 {v['rel_l2']:.2%}" if v["finite"] else f"{r} NOT FINITE"
+                    for r, v in check["results"].items()
+                )
                 + (" (passed: auto picks fp16 on CUDA)" if check["passed"] else " (FAILED: auto keeps fp32 on CUDA)")
             )
+        if FP32 in precisions:
+            validation[BF16_KEY] = _measure_bf16(entries, tmp, validate, progress)
         if INT8 in precisions:
             int8_entries, validation[INT8] = _write_int8(
                 contract, entries, tmp, opset, calibration, progress, int8_budgets
@@ -199,6 +213,25 @@ def export_bundle(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return contract
+
+
+def _measure_bf16(entries: list[GraphEntry], folder: Path, validate: bool, progress: Progress) -> dict[str, Any]:
+    """The OpenVINO bf16 plan's errors on this bundle's fp32 graphs (where the CPU computes bf16)."""
+    if not validate:
+        return {"measured": False, "reason": "exported with --no-validate"}
+    files = {e.role: folder / e.file for e in entries if e.precision == FP32}
+    with progress.step("measure the bf16 plan (OpenVINO CPU, vs OpenVINO f32)"):
+        check = bf16_check(files)
+    if not check["measured"]:
+        progress.echo(f"  bf16: not measured on this CPU ({check['reason']})")
+        return check
+    r = check["results"]
+    progress.echo(
+        f"  bf16: encoder rel-L2 {r['encoder_rel_l2']:.2%}, vocoder on real mels log-mel L1 "
+        f"{r['vocoder_log_mel_l1']:.4f} nats, decoder rel-L2 {r['decoder_rel_l2']:.2%}, chain log-mel L1 "
+        f"{r['chain_log_mel_l1']:.3f} nats ({'within budget' if check['passed'] else 'OVER BUDGET'})"
+    )
+    return check
 
 
 def _write_graph(

@@ -190,3 +190,100 @@ def failures(report: dict[str, dict[str, Any]], precision: str) -> list[str]:
         for name, r in report.items()
         if not r["passed"]
     ]
+
+
+BF16_CHECK_KINDS: Final = ("speech", "music")
+BF16_CHECK_FRAMES: Final = 256  # 2.56 s: short enough for an export, long enough for every layer's receptive field
+
+
+def _front_end_level(wave: np.ndarray) -> np.ndarray:
+    """Per-item gain that puts the reference waveform's peak at the front end's 0.5."""
+    return (0.5 / (np.abs(wave).max(axis=-1, keepdims=True) + 1e-8)).astype(np.float32)
+
+
+def log_mel_l1(reference: np.ndarray, actual: np.ndarray) -> float:
+    """Mean |log-mel(actual) - log-mel(reference)| in nats, both at the reference's front-end level.
+
+    Random weights give waveforms far quieter than a trained vocoder's; the gain keeps the log-mel
+    away from the floor where ln(max(mel, 1e-5)) would magnify noise (as the int8 chain check does).
+    """
+    if not np.isfinite(actual).all():
+        return float("inf")
+    gain = _front_end_level(reference)
+    ref = np.stack([log_mel(w) for w in reference * gain])
+    got = np.stack([log_mel(w) for w in actual * gain])
+    return float(np.mean(np.abs(got - ref)))
+
+
+def bf16_errors(
+    files: dict[str, Path], f32_stages: tuple[str, ...] | None = None, frames: int = BF16_CHECK_FRAMES
+) -> dict[str, float]:
+    """Errors of OpenVINO's bf16 plan vs OpenVINO f32 on the fp32 graphs, where they mean something.
+
+    With random weights only some comparisons are meaningful: the encoder and the vocoder are fed
+    real log-mels (of generated speech and music, through the runtime's front end); the decoder is
+    fed the fp32 encoder's latents. The whole chain is reported too, but a random decoder's output
+    is a mel unlike any real one, so its vocoder error says little (it is not budgeted).
+    """
+    from recon_runtime.contract import BF16, BF16_F32_STAGES, FP32
+    from recon_runtime.executors import openvino as ov_exec
+
+    plan = ov_exec.stage_precisions(BF16, BF16_F32_STAGES if f32_stages is None else tuple(f32_stages))
+    options = ov_exec.ExecutorOptions()
+    compiled: dict[tuple[str, str], Any] = {}
+
+    def run(role: str, precision: str, x: np.ndarray) -> np.ndarray:
+        key = (role, precision)
+        if key not in compiled:
+            config = ov_exec.compile_config(precision, options, None)
+            compiled[key] = ov_exec.core().compile_model(str(files[role]), ov_exec.DEVICE, config)
+        request = compiled[key].create_infer_request()
+        return np.stack([np.array(request.infer({0: item[None]})[0][0]) for item in x])
+
+    mel = mel_batch(BF16_CHECK_KINDS, frames)
+    z32 = run(ENCODER, FP32, mel[:, None])
+    z16 = run(ENCODER, plan[ENCODER], mel[:, None])
+    m32 = run(DECODER, FP32, z32)
+    m16 = run(DECODER, plan[DECODER], z32)
+    w32 = run(VOCODER, FP32, mel)
+    w16 = run(VOCODER, plan[VOCODER], mel)
+    c32 = run(VOCODER, FP32, m32[:, 0])
+    c16 = run(VOCODER, plan[VOCODER], run(DECODER, plan[DECODER], z16)[:, 0])
+    return {
+        "encoder_rel_l2": rel_l2(z32, z16),
+        "decoder_rel_l2": rel_l2(m32, m16),
+        "vocoder_log_mel_l1": log_mel_l1(w32, w16),
+        "vocoder_rel_l2": rel_l2(w32, w16),
+        "chain_log_mel_l1": log_mel_l1(c32, c16),
+    }
+
+
+def bf16_check(files: dict[str, Path]) -> dict[str, Any]:
+    """The bf16 plan's errors for recon.json, or why they could not be measured on this machine."""
+    from recon_runtime.contract import (
+        BF16_ENCODER_REL_L2_BUDGET,
+        BF16_F32_STAGES,
+        BF16_VOCODER_LOG_MEL_L1_BUDGET,
+    )
+    from recon_runtime.errors import ProviderError
+
+    try:
+        from recon_runtime.executors import openvino as ov_exec
+    except ProviderError as e:
+        return {"measured": False, "reason": str(e)}
+    supported, reason = ov_exec.BF16_PROBE()
+    if not supported:
+        return {"measured": False, "reason": reason}
+    budgets = {"encoder_rel_l2": BF16_ENCODER_REL_L2_BUDGET, "vocoder_log_mel_l1": BF16_VOCODER_LOG_MEL_L1_BUDGET}
+    results = bf16_errors(files)
+    return {
+        "measured": True,
+        "engine": f"OpenVINO {ov_exec.ov.__version__} CPU ({reason})",
+        "reference": "OpenVINO f32 on the same fp32 graphs",
+        "signals": list(BF16_CHECK_KINDS),
+        "frames": BF16_CHECK_FRAMES,
+        "f32_stages": list(BF16_F32_STAGES),
+        "budgets": budgets,
+        "results": results,
+        "passed": all(results[k] <= v for k, v in budgets.items()),
+    }

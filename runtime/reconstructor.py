@@ -8,6 +8,7 @@ batching of equal-shape windows and the post-processing.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import soxr
 
 from .chunking import join_windows, plan_windows
 from .contract import (
+    BF16,
     DECODER,
     ENCODER,
     FP16,
@@ -37,7 +39,7 @@ from .contract import (
     read_contract,
 )
 from .errors import AudioInputError, BundleError, ProviderError
-from .executors import BACKENDS, ONNXRUNTIME, Executor, ExecutorOptions, require_finite
+from .executors import BACKENDS, ONNXRUNTIME, OPENVINO, Executor, ExecutorOptions, require_finite
 from .frontend import log_mel, prepare_waveform
 
 _LOGGER = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ AUTO: Final = "auto"
 CPU: Final = "cpu"
 CUDA: Final = "cuda"
 PROVIDER_CHOICES: Final = (AUTO, CUDA, CPU)
-PRECISION_CHOICES: Final = (AUTO, FP16, FP32, INT8)
+PRECISION_CHOICES: Final = (AUTO, BF16, FP16, FP32, INT8)
 BACKEND_CHOICES: Final = (AUTO, *BACKENDS)
 
 DEFAULT_WINDOW_FRAMES: Final = TRAINING_WINDOW_FRAMES  # mel frames per window (10.24 s)
@@ -140,6 +142,12 @@ def _onnxruntime_executor(
 ) -> Executor:
     from .executors import onnxruntime as ort_exec  # imports onnxruntime only here
 
+    if precision == BF16:
+        raise ProviderError(
+            "bf16 runs on the openvino backend only (pip install 'audioldm2-recon[openvino]', then "
+            "--backend openvino or auto, on a CPU with AVX512-BF16 or AMX); onnxruntime runs fp32, fp16 or int8"
+        )
+
     dists = ort_exec.onnxruntime_distributions()
     if len(dists) > 1:
         _LOGGER.warning(
@@ -170,13 +178,69 @@ def _onnxruntime_executor(
     return executor
 
 
+def _openvino_executor(
+    bundle_dir: Path,
+    contract: Contract,
+    provider: str,
+    precision: str,
+    options: ExecutorOptions,
+    stages: Sequence[str] | None,
+) -> Executor:
+    from .executors import openvino as ov_exec  # imports openvino only here
+
+    if provider == CUDA:
+        raise ProviderError(
+            "the openvino backend runs on the CPU; use --provider cpu, or --backend onnxruntime for CUDA"
+        )
+    chosen = FP32 if precision == AUTO else precision
+    if chosen not in (FP32, BF16):
+        raise ProviderError(
+            f"the openvino backend runs fp32 or bf16 (from the bundle's fp32 graphs), not {chosen}; "
+            f"use --backend onnxruntime for {chosen}"
+        )
+    if FP32 not in contract.precisions:
+        raise BundleError(
+            f"{bundle_dir}: the openvino backend reads the fp32 graphs and this bundle has none "
+            f"(it has {', '.join(contract.precisions) or 'none'}); export them with recon-export --precision fp32"
+        )
+    _check_files(contract, FP32, bundle_dir)
+    executor = ov_exec.create_executor(bundle_dir, contract, chosen, options)
+    executor.prepare(stages or ())
+    return executor
+
+
 ExecutorFactory = Callable[[Path, Contract, str, str, ExecutorOptions, "Sequence[str] | None"], Executor]
-_EXECUTOR_FACTORIES: Final[dict[str, ExecutorFactory]] = {ONNXRUNTIME: _onnxruntime_executor}
+_EXECUTOR_FACTORIES: Final[dict[str, ExecutorFactory]] = {
+    ONNXRUNTIME: _onnxruntime_executor,
+    OPENVINO: _openvino_executor,
+}
 
 
-def _resolve_backend(backend: str, provider: str) -> str:
-    """The backend `auto` stands for: onnxruntime (the only one built in)."""
-    return ONNXRUNTIME if backend == AUTO else backend
+def _installed(module: str) -> bool:
+    """Whether a module can be imported, without importing it."""
+    return importlib.util.find_spec(module) is not None
+
+
+def _onnxruntime_cuda() -> bool:
+    if not _installed("onnxruntime"):
+        return False
+    from .executors import onnxruntime as ort_exec
+
+    return ort_exec.cuda_available()
+
+
+def _resolve_backend(backend: str, provider: str, precision: str = AUTO) -> str:
+    """The backend `auto` stands for: onnxruntime on CUDA (and for its own fp16/int8 graphs); on the
+    CPU, OpenVINO when it is installed (bf16 needs it), else onnxruntime."""
+    if backend != AUTO:
+        return backend
+    if precision == BF16:
+        return OPENVINO
+    if precision in (FP16, INT8) or provider == CUDA:
+        return ONNXRUNTIME
+    if provider == AUTO and _onnxruntime_cuda():
+        return ONNXRUNTIME
+    return OPENVINO if _installed("openvino") else ONNXRUNTIME
 
 
 class Reconstructor:
@@ -233,6 +297,9 @@ class Reconstructor:
         cpu_arena: bool = False,
         cuda_graph: bool = False,
         expect_digest: str | None = None,
+        performance_hint: str = "latency",
+        compile_cache: bool = True,
+        cache_dir: Path | str | None = None,
     ) -> "Reconstructor":
         """Open a bundle, check its contract, and fix backend, provider and precision.
 
@@ -241,8 +308,10 @@ class Reconstructor:
             provider: "auto" (CUDA when it starts, else CPU, with one warning), "cuda" (an error
                 when CUDA does not start) or "cpu".
             precision: "auto" (fp16 on CUDA when the bundle's fp16 arithmetic check passed, else
-                fp32), "fp16", "fp32" or "int8".
-            backend: "auto" or "onnxruntime".
+                fp32), "fp16", "fp32", "int8" (onnxruntime) or "bf16" (openvino, on a CPU with
+                AVX512-BF16 or AMX; refused elsewhere).
+            backend: "auto" (onnxruntime on CUDA and for fp16/int8; on the CPU openvino when it is
+                installed, else onnxruntime), "onnxruntime" or "openvino".
             stages: create these stages' sessions now (e.g. ("decoder", "vocoder") for a decoder);
                 None creates each on first use.
             threads: intra-op threads per session (None: the engine's default).
@@ -260,6 +329,11 @@ class Reconstructor:
             expect_digest: refuse the bundle unless its digest (`recon-run info`) is this one. The
                 hashes in recon.json catch corruption, not deliberate tampering (whoever edits a
                 graph can edit recon.json too); pinning the digest of a bundle you trust does.
+            performance_hint: openvino: "latency" (one call at a time uses every core; single files)
+                or "throughput" (streams: many concurrent calls, e.g. a server or a batch job).
+            compile_cache: openvino: keep compiled graphs in `cache_dir` for the next start.
+            cache_dir: openvino's compiled-model cache (default: $XDG_CACHE_HOME or ~/.cache, then
+                audioldm2-recon/openvino/<bundle digest>).
         """
         bundle_dir = Path(bundle_dir)
         contract = read_contract(bundle_dir)
@@ -279,8 +353,15 @@ class Reconstructor:
             unknown = [s for s in stages if s not in ROLES]
             if unknown:
                 raise ValueError(f"unknown stages {unknown}; use {ROLES}")
-        options = ExecutorOptions(threads=threads, cpu_arena=cpu_arena, cuda_graph=cuda_graph)
-        factory = _EXECUTOR_FACTORIES[_resolve_backend(backend, provider)]
+        options = ExecutorOptions(
+            threads=threads,
+            cpu_arena=cpu_arena,
+            cuda_graph=cuda_graph,
+            performance_hint=performance_hint,
+            compile_cache=compile_cache,
+            cache_dir=Path(cache_dir) if cache_dir is not None else None,
+        )
+        factory = _EXECUTOR_FACTORIES[_resolve_backend(backend, provider, precision)]
         executor = factory(bundle_dir, contract, provider, precision, options, stages)
         if contract.random_weights:
             _LOGGER.warning("%s holds RANDOM weights: output is not meaningful audio", bundle_dir)

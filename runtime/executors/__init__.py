@@ -11,6 +11,7 @@ from typing import Final
 from .base import Executor, ExecutorOptions, check_chain, require_finite
 
 ONNXRUNTIME: Final = "onnxruntime"
-BACKENDS: Final = (ONNXRUNTIME,)
+OPENVINO: Final = "openvino"
+BACKENDS: Final = (ONNXRUNTIME, OPENVINO)
 
-__all__ = ["Executor", "ExecutorOptions", "check_chain", "require_finite", "ONNXRUNTIME", "BACKENDS"]
+__all__ = ["Executor", "ExecutorOptions", "check_chain", "require_finite", "ONNXRUNTIME", "OPENVINO", "BACKENDS"]

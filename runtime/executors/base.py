@@ -31,6 +31,12 @@ class ExecutorOptions:
     cuda_graph: bool = False
     """onnxruntime CUDA: capture CUDA graphs for input shapes that repeat (not measured on a GPU yet)."""
     device_id: int = 0
+    performance_hint: str = "latency"
+    """OpenVINO: "latency" (each call uses every core) or "throughput" (streams, for many concurrent calls)."""
+    compile_cache: bool = True
+    """OpenVINO: keep compiled graphs in `cache_dir` so that the next start skips compilation."""
+    cache_dir: Path | None = None
+    """OpenVINO's compiled-model cache (None: the user's cache folder, per bundle digest)."""
 
 
 def check_chain(roles: Sequence[str]) -> tuple[str, ...]:
@@ -74,16 +80,26 @@ class Executor(ABC):
 
     backend: str = ""
 
-    def __init__(self, bundle_dir: Path, contract: Contract, provider: str, precision: str, options: ExecutorOptions):
+    def __init__(
+        self,
+        bundle_dir: Path,
+        contract: Contract,
+        provider: str,
+        precision: str,
+        options: ExecutorOptions,
+        graph_precision: str | None = None,
+    ):
+        """`graph_precision`: the bundle graphs run, when it differs from `precision` (bf16 runs the fp32 graphs)."""
         self.bundle_dir = Path(bundle_dir)
         self.contract = contract
         self.provider = provider
         self.precision = precision
+        self.graph_precision = graph_precision or precision
         self.options = options
         self._lock = threading.Lock()
         for role in ROLES:
-            if contract.graph(role, precision) is None:
-                raise BundleError(f"{self.bundle_dir}: no {role} graph at {precision}")
+            if contract.graph(role, self.graph_precision) is None:
+                raise BundleError(f"{self.bundle_dir}: no {role} graph at {self.graph_precision}")
 
     # -------------------------------------------------------------- public
     def run(self, roles: Sequence[str], batch: np.ndarray) -> list[np.ndarray]:
@@ -97,7 +113,7 @@ class Executor(ABC):
         if want is not None:
             raise ValueError(f"{roles[0]} input must be {want}, got {list(x.shape)}")
         outputs = self._run(roles, x)
-        names = [t.name for t in self.contract.graph(roles[-1], self.precision).outputs]  # type: ignore[union-attr]
+        names = [t.name for t in self.contract.graph(roles[-1], self.graph_precision).outputs]  # type: ignore[union-attr]
         for name, out in zip(names, outputs):
             require_finite(out, f"{roles[-1]} graph output {name!r}")
         return outputs
