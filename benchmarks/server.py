@@ -1,0 +1,325 @@
+"""`recon-run serve` under bounded closed-loop load on loopback, against the in-process runtime.
+
+For each server setting (`--max-batch 1` and the default 8), each clip length and each client count,
+a fixed number of reconstruct requests is sent by that many closed-loop clients (each sends its
+next request when the last one answered), so every run stops by itself. Reported per row:
+throughput (audio seconds per second, requests per second), p50/p95/p99 latency and the mean
+batch size (windows per graph run, from the server's `recon_batch_size` histogram). The same
+inputs then run in this process through `Reconstructor.reconstruct_many` (same bucket_frames and
+max_batch as the server, so the same work) for the in-process throughput.
+
+Overload: a server with `--max-queue Q` gets 2*Q closed-loop clients; accepted requests' p99 is
+compared with the unloaded (one client) p99, refused ones must get 503 quickly, and no client may
+time out. A refused client waits 50 ms before its next try.
+
+    python -m benchmarks.server --model models/audioldm2-music --out benchmarks/results
+    python -m benchmarks.server --model /tmp/tiny --requests 8 --quick        # a smoke run
+
+The server and this process share the machine's cores; run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+RATE = 16000
+FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma")
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "cores": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+        info["cpu"] = model.group(1).strip() if model else platform.processor()
+        have = set(flags.group(1).split()) if flags else set()
+        info["cpu_flags"] = [f for f in FLAGS_OF_INTEREST if f in have]
+    except OSError:
+        info["cpu"] = platform.processor()
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clips(n: int, seconds: float, seed: int) -> list[np.ndarray]:
+    """Distinct clips: two tones plus a little noise, each of exactly `seconds`."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(round(seconds * RATE))) / RATE
+    out = []
+    for _ in range(n):
+        f1, f2 = rng.uniform(100, 2000, 2)
+        x = 0.3 * np.sin(2 * np.pi * f1 * t) + 0.1 * np.sin(2 * np.pi * f2 * t) + 0.02 * rng.standard_normal(t.size)
+        out.append(x.astype(np.float32))
+    return out
+
+
+def wav(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, x, RATE, subtype="FLOAT", format="WAV")
+    return buf.getvalue()
+
+
+class Server:
+    def __init__(self, args: argparse.Namespace, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [str(Path(sys.executable).with_name("recon-run")), "serve", "--model", str(args.model)]
+        cmd += ["--provider", args.provider, "--precision", args.precision, "--port", str(self.port)]
+        cmd += ["--max-queue", "1000", "--timeout-s", "600", *extra]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        self.log = open(Path(args.out) / f"server-{self.port}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        import httpx
+
+        end = time.monotonic() + 600
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit("server not ready in 600 s")
+
+    def metrics(self) -> dict[str, float]:
+        import httpx
+
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        out: dict[str, float] = {}
+        for name in ("recon_batch_size_sum", "recon_batch_size_count"):
+            out[name] = sum(float(m) for m in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
+        return out
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+    a = np.asarray(values) * 1000
+    return {f"p{q}": round(float(np.percentile(a, q)), 1) for q in (50, 95, 99)}
+
+
+def closed_loop(
+    url: str, bodies: list[bytes], clients: int, total: int, timeout: float, retry_pause: float | None = None
+) -> dict[str, Any]:
+    """`clients` threads send `total` accepted requests in all (503s are retried after `retry_pause`)."""
+    import httpx
+
+    lock = threading.Lock()
+    state = {"next": 0}
+    ok: list[float] = []
+    refused: list[float] = []
+    errors: list[str] = []
+
+    def worker() -> None:
+        with httpx.Client(timeout=timeout) as http:
+            while True:
+                with lock:
+                    if state["next"] >= total:
+                        return
+                    i = state["next"]
+                    state["next"] += 1
+                while True:
+                    t0 = time.perf_counter()
+                    try:
+                        r = http.post(url + "/v1/reconstruct", content=bodies[i % len(bodies)])
+                    except httpx.HTTPError as e:
+                        with lock:
+                            errors.append(type(e).__name__)
+                        break
+                    dt = time.perf_counter() - t0
+                    if r.status_code == 503 and retry_pause is not None:
+                        with lock:
+                            refused.append(dt)
+                        time.sleep(retry_pause)
+                        continue
+                    with lock:
+                        if r.status_code == 200:
+                            ok.append(dt)
+                        else:
+                            errors.append(str(r.status_code))
+                    break
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"wall": time.perf_counter() - t0, "ok": ok, "refused": refused, "errors": errors}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from recon_runtime import Reconstructor
+    from recon_runtime.server import SERVER_BUCKET_FRAMES
+
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    lengths = [float(x) for x in args.lengths.split(",")]
+    concurrency = [int(x) for x in args.clients.split(",")]
+    batches = [int(x) for x in args.max_batches.split(",")]
+    inputs = {s: clips(args.requests, s, seed=int(s * 100)) for s in lengths}
+    bodies = {s: [wav(x) for x in xs] for s, xs in inputs.items()}
+    rows: list[dict[str, Any]] = []
+    for max_batch in batches:
+        server = Server(args, "--max-batch", str(max_batch), "--max-wait-ms", str(args.max_wait_ms))
+        try:
+            for s in lengths:
+                closed_loop(server.url, bodies[s][:2], 1, 2, args.timeout)  # warm this shape
+                for c in concurrency:
+                    m0 = server.metrics()
+                    res = closed_loop(server.url, bodies[s], c, args.requests, args.timeout)
+                    m1 = server.metrics()
+                    runs = m1["recon_batch_size_count"] - m0["recon_batch_size_count"]
+                    windows = m1["recon_batch_size_sum"] - m0["recon_batch_size_sum"]
+                    n = len(res["ok"])
+                    row = {
+                        "mode": "server",
+                        "max_batch": max_batch,
+                        "seconds": s,
+                        "clients": c,
+                        "requests": n,
+                        "errors": res["errors"],
+                        "audio_s_per_s": round(n * s / res["wall"], 2),
+                        "req_per_s": round(n / res["wall"], 2),
+                        **percentiles(res["ok"]),
+                        "mean_batch": round(windows / runs, 2) if runs else None,
+                    }
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        finally:
+            server.stop()
+        rec = Reconstructor.load(
+            args.model,
+            provider=args.provider,
+            precision=args.precision,
+            threads=args.threads,
+            max_batch=max_batch,
+            bucket_frames=SERVER_BUCKET_FRAMES,
+        )
+        for s in lengths:
+            rec.reconstruct_many([(x, RATE) for x in inputs[s][:2]])  # warm this shape
+            t0 = time.perf_counter()
+            rec.reconstruct_many([(x, RATE) for x in inputs[s]])
+            wall = time.perf_counter() - t0
+            row = {
+                "mode": "in-process reconstruct_many",
+                "max_batch": max_batch,
+                "seconds": s,
+                "clients": None,
+                "requests": args.requests,
+                "audio_s_per_s": round(args.requests * s / wall, 2),
+                "req_per_s": round(args.requests / wall, 2),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del rec
+
+    overload = None
+    if args.overload_queue:
+        s = max(lengths)
+        q = args.overload_queue
+        server = Server(args, "--max-queue", str(q))  # the default max-batch
+        try:
+            closed_loop(server.url, bodies[s][:2], 1, 2, args.timeout)
+            unloaded = closed_loop(server.url, bodies[s], 1, args.requests, args.timeout)
+            loaded = closed_loop(server.url, bodies[s], 2 * q, args.requests, args.timeout, retry_pause=0.05)
+        finally:
+            server.stop()
+        u99 = percentiles(unloaded["ok"])["p99"]
+        l99 = percentiles(loaded["ok"])["p99"]
+        overload = {
+            "seconds": s,
+            "max_queue": q,
+            "clients": 2 * q,
+            "accepted": len(loaded["ok"]),
+            "refused_503": len(loaded["refused"]),
+            "client_errors_or_timeouts": loaded["errors"],
+            "unloaded_ms": percentiles(unloaded["ok"]),
+            "accepted_ms": percentiles(loaded["ok"]),
+            "refused_ms": percentiles(loaded["refused"]),
+            "p99_ratio": round(l99 / u99, 2) if u99 and l99 else None,
+        }
+        print(json.dumps(overload), flush=True)
+    return {"machine": machine(), "args": vars(args), "rows": rows, "overload": overload}
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        "| mode | max batch | clip s | clients | req | audio-s/s | req/s | p50 ms | p95 ms | p99 ms | mean batch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["rows"]:
+        cells = [r["mode"], r["max_batch"], r["seconds"], r.get("clients") or "-", r["requests"], r["audio_s_per_s"]]
+        cells += [r["req_per_s"], r.get("p50", "-"), r.get("p95", "-"), r.get("p99", "-"), r.get("mean_batch", "-")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--provider", default="cpu")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--lengths", default="1.0,10.24")
+    p.add_argument("--clients", default="1,4,16")
+    p.add_argument("--max-batches", default="1,8")
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--requests", type=int, default=32, help="requests per row (a fixed count: the run stops by itself)")
+    p.add_argument("--overload-queue", type=int, default=2, help="--max-queue of the overload run (0: skip it)")
+    p.add_argument("--timeout", type=float, default=600.0, help="client timeout per request, s")
+    p.add_argument("--out", default="/tmp/recon-server-bench")
+    p.add_argument("--tag", default=None, help="name of the JSON written to --out")
+    args = p.parse_args()
+    result = run(args)
+    result["date"] = date.today().isoformat()
+    name = args.tag or f"server-{args.provider}-{result['date']}"
+    path = Path(args.out) / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{result['machine']}\n")
+    print(table(result))
+    if result["overload"]:
+        print("\noverload:", json.dumps(result["overload"]))
+    print(f"\nwritten {path}")
+
+
+if __name__ == "__main__":
+    main()
