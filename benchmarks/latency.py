@@ -109,7 +109,25 @@ def machine_info(device: str, threads: int | None) -> dict[str, Any]:
         "threads": threads,
         "device": device,
     }
-    for dist in ("torch", "diffusers", "transformers", "onnxruntime", "onnxruntime-gpu", "numpy", "audioldm2-recon"):
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    info["cpu_flags"] = sorted(flags & set(CPU_FLAGS_RECORDED))
+    for dist in (
+        "torch",
+        "diffusers",
+        "transformers",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "openvino",
+        "numpy",
+        "audioldm2-recon",
+    ):
         try:
             info[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -148,8 +166,18 @@ def time_fn(fn: Callable[[], Any], repeats: int, warmup: int, sync: Callable[[],
 # ------------------------------------------------------------------------------------------ engines
 
 
-def torch_stages(modules: dict[str, Any], mel: np.ndarray, device: str, dtype: Any) -> dict[str, Callable[[], Any]]:
-    """Eager PyTorch stage callables on inputs already on the device (the chain starts on the host)."""
+CPU_FLAGS_RECORDED = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")
+
+
+def torch_stages(
+    modules: dict[str, Any], mel: np.ndarray, device: str, dtype: Any, autocast: Any = None
+) -> dict[str, Callable[[], Any]]:
+    """Eager PyTorch stage callables on inputs already on the device (the chain starts on the host).
+
+    `autocast`: a dtype for torch.autocast (bf16 on the CPU), the modules staying float32.
+    """
+    import contextlib
+
     import torch
 
     from recon_runtime.frontend import log_mel
@@ -167,7 +195,8 @@ def torch_stages(modules: dict[str, Any], mel: np.ndarray, device: str, dtype: A
 
     def wrap(f: Callable[[], Any]) -> Callable[[], Any]:
         def run() -> Any:
-            with torch.no_grad():
+            ctx = torch.autocast(device, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+            with torch.no_grad(), ctx:
                 return f()
 
         return run
@@ -241,12 +270,36 @@ def count_gflop(modules: dict[str, Any], frames: int, cache: dict[str, float]) -
     return counts
 
 
-def cold_start(engine: str, model: str, device: str, precision: str, config: str) -> float:
+def ov_stages(rec: Any, mel: np.ndarray) -> dict[str, Callable[[], Any]]:
+    """recon_runtime's OpenVINO stages (compiled models with a request pool), batch as one request."""
+    from recon_runtime.frontend import log_mel
+    from recon_runtime.reconstructor import Features
+
+    enc, dec, voc = (rec.executor.compiled(r) for r in ("encoder", "decoder", "vocoder"))
+    mel4 = np.ascontiguousarray(mel[:, None])
+    z = enc.run(mel4)[0]
+    wave = np.zeros(mel.shape[1] * HOP_LENGTH - HOP_LENGTH, np.float32)
+
+    def chain_host() -> Any:
+        feats = [Features(log_mel(wave + 0.0), 1.0, wave.size, wave) for _ in range(mel.shape[0])]
+        return rec.reconstruct_features(feats)
+
+    return {
+        "encoder": lambda: enc.run(mel4),
+        "decoder": lambda: dec.run(z),
+        "vocoder": lambda: voc.run(mel),
+        "decode+vocode": lambda: voc.run(dec.run(z)[0][:, 0]),
+        "chain": chain_host,
+    }
+
+
+def cold_start(engine: str, model: str, device: str, precision: str, config: str, cache_dir: str = "") -> float:
     """Seconds from a fresh interpreter to the first 1 s chain output (imports, sessions, first run)."""
-    if engine == "onnxruntime":
+    if engine in ("onnxruntime", "openvino"):
+        cache = f", cache_dir={cache_dir!r}" if engine == "openvino" and cache_dir else ""
         code = (
             "import time; t0=time.perf_counter(); import numpy as np; from recon_runtime import Reconstructor; "
-            f"r=Reconstructor.load({model!r}, provider={device!r}, precision={precision!r}); "
+            f"r=Reconstructor.load({model!r}, provider={device!r}, precision={precision!r}, backend={engine!r}{cache}); "
             "r.reconstruct(np.zeros(16000, np.float32)+0.01, 16000); print(time.perf_counter()-t0)"
         )
     else:
@@ -286,6 +339,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flop_cache: dict[str, dict[str, float]] = {}
     engines: list[tuple[str, str]] = [("pytorch", p) for p in args.torch_precisions.split(",") if p]
     engines += [("onnxruntime", p) for p in args.precisions.split(",") if p]
+    skipped: dict[str, str] = {}
+    for p in [p for p in args.openvino_precisions.split(",") if p]:
+        if p == "bf16":
+            from recon_runtime.executors import openvino as ov_exec
+
+            ok, why = ov_exec.BF16_PROBE()
+            if not ok:
+                skipped["openvino-bf16"] = why
+                continue
+        engines.append(("openvino", p))
     rows: list[Row] = []
     for seconds in [float(s) for s in args.lengths.split(",")]:
         frames = int(round(seconds * SAMPLE_RATE)) // HOP_LENGTH + 1
@@ -299,9 +362,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if engine == "pytorch":
                     dtype = torch.float16 if precision == "fp16" else torch.float32
                     mods = {k: v.to(device, dtype) for k, v in modules.items()}
-                    stages = torch_stages(mods, mel, device, dtype)
+                    autocast = torch.bfloat16 if precision == "bf16" else None
+                    stages = torch_stages(mods, mel, device, dtype, autocast)
+                elif engine == "openvino":
+                    rec = Reconstructor.load(
+                        args.model, provider=device, precision=precision, backend="openvino", threads=args.threads
+                    )
+                    stages = ov_stages(rec, mel)
                 else:
-                    rec = Reconstructor.load(args.model, provider=device, precision=precision, threads=args.threads)
+                    rec = Reconstructor.load(
+                        args.model, provider=device, precision=precision, backend="onnxruntime", threads=args.threads
+                    )
                     stages = ort_stages(rec, mel)
                 for stage in args.stages.split(","):
                     with PeakSampler(device == "cuda") as peak:
@@ -334,10 +405,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if engine == "pytorch":
                     modules = {k: v.to("cpu", torch.float32) for k, v in modules.items()}
     _ratios(rows)
-    cold = {}
+    cold: dict[str, Any] = {}
     if args.cold_start:
+        import tempfile
+
         for engine, precision in engines:
-            cold[f"{engine}-{precision}"] = cold_start(engine, args.model, device, precision, config)
+            if engine == "pytorch":
+                cold[f"{engine}-{precision}"] = cold_start(engine, args.model, device, precision, config)
+                continue
+            with tempfile.TemporaryDirectory() as cache:  # openvino: empty compiled-model cache, then warm
+                cold[f"{engine}-{precision}"] = {
+                    "first": cold_start(engine, args.model, device, precision, config, cache),
+                    "second": cold_start(engine, args.model, device, precision, config, cache),
+                }
     return {
         "machine": machine_info(device, args.threads),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -347,15 +427,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
         "gflop_per_stage_batch1": flop_cache,
         "cold_start_s": cold,
+        "skipped": skipped,
         "rows": [asdict(r) for r in rows],
     }
 
 
 def _ratios(rows: list[Row]) -> None:
-    """PyTorch/ours latency for every ORT row (same device, stage, length, batch; fp32 on CPU, same precision on GPU)."""
+    """PyTorch/ours latency for every onnxruntime and OpenVINO row (same device, stage, length, batch; PyTorch at
+    the same precision when measured, e.g. bf16 autocast for OpenVINO bf16, else fp32)."""
     ref = {(r.provider, r.precision, r.stage, r.seconds, r.batch): r for r in rows if r.engine == "pytorch"}
     for r in rows:
-        if r.engine != "onnxruntime":
+        if r.engine == "pytorch":
             continue
         base = ref.get((r.provider, r.precision, r.stage, r.seconds, r.batch)) or ref.get(
             (r.provider, "fp32", r.stage, r.seconds, r.batch)
@@ -448,7 +530,10 @@ def main() -> None:
     ap.add_argument("--max-audio-seconds", type=float, default=12.0, help="skip length*batch above this")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--precisions", default="fp32", help="ORT precisions (fp16 on CUDA)")
-    ap.add_argument("--torch-precisions", default="fp32", help="PyTorch precisions (fp16 on CUDA)")
+    ap.add_argument("--torch-precisions", default="fp32", help="PyTorch precisions (fp16 on CUDA, bf16 = CPU autocast)")
+    ap.add_argument(
+        "--openvino-precisions", default="", help="OpenVINO precisions on the CPU (fp32,bf16; bf16 where supported)"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)

@@ -70,9 +70,10 @@ FP16_ARITHMETIC_BUDGET: Final = 2e-2
 # bf16: not a graph precision of the bundle but an OpenVINO inference precision (CPU with AVX512-BF16
 # or AMX) applied to the fp32 graphs. The plan names the stages that stay f32; chosen by measurement
 # on the full architecture (docs/openvino.md, benchmarks/openvino_variants.py): with every stage in
-# bf16 the encoder's latents are within 1 % and the vocoder on real mels within 0.012 nats of fp32,
-# inside the budgets below, so nothing stays f32. (Marking single nodes f32 through OpenVINO's
-# runtime info had no effect on the CPU plugin's bf16 enforcement in 2026.4: a stage is the unit.)
+# bf16 the encoder's latents are 1.1 % (rel-L2) and the vocoder on real mels 0.012 nats (log-mel L1)
+# from fp32, inside the budgets below, and keeping any stage f32 cuts the speed-up from 3.2x to 2.3x or less, so
+# nothing stays f32. (Marking single nodes f32 through OpenVINO's runtime info, "precise_0" or
+# "disable_fp16_compression_0", left bf16 results bit-identical in 2026.4: a stage is the unit.)
 BF16: Final = "bf16"
 BF16_F32_STAGES: Final[tuple[str, ...]] = ()
 BF16_KEY: Final = "bf16_openvino"  # recon.json validation entry written by recon-export
