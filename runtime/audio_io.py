@@ -140,7 +140,10 @@ def write_audio(path: Path, waveform: np.ndarray, sample_rate: int, sample_forma
     if sample_format == "pcm16":
         data = np.clip(data, -1.0, 1.0)
     with atomic_path(path) as tmp:
-        sf.write(str(tmp), data, sample_rate, subtype=WAV_SUBTYPES[sample_format], format="WAV")
+        try:
+            sf.write(str(tmp), data, sample_rate, subtype=WAV_SUBTYPES[sample_format], format="WAV")
+        except (sf.LibsndfileError, RuntimeError) as e:  # libsndfile reports a failed write without errno
+            raise OutputError(f"{path}: cannot write output ({_one_line(e)}: disk full or file size limit?)") from None
 
 
 def save_array(path: Path, array: np.ndarray) -> None:

@@ -249,6 +249,12 @@ def _jobs(
     return jobs
 
 
+def _exclusive(force: bool, skip_existing: bool) -> None:
+    """Checked before a model loads, so the usage error comes first."""
+    if force and skip_existing:
+        raise click.UsageError("--force and --skip-existing exclude each other")
+
+
 def _check_overwrite(target: Path, force: bool) -> None:
     if target.is_dir():
         raise OutputError(f"{target}: is a folder")
@@ -274,8 +280,7 @@ class JobRunner:
     """Runs a command's jobs with its overwrite policy: skips, failures and the closing summary."""
 
     def __init__(self, what: str, force: bool, skip_existing: bool, debug: bool):
-        if force and skip_existing:
-            raise click.UsageError("--force and --skip-existing exclude each other")
+        _exclusive(force, skip_existing)
         self.what = what
         self.force = force
         self.skip_existing = skip_existing
@@ -396,6 +401,7 @@ def reconstruct(
 ) -> None:
     """Audio -> VAE -> HiFi-GAN -> audio, for files or folders (the tree is mirrored)."""
     margs = _model_args(model_kwargs)
+    _exclusive(force, skip_existing)
 
     def run() -> int:
         if server:
@@ -452,7 +458,12 @@ def reconstruct(
             if metrics_path:
                 _write_json(
                     metrics_path,
-                    {"bundle": str(margs.model), "precision": rec.precision, "provider": rec.provider, "files": metrics},
+                    {
+                        "bundle": str(margs.model),
+                        "precision": rec.precision,
+                        "provider": rec.provider,
+                        "files": metrics,
+                    },
                 )
             if plot_path and plots:
                 from .plot import plot_mels
@@ -487,6 +498,7 @@ def encode(
 ) -> None:
     """Audio -> scaled latents [8, T/4, 16] as .npy, with a JSON sidecar for decode."""
     margs = _model_args(model_kwargs)
+    _exclusive(force, skip_existing)
 
     def run() -> int:
         if server:
@@ -517,7 +529,7 @@ def encode(
             }
             save_array(dst, latents)
             try:
-                _write_json(dst.with_suffix(".json"), sidecar)
+                _write_json(dst.with_suffix(SIDECAR), sidecar)
             except BaseException:
                 dst.unlink(missing_ok=True)
                 raise
@@ -551,6 +563,7 @@ def decode(
 ) -> None:
     """Latents (.npy) -> audio; the sidecar, when present, restores length and level."""
     margs = _model_args(model_kwargs)
+    _exclusive(force, skip_existing)
 
     def run() -> int:
         if server:
@@ -600,6 +613,7 @@ def vocode(
 ) -> None:
     """AudioLDM2 log-mel [frames, 64] (.npy, time first, natural log) -> 16 kHz audio, vocoder only."""
     margs = _model_args(model_kwargs)
+    _exclusive(force, skip_existing)
 
     def run() -> int:
         rec = margs.load((VOCODER,))
@@ -626,7 +640,7 @@ def _is_npy(path: Path) -> bool:
 
 
 def _read_sidecar(latents_path: Path, fingerprint: str) -> dict[str, Any]:
-    path = latents_path.with_suffix(".json")
+    path = latents_path.with_suffix(SIDECAR)
     if not path.is_file():
         return {}
     try:
@@ -704,7 +718,9 @@ def info(ctx: click.Context, model: Path, as_json: bool, verify: bool) -> None:
         ]
         fp16 = c.validation.get(FP16_ARITHMETIC_KEY)
         if fp16:
-            errors = ", ".join(f"{r} {v['rel_l2']:.2%}" for r, v in fp16["results"].items())
+            errors = ", ".join(
+                f"{r} {v['rel_l2']:.2%}" if v["finite"] else f"{r} not finite" for r, v in fp16["results"].items()
+            )
             verdict = "passed" if fp16["passed"] else "FAILED (auto keeps fp32 on CUDA)"
             lines.insert(
                 -1, f"fp16 check   {verdict}: rel-L2 {errors} in fp16 arithmetic (budget {fp16['budget']:.0%})"

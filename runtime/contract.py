@@ -310,12 +310,13 @@ class Contract:
 
     @property
     def digest(self) -> str:
-        """Identifies this exact bundle: the decoding weights' hash and every graph file's SHA-256.
+        """Identifies this exact bundle: a hash of everything recon.json says, graph SHA-256s included.
 
-        Each graph is checked against its SHA-256 when it is loaded, so a bundle whose graphs were
-        changed (even with recon.json edited to match) has another digest: pin it to trust a bundle.
+        Each graph is checked against its SHA-256 when it is loaded, so a bundle whose graphs or
+        contract were changed (even with recon.json edited to match) has another digest: pin the
+        digest of a bundle you trust.
         """
-        key = json.dumps([self.weights_sha256, sorted((g.file, g.sha256) for g in self.graphs)])
+        key = json.dumps(self.to_dict(), sort_keys=True, default=str)
         return hashlib.sha256(key.encode()).hexdigest()[:FINGERPRINT_LENGTH]
 
     @property

@@ -41,7 +41,8 @@ def test_eight_threads_on_a_fresh_instance_share_one_session_per_stage(
     tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     inputs = [tone(0.6 + 0.1 * i, 16000, 200 + 90 * i) for i in range(8)]
-    expected = [Reconstructor.load(tiny_bundle, provider="cpu").reconstruct(a, 16000) for a in inputs]
+    ort = {"provider": "cpu", "backend": "onnxruntime"}
+    expected = [Reconstructor.load(tiny_bundle, **ort).reconstruct(a, 16000) for a in inputs]
     created: list[str] = []
     real_init = ort_exec.GraphSession.__init__
 
@@ -50,7 +51,7 @@ def test_eight_threads_on_a_fresh_instance_share_one_session_per_stage(
         real_init(self, bundle_dir, contract, entry, config, fixed_dims)
 
     monkeypatch.setattr(ort_exec.GraphSession, "__init__", counting_init)
-    rec = Reconstructor.load(tiny_bundle, provider="cpu")
+    rec = Reconstructor.load(tiny_bundle, **ort)
     before = _state(rec)
     barrier = threading.Barrier(8)
 
@@ -124,7 +125,7 @@ def test_captured_chain_results_are_owned_and_threads_get_their_own(tiny_bundle:
     chain = ort_exec.FixedShapeChain(
         tiny_bundle, contract, [contract.graph(r, FP32) for r in roles], ort_exec.SessionConfig(), shape
     )
-    rec = Reconstructor.load(tiny_bundle, provider="cpu", precision="fp32")
+    rec = Reconstructor.load(tiny_bundle, provider="cpu", precision="fp32", backend="onnxruntime")
     rng = np.random.default_rng(0)
     xs = [rng.uniform(-11.5, 1.0, shape).astype(np.float32) for _ in range(32)]
     want = [rec.run_graphs(roles, x)[0] for x in xs]
@@ -265,3 +266,40 @@ def test_fingerprint_follows_the_decoding_weights_not_the_folder(tmp_path: Path)
     other = export(tmp_path / "one", 6, "c")  # other weights from the first folder
     assert same_a == same_b
     assert other != same_a
+
+
+def test_a_refused_capture_falls_back_once_with_the_same_results(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(ort_exec.OrtCudaExecutor, "_run", ort_exec.OrtExecutor._run)
+
+    def refuse(self, x):  # type: ignore[no-untyped-def]
+        raise RuntimeError("CUDA graph capture is not supported for this graph")
+
+    monkeypatch.setattr(ort_exec.FixedShapeChain, "run", refuse)
+    contract = read_contract(tiny_bundle)
+    ex = ort_exec.CapturedChainExecutor(tiny_bundle, contract, "cpu", FP32, ExecutorOptions(cuda_graph=True))
+    plain = ort_exec.OrtExecutor(tiny_bundle, contract, "cpu", FP32, ExecutorOptions())
+    caplog.set_level("WARNING", logger="recon_runtime")
+    x = np.random.default_rng(2).uniform(-11.5, 0, (1, 32, 64)).astype(np.float32)
+    for _ in range(4):  # the second call builds the chain, its run is refused, every call still answers
+        np.testing.assert_allclose(ex.run(("vocoder",), x)[0], plain.run(("vocoder",), x)[0], atol=SAME_RESULT_ATOL)
+    assert ex._capture_failed and not ex._chains
+    assert sum("CUDA graph capture failed" in r.message for r in caplog.records) == 1
+
+
+def test_a_chain_whose_sessions_do_not_start_disables_capture(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ort_exec.OrtCudaExecutor, "_run", ort_exec.OrtExecutor._run)
+
+    def no_cuda(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise ProviderError("the CUDA provider did not start (out of memory for a second copy)")
+
+    monkeypatch.setattr(ort_exec.FixedShapeChain, "__init__", no_cuda)
+    contract = read_contract(tiny_bundle)
+    ex = ort_exec.CapturedChainExecutor(tiny_bundle, contract, "cpu", FP32, ExecutorOptions(cuda_graph=True))
+    x = np.random.default_rng(3).uniform(-11.5, 0, (1, 16, 64)).astype(np.float32)
+    for _ in range(3):
+        assert ex.run(("vocoder",), x)[0].shape == (1, 16 * 160 + 32)
+    assert ex._capture_failed

@@ -29,7 +29,7 @@ from ..contract import (
     check_metadata,
     verify_graph_file,
 )
-from ..errors import ProviderError, ReconError
+from ..errors import BundleError, ProviderError, ReconError
 from .base import Executor, ExecutorOptions, vocoder_input
 
 try:
@@ -145,7 +145,16 @@ class GraphSession:
         if config.provider == CUDA:
             _preload_cuda_libraries()
         providers = config.providers(cuda_graph=bool(fixed_dims) and config.cuda_graph)
-        self.session = ort.InferenceSession(str(self.path), config.options(fixed_dims), providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(self.path), config.options(fixed_dims), providers=providers)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own error types are not RuntimeError
+            if config.provider != CUDA:
+                raise
+            raise ProviderError(
+                f"{self.path}: the CUDA provider did not start ({' '.join(str(e).split())[:300]})"
+            ) from None
+        # no silent switch to the CPU inside a run: provider and precision stay what load chose
+        self.session.disable_fallback()
         check_metadata(self.path, contract, entry, self.session.get_modelmeta().custom_metadata_map)
         self.on_cuda = self.session.get_providers()[0] == PROVIDERS[CUDA]
         if config.provider == CUDA and not self.on_cuda:
@@ -326,7 +335,7 @@ class OrtCudaExecutor(OrtExecutor):
 class CapturedChainExecutor(OrtCudaExecutor):
     """CUDA with CUDA graphs: a captured fixed-shape chain for shapes seen twice, IO binding otherwise.
 
-    The chains are a bounded cache behind the lock (at most MAX_CAPTURED_SHAPES chains, at most
+    The chains are a bounded cache behind a lock (at most MAX_CAPTURED_SHAPES chains, at most
     MAX_TRACKED_SHAPES shapes counted). If onnxruntime refuses a capture, capturing stops for this
     executor with one warning and every shape runs through IO binding; results do not change.
     """
@@ -336,10 +345,12 @@ class CapturedChainExecutor(OrtCudaExecutor):
         self._chains: dict[tuple[Any, ...], FixedShapeChain] = {}
         self._seen: OrderedDict[tuple[Any, ...], int] = OrderedDict()
         self._capture_failed = False
+        # its own lock: building a chain takes seconds and must not hold up session creation
+        self._chain_lock = threading.Lock()
 
     def _chain(self, roles: tuple[str, ...], shape: tuple[int, ...]) -> FixedShapeChain | None:
         key = (roles, shape)
-        with self._lock:
+        with self._chain_lock:
             if self._capture_failed:
                 return None
             chain = self._chains.get(key)
@@ -353,9 +364,9 @@ class CapturedChainExecutor(OrtCudaExecutor):
             entries = [self.contract.graph(r, self.precision) for r in roles]
             try:
                 chain = FixedShapeChain(self.bundle_dir, self.contract, entries, self._config, shape)  # type: ignore[arg-type]
-            except ReconError:
+            except BundleError:
                 raise
-            except Exception as e:  # noqa: BLE001 - onnxruntime refused the pinned sessions
+            except Exception as e:  # noqa: BLE001 - onnxruntime refused the pinned sessions (ProviderError included)
                 self._disable(e)
                 return None
             self._chains[key] = chain
@@ -374,7 +385,7 @@ class CapturedChainExecutor(OrtCudaExecutor):
             except ReconError:
                 raise
             except Exception as e:  # noqa: BLE001 - the capture itself happens on the first run
-                with self._lock:
+                with self._chain_lock:
                     if not self._capture_failed:
                         self._disable(e)
         return super()._run(roles, x)
