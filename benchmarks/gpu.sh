@@ -43,4 +43,17 @@ else
   python3 -m benchmarks.latency --model "$BUNDLE" --device "$DEVICE" --lengths 1.0,10.24,30 --batches 1,4,16 \
     --max-audio-seconds 500 --precisions fp16,fp32 --torch-precisions fp16,fp32 --repeats 20 --warmup 3 --out "$OUT"
 fi
+
+echo "== server (recon-run serve on loopback, dynamic batching, vs in-process reconstruct_many)"
+if python3 -c "import fastapi, uvicorn, httpx, prometheus_client, multipart" 2>/dev/null; then
+  if [ -n "${RECON_QUICK:-}" ]; then
+    python3 -m benchmarks.server --model "$BUNDLE" --provider "$DEVICE" --precision fp32 --lengths 1.0 \
+      --clients 1,4 --requests 8 --out "$OUT" --tag server || true
+  else
+    python3 -m benchmarks.server --model "$BUNDLE" --provider "$DEVICE" --precision auto --lengths 1.0,10.24 \
+      --clients 1,4,16 --requests 64 --max-batches 1,8 --overload-queue 8 --out "$OUT" --tag server || true
+  fi
+else
+  echo "skipped: the serve extra (fastapi uvicorn httpx prometheus-client python-multipart) is not installed"
+fi
 ls -la "$OUT"

@@ -2,7 +2,9 @@
 
 For each server setting (`--max-batch 1` and the default 8), each clip length and each client count,
 a fixed number of reconstruct requests is sent by that many closed-loop clients (each sends its
-next request when the last one answered), so every run stops by itself. Reported per row:
+next request when the last one answered), so every run stops by itself. Each row is preceded by an
+untimed warm-up round at the same concurrency (engines compile each new batch shape on its first
+run); the in-process runs are warmed at the batch sizes they will use. Reported per row:
 throughput (audio seconds per second, requests per second), p50/p95/p99 latency and the mean
 batch size (windows per graph run, from the server's `recon_batch_size` histogram). The same
 inputs then run in this process through `Reconstructor.reconstruct_many` (same bucket_frames and
@@ -92,7 +94,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [str(Path(sys.executable).with_name("recon-run")), "serve", "--model", str(args.model)]
-        cmd += ["--provider", args.provider, "--precision", args.precision, "--port", str(self.port)]
+        cmd += ["--provider", args.provider, "--precision", args.precision, "--backend", args.backend]
+        cmd += ["--port", str(self.port)]
         cmd += ["--max-queue", "1000", "--timeout-s", "600", *extra]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
@@ -111,6 +114,11 @@ class Server:
                 pass
             time.sleep(0.2)
         raise SystemExit("server not ready in 600 s")
+
+    def info(self) -> dict[str, Any]:
+        import httpx
+
+        return httpx.get(self.url + "/v1/info", timeout=10).json()
 
     def metrics(self) -> dict[str, float]:
         import httpx
@@ -198,12 +206,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     inputs = {s: clips(args.requests, s, seed=int(s * 100)) for s in lengths}
     bodies = {s: [wav(x) for x in xs] for s, xs in inputs.items()}
     rows: list[dict[str, Any]] = []
+    served: dict[str, Any] = {}
     for max_batch in batches:
         server = Server(args, "--max-batch", str(max_batch), "--max-wait-ms", str(args.max_wait_ms))
         try:
+            info = server.info()
+            served = {k: info[k] for k in ("backend", "provider", "precision", "weights", "source")}
             for s in lengths:
-                closed_loop(server.url, bodies[s][:2], 1, 2, args.timeout)  # warm this shape
                 for c in concurrency:
+                    # warm-up at this concurrency: an engine compiles each new batch shape on its first run
+                    # (OpenVINO: about 0.7 s per new batch size with the tiny model), a one-time cost
+                    closed_loop(server.url, bodies[s][-c:], c, c, args.timeout)
                     m0 = server.metrics()
                     res = closed_loop(server.url, bodies[s], c, args.requests, args.timeout)
                     m1 = server.metrics()
@@ -228,6 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             server.stop()
         rec = Reconstructor.load(
             args.model,
+            backend=args.backend,
             provider=args.provider,
             precision=args.precision,
             threads=args.threads,
@@ -235,7 +249,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bucket_frames=SERVER_BUCKET_FRAMES,
         )
         for s in lengths:
-            rec.reconstruct_many([(x, RATE) for x in inputs[s][:2]])  # warm this shape
+            warm = {max_batch, args.requests % max_batch or max_batch}  # the batch sizes the timed run will use
+            for b in warm:
+                rec.reconstruct_many([(x, RATE) for x in inputs[s][:b]])
             t0 = time.perf_counter()
             rec.reconstruct_many([(x, RATE) for x in inputs[s]])
             wall = time.perf_counter() - t0
@@ -258,7 +274,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         q = args.overload_queue
         server = Server(args, "--max-queue", str(q))  # the default max-batch
         try:
-            closed_loop(server.url, bodies[s][:2], 1, 2, args.timeout)
+            closed_loop(server.url, bodies[s][:4], 2 * q, 2 * q, args.timeout, retry_pause=0.05)  # warm-up
             unloaded = closed_loop(server.url, bodies[s], 1, args.requests, args.timeout)
             loaded = closed_loop(server.url, bodies[s], 2 * q, args.requests, args.timeout, retry_pause=0.05)
         finally:
@@ -278,7 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "p99_ratio": round(l99 / u99, 2) if u99 and l99 else None,
         }
         print(json.dumps(overload), flush=True)
-    return {"machine": machine(), "args": vars(args), "rows": rows, "overload": overload}
+    return {"machine": machine(), "served": served, "args": vars(args), "rows": rows, "overload": overload}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -296,6 +312,7 @@ def table(result: dict[str, Any]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
+    p.add_argument("--backend", default="auto")
     p.add_argument("--provider", default="cpu")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--threads", type=int, default=None)
@@ -314,7 +331,7 @@ def main() -> None:
     name = args.tag or f"server-{args.provider}-{result['date']}"
     path = Path(args.out) / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{result['machine']}\n")
+    print(f"\n{result['machine']}\n{result['served']}\n")
     print(table(result))
     if result["overload"]:
         print("\noverload:", json.dumps(result["overload"]))

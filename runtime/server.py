@@ -213,6 +213,7 @@ class Service:
         self.load_error: BaseException | None = None
         self.in_flight = 0
         self._loader: threading.Thread | None = None
+        self._cpu_slots: asyncio.Semaphore | None = None
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
         self.metrics.in_flight.set_function(lambda: self.in_flight)
 
@@ -299,6 +300,15 @@ class Service:
 
     def release(self) -> None:
         self.in_flight -= 1
+
+    # ------------------------------------------------------------------ CPU work off the event loop
+    async def cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run decoding, front end, joining or encoding on the thread pool, at most one job per core at
+        once: a burst of uploads must not crowd the inference worker off the cores."""
+        if self._cpu_slots is None:
+            self._cpu_slots = asyncio.Semaphore(max(1, os.cpu_count() or 1))
+        async with self._cpu_slots:
+            return await run_in_threadpool(fn, *args)
 
     # ------------------------------------------------------------------ input
     async def read_body(self, request: Request) -> bytes:
@@ -651,7 +661,7 @@ def create_app(
             deadline = service.deadline()
 
             async def work() -> tuple[bytes, Any]:
-                feats, _ = await run_in_threadpool(service.features, body)
+                feats, _ = await service.cpu(service.features, body)
                 job = rec.reconstruction_job(feats)
                 outputs = await service.run_job(job, deadline)
 
@@ -660,7 +670,7 @@ def create_app(
                     out = rec.finish(feats, rec.crop(feats, wave), output_rate)
                     return _wav_bytes(out, output_rate or service.rate, subtype)
 
-                return await run_in_threadpool(finish), feats
+                return await service.cpu(finish), feats
 
             data, feats = await service.within(deadline, work())
         service.metrics.audio_seconds.labels("/v1/reconstruct").inc(feats.num_samples / service.rate)
@@ -686,7 +696,7 @@ def create_app(
             used_seed = seed if seed is not None else secrets.randbits(63)
 
             async def work() -> tuple[np.ndarray, Any, int]:
-                feats, input_rate = await run_in_threadpool(service.features, body)
+                feats, input_rate = await service.cpu(service.features, body)
                 job = rec.encoding_job(feats)
                 outputs = await service.run_job(job, deadline)
 
@@ -697,7 +707,7 @@ def create_app(
                         mean = mean + std * noise
                     return mean
 
-                return await run_in_threadpool(finish), feats, input_rate
+                return await service.cpu(finish), feats, input_rate
 
             latents, feats, input_rate = await service.within(deadline, work())
         service.metrics.audio_seconds.labels("/v1/encode").inc(feats.num_samples / service.rate)
@@ -749,7 +759,7 @@ def create_app(
                     wave = wave[:num_samples] if num_samples is not None else wave
                     return wave * np.float32(gain) if gain is not None else wave
 
-                return await run_in_threadpool(finish)
+                return await service.cpu(finish)
 
             wave = await service.within(deadline, work())
         service.metrics.audio_seconds.labels("/v1/decode").inc(wave.size / service.rate)
@@ -801,6 +811,8 @@ async def _decode_stream(
         "Cache-Control": "no-store",
     }
 
+    pending: list[Future] = []
+
     async def parts() -> AsyncIterator[bytes]:
         try:
             weights = window_weights(list(job.spans), job.scale) if n > 1 else None
@@ -812,7 +824,7 @@ async def _decode_stream(
                 nxt = None
                 if i + 1 < n:  # queue the next window before sending this part
                     deadline = service.deadline()
-                    nxt = service.submit(job, [i + 1], deadline)
+                    nxt = pending[:] = service.submit(job, [i + 1], deadline)
                 (piece,) = output
                 if n == 1:
                     chunk = piece
@@ -836,6 +848,8 @@ async def _decode_stream(
         except HTTPError as e:  # the status is sent: all that is left is to end the stream early
             _LOGGER.warning("streaming decode stopped: %s", e.message)
         finally:
+            if pending and service.batcher is not None:  # the client went away: its next window leaves the queue
+                service.batcher.cancel(pending)
             release()
 
     return StreamingResponse(parts(), media_type=STREAM_MEDIA_TYPE, headers=headers)
