@@ -216,7 +216,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for c in concurrency:
                     # warm-up at this concurrency: an engine compiles each new batch shape on its first run
                     # (OpenVINO: about 0.7 s per new batch size with the tiny model), a one-time cost
-                    closed_loop(server.url, bodies[s][-c:], c, c, args.timeout)
+                    warm = c if args.warmup_requests is None else args.warmup_requests
+                    if warm:
+                        closed_loop(server.url, bodies[s][-warm:], min(c, warm), warm, args.timeout)
                     m0 = server.metrics()
                     res = closed_loop(server.url, bodies[s], c, args.requests, args.timeout)
                     m1 = server.metrics()
@@ -321,6 +323,9 @@ def main() -> None:
     p.add_argument("--max-batches", default="1,8")
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--requests", type=int, default=32, help="requests per row (a fixed count: the run stops by itself)")
+    p.add_argument(
+        "--warmup-requests", type=int, default=None, help="untimed requests before each server row (default: clients)"
+    )
     p.add_argument("--overload-queue", type=int, default=2, help="--max-queue of the overload run (0: skip it)")
     p.add_argument("--timeout", type=float, default=600.0, help="client timeout per request, s")
     p.add_argument("--out", default="/tmp/recon-server-bench")

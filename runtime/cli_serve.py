@@ -6,6 +6,7 @@ fastapi, uvicorn and httpx (the `serve` extra) are imported only inside the comm
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 from collections.abc import Callable
@@ -123,7 +124,7 @@ def serve(ctx: click.Context, host: str, port: int, grace_s: float, api_key_env:
             app,
             host=host,
             port=port,
-            timeout_graceful_shutdown=int(round(grace_s)) if grace_s else None,
+            timeout_graceful_shutdown=math.ceil(grace_s),  # None would wait for ever
             log_level="debug" if ctx.obj and ctx.obj.get("debug") else "info",
             server_header=False,
             proxy_headers=False,

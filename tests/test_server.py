@@ -547,3 +547,28 @@ def test_the_client_raises_server_errors_with_the_status(server: Server) -> None
         with pytest.raises(ServerError) as e:
             c.info()
         assert e.value.status == 401
+
+
+def test_config_from_the_environment_for_hosts_without_the_cli() -> None:
+    from recon_runtime.server import ServerConfig
+
+    env = {"RECON_MODEL": "/m", "RECON_MAX_BATCH": "2", "RECON_MAX_WAIT_MS": "5.5", "RECON_THREADS": "3"}
+    env |= {"RECON_API_KEY_ENV": "MY_KEY", "MY_KEY": "k1"}
+    c = ServerConfig.from_env(env)
+    assert (c.model, c.max_batch, c.max_wait_ms, c.threads, c.api_key) == ("/m", 2, 5.5, 3, "k1")
+    assert ServerConfig.from_env({}) == ServerConfig()
+    with pytest.raises(ValueError, match="MY_KEY"):
+        ServerConfig.from_env({"RECON_API_KEY_ENV": "MY_KEY"})
+    with pytest.raises(ValueError):
+        ServerConfig(max_queue=0)
+
+
+def test_serve_refuses_a_missing_bundle_or_key_in_one_line(tmp_path: Path) -> None:
+    exe = str(Path(sys.executable).with_name("recon-run"))
+    r = subprocess.run([exe, "serve", "--model", str(tmp_path / "nope"), "--port", str(free_port())],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode != 0 and "nope" in r.stderr and "Traceback" not in r.stderr
+    env = {k: v for k, v in os.environ.items() if k != "UNSET_KEY_VAR"}
+    r = subprocess.run([exe, "serve", "--model", str(tmp_path), "--api-key-env", "UNSET_KEY_VAR"],
+                       capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert r.returncode != 0 and "UNSET_KEY_VAR" in r.stderr and "Traceback" not in r.stderr
