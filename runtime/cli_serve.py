@@ -57,7 +57,7 @@ def api_key_from_env(var: str | None) -> str | None:
 @click.option("--backend", type=click.Choice(("auto", *BACKENDS)), default="auto", show_default=True)
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp16", "fp32", "int8"]), default="auto", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per session.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per graph run.")
 @click.option("--expect-digest", default=None, metavar="DIGEST", help="Refuse the bundle unless its digest is DIGEST.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)

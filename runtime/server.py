@@ -2,8 +2,8 @@
 
 `create_app(config)` builds the one FastAPI app that `recon-run serve`, tests, gunicorn
 (`gunicorn -k uvicorn.workers.UvicornWorker 'recon_runtime.server:create_app()'`, configured from
-`RECON_*` environment variables, see `ServerConfig.from_env`) and other hosts run. Sessions are
-created and warmed up when the app starts (in its lifespan, on a background thread, so `/healthz`
+`RECON_*` environment variables, see `ServerConfig.from_env`) and other hosts run. The model is
+loaded and warmed up when the app starts (in its lifespan, on a background thread, so `/healthz`
 answers while the model loads and `/readyz` says 503 until it is ready), never at import.
 
 Every request is cut into the runtime's windows (`Reconstructor.reconstruction_job` and friends);
@@ -180,7 +180,7 @@ class _Metrics:
         )
         self.windows = Counter("recon_windows", "Windows processed", ["stages"], registry=r)
         self.audio_seconds = Counter("recon_audio_seconds", "Seconds of audio processed", ["route"], registry=r)
-        self.ready = Gauge("recon_ready", "1 when the sessions exist and the warm-up ran", registry=r)
+        self.ready = Gauge("recon_ready", "1 when the model is loaded and the warm-up ran", registry=r)
 
     def on_batch(self, stats: BatchStats) -> None:
         roles = stats.key[0] if isinstance(stats.key, tuple) and stats.key else ()
@@ -268,7 +268,7 @@ class Service:
 
     @staticmethod
     def _warm_up(rec: Any) -> None:
-        """One short reconstruction and one decode: creates every session and runs each graph once."""
+        """One short reconstruction and one decode: loads every graph and runs each once."""
         rate = rec.contract.mel.sample_rate
         t = np.arange(rate, dtype=np.float32) / rate
         feats = rec.features(0.1 * np.sin(2 * np.pi * 440 * t), rate)
@@ -604,7 +604,7 @@ def create_app(
     async def healthz() -> dict[str, str]:
         return {"status": "alive"}
 
-    @app.get("/readyz", summary="503 until the sessions exist and the warm-up ran")
+    @app.get("/readyz", summary="503 until the model is loaded and the warm-up ran")
     async def readyz() -> JSONResponse:
         if service.ready.is_set():
             return JSONResponse({"status": "ready"})
