@@ -406,7 +406,7 @@ def reconstruct(
     def run() -> int:
         if server:
             if metrics_path or plot_path:
-                raise click.UsageError("--metrics and --plot need local sessions; drop --server for them")
+                raise click.UsageError("--metrics and --plot need the model loaded locally; drop --server for them")
             from .cli_serve import remote_client, remote_reconstruct
 
             with remote_client(server, api_key_env) as client:
