@@ -186,9 +186,9 @@ def remote_encode(client: Any, sample: bool, seed: int, sidecar_version: int) ->
         }
         save_array(dst, latents)
         try:
-            from .cli import _write_json
+            from .cli import SIDECAR, _write_json
 
-            _write_json(dst.with_suffix(".json"), sidecar)
+            _write_json(dst.with_suffix(SIDECAR), sidecar)
         except BaseException:
             dst.unlink(missing_ok=True)
             raise
