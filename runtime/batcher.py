@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,8 @@ class BatchStats:
     seconds: float
     key: Hashable
     failed: bool
+    retried: bool = False
+    """A failed batch whose windows are run again one at a time (each reported on its own)."""
 
 
 class WindowBatcher:
@@ -187,7 +189,12 @@ class WindowBatcher:
                 if item.future.cancelled():
                     continue
                 if item.deadline is not None and now >= item.deadline:
-                    item.future.set_exception(DeadlineExceeded("the request's deadline passed before its window ran"))
+                    # a caller may cancel the future at any moment (from its event loop, without this
+                    # lock): claim it first, so a cancelled one is simply dropped
+                    if item.future.set_running_or_notify_cancel():
+                        item.future.set_exception(
+                            DeadlineExceeded("the request's deadline passed before its window ran")
+                        )
                     continue
                 keep.append(item)
             self._waiting -= len(queue) - len(keep)
@@ -227,40 +234,60 @@ class WindowBatcher:
 
     def _loop(self) -> None:
         while True:
-            batch = self._take()
-            if batch is None:
-                return
-            if batch:
-                self._execute(batch)
+            batch: list[_Item] | None = None
+            try:
+                batch = self._take()
+                if batch is None:
+                    return
+                if batch:
+                    self._execute(batch)
+            except BaseException as e:  # noqa: BLE001 - fail the windows at hand, never the worker
+                _LOGGER.exception("the batch worker hit an unexpected error; failing the windows it held")
+                for item in batch or ():
+                    _settle(item.future, error=e)
+                time.sleep(0.001)  # no busy loop if the error repeats
 
     def _execute(self, batch: list[_Item]) -> None:
         started = time.perf_counter()
         try:
             outputs = self._run(batch[0].roles, [item.window for item in batch])
         except BaseException as e:  # noqa: BLE001 - every caller gets the error, the worker lives on
-            self._report(len(batch), started, batch[0].key, True)
+            self._report(len(batch), started, batch[0].key, True, retried=len(batch) > 1)
             if len(batch) == 1:
-                batch[0].future.set_exception(e)
+                _settle(batch[0].future, error=e)
                 return
             # one bad window must not fail the others: run them one at a time
             _LOGGER.warning("a batch of %d windows failed (%s); running them one at a time", len(batch), e)
             for item in batch:
                 started = time.perf_counter()
                 try:
-                    item.future.set_result(self._run(item.roles, [item.window])[0])
-                    self._report(1, started, item.key, False)
+                    out = self._run(item.roles, [item.window])[0]
                 except BaseException as e1:  # noqa: BLE001
-                    item.future.set_exception(e1)
+                    _settle(item.future, error=e1)
                     self._report(1, started, item.key, True)
+                else:
+                    _settle(item.future, result=out)
+                    self._report(1, started, item.key, False)
             return
         self._report(len(batch), started, batch[0].key, False)
         for item, out in zip(batch, outputs):
-            item.future.set_result(out)
+            _settle(item.future, result=out)
 
-    def _report(self, size: int, started: float, key: Hashable, failed: bool) -> None:
+    def _report(self, size: int, started: float, key: Hashable, failed: bool, retried: bool = False) -> None:
         if self._on_batch is None:
             return
         try:
-            self._on_batch(BatchStats(size, time.perf_counter() - started, key, failed))
+            self._on_batch(BatchStats(size, time.perf_counter() - started, key, failed, retried))
         except Exception:  # noqa: BLE001 - metrics must never stop the worker
             _LOGGER.exception("batch callback failed")
+
+
+def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Resolve a future the worker claimed; one that was resolved or cancelled meanwhile is left alone."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass

@@ -226,6 +226,68 @@ def test_one_bad_window_fails_alone_and_the_worker_lives_on(model: FakeModel) ->
     assert b.close(timeout=5)
 
 
+def test_a_failed_batch_retried_one_at_a_time_counts_each_window_once(model: FakeModel) -> None:
+    seen = []
+    b = WindowBatcher(model, max_batch=4, max_wait_s=0.0, on_batch=seen.append)
+    model.hold()
+    busy = b.submit(KEY_A, ROLES, [window(0)])
+    assert model.entered.wait(5)
+    futures = b.submit(KEY_A, ROLES, [window(1), window(np.nan), window(2)])
+    model.gate.set()
+    for f in [*busy, *futures]:
+        f.exception(5)
+    counted = [s.size for s in seen if not s.retried]
+    assert sum(counted) == 4 and [s.size for s in seen if s.retried] == [3]
+    assert b.close(timeout=5)
+
+
+def test_cancelling_from_another_thread_while_windows_expire_never_kills_the_worker(model: FakeModel) -> None:
+    """The server cancels futures from its event loop without the batcher's lock while the worker
+    expires the same windows: the worker must survive every interleaving."""
+    import sys
+
+    b = WindowBatcher(model, max_batch=64, max_wait_s=60.0)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for round_ in range(150):
+            futures = b.submit(KEY_A, ROLES, [window(round_)] * 40, deadline=time.monotonic() + 0.002)
+            while not all(f.done() for f in futures):
+                for f in futures:
+                    f.cancel()  # as asyncio.wrap_future does on a timeout: no lock held
+            assert b.alive, f"the worker died in round {round_}"
+    finally:
+        sys.setswitchinterval(interval)
+    np.testing.assert_array_equal(b.submit(KEY_A, ROLES, [window(3)], deadline=None)[0].result(5)[0], window(6))
+    assert b.depth == 0
+    assert b.close(timeout=5)
+
+
+def test_an_unexpected_worker_error_fails_the_batch_but_not_the_worker(model: FakeModel) -> None:
+    calls = []
+
+    def broken_callback(stats: object) -> None:
+        calls.append(stats)
+
+    b = WindowBatcher(model, max_batch=4, max_wait_s=0.0, on_batch=broken_callback)
+    original = b._execute
+    state = {"n": 0}
+
+    def flaky(batch: list) -> None:
+        state["n"] += 1
+        if state["n"] == 1:
+            raise RuntimeError("worker bug")
+        original(batch)
+
+    b._execute = flaky  # type: ignore[method-assign]
+    first = b.submit(KEY_A, ROLES, [window(1)])[0]
+    with pytest.raises(RuntimeError, match="worker bug"):
+        first.result(5)
+    assert b.alive
+    np.testing.assert_array_equal(b.submit(KEY_A, ROLES, [window(2)])[0].result(5)[0], window(4))
+    assert b.close(timeout=5)
+
+
 def test_batch_callback_sees_every_graph_run(model: FakeModel) -> None:
     seen = []
     b = WindowBatcher(model, max_batch=4, max_wait_s=0.3, on_batch=seen.append)
