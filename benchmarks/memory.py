@@ -22,7 +22,9 @@ import numpy as np
 from recon_runtime.contract import SAMPLE_RATE
 
 
-def _child(model: str, seconds: float, precision: str, arena: bool, threads: int | None) -> dict[str, Any]:
+def _child(
+    model: str, seconds: float, precision: str, arena: bool, threads: int | None, backend: str
+) -> dict[str, Any]:
     from recon_runtime import Reconstructor
     from recon_runtime.contract import ROLES
 
@@ -32,7 +34,9 @@ def _child(model: str, seconds: float, precision: str, arena: bool, threads: int
     del t
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # every session created at load, so their weights are in "after load", not in the growth
-    rec = Reconstructor.load(model, provider="cpu", precision=precision, cpu_arena=arena, threads=threads, stages=ROLES)
+    rec = Reconstructor.load(
+        model, provider="cpu", precision=precision, backend=backend, cpu_arena=arena, threads=threads, stages=ROLES
+    )
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     out = rec.reconstruct(audio, SAMPLE_RATE)
@@ -42,6 +46,7 @@ def _child(model: str, seconds: float, precision: str, arena: bool, threads: int
     input_mb = audio.nbytes / 2**20
     return {
         "seconds": seconds,
+        "backend": rec.backend,
         "precision": precision,
         "cpu_arena": arena,
         "threads": threads,
@@ -59,13 +64,14 @@ def main() -> None:
     ap.add_argument("--model", default="models/demo")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--arena", action="store_true", help="enable onnxruntime's CPU memory arena")
-    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the engine's)")
+    ap.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "openvino"])
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="append results to this JSON file")
     ap.add_argument("seconds", nargs="+", type=float)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(_child(args.model, args.seconds[0], args.precision, args.arena, args.threads)))
+        print(json.dumps(_child(args.model, args.seconds[0], args.precision, args.arena, args.threads, args.backend)))
         return
     rows = []
     for seconds in args.seconds:
@@ -79,6 +85,8 @@ def main() -> None:
                 args.model,
                 "--precision",
                 args.precision,
+                "--backend",
+                args.backend,
                 str(seconds),
             ]
             + (["--arena"] if args.arena else [])
