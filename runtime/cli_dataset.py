@@ -92,7 +92,8 @@ def _run(ctx: click.Context, mode: str, inputs: tuple[str, ...], out: Path, kwar
         if not result.ok and not result.skipped and not result.failed:
             _fail("no input files found")
             return 1
-        return 1 if result.failed else 0
+        # non-zero while any file of this job has an error row, from this run or an earlier one
+        return 1 if result.failed or result.errors_outstanding else 0
 
     _guard(ctx, run)
 

@@ -53,6 +53,8 @@ EVALUATE: Final = "evaluate"
 MODES: Final = (ENCODE, RECONSTRUCT, EVALUATE)
 RESULT_DIRS: Final = {ENCODE: "latents", RECONSTRUCT: "done", EVALUATE: "metrics"}
 ERRORS_DIR: Final = "errors"
+ATTEMPTS_DIR: Final = "attempts"
+PREPARE_MEMORY: Final = 1 << 30  # Ray memory request per read + front-end task (one decoded file + a batch of log-mels)
 AUDIO_DIR: Final = "audio"
 JOB_FILE: Final = "job.json"
 SUMMARY_FILE: Final = "summary.json"
@@ -97,6 +99,26 @@ class JobConfig:
     # marker file crash_once[1] to do it only once
     stop_after: int | None = None
     crash_once: tuple[str, str] | None = None
+    # test hook: the process handling the file named crash_always[0] dies (os._exit) every time, in
+    # stage crash_always[1] ("read": the CPU task, "run": the graph worker), as an OOM kill or a
+    # decoder segfault would
+    crash_always: tuple[str, str] | None = None
+    # a batch whose worker died this many times is run again one file at a time, and a file whose
+    # worker dies then gets an error row instead of another try
+    batch_attempts: int = 2
+
+    def settings(self) -> dict[str, Any]:
+        """What shapes the results besides the bundle: a resume must use the same."""
+        model = self.model
+        out: dict[str, Any] = {
+            "backend": getattr(model, "backend", None),
+            "provider": getattr(model, "provider", None),
+            "precision": getattr(model, "precision", None),
+            "max_seconds": self.max_seconds,
+        }
+        if self.mode == RECONSTRUCT:
+            out.update(output_rate=self.output_rate, sample_format=self.sample_format)
+        return out
 
 
 @dataclass
@@ -105,6 +127,7 @@ class JobResult:
     failed: int = 0
     skipped: int = 0
     failed_before: int = 0
+    errors_outstanding: int = 0  # files of this job with an error row (this run or before), no result
     audio_seconds: float = 0.0
     wall_seconds: float = 0.0
     errors: list[tuple[str, str, str]] = field(default_factory=list)  # (path, stage, message)
@@ -120,6 +143,11 @@ class JobResult:
             )
             + "); "
             f"{self.audio_seconds / 3600:.4f} h of audio in {self.wall_seconds:.1f} s wall ({rate} audio-s/s)"
+            + (
+                f"; {self.errors_outstanding} file(s) of this job have errors (this run or before): exit status 1"
+                if self.errors_outstanding
+                else ""
+            )
         )
 
 
@@ -239,8 +267,12 @@ def _is_dir(path: str) -> bool:
     return os.path.isdir(path)
 
 
-def list_inputs(inputs: Iterable[str]) -> list[Item]:
-    """Expand folders, files and manifests into items; a clash of mirrored outputs fails each file involved."""
+def list_inputs(inputs: Iterable[str], mirror_outputs: bool = False) -> list[Item]:
+    """Expand folders, files and manifests into items.
+
+    With `mirror_outputs` (reconstruct: one audio file per input, mirroring the tree), a clash of
+    mirrored outputs fails each file involved; encode and evaluate write no per-file output.
+    """
     items: list[Item] = []
     for raw in inputs:
         root = raw if _is_uri(raw) else os.path.abspath(_local(raw))
@@ -262,6 +294,8 @@ def list_inputs(inputs: Iterable[str]) -> list[Item]:
     for item in items:
         unique.setdefault(item.path, item)
     items = list(unique.values())
+    if not mirror_outputs:
+        return items
     by_out: dict[str, list[Item]] = {}
     for item in items:
         if item.error is None:
@@ -279,17 +313,27 @@ def list_inputs(inputs: Iterable[str]) -> list[Item]:
 # ----------------------------------------------------------------------------- tables on disk
 
 
-def _shard_name(keys: Sequence[Key]) -> str:
-    digest = hashlib.sha256("\n".join(f"{p}\t{s}\t{m}" for p, s, m in sorted(keys)).encode()).hexdigest()
-    return f"part-{digest[:20]}.parquet"
+def _keys_digest(keys: Iterable[Key]) -> str:
+    return hashlib.sha256("\n".join(f"{p}\t{s}\t{m}" for p, s, m in sorted(keys)).encode()).hexdigest()
 
 
-def write_shard(folder: Path, table: Any) -> Path:
-    """Write a table atomically as folder/part-<hash of its keys>.parquet (the same rows, the same name)."""
+def _shard_name(keys: Iterable[Key]) -> str:
+    return f"part-{_keys_digest(keys)[:20]}.parquet"
+
+
+def _table_keys(table: Any) -> list[Key]:
+    return list(zip(*(table.column(c).to_pylist() for c in KEY_COLUMNS)))
+
+
+def write_shard(folder: Path, table: Any, name: str | None = None) -> Path:
+    """Write a table atomically as folder/`name` (default: part-<hash of its keys>.parquet).
+
+    The graph workers name both of a batch's shards (results and errors) after the whole batch's
+    keys, so a batch that runs again replaces its own shards whatever its outcome this time.
+    """
     import pyarrow.parquet as pq
 
-    keys = list(zip(*(table.column(c).to_pylist() for c in KEY_COLUMNS)))
-    path = folder / _shard_name(keys)
+    path = folder / (name or _shard_name(_table_keys(table)))
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return path
@@ -308,38 +352,52 @@ def read_table(folder: Path, columns: Sequence[str] | None = None) -> Any:
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
 
-def compact(folder: Path, drop: Callable[[Key], bool]) -> None:
-    """Remove rows `drop` selects and repeated keys, shard by shard (each rewrite atomic, then the old one removed).
+def _read_keys(folder: Path) -> set[Key]:
+    table = read_table(folder, KEY_COLUMNS)
+    return set() if table is None else set(_table_keys(table))
 
-    A crash between writing a shard's replacement and removing it leaves repeated keys, which the
-    next compaction removes: a key is never lost.
+
+def compact(folder: Path, drop: Callable[[Key], bool]) -> None:
+    """Remove rows `drop` selects and repeated keys (the first row of a key in shard-name order stays).
+
+    Plans from the key columns only, then writes each changed shard's kept rows under a new name
+    (never onto an existing shard), and only then removes the old shards. A crash in between leaves
+    repeated keys, which the next compaction removes: a key is never lost.
     """
     import pyarrow.parquet as pq
 
     seen: set[Key] = set()
+    plan: list[tuple[Path, list[bool]]] = []
     for shard in _shards(folder):
-        table = pq.read_table(shard)
-        keys = list(zip(*(table.column(c).to_pylist() for c in KEY_COLUMNS)))
         keep = []
-        for k in keys:
+        for k in _table_keys(pq.read_table(shard, columns=list(KEY_COLUMNS))):
             keep.append(not drop(k) and k not in seen)
             seen.add(k)
-        if all(keep):
-            continue
+        if not all(keep):
+            plan.append((shard, keep))
+    if not plan:
+        return
+    existing = {p.name for p in _shards(folder)}
+    for shard, keep in plan:
         if any(keep):
-            new = write_shard(folder, table.filter(keep))
-            if new == shard:
-                continue
+            table = pq.read_table(shard).filter(keep)
+            salt = 0
+            while True:  # a name no shard has: never overwrite rows another shard holds
+                digest = _keys_digest(_table_keys(table))
+                name = f"part-{hashlib.sha256(f'{digest}:{shard.name}:{salt}'.encode()).hexdigest()[:20]}.parquet"
+                if name not in existing:
+                    break
+                salt += 1
+            existing.add(name)
+            write_shard(folder, table, name)
+    for shard, _ in plan:
         shard.unlink()
 
 
 def _done_keys(out: Path, mode: str) -> tuple[set[Key], set[Key]]:
-    result, errors = set(), set()
-    for folder, target in ((out / RESULT_DIRS[mode], result), (out / ERRORS_DIR, errors)):
-        table = read_table(folder, KEY_COLUMNS)
-        if table is not None:
-            target.update(zip(*(table.column(c).to_pylist() for c in KEY_COLUMNS)))
-    return result, errors
+    """Keys with a result row, and keys with an error row but no result row."""
+    result = _read_keys(out / RESULT_DIRS[mode])
+    return result, _read_keys(out / ERRORS_DIR) - result
 
 
 def _error_table(rows: Sequence[dict[str, Any]]) -> Any:
@@ -403,14 +461,85 @@ def _objects(values: Sequence[Any]) -> np.ndarray:
     return arr
 
 
-def prepare_batch(batch: dict[str, np.ndarray], model: Any, max_seconds: float | None) -> dict[str, np.ndarray]:
-    """CPU task: read, decode and run the front end (`Reconstructor.features`); a failure becomes the row's error."""
+class _Attempts:
+    """Attempt markers of one batch under OUT/attempts: how often it started, and which file was running.
+
+    Each start of the batch adds a marker. Once `limit` earlier starts exist (so its worker died that
+    often), the batch runs one file at a time, marking each file while it runs; a file still marked
+    when the batch starts again is the one its worker died on, and gets an error row instead of
+    another try. So every death is progress, and a batch needs at most limit + files tries.
+    """
+
+    def __init__(self, out: Path, stage: str, keys: Sequence[Key], limit: int):
+        self.dir = out / ATTEMPTS_DIR / f"{stage}-{_keys_digest(keys)[:20]}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        before = len(list(self.dir.glob("start-*")))
+        (self.dir / f"start-{before}-{os.getpid()}-{time.time_ns()}").touch()
+        self.isolate = before >= limit
+        self.starts = before + 1
+
+    def _file(self, path: str) -> Path:
+        return self.dir / f"file-{hashlib.sha256(path.encode()).hexdigest()[:20]}"
+
+    def died_on(self, path: str) -> bool:
+        return self._file(path).exists()
+
+    def begin(self, path: str) -> None:
+        self._file(path).touch()
+
+    def end(self, path: str) -> None:
+        self._file(path).unlink(missing_ok=True)
+
+    def message(self, path: str, stage: str) -> str:
+        return (
+            f"{path}: the worker process died while {stage} this file (killed, e.g. out of memory, or crashed; "
+            f"{self.starts - 1} tries); --retry-errors runs it again"
+        )
+
+
+def _maybe_die(hook: tuple[str, str] | None, stage: str, paths: Sequence[str]) -> None:
+    """Test hook (JobConfig.crash_always): die as an OOM kill or a segfault would."""
+    if hook and hook[1] == stage and any(PurePosixPath(p).name == hook[0] for p in paths):
+        os._exit(1)
+
+
+def max_tries(batch_attempts: int, batch_size: int) -> int:
+    """Ray retries per task: a task holds at most two batches (Ray Data bundles blocks up to a batch's
+    rows), each needing at most `batch_attempts` + its files tries (see _Attempts)."""
+    return 2 * (batch_attempts + batch_size) + 1
+
+
+def prepare_batch(
+    batch: dict[str, np.ndarray],
+    model: Any,
+    max_seconds: float | None,
+    keep_waveform: bool = False,
+    out: Path | None = None,
+    batch_attempts: int = 2,
+    crash_always: tuple[str, str] | None = None,
+) -> dict[str, np.ndarray]:
+    """CPU task: read, decode and run the front end (`Reconstructor.features`); a failure becomes the row's error.
+
+    The prepared waveform goes on only with `keep_waveform` (evaluate compares against it).
+    """
     rec = _front_end(model)
     n = len(batch["path"])
+    paths = [str(p) for p in batch["path"]]
+    attempts = None
+    if out is not None:
+        keys = [(paths[i], int(batch["size"][i]), int(batch["mtime_ns"][i])) for i in range(n)]
+        attempts = _Attempts(out, "read", keys, batch_attempts)
     mels, waves, gains, samples, rates, errors = [], [], [], [], [], []
     for i in range(n):
-        path = str(batch["path"][i])
+        path = paths[i]
+        isolate = attempts is not None and attempts.isolate
+        died = isolate and attempts.died_on(path)
         try:
+            if died:
+                raise AudioInputError(attempts.message(path, "reading"))
+            if isolate:
+                attempts.begin(path)
+            _maybe_die(crash_always, "read", [path])
             audio, sr = _read_any(path)
             seconds = audio.shape[0] / sr
             if max_seconds is not None and seconds > max_seconds:
@@ -418,8 +547,9 @@ def prepare_batch(batch: dict[str, np.ndarray], model: Any, max_seconds: float |
                     f"{path}: {seconds:.1f} s is longer than the limit of {max_seconds:g} s (--max-seconds)"
                 )
             feats = rec.features(audio, sr)
+            del audio
             mels.append(feats.log_mel)
-            waves.append(feats.waveform)
+            waves.append(feats.waveform if keep_waveform else np.zeros(0, np.float32))
             gains.append(feats.gain)
             samples.append(feats.num_samples)
             rates.append(sr)
@@ -431,8 +561,10 @@ def prepare_batch(batch: dict[str, np.ndarray], model: Any, max_seconds: float |
             samples.append(0)
             rates.append(0)
             errors.append(_message(path, e))
-    out = {k: batch[k] for k in ("path", "size", "mtime_ns", "rel")}
-    out.update(
+        if isolate and not died:
+            attempts.end(path)
+    out_batch = {k: batch[k] for k in ("path", "size", "mtime_ns", "rel")}
+    out_batch.update(
         log_mel=_objects(mels),
         waveform=_objects(waves),
         gain=np.asarray(gains, np.float64),
@@ -440,7 +572,12 @@ def prepare_batch(batch: dict[str, np.ndarray], model: Any, max_seconds: float |
         source_rate=np.asarray(rates, np.int64),
         read_error=np.asarray(errors, dtype=object),
     )
-    return out
+    return out_batch
+
+
+def audio_output(out: Path, rel: str) -> Path:
+    """Where reconstruct writes the audio of the input at `rel` (the input tree mirrored under OUT/audio)."""
+    return out / AUDIO_DIR / PurePosixPath(rel).with_suffix(".wav")
 
 
 class Worker:
@@ -461,15 +598,17 @@ class Worker:
         if hook and any(PurePosixPath(p).name == hook[0] for p in paths) and not os.path.exists(hook[1]):
             Path(hook[1]).write_text("crashed once\n")
             os._exit(1)
+        _maybe_die(self.config.crash_always, "run", paths)
 
     def _run(self, feats: list[Any]) -> list[Any]:
         """Per input: the mode's graph output, or the exception it raised (a bad one never sinks the batch)."""
         rec = self.rec
-        jobs = (
-            (lambda fs: [m for m, _ in rec.run_jobs([rec.encoding_job(f) for f in fs])])
-            if self.config.mode == ENCODE
-            else rec.reconstruct_features
-        )
+
+        def encode(fs: list[Any]) -> list[np.ndarray]:
+            # the posterior mean cropped as Reconstructor.encode_features crops it (drops bucket padding)
+            return [rec.crop_latents(f, m) for f, (m, _) in zip(fs, rec.run_jobs([rec.encoding_job(f) for f in fs]))]
+
+        jobs = encode if self.config.mode == ENCODE else rec.reconstruct_features
         try:
             return list(jobs(feats))
         except Exception:  # noqa: BLE001 - retry one by one to find the bad one
@@ -481,48 +620,70 @@ class Worker:
                     outs.append(e)
             return outs
 
+    def _row(self, batch: dict[str, np.ndarray], i: int, f: Any, out: Any, base: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(out, BaseException):
+            raise out
+        if not np.isfinite(out).all():
+            raise ReconError(f"{base['path']}: the graphs produced NaN or inf")
+        return self._result(batch, i, f, out, base)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from .reconstructor import Features
 
         cfg = self.config
         n = len(batch["path"])
         paths = [str(p) for p in batch["path"]]
-        self._maybe_crash(paths)
-        errors: list[dict[str, Any]] = []
-        ready: list[int] = []
-        feats: list[Any] = []
         base = [
             {"path": paths[i], "size": int(batch["size"][i]), "mtime_ns": int(batch["mtime_ns"][i])} for i in range(n)
         ]
+        keys = [(b["path"], b["size"], b["mtime_ns"]) for b in base]
+        attempts = _Attempts(cfg.out, "run", keys, cfg.batch_attempts)
+        errors: list[dict[str, Any]] = []
+        ready: list[int] = []
+        feats: list[Any] = []
         for i in range(n):
             if batch["read_error"][i]:
                 errors.append({**base[i], "stage": "read", "message": str(batch["read_error"][i])})
                 continue
             ready.append(i)
+            wave = batch["waveform"][i] if "waveform" in batch else None
             feats.append(
                 Features(
                     np.asarray(batch["log_mel"][i], np.float32),
                     float(batch["gain"][i]),
                     int(batch["num_samples"][i]),
-                    np.asarray(batch["waveform"][i], np.float32),
+                    np.zeros(0, np.float32) if wave is None else np.asarray(wave, np.float32),
                 )
             )
-        outs = self._run(feats) if feats else []
-        rate = self.rec.contract.mel.sample_rate
         rows: list[dict[str, Any]] = []
-        for i, f, out in zip(ready, feats, outs):
-            try:
-                if isinstance(out, BaseException):
-                    raise out
-                if not np.isfinite(out).all():
-                    raise ReconError(f"{paths[i]}: the graphs produced NaN or inf")
-                rows.append(self._result(batch, i, f, out, base[i]))
-            except Exception as e:  # noqa: BLE001 - one error row per failed file
-                errors.append({**base[i], "stage": cfg.mode, "message": _message(paths[i], e)})
-        if rows:
-            write_shard(cfg.out / RESULT_DIRS[cfg.mode], self._table(rows))
-        if errors:
-            write_shard(cfg.out / ERRORS_DIR, _error_table(errors))
+        if attempts.isolate:
+            # this batch's worker died before: one file at a time, and the file it dies on fails
+            for i, f in zip(ready, feats):
+                if attempts.died_on(paths[i]):
+                    errors.append({**base[i], "stage": cfg.mode, "message": attempts.message(paths[i], "processing")})
+                    continue
+                attempts.begin(paths[i])
+                try:
+                    self._maybe_crash([paths[i]])
+                    rows.append(self._row(batch, i, f, self._run([f])[0], base[i]))
+                except Exception as e:  # noqa: BLE001 - one error row per failed file
+                    errors.append({**base[i], "stage": cfg.mode, "message": _message(paths[i], e)})
+                attempts.end(paths[i])
+        else:
+            if ready:
+                self._maybe_crash([paths[i] for i in ready])
+            outs = self._run(feats) if feats else []
+            for i, f, out in zip(ready, feats, outs):
+                try:
+                    rows.append(self._row(batch, i, f, out, base[i]))
+                except Exception as e:  # noqa: BLE001 - one error row per failed file
+                    errors.append({**base[i], "stage": cfg.mode, "message": _message(paths[i], e)})
+        # both shards named after the whole batch and always written (even empty): a batch that runs
+        # again (Ray retried it) replaces both, whatever its outcome was the first time
+        name = _shard_name(keys)
+        write_shard(cfg.out / ERRORS_DIR, _error_table(errors), name)
+        write_shard(cfg.out / RESULT_DIRS[cfg.mode], self._table(rows), name)
+        rate = self.rec.contract.mel.sample_rate
         seconds = {r["path"]: r["num_samples"] / rate for r in rows}
         failed = {e["path"]: e for e in errors}
         return {
@@ -549,7 +710,7 @@ class Worker:
             row["latent_shape"] = list(out.shape)
         elif cfg.mode == RECONSTRUCT:
             out_rate = cfg.output_rate or rate
-            dst = cfg.out / AUDIO_DIR / PurePosixPath(str(batch["rel"][i])).with_suffix(".wav")
+            dst = audio_output(cfg.out, str(batch["rel"][i]))
             write_audio(dst, rec.finish(feats, out, out_rate), out_rate, cfg.sample_format)
             row["output"] = str(dst)
         else:
@@ -587,6 +748,7 @@ class Worker:
 
 def _check_job_file(cfg: JobConfig, fingerprint: str) -> None:
     path = cfg.out / JOB_FILE
+    settings = cfg.settings()
     if path.is_file():
         try:
             job = json.loads(path.read_text())
@@ -599,13 +761,24 @@ def _check_job_file(cfg: JobConfig, fingerprint: str) -> None:
                 f"{cfg.out}: holds results of bundle {job.get('bundle_fingerprint')}, this bundle is {fingerprint}; "
                 "use another output folder (or --no-resume to start over)"
             )
+        before = job.get("settings", {})
+        diff = [f"{k} {before.get(k, 'unset')!r} then, {v!r} now" for k, v in settings.items() if before.get(k) != v]
+        if diff:
+            raise OutputError(
+                f"{cfg.out}: holds results made with other settings ({'; '.join(diff)}); "
+                "use the same settings, another output folder, or --no-resume to start over"
+            )
         return
+    record = {"mode": cfg.mode, "bundle_fingerprint": fingerprint, "settings": settings}
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({"mode": cfg.mode, "bundle_fingerprint": fingerprint}, indent=2) + "\n")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _start_over(cfg: JobConfig) -> None:
-    for name in (RESULT_DIRS[cfg.mode], ERRORS_DIR, JOB_FILE, SUMMARY_FILE, METRICS_SUMMARY_FILE):
+    names = [RESULT_DIRS[cfg.mode], ERRORS_DIR, ATTEMPTS_DIR, JOB_FILE, SUMMARY_FILE, METRICS_SUMMARY_FILE]
+    if cfg.mode == RECONSTRUCT:
+        names.append(AUDIO_DIR)
+    for name in names:
         target = cfg.out / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -614,13 +787,17 @@ def _start_over(cfg: JobConfig) -> None:
 
 
 def metrics_summary(out: Path) -> dict[str, dict[str, float]]:
-    """mean, median and p95 of each metric over every row of OUT/metrics."""
-    table = read_table(out / RESULT_DIRS[EVALUATE], METRIC_NAMES)
+    """mean, median and p95 of each metric over the rows of OUT/metrics, one per file (repeated keys count once)."""
+    table = read_table(out / RESULT_DIRS[EVALUATE], [*KEY_COLUMNS, *METRIC_NAMES])
     if table is None or table.num_rows == 0:
         return {}
+    first: dict[Key, int] = {}
+    for i, k in enumerate(_table_keys(table)):
+        first.setdefault(k, i)
+    rows = sorted(first.values())
     summary = {}
     for name in METRIC_NAMES:
-        values = np.asarray(table.column(name).to_pylist(), np.float64)
+        values = np.asarray(table.column(name).to_pylist(), np.float64)[rows]
         summary[name] = {
             "mean": float(np.mean(values)),
             "median": float(np.median(values)),
@@ -666,27 +843,49 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, fil
     contract = read_contract(Path(cfg.model.model))
     if getattr(cfg.model, "expect_digest", None) and cfg.model.expect_digest != contract.digest:
         raise ReconError(f"{cfg.model.model}: bundle digest is {contract.digest}, expected {cfg.model.expect_digest}")
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise OutputError(f"{cfg.out}: exists and is not a folder; -o/--out names the job's output folder")
+    try:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{cfg.out}: cannot create the output folder ({e.strerror or e})") from None
     if not cfg.resume:
         _start_over(cfg)
     _check_job_file(cfg, contract.fingerprint)
+    shutil.rmtree(cfg.out / ATTEMPTS_DIR, ignore_errors=True)  # markers of an earlier run mean nothing now
 
-    items = list_inputs(cfg.inputs)
+    items = list_inputs(cfg.inputs, mirror_outputs=cfg.mode == RECONSTRUCT)
     current = {i.path: i.key for i in items}
 
     def stale(key: Key) -> bool:  # a row for a file that has changed since
         return key[0] in current and current[key[0]] != key
 
-    compact(cfg.out / RESULT_DIRS[cfg.mode], stale)
-    compact(cfg.out / ERRORS_DIR, lambda k: stale(k) or (cfg.retry_errors and k[0] in current))
+    results_dir = cfg.out / RESULT_DIRS[cfg.mode]
+    compact(results_dir, stale)
+    have = _read_keys(results_dir)
+    # an error row whose file has a result row (a batch that ran again and succeeded) is no error
+    compact(cfg.out / ERRORS_DIR, lambda k: stale(k) or k in have or (cfg.retry_errors and k[0] in current))
     results, failures = _done_keys(cfg.out, cfg.mode)
+    owners: dict[str, str] = {}  # reconstruct: audio written in earlier runs -> the input it came from
+    if cfg.mode == RECONSTRUCT:
+        table = read_table(results_dir, ["path", "output"])
+        if table is not None:
+            owners = dict(zip(table.column("output").to_pylist(), table.column("path").to_pylist()))
     todo: list[Item] = []
     list_errors: list[dict[str, Any]] = []
     for item in items:
         if item.key in results or item.key in failures:
             result.skipped += 1
             result.failed_before += item.key not in results
-        elif item.error is not None:
+            continue
+        owner = owners.get(str(audio_output(cfg.out, item.rel))) if owners and item.error is None else None
+        if owner is not None and owner != item.path:
+            item.error = (
+                f"{item.path}: its output {audio_output(cfg.out, item.rel)} was written from {owner} in an earlier "
+                "run into this output folder; use another output folder"
+            )
+            item.stage = "plan"
+        if item.error is not None:
             list_errors.append(
                 {
                     "path": item.path,
@@ -705,14 +904,23 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, fil
             result.errors.append((e["path"], e["stage"], e["message"]))
         result.failed += len(list_errors)
 
+    failure: str | None = None
     if todo:
         started_ray = _start_ray(cfg)
         try:
             _run_pipeline(cfg, todo, result, echo)
+            shutil.rmtree(cfg.out / ATTEMPTS_DIR, ignore_errors=True)
+        except _Stopped:
+            raise
+        except Exception as e:  # noqa: BLE001 - one line for the user; summary.json still written below
+            failure = _short_error(e)
         finally:
             if started_ray:
                 ray.shutdown()
     result.wall_seconds = time.perf_counter() - started
+    results, failures = _done_keys(cfg.out, cfg.mode)
+    result.errors_outstanding = sum(1 for i in items if i.key in failures)
+    not_done = sum(1 for i in items if i.key not in results and i.key not in failures)
     summary: dict[str, Any] = {
         "mode": cfg.mode,
         "ok": result.ok,
@@ -725,6 +933,9 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, fil
         "workers": cfg.workers,
         "gpus_per_worker": cfg.gpus_per_worker,
         "bundle_fingerprint": contract.fingerprint,
+        "errors_outstanding": result.errors_outstanding,
+        "not_done": not_done,
+        "error": failure,
     }
     if cfg.mode == EVALUATE:
         stats = metrics_summary(cfg.out)
@@ -739,8 +950,24 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, fil
                 echo(f"{name:<16} {s['mean']:>10.4f} {s['median']:>10.4f} {s['p95']:>10.4f}")
     with atomic_path(cfg.out / SUMMARY_FILE) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    if failure is not None:
+        raise ReconError(
+            f"dataset {cfg.mode}: the Ray job failed ({failure}); {not_done} file(s) not done, "
+            "a rerun with the same command resumes"
+        )
     echo(result.line(cfg.mode))
     return result
+
+
+def _short_error(e: BaseException) -> str:
+    """A Ray error (often pages of a remote traceback) as one short line."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and cause is not e:
+        e = cause
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith((" ", "Traceback"))]
+    text = lines[-1] if lines else "no message"
+    text = f"{type(e).__name__}: {text}"
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _run_pipeline(cfg: JobConfig, todo: list[Item], result: JobResult, echo: Callable[[str], None]) -> None:
@@ -753,12 +980,24 @@ def _run_pipeline(cfg: JobConfig, todo: list[Item], result: JobResult, echo: Cal
     # small jobs: batches small enough that every worker gets some
     batch = max(1, min(cfg.batch_size, -(-len(rows) // cfg.workers)))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch)))
+    tries = max_tries(cfg.batch_attempts, batch)
     ds = ds.map_batches(
         prepare_batch,
-        fn_kwargs={"model": cfg.model, "max_seconds": cfg.max_seconds},
+        fn_kwargs={
+            "model": cfg.model,
+            "max_seconds": cfg.max_seconds,
+            "keep_waveform": cfg.mode == EVALUATE,
+            "out": cfg.out,
+            "batch_attempts": cfg.batch_attempts,
+            "crash_always": cfg.crash_always,
+        },
         batch_size=batch,
         batch_format="numpy",
         num_cpus=PREPARE_CPUS,
+        memory=PREPARE_MEMORY,
+        # Ray Data retries tasks without limit by default: a file that kills its process would
+        # hang the job; _Attempts makes every retry progress, so this bound is never the end
+        max_retries=tries,
     )
     ds = ds.map_batches(
         Worker,
@@ -768,6 +1007,9 @@ def _run_pipeline(cfg: JobConfig, todo: list[Item], result: JobResult, echo: Cal
         compute=ActorPoolStrategy(size=cfg.workers),
         num_cpus=cfg.cpus_per_worker,
         num_gpus=cfg.gpus_per_worker or None,
+        # restarts stay unlimited (each follows a task try, and those are bounded); task retries bounded
+        max_restarts=-1,
+        max_task_retries=tries,
     )
     seen = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

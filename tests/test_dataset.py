@@ -229,3 +229,204 @@ def test_resume_options_and_refusals(tiny_bundle: Path, tmp_path: Path) -> None:
     fresh = run_job(_job(tiny_bundle, "encode", [root], out, resume=False))
     assert (fresh.ok, fresh.failed, fresh.skipped) == (2, 1, 0)
     assert sorted(_keys(out, "latents")) == sorted(str(p) for p in root.rglob("clip*.wav"))
+
+
+# ----------------------------------------------------------------------------- review findings
+
+
+class _Alarm:
+    """Fail a test that runs longer than `seconds` instead of hanging the suite."""
+
+    def __init__(self, seconds: int):
+        self.seconds = seconds
+
+    def __enter__(self) -> None:
+        import signal
+
+        def boom(signum, frame):  # noqa: ANN001
+            raise TimeoutError(f"still running after {self.seconds} s (a job that never ends)")
+
+        self.old = signal.signal(signal.SIGALRM, boom)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.old)
+
+
+def test_a_file_that_kills_its_worker_every_time_fails_alone_and_the_job_ends(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "in"
+    files = _folder(root, 6)
+    out = tmp_path / "out"
+    killer_run, killer_read = files[3], files[0]
+    with _Alarm(240):
+        # the graph worker dies on one file, every time; a CPU read task dies on another, every time
+        result = run_job(_job(tiny_bundle, "encode", [root], out, batch_size=2, crash_always=(killer_run.name, "run")))
+        assert (result.ok, result.failed) == (5, 1)
+        out2 = tmp_path / "out2"
+        result2 = run_job(
+            _job(tiny_bundle, "encode", [root], out2, batch_size=2, crash_always=(killer_read.name, "read"))
+        )
+        assert (result2.ok, result2.failed) == (5, 1)
+    for folder, killer, stage in ((out, killer_run, "encode"), (out2, killer_read, "read")):
+        errors = read_table(folder / "errors").to_pylist()
+        assert [(e["path"], e["stage"]) for e in errors] == [(str(killer), stage)]
+        assert "worker process died" in errors[0]["message"]
+        # every file ends with exactly one row: a result or an error
+        assert Counter(_keys(folder, "latents") + _keys(folder, "errors")) == Counter(str(p) for p in files)
+        assert not (folder / "attempts").exists()
+
+
+def test_compact_never_loses_a_key(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from recon_runtime.dataset import _shard_name, compact, write_shard
+
+    def table(keys):
+        return pa.table(
+            {
+                "path": pa.array([k[0] for k in keys], pa.string()),
+                "size": pa.array([k[1] for k in keys], pa.int64()),
+                "mtime_ns": pa.array([k[2] for k in keys], pa.int64()),
+            }
+        )
+
+    # shards {b}, {a, b}, {a} in name order, the last one named as the filtered middle one would be
+    a = next(("a", 1, m) for m in range(1000) if _shard_name([("a", 1, m)]) > "part-2")
+    b = ("b", 1, 0)
+    folder = tmp_path / "t"
+    folder.mkdir()
+    write_shard(folder, table([b]), "part-0.parquet")
+    write_shard(folder, table([a, b]), "part-1.parquet")
+    write_shard(folder, table([a]))
+    compact(folder, lambda k: False)
+    assert Counter(_keys(tmp_path, "t")) == Counter(["a", "b"])
+    compact(folder, lambda k: k == b)
+    assert _keys(tmp_path, "t") == ["a"]
+
+
+def _batch(bundle: Path, files: list[Path], **kw) -> dict:
+    from recon_runtime.dataset import prepare_batch
+
+    rows = {
+        "path": np.asarray([str(f) for f in files], dtype=object),
+        "size": np.asarray([f.stat().st_size for f in files], np.int64),
+        "mtime_ns": np.asarray([f.stat().st_mtime_ns for f in files], np.int64),
+        "rel": np.asarray([f.name for f in files], dtype=object),
+    }
+    return prepare_batch(rows, _model(bundle), 60.0, **kw)
+
+
+def test_a_batch_run_again_with_another_outcome_replaces_its_rows(tiny_bundle: Path, tmp_path: Path) -> None:
+    from recon_runtime.dataset import Worker
+
+    files = _folder(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    cfg = _job(tiny_bundle, "encode", [tmp_path / "in"], out)
+    worker = Worker(cfg)
+    batch = _batch(tiny_bundle, files)
+    assert all(w.size == 0 for w in batch["waveform"])  # encode does not ship the waveform
+    first = dict(batch, read_error=np.asarray(["", f"{files[1]}: flaky read", ""], dtype=object))
+    worker(first)  # the first try: files[1] fails
+    worker(batch)  # Ray runs the batch again (its worker died after writing): now all succeed
+    assert Counter(_keys(out, "latents")) == Counter(str(f) for f in files)
+    assert _keys(out, "errors") == []
+
+    # an error row left for a file that has a result row (e.g. written by an older version) is dropped
+    from recon_runtime.dataset import _error_table, write_shard
+
+    st = files[1].stat()
+    row = {"path": str(files[1]), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "stage": "read", "message": "x"}
+    write_shard(out / "errors", _error_table([row]))
+    again = run_job(cfg)
+    assert (again.ok, again.failed, again.skipped, again.failed_before, again.errors_outstanding) == (0, 0, 3, 0, 0)
+    assert _keys(out, "errors") == []
+
+
+def test_metrics_summary_counts_each_file_once(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from recon_runtime.dataset import METRIC_NAMES, metrics_summary, write_shard
+
+    def shard(name: str, value: float) -> None:
+        cols = {"path": ["x"], "size": [1], "mtime_ns": [1]} | {m: [value] for m in METRIC_NAMES}
+        write_shard(tmp_path / "metrics", pa.table(cols), name)
+
+    shard("part-0.parquet", 1.0)
+    shard("part-1.parquet", 1.0)
+    cols = {"path": ["y"], "size": [1], "mtime_ns": [1]} | {m: [3.0] for m in METRIC_NAMES}
+    write_shard(tmp_path / "metrics", pa.table(cols), "part-2.parquet")
+    summary = metrics_summary(tmp_path)
+    assert summary["si_sdr_db"]["files"] == 2 and summary["si_sdr_db"]["mean"] == pytest.approx(2.0)
+
+
+def test_encode_crops_latents_as_encode_features_does(tiny_bundle: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    from recon_runtime import Reconstructor
+    from recon_runtime.dataset import Worker
+
+    @dataclasses.dataclass(frozen=True)
+    class Bucketed(ModelArgs):
+        def load(self, stages):  # noqa: ANN001, ANN202
+            return Reconstructor.load(self.model, provider="cpu", stages=stages, bucket_frames=64)
+
+    files = [_wav(tmp_path / "in" / "short.wav", tone(0.2, 16000))]
+    out = tmp_path / "out"
+    model = Bucketed(tiny_bundle, "auto", "cpu", "auto", None, False, None)
+    cfg = JobConfig(mode="encode", inputs=(str(files[0]),), out=out, model=model, progress=False)
+    Worker(cfg)(_batch(tiny_bundle, files))
+    row = read_table(out / "latents").to_pylist()[0]
+    audio, sr = read_audio(files[0])
+    expected = model.load(("encoder",)).encode(audio, sr)
+    assert row["latent_shape"] == list(expected.shape)
+    got = np.asarray(row["latents"], np.float32).reshape(row["latent_shape"])
+    assert _rel_l2(got, expected) <= 1e-6
+
+
+def test_output_clashes_outstanding_errors_settings_and_bad_out(tiny_bundle: Path, tmp_path: Path) -> None:
+    train, test = tmp_path / "train", tmp_path / "test"
+    _wav(train / "0001.wav", tone(0.2, 16000))
+    _wav(test / "0001.wav", tone(0.25, 16000, 300))
+    common = ["--model", str(tiny_bundle), "--provider", "cpu", "--no-progress"]
+
+    def cli(*args: str):
+        return CliRunner().invoke(main, ["dataset", *args, *common])
+
+    # encode and evaluate write no per-file output: the same name in two folders is no clash
+    enc = tmp_path / "enc"
+    res = cli("encode", str(train), str(test), "-o", str(enc))
+    assert res.exit_code == 0 and "2 ok, 0 failed" in res.output, res.output
+
+    out = tmp_path / "rec"
+    assert cli("reconstruct", str(train), "-o", str(out)).exit_code == 0
+    # another input whose output is the audio an earlier run wrote from train/0001.wav: refused
+    res = cli("reconstruct", str(test), "-o", str(out))
+    assert res.exit_code == 1 and "was written from" in res.output, res.output
+    assert sf.info(str(out / "audio" / "0001.wav")).frames == 3200  # train's audio (0.2 s), untouched
+    # a rerun with that failure outstanding still fails, and says so
+    res = cli("reconstruct", str(test), "-o", str(out))
+    assert res.exit_code == 1 and "0 failed, 1 skipped" in res.output and "have errors" in res.output, res.output
+    # other output settings than the folder's results: refused in one line naming the difference
+    res = cli("reconstruct", str(train), "-o", str(out), "--format", "pcm16")
+    assert res.exit_code == 1 and "sample_format 'float32' then, 'pcm16' now" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+    # --no-resume starts over, audio included
+    (out / "audio" / "stale.wav").write_bytes(b"old")
+    res = cli("reconstruct", str(test), "-o", str(out), "--format", "pcm16", "--no-resume")
+    assert res.exit_code == 0 and "1 ok, 0 failed" in res.output, res.output
+    assert sorted(p.name for p in (out / "audio").iterdir()) == ["0001.wav"]
+    assert sf.info(str(out / "audio" / "0001.wav")).frames == 4000
+
+    # -o naming a file: one line, no traceback
+    (tmp_path / "afile").write_text("x")
+    res = cli("encode", str(train), "-o", str(tmp_path / "afile"))
+    assert (
+        res.exit_code == 1
+        and res.output.strip()
+        == f"error: {tmp_path / 'afile'}: exists and is not a folder; -o/--out names the job's output folder"
+    )
