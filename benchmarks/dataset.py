@@ -3,9 +3,10 @@
 
     python -m benchmarks.dataset --model models/audioldm2-music --files 8 --seconds 3
 
-Writes benchmarks/results/dataset-<device>-<date>.json with the machine (CPU model and flags) and
-versions. Each run is a fresh process, timed from launch to exit, so Ray's start-up and the
-sessions' load are in the numbers, as a user sees them.
+Writes benchmarks/results/dataset-<provider>-<date>.json with the machine (CPU model and flags,
+load average), versions and the command line. Each run is a fresh process, timed from launch to
+exit, so Ray's start-up and the model's load are in the numbers, as a user sees them. Every run's
+output is checked: one latent per file and no failures, else the benchmark stops without writing.
 """
 
 from __future__ import annotations
@@ -66,6 +67,21 @@ def make_files(folder: Path, count: int, seconds: float) -> float:
     return count * seconds
 
 
+def count_rows(name: str, out: Path, files: int) -> None:
+    """Stop unless the run wrote exactly one latent per input file and no error."""
+    if name == "cli":
+        got = len(list(out.rglob("*.npy")))
+    else:
+        import pyarrow.parquet as pq
+
+        summary = json.loads((out / "summary.json").read_text())
+        if summary["failed"] or summary["ok"] != files:
+            raise SystemExit(f"{name}: {summary['ok']} ok, {summary['failed']} failed, expected {files} ok")
+        got = sum(pq.read_metadata(p).num_rows for p in (out / "latents").glob("part-*.parquet"))
+    if got != files:
+        raise SystemExit(f"{name}: {got} latents written for {files} files")
+
+
 def timed(cmd: list[str]) -> float:
     start = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -79,6 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/audioldm2-music")
     ap.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--backend", default="onnxruntime", choices=("auto", "onnxruntime", "openvino"))
     ap.add_argument("--gpus-per-worker", default="0", help="with --provider cuda, e.g. 1")
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -107,6 +124,8 @@ def main() -> None:
                     args.model,
                     "--provider",
                     args.provider,
+                    "--backend",
+                    args.backend,
                 ],
             ),
         ]
@@ -125,6 +144,8 @@ def main() -> None:
                         args.model,
                         "--provider",
                         args.provider,
+                        "--backend",
+                        args.backend,
                         "--gpus-per-worker",
                         args.gpus_per_worker,
                         "--workers",
@@ -139,6 +160,7 @@ def main() -> None:
             )
         for name, cmd in runs:
             wall = timed(cmd)
+            count_rows(name, Path(cmd[cmd.index("-o") + 1]), args.files)
             rows.append(
                 {
                     "run": name,
@@ -161,6 +183,9 @@ def main() -> None:
         "date": dt.date.today().isoformat(),
         "model": args.model,
         "provider": args.provider,
+        "backend": args.backend,
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "checked": "each run wrote one latent per file and reported no failure",
         "architecture": contract.get("source", {}).get("config") or contract.get("source", {}).get("model"),
         "random_weights": contract.get("source", {}).get("weights") == "random",
         "files": args.files,
@@ -169,7 +194,7 @@ def main() -> None:
         "machine": info,
         "rows": rows,
     }
-    out = args.out or Path(__file__).parent / "results" / f"dataset-cpu-{result['date']}.json"
+    out = args.out or Path(__file__).parent / "results" / f"dataset-{args.provider}-{result['date']}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 
