@@ -8,17 +8,21 @@ the driver counts what came back and prints a summary.
 
 Output folder (`OUT`, a local path; on a cluster, one every node mounts):
 
-- `job.json`: the job (mode, bundle fingerprint); a rerun with another mode or bundle is refused.
+- `job.json`: the job (mode, bundle fingerprint, output settings); a rerun with another mode, bundle
+  or settings is refused.
 - `latents/` (encode), `done/` (reconstruct), `metrics/` (evaluate): Parquet shards, one row per
   file, keyed by (`path`, `size`, `mtime_ns`); reconstruct's audio goes under `audio/`, mirroring
   the input tree as `recon-run reconstruct` does.
 - `errors/`: Parquet shards, one row per failed file (`path`, `size`, `mtime_ns`, `stage`, `message`).
+- `attempts/`: per-batch attempt markers while a run goes (see `_Attempts`).
 - `summary.json` (and for evaluate `metrics-summary.json`: mean, median, p95 per metric).
 
 Resume: a rerun skips every file that has a row (result or error) with the same key and does the
-rest; `retry_errors` runs the failed ones again. Every shard is written atomically under a name
-derived from the keys it holds, so a batch that Ray retries after a worker died rewrites the same
-shard instead of adding a second one; a file is never counted twice, and none goes missing.
+rest; `retry_errors` runs the failed ones again. A graph worker writes both of a batch's shards
+(results and errors, even empty) atomically under a name derived from the whole batch's keys, so a
+batch that Ray runs again after a worker died replaces its own rows; compaction at the start of a
+run removes repeated keys and error rows of files that have a result. Ray's retries are bounded,
+and a file that kills its worker every time ends as an error row (`_Attempts`).
 
 ray and pyarrow are imported only inside functions: `import recon_runtime` never imports them.
 """
@@ -420,7 +424,7 @@ _FRONT_ENDS: dict[Any, Any] = {}
 
 
 def _front_end(model: Any) -> Any:
-    """A Reconstructor for the front end only, once per process: CPU, no sessions created."""
+    """A Reconstructor for the front end only, once per process: CPU, no graphs loaded."""
     key = (str(model.model), getattr(model, "expect_digest", None))
     if key not in _FRONT_ENDS:
         _FRONT_ENDS[key] = dataclasses.replace(model, provider="cpu", precision="auto", cuda_graph=False).load(None)
