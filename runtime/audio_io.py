@@ -52,34 +52,82 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
     return audio, int(rate)
 
 
+MAX_SAMPLE_RATE: Final = 384_000
+"""Highest sample rate an uploaded file may declare (Hz); libsndfile accepts header values up to 2**31-1."""
+MIN_SAMPLE_RATE: Final = 1_000
+"""Lowest sample rate an uploaded file may declare (Hz)."""
+MAX_CHANNELS: Final = 8
+"""Most channels an uploaded file may have (7.1 surround)."""
+READ_BLOCK_FRAMES: Final = 65_536
+
+
+class AudioTooLarge(AudioInputError):
+    """Audio that would decode to more than the caller's byte budget (a server answers 413)."""
+
+
 def read_audio_bytes(
-    data: bytes, what: str = "input", check: Callable[[int, int], None] | None = None
+    data: bytes,
+    what: str = "input",
+    check: Callable[[int, int], None] | None = None,
+    max_decoded_bytes: int | None = None,
 ) -> tuple[np.ndarray, int]:
-    """Read audio from memory (an upload) in any format libsndfile understands.
+    """Read audio from memory (an upload) in any format libsndfile understands, mixed down to mono.
+
+    The header is checked before any sample is decoded: a sample rate outside
+    [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE], more than MAX_CHANNELS channels, or frames x channels x
+    4 bytes over `max_decoded_bytes` is refused. Samples are then decoded in blocks and each block
+    mixed down to mono at once (as `frontend.to_mono` does: the mean in float64), so memory stays
+    at one float32 per frame even when the header does not state the length.
 
     Args:
         what: names the input in error messages (never a server path).
         check: called with (frames, sample_rate) from the header before any sample is decoded,
             e.g. to refuse audio that is too long; it raises to refuse.
+        max_decoded_bytes: budget for the decoded float32 samples of all channels.
     Returns:
-        (float32 [samples] or [samples, channels], sample_rate).
+        (float32 [samples], sample_rate).
+    Raises:
+        AudioTooLarge: over `max_decoded_bytes`.
+        AudioInputError: unreadable, empty, non-finite, or an impossible rate or channel count.
     """
     if not data:
         raise AudioInputError(f"{what}: empty (0 bytes)")
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
+            rate, channels, frames = int(f.samplerate), int(f.channels), int(f.frames)
+            if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+                raise AudioInputError(
+                    f"{what}: sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz"
+                )
+            if not 1 <= channels <= MAX_CHANNELS:
+                raise AudioInputError(f"{what}: {channels} channels (at most {MAX_CHANNELS})")
+            known = 0 < frames < 2**62  # some formats do not state their length
+            if max_decoded_bytes is not None and known and frames * channels * 4 > max_decoded_bytes:
+                raise AudioTooLarge(_too_large(what, frames * channels * 4, max_decoded_bytes))
             if check is not None:
-                check(f.frames, f.samplerate)
-            audio = f.read(dtype="float32", always_2d=False)
-            rate = f.samplerate
+                check(frames, rate)
+            parts: list[np.ndarray] = []
+            decoded = 0
+            for block in f.blocks(blocksize=READ_BLOCK_FRAMES, dtype="float32", always_2d=True):
+                decoded += block.size * 4
+                if max_decoded_bytes is not None and decoded > max_decoded_bytes:
+                    raise AudioTooLarge(_too_large(what, decoded, max_decoded_bytes, "over"))
+                mono = block[:, 0] if channels == 1 else block.mean(axis=1, dtype=np.float64).astype(np.float32)
+                parts.append(np.array(mono, dtype=np.float32, copy=True))
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:  # libsndfile's own words, without the object's repr
         reason = getattr(e, "error_string", None) or _one_line(e)
         raise AudioInputError(f"{what}: not a readable audio file ({reason})") from None
+    audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
     if audio.size == 0:
         raise AudioInputError(f"{what}: contains no samples (zero-length audio)")
     if not np.isfinite(audio).all():
         raise AudioInputError(f"{what}: contains NaN or infinite samples")
-    return audio, int(rate)
+    return audio, rate
+
+
+def _too_large(what: str, size: int, limit: int, qualifier: str = "") -> str:
+    at = f"{qualifier} " if qualifier else ""
+    return f"{what}: decodes to {at}{size / 2**20:.0f} MiB of samples, over the limit of {limit / 2**20:.0f} MiB"
 
 
 def _one_line(e: BaseException) -> str:

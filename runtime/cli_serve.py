@@ -80,6 +80,23 @@ def api_key_from_env(var: str | None) -> str | None:
     help="Per-request limit (504 beyond; the request's windows leave the queue).",
 )  # fmt: skip
 @click.option(
+    "--bucket-frames", type=click.IntRange(min=4), default=4, show_default=True, metavar="N",
+    help="Pad one-window inputs to a multiple of N log-mel frames (a multiple of 4) so short clips of different "
+    "lengths share batches; results then equal Reconstructor.load(..., bucket_frames=N). Default: the runtime's.",
+)  # fmt: skip
+@click.option(
+    "--body-timeout-s", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+    help="The whole upload must arrive within this (408 beyond).",
+)  # fmt: skip
+@click.option(
+    "--max-uploads", type=click.IntRange(min=1), default=16, show_default=True,
+    help="Uploads read at once (admission comes first: a full server answers 503 before the body).",
+)  # fmt: skip
+@click.option(
+    "--max-decoded-mb", type=click.FloatRange(min=0, min_open=True), default=1024.0, show_default=True,
+    help="Decoded samples of one upload, frames x channels x 4 bytes from its header (413 beyond).",
+)  # fmt: skip
+@click.option(
     "--api-key-env", default=None, metavar="VAR",
     help="Require 'Authorization: Bearer <key>' on every route but /healthz; the key is read from $VAR.",
 )  # fmt: skip
@@ -91,7 +108,7 @@ def api_key_from_env(var: str | None) -> str | None:
 def serve(ctx: click.Context, host: str, port: int, grace_s: float, api_key_env: str | None, **kwargs: Any) -> None:
     """HTTP service: /v1/reconstruct, /v1/encode, /v1/decode with window-level dynamic batching.
 
-    Outputs equal Reconstructor.load(..., bucket_frames=128) run in-process. See docs/serving.md.
+    Outputs equal Reconstructor.load(...) run in-process (with --bucket-frames N: bucket_frames=N). See docs/serving.md.
     """
     _need_serve_extra("server")
     import uvicorn
@@ -134,9 +151,12 @@ def serve(ctx: click.Context, host: str, port: int, grace_s: float, api_key_env:
     # that re-raise is a no-op, so a SIGTERM'd server that drained cleanly exits 0.
     stopped_by: list[int] = []
     previous = {s: signal.signal(s, lambda sig, frame: stopped_by.append(sig)) for s in (signal.SIGTERM, signal.SIGINT)}
+    cut_off = _CutOffCounter()
+    logging.getLogger("uvicorn.error").addFilter(cut_off)
     try:
         server.run()
     finally:
+        logging.getLogger("uvicorn.error").removeFilter(cut_off)
         for s, handler in previous.items():
             signal.signal(s, handler)
     if failed:
@@ -145,7 +165,30 @@ def serve(ctx: click.Context, host: str, port: int, grace_s: float, api_key_env:
         ctx.exit(1)
     if not server.started:
         ctx.exit(1)  # e.g. the port is in use (uvicorn said so)
+    if cut_off.tasks:
+        click.echo(f"error: the grace period ({grace_s:g} s) cut off {cut_off.tasks} request(s) in progress", err=True)
+        ctx.exit(EXIT_CUT_OFF)
     ctx.exit(0)
+
+
+EXIT_CUT_OFF = 3
+"""`recon-run serve`'s exit status when --grace-s ran out with requests still in progress."""
+
+
+class _CutOffCounter(logging.Filter):
+    """Counts the requests uvicorn cancels when the graceful-shutdown timeout runs out (from its log record)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tasks = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Cancel %s running task"):
+            try:
+                self.tasks += int(record.args[0]) if record.args else 1  # type: ignore[index]
+            except (TypeError, ValueError, IndexError):
+                self.tasks += 1
+        return True
 
 
 # ---------------------------------------------------------------------- --server jobs

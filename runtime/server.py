@@ -10,7 +10,8 @@ Every request is cut into the runtime's windows (`Reconstructor.reconstruction_j
 one worker thread per model (`batcher.WindowBatcher`) runs windows of one shape from all waiting
 requests as one batch, and each request joins its own windows with the runtime's cross-fade. A
 request's output therefore equals `Reconstructor.reconstruct` / `encode` / `decode` of a
-Reconstructor loaded with the same settings (`bucket_frames=128`), within batch rounding.
+Reconstructor loaded with the same settings (by default the runtime's own, `Reconstructor.load(model)`;
+with `bucket_frames=N`, `Reconstructor.load(model, bucket_frames=N)`), within batch rounding.
 
 Needs the `serve` extra (fastapi, uvicorn, prometheus-client, python-multipart); nothing imports
 this module unless it serves.
@@ -43,16 +44,24 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .audio_io import read_audio_bytes
+from .audio_io import AudioTooLarge, read_audio_bytes
 from .batcher import BatchStats, DeadlineExceeded, QueueFull, ShuttingDown, WindowBatcher
 from .chunking import window_weights
-from .contract import LATENT_CHANNELS, LATENT_FREQ_BINS, ROLES
+from .contract import LATENT_CHANNELS, LATENT_DOWNSAMPLE, LATENT_FREQ_BINS, ROLES
 from .errors import AudioInputError, BundleError, ReconError
 
 _LOGGER = logging.getLogger("recon_runtime.server")
 
-SERVER_BUCKET_FRAMES = 128
-"""Log-mel frames that one-window inputs are padded to a multiple of, so short clips share shapes."""
+SERVER_BUCKET_FRAMES = LATENT_DOWNSAMPLE
+"""The server's default `bucket_frames`: the Reconstructor's default, so outputs equal the runtime's.
+A larger multiple of 4 (e.g. 128, `--bucket-frames`) lets short clips of different lengths share batches."""
+MAX_GAIN = 1e6
+"""Largest `gain` /v1/decode accepts (an encode's gain is the input's peak / 0.5)."""
+CLIENT_GONE = 499
+"""Status recorded in the metrics for a request whose client disconnected before the answer (nginx's 499)."""
+DISCONNECT_POLL_S = 0.1
+STATUS_OVERRIDE = "recon.status"
+"""Scope key: the status to record when it is not the one sent (a stream that failed after its start)."""
 
 # response and request headers (the facts the CLI's encode sidecar holds)
 H_NUM_SAMPLES = "X-Recon-Num-Samples"
@@ -95,27 +104,37 @@ class ServerConfig:
     api_key: str | None = None
     """The key itself (`recon-run serve --api-key-env VAR` reads it from the environment)."""
     bucket_frames: int = SERVER_BUCKET_FRAMES
+    """Outputs equal `Reconstructor.load(model, bucket_frames=N)`; the default is the runtime's."""
+    body_timeout_s: float = 30.0
+    """The whole upload must arrive within this (408 beyond)."""
+    max_uploads: int = 16
+    """Uploads read at once; more wait for a slot (within body_timeout_s, then 503)."""
+    max_decoded_mb: float = 1024.0
+    """Decoded samples (frames x channels x 4 bytes, from the header, before decoding) of one upload (413 beyond)."""
     expect_digest: str | None = None
     warmup: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue"):
+        for name in ("max_batch", "max_queue", "max_uploads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("max_wait_ms",):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be at least 0")
-        for name in ("max_body_mb", "max_seconds", "timeout_s"):
+        for name in ("max_body_mb", "max_seconds", "timeout_s", "body_timeout_s", "max_decoded_mb"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
         if self.api_key is not None and not self.api_key:
             raise ValueError("the API key is empty")
+        if self.bucket_frames < LATENT_DOWNSAMPLE or self.bucket_frames % LATENT_DOWNSAMPLE:
+            raise ValueError(f"bucket_frames must be a positive multiple of {LATENT_DOWNSAMPLE}")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> ServerConfig:
         """Settings from RECON_MODEL, RECON_BACKEND, RECON_PROVIDER, RECON_PRECISION, RECON_THREADS,
         RECON_MAX_BATCH, RECON_MAX_WAIT_MS, RECON_MAX_QUEUE, RECON_MAX_BODY_MB, RECON_MAX_SECONDS,
-        RECON_TIMEOUT_S, RECON_EXPECT_DIGEST and RECON_API_KEY_ENV (the name of the variable that
+        RECON_TIMEOUT_S, RECON_BUCKET_FRAMES, RECON_BODY_TIMEOUT_S, RECON_MAX_UPLOADS, RECON_MAX_DECODED_MB,
+        RECON_EXPECT_DIGEST and RECON_API_KEY_ENV (the name of the variable that
         holds the key), for hosts that build the app without the CLI (gunicorn)."""
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {}
@@ -157,6 +176,19 @@ class PayloadTooLarge(ReconError):
     """Body or audio over the server's limits (413)."""
 
 
+class ClientGone(Exception):
+    """The client disconnected while its request waited: its windows left the queue (recorded as 499)."""
+
+
+class StreamAborted(Exception):
+    """A streamed response failed after its status was sent: the connection is dropped without the
+    final chunk, so the client sees a truncated (invalid) body, and the metrics record `status`."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 class _Metrics:
     """Prometheus metrics in a registry of their own (several apps can live in one process)."""
 
@@ -185,7 +217,8 @@ class _Metrics:
     def on_batch(self, stats: BatchStats) -> None:
         roles = stats.key[0] if isinstance(stats.key, tuple) and stats.key else ()
         stages = "+".join(roles) if isinstance(roles, tuple) else str(roles)
-        self.batch_size.labels(stages).observe(stats.size)
+        if not stats.retried:  # its windows are counted again, one run each
+            self.batch_size.labels(stages).observe(stats.size)
         self.batch_seconds.labels(stages).observe(stats.seconds)
         if not stats.failed:
             self.windows.labels(stages).inc(stats.size)
@@ -214,6 +247,7 @@ class Service:
         self.in_flight = 0
         self._loader: threading.Thread | None = None
         self._cpu_slots: asyncio.Semaphore | None = None
+        self._upload_slots: asyncio.Semaphore | None = None
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
         self.metrics.in_flight.set_function(lambda: self.in_flight)
 
@@ -313,7 +347,8 @@ class Service:
     # ------------------------------------------------------------------ input
     async def read_body(self, request: Request) -> bytes:
         """The upload (raw body, or the `file` field of a multipart form), refused past `max_body_mb`
-        without reading the rest."""
+        without reading the rest. Call it once admitted: a full server answers 503 before any body.
+        At most `max_uploads` bodies are read at once, each within `body_timeout_s` (408 beyond)."""
         limit = int(self.config.max_body_mb * 2**20)
         declared = request.headers.get("content-length")
         if declared is not None:
@@ -325,22 +360,31 @@ class Service:
                 raise HTTPError(
                     413, f"body of {size} bytes is over the limit of {limit} bytes", {"Connection": "close"}
                 )
-        chunks = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPError(413, f"body is over the limit of {limit} bytes", {"Connection": "close"})
-            chunks.append(chunk)
-        body = b"".join(chunks)
+        if self._upload_slots is None:
+            self._upload_slots = asyncio.Semaphore(self.config.max_uploads)
+        timeout = self.config.body_timeout_s
+        deadline = time.monotonic() + timeout
+        try:
+            await asyncio.wait_for(self._upload_slots.acquire(), timeout)
+        except asyncio.TimeoutError:
+            raise HTTPError(
+                503, f"server busy: {self.config.max_uploads} uploads in progress", {"Retry-After": "1"}
+            ) from None
+        try:
+            body = await asyncio.wait_for(_read_limited(request, limit), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise HTTPError(408, f"the body did not arrive within {timeout:g} s", {"Connection": "close"}) from None
+        finally:
+            self._upload_slots.release()
         if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-            body = await _multipart_file(request, body)
+            body = await self.cpu(_multipart_file, request.scope, body)
         if not body:
             raise HTTPError(400, "empty body: send the file as the body or as the multipart field `file`")
         return body
 
     def features(self, body: bytes) -> tuple[Any, int]:
-        """Decode the uploaded audio (refusing it past `max_seconds` from its header) and prepare it.
+        """Decode the uploaded audio (refusing it past `max_seconds` or `max_decoded_mb` from its
+        header, before decoding) and prepare it.
 
         Returns:
             (Features, the upload's sample rate).
@@ -351,11 +395,18 @@ class Service:
             if rate > 0 and 0 < frames < 2**62 and frames / rate > limit:
                 raise PayloadTooLarge(f"audio of {frames / rate:.1f} s is over the limit of {limit:g} s")
 
-        audio, rate = read_audio_bytes(body, "uploaded audio", check)
+        budget = int(self.config.max_decoded_mb * 2**20)
+        try:
+            audio, rate = read_audio_bytes(body, "uploaded audio", check, max_decoded_bytes=budget)
+        except AudioTooLarge as e:
+            raise PayloadTooLarge(str(e)) from None
         check(audio.shape[0], rate)  # some formats do not state their length up front
+        if audio.shape[0] * self.rate < rate:  # under one sample at the model's rate
+            raise AudioInputError(f"uploaded audio: {audio.shape[0]} samples at {rate} Hz is shorter than one sample")
         return self.rec.features(audio, rate), rate
 
     def latents(self, body: bytes, fingerprint: str | None) -> np.ndarray:
+        """The uploaded latents, checked (run it on the CPU pool: it parses and scans the whole body)."""
         if fingerprint is not None and fingerprint != self.rec.contract.fingerprint:
             raise HTTPError(
                 422,
@@ -374,12 +425,13 @@ class Service:
             )
         if z.dtype.kind != "f":
             raise HTTPError(422, f"latents must be float16, float32 or float64, got {z.dtype}")
-        if not np.isfinite(z).all():
-            raise HTTPError(400, "latents contain NaN or inf")
         seconds = z.shape[1] * self.samples_per_latent / self.rate
         if seconds > self.config.max_seconds:
             raise PayloadTooLarge(f"latents of {seconds:.1f} s are over the limit of {self.config.max_seconds:g} s")
-        return z.astype(np.float32, copy=False)
+        z = z.astype(np.float32, copy=False)
+        if not np.isfinite(z).all():
+            raise HTTPError(400, "latents contain NaN or inf (or values past float32's range)")
+        return z
 
     @property
     def rate(self) -> int:
@@ -401,29 +453,44 @@ class Service:
         except ShuttingDown:
             raise HTTPError(503, "the server is shutting down", {"Retry-After": "5"}) from None
 
-    async def wait(self, futures: list[Future], deadline: float) -> list[Any]:
-        """Await the windows' outputs; past the deadline their windows leave the queue and this gives 504."""
+    async def wait(self, futures: list[Future], deadline: float, request: Request | None = None) -> list[Any]:
+        """Await the windows' outputs. Past the deadline their windows leave the queue and this gives 504;
+        if `request`'s client disconnects meanwhile, they leave the queue and this raises ClientGone."""
         assert self.batcher is not None
+        gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        watcher = asyncio.ensure_future(_disconnected(request)) if request is not None else None
         try:
-            return await asyncio.wait_for(
-                asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), max(0.0, deadline - time.monotonic())
+            done, _ = await asyncio.wait(
+                [gathered] if watcher is None else [gathered, watcher],
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
             )
-        except (asyncio.TimeoutError, DeadlineExceeded):
-            self.batcher.cancel(futures)
-            raise HTTPError(
-                504, f"the request took longer than the server's limit of {self.config.timeout_s:g} s"
-            ) from None
-        except asyncio.CancelledError:
-            self.batcher.cancel(futures)
-            if self.batcher.alive:
-                raise  # the client went away
-            raise HTTPError(503, "the server is shutting down", {"Retry-After": "5"}) from None
-        except BaseException:
-            self.batcher.cancel(futures)
-            raise
+            if gathered in done:
+                try:
+                    return gathered.result()
+                except DeadlineExceeded:
+                    raise HTTPError(504, self._late()) from None
+                except asyncio.CancelledError:  # a window was cancelled: only at shutdown or a 504 elsewhere
+                    if self.batcher.alive:
+                        raise HTTPError(504, self._late()) from None
+                    raise HTTPError(503, "the server is shutting down", {"Retry-After": "5"}) from None
+            if watcher is not None and watcher in done:
+                raise ClientGone("the client disconnected")
+            raise HTTPError(504, self._late())
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if any(not f.done() for f in futures):  # a failure, timeout or disconnect: the rest leave the queue
+                self.batcher.cancel(futures)
+            gathered.cancel()
+            # retrieve the outcome (no "exception was never retrieved" in the log)
+            gathered.add_done_callback(lambda g: g.cancelled() or g.exception())
 
-    async def run_job(self, job: Any, deadline: float) -> list[Any]:
-        return await self.wait(self.submit(job, range(len(job.windows)), deadline), deadline)
+    def _late(self) -> str:
+        return f"the request took longer than the server's limit of {self.config.timeout_s:g} s"
+
+    async def run_job(self, job: Any, deadline: float, request: Request | None = None) -> list[Any]:
+        return await self.wait(self.submit(job, range(len(job.windows)), deadline), deadline, request)
 
     def deadline(self) -> float:
         return time.monotonic() + self.config.timeout_s
@@ -438,8 +505,30 @@ class Service:
             ) from None
 
 
-async def _multipart_file(request: Request, body: bytes) -> bytes:
-    """The `file` field of a multipart body that was already read (and size-checked)."""
+async def _read_limited(request: Request, limit: int) -> bytes:
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, f"body is over the limit of {limit} bytes", {"Connection": "close"})
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has disconnected (polls: the body is read, so this only sees a disconnect)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+def _multipart_file(scope: dict[str, Any], body: bytes) -> bytes:
+    """The `file` field of a multipart body that was already read (and size-checked); parsed on a
+    worker thread (in an event loop of its own) so a large form never stalls the server's loop."""
+    return asyncio.run(_multipart_file_async(scope, body))
+
+
+async def _multipart_file_async(scope: dict[str, Any], body: bytes) -> bytes:
     sent = False
 
     async def replay() -> dict[str, Any]:
@@ -450,7 +539,7 @@ async def _multipart_file(request: Request, body: bytes) -> bytes:
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Request(request.scope, replay).form(max_files=1, max_fields=16)
+        form = await Request(scope, replay).form(max_files=1, max_fields=16)
     except Exception as e:  # noqa: BLE001 - any parser complaint is the client's malformed form
         raise HTTPError(400, f"malformed multipart body ({' '.join(str(e).split()) or type(e).__name__})") from None
     try:
@@ -460,6 +549,11 @@ async def _multipart_file(request: Request, body: bytes) -> bytes:
         return await item.read()
     finally:
         await form.close()
+
+
+def _check_finite(wave: np.ndarray) -> None:
+    if not np.isfinite(wave).all():
+        raise HTTPError(422, "the decoded audio is not finite (latents or gain out of range)")
 
 
 def _wav_bytes(audio: np.ndarray, rate: int, subtype: str) -> bytes:
@@ -486,11 +580,12 @@ def _pcm_bytes(chunk: np.ndarray, fmt: str) -> bytes:
 class _Edge:
     """ASGI middleware: API key on every route but /healthz, and request metrics by route and status."""
 
-    def __init__(self, app: Any, service: Service):
+    def __init__(self, app: Any, service: Service, routes: Sequence[Any] = ()):
         self.app = app
         self.service = service
+        self.routes = routes
         key = service.config.api_key
-        self._expected = f"Bearer {key}".encode() if key else None
+        self._key = key.encode() if key else None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -506,7 +601,7 @@ class _Edge:
             await send(message)
 
         try:
-            if self._expected is not None and scope["path"] != "/healthz" and not self._authorised(scope):
+            if self._key is not None and scope["path"] != "/healthz" and not self._authorised(scope):
                 response = JSONResponse(
                     {"error": "missing or wrong API key: send the header Authorization: Bearer <key>"},
                     401,
@@ -515,21 +610,41 @@ class _Edge:
                 await response(scope, receive, send_status)
                 return
             await self.app(scope, receive, send_status)
+        except StreamAborted as e:
+            # the status went out with the first part: returning without the final chunk makes the
+            # server drop the connection, so the client cannot take the truncated body as complete
+            _LOGGER.warning("%s %s: stream aborted (%d): %s", scope.get("method"), scope["path"], e.status, e)
         finally:
+            status = scope.get(STATUS_OVERRIDE, status)
             route = scope.get("route")
-            label = getattr(route, "path", None) or "unmatched"
+            label = getattr(route, "path", None) or self._route_of(scope)
             m = self.service.metrics
             m.requests.labels(label, str(status)).inc()
             m.latency.labels(label).observe(time.perf_counter() - started)
 
+    def _route_of(self, scope: dict[str, Any]) -> str:
+        """The route a request would have reached (e.g. one refused with 401 before routing)."""
+        from starlette.routing import Match
+
+        for route in self.routes:
+            try:
+                match, _ = route.matches(scope)
+            except Exception:  # noqa: BLE001 - a label, never an error
+                continue
+            if match != Match.NONE:
+                return getattr(route, "path", None) or "unmatched"
+        return "unmatched"
+
     def _authorised(self, scope: dict[str, Any]) -> bool:
-        assert self._expected is not None
+        assert self._key is not None
         given = b""
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
                 given = value
                 break
-        return hmac.compare_digest(given, self._expected)
+        scheme, _, token = given.strip().partition(b" ")
+        ok_scheme = scheme.lower() == b"bearer"  # the scheme is case-insensitive (RFC 9110)
+        return hmac.compare_digest(token.strip(), self._key) and ok_scheme
 
 
 def create_app(
@@ -566,11 +681,15 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
-    app.add_middleware(_Edge, service=service)
+    app.add_middleware(_Edge, service=service, routes=app.router.routes)
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, e: HTTPError) -> JSONResponse:
         return JSONResponse({"error": e.message}, e.status, headers=e.headers)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, e: ClientGone) -> Response:
+        return Response(status_code=CLIENT_GONE)  # nobody reads it; the metrics record 499
 
     @app.exception_handler(PayloadTooLarge)
     async def _too_large(request: Request, e: PayloadTooLarge) -> JSONResponse:
@@ -607,6 +726,8 @@ def create_app(
     @app.get("/readyz", summary="503 until the model is loaded and the warm-up ran")
     async def readyz() -> JSONResponse:
         if service.ready.is_set():
+            if service.batcher is None or not service.batcher.alive:
+                return JSONResponse({"status": "failed", "error": "the inference worker stopped"}, 503)
             return JSONResponse({"status": "ready"})
         if service.load_error is not None:
             return JSONResponse({"status": "failed", "error": "the model did not load"}, 503)
@@ -656,14 +777,14 @@ def create_app(
         output_rate: int | None = Query(None, ge=1000, le=384000, description="Resample the output (default 16000)"),
         subtype: Literal["float", "pcm16"] = Query("float", description="WAV sample format"),
     ) -> Response:
-        body = await service.read_body(request)
         async with service.admitted() as rec:
+            body = await service.read_body(request)
             deadline = service.deadline()
 
             async def work() -> tuple[bytes, Any]:
                 feats, _ = await service.cpu(service.features, body)
                 job = rec.reconstruction_job(feats)
-                outputs = await service.run_job(job, deadline)
+                outputs = await service.run_job(job, deadline, request)
 
                 def finish() -> bytes:
                     (wave,) = rec.join(job, outputs)
@@ -690,26 +811,26 @@ def create_app(
             None, ge=0, lt=2**63, description="Seed for the draw (default: a random one, reported)"
         ),
     ) -> Response:
-        body = await service.read_body(request)
         async with service.admitted() as rec:
+            body = await service.read_body(request)
             deadline = service.deadline()
             used_seed = seed if seed is not None else secrets.randbits(63)
 
-            async def work() -> tuple[np.ndarray, Any, int]:
+            async def work() -> tuple[tuple[bytes, tuple[int, ...]], Any, int]:
                 feats, input_rate = await service.cpu(service.features, body)
                 job = rec.encoding_job(feats)
-                outputs = await service.run_job(job, deadline)
+                outputs = await service.run_job(job, deadline, request)
 
-                def finish() -> np.ndarray:
+                def finish() -> tuple[bytes, tuple[int, ...]]:
                     mean, std = (rec.crop_latents(feats, z) for z in rec.join(job, outputs))
                     if sample:  # as Reconstructor.encode_features
                         noise = np.random.default_rng(used_seed).standard_normal(mean.shape).astype(np.float32)
                         mean = mean + std * noise
-                    return mean
+                    return _npy_bytes(mean), mean.shape
 
                 return await service.cpu(finish), feats, input_rate
 
-            latents, feats, input_rate = await service.within(deadline, work())
+            (data, shape), feats, input_rate = await service.within(deadline, work())
         service.metrics.audio_seconds.labels("/v1/encode").inc(feats.num_samples / service.rate)
         c = rec.contract
         headers = {
@@ -717,14 +838,14 @@ def create_app(
             H_GAIN: repr(float(feats.gain)),
             H_SAMPLE_RATE: str(service.rate),
             H_INPUT_RATE: str(input_rate),
-            H_LATENT_SHAPE: ",".join(map(str, latents.shape)),
+            H_LATENT_SHAPE: ",".join(map(str, shape)),
             H_SAMPLED: "true" if sample else "false",
             H_FINGERPRINT: c.fingerprint,
             H_SCALING: repr(float(c.scaling_factor)),
         }
         if sample:
             headers[H_SEED] = str(used_seed)
-        return Response(_npy_bytes(latents), media_type=NPY_MEDIA_TYPE, headers=headers)
+        return Response(data, media_type=NPY_MEDIA_TYPE, headers=headers)
 
     @app.post(
         "/v1/decode",
@@ -736,48 +857,58 @@ def create_app(
     async def decode(
         request: Request,
         num_samples: int | None = Query(None, ge=1, description="Crop the output to this many samples"),
-        gain: float | None = Query(None, description="Multiply the output by this (the encode response's gain)"),
+        gain: float | None = Query(
+            None, ge=0, le=MAX_GAIN, description="Multiply the output by this (the encode response's gain)"
+        ),
         stream: bool = Query(False, description="Send raw PCM (see the X-Recon-* headers) as each window finishes"),
         subtype: Literal["float", "pcm16"] = Query("float", description="float: f32le / FLOAT WAV; pcm16: s16le"),
     ) -> Response:
         if gain is not None and not math.isfinite(gain):
             raise HTTPError(422, "gain must be a finite number")
-        body = await service.read_body(request)
         fingerprint = request.headers.get(H_FINGERPRINT)
         if stream:
-            return await _decode_stream(service, body, fingerprint, num_samples, gain, subtype)
+            return await _decode_stream(service, request, fingerprint, num_samples, gain, subtype)
         async with service.admitted() as rec:
+            body = await service.read_body(request)
             deadline = service.deadline()
-            z = service.latents(body, fingerprint)
 
-            async def work() -> np.ndarray:
+            async def work() -> tuple[bytes, int]:
+                z = await service.cpu(service.latents, body, fingerprint)
                 job = rec.decoding_job(z)
-                outputs = await service.run_job(job, deadline)
+                outputs = await service.run_job(job, deadline, request)
 
-                def finish() -> np.ndarray:  # as Reconstructor.decode, then the sidecar's gain
+                def finish() -> tuple[bytes, int]:  # as Reconstructor.decode, then the sidecar's gain
                     (wave,) = rec.join(job, outputs)
                     wave = wave[:num_samples] if num_samples is not None else wave
-                    return wave * np.float32(gain) if gain is not None else wave
+                    wave = wave * np.float32(gain) if gain is not None else wave
+                    _check_finite(wave)
+                    return _wav_bytes(wave, service.rate, subtype), wave.size
 
                 return await service.cpu(finish)
 
-            wave = await service.within(deadline, work())
-        service.metrics.audio_seconds.labels("/v1/decode").inc(wave.size / service.rate)
-        return Response(
-            _wav_bytes(wave, service.rate, subtype), media_type="audio/wav", headers={H_NUM_SAMPLES: str(wave.size)}
-        )
+            data, size = await service.within(deadline, work())
+        service.metrics.audio_seconds.labels("/v1/decode").inc(size / service.rate)
+        return Response(data, media_type="audio/wav", headers={H_NUM_SAMPLES: str(size)})
 
     return app
 
 
 async def _decode_stream(
-    service: Service, body: bytes, fingerprint: str | None, num_samples: int | None, gain: float | None, subtype: str
+    service: Service,
+    request: Request,
+    fingerprint: str | None,
+    num_samples: int | None,
+    gain: float | None,
+    subtype: str,
 ) -> StreamingResponse:
     """Decode window by window and send each part of the output as soon as no later window touches it.
 
     The first window is computed before the response starts (so errors still get a status); each
     later window is queued when the previous one is done, so the time to first audio is one
-    window's compute whatever the length. Every part is the exact cross-fade `join` computes.
+    window's compute whatever the length. Every part is the exact cross-fade `join` computes. The
+    whole stream shares one deadline (`timeout_s`, as a request that is not streamed); a failure
+    after the status was sent drops the connection without the final chunk (the client sees a
+    truncated body, never a clean end) and is recorded in the metrics with its status.
     """
     service.admit()
     released = False
@@ -790,15 +921,16 @@ async def _decode_stream(
 
     try:
         rec = service.rec
-        z = service.latents(body, fingerprint)
+        body = await service.read_body(request)
+        deadline = service.deadline()
+        z = await service.within(deadline, service.cpu(service.latents, body, fingerprint))
         job = rec.decoding_job(z)
         n = len(job.windows)
         length = int(round(job.total * job.scale))
         total = length if num_samples is None else min(num_samples, length)
         fmt = STREAM_FORMATS[subtype]
         factor = np.float32(gain) if gain is not None else None
-        deadline = service.deadline()
-        first = (await service.wait(service.submit(job, [0], deadline), deadline))[0]
+        first = (await service.wait(service.submit(job, [0], deadline), deadline, request))[0]
     except BaseException:
         release()
         raise
@@ -810,43 +942,61 @@ async def _decode_stream(
         H_WINDOWS: str(n),
         "Cache-Control": "no-store",
     }
+    weights = window_weights(list(job.spans), job.scale) if n > 1 else None
+    out = np.zeros(length, np.float32) if n > 1 else None
+    wsum = np.zeros(length, np.float32) if n > 1 else None
+    sent = 0
 
-    pending: list[Future] = []
+    def part_bytes(i: int, piece: np.ndarray) -> bytes:
+        """Add window i to the cross-fade and return the samples no later window touches, as PCM."""
+        nonlocal sent
+        if n == 1:
+            chunk = piece
+        else:
+            assert weights is not None and out is not None and wsum is not None
+            w = weights[i]
+            o0 = int(round(job.spans[i][0] * job.scale))
+            out[o0 : o0 + w.size] += piece[: w.size] * w
+            wsum[o0 : o0 + w.size] += w
+            done = int(round(job.spans[i + 1][0] * job.scale)) if i + 1 < n else length
+            chunk = out[sent:done] / wsum[sent:done] if done > sent else out[:0]
+        part = chunk[: max(0, total - sent)]
+        sent += chunk.size
+        if factor is not None:
+            part = part * factor
+        _check_finite(part)
+        return _pcm_bytes(part, fmt) if part.size else b""
 
     async def parts() -> AsyncIterator[bytes]:
+        pending: list[Future] = []
         try:
-            weights = window_weights(list(job.spans), job.scale) if n > 1 else None
-            out = np.zeros(length, np.float32) if n > 1 else None
-            wsum = np.zeros(length, np.float32) if n > 1 else None
-            sent = 0
             output = first
             for i in range(n):
-                nxt = None
                 if i + 1 < n:  # queue the next window before sending this part
-                    deadline = service.deadline()
-                    nxt = pending[:] = service.submit(job, [i + 1], deadline)
+                    pending = service.submit(job, [i + 1], deadline)
                 (piece,) = output
-                if n == 1:
-                    chunk = piece
-                else:
-                    assert weights is not None and out is not None and wsum is not None
-                    w = weights[i]
-                    o0 = int(round(job.spans[i][0] * job.scale))
-                    out[o0 : o0 + w.size] += piece[: w.size] * w
-                    wsum[o0 : o0 + w.size] += w
-                    done = int(round(job.spans[i + 1][0] * job.scale)) if i + 1 < n else length
-                    chunk = out[sent:done] / wsum[sent:done] if done > sent else out[:0]
-                part = chunk[: max(0, total - sent)]
-                sent += chunk.size
-                if factor is not None:
-                    part = part * factor
-                if part.size:
-                    yield _pcm_bytes(part, fmt)
-                if nxt is not None:
-                    output = (await service.wait(nxt, deadline))[0]
+                data = await service.within(deadline, service.cpu(part_bytes, i, piece))
+                if data:
+                    yield data
+                if i + 1 < n:
+                    output = (await service.wait(pending, deadline))[0]
+                    pending = []
             service.metrics.audio_seconds.labels("/v1/decode").inc(total / service.rate)
-        except HTTPError as e:  # the status is sent: all that is left is to end the stream early
-            _LOGGER.warning("streaming decode stopped: %s", e.message)
+        except HTTPError as e:
+            _LOGGER.warning("streaming decode aborted: %s", e.message)
+            request.scope[STATUS_OVERRIDE] = e.status
+            raise StreamAborted(e.status, e.message) from None
+        except ReconError as e:
+            _LOGGER.warning("streaming decode aborted: %s", e)
+            request.scope[STATUS_OVERRIDE] = status = 400 if isinstance(e, AudioInputError) else 500
+            raise StreamAborted(status, str(e)) from None
+        except Exception:
+            _LOGGER.exception("streaming decode aborted")
+            request.scope[STATUS_OVERRIDE] = 500
+            raise StreamAborted(500, "internal error") from None
+        except BaseException:  # cancelled: the client went away (or the server is stopping)
+            request.scope[STATUS_OVERRIDE] = CLIENT_GONE
+            raise
         finally:
             if pending and service.batcher is not None:  # the client went away: its next window leaves the queue
                 service.batcher.cancel(pending)
