@@ -243,6 +243,7 @@ def test_cli_jobs_run_against_the_server(server: Server, rec: Any, tmp_path: Pat
     assert side["num_samples"] == feats.num_samples and side["bundle_fingerprint"] == rec.contract.fingerprint
     assert side["input_sample_rate"] == 44100 and side["gain"] == pytest.approx(feats.gain, rel=1e-7)
     z = np.load(tmp_path / "z.npy")
+    assert rel_l2(z, rec.encode(*sf.read(str(src), dtype="float32"))) <= REL  # the latents a local encode writes
 
     r = run("decode", str(tmp_path / "z.npy"), "-o", str(tmp_path / "dec.wav"))
     assert r.returncode == 0, r.stderr
