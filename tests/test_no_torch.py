@@ -94,7 +94,8 @@ def test_base_install_metadata_lists_no_heavy_package() -> None:
 
 
 def test_runtime_and_cli_import_no_ray() -> None:
-    """Ray (and pyarrow) are the `ray` extra's: only a `recon-run dataset` job imports them."""
+    """Ray (and pyarrow) are the `ray` extra's: only a `recon-run dataset` job or `recon-run serve --ray`
+    imports them (recon_runtime.ray_serve imports Ray inside its functions, not at import)."""
     r = subprocess.run(
         [
             sys.executable,
@@ -103,7 +104,11 @@ def test_runtime_and_cli_import_no_ray() -> None:
         import sys
         import recon_runtime
         from recon_runtime import Reconstructor
-        import recon_runtime.cli, recon_runtime.cli_dataset, recon_runtime.dataset
+        import recon_runtime.cli, recon_runtime.cli_dataset, recon_runtime.dataset, recon_runtime.cli_serve
+        from recon_runtime.cli import main
+        import importlib.util
+        if importlib.util.find_spec("fastapi") is not None:  # the server's modules need the `serve` extra
+            import recon_runtime.server, recon_runtime.ray_serve
         print(sorted(n for n in ("ray", "pyarrow") if n in sys.modules))
     """),
         ],
