@@ -104,14 +104,52 @@ def api_key_from_env(var: str | None) -> str | None:
     "--grace-s", type=click.FloatRange(min=0), default=30.0, show_default=True,
     help="On SIGTERM/SIGINT: how long in-flight requests may take to finish.",
 )  # fmt: skip
+@click.option(
+    "--ray", "use_ray", is_flag=True,
+    help="Run the app as a Ray Serve deployment (replicas behind Ray's HTTP proxy; the `ray` extra).",
+)  # fmt: skip
+@click.option(
+    "--ray-address", default=None, metavar="ADDR",
+    help="With --ray: deploy on this Ray cluster (e.g. HEAD_IP:6379 or auto); default: a local Ray in this process.",
+)  # fmt: skip
+@click.option(
+    "--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+    help="With --ray: replicas, each with its own model and batcher.",
+)  # fmt: skip
+@click.option(
+    "--gpus-per-replica", type=click.FloatRange(min=0), default=0.0, show_default=True,
+    help="With --ray: GPUs per replica (0.5 puts two replicas on one GPU).",
+)  # fmt: skip
+@click.option(
+    "--cpus-per-replica", type=click.FloatRange(min=0), default=1.0, show_default=True,
+    help="With --ray: Ray CPUs per replica (also its intra-op threads unless --threads is given).",
+)  # fmt: skip
 @click.pass_context
-def serve(ctx: click.Context, host: str, port: int, grace_s: float, api_key_env: str | None, **kwargs: Any) -> None:
+def serve(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    grace_s: float,
+    api_key_env: str | None,
+    use_ray: bool,
+    ray_address: str | None,
+    replicas: int,
+    gpus_per_replica: float,
+    cpus_per_replica: float,
+    **kwargs: Any,
+) -> None:
     """HTTP service: /v1/reconstruct, /v1/encode, /v1/decode with window-level dynamic batching.
 
-    Outputs equal Reconstructor.load(...) run in-process (with --bucket-frames N: bucket_frames=N). See docs/serving.md.
+    Outputs equal Reconstructor.load(...) run in-process (with --bucket-frames N: bucket_frames=N). With --ray the same
+    app runs as a Ray Serve deployment of --replicas replicas. See docs/serving.md and docs/scale-out.md.
     """
+    ray_only = ("ray_address", "replicas", "gpus_per_replica", "cpus_per_replica")
+    given = [n for n in ray_only if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]
+    if given and not use_ray:
+        raise click.UsageError(f"{', '.join('--' + n.replace('_', '-') for n in given)} need --ray")
+    if use_ray and port == 0:
+        raise click.UsageError("--ray needs a fixed --port (Ray's HTTP proxy does not pick a free one)")
     _need_serve_extra("server")
-    import uvicorn
 
     from .contract import check_mel, read_contract
     from .server import ServerConfig, bind_is_loopback, create_app
@@ -121,11 +159,16 @@ def serve(ctx: click.Context, host: str, port: int, grace_s: float, api_key_env:
     try:
         contract = read_contract(model)  # a wrong --model fails now, in one line, before binding
         check_mel(contract, str(model / "recon.json"))
-        config = ServerConfig(model=str(model), api_key=key, **kwargs)
+        # replicas may run in another working directory (or on another node): an absolute path
+        config = ServerConfig(model=str(model.resolve() if use_ray else model), api_key=key, **kwargs)
     except (ReconError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     if not bind_is_loopback(host) and key is None:
         _LOGGER.warning("binding %s without --api-key-env: anyone who can reach this port can use the server", host)
+    if use_ray:
+        _serve_on_ray(config, ray_address, host, port, replicas, cpus_per_replica, gpus_per_replica, grace_s)
+        ctx.exit(0)
+    import uvicorn
 
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
@@ -189,6 +232,29 @@ class _CutOffCounter(logging.Filter):
             except (TypeError, ValueError, IndexError):
                 self.tasks += 1
         return True
+
+
+def _serve_on_ray(
+    config: Any, address: str | None, host: str, port: int, replicas: int, cpus: float, gpus: float, grace_s: float
+) -> None:
+    if not _importable("ray") or not _importable("ray.serve"):
+        raise click.ClickException("ray is not installed: pip install 'audioldm2-recon[ray,serve]' (with cpu or gpu)")
+    from .ray_serve import serve_until_stopped  # Ray is imported only there, and only now
+
+    try:
+        serve_until_stopped(
+            config,
+            address=address,
+            host=host,
+            port=port,
+            replicas=replicas,
+            cpus_per_replica=cpus,
+            gpus_per_replica=gpus,
+            grace_s=grace_s,
+            echo=lambda line: click.echo(line, err=True),
+        )
+    except ReconError as e:
+        raise click.ClickException(str(e)) from None
 
 
 # ---------------------------------------------------------------------- --server jobs
