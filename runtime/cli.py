@@ -93,6 +93,21 @@ def _model_options(f: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per session."),
             click.option(
+                "--performance-hint",
+                type=click.Choice(["latency", "throughput"]),
+                default="latency",
+                show_default=True,
+                help="openvino: latency (each call uses every core; files one at a time) or throughput "
+                "(streams, for many concurrent calls). --backend onnxruntime refuses throughput.",
+            ),
+            click.option(
+                "--compile-cache/--no-compile-cache",
+                default=True,
+                show_default=True,
+                help="openvino: keep compiled graphs in the user's cache folder (per bundle digest) so that "
+                "the next start skips compilation.",
+            ),
+            click.option(
                 "--cuda-graph",
                 is_flag=True,
                 help="CUDA: capture CUDA graphs for repeated input shapes (more GPU memory; not yet measured).",
@@ -164,6 +179,8 @@ class ModelArgs:
     threads: int | None
     cuda_graph: bool
     expect_digest: str | None
+    performance_hint: str = "latency"
+    compile_cache: bool = True
 
     def load(self, stages: Sequence[str]) -> Any:
         from .reconstructor import Reconstructor  # imports the inference engine only when needed
@@ -177,6 +194,8 @@ class ModelArgs:
             threads=self.threads,
             cuda_graph=self.cuda_graph,
             expect_digest=self.expect_digest,
+            performance_hint=self.performance_hint,
+            compile_cache=self.compile_cache,
         )
 
 

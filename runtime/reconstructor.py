@@ -40,6 +40,7 @@ from .contract import (
 )
 from .errors import AudioInputError, BundleError, ProviderError
 from .executors import BACKENDS, ONNXRUNTIME, OPENVINO, Executor, ExecutorOptions, require_finite
+from .executors.base import LATENCY, PERFORMANCE_HINTS
 from .frontend import log_mel, prepare_waveform
 
 _LOGGER = logging.getLogger(__name__)
@@ -147,6 +148,16 @@ def _onnxruntime_executor(
             "bf16 runs on the openvino backend only (pip install 'audioldm2-recon[openvino]', then "
             "--backend openvino or auto, on a CPU with AVX512-BF16 or AMX); onnxruntime runs fp32, fp16 or int8"
         )
+    if options.performance_hint not in (None, LATENCY):
+        raise ProviderError(
+            f"the {options.performance_hint} performance hint is an openvino setting; onnxruntime has none "
+            "(drop it, or use --backend openvino)"
+        )
+    if options.cache_dir is not None:
+        raise ProviderError(
+            "a compiled-model cache folder is an openvino setting; onnxruntime compiles nothing to cache "
+            "(drop it, or use --backend openvino)"
+        )
 
     dists = ort_exec.onnxruntime_distributions()
     if len(dists) > 1:
@@ -229,14 +240,15 @@ def _onnxruntime_cuda() -> bool:
     return ort_exec.cuda_available()
 
 
-def _resolve_backend(backend: str, provider: str, precision: str = AUTO) -> str:
-    """The backend `auto` stands for: onnxruntime on CUDA (and for its own fp16/int8 graphs); on the
-    CPU, OpenVINO when it is installed (bf16 needs it), else onnxruntime."""
+def _resolve_backend(backend: str, provider: str, precision: str, available: Sequence[str]) -> str:
+    """The backend `auto` stands for: onnxruntime on CUDA (and for its own fp16/int8 graphs, and for a
+    bundle without fp32 graphs, which OpenVINO reads); on the CPU, OpenVINO when it is installed (bf16
+    needs it), else onnxruntime. `available`: the bundle's complete graph precisions (contract.precisions)."""
     if backend != AUTO:
         return backend
     if precision == BF16:
         return OPENVINO
-    if precision in (FP16, INT8) or provider == CUDA:
+    if precision in (FP16, INT8) or provider == CUDA or FP32 not in available:
         return ONNXRUNTIME
     if provider == AUTO and _onnxruntime_cuda():
         return ONNXRUNTIME
@@ -297,7 +309,7 @@ class Reconstructor:
         cpu_arena: bool = False,
         cuda_graph: bool = False,
         expect_digest: str | None = None,
-        performance_hint: str = "latency",
+        performance_hint: str | None = None,
         compile_cache: bool = True,
         cache_dir: Path | str | None = None,
     ) -> "Reconstructor":
@@ -329,11 +341,15 @@ class Reconstructor:
             expect_digest: refuse the bundle unless its digest (`recon-run info`) is this one. The
                 hashes in recon.json catch corruption, not deliberate tampering (whoever edits a
                 graph can edit recon.json too); pinning the digest of a bundle you trust does.
-            performance_hint: openvino: "latency" (one call at a time uses every core; single files)
-                or "throughput" (streams: many concurrent calls, e.g. a server or a batch job).
-            compile_cache: openvino: keep compiled graphs in `cache_dir` for the next start.
+            performance_hint: openvino: "latency" (None, the default: one call at a time uses every
+                core; single files) or "throughput" (streams: many concurrent calls, e.g. a server).
+                Checked here whatever the backend. onnxruntime has no hint: `backend="onnxruntime"`
+                refuses "throughput"; when `auto` picks onnxruntime the hint is dropped (logged).
+            compile_cache: openvino: keep compiled graphs in `cache_dir` for the next start
+                (onnxruntime caches nothing, so False changes nothing there).
             cache_dir: openvino's compiled-model cache (default: $XDG_CACHE_HOME or ~/.cache, then
-                audioldm2-recon/openvino/<bundle digest>).
+                audioldm2-recon/openvino/<bundle digest>). Refused by `backend="onnxruntime"`, dropped
+                (logged) when `auto` picks onnxruntime.
         """
         bundle_dir = Path(bundle_dir)
         contract = read_contract(bundle_dir)
@@ -349,10 +365,21 @@ class Reconstructor:
             raise ProviderError(f"unknown precision {precision!r}; use {', '.join(PRECISION_CHOICES)}")
         if backend not in BACKEND_CHOICES:
             raise ProviderError(f"unknown backend {backend!r}; use {', '.join(BACKEND_CHOICES)}")
+        if performance_hint is not None and performance_hint not in PERFORMANCE_HINTS:
+            raise ProviderError(f"unknown performance hint {performance_hint!r}; use {', '.join(PERFORMANCE_HINTS)}")
         if stages is not None:
             unknown = [s for s in stages if s not in ROLES]
             if unknown:
                 raise ValueError(f"unknown stages {unknown}; use {ROLES}")
+        chosen_backend = _resolve_backend(backend, provider, precision, contract.precisions)
+        if backend == AUTO and chosen_backend == ONNXRUNTIME:
+            # openvino settings under `auto`: dropped, with a line, when auto picks onnxruntime (which has
+            # neither); an explicit --backend onnxruntime refuses them instead
+            dropped = ["performance hint"] if performance_hint not in (None, LATENCY) else []
+            dropped += ["cache folder"] if cache_dir is not None else []
+            if dropped:
+                _LOGGER.info("auto picked onnxruntime, which has no %s: ignored", " nor ".join(dropped))
+                performance_hint, cache_dir = None, None
         options = ExecutorOptions(
             threads=threads,
             cpu_arena=cpu_arena,
@@ -361,11 +388,16 @@ class Reconstructor:
             compile_cache=compile_cache,
             cache_dir=Path(cache_dir) if cache_dir is not None else None,
         )
-        factory = _EXECUTOR_FACTORIES[_resolve_backend(backend, provider, precision)]
-        executor = factory(bundle_dir, contract, provider, precision, options, stages)
+        executor = _EXECUTOR_FACTORIES[chosen_backend](bundle_dir, contract, provider, precision, options, stages)
         if contract.random_weights:
             _LOGGER.warning("%s holds RANDOM weights: output is not meaningful audio", bundle_dir)
-        _LOGGER.info("using %s with %s graphs from %s", executor.provider.upper(), executor.precision, bundle_dir)
+        _LOGGER.info(
+            "using %s with %s graphs from %s (%s)",
+            executor.provider.upper(),
+            executor.graph_precision,
+            bundle_dir,
+            executor.describe(),
+        )
         return cls(bundle_dir, contract, executor, window_frames, overlap_frames, max_batch, bucket_frames)
 
     @property

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -87,18 +91,116 @@ def test_fp32_matches_onnxruntime_through_the_cli(tiny_bundle: Path, tmp_path: P
 def test_auto_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rec_module, "_onnxruntime_cuda", lambda: False)
     resolve = rec_module._resolve_backend
-    assert resolve("auto", "cpu") == "openvino"
-    assert resolve("auto", "auto") == "openvino"
-    assert resolve("auto", "cuda") == "onnxruntime"
-    assert resolve("auto", "cpu", "int8") == "onnxruntime"  # int8 graphs stay onnxruntime's
-    assert resolve("auto", "cpu", "fp16") == "onnxruntime"
-    assert resolve("auto", "cpu", "bf16") == "openvino"
-    assert resolve("onnxruntime", "cpu") == "onnxruntime"
+    both = ("fp16", "fp32")
+    assert resolve("auto", "cpu", "auto", both) == "openvino"
+    assert resolve("auto", "auto", "auto", both) == "openvino"
+    assert resolve("auto", "cuda", "auto", both) == "onnxruntime"
+    assert resolve("auto", "cpu", "int8", both) == "onnxruntime"  # int8 graphs stay onnxruntime's
+    assert resolve("auto", "cpu", "fp16", both) == "onnxruntime"
+    assert resolve("auto", "cpu", "bf16", both) == "openvino"
+    assert resolve("onnxruntime", "cpu", "auto", both) == "onnxruntime"
+    # openvino reads the fp32 graphs: a bundle without them stays onnxruntime's under auto
+    assert resolve("auto", "cpu", "auto", ("fp16",)) == "onnxruntime"
+    assert resolve("auto", "cpu", "auto", ("int8",)) == "onnxruntime"
+    assert resolve("auto", "cpu", "fp32", ("fp16",)) == "onnxruntime"  # onnxruntime says what is missing
     monkeypatch.setattr(rec_module, "_onnxruntime_cuda", lambda: True)
-    assert resolve("auto", "auto") == "onnxruntime"  # CUDA first
+    assert resolve("auto", "auto", "auto", both) == "onnxruntime"  # CUDA first
     monkeypatch.setattr(rec_module, "_onnxruntime_cuda", lambda: False)
     monkeypatch.setattr(rec_module, "_installed", lambda name: name != "openvino")
-    assert resolve("auto", "cpu") == "onnxruntime"
+    assert resolve("auto", "cpu", "auto", both) == "onnxruntime"
+
+
+def _bundle_copy(tiny_bundle: Path, dest: Path, edit: Any) -> Path:
+    """A copy of the tiny bundle whose recon.json went through `edit(data)` (and whose dropped graphs are deleted)."""
+    shutil.copytree(tiny_bundle, dest)
+    data = json.loads((dest / "recon.json").read_text())
+    edit(data)
+    kept = {g["file"] for g in data["graphs"]}
+    for graph in dest.glob("*.onnx"):
+        if graph.name not in kept:
+            graph.unlink()
+    (dest / "recon.json").write_text(json.dumps(data))
+    return dest
+
+
+def test_auto_runs_a_bundle_without_fp32_graphs_on_onnxruntime(tiny_bundle: Path, tmp_path: Path) -> None:
+    def drop_fp32(data: dict[str, Any]) -> None:
+        data["graphs"] = [g for g in data["graphs"] if g["precision"] != "fp32"]
+
+    bundle = _bundle_copy(tiny_bundle, tmp_path / "fp16-only", drop_fp32)
+    assert not list(bundle.glob("*.fp32.onnx"))
+    rec = Reconstructor.load(bundle, provider="cpu")  # backend auto, openvino installed
+    assert (rec.backend, rec.precision) == ("onnxruntime", "fp16")
+    out = rec.reconstruct(tone(0.5), 16000)
+    assert np.isfinite(out).all() and out.shape == (8000,)
+    with pytest.raises(BundleError, match="has none"):  # asked for explicitly, openvino still says why not
+        _load(bundle, tmp_path / "cache", backend="openvino")
+
+
+def _with_bf16_check(check: dict[str, Any] | None) -> Any:
+    def edit(data: dict[str, Any]) -> None:
+        if check is None:
+            data["validation"].pop("bf16_openvino", None)
+        else:
+            data["validation"]["bf16_openvino"] = check
+
+    return edit
+
+
+OVER_BUDGET = {
+    "measured": True,
+    "budgets": {"encoder_rel_l2": 0.03, "vocoder_log_mel_l1": 0.05},
+    "results": {"encoder_rel_l2": 0.011, "vocoder_log_mel_l1": 0.1312, "decoder_rel_l2": 0.02, "chain_log_mel_l1": 0.2},
+    "f32_stages": [],
+    "passed": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("check", "expected"),
+    [
+        (
+            OVER_BUDGET,
+            ["check at export did not pass", "1.10% (budget 3.00%)", "0.1312 nats (budget 0.0500 nats, OVER)"],
+        ),
+        ({"measured": False, "reason": "Test CPU: no bf16"}, ["not measured at export (Test CPU: no bf16)", "0.05"]),
+        (None, ["not measured at export (the bundle records no bf16 check)"]),
+        ({**OVER_BUDGET, "passed": True}, None),
+    ],
+)
+def test_bf16_load_warns_when_the_recorded_check_did_not_pass(
+    tiny_bundle: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    check: dict[str, Any] | None,
+    expected: list[str] | None,
+) -> None:
+    monkeypatch.setattr(ov_exec, "BF16_PROBE", lambda: (True, "Test CPU: AVX512-BF16"))
+    bundle = _bundle_copy(tiny_bundle, tmp_path / "bundle", _with_bf16_check(check))
+    caplog.set_level(logging.INFO, logger="recon_runtime")
+    rec = _load(bundle, tmp_path / "cache", precision="bf16")  # nothing compiled: any CPU
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "bf16" in r.getMessage()]
+    if expected is None:
+        assert not warnings
+    else:
+        assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+        assert all(e in warnings[0] for e in expected), warnings[0]
+    assert rec.executor.describe() == "openvino on CPU: fp32 graphs at bf16 inference precision"
+    using = [r.getMessage() for r in caplog.records if r.getMessage().startswith("using ")]
+    assert using and "using CPU with fp32 graphs" in using[-1] and "bf16 graphs" not in using[-1]
+    assert "(openvino on CPU: fp32 graphs at bf16 inference precision)" in using[-1]
+
+
+def test_load_log_names_backend_and_what_runs(
+    tiny_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="recon_runtime")
+    _load(tiny_bundle, tmp_path, backend="openvino", precision="fp32")
+    Reconstructor.load(tiny_bundle, provider="cpu", backend="onnxruntime", precision="fp16")
+    using = [r.getMessage() for r in caplog.records if r.getMessage().startswith("using ")]
+    assert "(openvino on CPU: fp32 graphs at f32 inference precision)" in using[0]
+    assert using[1].startswith("using CPU with fp16 graphs") and using[1].endswith("(onnxruntime on CPU: fp16 graphs)")
 
 
 def test_openvino_refuses_what_it_does_not_run(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -135,6 +237,22 @@ def test_bf16_refused_on_a_cpu_without_it(tiny_bundle: Path, tmp_path: Path, mon
     lines = [ln for ln in result.output.splitlines() if "bf16" in ln]
     assert lines and lines[0].startswith("error: bf16 refused: Test CPU"), result.output
     assert "Traceback" not in result.output
+
+
+def test_bf16_decision_from_capabilities_and_flags() -> None:
+    decide = ov_exec.decide_bf16
+    caps = ["BF16", "FP32", "INT8"]
+    ok, why = decide(caps, {"avx2", "avx512f"}, "Test CPU")
+    assert not ok and "neither AVX512-BF16 nor AMX" in why  # OpenVINO says BF16, the hardware does not
+    ok, why = decide(caps, None, "Test CPU")
+    assert not ok and "could not be read" in why  # unreadable flags: refused, whatever OpenVINO lists
+    ok, why = decide(["FP32", "INT8"], {"avx512_bf16"}, "Test CPU")
+    assert not ok and "OpenVINO lists no bf16" in why
+    assert decide(["FP32"], None)[0] is False
+    assert decide(caps, {"avx512f", "avx512_bf16"}, "Test CPU") == (True, "Test CPU: AVX512-BF16")
+    assert decide(caps, {"avx512_bf16", "amx_bf16", "amx_tile"}, "Test CPU") == (True, "Test CPU: AMX")
+    for _, reason in (decide(caps, None), decide(caps, set())):
+        assert "\n" not in reason
 
 
 def test_probe_reads_openvino_and_the_cpu_flags(tmp_path: Path) -> None:
@@ -273,9 +391,151 @@ def test_concurrent_calls_share_compiled_models(tiny_bundle: Path, tmp_path: Pat
         assert rel(results[i], e) <= 1e-6
 
 
+class _CountingModel:
+    """A compiled model that counts (and slows) request creation, so that concurrent calls overlap."""
+
+    def __init__(self, compiled: Any):
+        self._compiled = compiled
+        self.created = 0
+
+    def create_infer_request(self) -> Any:
+        self.created += 1
+        time.sleep(0.05)
+        return self._compiled.create_infer_request()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._compiled, name)
+
+
+@pytest.mark.parametrize("hint", ["latency", "throughput"])
+def test_request_pool_is_bounded(tiny_bundle: Path, tmp_path: Path, hint: str) -> None:
+    rec = _load(tiny_bundle, tmp_path, performance_hint=hint, stages=("vocoder",))
+    stage = rec.executor.compiled("vocoder")
+    bound = int(stage.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+    assert stage.max_requests == max(1, bound)
+    counting = _CountingModel(stage.compiled)
+    stage.compiled = counting
+    rng = np.random.default_rng(2)
+    mels = [rng.standard_normal((1, 40 + 3 * i, 64)).astype(np.float32) - 4 for i in range(bound + 4)]
+    expected = [stage.run(m)[0] for m in mels]  # serial
+    results: dict[int, np.ndarray] = {}
+    start = threading.Barrier(len(mels))
+
+    def work(i: int) -> None:
+        start.wait()
+        results[i] = stage.run(mels[i])[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(mels))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert 1 <= counting.created <= stage.max_requests < len(mels)
+    for i, e in enumerate(expected):
+        assert rel(results[i], e) <= 1e-6
+
+
 def test_unknown_performance_hint_refused(tiny_bundle: Path, tmp_path: Path) -> None:
     with pytest.raises(ProviderError, match="performance hint"):
         _load(tiny_bundle, tmp_path, performance_hint="fastest", stages=("vocoder",))
+    # checked at load, before anything compiles, whatever the backend
+    for backend in ("openvino", "onnxruntime", "auto"):
+        with pytest.raises(ProviderError) as e:
+            _load(tiny_bundle, tmp_path, backend=backend, performance_hint="fastest")
+        assert str(e.value) == "unknown performance hint 'fastest'; use latency, throughput"
+
+
+def test_onnxruntime_refuses_openvino_settings(
+    tiny_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(ProviderError, match="throughput performance hint is an openvino setting") as e:
+        Reconstructor.load(tiny_bundle, provider="cpu", backend="onnxruntime", performance_hint="throughput")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ProviderError, match="cache folder is an openvino setting"):
+        Reconstructor.load(tiny_bundle, provider="cpu", backend="onnxruntime", cache_dir=tmp_path)
+    # the defaults are fine: latency is what onnxruntime does anyway, and it caches nothing
+    rec = Reconstructor.load(
+        tiny_bundle, provider="cpu", backend="onnxruntime", performance_hint="latency", compile_cache=False
+    )
+    assert rec.backend == "onnxruntime"
+    # under auto the settings are openvino preferences: dropped, with a line, when auto picks onnxruntime
+    caplog.set_level(logging.INFO, logger="recon_runtime")
+    rec = Reconstructor.load(
+        tiny_bundle, provider="cpu", precision="fp16", performance_hint="throughput", cache_dir=tmp_path
+    )
+    assert rec.backend == "onnxruntime"
+    assert "auto picked onnxruntime, which has no performance hint nor cache folder: ignored" in caplog.text
+
+
+def test_cli_performance_hint_and_compile_cache(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    seen: list[dict[str, Any]] = []
+    real_load = Reconstructor.load.__func__  # type: ignore[attr-defined]
+
+    def load(cls: type, *args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs)
+        return real_load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Reconstructor, "load", classmethod(load))
+    src = tmp_path / "in.wav"
+    sf.write(str(src), tone(1.0), 16000)
+    base = ["--model", str(tiny_bundle), "--provider", "cpu"]
+    runner = CliRunner()
+    r = runner.invoke(
+        main,
+        ["reconstruct", str(src), "-o", str(tmp_path / "t.wav"), *base, "--backend", "openvino",
+         "--performance-hint", "throughput", "--no-compile-cache"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "t.wav").is_file()
+    assert seen[-1]["performance_hint"] == "throughput" and seen[-1]["compile_cache"] is False
+    assert not (tmp_path / "xdg").exists()  # no cache written
+    r = runner.invoke(main, ["encode", str(src), "-o", str(tmp_path / "z"), *base, "--backend", "openvino"])
+    assert r.exit_code == 0, r.output
+    assert seen[-1]["performance_hint"] == "latency" and seen[-1]["compile_cache"] is True  # the file default
+    assert list((tmp_path / "xdg").rglob("*.blob"))
+    r = runner.invoke(
+        main, ["reconstruct", str(src), "-o", str(tmp_path / "b.wav"), *base, "--performance-hint", "fast"]
+    )
+    assert r.exit_code == 2 and "Invalid value for '--performance-hint'" in r.output
+    r = runner.invoke(
+        main,
+        ["reconstruct", str(src), "-o", str(tmp_path / "o.wav"), *base, "--backend", "onnxruntime",
+         "--performance-hint", "throughput"],
+    )  # fmt: skip
+    assert r.exit_code != 0 and "error: the throughput performance hint is an openvino setting" in r.output
+    assert "Traceback" not in r.output
+    for command in (["decode"], ["vocode"], ["dataset", "encode"], ["dataset", "reconstruct"]):
+        help_text = runner.invoke(main, [*command, "--help"]).output
+        assert "--performance-hint" in help_text and "--no-compile-cache" in help_text, command
+
+
+@torch_missing
+def test_bf16_measurement_failure_does_not_abort_the_export(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from recon_export import validate
+
+    def broken(files: dict[str, Path]) -> dict[str, float]:
+        raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:112:\ncompile failed")
+
+    monkeypatch.setattr(ov_exec, "BF16_PROBE", lambda: (True, "Test CPU: AVX512-BF16"))
+    monkeypatch.setattr(validate, "bf16_errors", broken)
+    caplog.set_level(logging.WARNING)
+    check = validate.bf16_check({})
+    assert check["measured"] is False
+    assert check["reason"].startswith("the optional bf16 measurement failed while measuring: RuntimeError: Exception")
+    assert "\n" not in check["reason"]
+    assert any(r.levelno == logging.WARNING and "bf16 measurement failed" in r.getMessage() for r in caplog.records)
+
+    def probe_fails() -> tuple[bool, str]:
+        raise RuntimeError("CPU plugin gone")
+
+    monkeypatch.setattr(ov_exec, "BF16_PROBE", probe_fails)
+    assert validate.bf16_check({})["reason"].endswith("RuntimeError: CPU plugin gone")
 
 
 def test_info_shows_the_bf16_measurement(tiny_bundle: Path) -> None:

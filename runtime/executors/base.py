@@ -12,11 +12,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 
 from ..contract import DECODER, ENCODER, LATENT_CHANNELS, LATENT_FREQ_BINS, N_MELS, ROLES, Contract
 from ..errors import BundleError, NumericalError
+
+LATENCY: Final = "latency"
+THROUGHPUT: Final = "throughput"
+PERFORMANCE_HINTS: Final = (LATENCY, THROUGHPUT)
+"""OpenVINO's performance hints; `Reconstructor.load` checks the value before any stage compiles."""
 
 
 @dataclass(frozen=True)
@@ -31,12 +37,14 @@ class ExecutorOptions:
     cuda_graph: bool = False
     """onnxruntime CUDA: capture CUDA graphs for input shapes that repeat (not measured on a GPU yet)."""
     device_id: int = 0
-    performance_hint: str = "latency"
-    """OpenVINO: "latency" (each call uses every core) or "throughput" (streams, for many concurrent calls)."""
+    performance_hint: str | None = None
+    """OpenVINO: "latency" (each call uses every core; the default, None) or "throughput" (streams, for
+    many concurrent calls). onnxruntime has no such setting and refuses "throughput"."""
     compile_cache: bool = True
     """OpenVINO: keep compiled graphs in `cache_dir` so that the next start skips compilation."""
     cache_dir: Path | None = None
-    """OpenVINO's compiled-model cache (None: the user's cache folder, per bundle digest)."""
+    """OpenVINO's compiled-model cache (None: the user's cache folder, per bundle digest). onnxruntime
+    compiles nothing to cache and refuses a folder."""
 
 
 def check_chain(roles: Sequence[str]) -> tuple[str, ...]:
@@ -129,7 +137,8 @@ class Executor(ABC):
         return [r for r in ROLES if self._has_stage(r)]
 
     def describe(self) -> str:
-        return f"{self.backend} on {self.provider.upper()} with {self.precision} graphs"
+        """Backend, device and what runs, e.g. "onnxruntime on CPU: fp32 graphs"."""
+        return f"{self.backend} on {self.provider.upper()}: {self.graph_precision} graphs"
 
     # -------------------------------------------------------------- per engine
     @abstractmethod

@@ -5,6 +5,8 @@ recon.json (size, SHA-256, stamped metadata) before it is compiled. `fp32` compi
 inference precision (exact); `bf16` compiles with the bf16 precision hint, except the stages that the
 contract's plan keeps in f32 (`contract.BF16_F32_STAGES`), and only where the CPU computes bf16 in
 hardware (AVX512-BF16 or AMX): elsewhere OpenVINO would emulate it, slower than f32, so it is refused.
+Loading bf16 on a bundle whose recorded bf16 check (recon.json, `validation.bf16_openvino`) did not pass,
+or was not measured, logs one warning with the measured errors and budgets.
 
 Compiled graphs are kept in OpenVINO's model cache, a folder per bundle digest under the user's cache
 folder, so a second start skips compilation. Nothing outside this module knows that OpenVINO runs.
@@ -17,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -25,7 +27,10 @@ import numpy as np
 
 from ..contract import (
     BF16,
+    BF16_ENCODER_REL_L2_BUDGET,
     BF16_F32_STAGES,
+    BF16_KEY,
+    BF16_VOCODER_LOG_MEL_L1_BUDGET,
     FP32,
     ROLES,
     VOCODER,
@@ -35,7 +40,7 @@ from ..contract import (
     verify_graph_file,
 )
 from ..errors import BundleError, ProviderError
-from .base import Executor, ExecutorOptions, vocoder_input
+from .base import LATENCY, THROUGHPUT, Executor, ExecutorOptions, vocoder_input
 
 try:
     import openvino as ov
@@ -45,8 +50,6 @@ except ImportError:
 _LOGGER = logging.getLogger(__name__)
 
 DEVICE: Final = "CPU"
-LATENCY: Final = "latency"
-THROUGHPUT: Final = "throughput"
 PERFORMANCE_HINTS: Final = {LATENCY: "LATENCY", THROUGHPUT: "THROUGHPUT"}
 INFERENCE_PRECISIONS: Final = {FP32: "f32", BF16: "bf16"}
 BF16_CPU_FLAGS: Final = ("avx512_bf16", "amx_bf16")  # bf16 dot products in hardware
@@ -74,18 +77,33 @@ def cpu_flags(path: Path = Path("/proc/cpuinfo")) -> set[str] | None:
     return None
 
 
+def decide_bf16(capabilities: Iterable[str], flags: Collection[str] | None, name: str = "this CPU") -> tuple[bool, str]:
+    """Whether bf16 runs in hardware, from OpenVINO's CPU capabilities and the CPU's flags (None: unreadable).
+
+    Both must agree: OpenVINO lists BF16 and the flags show AVX512-BF16 or AMX. Where the flags cannot
+    be read (no /proc/cpuinfo: Windows, macOS, some containers) bf16 is refused: OpenVINO's list alone
+    is not trusted, because no platform has been checked here to list BF16 only with bf16 hardware,
+    and an emulated bf16 is slower than f32. Replace `BF16_PROBE` to pin the decision on such a host.
+    """
+    caps = [str(c) for c in capabilities]
+    if "BF16" not in caps:
+        return False, f"{name}: OpenVINO lists no bf16 support on this CPU (capabilities: {', '.join(caps)})"
+    if flags is None:
+        return False, (
+            f"{name}: the CPU flags could not be read (no /proc/cpuinfo), so AVX512-BF16 or AMX cannot be "
+            "confirmed and OpenVINO's BF16 capability alone is not trusted"
+        )
+    if not set(flags) & set(BF16_CPU_FLAGS):
+        return False, f"{name}: neither AVX512-BF16 nor AMX, so bf16 would be emulated (slower than fp32)"
+    return True, f"{name}: {'AMX' if 'amx_bf16' in flags else 'AVX512-BF16'}"
+
+
 def probe_bf16() -> tuple[bool, str]:
-    """OpenVINO's CPU capabilities, cross-checked with the CPU flags where the OS shows them."""
+    """`decide_bf16` on this machine: OpenVINO's CPU capabilities and name, and /proc/cpuinfo's flags."""
     c = core()
     caps = [str(x) for x in c.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")]
     name = str(c.get_property(DEVICE, "FULL_DEVICE_NAME")).strip()
-    if "BF16" not in caps:
-        return False, f"{name}: OpenVINO lists no bf16 support on this CPU (capabilities: {', '.join(caps)})"
-    flags = cpu_flags()
-    if flags is not None and not flags & set(BF16_CPU_FLAGS):
-        return False, f"{name}: neither AVX512-BF16 nor AMX, so bf16 would be emulated (slower than fp32)"
-    unit = "AMX" if flags and "amx_bf16" in flags else "AVX512-BF16" if flags else "bf16 (OpenVINO capabilities)"
-    return True, f"{name}: {unit}"
+    return decide_bf16(caps, cpu_flags(), name)
 
 
 BF16_PROBE: Bf16Probe = probe_bf16
@@ -123,13 +141,12 @@ def stage_precisions(precision: str, f32_stages: tuple[str, ...] = BF16_F32_STAG
 
 
 def compile_config(precision: str, options: ExecutorOptions, cache_dir: Path | None) -> dict[str, str]:
-    if options.performance_hint not in PERFORMANCE_HINTS:
-        raise ProviderError(
-            f"unknown performance hint {options.performance_hint!r}; use {', '.join(PERFORMANCE_HINTS)}"
-        )
+    hint = options.performance_hint or LATENCY
+    if hint not in PERFORMANCE_HINTS:
+        raise ProviderError(f"unknown performance hint {hint!r}; use {', '.join(PERFORMANCE_HINTS)}")
     config = {
         "INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[precision],
-        "PERFORMANCE_HINT": PERFORMANCE_HINTS[options.performance_hint],
+        "PERFORMANCE_HINT": PERFORMANCE_HINTS[hint],
     }
     if options.threads:
         config["INFERENCE_NUM_THREADS"] = str(int(options.threads))
@@ -145,10 +162,13 @@ def _blobs(folder: Path | None) -> set[str]:
 
 
 class CompiledStage:
-    """One verified graph compiled by OpenVINO, with a pool of inference requests.
+    """One verified graph compiled by OpenVINO, with a bounded pool of inference requests.
 
     A compiled model serves several requests at once; each call takes an idle request from the
-    pool (or creates one), so concurrent calls never share buffers.
+    pool, or creates one while fewer than `max_requests` exist (OpenVINO's
+    OPTIMAL_NUMBER_OF_INFER_REQUESTS: 1 under the latency hint, the number of streams under
+    throughput), else waits for one to be free. Concurrent calls never share buffers, and the pool
+    never holds more requests (and their buffers) than the compiled model can run at once.
     """
 
     def __init__(
@@ -175,19 +195,39 @@ class CompiledStage:
         self.cache_hit = cache_dir is not None and bool(before) and not (_blobs(cache_dir) - before)
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         self.inference_precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
+        self.max_requests = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self.requests_created = 0
         self._idle: list[Any] = []
-        self._lock = threading.Lock()
+        self._free = threading.Condition()
+
+    def _acquire(self) -> Any:
+        with self._free:
+            while not self._idle and self.requests_created >= self.max_requests:
+                self._free.wait()
+            if self._idle:
+                return self._idle.pop()
+            self.requests_created += 1
+        try:
+            return self.compiled.create_infer_request()
+        except BaseException:
+            with self._free:
+                self.requests_created -= 1
+                self._free.notify()
+            raise
+
+    def _release(self, request: Any) -> None:
+        with self._free:
+            self._idle.append(request)
+            self._free.notify()
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
-        with self._lock:
-            request = self._idle.pop() if self._idle else self.compiled.create_infer_request()
+        request = self._acquire()
         try:
             request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
             # the output tensors belong to the request: copy before another call reuses it
             return [np.array(request.get_output_tensor(i).data, dtype=np.float32) for i in range(self.output_count)]
         finally:
-            with self._lock:
-                self._idle.append(request)
+            self._release(request)
 
 
 class OpenVinoExecutor(Executor):
@@ -214,6 +254,9 @@ class OpenVinoExecutor(Executor):
             if not supported:
                 raise ProviderError(f"bf16 refused: {reason}; use --precision fp32")
             self.bf16_reason = reason
+            warning = bf16_check_warning(contract.validation.get(BF16_KEY))
+            if warning:
+                _LOGGER.warning("%s: %s", bundle_dir, warning)
         self.stage_precisions = stage_precisions(precision)
         self.cache_dir = cache_dir_for(contract, options)
         self._stages: dict[str, CompiledStage] = {}
@@ -245,8 +288,10 @@ class OpenVinoExecutor(Executor):
         return {r: s.cache_hit for r, s in self._stages.items()}
 
     def describe(self) -> str:
-        plan = ", ".join(f"{r} {p}" for r, p in self.stage_precisions.items())
-        return f"openvino on CPU with the fp32 graphs ({plan})"
+        at = INFERENCE_PRECISIONS[self.precision]
+        kept = [r for r, p in self.stage_precisions.items() if p != self.precision]
+        rest = f"; kept f32: {', '.join(kept)}" if kept else ""
+        return f"openvino on CPU: fp32 graphs at {at} inference precision{rest}"
 
     def _run(self, roles: tuple[str, ...], x: np.ndarray) -> list[np.ndarray]:
         outs = [x]
@@ -254,6 +299,38 @@ class OpenVinoExecutor(Executor):
             inp = vocoder_input(outs[0]) if role == VOCODER else outs[0]
             outs = self._stage(role).run(inp)
         return outs
+
+
+def bf16_check_warning(check: Mapping[str, Any] | None) -> str | None:
+    """Why the export's bf16 check (recon.json) does not vouch for bf16 on this bundle; None when it passed."""
+    if check and check.get("measured") and check.get("passed"):
+        return None
+    if not check or not check.get("measured"):
+        why = (check or {}).get("reason", "the bundle records no bf16 check")
+        return (
+            f"bf16 runs although its errors were not measured at export ({why}); budgets: encoder latents "
+            f"rel-L2 {BF16_ENCODER_REL_L2_BUDGET:.0%}, vocoder on real mels log-mel L1 "
+            f"{BF16_VOCODER_LOG_MEL_L1_BUDGET:g} nats; use --precision fp32 for exact results"
+        )
+    r, b = check.get("results", {}), check.get("budgets", {})
+
+    def item(key: str, what: str, fmt: str, unit: str = "") -> str:
+        value, budget = r.get(key), b.get(key)
+        known = isinstance(value, (int, float)) and isinstance(budget, (int, float))
+        shown = format(value, fmt) + unit if isinstance(value, (int, float)) else "?"
+        limit = format(budget, fmt) + unit if isinstance(budget, (int, float)) else "?"
+        return f"{what} {shown} (budget {limit}{', OVER' if known and value > budget else ''})"
+
+    return (
+        "bf16 runs although its check at export did not pass: "
+        + ", ".join(
+            (
+                item("encoder_rel_l2", "encoder latents rel-L2", ".2%"),
+                item("vocoder_log_mel_l1", "vocoder on real mels log-mel L1", ".4f", " nats"),
+            )
+        )
+        + "; use --precision fp32 for exact results"
+    )
 
 
 def create_executor(bundle_dir: Path, contract: Contract, precision: str, options: ExecutorOptions) -> OpenVinoExecutor:
