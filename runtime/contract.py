@@ -71,9 +71,12 @@ FP16_ARITHMETIC_BUDGET: Final = 2e-2
 # or AMX) applied to the fp32 graphs. The plan names the stages that stay f32; chosen by measurement
 # on the full architecture (docs/openvino.md, benchmarks/openvino_variants.py): with every stage in
 # bf16 the encoder's latents are 1.1 % (rel-L2) and the vocoder on real mels 0.012 nats (log-mel L1)
-# from fp32, inside the budgets below, and keeping any stage f32 cuts the speed-up from 3.2x to 2.3x or less, so
-# nothing stays f32. (Marking single nodes f32 through OpenVINO's runtime info, "precise_0" or
-# "disable_fp16_compression_0", left bf16 results bit-identical in 2026.4: a stage is the unit.)
+# from fp32, inside the budgets below, and keeping any stage f32 cut the estimated 10.24 s chain
+# speed-up (a sum of per-stage medians, one run on a noisy shared machine) from 3.2x to 2.3x or less,
+# so nothing stays f32. Finer than a stage: string rt_info ("precise_0", "disable_fp16_compression_0")
+# set from Python on the in-memory model left bf16 results bit-identical in 2026.4; the same marks on
+# every node, saved with ov.save_model and read back, halved the bf16 vocoder's output rel-L2 in a
+# review's check (0.00223 -> 0.00113): that route is not yet evaluated for speed, so the stage is the unit.
 BF16: Final = "bf16"
 BF16_F32_STAGES: Final[tuple[str, ...]] = ()
 BF16_KEY: Final = "bf16_openvino"  # recon.json validation entry written by recon-export
