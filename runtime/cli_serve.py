@@ -59,6 +59,13 @@ def api_key_from_env(var: str | None) -> str | None:
 @click.option("--precision", type=click.Choice(["auto", "fp16", "fp32", "int8"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per graph run.")
 @click.option("--expect-digest", default=None, metavar="DIGEST", help="Refuse the bundle unless its digest is DIGEST.")
+@click.option(
+    "--performance-hint", type=click.Choice(["latency", "throughput"]), default="throughput", show_default=True,
+    help="OpenVINO: throughput runs several streams for the batcher (use latency with --backend onnxruntime).",
+)  # fmt: skip
+@click.option(
+    "--compile-cache/--no-compile-cache", default=True, show_default=True, help="OpenVINO compiled-model cache."
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Windows per graph run.")

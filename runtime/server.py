@@ -112,6 +112,10 @@ class ServerConfig:
     max_decoded_mb: float = 1024.0
     """Decoded samples (frames x channels x 4 bytes, from the header, before decoding) of one upload (413 beyond)."""
     expect_digest: str | None = None
+    performance_hint: str = "throughput"
+    """OpenVINO: several streams serve the batcher's runs (dropped with an INFO line where auto picks
+    onnxruntime; refused with an explicit --backend onnxruntime, so pass latency there)."""
+    compile_cache: bool = True
     warmup: bool = True
 
     def __post_init__(self) -> None:
@@ -134,7 +138,7 @@ class ServerConfig:
         """Settings from RECON_MODEL, RECON_BACKEND, RECON_PROVIDER, RECON_PRECISION, RECON_THREADS,
         RECON_MAX_BATCH, RECON_MAX_WAIT_MS, RECON_MAX_QUEUE, RECON_MAX_BODY_MB, RECON_MAX_SECONDS,
         RECON_TIMEOUT_S, RECON_BUCKET_FRAMES, RECON_BODY_TIMEOUT_S, RECON_MAX_UPLOADS, RECON_MAX_DECODED_MB,
-        RECON_EXPECT_DIGEST and RECON_API_KEY_ENV (the name of the variable that
+        RECON_EXPECT_DIGEST, RECON_PERFORMANCE_HINT, RECON_COMPILE_CACHE and RECON_API_KEY_ENV (the name of the variable that
         holds the key), for hosts that build the app without the CLI (gunicorn)."""
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {}
@@ -275,6 +279,8 @@ class Service:
                     max_batch=c.max_batch,
                     bucket_frames=c.bucket_frames,
                     expect_digest=c.expect_digest,
+                    performance_hint=c.performance_hint,
+                    compile_cache=c.compile_cache,
                 )
             self.rec = rec
             self.batcher = WindowBatcher(
