@@ -3,8 +3,8 @@
 # Prepared with benchmarks/gpu_prepare.sh on a networked machine; run after the last transfer (see
 # docs/gpu.md), e.g. with .ortgpu/4 and .wheels/b copied into the checkout:
 #   cp .ortgpu/4/piece /tmp/ortparts/4 && bash benchmarks/gpu.sh
-# Earlier calls copy .ortgpu/1..3 pieces to /tmp/ortparts and .wheels/a to /tmp/wheels.
-# Test here on the CPU with: RECON_GPU_DEVICE=cpu RECON_QUICK=1 bash benchmarks/gpu.sh
+# Earlier transfers copied .ortgpu/1..3 pieces to /tmp/ortparts and .wheels/a to /tmp/wheels.
+# Try it on a CPU with: RECON_GPU_DEVICE=cpu RECON_QUICK=1 bash benchmarks/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${RECON_GPU_DEVICE:-cuda}

@@ -322,8 +322,9 @@ class Reconstructor:
             precision: "auto" (fp16 on CUDA when the bundle's fp16 arithmetic check passed, else
                 fp32), "fp16", "fp32", "int8" (onnxruntime) or "bf16" (openvino, on a CPU with
                 AVX512-BF16 or AMX; refused elsewhere).
-            backend: "auto" (onnxruntime on CUDA and for fp16/int8; on the CPU openvino when it is
-                installed, else onnxruntime), "onnxruntime" or "openvino".
+            backend: "auto" (onnxruntime on CUDA, for fp16/int8 and for bundles without fp32
+                graphs; otherwise openvino when it is installed, else onnxruntime), "onnxruntime"
+                or "openvino".
             stages: create these stages' sessions now (e.g. ("decoder", "vocoder") for a decoder);
                 None creates each on first use.
             threads: intra-op threads per session (None: the engine's default).
@@ -334,7 +335,7 @@ class Reconstructor:
                 shape and can run in one batch; the output is cropped to the input's length. The
                 VAE attends over the whole window, so the padding changes the result slightly:
                 outputs equal only between instances with the same value. Default 4 (the least
-                the VAE needs); `recon-run serve` uses 128.
+                the VAE needs), as `recon-run serve` unless given --bucket-frames.
             cpu_arena: onnxruntime's CPU memory arena; off by default for a lower peak RSS.
             cuda_graph: on CUDA, capture CUDA graphs for window shapes seen twice (a second copy of
                 the weights on the GPU per shape). Not yet measured on a GPU, so off by default.
