@@ -62,7 +62,7 @@ INT8_BUDGETS: Final = {ENCODER: 0.05, DECODER: 0.03, VOCODER: 0.01}
 CHAIN_BUDGET_KEY: Final = "chain"
 CHAIN_LOG_MEL_L1_BUDGET: Final = 0.02
 DEFAULT_OPSET: Final = 17
-# fp16 arithmetic measured at export (PyTorch float16 on the CPU, one full training window) against
+# fp16 arithmetic measured at export (fp16 storage emulated in PyTorch, one full training window) against
 # fp32: `auto` picks fp16 on CUDA only for a bundle whose every graph stays finite and within this
 # rel-L2 (measured on the full architecture: encoder 0.16 %, decoder 0.51 %, vocoder 0.07 %).
 FP16_ARITHMETIC_KEY: Final = "fp16_arithmetic"

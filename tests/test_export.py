@@ -329,3 +329,21 @@ def test_bundle_gets_the_umask_permissions(tiny_checkpoint: Path, tmp_path: Path
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o750
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o640}
+
+
+@torch_missing
+def test_fp16_emulation_rounds_to_fp16_and_overflows_like_fp16() -> None:
+    import torch
+
+    from recon_export.validate import FP16_MAX, fp16_emulated
+
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    with torch.no_grad():
+        layer[0].weight.copy_(torch.eye(4) * (1 + 2**-12))  # not representable in fp16: rounds to 1
+        layer[0].bias.zero_()
+    emulated = fp16_emulated(layer)
+    x = torch.tensor([[1.0, 2.0, 3.0, FP16_MAX]])
+    with torch.no_grad():
+        assert torch.equal(emulated(x[:, :3].repeat(1, 2)[:, :4]), torch.tensor([[1.0, 2.0, 3.0, 1.0]]))
+        assert torch.isinf(emulated(x * 2)).any()  # past 65504: inf, as an fp16 graph gives
+        assert torch.isfinite(layer(x * 2)).all()  # the fp32 original stays finite
