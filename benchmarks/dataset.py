@@ -15,44 +15,21 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import soundfile as sf
 
-CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma")
+from benchmarks.machine import describe
 
 
 def machine() -> dict[str, Any]:
-    cpu, flags = platform.processor(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cpu_flags": [f for f in CPU_FLAGS_OF_INTEREST if f in flags],
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-    }
-    for dist in ("audioldm2-recon", "onnxruntime", "ray", "pyarrow", "numpy"):
-        try:
-            info[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return info
+    return describe(("audioldm2-recon", "onnxruntime", "ray", "pyarrow", "numpy"))
 
 
 def make_files(folder: Path, count: int, seconds: float) -> float:

@@ -25,12 +25,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks.machine import DISTRIBUTIONS, describe
 from recon_runtime.contract import HOP_LENGTH, LATENT_DOWNSAMPLE, SAMPLE_RATE, read_contract
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -93,45 +93,8 @@ class PeakSampler:
 
 
 def machine_info(device: str, threads: int | None) -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "hostname": platform.node(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "threads": threads,
-        "device": device,
-    }
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    info["cpu_flags"] = sorted(flags & set(CPU_FLAGS_RECORDED))
-    for dist in (
-        "torch",
-        "diffusers",
-        "transformers",
-        "onnxruntime",
-        "onnxruntime-gpu",
-        "openvino",
-        "numpy",
-        "audioldm2-recon",
-    ):
-        try:
-            info[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
+    info = describe(("torch", "diffusers", "transformers", *DISTRIBUTIONS))
+    info.update(threads=threads, device=device)
     if device == "cuda":
         import torch
 
@@ -164,9 +127,6 @@ def time_fn(fn: Callable[[], Any], repeats: int, warmup: int, sync: Callable[[],
 
 
 # ------------------------------------------------------------------------------------------ engines
-
-
-CPU_FLAGS_RECORDED = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")
 
 
 def torch_stages(

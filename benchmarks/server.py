@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import platform
 import re
 import signal
 import socket
@@ -41,28 +39,13 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+from benchmarks.machine import describe
+
 RATE = 16000
-FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma")
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"python": platform.python_version(), "cores": os.cpu_count()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-        info["cpu"] = model.group(1).strip() if model else platform.processor()
-        have = set(flags.group(1).split()) if flags else set()
-        info["cpu_flags"] = [f for f in FLAGS_OF_INTEREST if f in have]
-    except OSError:
-        info["cpu"] = platform.processor()
-    try:
-        import onnxruntime
-
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    return info
+    return describe(("audioldm2-recon", "onnxruntime", "openvino", "fastapi", "uvicorn", "numpy"))
 
 
 def free_port() -> int:
