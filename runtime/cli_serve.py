@@ -60,8 +60,8 @@ def api_key_from_env(var: str | None) -> str | None:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per graph run.")
 @click.option("--expect-digest", default=None, metavar="DIGEST", help="Refuse the bundle unless its digest is DIGEST.")
 @click.option(
-    "--performance-hint", type=click.Choice(["latency", "throughput"]), default="throughput", show_default=True,
-    help="OpenVINO: throughput runs several streams for the batcher (use latency with --backend onnxruntime).",
+    "--performance-hint", type=click.Choice(["latency", "throughput"]), default=None,
+    help="OpenVINO's hint (default: throughput, several streams for the batcher's runs).",
 )  # fmt: skip
 @click.option(
     "--compile-cache/--no-compile-cache", default=True, show_default=True, help="OpenVINO compiled-model cache."

@@ -112,9 +112,9 @@ class ServerConfig:
     max_decoded_mb: float = 1024.0
     """Decoded samples (frames x channels x 4 bytes, from the header, before decoding) of one upload (413 beyond)."""
     expect_digest: str | None = None
-    performance_hint: str = "throughput"
-    """OpenVINO: several streams serve the batcher's runs (dropped with an INFO line where auto picks
-    onnxruntime; refused with an explicit --backend onnxruntime, so pass latency there)."""
+    performance_hint: str | None = None
+    """OpenVINO's hint; None: throughput (several streams serve the batcher's runs), or latency with
+    an explicit onnxruntime backend, which has no hint (auto drops it where it picks onnxruntime)."""
     compile_cache: bool = True
     warmup: bool = True
 
@@ -279,7 +279,7 @@ class Service:
                     max_batch=c.max_batch,
                     bucket_frames=c.bucket_frames,
                     expect_digest=c.expect_digest,
-                    performance_hint=c.performance_hint,
+                    performance_hint=c.performance_hint or ("latency" if c.backend == "onnxruntime" else "throughput"),
                     compile_cache=c.compile_cache,
                 )
             self.rec = rec
