@@ -166,6 +166,14 @@ class ServerConfig:
         return cls(**kwargs)
 
 
+def performance_hint(config: ServerConfig) -> str:
+    """The hint the server loads with: the one asked for, else throughput (OpenVINO streams feed the
+    batcher), except with an explicit onnxruntime backend, which has no hint and refuses throughput."""
+    if config.performance_hint:
+        return config.performance_hint
+    return "latency" if config.backend == "onnxruntime" else "throughput"
+
+
 class HTTPError(Exception):
     """A client-facing error: status, one-line message, optional headers."""
 
@@ -279,7 +287,7 @@ class Service:
                     max_batch=c.max_batch,
                     bucket_frames=c.bucket_frames,
                     expect_digest=c.expect_digest,
-                    performance_hint=c.performance_hint or ("latency" if c.backend == "onnxruntime" else "throughput"),
+                    performance_hint=performance_hint(c),
                     compile_cache=c.compile_cache,
                 )
             self.rec = rec
