@@ -18,7 +18,7 @@ import numpy as np
 
 from .audio_io import atomic_path, discover, is_audio_file, load_array, read_audio, save_array, write_audio
 from .contract import BF16_KEY, DECODER, ENCODER, FP16, FP16_ARITHMETIC_KEY, ROLES, VOCODER
-from .errors import AudioInputError, BundleError, OutputError, ReconError
+from .errors import AudioInputError, BundleError, OutputError, ReconError, failure_message
 from .executors import BACKENDS
 
 BACKEND_CHOICES: Final = ("auto", *BACKENDS)
@@ -26,6 +26,7 @@ BACKEND_CHOICES: Final = ("auto", *BACKENDS)
 DEFAULT_MODEL: Final = Path("models/audioldm2-music")
 SIDECAR_VERSION: Final = 2  # 2: bundle_fingerprint names the decoding weights (1 named the source and configs)
 SIDECAR: Final = ".json"  # encode writes it beside each .npy
+OUT_OF_MEMORY: Final = "out of memory; try --threads 1, fewer files at once, or a machine with more memory"
 _LOGGER = logging.getLogger("recon_runtime")
 
 
@@ -285,13 +286,7 @@ def _report(src: Path, e: BaseException, summary: Summary, debug: bool) -> None:
     """One line per failed file, naming it; the batch goes on. A traceback only with --debug."""
     if debug and not isinstance(e, ReconError):
         traceback.print_exception(e, file=sys.stderr)
-    if isinstance(e, ReconError):
-        message = str(e)
-    elif isinstance(e, MemoryError):
-        message = "out of memory; try --threads 1, fewer files at once, or a machine with more memory"
-    else:
-        message = f"{type(e).__name__}: {' '.join(str(e).split()) or 'no message'}"
-    _fail(message if str(src) in message else f"{src}: {message}")
+    _fail(failure_message(str(src), e, OUT_OF_MEMORY))
     summary.failed += 1
 
 
@@ -525,7 +520,7 @@ def encode(
 
             with remote_client(server, api_key_env) as client:
                 runner = JobRunner("encode", force, skip_existing, ctx.obj["debug"])
-                work = remote_encode(client, sample, seed, SIDECAR_VERSION)
+                work = remote_encode(client, sample, seed)
                 return runner.run(_jobs(inputs, out, ".npy", is_audio_file, companions=(SIDECAR,)), work)
         rec = margs.load((ENCODER,))
 
@@ -533,25 +528,19 @@ def encode(
             audio, sr = read_audio(src)
             feats = rec.features(audio, sr)
             latents = rec.encode_features(feats, sample=sample, seed=seed)
-            sidecar = {
-                "version": SIDECAR_VERSION,
-                "source": str(src),
-                "sample_rate": rec.contract.mel.sample_rate,
-                "num_samples": feats.num_samples,
-                "input_sample_rate": sr,
-                "gain": feats.gain,
-                "latent_shape": list(latents.shape),
-                "sampled": sample,
-                "seed": seed if sample else None,
-                "bundle_fingerprint": rec.contract.fingerprint,
-                "scaling_factor": rec.contract.scaling_factor,
-            }
-            save_array(dst, latents)
-            try:
-                _write_json(dst.with_suffix(SIDECAR), sidecar)
-            except BaseException:
-                dst.unlink(missing_ok=True)
-                raise
+            save_latents(
+                dst,
+                latents,
+                src,
+                sample_rate=rec.contract.mel.sample_rate,
+                num_samples=feats.num_samples,
+                input_sample_rate=sr,
+                gain=feats.gain,
+                sample=sample,
+                seed=seed,
+                fingerprint=rec.contract.fingerprint,
+                scaling_factor=rec.contract.scaling_factor,
+            )
             return feats.num_samples / rec.contract.mel.sample_rate
 
         runner = JobRunner("encode", force, skip_existing, ctx.obj["debug"])
@@ -656,6 +645,42 @@ def vocode(
 
 def _is_npy(path: Path) -> bool:
     return path.suffix.lower() == ".npy"
+
+
+def save_latents(
+    dst: Path,
+    latents: np.ndarray,
+    src: Path,
+    *,
+    sample_rate: int,
+    num_samples: int,
+    input_sample_rate: int,
+    gain: float,
+    sample: bool,
+    seed: int,
+    fingerprint: str,
+    scaling_factor: float,
+) -> None:
+    """Write latents (.npy) and their sidecar; no .npy stays behind if the sidecar cannot be written."""
+    sidecar = {
+        "version": SIDECAR_VERSION,
+        "source": str(src),
+        "sample_rate": sample_rate,
+        "num_samples": num_samples,
+        "input_sample_rate": input_sample_rate,
+        "gain": gain,
+        "latent_shape": list(latents.shape),
+        "sampled": sample,
+        "seed": seed if sample else None,
+        "bundle_fingerprint": fingerprint,
+        "scaling_factor": scaling_factor,
+    }
+    save_array(dst, latents)
+    try:
+        _write_json(dst.with_suffix(SIDECAR), sidecar)
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
 
 
 def _read_sidecar(latents_path: Path, fingerprint: str) -> dict[str, Any]:

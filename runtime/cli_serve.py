@@ -16,7 +16,7 @@ from typing import Any
 import click
 import numpy as np
 
-from .audio_io import atomic_path, load_array, save_array, write_audio
+from .audio_io import atomic_path, load_array, write_audio
 from .errors import AudioInputError, ReconError
 from .executors import BACKENDS
 
@@ -284,30 +284,24 @@ def remote_reconstruct(client: Any, output_rate: int | None, sample_format: str)
     return one
 
 
-def remote_encode(client: Any, sample: bool, seed: int, sidecar_version: int) -> Callable[[Path, Path], float]:
+def remote_encode(client: Any, sample: bool, seed: int) -> Callable[[Path, Path], float]:
     def one(src: Path, dst: Path) -> float:
-        latents, info = client.encode_with_info(_read_bytes(src), sample=sample, seed=seed if sample else None)
-        sidecar = {
-            "version": sidecar_version,
-            "source": str(src),
-            "sample_rate": info.sample_rate,
-            "num_samples": info.num_samples,
-            "input_sample_rate": info.input_sample_rate,
-            "gain": info.gain,
-            "latent_shape": list(latents.shape),
-            "sampled": sample,
-            "seed": seed if sample else None,
-            "bundle_fingerprint": info.fingerprint,
-            "scaling_factor": info.scaling_factor,
-        }
-        save_array(dst, latents)
-        try:
-            from .cli import SIDECAR, _write_json
+        from .cli import save_latents
 
-            _write_json(dst.with_suffix(SIDECAR), sidecar)
-        except BaseException:
-            dst.unlink(missing_ok=True)
-            raise
+        latents, info = client.encode_with_info(_read_bytes(src), sample=sample, seed=seed if sample else None)
+        save_latents(
+            dst,
+            latents,
+            src,
+            sample_rate=info.sample_rate,
+            num_samples=info.num_samples,
+            input_sample_rate=info.input_sample_rate,
+            gain=info.gain,
+            sample=sample,
+            seed=seed,
+            fingerprint=info.fingerprint,
+            scaling_factor=info.scaling_factor,
+        )
         return info.num_samples / info.sample_rate
 
     return one

@@ -47,7 +47,7 @@ import numpy as np
 
 from .audio_io import atomic_path, is_audio_file, read_audio, write_audio
 from .contract import ENCODER, ROLES, read_contract
-from .errors import AudioInputError, OutputError, ReconError
+from .errors import AudioInputError, OutputError, ReconError, failure_message
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -447,16 +447,6 @@ def _read_any(path: str) -> tuple[np.ndarray, int]:
             raise AudioInputError(str(e).replace(tmp.name, path)) from None
 
 
-def _message(path: str, e: BaseException) -> str:
-    if isinstance(e, ReconError):
-        text = str(e)
-    elif isinstance(e, MemoryError):
-        text = "out of memory"
-    else:
-        text = f"{type(e).__name__}: {' '.join(str(e).split()) or 'no message'}"
-    return text if path in text else f"{path}: {text}"
-
-
 def _objects(values: Sequence[Any]) -> np.ndarray:
     """A 1-D object array of arrays (ragged columns for Ray Data)."""
     arr = np.empty(len(values), dtype=object)
@@ -564,7 +554,7 @@ def prepare_batch(
             gains.append(0.0)
             samples.append(0)
             rates.append(0)
-            errors.append(_message(path, e))
+            errors.append(failure_message(path, e))
         if isolate and not died:
             attempts.end(path)
     out_batch = {k: batch[k] for k in ("path", "size", "mtime_ns", "rel")}
@@ -671,7 +661,7 @@ class Worker:
                     self._maybe_crash([paths[i]])
                     rows.append(self._row(batch, i, f, self._run([f])[0], base[i]))
                 except Exception as e:  # noqa: BLE001 - one error row per failed file
-                    errors.append({**base[i], "stage": cfg.mode, "message": _message(paths[i], e)})
+                    errors.append({**base[i], "stage": cfg.mode, "message": failure_message(paths[i], e)})
                 attempts.end(paths[i])
         else:
             if ready:
@@ -681,7 +671,7 @@ class Worker:
                 try:
                     rows.append(self._row(batch, i, f, out, base[i]))
                 except Exception as e:  # noqa: BLE001 - one error row per failed file
-                    errors.append({**base[i], "stage": cfg.mode, "message": _message(paths[i], e)})
+                    errors.append({**base[i], "stage": cfg.mode, "message": failure_message(paths[i], e)})
         # both shards named after the whole batch and always written (even empty): a batch that runs
         # again (Ray retried it) replaces both, whatever its outcome was the first time
         name = _shard_name(keys)

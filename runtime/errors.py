@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 
+def failure_message(where: str, e: BaseException, out_of_memory: str = "out of memory") -> str:
+    """One line for a failed file: our own errors as written, anything else with its type, never a traceback."""
+    if isinstance(e, ReconError):
+        text = str(e)
+    elif isinstance(e, MemoryError):
+        text = out_of_memory
+    else:
+        text = f"{type(e).__name__}: {' '.join(str(e).split()) or 'no message'}"
+    return text if where in text else f"{where}: {text}"
+
+
 class ReconError(Exception):
     """Base class: the message names the file or setting at fault and how to fix it."""
 
