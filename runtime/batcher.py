@@ -179,6 +179,12 @@ class WindowBatcher:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def closing(self) -> bool:
+        """True once close() has begun: new windows are refused (and, without drain, waiting ones cancelled)."""
+        with self._cond:
+            return self._closing
+
     # ------------------------------------------------------------------ worker
     def _expire(self, now: float) -> None:
         """Drop windows past their deadline or cancelled (under the lock)."""

@@ -68,6 +68,7 @@ METRIC_NAMES: Final = ("log_mel_l1", "log_mel_rmse", "mel_correlation", "mrstft"
 DEFAULT_MAX_SECONDS: Final = 3600.0
 KEY_COLUMNS: Final = ("path", "size", "mtime_ns")
 PREPARE_CPUS: Final = 0.25  # Ray CPUs per read + front-end task (they mostly wait on I/O and numpy)
+STALL_SECONDS: Final = 600.0  # stall_after hook: long enough that only the interrupted job's shutdown ends it
 
 Key = tuple[str, int, int]
 
@@ -98,10 +99,11 @@ class JobConfig:
     output_rate: int | None = None
     sample_format: str = "float32"
     progress: bool = True
-    # test hooks: stop the driver after this many files came back (as if it were killed), and make
-    # one worker process die once (os._exit) on the file whose name is crash_once[0], using the
+    # test hooks: each graph worker stalls once it has written this many files (until the job is
+    # interrupted, so a test can stop a job mid-way however fast the workers are), and make one
+    # worker process die once (os._exit) on the file whose name is crash_once[0], using the
     # marker file crash_once[1] to do it only once
-    stop_after: int | None = None
+    stall_after: int | None = None
     crash_once: tuple[str, str] | None = None
     # test hook: the process handling the file named crash_always[0] dies (os._exit) every time, in
     # stage crash_always[1] ("read": the CPU task, "run": the graph worker), as an OOM kill or a
@@ -586,6 +588,12 @@ class Worker:
             model = dataclasses.replace(model, threads=max(1, int(round(config.cpus_per_worker))))
         self.rec = model.load(stages)
         self.fingerprint = self.rec.contract.fingerprint
+        self.files_done = 0
+
+    def _maybe_stall(self) -> None:
+        """stall_after hook: hold this worker until the interrupted job's shutdown kills it."""
+        if self.config.stall_after is not None and self.files_done >= self.config.stall_after:
+            time.sleep(STALL_SECONDS)
 
     def _maybe_crash(self, paths: Sequence[str]) -> None:
         hook = self.config.crash_once
@@ -625,7 +633,9 @@ class Worker:
         from .reconstructor import Features
 
         cfg = self.config
+        self._maybe_stall()
         n = len(batch["path"])
+        self.files_done += n
         paths = [str(p) for p in batch["path"]]
         base = [
             {"path": paths[i], "size": int(batch["size"][i]), "mtime_ns": int(batch["mtime_ns"][i])} for i in range(n)
@@ -801,10 +811,6 @@ def metrics_summary(out: Path) -> dict[str, dict[str, float]]:
     return summary
 
 
-class _Stopped(RuntimeError):
-    """Raised by the stop_after test hook, as if the driver had been killed."""
-
-
 def _start_ray(cfg: JobConfig) -> bool:
     """Connect to the cluster, or start a local Ray; True when this call started it."""
     import ray
@@ -904,8 +910,6 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, fil
         try:
             _run_pipeline(cfg, todo, result, echo)
             shutil.rmtree(cfg.out / ATTEMPTS_DIR, ignore_errors=True)
-        except _Stopped:
-            raise
         except Exception as e:  # noqa: BLE001 - one line for the user; summary.json still written below
             failure = _short_error(e)
         finally:
@@ -1005,7 +1009,6 @@ def _run_pipeline(cfg: JobConfig, todo: list[Item], result: JobResult, echo: Cal
         max_restarts=-1,
         max_task_retries=tries,
     )
-    seen = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for path, ok, seconds, stage, message in zip(
             batch["path"], batch["ok"], batch["seconds"], batch["stage"], batch["message"]
@@ -1017,6 +1020,3 @@ def _run_pipeline(cfg: JobConfig, todo: list[Item], result: JobResult, echo: Cal
                 result.failed += 1
                 result.errors.append((str(path), str(stage), str(message)))
                 echo(f"error: {message}")
-            seen += 1
-            if cfg.stop_after is not None and seen >= cfg.stop_after:
-                raise _Stopped(f"stopped after {seen} files (test hook)")

@@ -16,6 +16,7 @@ from recon_runtime.batcher import DeadlineExceeded, QueueFull, ShuttingDown, Win
 KEY_A = (("encoder",), (1, 8, 64))
 KEY_B = (("encoder",), (1, 16, 64))
 ROLES = ("encoder",)
+FULL_BATCH_WAIT_S = 5.0  # max_wait of the full-batch test: a full batch must leave long before it
 
 
 class FakeModel:
@@ -57,7 +58,7 @@ def model() -> FakeModel:
 
 
 def test_windows_from_many_threads_fill_one_batch_and_each_caller_gets_its_own(model: FakeModel) -> None:
-    b = WindowBatcher(model, max_batch=4, max_wait_s=2.0)
+    b = WindowBatcher(model, max_batch=4, max_wait_s=FULL_BATCH_WAIT_S)
     results: dict[int, np.ndarray] = {}
     barrier = threading.Barrier(4)
 
@@ -72,7 +73,7 @@ def test_windows_from_many_threads_fill_one_batch_and_each_caller_gets_its_own(m
         t.start()
     for t in threads:
         t.join(10)
-    assert time.monotonic() - started < 1.5, "a full batch must not wait for max_wait"
+    assert time.monotonic() - started < FULL_BATCH_WAIT_S / 2, "a full batch must not wait for max_wait"
     assert model.sizes == [4]
     for i in range(4):
         np.testing.assert_array_equal(results[i], window(i) * 2)
@@ -174,6 +175,14 @@ def test_queue_full_refuses_a_whole_submission(model: FakeModel) -> None:
     assert b.close(timeout=5)
 
 
+def _wait_closing(b: WindowBatcher, timeout: float = 10.0) -> None:
+    """Wait until another thread's close() has begun (no fixed sleep: the machine may be busy)."""
+    end = time.monotonic() + timeout
+    while not b.closing:
+        assert time.monotonic() < end, "close() did not begin"
+        time.sleep(0.005)
+
+
 def test_close_drains_waiting_windows_then_refuses_new_ones(model: FakeModel) -> None:
     b = WindowBatcher(model, max_batch=2, max_wait_s=1.0)
     model.hold()
@@ -182,7 +191,7 @@ def test_close_drains_waiting_windows_then_refuses_new_ones(model: FakeModel) ->
     waiting = b.submit(KEY_A, ROLES, [window(1), window(2), window(3)])
     closer = threading.Thread(target=b.close, kwargs={"drain": True, "timeout": 10})
     closer.start()
-    time.sleep(0.1)
+    _wait_closing(b)
     with pytest.raises(ShuttingDown):
         b.submit(KEY_A, ROLES, [window(9)])
     model.gate.set()
@@ -200,7 +209,7 @@ def test_close_without_drain_cancels_waiting_windows(model: FakeModel) -> None:
     waiting = b.submit(KEY_A, ROLES, [window(1)])
     closer = threading.Thread(target=b.close, kwargs={"drain": False, "timeout": 10})
     closer.start()
-    time.sleep(0.05)
+    _wait_closing(b)
     model.gate.set()
     closer.join(10)
     busy[0].result(5)  # the running batch finishes

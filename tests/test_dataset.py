@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -129,16 +134,39 @@ def test_manifest_inputs_missing_empty_and_too_long(tiny_bundle: Path, tmp_path:
     assert "longer than the limit" in errors[str(long)][1]
 
 
-def test_stopped_job_resumes_without_duplicates_or_gaps(tiny_bundle: Path, tmp_path: Path) -> None:
-    from recon_runtime.dataset import _Stopped
+# a job process that starts and shuts down its own Ray, reads its JobConfig from argv (pickled, hex)
+_JOB_SCRIPT = (
+    "import pickle, sys; from recon_runtime.dataset import run_job; run_job(pickle.loads(bytes.fromhex(sys.argv[1])))"
+)
+JOB_START_TIMEOUT_S = 180.0  # a fresh Ray and one worker on a busy 2-core machine
+JOB_POLL_S = 0.2
 
+
+def test_interrupted_job_resumes_without_duplicates_or_gaps(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Ctrl-C on a running job (a real process), then the same command: every file once, none missing."""
     root = tmp_path / "in"
     files = _folder(root, 12)
     out = tmp_path / "out"
-    with pytest.raises(_Stopped):
-        run_job(_job(tiny_bundle, "encode", [root], out, batch_size=2, stop_after=3))
+    # the worker stalls after 3 files (after its second batch of 2), so the interrupt lands mid-job
+    cfg = _job(tiny_bundle, "encode", [root], out, batch_size=2, stall_after=3)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _JOB_SCRIPT, pickle.dumps(cfg).hex()], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + JOB_START_TIMEOUT_S
+        while len(_keys(out, "latents")) < 3:
+            assert proc.poll() is None, (
+                f"the job ended before it was interrupted: {proc.stderr.read().decode()[-2000:]}"
+            )
+            assert time.monotonic() < deadline, "the job wrote no results in time"
+            time.sleep(JOB_POLL_S)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=JOB_START_TIMEOUT_S)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and b"KeyboardInterrupt" in err
     first = _keys(out, "latents")
-    assert 3 <= len(first) < 12
+    assert 3 <= len(first) < 12 and not (out / "summary.json").exists()
     result = run_job(_job(tiny_bundle, "encode", [root], out, batch_size=2))
     assert result.skipped == len(first) and result.ok == 12 - len(first) and result.failed == 0
     keys = _keys(out, "latents")
