@@ -594,6 +594,7 @@ class Worker:
         """stall_after hook: hold this worker until the interrupted job's shutdown kills it."""
         if self.config.stall_after is not None and self.files_done >= self.config.stall_after:
             time.sleep(STALL_SECONDS)
+            raise RuntimeError(f"stall_after: the job was not interrupted within {STALL_SECONDS:.0f} s")
 
     def _maybe_crash(self, paths: Sequence[str]) -> None:
         hook = self.config.crash_once
