@@ -40,6 +40,9 @@ def describe(distributions: Sequence[str] = DISTRIBUTIONS) -> dict[str, Any]:
         "cpu_flags": sorted(flags & set(CPU_FLAGS_RECORDED)),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
+        # other work on the machine when this was called, at the start of a run (1, 5, 15 min averages):
+        # well above 0 before the run begins means its timings are contended
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     for dist in distributions:
         try:
