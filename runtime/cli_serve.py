@@ -77,6 +77,11 @@ def api_key_from_env(var: str | None) -> str | None:
     "--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
     help="Requests in progress at once; more get 503 with Retry-After.",
 )  # fmt: skip
+@click.option(
+    "--max-windows", type=click.IntRange(min=1), default=None, metavar="N",
+    help="Windows waiting for the worker, all requests together (a 10.24 s window each); a request that does "
+    "not fit gets 503 with Retry-After, one that needs more than N alone gets 413. Default: no window limit.",
+)  # fmt: skip
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True)
 @click.option(
     "--max-seconds", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,

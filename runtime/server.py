@@ -98,6 +98,10 @@ class ServerConfig:
     max_wait_ms: float = 10.0
     max_queue: int = 64
     """Requests admitted at once (waiting or running); one more gets 503 with Retry-After."""
+    max_windows: int | None = None
+    """Windows waiting for the inference worker, all requests together: a request whose windows do not
+    fit gets 503 with Retry-After, one that needs more than this on its own gets 413. None: no limit
+    beyond max_queue requests of at most max_seconds each."""
     max_body_mb: float = 64.0
     max_seconds: float = 600.0
     timeout_s: float = 120.0
@@ -122,6 +126,8 @@ class ServerConfig:
         for name in ("max_batch", "max_queue", "max_uploads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise ValueError("max_windows must be at least 1")
         for name in ("max_wait_ms",):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be at least 0")
@@ -136,7 +142,7 @@ class ServerConfig:
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> ServerConfig:
         """Settings from RECON_MODEL, RECON_BACKEND, RECON_PROVIDER, RECON_PRECISION, RECON_THREADS,
-        RECON_MAX_BATCH, RECON_MAX_WAIT_MS, RECON_MAX_QUEUE, RECON_MAX_BODY_MB, RECON_MAX_SECONDS,
+        RECON_MAX_BATCH, RECON_MAX_WAIT_MS, RECON_MAX_QUEUE, RECON_MAX_WINDOWS, RECON_MAX_BODY_MB, RECON_MAX_SECONDS,
         RECON_TIMEOUT_S, RECON_BUCKET_FRAMES, RECON_BODY_TIMEOUT_S, RECON_MAX_UPLOADS, RECON_MAX_DECODED_MB,
         RECON_EXPECT_DIGEST, RECON_PERFORMANCE_HINT, RECON_COMPILE_CACHE and RECON_API_KEY_ENV (the name of the variable that
         holds the key), for hosts that build the app without the CLI (gunicorn)."""
@@ -147,7 +153,7 @@ class ServerConfig:
             if raw is None or f.name in ("api_key", "warmup"):
                 continue
             default = getattr(cls, f.name, None)
-            if f.name == "threads":
+            if f.name in ("threads", "max_windows"):  # optional ints (default None)
                 kwargs[f.name] = int(raw)
             elif isinstance(default, bool):
                 kwargs[f.name] = raw.lower() in ("1", "true", "yes")
@@ -295,6 +301,7 @@ class Service:
                 rec.run_windows,
                 max_batch=self.config.max_batch,
                 max_wait_s=self.config.max_wait_ms / 1000,
+                max_windows=self.config.max_windows,
                 on_batch=self.metrics.on_batch,
             )
             if self.config.warmup:
@@ -460,6 +467,13 @@ class Service:
     # ------------------------------------------------------------------ windows
     def submit(self, job: Any, indices: Sequence[int], deadline: float) -> list[Future]:
         assert self.batcher is not None
+        budget = self.config.max_windows
+        if budget is not None and len(indices) > budget:
+            raise HTTPError(
+                413,
+                f"the audio needs {len(indices)} windows at once and this server queues at most {budget} "
+                "(--max-windows): send shorter audio",
+            )
         try:
             return self.batcher.submit_many([(job.key(i), job.roles, job.windows[i]) for i in indices], deadline)
         except QueueFull as e:

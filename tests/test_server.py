@@ -641,6 +641,47 @@ def test_past_the_timeout_a_request_gets_504_and_its_windows_leave_the_queue(tin
         srv.close()
 
 
+def test_a_window_budget_refuses_what_does_not_fit_and_what_never_can(tiny_bundle: Path, rec: Any) -> None:
+    def windows(seconds: float) -> int:
+        return len(rec.reconstruction_job(rec.features(tone(seconds, 8000), 8000)).windows)
+
+    long_s = 40.0
+    n = windows(long_s)
+    two_s = next(x / 2 for x in range(2, 80) if windows(x / 2) == 2)  # the shortest clip of two windows
+    assert n >= 4 and windows(0.2) == 1
+    gated = Gated(rec)  # the long request's first window is held: the rest of its windows wait
+    srv = serve_in_process(gated, tiny_bundle, max_batch=1, max_wait_ms=0, max_windows=n)
+    result: dict[str, Any] = {}
+
+    def post(seconds: float) -> httpx.Response:
+        return httpx.post(
+            srv.url + "/v1/reconstruct", content=wav_bytes(tone(seconds, 8000), 8000, "PCM_16"), timeout=60
+        )
+
+    t = threading.Thread(target=lambda: result.setdefault("long", post(long_s)))
+    try:
+        too_long = post(long_s * 1.5)  # needs more windows than the whole budget: 413, even on an idle server
+        assert windows(long_s * 1.5) > n
+        assert too_long.status_code == 413 and "--max-windows" in too_long.json()["error"], too_long.text
+        t.start()
+        assert gated.entered.wait(30)
+        m = wait_for_metric(srv.url, "recon_queue_depth", n - 1)
+        assert metric(m, "recon_queue_depth") == n - 1, m  # the long request's other windows wait
+        busy = post(two_s)  # n - 1 waiting + 2 > n: refused whole, none of its windows queued
+        assert busy.status_code == 503 and busy.headers.get("Retry-After") == "1", busy.text
+        assert "windows are waiting" in busy.json()["error"]
+        assert metric(httpx.get(srv.url + "/metrics", timeout=10).text, "recon_queue_depth") == n - 1
+        gated.release.set()
+        t.join(60)
+        assert result["long"].status_code == 200, result["long"].text
+        assert post(two_s).status_code == 200  # the queue drained: it fits again
+    finally:
+        gated.release.set()
+        if t.is_alive():
+            t.join(60)
+        srv.close()
+
+
 def test_a_client_that_gives_up_takes_its_windows_out_of_the_queue(tiny_bundle: Path, rec: Any) -> None:
     gated = Gated(rec)
     srv = serve_in_process(gated, tiny_bundle, max_batch=1, max_wait_ms=0)
@@ -837,14 +878,17 @@ def test_config_from_the_environment_for_hosts_without_the_cli() -> None:
     from recon_runtime.server import ServerConfig
 
     env = {"RECON_MODEL": "/m", "RECON_MAX_BATCH": "2", "RECON_MAX_WAIT_MS": "5.5", "RECON_THREADS": "3"}
-    env |= {"RECON_API_KEY_ENV": "MY_KEY", "MY_KEY": "k1"}
+    env |= {"RECON_API_KEY_ENV": "MY_KEY", "MY_KEY": "k1", "RECON_MAX_WINDOWS": "40"}
     c = ServerConfig.from_env(env)
     assert (c.model, c.max_batch, c.max_wait_ms, c.threads, c.api_key) == ("/m", 2, 5.5, 3, "k1")
+    assert c.max_windows == 40 and ServerConfig().max_windows is None
     assert ServerConfig.from_env({}) == ServerConfig()
     with pytest.raises(ValueError, match="MY_KEY"):
         ServerConfig.from_env({"RECON_API_KEY_ENV": "MY_KEY"})
     with pytest.raises(ValueError):
         ServerConfig(max_queue=0)
+    with pytest.raises(ValueError, match="max_windows"):
+        ServerConfig(max_windows=0)
 
 
 def test_serve_refuses_a_missing_bundle_or_key_in_one_line(tmp_path: Path) -> None:
