@@ -122,15 +122,22 @@ class WindowBatcher:
         return self.submit_many([(key, roles, w) for w in windows], deadline)
 
     def submit_many(
-        self, entries: Sequence[tuple[Hashable, Sequence[str], np.ndarray]], deadline: float | None = None
+        self,
+        entries: Sequence[tuple[Hashable, Sequence[str], np.ndarray]],
+        deadline: float | None = None,
+        budgeted: bool = True,
     ) -> list[Future]:
-        """Queue windows of any keys at once, all or none (see `submit`)."""
+        """Queue windows of any keys at once, all or none (see `submit`).
+
+        `budgeted=False` skips the `max_windows` check, for the next window of work that was already
+        admitted under it (a stream's later windows): work let in once is not cut off half-way.
+        """
         now = time.monotonic()
         items = [_Item(key, tuple(roles), window, deadline, now) for key, roles, window in entries]
         with self._cond:
             if self._closing:
                 raise ShuttingDown("the server is shutting down")
-            if self.max_windows is not None and self._waiting + len(items) > self.max_windows:
+            if budgeted and self.max_windows is not None and self._waiting + len(items) > self.max_windows:
                 raise QueueFull(f"{self._waiting} windows are waiting (limit {self.max_windows})")
             for item in items:
                 self._queues.setdefault(item.key, deque()).append(item)

@@ -82,6 +82,7 @@ STREAM_FORMATS = {"float": "f32le", "pcm16": "s16le"}
 WAV_SUBTYPES = {"float": "FLOAT", "pcm16": "PCM_16"}
 NPY_MEDIA_TYPE = "application/x-npy"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600)
+DECODE_TOO_LONG = "send shorter latents, or decode with stream=true (one window at a time)"
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
@@ -465,17 +466,29 @@ class Service:
         return SAMPLES_PER_LATENT_FRAME
 
     # ------------------------------------------------------------------ windows
-    def submit(self, job: Any, indices: Sequence[int], deadline: float) -> list[Future]:
+    def submit(
+        self,
+        job: Any,
+        indices: Sequence[int],
+        deadline: float,
+        too_long: str = "send shorter audio",
+        budgeted: bool = True,
+    ) -> list[Future]:
+        """Queue these windows of `job`: 503 when they do not fit the window budget beside those waiting,
+        413 (with the advice `too_long`) when they alone exceed it. `budgeted=False`: the next window of a
+        stream already admitted, queued whatever the budget (a stream is never cut off by it)."""
         assert self.batcher is not None
         budget = self.config.max_windows
-        if budget is not None and len(indices) > budget:
+        if budgeted and budget is not None and len(indices) > budget:
             raise HTTPError(
                 413,
-                f"the audio needs {len(indices)} windows at once and this server queues at most {budget} "
-                "(--max-windows): send shorter audio",
+                f"this needs {len(indices)} windows at once and the server queues at most {budget} "
+                f"(--max-windows): {too_long}",
             )
         try:
-            return self.batcher.submit_many([(job.key(i), job.roles, job.windows[i]) for i in indices], deadline)
+            return self.batcher.submit_many(
+                [(job.key(i), job.roles, job.windows[i]) for i in indices], deadline, budgeted=budgeted
+            )
         except QueueFull as e:
             raise HTTPError(503, f"server busy: {e}", {"Retry-After": "1"}) from None
         except ShuttingDown:
@@ -517,8 +530,10 @@ class Service:
     def _late(self) -> str:
         return f"the request took longer than the server's limit of {self.config.timeout_s:g} s"
 
-    async def run_job(self, job: Any, deadline: float, request: Request | None = None) -> list[Any]:
-        return await self.wait(self.submit(job, range(len(job.windows)), deadline), deadline, request)
+    async def run_job(
+        self, job: Any, deadline: float, request: Request | None = None, too_long: str = "send shorter audio"
+    ) -> list[Any]:
+        return await self.wait(self.submit(job, range(len(job.windows)), deadline, too_long), deadline, request)
 
     def deadline(self) -> float:
         return time.monotonic() + self.config.timeout_s
@@ -903,7 +918,7 @@ def create_app(
             async def work() -> tuple[bytes, int]:
                 z = await service.cpu(service.latents, body, fingerprint)
                 job = rec.decoding_job(z)
-                outputs = await service.run_job(job, deadline, request)
+                outputs = await service.run_job(job, deadline, request, DECODE_TOO_LONG)
 
                 def finish() -> tuple[bytes, int]:  # as Reconstructor.decode, then the sidecar's gain
                     (wave,) = rec.join(job, outputs)
@@ -1001,7 +1016,7 @@ async def _decode_stream(
             output = first
             for i in range(n):
                 if i + 1 < n:  # queue the next window before sending this part
-                    pending = service.submit(job, [i + 1], deadline)
+                    pending = service.submit(job, [i + 1], deadline, budgeted=False)
                 (piece,) = output
                 data = await service.within(deadline, service.cpu(part_bytes, i, piece))
                 if data:

@@ -175,6 +175,24 @@ def test_queue_full_refuses_a_whole_submission(model: FakeModel) -> None:
     assert b.close(timeout=5)
 
 
+def test_unbudgeted_windows_are_queued_past_the_limit(model: FakeModel) -> None:
+    """A stream's later windows (admitted work) are queued even when the budget is full."""
+    b = WindowBatcher(model, max_batch=1, max_wait_s=0.0, max_windows=1)
+    model.hold()
+    busy = b.submit(KEY_A, ROLES, [window(0)])
+    assert model.entered.wait(5)
+    full = b.submit(KEY_A, ROLES, [window(1)])
+    with pytest.raises(QueueFull):
+        b.submit(KEY_A, ROLES, [window(2)])
+    later = b.submit_many([(KEY_A, ROLES, window(3))], budgeted=False)
+    assert b.depth == 2
+    model.gate.set()
+    for f in busy + full + later:
+        f.result(5)
+    assert sorted(float(bt[0][0, 0, 0]) for bt in model.batches) == [0.0, 1.0, 3.0]
+    assert b.close(timeout=5)
+
+
 def _wait_closing(b: WindowBatcher, timeout: float = 10.0) -> None:
     """Wait until another thread's close() has begun (no fixed sleep: the machine may be busy)."""
     end = time.monotonic() + timeout

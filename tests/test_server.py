@@ -659,6 +659,7 @@ def test_a_window_budget_refuses_what_does_not_fit_and_what_never_can(tiny_bundl
         )
 
     t = threading.Thread(target=lambda: result.setdefault("long", post(long_s)))
+    fits = threading.Thread(target=lambda: result.setdefault("short", post(0.2)))
     try:
         too_long = post(long_s * 1.5)  # needs more windows than the whole budget: 413, even on an idle server
         assert windows(long_s * 1.5) > n
@@ -671,14 +672,50 @@ def test_a_window_budget_refuses_what_does_not_fit_and_what_never_can(tiny_bundl
         assert busy.status_code == 503 and busy.headers.get("Retry-After") == "1", busy.text
         assert "windows are waiting" in busy.json()["error"]
         assert metric(httpx.get(srv.url + "/metrics", timeout=10).text, "recon_queue_depth") == n - 1
+        fits.start()  # n - 1 waiting + 1 = n: accepted (the running window does not count)
+        m = wait_for_metric(srv.url, "recon_queue_depth", n)
+        assert metric(m, "recon_queue_depth") == n, m
         gated.release.set()
         t.join(60)
-        assert result["long"].status_code == 200, result["long"].text
+        fits.join(60)
+        assert result.get("long") is not None and result["long"].status_code == 200, result
+        assert result.get("short") is not None and result["short"].status_code == 200, result
         assert post(two_s).status_code == 200  # the queue drained: it fits again
     finally:
         gated.release.set()
-        if t.is_alive():
-            t.join(60)
+        for thread in (t, fits):
+            if thread.is_alive():
+                thread.join(60)
+        srv.close()
+
+
+def test_a_stream_admitted_under_the_window_budget_is_never_cut_off_by_it(
+    tiny_bundle: Path, rec: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from recon_runtime.batcher import WindowBatcher
+
+    calls: list[tuple[int, bool]] = []
+    real = WindowBatcher.submit_many
+
+    def spy(self: Any, entries: Any, deadline: float | None = None, budgeted: bool = True) -> Any:
+        calls.append((len(entries), budgeted))
+        return real(self, entries, deadline, budgeted)
+
+    monkeypatch.setattr(WindowBatcher, "submit_many", spy)
+    z = rec.encode(tone(40.0, RATE, 250.0), RATE)
+    n = len(rec.decoding_job(z).windows)
+    assert n >= 3
+    srv = serve_in_process(rec, tiny_bundle, max_batch=1, max_wait_ms=0, max_windows=1)
+    try:
+        with Client(srv.url, timeout=60) as c:
+            wave = np.concatenate(list(c.decode_stream(z)))
+        assert rel_l2(wave, rec.decode(z)) <= REL
+        # its first window is checked against the budget; the later ones are queued whatever it is
+        assert calls == [(1, True)] + [(1, False)] * (n - 1), calls
+        # the same latents without stream=true need n windows at once: 413, with the advice to stream
+        r = httpx.post(srv.url + "/v1/decode", content=npy_bytes(z), timeout=60)
+        assert r.status_code == 413 and "stream=true" in r.json()["error"], r.text
+    finally:
         srv.close()
 
 
