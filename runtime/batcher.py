@@ -6,8 +6,10 @@ waiting window, waits at most `max_wait_s` (from that window's arrival) for up t
 windows of its key, runs them as one batch with `run(roles, windows)` and hands each caller its
 window's output through a `concurrent.futures.Future`. Nothing here knows about HTTP.
 
-- Queue limit: `max_windows` waiting windows at most; a submission that does not fit is refused
-  whole (`QueueFull`), so a caller never has only part of its windows queued.
+- Queue limit: a submission that does not fit under `max_windows` waiting windows is refused
+  whole (`QueueFull`), so a caller never has only part of its windows queued. A submission marked
+  `budgeted=False` (the next window of work admitted earlier) is queued whatever the count, so the
+  number waiting can exceed `max_windows` by those.
 - Deadlines and cancellation: a window whose deadline has passed, or whose caller cancelled it
   (`cancel`), leaves the queue and is never run.
 - Shutdown: `close()` refuses new windows, runs (or with `drain=False` cancels) the waiting ones
@@ -116,7 +118,8 @@ class WindowBatcher:
             deadline: `time.monotonic()` after which the windows are dropped unrun (their futures
                 then raise `DeadlineExceeded`).
         Raises:
-            QueueFull: the windows do not all fit under `max_windows` (none are queued).
+            QueueFull: the windows do not all fit under `max_windows` (none are queued); see
+                `submit_many(budgeted=False)` for windows that skip this check.
             ShuttingDown: `close` was called.
         """
         return self.submit_many([(key, roles, w) for w in windows], deadline)

@@ -23,17 +23,18 @@ import numpy as np
 import soundfile as sf
 
 from .errors import ReconError
-
-# the header names the server uses (kept here too, so the client does not import the server)
-H_NUM_SAMPLES = "X-Recon-Num-Samples"
-H_GAIN = "X-Recon-Gain"
-H_SAMPLE_RATE = "X-Recon-Sample-Rate"
-H_INPUT_RATE = "X-Recon-Input-Sample-Rate"
-H_SAMPLED = "X-Recon-Sampled"
-H_SEED = "X-Recon-Seed"
-H_FINGERPRINT = "X-Recon-Bundle-Fingerprint"
-H_SCALING = "X-Recon-Scaling-Factor"
-H_FORMAT = "X-Recon-Sample-Format"
+from .protocol import (
+    H_FINGERPRINT,
+    H_FORMAT,
+    H_GAIN,
+    H_INPUT_RATE,
+    H_NUM_SAMPLES,
+    H_SAMPLE_RATE,
+    H_SAMPLED,
+    H_SCALING,
+    H_SEED,
+    WINDOW_BUDGET_OPTION,
+)
 
 
 class ServerError(ReconError):
@@ -178,16 +179,25 @@ class Client:
     ) -> np.ndarray:
         """Scaled latents [8, L, 16] -> 16 kHz float32 audio (as Reconstructor.decode, times `gain`).
 
+        Latents longer than the server's window budget (`--max-windows`, 413) are decoded as a
+        stream instead, one window at a time (float32 whatever `subtype`).
+
         Args:
             fingerprint: the bundle fingerprint the latents were made with; the server refuses
                 them (422) if it runs another.
         """
-        r = self._post(
-            "/v1/decode",
-            _npy(latents),
-            {"num_samples": num_samples, "gain": gain, "subtype": subtype},
-            {H_FINGERPRINT: fingerprint} if fingerprint else None,
-        )
+        try:
+            r = self._post(
+                "/v1/decode",
+                _npy(latents),
+                {"num_samples": num_samples, "gain": gain, "subtype": subtype},
+                {H_FINGERPRINT: fingerprint} if fingerprint else None,
+            )
+        except ServerError as e:
+            if e.status != 413 or WINDOW_BUDGET_OPTION not in str(e):
+                raise
+            parts = list(self.decode_stream(latents, num_samples, gain, fingerprint))
+            return np.concatenate(parts) if parts else np.zeros(0, np.float32)
         wave, _ = sf.read(io.BytesIO(r.content), dtype="float32")
         return wave
 

@@ -49,6 +49,21 @@ from .batcher import BatchStats, DeadlineExceeded, QueueFull, ShuttingDown, Wind
 from .chunking import window_weights
 from .contract import LATENT_CHANNELS, LATENT_DOWNSAMPLE, LATENT_FREQ_BINS, ROLES
 from .errors import AudioInputError, BundleError, ReconError
+from .protocol import (
+    H_CHANNELS,
+    H_FINGERPRINT,
+    H_FORMAT,
+    H_GAIN,
+    H_INPUT_RATE,
+    H_LATENT_SHAPE,
+    H_NUM_SAMPLES,
+    H_SAMPLE_RATE,
+    H_SAMPLED,
+    H_SCALING,
+    H_SEED,
+    H_WINDOWS,
+    WINDOW_BUDGET_OPTION,
+)
 
 _LOGGER = logging.getLogger("recon_runtime.server")
 
@@ -62,20 +77,6 @@ CLIENT_GONE = 499
 DISCONNECT_POLL_S = 0.1
 STATUS_OVERRIDE = "recon.status"
 """Scope key: the status to record when it is not the one sent (a stream that failed after its start)."""
-
-# response and request headers (the facts the CLI's encode sidecar holds)
-H_NUM_SAMPLES = "X-Recon-Num-Samples"
-H_GAIN = "X-Recon-Gain"
-H_SAMPLE_RATE = "X-Recon-Sample-Rate"
-H_INPUT_RATE = "X-Recon-Input-Sample-Rate"
-H_LATENT_SHAPE = "X-Recon-Latent-Shape"
-H_SAMPLED = "X-Recon-Sampled"
-H_SEED = "X-Recon-Seed"
-H_FINGERPRINT = "X-Recon-Bundle-Fingerprint"
-H_SCALING = "X-Recon-Scaling-Factor"
-H_CHANNELS = "X-Recon-Channels"
-H_FORMAT = "X-Recon-Sample-Format"
-H_WINDOWS = "X-Recon-Windows"
 
 STREAM_MEDIA_TYPE = "application/octet-stream"
 STREAM_FORMATS = {"float": "f32le", "pcm16": "s16le"}
@@ -483,7 +484,7 @@ class Service:
             raise HTTPError(
                 413,
                 f"this needs {len(indices)} windows at once and the server queues at most {budget} "
-                f"(--max-windows): {too_long}",
+                f"({WINDOW_BUDGET_OPTION}): {too_long}",
             )
         try:
             return self.batcher.submit_many(
@@ -1045,7 +1046,23 @@ async def _decode_stream(
                 service.batcher.cancel(pending)
             release()
 
-    return StreamingResponse(parts(), media_type=STREAM_MEDIA_TYPE, headers=headers)
+    return ReleasingStream(parts(), release, media_type=STREAM_MEDIA_TYPE, headers=headers)
+
+
+class ReleasingStream(StreamingResponse):
+    """A StreamingResponse that calls `on_close` however it ends, also when its body never starts
+    (Starlette cancels the body if the client disconnects before it, and a generator that never
+    started never runs its `finally`): a stream's admission slot is always given back."""
+
+    def __init__(self, content: Any, on_close: Callable[[], None], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 def bind_is_loopback(host: str) -> bool:

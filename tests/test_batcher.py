@@ -186,6 +186,8 @@ def test_unbudgeted_windows_are_queued_past_the_limit(model: FakeModel) -> None:
         b.submit(KEY_A, ROLES, [window(2)])
     later = b.submit_many([(KEY_A, ROLES, window(3))], budgeted=False)
     assert b.depth == 2
+    with pytest.raises(QueueFull):  # the budget still holds for everyone else
+        b.submit(KEY_A, ROLES, [window(4)])
     model.gate.set()
     for f in busy + full + later:
         f.result(5)

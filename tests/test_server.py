@@ -689,17 +689,19 @@ def test_a_window_budget_refuses_what_does_not_fit_and_what_never_can(tiny_bundl
         srv.close()
 
 
-def test_a_stream_admitted_under_the_window_budget_is_never_cut_off_by_it(
+def test_a_stream_is_budgeted_at_its_first_window_only_and_long_plain_decodes_fall_back_to_it(
     tiny_bundle: Path, rec: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A stream's later windows skip the budget (the batcher test shows they then queue past a full
+    one), so a started stream is never cut off by it; the client streams what a plain decode cannot."""
     from recon_runtime.batcher import WindowBatcher
 
     calls: list[tuple[int, bool]] = []
     real = WindowBatcher.submit_many
 
-    def spy(self: Any, entries: Any, deadline: float | None = None, budgeted: bool = True) -> Any:
-        calls.append((len(entries), budgeted))
-        return real(self, entries, deadline, budgeted)
+    def spy(self: Any, entries: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append((len(entries), kwargs.get("budgeted", True)))
+        return real(self, entries, *args, **kwargs)
 
     monkeypatch.setattr(WindowBatcher, "submit_many", spy)
     z = rec.encode(tone(40.0, RATE, 250.0), RATE)
@@ -715,8 +717,37 @@ def test_a_stream_admitted_under_the_window_budget_is_never_cut_off_by_it(
         # the same latents without stream=true need n windows at once: 413, with the advice to stream
         r = httpx.post(srv.url + "/v1/decode", content=npy_bytes(z), timeout=60)
         assert r.status_code == 413 and "stream=true" in r.json()["error"], r.text
+        # which the client (and so `recon-run decode --server`) follows by itself
+        with Client(srv.url, timeout=60) as c:
+            assert rel_l2(c.decode(z, gain=0.5), rec.decode(z) * np.float32(0.5)) <= REL
     finally:
         srv.close()
+
+
+def test_a_stream_gives_its_admission_slot_back_even_when_its_body_never_starts() -> None:
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    from recon_runtime.server import ReleasingStream
+
+    closed: list[bool] = []
+    started: list[bool] = []
+
+    async def body() -> Any:
+        started.append(True)
+        yield b"never"
+
+    async def receive() -> dict:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        raise OSError("the client went away")
+
+    stream = ReleasingStream(body(), lambda: closed.append(True), media_type="application/octet-stream")
+    with pytest.raises((OSError, ClientDisconnect)):  # Starlette turns the OSError into ClientDisconnect
+        asyncio.run(stream({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
+    assert closed == [True] and started == []
 
 
 def test_a_client_that_gives_up_takes_its_windows_out_of_the_queue(tiny_bundle: Path, rec: Any) -> None:
