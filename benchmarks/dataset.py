@@ -82,29 +82,15 @@ def main() -> None:
     exe = Path(sys.executable).parent
     contract = json.loads((Path(args.model) / "recon.json").read_text())
     rows = []
-    load_at_start = os.getloadavg()
+    info = machine()  # at the start: its load average is the other work's
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in"
         src.mkdir()
         audio_s = make_files(src, args.files, args.seconds)
         cores = os.cpu_count() or 1
+        model = ["--model", args.model, "--provider", args.provider, "--backend", args.backend]
         runs: list[tuple[str, list[str]]] = [
-            (
-                "cli",
-                [
-                    str(exe / "recon-run"),
-                    "encode",
-                    str(src),
-                    "-o",
-                    f"{tmp}/cli",
-                    "--model",
-                    args.model,
-                    "--provider",
-                    args.provider,
-                    "--backend",
-                    args.backend,
-                ],
-            ),
+            ("cli", [str(exe / "recon-run"), "encode", str(src), "-o", f"{tmp}/cli", *model]),
         ]
         for w in (int(x) for x in args.workers.split(",")):
             runs.append(
@@ -117,12 +103,7 @@ def main() -> None:
                         str(src),
                         "-o",
                         f"{tmp}/ray{w}",
-                        "--model",
-                        args.model,
-                        "--provider",
-                        args.provider,
-                        "--backend",
-                        args.backend,
+                        *model,
                         "--gpus-per-worker",
                         args.gpus_per_worker,
                         "--workers",
@@ -150,8 +131,7 @@ def main() -> None:
                 f"{name:<16} {wall:7.1f} s  {args.files / wall:6.3f} files/s  {audio_s / wall:6.3f} audio-s/s",
                 flush=True,
             )
-    info = machine()
-    info["load_average_at_start"], info["load_average_at_end"] = load_at_start, os.getloadavg()
+    info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     cli_wall = rows[0]["wall_s"]
     for r in rows:
         r["overhead_vs_cli"] = round(r["wall_s"] / cli_wall - 1, 4)

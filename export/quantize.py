@@ -33,8 +33,6 @@ from recon_runtime.contract import (
     LATENT_DOWNSAMPLE,
     LATENT_FREQ_BINS,
     N_MELS,
-    PEAK_EPS,
-    PEAK_LEVEL,
     ROLES,
     SILENCE_LOG_MEL,
     VOCODER,
@@ -43,7 +41,7 @@ from recon_runtime.frontend import log_mel, prepare_waveform
 
 from .errors import ExportError, ParityError
 from .signals import test_signal
-from .validate import mel_batch, rel_l2
+from .validate import front_end_gain, mel_batch, rel_l2
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -249,7 +247,7 @@ class Int8Quantizer:
         z = self._run32(ENCODER, mel[:, None])[0]
         decoded = self._run32(DECODER, z)[0]
         wave = self._run32(VOCODER, decoded[:, 0])[0]
-        gain = _front_end_gain(wave)
+        gain = front_end_gain(wave)
         return {
             ENCODER: (mel[:, None], z),
             DECODER: (z, decoded),
@@ -496,11 +494,6 @@ class Int8Quantizer:
             res.sensitivity = {b: self.error(role, self.quantize(role, [*res.kept_fp32, b])) for b in left}
             res.sensitivity_base = res.rel_l2
         return max(left, key=lambda b: self._benefit_per_mac(res, role, b))
-
-
-def _front_end_gain(wave: np.ndarray) -> np.ndarray:
-    """Per-item gain [B, 1] that puts each waveform's peak at the front end's level (0.5)."""
-    return (PEAK_LEVEL / (np.abs(wave).max(axis=-1, keepdims=True) + PEAK_EPS)).astype(np.float32)
 
 
 def _session_input(role: str) -> str:

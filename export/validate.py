@@ -14,14 +14,22 @@ import onnxruntime as ort
 import torch
 
 from recon_runtime.contract import (
+    BF16,
+    BF16_ENCODER_REL_L2_BUDGET,
+    BF16_F32_STAGES,
+    BF16_VOCODER_LOG_MEL_L1_BUDGET,
     DECODER,
     ENCODER,
     FP16_ARITHMETIC_BUDGET,
+    FP32,
+    PEAK_EPS,
+    PEAK_LEVEL,
     REL_L2_THRESHOLDS,
     ROLES,
     TRAINING_WINDOW_FRAMES,
     VOCODER,
 )
+from recon_runtime.errors import ProviderError
 from recon_runtime.frontend import log_mel
 
 from .signals import test_signal
@@ -235,9 +243,9 @@ BF16_CHECK_KINDS: Final = ("speech", "music")
 BF16_CHECK_FRAMES: Final = 256  # 2.56 s: short enough for an export, long enough for every layer's receptive field
 
 
-def _front_end_level(wave: np.ndarray) -> np.ndarray:
-    """Per-item gain that puts the reference waveform's peak at the front end's 0.5."""
-    return (0.5 / (np.abs(wave).max(axis=-1, keepdims=True) + 1e-8)).astype(np.float32)
+def front_end_gain(wave: np.ndarray) -> np.ndarray:
+    """Per-item gain [B, 1] that puts each waveform's peak at the front end's level (0.5)."""
+    return (PEAK_LEVEL / (np.abs(wave).max(axis=-1, keepdims=True) + PEAK_EPS)).astype(np.float32)
 
 
 def log_mel_l1(reference: np.ndarray, actual: np.ndarray) -> float:
@@ -248,15 +256,13 @@ def log_mel_l1(reference: np.ndarray, actual: np.ndarray) -> float:
     """
     if not np.isfinite(actual).all():
         return float("inf")
-    gain = _front_end_level(reference)
+    gain = front_end_gain(reference)
     ref = np.stack([log_mel(w) for w in reference * gain])
     got = np.stack([log_mel(w) for w in actual * gain])
     return float(np.mean(np.abs(got - ref)))
 
 
-def bf16_errors(
-    files: dict[str, Path], f32_stages: tuple[str, ...] | None = None, frames: int = BF16_CHECK_FRAMES
-) -> dict[str, float]:
+def bf16_errors(files: dict[str, Path], frames: int = BF16_CHECK_FRAMES) -> dict[str, float]:
     """Errors of OpenVINO's bf16 plan vs OpenVINO f32 on the fp32 graphs, where they mean something.
 
     With random weights only some comparisons are meaningful: the encoder and the vocoder are fed
@@ -264,10 +270,9 @@ def bf16_errors(
     fed the fp32 encoder's latents. The whole chain is reported too, but a random decoder's output
     is a mel unlike any real one, so its vocoder error says little (it is not budgeted).
     """
-    from recon_runtime.contract import BF16, BF16_F32_STAGES, FP32
-    from recon_runtime.executors import openvino as ov_exec
+    from recon_runtime.executors import openvino as ov_exec  # optional: only where openvino is installed
 
-    plan = ov_exec.stage_precisions(BF16, BF16_F32_STAGES if f32_stages is None else tuple(f32_stages))
+    plan = ov_exec.stage_precisions(BF16)
     options = ov_exec.ExecutorOptions()
     compiled: dict[tuple[str, str], Any] = {}
 
@@ -303,13 +308,6 @@ def bf16_check(files: dict[str, Path]) -> dict[str, Any]:
     The measurement is optional: whatever fails in it (OpenVINO missing or broken, a compile or run
     error) is recorded as {"measured": False, "reason": ...} with a warning, and the export goes on.
     """
-    from recon_runtime.contract import (
-        BF16_ENCODER_REL_L2_BUDGET,
-        BF16_F32_STAGES,
-        BF16_VOCODER_LOG_MEL_L1_BUDGET,
-    )
-    from recon_runtime.errors import ProviderError
-
     try:
         from recon_runtime.executors import openvino as ov_exec
     except ProviderError as e:

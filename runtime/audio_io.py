@@ -113,7 +113,7 @@ def read_audio_bytes(
                 if max_decoded_bytes is not None and decoded > max_decoded_bytes:
                     raise AudioTooLarge(_too_large(what, decoded, max_decoded_bytes, "over"))
                 mono = block[:, 0] if channels == 1 else block.mean(axis=1, dtype=np.float64).astype(np.float32)
-                parts.append(np.array(mono, dtype=np.float32, copy=True))
+                parts.append(mono)  # soundfile hands out a fresh array per block: no copy needed
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:  # libsndfile's own words, without the object's repr
         reason = getattr(e, "error_string", None) or _one_line(e)
         raise AudioInputError(f"{what}: not a readable audio file ({reason})") from None

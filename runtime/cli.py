@@ -20,6 +20,7 @@ from .audio_io import atomic_path, discover, is_audio_file, load_array, read_aud
 from .contract import BF16_KEY, DECODER, ENCODER, FP16, FP16_ARITHMETIC_KEY, ROLES, VOCODER
 from .errors import AudioInputError, BundleError, OutputError, ReconError, failure_message
 from .executors import BACKENDS
+from .executors.base import PERFORMANCE_HINTS
 
 BACKEND_CHOICES: Final = ("auto", *BACKENDS)
 
@@ -95,7 +96,7 @@ def _model_options(f: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per session."),
             click.option(
                 "--performance-hint",
-                type=click.Choice(["latency", "throughput"]),
+                type=click.Choice(PERFORMANCE_HINTS),
                 default="latency",
                 show_default=True,
                 help="openvino: latency (each call uses every core; files one at a time) or throughput "
@@ -294,7 +295,6 @@ class JobRunner:
     """Runs a command's jobs with its overwrite policy: skips, failures and the closing summary."""
 
     def __init__(self, what: str, force: bool, skip_existing: bool, debug: bool):
-        _exclusive(force, skip_existing)
         self.what = what
         self.force = force
         self.skip_existing = skip_existing

@@ -17,8 +17,10 @@ import click
 import numpy as np
 
 from .audio_io import atomic_path, load_array, write_audio
+from .contract import LATENT_DOWNSAMPLE
 from .errors import AudioInputError, ReconError
 from .executors import BACKENDS
+from .executors.base import PERFORMANCE_HINTS
 
 _LOGGER = logging.getLogger("recon_runtime")
 
@@ -60,7 +62,7 @@ def api_key_from_env(var: str | None) -> str | None:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per graph run.")
 @click.option("--expect-digest", default=None, metavar="DIGEST", help="Refuse the bundle unless its digest is DIGEST.")
 @click.option(
-    "--performance-hint", type=click.Choice(["latency", "throughput"]), default=None,
+    "--performance-hint", type=click.Choice(PERFORMANCE_HINTS), default=None,
     help="OpenVINO's hint (default: throughput, several streams for the batcher's runs).",
 )  # fmt: skip
 @click.option(
@@ -92,8 +94,9 @@ def api_key_from_env(var: str | None) -> str | None:
     help="Per-request limit (504 beyond; the request's windows leave the queue).",
 )  # fmt: skip
 @click.option(
-    "--bucket-frames", type=click.IntRange(min=4), default=4, show_default=True, metavar="N",
-    help="Pad one-window inputs to a multiple of N log-mel frames (a multiple of 4) so short clips of different "
+    "--bucket-frames", type=click.IntRange(min=LATENT_DOWNSAMPLE), default=LATENT_DOWNSAMPLE, show_default=True,
+    metavar="N",
+    help=f"Pad one-window inputs to a multiple of N log-mel frames (a multiple of {LATENT_DOWNSAMPLE}) so short clips of different "
     "lengths share batches; results then equal Reconstructor.load(..., bucket_frames=N). Default: the runtime's.",
 )  # fmt: skip
 @click.option(
@@ -249,9 +252,7 @@ class _CutOffCounter(logging.Filter):
 def _serve_on_ray(
     config: Any, address: str | None, host: str, port: int, replicas: int, cpus: float, gpus: float, grace_s: float
 ) -> None:
-    if not _importable("ray") or not _importable("ray.serve"):
-        raise click.ClickException("ray is not installed: pip install 'audioldm2-recon[ray,serve]' (with cpu or gpu)")
-    from .ray_serve import serve_until_stopped  # Ray is imported only there, and only now
+    from .ray_serve import serve_until_stopped  # Ray is imported only there, and only now (or its absence told)
 
     try:
         serve_until_stopped(

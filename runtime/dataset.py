@@ -651,13 +651,12 @@ class Worker:
                 errors.append({**base[i], "stage": "read", "message": str(batch["read_error"][i])})
                 continue
             ready.append(i)
-            wave = batch["waveform"][i] if "waveform" in batch else None
             feats.append(
                 Features(
                     np.asarray(batch["log_mel"][i], np.float32),
                     float(batch["gain"][i]),
                     int(batch["num_samples"][i]),
-                    np.zeros(0, np.float32) if wave is None else np.asarray(wave, np.float32),
+                    np.asarray(batch["waveform"][i], np.float32),
                 )
             )
         rows: list[dict[str, Any]] = []
@@ -866,7 +865,7 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, fil
     have = _read_keys(results_dir)
     # an error row whose file has a result row (a batch that ran again and succeeded) is no error
     compact(cfg.out / ERRORS_DIR, lambda k: stale(k) or k in have or (cfg.retry_errors and k[0] in current))
-    results, failures = _done_keys(cfg.out, cfg.mode)
+    results, failures = have, _read_keys(cfg.out / ERRORS_DIR) - have
     owners: dict[str, str] = {}  # reconstruct: audio written in earlier runs -> the input it came from
     if cfg.mode == RECONSTRUCT:
         table = read_table(results_dir, ["path", "output"])

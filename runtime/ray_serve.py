@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import ReconError
-from .server import ServerConfig, Service, create_app
+from .server import LOAD_FAILED, ServerConfig, Service, create_app, load_failure_message
 
 _LOGGER = logging.getLogger("recon_runtime.ray_serve")
 
@@ -46,7 +46,7 @@ so its own admission (503 with Retry-After past `--max-queue`) answers them as t
 
 
 def ray_missing_message() -> str:
-    return "serve --ray needs Ray Serve: pip install 'audioldm2-recon[ray,serve]' (adds ray[data,serve])"
+    return "serve --ray needs Ray Serve: pip install 'audioldm2-recon[ray,serve]' (with cpu or gpu)"
 
 
 class _ReplicaEdge:
@@ -86,7 +86,7 @@ class _ReplicaEdge:
         while not service.ready.wait(0.1):
             if service.load_error is not None:
                 e = service.load_error
-                raise RuntimeError(f"the model did not load: {e if isinstance(e, ReconError) else repr(e)}")
+                raise RuntimeError(load_failure_message(e))
 
 
 class ReconReplica:
@@ -115,12 +115,12 @@ class ReconReplica:
             e = self.service.load_error if self.service is not None else None
             if e is None:
                 raise
-            raise RuntimeError(f"the model did not load: {e if isinstance(e, ReconError) else repr(e)}") from None
+            raise RuntimeError(load_failure_message(e)) from None
 
     def check_health(self) -> None:
         """Ray's health check: unhealthy once the inference worker is gone (Ray then replaces the replica)."""
         service = self.service
-        if service is not None and service.ready.is_set() and (service.batcher is None or not service.batcher.alive):
+        if service is not None and service.worker_stopped:
             raise RuntimeError("the inference worker is not running")
 
 
@@ -215,8 +215,8 @@ def _failure_reason() -> str | None:
         return None
     for message in messages:
         for line in reversed((message or "").splitlines()):
-            if "the model did not load:" in line:
-                return line[line.index("the model did not load:") :].strip()
+            if f"{LOAD_FAILED}:" in line:
+                return line[line.index(f"{LOAD_FAILED}:") :].strip()
     return None
 
 

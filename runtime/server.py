@@ -23,7 +23,6 @@ import asyncio
 import hmac
 import io
 import logging
-import math
 import os
 import secrets
 import threading
@@ -49,6 +48,8 @@ from .batcher import BatchStats, DeadlineExceeded, QueueFull, ShuttingDown, Wind
 from .chunking import window_weights
 from .contract import LATENT_CHANNELS, LATENT_DOWNSAMPLE, LATENT_FREQ_BINS, ROLES
 from .errors import AudioInputError, BundleError, ReconError
+from .executors import ONNXRUNTIME
+from .executors.base import LATENCY, THROUGHPUT
 from .protocol import (
     H_CHANNELS,
     H_FINGERPRINT,
@@ -83,7 +84,10 @@ STREAM_FORMATS = {"float": "f32le", "pcm16": "s16le"}
 WAV_SUBTYPES = {"float": "FLOAT", "pcm16": "PCM_16"}
 NPY_MEDIA_TYPE = "application/x-npy"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600)
+AUDIO_TOO_LONG = "send shorter audio"
 DECODE_TOO_LONG = "send shorter latents, or decode with stream=true (one window at a time)"
+LOAD_FAILED = "the model did not load"
+"""Begins the load-failure line (log, /readyz, a Ray replica's start-up error, found there again by the CLI)."""
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
@@ -179,7 +183,12 @@ def performance_hint(config: ServerConfig) -> str:
     batcher), except with an explicit onnxruntime backend, which has no hint and refuses throughput."""
     if config.performance_hint:
         return config.performance_hint
-    return "latency" if config.backend == "onnxruntime" else "throughput"
+    return LATENCY if config.backend == ONNXRUNTIME else THROUGHPUT
+
+
+def load_failure_message(e: BaseException) -> str:
+    """The one line that says why the model did not load (the user's message, or the exception's repr)."""
+    return f"{LOAD_FAILED}: {e if isinstance(e, ReconError) else repr(e)}"
 
 
 class HTTPError(Exception):
@@ -272,6 +281,11 @@ class Service:
         self.metrics.in_flight.set_function(lambda: self.in_flight)
 
     # ------------------------------------------------------------------ life cycle
+    @property
+    def worker_stopped(self) -> bool:
+        """Loaded, but the inference worker is gone (/readyz fails; Ray replaces such a replica)."""
+        return self.ready.is_set() and (self.batcher is None or not self.batcher.alive)
+
     def start(self) -> None:
         """Load and warm up on a background thread (the server answers /healthz meanwhile)."""
         self._loader = threading.Thread(target=self._load, name="recon-load", daemon=True)
@@ -319,7 +333,7 @@ class Service:
             self.ready.set()
         except BaseException as e:  # noqa: BLE001 - reported to the host, which decides to exit
             self.load_error = e
-            _LOGGER.error("the model did not load: %s", e if isinstance(e, ReconError) else repr(e))
+            _LOGGER.error("%s", load_failure_message(e))
             if self._on_load_error is not None:
                 self._on_load_error(e)
 
@@ -472,7 +486,7 @@ class Service:
         job: Any,
         indices: Sequence[int],
         deadline: float,
-        too_long: str = "send shorter audio",
+        too_long: str = AUDIO_TOO_LONG,
         budgeted: bool = True,
     ) -> list[Future]:
         """Queue these windows of `job`: 503 when they do not fit the window budget beside those waiting,
@@ -532,7 +546,7 @@ class Service:
         return f"the request took longer than the server's limit of {self.config.timeout_s:g} s"
 
     async def run_job(
-        self, job: Any, deadline: float, request: Request | None = None, too_long: str = "send shorter audio"
+        self, job: Any, deadline: float, request: Request | None = None, too_long: str = AUDIO_TOO_LONG
     ) -> list[Any]:
         return await self.wait(self.submit(job, range(len(job.windows)), deadline, too_long), deadline, request)
 
@@ -544,9 +558,7 @@ class Service:
         try:
             return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            raise HTTPError(
-                504, f"the request took longer than the server's limit of {self.config.timeout_s:g} s"
-            ) from None
+            raise HTTPError(504, self._late()) from None
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:
@@ -769,12 +781,12 @@ def create_app(
 
     @app.get("/readyz", summary="503 until the model is loaded and the warm-up ran")
     async def readyz() -> JSONResponse:
+        if service.worker_stopped:
+            return JSONResponse({"status": "failed", "error": "the inference worker stopped"}, 503)
         if service.ready.is_set():
-            if service.batcher is None or not service.batcher.alive:
-                return JSONResponse({"status": "failed", "error": "the inference worker stopped"}, 503)
             return JSONResponse({"status": "ready"})
         if service.load_error is not None:
-            return JSONResponse({"status": "failed", "error": "the model did not load"}, 503)
+            return JSONResponse({"status": "failed", "error": LOAD_FAILED}, 503)
         return JSONResponse({"status": "loading"}, 503, headers={"Retry-After": "1"})
 
     @app.get("/v1/info", summary="Model, provider, precision, fingerprint and limits")
@@ -907,8 +919,6 @@ def create_app(
         stream: bool = Query(False, description="Send raw PCM (see the X-Recon-* headers) as each window finishes"),
         subtype: Literal["float", "pcm16"] = Query("float", description="float: f32le / FLOAT WAV; pcm16: s16le"),
     ) -> Response:
-        if gain is not None and not math.isfinite(gain):
-            raise HTTPError(422, "gain must be a finite number")
         fingerprint = request.headers.get(H_FINGERPRINT)
         if stream:
             return await _decode_stream(service, request, fingerprint, num_samples, gain, subtype)

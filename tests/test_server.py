@@ -415,6 +415,14 @@ def test_a_full_queue_answers_503_and_every_accepted_request_completes(limited: 
     assert metric(limited.metrics(), "recon_requests_total", route="/v1/reconstruct", status="503") == codes.count(503)
 
 
+def sigterm_while_in_flight(s: Server, t: threading.Thread) -> None:
+    """Start `t` (one slow request) and send SIGTERM once the server counts it in flight."""
+    t.start()
+    m = wait_for_metric(s.url, "recon_requests_in_flight", 1, timeout=60)
+    assert metric(m, "recon_requests_in_flight") == 1 and t.is_alive(), "the request must be in flight"
+    s.proc.send_signal(signal.SIGTERM)
+
+
 def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_bundle: Path, tmp_path: Path, rec: Any) -> None:
     s = Server(tiny_bundle, tmp_path)
     clip = tone(40.0, RATE, 300.0)  # seconds of work here: the drain outlasts the refusal check below
@@ -425,10 +433,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_bundle: Path, tmp_
 
     t = threading.Thread(target=slow)
     try:
-        t.start()
-        m = wait_for_metric(s.url, "recon_requests_in_flight", 1, timeout=60)
-        assert metric(m, "recon_requests_in_flight") == 1 and t.is_alive(), "the request must be in flight"
-        s.proc.send_signal(signal.SIGTERM)
+        sigterm_while_in_flight(s, t)
         # no new connections while it drains: refused while the server and its request are still alive
         end = time.monotonic() + DRAIN_REFUSAL_S
         while True:
@@ -920,10 +925,7 @@ def test_sigterm_exits_non_zero_when_the_grace_period_cuts_requests_off(tiny_bun
 
     t = threading.Thread(target=slow)
     try:
-        t.start()
-        m = wait_for_metric(s.url, "recon_requests_in_flight", 1, timeout=60)
-        assert metric(m, "recon_requests_in_flight") == 1 and t.is_alive(), "the request must be in flight"
-        s.proc.send_signal(signal.SIGTERM)
+        sigterm_while_in_flight(s, t)
         assert s.proc.wait(30) == 3, s.log.read_text()
         t.join(30)
     finally:

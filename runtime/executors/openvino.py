@@ -18,7 +18,6 @@ import functools
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -39,7 +38,7 @@ from ..contract import (
     check_metadata,
     verify_graph_file,
 )
-from ..errors import BundleError, ProviderError
+from ..errors import ProviderError
 from .base import LATENCY, THROUGHPUT, Executor, ExecutorOptions, vocoder_input
 
 try:
@@ -176,7 +175,6 @@ class CompiledStage:
     ):
         self.entry = entry
         self.path = verify_graph_file(bundle_dir, entry)
-        t0 = time.perf_counter()
         model = core().read_model(str(self.path))
         check_metadata(self.path, contract, entry, onnx_metadata(model))
         self.output_count = len(model.outputs)
@@ -189,7 +187,6 @@ class CompiledStage:
                 cache_dir = None
         before = _blobs(cache_dir)
         self.compiled = core().compile_model(model, DEVICE, dict(config))
-        self.load_seconds = time.perf_counter() - t0
         self.cache_dir = cache_dir
         # OpenVINO writes a blob when it compiles and reads one when it finds a match: no new blob, a hit
         self.cache_hit = cache_dir is not None and bool(before) and not (_blobs(cache_dir) - before)
@@ -241,7 +238,6 @@ class OpenVinoExecutor(Executor):
         contract: Contract,
         precision: str,
         options: ExecutorOptions,
-        bf16_probe: Bf16Probe | None = None,
     ):
         if precision not in INFERENCE_PRECISIONS:
             raise ProviderError(
@@ -250,10 +246,9 @@ class OpenVinoExecutor(Executor):
             )
         super().__init__(bundle_dir, contract, "cpu", precision, options, graph_precision=FP32)
         if precision == BF16:
-            supported, reason = (bf16_probe or BF16_PROBE)()
+            supported, reason = BF16_PROBE()
             if not supported:
                 raise ProviderError(f"bf16 refused: {reason}; use --precision fp32")
-            self.bf16_reason = reason
             warning = bf16_check_warning(contract.validation.get(BF16_KEY))
             if warning:
                 _LOGGER.warning("%s: %s", bundle_dir, warning)
@@ -268,8 +263,7 @@ class OpenVinoExecutor(Executor):
                 stage = self._stages.get(role)
                 if stage is None:
                     entry = self.contract.graph(role, FP32)
-                    if entry is None:
-                        raise BundleError(f"{self.bundle_dir}: no {role} graph at fp32")
+                    assert entry is not None  # Executor.__init__ refused a bundle without it
                     config = compile_config(self.stage_precisions[role], self.options, self.cache_dir)
                     stage = CompiledStage(self.bundle_dir, self.contract, entry, config, self.cache_dir)
                     self._stages[role] = stage
