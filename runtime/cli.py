@@ -8,7 +8,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -16,17 +16,22 @@ from typing import Any, Final
 import click
 import numpy as np
 
-from .audio_io import atomic_path, discover, is_audio_file, load_array, read_audio, save_array, write_audio
+from .audio_io import discover, is_audio_file, load_array, read_audio, write_audio
+from .cli_common import (
+    DEFAULT_MODEL,
+    SIDECAR,
+    fail,
+    guard,
+    model_args,
+    model_options,
+    read_sidecar,
+    save_latents,
+    write_json,
+)
+from .cli_dataset import dataset
 from .contract import BF16_KEY, DECODER, ENCODER, FP16, FP16_ARITHMETIC_KEY, ROLES, VOCODER
-from .errors import AudioInputError, BundleError, OutputError, ReconError, failure_message
-from .executors import BACKENDS
-from .executors.base import PERFORMANCE_HINTS
+from .errors import AudioInputError, OutputError, ReconError, failure_message
 
-BACKEND_CHOICES: Final = ("auto", *BACKENDS)
-
-DEFAULT_MODEL: Final = Path("models/audioldm2-music")
-SIDECAR_VERSION: Final = 2  # 2: bundle_fingerprint names the decoding weights (1 named the source and configs)
-SIDECAR: Final = ".json"  # encode writes it beside each .npy
 OUT_OF_MEMORY: Final = "out of memory; try --threads 1, fewer files at once, or a machine with more memory"
 _LOGGER = logging.getLogger("recon_runtime")
 
@@ -54,76 +59,6 @@ class Summary:
     def exit_code(self) -> int:
         """1 if any file failed, or if nothing was done nor skipped."""
         return 1 if self.failed or not (self.ok or self.skipped) else 0
-
-
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-
-
-def _model_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed(
-        [
-            click.option(
-                "--model",
-                "model",
-                type=click.Path(path_type=Path),
-                default=DEFAULT_MODEL,
-                show_default=True,
-                help="Bundle folder written by recon-export.",
-            ),
-            click.option(
-                "--backend",
-                type=click.Choice(BACKEND_CHOICES),
-                default="auto",
-                show_default=True,
-                help="Inference engine.",
-            ),
-            click.option(
-                "--provider",
-                type=click.Choice(["auto", "cuda", "cpu"]),
-                default="auto",
-                show_default=True,
-                help="auto: CUDA when it starts, else CPU (with a warning); cuda: fail if CUDA does not start.",
-            ),
-            click.option(
-                "--precision",
-                type=click.Choice(["auto", "bf16", "fp16", "fp32", "int8"]),
-                default="auto",
-                show_default=True,
-                help="auto: fp16 on CUDA when the bundle's fp16 check passed, else fp32. "
-                "bf16: openvino on a CPU with AVX512-BF16 or AMX (refused elsewhere).",
-            ),
-            click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per session."),
-            click.option(
-                "--performance-hint",
-                type=click.Choice(PERFORMANCE_HINTS),
-                default="latency",
-                show_default=True,
-                help="openvino: latency (each call uses every core; files one at a time) or throughput "
-                "(streams, for many concurrent calls). --backend onnxruntime refuses throughput.",
-            ),
-            click.option(
-                "--compile-cache/--no-compile-cache",
-                default=True,
-                show_default=True,
-                help="openvino: keep compiled graphs in the user's cache folder (per bundle digest) so that "
-                "the next start skips compilation.",
-            ),
-            click.option(
-                "--cuda-graph",
-                is_flag=True,
-                help="CUDA: capture CUDA graphs for repeated input shapes (more GPU memory; not yet measured).",
-            ),
-            click.option(
-                "--expect-digest",
-                default=None,
-                metavar="DIGEST",
-                help="Refuse the bundle unless its digest (recon-run info) is DIGEST: pins a bundle you trust.",
-            ),
-        ]
-    ):
-        f = option(f)
-    return f
 
 
 def _io_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -168,41 +103,6 @@ def _server_options(f: Callable[..., Any]) -> Callable[..., Any]:
     ):
         f = option(f)
     return f
-
-
-@dataclass(frozen=True)
-class ModelArgs:
-    """The model options every command that loads a bundle shares."""
-
-    model: Path
-    backend: str
-    provider: str
-    precision: str
-    threads: int | None
-    cuda_graph: bool
-    expect_digest: str | None
-    performance_hint: str = "latency"
-    compile_cache: bool = True
-
-    def load(self, stages: Sequence[str]) -> Any:
-        from .reconstructor import Reconstructor  # imports the inference engine only when needed
-
-        return Reconstructor.load(
-            self.model,
-            provider=self.provider,
-            precision=self.precision,
-            backend=self.backend,
-            stages=stages,
-            threads=self.threads,
-            cuda_graph=self.cuda_graph,
-            expect_digest=self.expect_digest,
-            performance_hint=self.performance_hint,
-            compile_cache=self.compile_cache,
-        )
-
-
-def _model_args(kwargs: dict[str, Any]) -> ModelArgs:
-    return ModelArgs(**{k: kwargs.pop(k) for k in ModelArgs.__dataclass_fields__})
 
 
 @dataclass
@@ -287,7 +187,7 @@ def _report(src: Path, e: BaseException, summary: Summary, debug: bool) -> None:
     """One line per failed file, naming it; the batch goes on. A traceback only with --debug."""
     if debug and not isinstance(e, ReconError):
         traceback.print_exception(e, file=sys.stderr)
-    _fail(failure_message(str(src), e, OUT_OF_MEMORY))
+    fail(failure_message(str(src), e, OUT_OF_MEMORY))
     summary.failed += 1
 
 
@@ -366,29 +266,10 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-def _guard(ctx: click.Context, fn: Callable[[], int]) -> None:
-    """Turn any error into one line and a non-zero exit (a traceback only with --debug)."""
-    try:
-        code = fn()
-    except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
-        raise
-    except Exception as e:  # noqa: BLE001 - the user gets one line, the developer --debug
-        if ctx.obj.get("debug"):
-            raise
-        if isinstance(e, ReconError):
-            _fail(str(e))
-        elif isinstance(e, MemoryError):
-            _fail("out of memory")
-        else:
-            _fail(f"{type(e).__name__}: {' '.join(str(e).split())} (run with --debug for the traceback)")
-        code = 1
-    ctx.exit(code)
-
-
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_io_options
-@_model_options
+@model_options
 @click.option("--output-rate", type=click.IntRange(min=1000), default=None, help="Resample the output (default 16000).")
 @click.option(
     "--format", "sample_format", type=click.Choice(["float32", "pcm16"]), default="float32", show_default=True
@@ -414,7 +295,7 @@ def reconstruct(
     **model_kwargs: Any,
 ) -> None:
     """Audio -> VAE -> HiFi-GAN -> audio, for files or folders (the tree is mirrored)."""
-    margs = _model_args(model_kwargs)
+    margs = model_args(model_kwargs)
     _exclusive(force, skip_existing)
 
     def run() -> int:
@@ -470,7 +351,7 @@ def reconstruct(
         bar.close()
         try:
             if metrics_path:
-                _write_json(
+                write_json(
                     metrics_path,
                     {
                         "bundle": str(margs.model),
@@ -487,13 +368,13 @@ def reconstruct(
             code = runner.close()
         return code
 
-    _guard(ctx, run)
+    guard(ctx, run)
 
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_io_options
-@_model_options
+@model_options
 @click.option("--sample", is_flag=True, help="Draw from the posterior instead of taking its mean.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
 @_server_options
@@ -511,7 +392,7 @@ def encode(
     **model_kwargs: Any,
 ) -> None:
     """Audio -> scaled latents [8, T/4, 16] as .npy, with a JSON sidecar for decode."""
-    margs = _model_args(model_kwargs)
+    margs = model_args(model_kwargs)
     _exclusive(force, skip_existing)
 
     def run() -> int:
@@ -546,13 +427,13 @@ def encode(
         runner = JobRunner("encode", force, skip_existing, ctx.obj["debug"])
         return runner.run(_jobs(inputs, out, ".npy", is_audio_file, companions=(SIDECAR,)), one)
 
-    _guard(ctx, run)
+    guard(ctx, run)
 
 
 @main.command()
 @click.argument("latents", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_io_options
-@_model_options
+@model_options
 @click.option(
     "--format", "sample_format", type=click.Choice(["float32", "pcm16"]), default="float32", show_default=True
 )
@@ -570,7 +451,7 @@ def decode(
     **model_kwargs: Any,
 ) -> None:
     """Latents (.npy) -> audio; the sidecar, when present, restores length and level."""
-    margs = _model_args(model_kwargs)
+    margs = model_args(model_kwargs)
     _exclusive(force, skip_existing)
 
     def run() -> int:
@@ -579,13 +460,13 @@ def decode(
 
             with remote_client(server, api_key_env) as client:
                 runner = JobRunner("decode", force, skip_existing, ctx.obj["debug"])
-                work = remote_decode(client, sample_format, _read_sidecar)
+                work = remote_decode(client, sample_format, read_sidecar)
                 return runner.run(_jobs(latents, out, ".wav", _is_npy), work)
         rec = margs.load((DECODER, VOCODER))
 
         def one(src: Path, dst: Path) -> float:
             z = load_array(src)
-            side = _read_sidecar(src, rec.contract.fingerprint)
+            side = read_sidecar(src, rec.contract.fingerprint)
             if z.ndim != 3:
                 raise AudioInputError(f"{src}: latents must be one [8, frames, 16] array per file, got {list(z.shape)}")
             try:
@@ -599,13 +480,13 @@ def decode(
         runner = JobRunner("decode", force, skip_existing, ctx.obj["debug"])
         return runner.run(_jobs(latents, out, ".wav", _is_npy), one)
 
-    _guard(ctx, run)
+    guard(ctx, run)
 
 
 @main.command()
 @click.argument("mels", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_io_options
-@_model_options
+@model_options
 @click.option(
     "--format", "sample_format", type=click.Choice(["float32", "pcm16"]), default="float32", show_default=True
 )
@@ -620,7 +501,7 @@ def vocode(
     **model_kwargs: Any,
 ) -> None:
     """AudioLDM2 log-mel [frames, 64] (.npy, time first, natural log) -> 16 kHz audio, vocoder only."""
-    margs = _model_args(model_kwargs)
+    margs = model_args(model_kwargs)
     _exclusive(force, skip_existing)
 
     def run() -> int:
@@ -640,75 +521,11 @@ def vocode(
         runner = JobRunner("vocode", force, skip_existing, ctx.obj["debug"])
         return runner.run(_jobs(mels, out, ".wav", _is_npy), one)
 
-    _guard(ctx, run)
+    guard(ctx, run)
 
 
 def _is_npy(path: Path) -> bool:
     return path.suffix.lower() == ".npy"
-
-
-def save_latents(
-    dst: Path,
-    latents: np.ndarray,
-    src: Path,
-    *,
-    sample_rate: int,
-    num_samples: int,
-    input_sample_rate: int,
-    gain: float,
-    sample: bool,
-    seed: int,
-    fingerprint: str,
-    scaling_factor: float,
-) -> None:
-    """Write latents (.npy) and their sidecar; no .npy stays behind if the sidecar cannot be written."""
-    sidecar = {
-        "version": SIDECAR_VERSION,
-        "source": str(src),
-        "sample_rate": sample_rate,
-        "num_samples": num_samples,
-        "input_sample_rate": input_sample_rate,
-        "gain": gain,
-        "latent_shape": list(latents.shape),
-        "sampled": sample,
-        "seed": seed if sample else None,
-        "bundle_fingerprint": fingerprint,
-        "scaling_factor": scaling_factor,
-    }
-    save_array(dst, latents)
-    try:
-        _write_json(dst.with_suffix(SIDECAR), sidecar)
-    except BaseException:
-        dst.unlink(missing_ok=True)
-        raise
-
-
-def _read_sidecar(latents_path: Path, fingerprint: str) -> dict[str, Any]:
-    path = latents_path.with_suffix(SIDECAR)
-    if not path.is_file():
-        return {}
-    try:
-        side = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise AudioInputError(f"{path}: sidecar is not valid JSON ({e})") from None
-    if isinstance(side, dict) and side.get("version") == 1:
-        raise AudioInputError(
-            f"{path}: sidecar version 1 (an older recon-run, whose fingerprint did not name the weights); "
-            "encode the audio again, or delete the sidecar to decode without its length and level"
-        )
-    if not isinstance(side, dict) or side.get("version") != SIDECAR_VERSION:
-        raise AudioInputError(f"{path}: unknown sidecar format (expected version {SIDECAR_VERSION})")
-    if side.get("bundle_fingerprint") not in (None, fingerprint):
-        raise BundleError(
-            f"{latents_path}: latents come from another model (bundle {side['bundle_fingerprint']}, "
-            f"this bundle {fingerprint}); decode them with the bundle that encoded them"
-        )
-    return side
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _bf16_line(check: Any) -> str:
@@ -782,12 +599,10 @@ def info(ctx: click.Context, model: Path, as_json: bool, verify: bool) -> None:
         click.echo("\n".join(lines))
         return 0
 
-    _guard(ctx, run)
+    guard(ctx, run)
 
 
-from .cli_dataset import dataset as _dataset  # noqa: E402 - `recon-run dataset` (Ray imported only when it runs)
-
-main.add_command(_dataset)
+main.add_command(dataset)  # `recon-run dataset` (Ray imported only when it runs)
 
 
 def _add_serve() -> None:

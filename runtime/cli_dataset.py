@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .cli import _fail, _guard, _model_args, _model_options
+from .cli_common import fail, guard, model_args, model_options
 from .dataset import DEFAULT_MAX_SECONDS, ENCODE, EVALUATE, RECONSTRUCT, JobConfig
 
 
@@ -62,11 +62,11 @@ def _job_options(f: Any) -> Any:
     ]
     for option in reversed(options):
         f = option(f)
-    return _model_options(f)
+    return model_options(f)
 
 
 def _run(ctx: click.Context, mode: str, inputs: tuple[str, ...], out: Path, kwargs: dict[str, Any]) -> None:
-    margs = _model_args(kwargs)
+    margs = model_args(kwargs)
 
     def run() -> int:
         from .dataset import run_job
@@ -90,12 +90,12 @@ def _run(ctx: click.Context, mode: str, inputs: tuple[str, ...], out: Path, kwar
         )
         result = run_job(cfg, echo=lambda s: click.echo(s, err=True))
         if not result.ok and not result.skipped and not result.failed:
-            _fail("no input files found")
+            fail("no input files found")
             return 1
         # non-zero while any file of this job has an error row, from this run or an earlier one
         return 1 if result.failed or result.errors_outstanding else 0
 
-    _guard(ctx, run)
+    guard(ctx, run)
 
 
 @dataset.command("encode")

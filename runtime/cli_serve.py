@@ -17,6 +17,7 @@ import click
 import numpy as np
 
 from .audio_io import atomic_path, load_array, write_audio
+from .cli_common import save_latents
 from .contract import LATENT_DOWNSAMPLE
 from .errors import AudioInputError, ReconError
 from .executors import BACKENDS
@@ -292,8 +293,6 @@ def remote_reconstruct(client: Any, output_rate: int | None, sample_format: str)
 
 def remote_encode(client: Any, sample: bool, seed: int) -> Callable[[Path, Path], float]:
     def one(src: Path, dst: Path) -> float:
-        from .cli import save_latents
-
         latents, info = client.encode_with_info(_read_bytes(src), sample=sample, seed=seed if sample else None)
         save_latents(
             dst,

@@ -22,7 +22,8 @@ pq = pytest.importorskip("pyarrow.parquet", reason="dataset jobs need pyarrow (t
 from click.testing import CliRunner  # noqa: E402
 
 from recon_runtime.audio_io import read_audio  # noqa: E402
-from recon_runtime.cli import ModelArgs, main  # noqa: E402
+from recon_runtime.cli import main  # noqa: E402
+from recon_runtime.cli_common import ModelArgs  # noqa: E402
 from recon_runtime.dataset import JobConfig, read_table, run_job  # noqa: E402
 
 from .conftest import run_cli, tone  # noqa: E402

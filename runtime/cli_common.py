@@ -1,0 +1,216 @@
+"""What every `recon-run` command shares: the model options, one-line errors, the encode sidecar.
+
+`cli`, `cli_serve` and `cli_dataset` import this module and never each other's internals, so
+importing any of them first works (no import circle).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import click
+import numpy as np
+
+from .audio_io import atomic_path, save_array
+from .errors import AudioInputError, BundleError, ReconError
+from .executors import BACKENDS
+from .executors.base import PERFORMANCE_HINTS
+
+BACKEND_CHOICES: Final = ("auto", *BACKENDS)
+DEFAULT_MODEL: Final = Path("models/audioldm2-music")
+SIDECAR_VERSION: Final = 2  # 2: bundle_fingerprint names the decoding weights (1 named the source and configs)
+SIDECAR: Final = ".json"  # encode writes it beside each .npy
+_LOGGER = logging.getLogger("recon_runtime")
+
+
+def fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+
+
+def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.option(
+                "--model",
+                "model",
+                type=click.Path(path_type=Path),
+                default=DEFAULT_MODEL,
+                show_default=True,
+                help="Bundle folder written by recon-export.",
+            ),
+            click.option(
+                "--backend",
+                type=click.Choice(BACKEND_CHOICES),
+                default="auto",
+                show_default=True,
+                help="Inference engine.",
+            ),
+            click.option(
+                "--provider",
+                type=click.Choice(["auto", "cuda", "cpu"]),
+                default="auto",
+                show_default=True,
+                help="auto: CUDA when it starts, else CPU (with a warning); cuda: fail if CUDA does not start.",
+            ),
+            click.option(
+                "--precision",
+                type=click.Choice(["auto", "bf16", "fp16", "fp32", "int8"]),
+                default="auto",
+                show_default=True,
+                help="auto: fp16 on CUDA when the bundle's fp16 check passed, else fp32. "
+                "bf16: openvino on a CPU with AVX512-BF16 or AMX (refused elsewhere).",
+            ),
+            click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per session."),
+            click.option(
+                "--performance-hint",
+                type=click.Choice(PERFORMANCE_HINTS),
+                default="latency",
+                show_default=True,
+                help="openvino: latency (each call uses every core; files one at a time) or throughput "
+                "(streams, for many concurrent calls). --backend onnxruntime refuses throughput.",
+            ),
+            click.option(
+                "--compile-cache/--no-compile-cache",
+                default=True,
+                show_default=True,
+                help="openvino: keep compiled graphs in the user's cache folder (per bundle digest) so that "
+                "the next start skips compilation.",
+            ),
+            click.option(
+                "--cuda-graph",
+                is_flag=True,
+                help="CUDA: capture CUDA graphs for repeated input shapes (more GPU memory; not yet measured).",
+            ),
+            click.option(
+                "--expect-digest",
+                default=None,
+                metavar="DIGEST",
+                help="Refuse the bundle unless its digest (recon-run info) is DIGEST: pins a bundle you trust.",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The model options every command that loads a bundle shares."""
+
+    model: Path
+    backend: str
+    provider: str
+    precision: str
+    threads: int | None
+    cuda_graph: bool
+    expect_digest: str | None
+    performance_hint: str = "latency"
+    compile_cache: bool = True
+
+    def load(self, stages: Sequence[str]) -> Any:
+        from .reconstructor import Reconstructor  # imports the inference engine only when needed
+
+        return Reconstructor.load(
+            self.model,
+            provider=self.provider,
+            precision=self.precision,
+            backend=self.backend,
+            stages=stages,
+            threads=self.threads,
+            cuda_graph=self.cuda_graph,
+            expect_digest=self.expect_digest,
+            performance_hint=self.performance_hint,
+            compile_cache=self.compile_cache,
+        )
+
+
+def model_args(kwargs: dict[str, Any]) -> ModelArgs:
+    return ModelArgs(**{k: kwargs.pop(k) for k in ModelArgs.__dataclass_fields__})
+
+
+def guard(ctx: click.Context, fn: Callable[[], int]) -> None:
+    """Turn any error into one line and a non-zero exit (a traceback only with --debug)."""
+    try:
+        code = fn()
+    except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - the user gets one line, the developer --debug
+        if ctx.obj.get("debug"):
+            raise
+        if isinstance(e, ReconError):
+            fail(str(e))
+        elif isinstance(e, MemoryError):
+            fail("out of memory")
+        else:
+            fail(f"{type(e).__name__}: {' '.join(str(e).split())} (run with --debug for the traceback)")
+        code = 1
+    ctx.exit(code)
+
+
+def save_latents(
+    dst: Path,
+    latents: np.ndarray,
+    src: Path,
+    *,
+    sample_rate: int,
+    num_samples: int,
+    input_sample_rate: int,
+    gain: float,
+    sample: bool,
+    seed: int,
+    fingerprint: str,
+    scaling_factor: float,
+) -> None:
+    """Write latents (.npy) and their sidecar; no .npy stays behind if the sidecar cannot be written."""
+    sidecar = {
+        "version": SIDECAR_VERSION,
+        "source": str(src),
+        "sample_rate": sample_rate,
+        "num_samples": num_samples,
+        "input_sample_rate": input_sample_rate,
+        "gain": gain,
+        "latent_shape": list(latents.shape),
+        "sampled": sample,
+        "seed": seed if sample else None,
+        "bundle_fingerprint": fingerprint,
+        "scaling_factor": scaling_factor,
+    }
+    save_array(dst, latents)
+    try:
+        write_json(dst.with_suffix(SIDECAR), sidecar)
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+
+
+def read_sidecar(latents_path: Path, fingerprint: str) -> dict[str, Any]:
+    path = latents_path.with_suffix(SIDECAR)
+    if not path.is_file():
+        return {}
+    try:
+        side = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AudioInputError(f"{path}: sidecar is not valid JSON ({e})") from None
+    if isinstance(side, dict) and side.get("version") == 1:
+        raise AudioInputError(
+            f"{path}: sidecar version 1 (an older recon-run, whose fingerprint did not name the weights); "
+            "encode the audio again, or delete the sidecar to decode without its length and level"
+        )
+    if not isinstance(side, dict) or side.get("version") != SIDECAR_VERSION:
+        raise AudioInputError(f"{path}: unknown sidecar format (expected version {SIDECAR_VERSION})")
+    if side.get("bundle_fingerprint") not in (None, fingerprint):
+        raise BundleError(
+            f"{latents_path}: latents come from another model (bundle {side['bundle_fingerprint']}, "
+            f"this bundle {fingerprint}); decode them with the bundle that encoded them"
+        )
+    return side
+
+
+def write_json(path: Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
