@@ -34,7 +34,7 @@ def _state(rec: Reconstructor) -> dict:
 
 
 def test_tests_run_the_checkout_not_an_installed_copy() -> None:
-    assert Path(recon_runtime.__file__).resolve().is_relative_to(REPO / "runtime"), recon_runtime.__file__
+    assert Path(recon_runtime.__file__).resolve().is_relative_to(REPO / "src" / "recon_runtime"), recon_runtime.__file__
 
 
 def test_eight_threads_on_a_fresh_instance_share_one_session_per_stage(
