@@ -1,0 +1,164 @@
+"""No import circles: every module imports alone in a fresh interpreter, and the import graph of the
+source has no cycle (a lazy import inside a function counts: it only moves the failure to run time)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGES = ("recon_runtime", "recon_export")
+
+
+def module_files() -> dict[str, Path]:
+    """Every module of both packages, from the source tree: dotted name -> file."""
+    found: dict[str, Path] = {}
+    for package in PACKAGES:
+        for path in sorted((SRC / package).rglob("*.py")):
+            parts = list(path.relative_to(SRC).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join(parts)] = path
+    return found
+
+
+MODULES = module_files()
+
+
+def _resolve(name: str, modules: set[str]) -> str | None:
+    """The module of ours that `name` names: itself, or its longest prefix that is a module."""
+    while name:
+        if name in modules:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def imports_of(module: str, path: Path, modules: set[str]) -> set[str]:
+    """The modules of ours that `module` imports anywhere in its file (top level, functions, branches).
+
+    `from pkg import x` counts as importing `pkg.x` when that is a module, else `pkg`. A package's
+    parents, which Python initialises implicitly, are not counted: they are not a choice of the code.
+    """
+    is_package = path.name == "__init__.py"
+    package = module if is_package else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                found.add(_resolve(alias.name, modules) or "")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                found.add(sub if sub in modules else _resolve(base, modules) or "")
+    found.discard("")
+    found.discard(module)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    names = set(MODULES)
+    return {m: imports_of(m, p, names) for m, p in MODULES.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path [a, b, ..., a], or None (depth-first search, three colours)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_the_graph_reader_sees_every_kind_of_import(tmp_path: Path) -> None:
+    """Absolute, relative, `from . import module`, and imports inside functions all make edges."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    files = {
+        "pkg/__init__.py": "from .a import f\n",
+        "pkg/a.py": "def f():\n    from . import b\n    return b\n",
+        "pkg/b.py": "import pkg.sub.c\n",
+        "pkg/sub/__init__.py": "",
+        "pkg/sub/c.py": "from ..a import f\nfrom pkg import sub\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).write_text(text)
+    names = {"pkg", "pkg.a", "pkg.b", "pkg.sub", "pkg.sub.c"}
+    graph = {
+        "pkg": imports_of("pkg", pkg / "__init__.py", names),
+        "pkg.a": imports_of("pkg.a", pkg / "a.py", names),
+        "pkg.b": imports_of("pkg.b", pkg / "b.py", names),
+        "pkg.sub": imports_of("pkg.sub", pkg / "sub" / "__init__.py", names),
+        "pkg.sub.c": imports_of("pkg.sub.c", pkg / "sub" / "c.py", names),
+    }
+    assert graph == {
+        "pkg": {"pkg.a"},
+        "pkg.a": {"pkg.b"},
+        "pkg.b": {"pkg.sub.c"},
+        "pkg.sub": set(),
+        "pkg.sub.c": {"pkg.a", "pkg.sub"},
+    }
+    assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.sub.c", "pkg.a"]
+
+
+def test_both_packages_have_no_import_cycle() -> None:
+    graph = import_graph()
+    assert {"recon_runtime", "recon_runtime.cli", "recon_export.cli"} <= set(graph)
+    assert sum(map(len, graph.values())) > len(graph)  # the reader found the edges, not an empty graph
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+# A module whose import fails only because a third-party package is not installed (an optional
+# extra, or the export side's torch) is skipped with that reason; the executors turn the ImportError
+# into a ProviderError, which keeps it as __context__. Anything else fails the test.
+_ALONE = textwrap.dedent(
+    """
+    import importlib, importlib.util, sys
+    name = sys.argv[1]
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        cause = e if isinstance(e, ImportError) else e.__context__
+        top = (getattr(cause, "name", None) or "").split(".")[0]
+        if isinstance(cause, ImportError) and top and top not in {packages!r} and not importlib.util.find_spec(top):
+            print("MISSING", top)
+            raise SystemExit(0)
+        raise
+    print("OK")
+    """
+).format(packages=PACKAGES)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_each_module_imports_alone_in_a_fresh_interpreter(module: str) -> None:
+    r = subprocess.run([sys.executable, "-c", _ALONE, module], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"`import {module}` alone failed:\n{r.stderr}"
+    last = r.stdout.strip().splitlines()[-1]
+    if last.startswith("MISSING"):
+        pytest.skip(f"{module} needs {last.split()[1]}, which is not installed")
+    assert last == "OK", r.stdout + r.stderr
