@@ -19,7 +19,7 @@ import numpy as np
 from .audio_io import atomic_path, load_array, write_audio
 from .cli_common import save_latents
 from .contract import LATENT_DOWNSAMPLE
-from .errors import AudioInputError, ReconError
+from .errors import AudioInputError, ReconError, install_hint
 from .executors import BACKENDS
 from .executors.base import PERFORMANCE_HINTS
 
@@ -31,9 +31,7 @@ def _need_serve_extra(what: str) -> None:
     if what == "client":
         missing = [m for m in missing if m == "httpx"]
     if missing:
-        raise click.ClickException(
-            f"{', '.join(missing)} not installed: pip install 'audioldm2-recon[serve]' (with cpu or gpu)"
-        )
+        raise click.ClickException(f"{', '.join(missing)} not installed: {install_hint('serve')}")
 
 
 def _importable(name: str) -> bool:

@@ -47,7 +47,7 @@ import numpy as np
 
 from .audio_io import atomic_path, is_audio_file, read_audio, write_audio
 from .contract import ENCODER, ROLES, read_contract
-from .errors import AudioInputError, OutputError, ReconError, failure_message
+from .errors import AudioInputError, OutputError, ReconError, failure_message, install_hint
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ Key = tuple[str, int, int]
 
 
 def ray_missing_message() -> str:
-    return "dataset jobs need Ray: pip install 'audioldm2-recon[ray]' (adds ray[data,serve] and pyarrow)"
+    return f"dataset jobs need Ray Data and pyarrow: {install_hint('ray')}"
 
 
 # ----------------------------------------------------------------------------- configuration

@@ -2,6 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Final
+
+ONNXRUNTIME_EXTRAS: Final = ("cpu", "gpu")  # which onnxruntime wheel: exactly one, the user's choice
+
+
+def install_hint(*extras: str) -> str:
+    """How to add optional parts: the extras by name, installed from the project's clone.
+
+    No package index publishes this project, so a hint never names it as a package to fetch (whoever
+    registered that name would choose what users install). The onnxruntime extra is the user's
+    choice (cpu or gpu), so the command is given with both.
+    """
+    others = [e for e in extras if e not in ONNXRUNTIME_EXTRAS]
+    named = " and ".join(f"`{e}`" for e in others) if others else "`cpu` (or `gpu`)"
+    plural = "s" if len(others) > 1 else ""
+    cpu, gpu = (",".join([base, *others]) for base in ONNXRUNTIME_EXTRAS)
+    return (
+        f"add the {named} extra{plural}: run pip install '.[{cpu}]' (or '.[{gpu}]' with onnxruntime-gpu) "
+        "in your audioldm2-recon clone"
+    )
+
 
 def failure_message(where: str, e: BaseException, out_of_memory: str = "out of memory") -> str:
     """One line for a failed file: our own errors as written, anything else with its type, never a traceback."""

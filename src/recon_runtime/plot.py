@@ -9,7 +9,7 @@ import numpy as np
 
 from .audio_io import atomic_path
 from .contract import SILENCE_LOG_MEL
-from .errors import OutputError
+from .errors import OutputError, install_hint
 
 MAX_ROWS = 8  # files shown in one figure
 
@@ -22,7 +22,7 @@ def plot_mels(rows: Sequence[tuple[str, np.ndarray, np.ndarray]], path: Path) ->
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise OutputError(f"{path}: --plot needs matplotlib: pip install 'audioldm2-recon[plot]'") from None
+        raise OutputError(f"{path}: --plot needs matplotlib: {install_hint('plot')}") from None
     rows = list(rows)[:MAX_ROWS]
     fig, axes = plt.subplots(len(rows), 2, figsize=(12, 2.6 * len(rows)), squeeze=False)
     for (title, a, b), (ax_in, ax_out) in zip(rows, axes):

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import ReconError
+from .errors import ReconError, install_hint
 from .server import LOAD_FAILED, ServerConfig, Service, create_app, load_failure_message
 
 _LOGGER = logging.getLogger("recon_runtime.ray_serve")
@@ -46,7 +46,7 @@ so its own admission (503 with Retry-After past `--max-queue`) answers them as t
 
 
 def ray_missing_message() -> str:
-    return "serve --ray needs Ray Serve: pip install 'audioldm2-recon[ray,serve]' (with cpu or gpu)"
+    return f"serve --ray needs Ray Serve: {install_hint('ray', 'serve')}"
 
 
 class _ReplicaEdge:

@@ -38,7 +38,7 @@ from .contract import (
     check_mel,
     read_contract,
 )
-from .errors import AudioInputError, BundleError, ProviderError
+from .errors import AudioInputError, BundleError, ProviderError, install_hint
 from .executors import BACKENDS, ONNXRUNTIME, OPENVINO, Executor, ExecutorOptions, require_finite
 from .executors.base import LATENCY, PERFORMANCE_HINTS
 from .frontend import log_mel, prepare_waveform
@@ -145,8 +145,8 @@ def _onnxruntime_executor(
 
     if precision == BF16:
         raise ProviderError(
-            "bf16 runs on the openvino backend only (pip install 'audioldm2-recon[openvino]', then "
-            "--backend openvino or auto, on a CPU with AVX512-BF16 or AMX); onnxruntime runs fp32, fp16 or int8"
+            "bf16 runs on the openvino backend only (--backend openvino or auto, on a CPU with AVX512-BF16 or "
+            f"AMX; {install_hint('openvino')}); onnxruntime runs fp32, fp16 or int8"
         )
     if options.performance_hint not in (None, LATENCY):
         raise ProviderError(

@@ -29,15 +29,13 @@ from ..contract import (
     check_metadata,
     verify_graph_file,
 )
-from ..errors import BundleError, ProviderError, ReconError
+from ..errors import BundleError, ProviderError, ReconError, install_hint
 from .base import Executor, ExecutorOptions, vocoder_input
 
 try:
     import onnxruntime as ort
 except ImportError:  # the base install leaves the choice of build to the cpu/gpu extras
-    raise ProviderError(
-        "onnxruntime is not installed: pip install 'audioldm2-recon[cpu]' (or '[gpu]' for CUDA)"
-    ) from None
+    raise ProviderError(f"onnxruntime is not installed: {install_hint('cpu')}") from None
 
 _LOGGER = logging.getLogger(__name__)
 

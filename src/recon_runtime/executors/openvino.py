@@ -38,13 +38,13 @@ from ..contract import (
     check_metadata,
     verify_graph_file,
 )
-from ..errors import ProviderError
+from ..errors import ProviderError, install_hint
 from .base import LATENCY, THROUGHPUT, Executor, ExecutorOptions, vocoder_input
 
 try:
     import openvino as ov
 except ImportError:
-    raise ProviderError("openvino is not installed: pip install 'audioldm2-recon[openvino]'") from None
+    raise ProviderError(f"openvino is not installed: {install_hint('openvino')}") from None
 
 _LOGGER = logging.getLogger(__name__)
 
