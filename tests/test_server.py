@@ -257,6 +257,43 @@ def test_cli_jobs_run_against_the_server(server: Server, rec: Any, tmp_path: Pat
     assert r.returncode == 1 and "another model" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cli_with_server_pins_the_digest_and_prints_no_http_log(
+    server: Server, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """--expect-digest with --server is compared with /v1/info before any file runs; httpx's own
+    INFO line per request ("HTTP Request: POST ...") is not the CLI's output."""
+    from recon_runtime.contract import read_contract
+
+    src = tmp_path / "in.wav"
+    sf.write(str(src), tone(0.6, RATE), RATE)
+    z = tmp_path / "z0.npy"
+    np.save(z, np.zeros((8, 16, 16), np.float32))
+    exe = str(Path(sys.executable).with_name("recon-run"))
+    env = {**os.environ, KEY_VAR: KEY}
+    digest = read_contract(tiny_bundle).digest
+    wrong = "0" * len(digest)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        cmd = [exe, *args, "--server", server.url, "--api-key-env", KEY_VAR]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+    refusal = (
+        f"error: {server.url}: the server's bundle digest is {digest}, expected {wrong} (--expect-digest); "
+        "this is not the bundle you pinned"
+    )
+    out = tmp_path / "out"
+    for command, given in (("reconstruct", src), ("encode", src), ("decode", z)):
+        r = run(command, str(given), "-o", str(out / command), "--expect-digest", wrong)
+        assert (r.returncode, r.stderr.splitlines()) == (1, [refusal]), r.stderr
+    assert not out.exists()  # refused before any file ran
+
+    r = run("encode", str(src), "-o", str(tmp_path / "z.npy"), "--expect-digest", digest)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "z.npy").is_file() and (tmp_path / "z.json").is_file()
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("encode: 1 ok, 0 failed"), r.stderr
+
+
 def test_sixteen_concurrent_requests_share_batches_and_stay_unchanged(server: Server, rec: Any) -> None:
     before = server.metrics()
     clips = [tone(0.5, RATE, 200.0 + 40 * i) for i in range(16)]  # one length: one window shape

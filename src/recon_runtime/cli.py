@@ -91,7 +91,8 @@ def _server_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 "--server",
                 metavar="URL",
                 default=None,
-                help="Run the job on a recon-run serve server instead of local sessions (model options then unused).",
+                help="Run the job on a recon-run serve server instead of local sessions (model options then unused, "
+                "but --expect-digest is compared with the server's /v1/info before any file runs).",
             ),
             click.option(
                 "--api-key-env",
@@ -263,6 +264,8 @@ def _batches(jobs: list[Job], size: int) -> Iterator[list[Job]]:
 def main(ctx: click.Context, debug: bool) -> None:
     """Run AudioLDM2's audio autoencoder (VAE + HiFi-GAN) with ONNX Runtime."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    # httpx logs every request at INFO ("HTTP Request: POST ..."): the client's detail, shown with --debug only
+    logging.getLogger("httpx").setLevel(logging.DEBUG if debug else logging.WARNING)
     ctx.obj = {"debug": debug}
 
 
@@ -304,7 +307,7 @@ def reconstruct(
                 raise click.UsageError("--metrics and --plot need the model loaded locally; drop --server for them")
             from .cli_serve import remote_client, remote_reconstruct
 
-            with remote_client(server, api_key_env) as client:
+            with remote_client(server, api_key_env, margs.expect_digest) as client:
                 runner = JobRunner("reconstruct", force, skip_existing, ctx.obj["debug"])
                 work = remote_reconstruct(client, output_rate, sample_format)
                 return runner.run(_jobs(inputs, out, ".wav", is_audio_file), work)
@@ -399,7 +402,7 @@ def encode(
         if server:
             from .cli_serve import remote_client, remote_encode
 
-            with remote_client(server, api_key_env) as client:
+            with remote_client(server, api_key_env, margs.expect_digest) as client:
                 runner = JobRunner("encode", force, skip_existing, ctx.obj["debug"])
                 work = remote_encode(client, sample, seed)
                 return runner.run(_jobs(inputs, out, ".npy", is_audio_file, companions=(SIDECAR,)), work)
@@ -458,7 +461,7 @@ def decode(
         if server:
             from .cli_serve import remote_client, remote_decode
 
-            with remote_client(server, api_key_env) as client:
+            with remote_client(server, api_key_env, margs.expect_digest) as client:
                 runner = JobRunner("decode", force, skip_existing, ctx.obj["debug"])
                 work = remote_decode(client, sample_format, read_sidecar)
                 return runner.run(_jobs(latents, out, ".wav", _is_npy), work)

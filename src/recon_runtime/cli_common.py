@@ -90,7 +90,8 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 "--expect-digest",
                 default=None,
                 metavar="DIGEST",
-                help="Refuse the bundle unless its digest (recon-run info) is DIGEST: pins a bundle you trust.",
+                help="Refuse the bundle unless its digest (recon-run info) is DIGEST: pins a bundle you trust "
+                "(with --server: the digest the server reports).",
             ),
         ]
     ):

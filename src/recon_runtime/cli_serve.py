@@ -19,7 +19,7 @@ import numpy as np
 from .audio_io import atomic_path, load_array, write_audio
 from .cli_common import save_latents
 from .contract import LATENT_DOWNSAMPLE
-from .errors import AudioInputError, ReconError, install_hint
+from .errors import AudioInputError, BundleError, ReconError, install_hint
 from .executors import BACKENDS
 from .executors.base import PERFORMANCE_HINTS
 
@@ -270,11 +270,26 @@ def _serve_on_ray(
 
 
 # ---------------------------------------------------------------------- --server jobs
-def remote_client(server: str, api_key_env: str | None) -> Any:
+def remote_client(server: str, api_key_env: str | None, expect_digest: str | None = None) -> Any:
+    """A client of `server`; with `expect_digest`, refused before any file runs unless the server's
+    bundle (its /v1/info digest) is the pinned one."""
     _need_serve_extra("client")
     from .client import Client
 
-    return Client(server, api_key=api_key_from_env(api_key_env))
+    client = Client(server, api_key=api_key_from_env(api_key_env))
+    if expect_digest is not None:
+        try:
+            digest = client.info().get("digest")
+        except BaseException:
+            client.close()
+            raise
+        if digest != expect_digest:
+            client.close()
+            raise BundleError(
+                f"{server}: the server's bundle digest is {digest}, expected {expect_digest} (--expect-digest); "
+                "this is not the bundle you pinned"
+            )
+    return client
 
 
 def remote_reconstruct(client: Any, output_rate: int | None, sample_format: str) -> Callable[[Path, Path], float]:

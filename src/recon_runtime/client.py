@@ -110,7 +110,10 @@ class Client:
 
     def info(self) -> dict[str, Any]:
         """The server's model (source, weights, provider, precision, fingerprint) and limits."""
-        r = self._http.get("/v1/info")
+        try:
+            r = self._http.get("/v1/info")
+        except httpx.HTTPError as e:
+            raise ServerError(0, f"{self.url}/v1/info: {type(e).__name__}: {e}") from None
         _check(r, self.url + "/v1/info")
         return r.json()
 
