@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -62,7 +63,34 @@ def test_reconstruct_folder_mirrors_tree_with_metrics_and_plot(tiny_bundle: Path
         assert {"log_mel_l1", "log_mel_rmse", "mel_correlation", "mrstft", "si_sdr_db"} <= set(m)
         assert all(np.isfinite(v) for k, v in m.items() if k != "output")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "reconstruct: 3 ok, 0 failed" in r.stderr and "real-time factor" in r.stderr
+    assert "reconstruct: 3 ok, 0 failed" in r.stderr
+    check_speed(r.stderr, audio_seconds=1.8)
+
+
+def check_speed(stderr: str, audio_seconds: float) -> None:
+    """The summary's speed is audio seconds per wall second ("N.NNx real time"), as its own figures say."""
+    m = re.search(r"([\d.]+) s of audio in ([\d.]+) s wall, ([\d.]+)x real time$", stderr.strip().splitlines()[-1])
+    assert m, stderr
+    audio, wall, speed = map(float, m.groups())
+    assert audio == pytest.approx(audio_seconds, abs=0.05)
+    low, high = (audio - 0.05) / (wall + 0.05), (audio + 0.05) / max(wall - 0.05, 1e-9)  # figures rounded to 0.1
+    assert low - 0.005 <= speed <= high + 0.005, (audio, wall, speed)
+
+
+def test_metrics_name_the_backend_that_ran(tiny_bundle: Path, inputs: Path, tmp_path: Path) -> None:
+    metrics = tmp_path / "m.json"
+    args = [str(inputs / "a.wav"), "-o", str(tmp_path / "a.wav"), "--model", str(tiny_bundle), "--metrics"]
+    r = run_cli("recon-run", "reconstruct", *args, str(metrics), "--backend", "onnxruntime")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(metrics.read_text())
+    assert (data["backend"], data["provider"], data["precision"]) == ("onnxruntime", "cpu", "fp32")
+
+
+def test_help_names_both_engines() -> None:
+    r = run_cli("recon-run", "--help")
+    assert r.returncode == 0 and "ONNX Runtime" in r.stdout and "OpenVINO" in r.stdout, r.stdout
+    r = run_cli("recon-run", "reconstruct", "--help")
+    assert "auto: onnxruntime on CUDA" in " ".join(r.stdout.split()), r.stdout
 
 
 def test_reconstruct_single_file_pcm16_at_output_rate(tiny_bundle: Path, inputs: Path, tmp_path: Path) -> None:

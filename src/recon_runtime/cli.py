@@ -47,12 +47,14 @@ class Summary:
     started: float = field(default_factory=time.perf_counter)
 
     def line(self, what: str) -> str:
+        """Files, audio and wall seconds, and the speed: audio seconds per wall second ("2.50x real
+        time" is 2.5 s of audio done each second; below 1x is slower than the audio plays)."""
         wall = time.perf_counter() - self.started
-        rtf = f"{wall / self.audio_seconds:.3f}" if self.audio_seconds else "-"
+        speed = f", {self.audio_seconds / wall:.2f}x real time" if self.audio_seconds and wall > 0 else ""
         skipped = f", {self.skipped} skipped (output exists)" if self.skipped else ""
         return (
             f"{what}: {self.ok} ok, {self.failed} failed{skipped}; {self.audio_seconds:.1f} s of audio in "
-            f"{wall:.1f} s wall (real-time factor {rtf})"
+            f"{wall:.1f} s wall{speed}"
         )
 
     @property
@@ -262,7 +264,11 @@ def _batches(jobs: list[Job], size: int) -> Iterator[list[Job]]:
 @click.option("--debug", is_flag=True, help="Debug logging and tracebacks.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
-    """Run AudioLDM2's audio autoencoder (VAE + HiFi-GAN) with ONNX Runtime."""
+    """Run AudioLDM2's audio autoencoder (VAE + HiFi-GAN) on ONNX Runtime (CPU or CUDA) or OpenVINO (CPU).
+
+    --backend auto (the default) picks the engine per run and prints which; each command's --help
+    gives the rule.
+    """
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
     # httpx logs every request at INFO ("HTTP Request: POST ..."): the client's detail, shown with --debug only
     logging.getLogger("httpx").setLevel(logging.DEBUG if debug else logging.WARNING)
@@ -358,6 +364,7 @@ def reconstruct(
                     metrics_path,
                     {
                         "bundle": str(margs.model),
+                        "backend": rec.backend,
                         "precision": rec.precision,
                         "provider": rec.provider,
                         "files": metrics,

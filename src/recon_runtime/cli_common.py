@@ -48,7 +48,8 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 type=click.Choice(BACKEND_CHOICES),
                 default="auto",
                 show_default=True,
-                help="Inference engine.",
+                help="Inference engine. auto: onnxruntime on CUDA, for fp16 and int8 and for bundles without fp32 "
+                "graphs; otherwise openvino when it is installed (bf16 needs it), else onnxruntime.",
             ),
             click.option(
                 "--provider",

@@ -455,7 +455,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def read_contract(bundle_dir: Path) -> Contract:
-    """Read and parse `recon.json` from a bundle folder (no file checks; see `verify_bundle`)."""
+    """Read and parse `recon.json` from a bundle folder (no graph file checks: `verify_graph_file` does
+    one, when a backend loads it; `recon-run info --verify` does all)."""
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise BundleError(
