@@ -1,0 +1,86 @@
+"""The docs name only what exists: every code name in README.md, docs/ and the source's docstrings
+(`snake_case` or `recon_runtime.x.y`) is defined in the project's code."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE = [
+    p
+    for p in [*(ROOT / "src").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]
+    if p != Path(__file__).resolve()  # this file's examples of names that do not exist
+]
+OURS = ("recon_runtime", "recon_export", "benchmarks")
+# names the docs use from other projects (librosa's recipe they warn against; OpenVINO's rt_info and keys)
+EXTERNAL = {"power_to_db", "rt_info", "disable_fp16_compression_0", "precise_0"}
+# what prometheus_client appends to a metric's name
+METRIC_SUFFIXES = ("_total", "_count", "_sum", "_bucket", "_created")
+CODE_SPAN = re.compile(r"`([^`\n]+)`")
+NAME = re.compile(r"(?<![\w./:-])([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?![\w./*-])")  # not paths, not globs
+
+
+def _docstrings(tree: ast.AST) -> list[ast.Constant]:
+    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)]
+
+
+def defined_names() -> set[str]:
+    """Identifiers, attributes, arguments, module names and words of string literals in the code
+    (string literals hold JSON keys and metric names); docstrings excluded, they are what is checked."""
+    names = {p.stem for p in CODE} | {p.parent.name for p in CODE}  # modules and packages
+    for path in CODE:
+        tree = ast.parse(path.read_text(), str(path))
+        docs = {id(d) for d in _docstrings(tree)}
+        for node in ast.walk(tree):
+            for attr in ("name", "id", "attr", "arg", "asname"):
+                value = getattr(node, attr, None)
+                if isinstance(value, str):
+                    names.update(value.split("."))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                names.update(re.findall(r"\w+", node.value))
+    return names
+
+
+def documented() -> list[tuple[str, str]]:
+    """(where, code span) for every code span in the docs and in the source's docstrings."""
+    texts = [(p, p.read_text()) for p in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]]
+    for path in (ROOT / "src").rglob("*.py"):
+        texts += [(path, d.value) for d in _docstrings(ast.parse(path.read_text())) if isinstance(d.value, str)]
+    return [(str(p.relative_to(ROOT)), span) for p, text in texts for span in CODE_SPAN.findall(text)]
+
+
+def _known(part: str, names: set[str]) -> bool:
+    base = next((part[: -len(x)] for x in METRIC_SUFFIXES if part.endswith(x)), part)
+    return part in names or base in names or part in EXTERNAL
+
+
+def dangling(spans: list[tuple[str, str]], names: set[str]) -> list[str]:
+    """The spans that name something of ours that the code does not define."""
+    bad = []
+    for where, span in spans:
+        for ref in NAME.findall(span):
+            parts = ref.split(".")
+            if len(parts) > 1 and parts[0] not in OURS:
+                continue  # another library's API (torch.hann_window)
+            if (len(parts) == 1 and "_" not in ref) or ref.isupper():
+                continue  # a plain word; environment variables and shell settings
+            if not all(_known(p, names) for p in parts):
+                bad.append(f"{where}: `{span}`")
+    return bad
+
+
+def test_the_check_finds_a_name_that_does_not_exist() -> None:
+    names = {"read_contract", "verify_graph_file", "recon_runtime", "contract", "recon_requests"}
+    spans = [("a.md", "see `verify_bundle`"), ("a.md", "read_contract(path)"), ("b.md", "recon_runtime.contract")]
+    spans += [("c.md", "recon_requests_total"), ("c.md", "torch.hann_window(1024)"), ("c.md", "RECON_MODEL")]
+    assert dangling([(w, s) for w, text in spans for s in [text.split("`")[1] if "`" in text else text]], names) == [
+        "a.md: `verify_bundle`"
+    ]
+
+
+def test_docs_and_docstrings_name_only_what_exists() -> None:
+    spans = documented()
+    assert len(spans) > 200
+    assert not (bad := dangling(spans, defined_names())), "names that exist nowhere in the code:\n" + "\n".join(bad)
