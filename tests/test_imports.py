@@ -4,9 +4,11 @@ source has no cycle (a lazy import inside a function counts: it only moves the f
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -154,9 +156,22 @@ _ALONE = textwrap.dedent(
 ).format(packages=PACKAGES)
 
 
+def _import_alone(module: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _ALONE, module], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def imported_alone() -> dict[str, subprocess.CompletedProcess]:
+    """Every module imported alone, each in its own interpreter, as many at once as there are cores."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return dict(zip(sorted(MODULES), pool.map(_import_alone, sorted(MODULES))))
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
-def test_each_module_imports_alone_in_a_fresh_interpreter(module: str) -> None:
-    r = subprocess.run([sys.executable, "-c", _ALONE, module], capture_output=True, text=True, timeout=300)
+def test_each_module_imports_alone_in_a_fresh_interpreter(
+    module: str, imported_alone: dict[str, subprocess.CompletedProcess]
+) -> None:
+    r = imported_alone[module]
     assert r.returncode == 0, f"`import {module}` alone failed:\n{r.stderr}"
     last = r.stdout.strip().splitlines()[-1]
     if last.startswith("MISSING"):
