@@ -34,6 +34,7 @@ from .contract import (
     ROLES,
     TRAINING_WINDOW_FRAMES,
     VOCODER,
+    VOCODER_EXTRA_SAMPLES,
     Contract,
     check_mel,
     read_contract,
@@ -432,15 +433,18 @@ class Reconstructor:
         """Run consecutive stages on one batch (the executor's layouts; see `Executor.run`)."""
         return self.executor.run(roles, batch)
 
-    def run_windows(self, roles: Sequence[str], windows: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
+    def run_windows(
+        self, roles: Sequence[str], windows: Sequence[np.ndarray], keep_tail: bool = False
+    ) -> list[list[np.ndarray]]:
         """Run windows of one shape, from any number of inputs or callers, as one batch.
 
         Args:
             roles: consecutive stages, e.g. ("encoder", "decoder", "vocoder").
             windows: graph inputs of equal shape without the batch axis (see `WindowJob.windows`).
+            keep_tail: keep the vocoder's 32 samples past the last frame (see `decode`).
         Returns:
             Per window, the last stage's outputs without the batch axis; a vocoder output is
-            cropped to 160 samples per input frame.
+            cropped to 160 samples per input frame (plus the tail with `keep_tail`).
         """
         roles = tuple(roles)
         shapes = {tuple(w.shape) for w in windows}
@@ -449,15 +453,27 @@ class Reconstructor:
         outs = self.run_graphs(roles, np.stack(windows))
         if roles[-1] == VOCODER:
             frames = windows[0].shape[-2] if roles[0] != DECODER else windows[0].shape[-2] * LATENT_DOWNSAMPLE
-            outs = [o[:, : frames * HOP_LENGTH] for o in outs]
+            outs = [o[:, : frames * HOP_LENGTH + (VOCODER_EXTRA_SAMPLES if keep_tail else 0)] for o in outs]
         return [[o[i] for o in outs] for i in range(len(windows))]
 
     def join(self, job: WindowJob, outputs: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
-        """Cross-fade one job's per-window outputs (as `run_windows` returns them) into whole outputs."""
-        count = len(outputs[0])
-        return [join_windows(job.total, job.spans, [o[k] for o in outputs], job.scale, job.axis) for k in range(count)]
+        """Cross-fade one job's per-window outputs (as `run_windows` returns them) into whole outputs.
 
-    def run_jobs(self, jobs: Sequence[WindowJob]) -> list[list[np.ndarray]]:
+        A vocoder tail kept by `run_windows` (past the input's last frame, so only the last window's
+        counts) follows the joined waveform.
+        """
+        count = len(outputs[0])
+        joined = [
+            join_windows(job.total, job.spans, [o[k] for o in outputs], job.scale, job.axis) for k in range(count)
+        ]
+        if len(job.spans) > 1 and job.roles[-1] == VOCODER:
+            start, end = job.spans[-1]
+            tail = outputs[-1][0][int(round((end - start) * job.scale)) :]
+            if tail.size:
+                joined = [np.concatenate([joined[0], tail])]
+        return joined
+
+    def run_jobs(self, jobs: Sequence[WindowJob], keep_tail: bool = False) -> list[list[np.ndarray]]:
         """Run every window of several jobs, equal shapes batched up to `max_batch`, and join each job."""
         pending: dict[tuple[tuple[str, ...], tuple[int, ...]], list[tuple[int, int]]] = {}
         for j, job in enumerate(jobs):
@@ -467,7 +483,7 @@ class Reconstructor:
         for (roles, _), members in pending.items():
             for k in range(0, len(members), self.max_batch):
                 batch = members[k : k + self.max_batch]
-                outs = self.run_windows(roles, [jobs[j].windows[i] for j, i in batch])
+                outs = self.run_windows(roles, [jobs[j].windows[i] for j, i in batch], keep_tail)
                 for (j, i), out in zip(batch, outs):
                     results[j][i] = out
         return [self.join(job, [o for o in res if o is not None]) for job, res in zip(jobs, results)]
@@ -530,8 +546,13 @@ class Reconstructor:
     def decode(self, latents: np.ndarray, num_samples: int | None = None) -> np.ndarray:
         """Scaled latents [8, L, 16] or [B, 8, L, 16] -> 16 kHz waveform [640*L] or [B, 640*L].
 
+        The latents diffusers' AudioLDM, MusicLDM and AudioLDM2 pipelines generate (still multiplied
+        by the scaling factor) decode to the pipeline's own audio (docs/pipelines.md).
+
         Args:
-            num_samples: crop the output to this many samples (the original length).
+            num_samples: crop the output to this many samples (the original length). Up to 32 more
+                than 640*L give the vocoder's samples past the last frame, as the pipelines do when
+                the requested length is longer than the latents they rounded it to.
         """
         z = np.asarray(latents)
         batched = z.ndim == 4
@@ -547,7 +568,8 @@ class Reconstructor:
         if not np.isfinite(z).all():
             raise AudioInputError("latents contain NaN or inf")
         z = z.astype(np.float32, copy=False)
-        wave = np.stack([w for (w,) in self.run_jobs([self.decoding_job(item) for item in z])])
+        keep_tail = num_samples is not None and num_samples > z.shape[2] * SAMPLES_PER_LATENT_FRAME
+        wave = np.stack([w for (w,) in self.run_jobs([self.decoding_job(item) for item in z], keep_tail)])
         if num_samples is not None:
             wave = wave[:, :num_samples]
         return wave if batched else wave[0]
