@@ -272,6 +272,43 @@ def test_decode_keeps_the_vocoder_tail_only_when_asked_past_the_latents(
     assert rec.decode(z, num_samples=1000).shape == (1000,)
 
 
+def test_decode_takes_the_pipelines_tensors_as_they_come(tiny_bundle: Path) -> None:
+    """A CPU tensor (fp16 from an fp16 pipeline too) decodes like its numpy array; one that cannot
+    become an array is a one-line error that says how to convert it."""
+    import torch
+
+    from recon_runtime.errors import AudioInputError
+
+    rec = Reconstructor.load(tiny_bundle, provider="cpu", precision=FP32)
+    z = torch.from_numpy(np.random.default_rng(10).standard_normal((2, 8, 6, 16)).astype(np.float32))
+    np.testing.assert_array_equal(rec.decode(z), rec.decode(z.numpy()))
+    np.testing.assert_array_equal(rec.decode(z.half()), rec.decode(z.half().float().numpy()))
+    with pytest.raises(AudioInputError, match=r"tensor\.detach\(\)\.float\(\)\.cpu\(\)\.numpy\(\)"):
+        rec.decode(z.clone().requires_grad_(True))
+
+
+def test_latents_past_one_window_decode_in_one_pass_when_the_window_holds_them(
+    tiny_checkpoint: Path, tiny_bundle: Path
+) -> None:
+    """A pipeline decodes any length in one pass; the runtime's default 10.24 s windows cross-fade
+    longer latents, and a window as long as the latents gives the pipeline's one pass again."""
+    import torch
+
+    vae, vocoder = _vae_and_vocoder(tiny_checkpoint)
+    z = np.random.default_rng(9).standard_normal((1, 8, 300, 16)).astype(np.float32)  # 12 s
+    num_samples = 190_000  # 11.875 s, as audio_length_in_s=11.875 asks
+    with torch.no_grad():  # what the pipelines do after denoising
+        mel = vae.decode(1 / vae.config.scaling_factor * torch.from_numpy(z)).sample
+        want = vocoder(mel.squeeze(1)).float().numpy()[:, :num_samples]
+    one_pass = Reconstructor.load(tiny_bundle, provider="cpu", precision=FP32, window_frames=1200)
+    windowed = Reconstructor.load(tiny_bundle, provider="cpu", precision=FP32)
+    assert len(one_pass.decoding_job(z[0]).windows) == 1 and len(windowed.decoding_job(z[0]).windows) == 2
+    got = one_pass.decode(z, num_samples=num_samples)
+    assert float(np.linalg.norm(got - want) / np.linalg.norm(want)) <= PIPELINE_REL_L2
+    cross_faded = windowed.decode(z, num_samples=num_samples)
+    assert cross_faded.shape == want.shape and np.isfinite(cross_faded).all()
+
+
 @pytest.mark.full
 def test_full_size_audioldm2_pipeline_latents_decode_to_its_audio(full_checkpoint: Path, full_bundle: Path) -> None:
     pipe, embeds = build_audioldm2(full_checkpoint)

@@ -554,7 +554,13 @@ class Reconstructor:
                 than 640*L give the vocoder's samples past the last frame, as the pipelines do when
                 the requested length is longer than the latents they rounded it to.
         """
-        z = np.asarray(latents)
+        try:
+            z = np.asarray(latents)
+        except (TypeError, RuntimeError) as e:  # e.g. a CUDA tensor, or one that requires grad
+            raise AudioInputError(
+                f"latents must be an array on the CPU (from torch: tensor.detach().float().cpu().numpy()), "
+                f"got {type(latents).__name__} ({' '.join(str(e).split())[:200]})"
+            ) from None
         batched = z.ndim == 4
         if z.ndim == 3:
             z = z[None]
