@@ -91,6 +91,9 @@ class WindowJob:
     """Output units per input unit on the joined axis (samples per frame, or latent frames per frame)."""
     axis: int
     """The joined axis of each per-window output (the batch axis removed)."""
+    tail: int = 0
+    """Decoding: samples of the vocoder's output past the last frame that the joined waveform keeps
+    (up to 32; asked for by a length past 640 samples per latent frame, see `Reconstructor.decode`)."""
 
     def key(self, i: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
         """Windows with equal keys can share a batch."""
@@ -433,18 +436,16 @@ class Reconstructor:
         """Run consecutive stages on one batch (the executor's layouts; see `Executor.run`)."""
         return self.executor.run(roles, batch)
 
-    def run_windows(
-        self, roles: Sequence[str], windows: Sequence[np.ndarray], keep_tail: bool = False
-    ) -> list[list[np.ndarray]]:
+    def run_windows(self, roles: Sequence[str], windows: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
         """Run windows of one shape, from any number of inputs or callers, as one batch.
 
         Args:
             roles: consecutive stages, e.g. ("encoder", "decoder", "vocoder").
             windows: graph inputs of equal shape without the batch axis (see `WindowJob.windows`).
-            keep_tail: keep the vocoder's 32 samples past the last frame (see `decode`).
         Returns:
             Per window, the last stage's outputs without the batch axis; a vocoder output is
-            cropped to 160 samples per input frame (plus the tail with `keep_tail`).
+            cropped to 160 samples per input frame, plus its 32 samples past the last frame when
+            the chain starts at the decoder (`join` keeps them where a decoding job asks, `WindowJob.tail`).
         """
         roles = tuple(roles)
         shapes = {tuple(w.shape) for w in windows}
@@ -453,27 +454,30 @@ class Reconstructor:
         outs = self.run_graphs(roles, np.stack(windows))
         if roles[-1] == VOCODER:
             frames = windows[0].shape[-2] if roles[0] != DECODER else windows[0].shape[-2] * LATENT_DOWNSAMPLE
-            outs = [o[:, : frames * HOP_LENGTH + (VOCODER_EXTRA_SAMPLES if keep_tail else 0)] for o in outs]
+            extra = VOCODER_EXTRA_SAMPLES if roles[0] == DECODER else 0
+            outs = [o[:, : frames * HOP_LENGTH + extra] for o in outs]
         return [[o[i] for o in outs] for i in range(len(windows))]
 
     def join(self, job: WindowJob, outputs: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
         """Cross-fade one job's per-window outputs (as `run_windows` returns them) into whole outputs.
 
-        A vocoder tail kept by `run_windows` (past the input's last frame, so only the last window's
-        counts) follows the joined waveform.
+        A decoding job's waveform is 640 samples per latent frame, followed by the first `job.tail`
+        samples the last window's vocoder gave past its last frame.
         """
         count = len(outputs[0])
         joined = [
             join_windows(job.total, job.spans, [o[k] for o in outputs], job.scale, job.axis) for k in range(count)
         ]
-        if len(job.spans) > 1 and job.roles[-1] == VOCODER:
-            start, end = job.spans[-1]
-            tail = outputs[-1][0][int(round((end - start) * job.scale)) :]
-            if tail.size:
-                joined = [np.concatenate([joined[0], tail])]
+        if job.roles[0] == DECODER and job.roles[-1] == VOCODER:
+            wave = joined[0][: int(round(job.total * job.scale))]  # one window: its output, tail and all
+            if job.tail:
+                start, end = job.spans[-1]
+                used = int(round((end - start) * job.scale))
+                wave = np.concatenate([wave, outputs[-1][0][used : used + job.tail]])
+            joined = [wave]
         return joined
 
-    def run_jobs(self, jobs: Sequence[WindowJob], keep_tail: bool = False) -> list[list[np.ndarray]]:
+    def run_jobs(self, jobs: Sequence[WindowJob]) -> list[list[np.ndarray]]:
         """Run every window of several jobs, equal shapes batched up to `max_batch`, and join each job."""
         pending: dict[tuple[tuple[str, ...], tuple[int, ...]], list[tuple[int, int]]] = {}
         for j, job in enumerate(jobs):
@@ -483,7 +487,7 @@ class Reconstructor:
         for (roles, _), members in pending.items():
             for k in range(0, len(members), self.max_batch):
                 batch = members[k : k + self.max_batch]
-                outs = self.run_windows(roles, [jobs[j].windows[i] for j, i in batch], keep_tail)
+                outs = self.run_windows(roles, [jobs[j].windows[i] for j, i in batch])
                 for (j, i), out in zip(batch, outs):
                     results[j][i] = out
         return [self.join(job, [o for o in res if o is not None]) for job, res in zip(jobs, results)]
@@ -514,11 +518,16 @@ class Reconstructor:
         job = self.reconstruction_job(feats)
         return WindowJob((ENCODER,), job.windows, job.spans, job.total, 1 / LATENT_DOWNSAMPLE, 1)
 
-    def decoding_job(self, latents: np.ndarray) -> WindowJob:
-        """Decoder + vocoder windows for one scaled latent [8, L, 16]; the output joins to [640*L]."""
+    def decoding_job(self, latents: np.ndarray, num_samples: int | None = None) -> WindowJob:
+        """Decoder + vocoder windows for one scaled latent [8, L, 16]; the output joins to [640*L],
+        or up to 32 samples more where `num_samples` asks for them (see `decode`)."""
         spans = self._spans(latents.shape[1], latent=True)
         windows = tuple(latents[:, s:e] for s, e in spans)
-        return WindowJob((DECODER, VOCODER), windows, tuple(spans), latents.shape[1], SAMPLES_PER_LATENT_FRAME, -1)
+        length = latents.shape[1] * SAMPLES_PER_LATENT_FRAME
+        tail = min(VOCODER_EXTRA_SAMPLES, max(0, (num_samples or 0) - length))
+        return WindowJob(
+            (DECODER, VOCODER), windows, tuple(spans), latents.shape[1], SAMPLES_PER_LATENT_FRAME, -1, tail
+        )
 
     def vocoding_job(self, mel: np.ndarray) -> WindowJob:
         """Vocoder windows for one log-mel [T, 64]; the output joins to [160*T]."""
@@ -574,8 +583,7 @@ class Reconstructor:
         if not np.isfinite(z).all():
             raise AudioInputError("latents contain NaN or inf")
         z = z.astype(np.float32, copy=False)
-        keep_tail = num_samples is not None and num_samples > z.shape[2] * SAMPLES_PER_LATENT_FRAME
-        wave = np.stack([w for (w,) in self.run_jobs([self.decoding_job(item) for item in z], keep_tail)])
+        wave = np.stack([w for (w,) in self.run_jobs([self.decoding_job(item, num_samples) for item in z])])
         if num_samples is not None:
             wave = wave[:, :num_samples]
         return wave if batched else wave[0]
