@@ -129,12 +129,18 @@ def test_calibrated_scaling_factor_gives_latents_of_unit_std() -> None:
     assert float(z.std()) == pytest.approx(1.0, rel=1e-4)
 
 
-def test_random_checkpoints_without_a_published_factor_are_calibrated() -> None:
-    from recon_export.checkpoint import FROM_CALIBRATION, build_random
+def test_random_checkpoints_without_a_published_factor_are_calibrated_once(tmp_path: Path) -> None:
+    from recon_export.checkpoint import FROM_CALIBRATION, build_random, calibrate, save_checkpoint
 
     a, b = build_random("tiny", seed=0), build_random("tiny", seed=0)
-    assert a.source[SOURCE_SCALING_FACTOR] == FROM_CALIBRATION
-    assert a.scaling_factor == b.scaling_factor != 1.0  # reproducible from the seed
+    assert a.source[SOURCE_SCALING_FACTOR] == FROM_CALIBRATION and not a.calibrated
+    calibrate(a)
+    factor = a.scaling_factor
+    calibrate(a)
+    assert a.calibrated and a.scaling_factor == factor != 1.0
+    save_checkpoint(b, tmp_path / "ckpt")  # saved like a trained checkpoint: with its factor
+    assert json.loads((tmp_path / "ckpt" / "vae" / "config.json").read_text())["scaling_factor"] == factor
+    assert build_random("audioldm2", seed=0).calibrated  # a published factor needs none
 
 
 # ------------------------------------------------------------------------------------------ model_index.json

@@ -43,7 +43,7 @@ from recon_runtime.contract import (
 )
 
 from . import graphs
-from .checkpoint import FROM_CHECKPOINT, Checkpoint, config_dict, decoding_weights_sha256
+from .checkpoint import FROM_CHECKPOINT, Checkpoint, calibrate, config_dict, decoding_weights_sha256
 from .errors import ExportError, ParityError
 from .validate import (
     bf16_check,
@@ -159,6 +159,9 @@ def export_bundle(
         precisions = [*precisions, FP32]
     precisions = [p for p in PRECISIONS if p in precisions]
     _prepare_destination(out, force)
+    if not ckpt.calibrated:
+        with progress.step("calibrate scaling factor (random weights, no published value known)"):
+            calibrate(ckpt)
     modules = graphs.wrappers(ckpt.vae, ckpt.vocoder)
     progress.echo(
         f"  scaling factor {ckpt.scaling_factor!r} ({ckpt.source.get(SOURCE_SCALING_FACTOR, FROM_CHECKPOINT)})"

@@ -95,6 +95,8 @@ class Checkpoint:
     vae: AutoencoderKL
     vocoder: SpeechT5HifiGan
     source: dict[str, Any]
+    calibrated: bool = True
+    """False for random weights whose scaling factor still waits for `calibrate`."""
 
     @property
     def scaling_factor(self) -> float:
@@ -134,23 +136,18 @@ def build_random(config: str = "audioldm2-music", seed: int = 0, tiny: bool = Fa
     """A published checkpoint's architecture with seeded, realistically scaled random weights.
 
     The VAE gets the checkpoint's published scaling factor where `families.PUBLISHED` knows it;
-    otherwise one calibrated on these weights, as training did (latents of unit variance).
-    `tiny=True` keeps the checkpoint's family and scaling factor on the tiny architecture (fast
-    tests of each family).
+    otherwise `calibrate` (which export and save call) measures one on these weights, as training
+    did. `tiny=True` keeps the checkpoint's family and scaling factor on the tiny architecture
+    (fast tests of each family).
     """
-    from .graphs import EncoderGraph
-    from .validate import calibrate_scaling_factor
-
     if config not in PUBLISHED:
         raise CheckpointError(f"unknown --config {config!r}; choose from {', '.join(PUBLISHED)}")
     spec = PUBLISHED[config]
     tiny = tiny or config == TINY
     vae_cfg, voc_cfg = ARCHITECTURES[TINY if tiny else config]
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**vae_cfg, scaling_factor=spec.scaling_factor or 1.0)
+    vae = AutoencoderKL(**vae_cfg, scaling_factor=spec.scaling_factor or 1.0)  # 1.0 until `calibrate`
     _init_like_pytorch(vae)
-    if spec.scaling_factor is None:
-        vae.eval().register_to_config(scaling_factor=calibrate_scaling_factor(EncoderGraph(vae)))
     vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(**voc_cfg))
     _init_like_pytorch(vocoder)
     source = {
@@ -165,11 +162,24 @@ def build_random(config: str = "audioldm2-music", seed: int = 0, tiny: bool = Fa
         SOURCE_PIPELINE: spec.pipeline_class,
         SOURCE_SCALING_FACTOR: FROM_PUBLISHED if spec.scaling_factor else FROM_CALIBRATION,
     }
-    return _ready(Checkpoint(vae, vocoder, source))
+    return _ready(Checkpoint(vae, vocoder, source, calibrated=spec.scaling_factor is not None))
+
+
+def calibrate(ckpt: Checkpoint) -> None:
+    """Give random weights without a published scaling factor one measured on them, as training did
+    (latents of unit standard deviation on generated speech, music, noise and sweeps); once."""
+    if ckpt.calibrated:
+        return
+    from .graphs import EncoderGraph
+    from .validate import calibrate_scaling_factor
+
+    ckpt.vae.register_to_config(scaling_factor=calibrate_scaling_factor(EncoderGraph(ckpt.vae)))
+    ckpt.calibrated = True
 
 
 def save_checkpoint(ckpt: Checkpoint, folder: Path) -> Path:
     """Write a diffusers-layout folder (`vae/`, `vocoder/`, safetensors) like the hub's."""
+    calibrate(ckpt)  # a saved checkpoint carries its scaling factor, as a trained one does
     folder = Path(folder)
     ckpt.vae.save_pretrained(folder / VAE_SUBFOLDER, safe_serialization=True)
     ckpt.vocoder.save_pretrained(folder / VOCODER_SUBFOLDER, safe_serialization=True)
