@@ -36,7 +36,7 @@ def main() -> int:
     contract = read_contract(Path(args.model))
     if not contract.random_weights:
         sys.exit("gpu_parity rebuilds the PyTorch modules from a --random-weights bundle's config and seed")
-    ckpt = build_random(contract.source["config"], contract.source["seed"])
+    ckpt = build_random(contract.source["config"], contract.source["seed"], tiny=contract.source.get("tiny", False))
     ckpt.vae.register_to_config(scaling_factor=contract.scaling_factor)
     modules = {k: v.to(args.device).float() for k, v in wrappers(ckpt.vae, ckpt.vocoder).items()}
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -202,6 +202,12 @@ def test_every_endpoint_equals_the_in_process_runtime(server: Server, rec: Any, 
         assert rel_l2(dec, ref) <= REL
         parts = list(c.decode_stream(long_z, num_samples=300_000, gain=meta.gain))
         assert len(parts) >= 2 and rel_l2(np.concatenate(parts), ref) <= REL
+        assert ref.size == long_z.shape[1] * 640 + 32  # asked past the latents: the vocoder's last samples too
+        short_z = rec.encode(short, RATE)  # the same in one window
+        one = rec.decode(short_z, num_samples=short_z.shape[1] * 640 + 100)
+        assert one.size == short_z.shape[1] * 640 + 32
+        assert rel_l2(c.decode(short_z, num_samples=one.size + 68, fingerprint=meta.fingerprint), one) <= REL
+        assert rel_l2(np.concatenate(list(c.decode_stream(short_z, num_samples=one.size + 68))), one) <= REL
 
     # a multipart upload and a PCM16 answer, as curl -F file=@x.wav sends it
     r = httpx.post(

@@ -36,17 +36,17 @@ from recon_runtime.contract import (
     PRECISIONS,
     REL_L2_THRESHOLDS,
     ROLES,
+    SOURCE_SCALING_FACTOR,
     Contract,
     GraphEntry,
     sha256_file,
 )
 
 from . import graphs
-from .checkpoint import Checkpoint, config_dict, decoding_weights_sha256
+from .checkpoint import FROM_CHECKPOINT, Checkpoint, calibrate, config_dict, decoding_weights_sha256
 from .errors import ExportError, ParityError
 from .validate import (
     bf16_check,
-    calibrate_scaling_factor,
     failures,
     fp16_arithmetic,
     reference,
@@ -159,12 +159,13 @@ def export_bundle(
         precisions = [*precisions, FP32]
     precisions = [p for p in PRECISIONS if p in precisions]
     _prepare_destination(out, force)
+    if not ckpt.calibrated:
+        with progress.step("calibrate scaling factor (random weights, no published value known)"):
+            calibrate(ckpt)
     modules = graphs.wrappers(ckpt.vae, ckpt.vocoder)
-    if ckpt.source.get("weights") == "random":
-        with progress.step("calibrate scaling factor (random weights)"):
-            ckpt.vae.register_to_config(scaling_factor=calibrate_scaling_factor(modules["encoder"]))
-            modules = graphs.wrappers(ckpt.vae, ckpt.vocoder)
-        progress.echo(f"  scaling factor {ckpt.scaling_factor:.6g}")
+    progress.echo(
+        f"  scaling factor {ckpt.scaling_factor!r} ({ckpt.source.get(SOURCE_SCALING_FACTOR, FROM_CHECKPOINT)})"
+    )
     contract = Contract(
         source=ckpt.source,
         vae_config=config_dict(ckpt.vae),

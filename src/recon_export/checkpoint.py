@@ -1,11 +1,14 @@
-"""Load the `vae` and `vocoder` of a diffusers AudioLDM2 checkpoint, or build them with random weights."""
+"""Load the `vae` and `vocoder` of a diffusers AudioLDM-family checkpoint, or build them with random weights."""
 
 from __future__ import annotations
 
 import hashlib
+import inspect
+import json
 import logging
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -14,18 +17,31 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
-from recon_runtime.contract import HOP_LENGTH, LATENT_CHANNELS, LATENT_DOWNSAMPLE, N_MELS, SAMPLE_RATE
+from recon_runtime.contract import (
+    HOP_LENGTH,
+    LATENT_CHANNELS,
+    LATENT_DOWNSAMPLE,
+    N_MELS,
+    SAMPLE_RATE,
+    SOURCE_FAMILY,
+    SOURCE_PIPELINE,
+    SOURCE_SCALING_FACTOR,
+)
 
 from .errors import CheckpointError
+from .families import COMPONENT_CLASSES, PIPELINE_FAMILIES, PUBLISHED, TINY
 
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_MODEL: Final = "cvssp/audioldm2-music"
 VAE_SUBFOLDER: Final = "vae"
 VOCODER_SUBFOLDER: Final = "vocoder"
-# cvssp/audioldm2's published value; -music and -large computed theirs at training time, so a
-# loaded checkpoint always uses its own config and random weights get one measured like training did.
-AUDIOLDM2_SCALING_FACTOR: Final = 0.4110932946205139
+CONFIG_FILE: Final = "config.json"
+MODEL_INDEX_FILE: Final = "model_index.json"
+# where recon.json's scaling factor came from (source.scaling_factor_from)
+FROM_CHECKPOINT: Final = f"{VAE_SUBFOLDER}/{CONFIG_FILE}"
+FROM_PUBLISHED: Final = "published value, random weights"
+FROM_CALIBRATION: Final = "calibrated on random weights"
 
 _VAE_FULL: Final[dict[str, Any]] = {
     "in_channels": 1,
@@ -39,7 +55,6 @@ _VAE_FULL: Final[dict[str, Any]] = {
     "act_fn": "silu",
     "sample_size": 1024,
     "force_upcast": True,
-    "scaling_factor": AUDIOLDM2_SCALING_FACTOR,
 }
 _VOCODER_FULL: Final[dict[str, Any]] = {
     "model_in_dim": N_MELS,
@@ -52,21 +67,23 @@ _VOCODER_FULL: Final[dict[str, Any]] = {
     "leaky_relu_slope": 0.1,
     "normalize_before": False,
 }
-# The three public checkpoints share one VAE and one vocoder architecture (docs/bundle.md).
+# same structure, few channels: for fast tests only
+_VAE_TINY: Final[dict[str, Any]] = {
+    **_VAE_FULL,
+    "block_out_channels": [16, 32, 32],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+}
+_VOCODER_TINY: Final[dict[str, Any]] = {
+    **_VOCODER_FULL,
+    "upsample_initial_channel": 32,
+    "resblock_kernel_sizes": [3, 5],
+    "resblock_dilation_sizes": [[1, 3], [1, 3]],
+}
+# Every published AudioLDM, MusicLDM and AudioLDM2 checkpoint has the same VAE and vocoder
+# architecture (families.py, docs/pipelines.md); they differ in the scaling factor.
 ARCHITECTURES: Final[dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
-    "audioldm2": (_VAE_FULL, _VOCODER_FULL),
-    "audioldm2-music": (_VAE_FULL, _VOCODER_FULL),
-    "audioldm2-large": (_VAE_FULL, _VOCODER_FULL),
-    # same structure, few channels: for fast tests only
-    "tiny": (
-        {**_VAE_FULL, "block_out_channels": [16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8},
-        {
-            **_VOCODER_FULL,
-            "upsample_initial_channel": 32,
-            "resblock_kernel_sizes": [3, 5],
-            "resblock_dilation_sizes": [[1, 3], [1, 3]],
-        },
-    ),
+    name: (_VAE_TINY, _VOCODER_TINY) if name == TINY else (_VAE_FULL, _VOCODER_FULL) for name in PUBLISHED
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -78,6 +95,8 @@ class Checkpoint:
     vae: AutoencoderKL
     vocoder: SpeechT5HifiGan
     source: dict[str, Any]
+    calibrated: bool = True
+    """False for random weights whose scaling factor still waits for `calibrate`."""
 
     @property
     def scaling_factor(self) -> float:
@@ -113,32 +132,54 @@ def _init_like_pytorch(module: torch.nn.Module) -> None:
             m.reset_parameters()
 
 
-def build_random(config: str = "audioldm2-music", seed: int = 0) -> Checkpoint:
-    """Exact architecture of a named checkpoint with seeded, realistically scaled random weights.
+def build_random(config: str = "audioldm2-music", seed: int = 0, tiny: bool = False) -> Checkpoint:
+    """A published checkpoint's architecture with seeded, realistically scaled random weights.
 
-    The scaling factor is set afterwards by `calibrate_scaling_factor`, as training did.
+    The VAE gets the checkpoint's published scaling factor where `families.PUBLISHED` knows it;
+    otherwise `calibrate` (which export and save call) measures one on these weights, as training
+    did. `tiny=True` keeps the checkpoint's family and scaling factor on the tiny architecture
+    (fast tests of each family).
     """
-    if config not in ARCHITECTURES:
-        raise CheckpointError(f"unknown --config {config!r}; choose from {', '.join(ARCHITECTURES)}")
-    vae_cfg, voc_cfg = ARCHITECTURES[config]
+    if config not in PUBLISHED:
+        raise CheckpointError(f"unknown --config {config!r}; choose from {', '.join(PUBLISHED)}")
+    spec = PUBLISHED[config]
+    tiny = tiny or config == TINY
+    vae_cfg, voc_cfg = ARCHITECTURES[TINY if tiny else config]
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**vae_cfg)
+    vae = AutoencoderKL(**vae_cfg, scaling_factor=spec.scaling_factor or 1.0)  # 1.0 until `calibrate`
     _init_like_pytorch(vae)
     vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(**voc_cfg))
     _init_like_pytorch(vocoder)
     source = {
-        "model": f"random:{config}",
+        "model": f"random:{config}" + (" (tiny)" if tiny and config != TINY else ""),
         "revision": None,
         "weights": "random",
         "seed": seed,
         "config": config,
+        "tiny": tiny,
         "format": "in-memory",
+        SOURCE_FAMILY: spec.family,
+        SOURCE_PIPELINE: spec.pipeline_class,
+        SOURCE_SCALING_FACTOR: FROM_PUBLISHED if spec.scaling_factor else FROM_CALIBRATION,
     }
-    return _ready(Checkpoint(vae, vocoder, source))
+    return _ready(Checkpoint(vae, vocoder, source, calibrated=spec.scaling_factor is not None))
+
+
+def calibrate(ckpt: Checkpoint) -> None:
+    """Give random weights without a published scaling factor one measured on them, as training did
+    (latents of unit standard deviation on generated speech, music, noise and sweeps); once."""
+    if ckpt.calibrated:
+        return
+    from .graphs import EncoderGraph
+    from .validate import calibrate_scaling_factor
+
+    ckpt.vae.register_to_config(scaling_factor=calibrate_scaling_factor(EncoderGraph(ckpt.vae)))
+    ckpt.calibrated = True
 
 
 def save_checkpoint(ckpt: Checkpoint, folder: Path) -> Path:
     """Write a diffusers-layout folder (`vae/`, `vocoder/`, safetensors) like the hub's."""
+    calibrate(ckpt)  # a saved checkpoint carries its scaling factor, as a trained one does
     folder = Path(folder)
     ckpt.vae.save_pretrained(folder / VAE_SUBFOLDER, safe_serialization=True)
     ckpt.vocoder.save_pretrained(folder / VOCODER_SUBFOLDER, safe_serialization=True)
@@ -154,37 +195,125 @@ def _ready(ckpt: Checkpoint) -> Checkpoint:
     return ckpt
 
 
-def check_architecture(ckpt: Checkpoint) -> None:
-    """Refuse a checkpoint whose interface is not AudioLDM2's (channels, mel bins, hop, rate)."""
-    v, g = ckpt.vae.config, ckpt.vocoder.config
-    where = ckpt.source.get("model")
+# ------------------------------------------------------------------ the contract every family meets
+
+
+def _vae_defaults() -> dict[str, Any]:
+    """What diffusers' AutoencoderKL assumes for a field its config.json leaves out."""
+    params = inspect.signature(AutoencoderKL.__init__).parameters
+    return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
+def contract_problems(vae: Mapping[str, Any], vocoder: Mapping[str, Any]) -> list[str]:
+    """Every way a VAE / vocoder config misses the bundle's contract, as "FILE FIELD: expected X, found Y".
+
+    The contract is what the graphs and the runtime's front end assume: one mel channel in and out,
+    8 latent channels, time and frequency downsampled by 4, a learned scaling factor; a vocoder of
+    64 mel bins at 16 kHz with hop 160 taking raw log-mel. `vae` and `vocoder` are complete configs
+    (the loaded modules' or a config.json with the library's defaults filled in).
+    """
+    vae_file, voc_file = f"{VAE_SUBFOLDER}/{CONFIG_FILE}", f"{VOCODER_SUBFOLDER}/{CONFIG_FILE}"
     problems = []
-    if v.in_channels != 1 or v.out_channels != 1:
-        problems.append(f"VAE in/out channels {v.in_channels}/{v.out_channels}, expected 1/1")
-    if v.latent_channels != LATENT_CHANNELS:
-        problems.append(f"VAE latent_channels {v.latent_channels}, expected {LATENT_CHANNELS}")
-    downsample = 2 ** (len(v.block_out_channels) - 1)
-    if downsample != LATENT_DOWNSAMPLE:
-        problems.append(f"VAE downsamples by {downsample}, expected {LATENT_DOWNSAMPLE}")
-    if g.model_in_dim != N_MELS:
-        problems.append(f"vocoder model_in_dim {g.model_in_dim}, expected {N_MELS} mel bins")
-    if math.prod(g.upsample_rates) != HOP_LENGTH:
-        problems.append(f"vocoder hop {math.prod(g.upsample_rates)}, expected {HOP_LENGTH}")
-    if g.sampling_rate != SAMPLE_RATE:
-        problems.append(f"vocoder sampling_rate {g.sampling_rate}, expected {SAMPLE_RATE}")
-    if g.normalize_before:
-        problems.append("vocoder normalize_before is true; AudioLDM2's vocoder takes raw log-mel")
+
+    def expect(file: str, field: str, expected: Any, found: Any) -> None:
+        if found != expected:
+            problems.append(f"{file} {field}: expected {expected!r}, found {found!r}")
+
+    if vae.get("_class_name") is not None:
+        expect(vae_file, "_class_name", "AutoencoderKL", vae.get("_class_name"))
+    expect(vae_file, "in_channels", 1, vae.get("in_channels"))
+    expect(vae_file, "out_channels", 1, vae.get("out_channels"))
+    expect(vae_file, "latent_channels", LATENT_CHANNELS, vae.get("latent_channels"))
+    blocks = list(vae.get("block_out_channels") or [])
+    levels = int(math.log2(LATENT_DOWNSAMPLE)) + 1
+    if len(blocks) != levels:
+        problems.append(
+            f"{vae_file} block_out_channels: expected {levels} levels (downsampling by {LATENT_DOWNSAMPLE}), "
+            f"found {len(blocks)} {blocks} (downsampling by {2 ** max(len(blocks) - 1, 0)})"
+        )
+    factor = vae.get("scaling_factor")
+    if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor) and factor > 0):
+        problems.append(f"{vae_file} scaling_factor: expected the checkpoint's learned value > 0, found {factor!r}")
+    expect(voc_file, "model_in_dim", N_MELS, vocoder.get("model_in_dim"))
+    expect(voc_file, "sampling_rate", SAMPLE_RATE, vocoder.get("sampling_rate"))
+    rates = list(vocoder.get("upsample_rates") or [])
+    if math.prod(rates) != HOP_LENGTH:
+        problems.append(
+            f"{voc_file} upsample_rates: expected a product of {HOP_LENGTH} (hop {HOP_LENGTH}), "
+            f"found {rates} (hop {math.prod(rates)})"
+        )
+    expect(voc_file, "normalize_before", False, bool(vocoder.get("normalize_before")))
+    return problems
+
+
+def _refuse(where: str, problems: list[str]) -> None:
     if problems:
-        raise CheckpointError(f"{where}: not an AudioLDM2 VAE/vocoder: " + "; ".join(problems))
+        raise CheckpointError(f"{where}: not an AudioLDM-family VAE/vocoder: " + "; ".join(problems))
+
+
+def check_architecture(ckpt: Checkpoint) -> None:
+    """Refuse loaded modules whose interface misses the contract (channels, mel bins, hop, rate)."""
+    _refuse(str(ckpt.source.get("model")), contract_problems(ckpt.vae.config, ckpt.vocoder.config.to_dict()))
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable {what} ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a {what} (expected a JSON object)")
+    return data
+
+
+def read_model_index(folder: Path, where: str) -> tuple[str | None, str | None]:
+    """(family, pipeline class) from `model_index.json`, or (None, None) where the folder has none.
+
+    Refuses a pipeline that is not of the AudioLDM family, and a model index whose vae or vocoder
+    is another class than the ones the export loads.
+    """
+    path = Path(folder) / MODEL_INDEX_FILE
+    if not path.is_file():
+        return None, None
+    index = _read_json(path, MODEL_INDEX_FILE)
+    cls = index.get("_class_name")
+    if cls not in PIPELINE_FAMILIES:
+        raise CheckpointError(
+            f"{where}: {MODEL_INDEX_FILE} _class_name: expected one of {', '.join(sorted(PIPELINE_FAMILIES))}, "
+            f"found {cls!r}; recon-export takes AudioLDM, MusicLDM and AudioLDM2 checkpoints"
+        )
+    for component, expected in COMPONENT_CLASSES.items():
+        found = index.get(component)
+        if found is not None and list(found) != expected:
+            raise CheckpointError(f"{where}: {MODEL_INDEX_FILE} {component}: expected {expected}, found {found}")
+    return PIPELINE_FAMILIES[cls], cls
+
+
+def check_folder(folder: Path, where: str) -> dict[str, Any]:
+    """Check a checkpoint folder's model index and configs against the contract, before any weights load.
+
+    Returns the source fields it establishes (family, pipeline class, where the scaling factor is from).
+    """
+    family, pipeline = read_model_index(folder, where)
+    configs = {}
+    for sub in (VAE_SUBFOLDER, VOCODER_SUBFOLDER):
+        path = folder / sub / CONFIG_FILE
+        if not path.is_file():
+            raise CheckpointError(
+                f"{where}: no {sub}/ folder with a {CONFIG_FILE}; expected the diffusers layout of an "
+                f"AudioLDM-family checkpoint ({VAE_SUBFOLDER}/ and {VOCODER_SUBFOLDER}/)"
+            )
+        configs[sub] = _read_json(path, f"{sub} {CONFIG_FILE}")
+    vae = {**_vae_defaults(), **configs[VAE_SUBFOLDER]}
+    if "scaling_factor" not in configs[VAE_SUBFOLDER]:
+        vae["scaling_factor"] = None  # diffusers would silently use Stable Diffusion's 0.18215
+    vocoder = SpeechT5HifiGanConfig.from_dict(configs[VOCODER_SUBFOLDER]).to_dict()
+    _refuse(where, contract_problems(vae, vocoder))
+    return {SOURCE_FAMILY: family, SOURCE_PIPELINE: pipeline, SOURCE_SCALING_FACTOR: FROM_CHECKPOINT}
 
 
 def _local_folder(folder: Path, allow_pickle: bool, source: dict[str, Any]) -> Checkpoint:
-    for sub in (VAE_SUBFOLDER, VOCODER_SUBFOLDER):
-        if not (folder / sub / "config.json").is_file():
-            raise CheckpointError(
-                f"{folder}: no {sub}/ folder with a config.json; expected the diffusers AudioLDM2 "
-                f"layout ({VAE_SUBFOLDER}/ and {VOCODER_SUBFOLDER}/)"
-            )
+    """Load the two modules of a folder that `check_folder` accepted."""
     use_safetensors = None if allow_pickle else True
     try:
         vae = AutoencoderKL.from_pretrained(folder, subfolder=VAE_SUBFOLDER, use_safetensors=use_safetensors)
@@ -205,7 +334,11 @@ def _load_message(where: Path, e: BaseException, allow_pickle: bool) -> str:
 
 
 def load_checkpoint(model: str = DEFAULT_MODEL, revision: str | None = None, allow_pickle: bool = False) -> Checkpoint:
-    """Load only `vae/` and `vocoder/` from a local folder or a hub id (optionally at a revision)."""
+    """Load only `vae/` and `vocoder/` from a local folder or a hub id (optionally at a revision).
+
+    `model_index.json` (where present) and both configs are checked against the contract first: a
+    checkpoint that does not fit is refused before its weights are read (or, from the hub, fetched).
+    """
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -216,11 +349,20 @@ def load_checkpoint(model: str = DEFAULT_MODEL, revision: str | None = None, all
             "weights": "trained",
             "seed": None,
             "format": "local folder",
+            **check_folder(path, str(path)),
         }
         return _local_folder(path, allow_pickle, source)
     if not _HUB_ID.match(model):
         raise CheckpointError(f"{model}: no such folder, and not a hub id of the form owner/name")
-    folder, resolved = _download(model, revision, allow_pickle)
+    folder = _download(
+        model, revision, [MODEL_INDEX_FILE, *(f"{s}/*.json" for s in (VAE_SUBFOLDER, VOCODER_SUBFOLDER))]
+    )
+    checked = check_folder(folder, model)
+    resolved = folder.name  # snapshots/<commit hash>: the weights come from the same commit
+    weights = [f"{s}/*.safetensors" for s in (VAE_SUBFOLDER, VOCODER_SUBFOLDER)]
+    if allow_pickle:
+        weights += [f"{s}/*.bin" for s in (VAE_SUBFOLDER, VOCODER_SUBFOLDER)]
+    folder = _download(model, resolved, weights)
     source = {
         "model": model,
         "revision": resolved,
@@ -228,20 +370,18 @@ def load_checkpoint(model: str = DEFAULT_MODEL, revision: str | None = None, all
         "weights": "trained",
         "seed": None,
         "format": "hub",
+        **checked,
     }
     return _local_folder(folder, allow_pickle, source)
 
 
-def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[Path, str]:
+def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
+    """The snapshot folder of `repo_id` at `revision` holding the files that match `patterns`."""
     from huggingface_hub import errors as hf_errors
     from huggingface_hub import snapshot_download
 
-    patterns = [f"{s}/*.json" for s in (VAE_SUBFOLDER, VOCODER_SUBFOLDER)]
-    patterns += [f"{s}/*.safetensors" for s in (VAE_SUBFOLDER, VOCODER_SUBFOLDER)]
-    if allow_pickle:
-        patterns += [f"{s}/*.bin" for s in (VAE_SUBFOLDER, VOCODER_SUBFOLDER)]
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except hf_errors.RevisionNotFoundError:
         raise CheckpointError(f"{repo_id}: revision {revision!r} not found on the hub") from None
     except (hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError):
@@ -258,7 +398,6 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[P
             f"{repo_id}: download failed ({' '.join(str(e).split())[:200]}); pass a local folder with "
             "--model DIR, or use --random-weights"
         ) from None
-    return folder, folder.name  # snapshots/<commit hash>
 
 
 def config_dict(module: torch.nn.Module) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`recon-export`: write a validated bundle from a diffusers AudioLDM2 checkpoint."""
+"""`recon-export`: write a validated bundle from a diffusers AudioLDM, MusicLDM or AudioLDM2 checkpoint."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from pathlib import Path
 
 import click
 
-from recon_runtime.contract import CHAIN_BUDGET_KEY, CHAIN_LOG_MEL_L1_BUDGET, DEFAULT_OPSET, INT8_BUDGETS
+from recon_runtime.contract import (
+    CHAIN_BUDGET_KEY,
+    CHAIN_LOG_MEL_L1_BUDGET,
+    DEFAULT_OPSET,
+    INT8_BUDGETS,
+    SOURCE_FAMILY,
+    SOURCE_PIPELINE,
+)
 from recon_runtime.errors import ReconError
 
 from .checkpoint import ARCHITECTURES, DEFAULT_MODEL
@@ -46,7 +53,10 @@ def parse_budgets(items: tuple[str, ...]) -> dict[str, float]:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--model", default=DEFAULT_MODEL, show_default=True, help="Hub id or local folder with vae/ and vocoder/."
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Hub id or local folder of an AudioLDM, MusicLDM or AudioLDM2 checkpoint (vae/ and vocoder/ are loaded).",
 )
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option(
@@ -78,10 +88,11 @@ def parse_budgets(items: tuple[str, ...]) -> dict[str, float]:
 @click.option(
     "--config",
     "config_name",
-    type=click.Choice(sorted(ARCHITECTURES)),
+    type=click.Choice(list(ARCHITECTURES)),
     default="audioldm2-music",
     show_default=True,
-    help="Architecture for --random-weights ('tiny' is for tests).",
+    help="Published checkpoint whose architecture (and scaling factor, where known) --random-weights builds "
+    "('tiny' is for tests).",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed for --random-weights.")
 @click.option("--opset", default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
@@ -105,7 +116,7 @@ def main(
     force: bool,
     debug: bool,
 ) -> None:
-    """Export the AudioLDM2 VAE encoder, decoder and HiFi-GAN vocoder to an ONNX bundle."""
+    """Export the VAE encoder, decoder and HiFi-GAN vocoder of an AudioLDM-family checkpoint to an ONNX bundle."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
     t0 = time.perf_counter()
     try:
@@ -117,6 +128,8 @@ def main(
         progress = Progress(echo=_echo)
         with progress.step("load " + (f"random weights ({config_name}, seed {seed})" if random_weights else model)):
             ckpt = build_random(config_name, seed) if random_weights else load_checkpoint(model, revision, allow_pickle)
+        family, pipeline = ckpt.source.get(SOURCE_FAMILY), ckpt.source.get(SOURCE_PIPELINE)
+        _echo(f"  family {family} ({pipeline})" if family else "  family not recorded (no model_index.json)")
         if random_weights:
             _echo("  WARNING: RANDOM WEIGHTS - this bundle is for tests and benchmarks, not for real audio")
         contract = export_bundle(

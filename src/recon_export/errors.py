@@ -6,7 +6,7 @@ from recon_runtime.errors import ReconError
 
 
 class CheckpointError(ReconError):
-    """The checkpoint cannot be found, downloaded, or is not an AudioLDM2 VAE/vocoder."""
+    """The checkpoint cannot be found, downloaded, or is not an AudioLDM-family VAE/vocoder."""
 
 
 class ExportError(ReconError):

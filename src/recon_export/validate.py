@@ -32,6 +32,7 @@ from recon_runtime.contract import (
 from recon_runtime.errors import ProviderError
 from recon_runtime.frontend import log_mel
 
+from .graphs import EncoderGraph
 from .signals import test_signal
 
 _LOGGER = logging.getLogger(__name__)
@@ -58,12 +59,15 @@ def mel_batch(kinds: tuple[str, ...], frames: int, seed: int = 0) -> np.ndarray:
     return np.stack([log_mel(test_signal(k, samples / 16000, seed + i)) for i, k in enumerate(kinds)])
 
 
-def calibrate_scaling_factor(encoder: torch.nn.Module) -> float:
-    """1 / std of the unscaled latent means, as AudioLDM2 training computed its scaling factor."""
+def calibrate_scaling_factor(encoder: EncoderGraph) -> float:
+    """1 / std of the unscaled latent means, as AudioLDM2 training computed its scaling factor.
+
+    The graph returns means already multiplied by its current factor, which is divided out here.
+    """
     mel = mel_batch(CALIBRATION_KINDS, CALIBRATION_FRAMES, seed=100)
     with torch.no_grad():
         mean, _ = encoder(torch.from_numpy(mel)[:, None])
-    return float(1.0 / mean.std())
+    return float(encoder.scaling_factor / mean.std())
 
 
 @dataclass

@@ -29,7 +29,17 @@ from .cli_common import (
     write_json,
 )
 from .cli_dataset import dataset
-from .contract import BF16_KEY, DECODER, ENCODER, FP16, FP16_ARITHMETIC_KEY, ROLES, VOCODER
+from .contract import (
+    BF16_KEY,
+    DECODER,
+    ENCODER,
+    FP16,
+    FP16_ARITHMETIC_KEY,
+    ROLES,
+    SOURCE_SCALING_FACTOR,
+    VOCODER,
+    Contract,
+)
 from .errors import AudioInputError, OutputError, ReconError, failure_message
 
 OUT_OF_MEMORY: Final = "out of memory; try --threads 1, fewer files at once, or a machine with more memory"
@@ -554,6 +564,13 @@ def _bf16_line(check: Any) -> str:
     )
 
 
+def _scaling_factor_origin(c: Contract) -> str:
+    """Where a bundle's scaling factor came from (bundles of older exports did not record it: a
+    random-weights export then always calibrated it)."""
+    recorded = c.source.get(SOURCE_SCALING_FACTOR)
+    return recorded or ("calibrated on random weights" if c.random_weights else "from the checkpoint")
+
+
 @main.command()
 @click.option("--model", "model", type=click.Path(path_type=Path), default=DEFAULT_MODEL, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print recon.json as JSON.")
@@ -577,13 +594,20 @@ def info(ctx: click.Context, model: Path, as_json: bool, verify: bool) -> None:
             f"bundle       {model}",
             f"source       {src.get('model')} @ {src.get('revision') or '-'}"
             + ("   ** RANDOM WEIGHTS: not for real audio **" if c.random_weights else ""),
+            "checkpoint   "
+            + (
+                f"family {c.family}, pipeline {c.pipeline_class or '-'}"
+                if c.family
+                else "family and pipeline not recorded (no model_index.json at export)"
+            ),
             f"created      {c.created} (schema {c.schema_version})",
             f"identity     fingerprint {c.fingerprint} (decoding weights: latents decode only with a bundle "
             f"of the same one), digest {c.digest} (this exact bundle: pin it with --expect-digest)",
             f"front end    {m.sample_rate} Hz, n_fft {m.n_fft}, hop {m.hop_length}, {m.n_mels} mels "
             f"{m.f_min:g}-{m.f_max:g} Hz ({m.mel_norm}), {m.spectrum}, ln(max(mel, {m.mel_floor:g})), "
             f"{m.framing} framing (pad {m.pad})",
-            f"latent       [B, 8, T/4, 16], scaling factor {c.scaling_factor:.6g} (baked into the graphs)",
+            f"latent       [B, 8, T/4, 16], scaling factor {c.scaling_factor!r} "
+            f"({_scaling_factor_origin(c)}; baked into the graphs)",
             f"precisions   {', '.join(c.precisions) or 'none'}",
             "graphs:",
         ]

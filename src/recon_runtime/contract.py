@@ -20,7 +20,14 @@ from .errors import BundleError
 SCHEMA_VERSION: Final = 2
 SUPPORTED_SCHEMA_VERSIONS: Final = (2,)
 CONTRACT_FILE: Final = "recon.json"
-MODEL_FAMILY: Final = "audioldm2-vae-hifigan"
+MODEL_FAMILY: Final = "audioldm2-vae-hifigan"  # the graph contract, shared by AudioLDM, MusicLDM and AudioLDM2
+# Keys of recon.json's `source` that name the checkpoint's family ("audioldm", "musicldm", "audioldm2"),
+# its diffusers pipeline class and where the scaling factor came from. They live in `source`, which
+# every recon-run keeps and hashes whole, so adding them needed no schema bump: bundles without them
+# still read (the values are then unknown) and older runtimes compute the same digest for new bundles.
+SOURCE_FAMILY: Final = "family"
+SOURCE_PIPELINE: Final = "pipeline_class"
+SOURCE_SCALING_FACTOR: Final = "scaling_factor_from"
 
 # ---------------------------------------------------------------- mel front end (docs/front-end.md)
 SAMPLE_RATE: Final = 16000
@@ -277,7 +284,8 @@ class Contract:
     """Everything `recon.json` holds: source, configs, front end, layout, graphs, validation."""
 
     source: Mapping[str, Any]
-    """model (hub id or path), revision (resolved), weights ('trained' or 'random'), seed."""
+    """model (hub id or path), revision (resolved), weights ('trained' or 'random'), seed; family,
+    pipeline_class and scaling_factor_from where known (SOURCE_FAMILY, SOURCE_PIPELINE, SOURCE_SCALING_FACTOR)."""
     vae_config: Mapping[str, Any]
     vocoder_config: Mapping[str, Any]
     mel: MelSpec
@@ -295,6 +303,18 @@ class Contract:
     @property
     def random_weights(self) -> bool:
         return self.source.get("weights") == "random"
+
+    @property
+    def family(self) -> str | None:
+        """The checkpoint's family (audioldm, musicldm, audioldm2), from its model_index.json or the
+        --config it was built from; None where the checkpoint did not say (not `model_family`, which
+        names the graph contract all of them share)."""
+        return self.source.get(SOURCE_FAMILY)
+
+    @property
+    def pipeline_class(self) -> str | None:
+        """The diffusers pipeline class whose latents this bundle decodes (e.g. "AudioLDM2Pipeline"), or None."""
+        return self.source.get(SOURCE_PIPELINE)
 
     def graph(self, role: str, precision: str) -> GraphEntry | None:
         for g in self.graphs:

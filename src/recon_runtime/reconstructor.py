@@ -34,6 +34,7 @@ from .contract import (
     ROLES,
     TRAINING_WINDOW_FRAMES,
     VOCODER,
+    VOCODER_EXTRA_SAMPLES,
     Contract,
     check_mel,
     read_contract,
@@ -90,6 +91,9 @@ class WindowJob:
     """Output units per input unit on the joined axis (samples per frame, or latent frames per frame)."""
     axis: int
     """The joined axis of each per-window output (the batch axis removed)."""
+    tail: int = 0
+    """Decoding: samples of the vocoder's output past the last frame that the joined waveform keeps
+    (up to 32; asked for by a length past 640 samples per latent frame, see `Reconstructor.decode`)."""
 
     def key(self, i: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
         """Windows with equal keys can share a batch."""
@@ -440,7 +444,8 @@ class Reconstructor:
             windows: graph inputs of equal shape without the batch axis (see `WindowJob.windows`).
         Returns:
             Per window, the last stage's outputs without the batch axis; a vocoder output is
-            cropped to 160 samples per input frame.
+            cropped to 160 samples per input frame, plus its 32 samples past the last frame when
+            the chain starts at the decoder (`join` keeps them where a decoding job asks, `WindowJob.tail`).
         """
         roles = tuple(roles)
         shapes = {tuple(w.shape) for w in windows}
@@ -449,13 +454,28 @@ class Reconstructor:
         outs = self.run_graphs(roles, np.stack(windows))
         if roles[-1] == VOCODER:
             frames = windows[0].shape[-2] if roles[0] != DECODER else windows[0].shape[-2] * LATENT_DOWNSAMPLE
-            outs = [o[:, : frames * HOP_LENGTH] for o in outs]
+            extra = VOCODER_EXTRA_SAMPLES if roles[0] == DECODER else 0
+            outs = [o[:, : frames * HOP_LENGTH + extra] for o in outs]
         return [[o[i] for o in outs] for i in range(len(windows))]
 
     def join(self, job: WindowJob, outputs: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
-        """Cross-fade one job's per-window outputs (as `run_windows` returns them) into whole outputs."""
+        """Cross-fade one job's per-window outputs (as `run_windows` returns them) into whole outputs.
+
+        A decoding job's waveform is 640 samples per latent frame, followed by the first `job.tail`
+        samples the last window's vocoder gave past its last frame.
+        """
         count = len(outputs[0])
-        return [join_windows(job.total, job.spans, [o[k] for o in outputs], job.scale, job.axis) for k in range(count)]
+        joined = [
+            join_windows(job.total, job.spans, [o[k] for o in outputs], job.scale, job.axis) for k in range(count)
+        ]
+        if job.roles[0] == DECODER and job.roles[-1] == VOCODER:
+            wave = joined[0][: int(round(job.total * job.scale))]  # one window: its output, tail and all
+            if job.tail:
+                start, end = job.spans[-1]
+                used = int(round((end - start) * job.scale))
+                wave = np.concatenate([wave, outputs[-1][0][used : used + job.tail]])
+            joined = [wave]
+        return joined
 
     def run_jobs(self, jobs: Sequence[WindowJob]) -> list[list[np.ndarray]]:
         """Run every window of several jobs, equal shapes batched up to `max_batch`, and join each job."""
@@ -498,11 +518,16 @@ class Reconstructor:
         job = self.reconstruction_job(feats)
         return WindowJob((ENCODER,), job.windows, job.spans, job.total, 1 / LATENT_DOWNSAMPLE, 1)
 
-    def decoding_job(self, latents: np.ndarray) -> WindowJob:
-        """Decoder + vocoder windows for one scaled latent [8, L, 16]; the output joins to [640*L]."""
+    def decoding_job(self, latents: np.ndarray, num_samples: int | None = None) -> WindowJob:
+        """Decoder + vocoder windows for one scaled latent [8, L, 16]; the output joins to [640*L],
+        or up to 32 samples more where `num_samples` asks for them (see `decode`)."""
         spans = self._spans(latents.shape[1], latent=True)
         windows = tuple(latents[:, s:e] for s, e in spans)
-        return WindowJob((DECODER, VOCODER), windows, tuple(spans), latents.shape[1], SAMPLES_PER_LATENT_FRAME, -1)
+        length = latents.shape[1] * SAMPLES_PER_LATENT_FRAME
+        tail = min(VOCODER_EXTRA_SAMPLES, max(0, (num_samples or 0) - length))
+        return WindowJob(
+            (DECODER, VOCODER), windows, tuple(spans), latents.shape[1], SAMPLES_PER_LATENT_FRAME, -1, tail
+        )
 
     def vocoding_job(self, mel: np.ndarray) -> WindowJob:
         """Vocoder windows for one log-mel [T, 64]; the output joins to [160*T]."""
@@ -530,10 +555,21 @@ class Reconstructor:
     def decode(self, latents: np.ndarray, num_samples: int | None = None) -> np.ndarray:
         """Scaled latents [8, L, 16] or [B, 8, L, 16] -> 16 kHz waveform [640*L] or [B, 640*L].
 
+        The latents diffusers' AudioLDM, MusicLDM and AudioLDM2 pipelines generate (still multiplied
+        by the scaling factor) decode to the pipeline's own audio (docs/pipelines.md).
+
         Args:
-            num_samples: crop the output to this many samples (the original length).
+            num_samples: crop the output to this many samples (the original length). Up to 32 more
+                than 640*L give the vocoder's samples past the last frame, as the pipelines do when
+                the requested length is longer than the latents they rounded it to.
         """
-        z = np.asarray(latents)
+        try:
+            z = np.asarray(latents)
+        except (TypeError, RuntimeError) as e:  # e.g. a CUDA tensor, or one that requires grad
+            raise AudioInputError(
+                f"latents must be an array on the CPU (from torch: tensor.detach().float().cpu().numpy()), "
+                f"got {type(latents).__name__} ({' '.join(str(e).split())[:200]})"
+            ) from None
         batched = z.ndim == 4
         if z.ndim == 3:
             z = z[None]
@@ -547,7 +583,7 @@ class Reconstructor:
         if not np.isfinite(z).all():
             raise AudioInputError("latents contain NaN or inf")
         z = z.astype(np.float32, copy=False)
-        wave = np.stack([w for (w,) in self.run_jobs([self.decoding_job(item) for item in z])])
+        wave = np.stack([w for (w,) in self.run_jobs([self.decoding_job(item, num_samples) for item in z])])
         if num_samples is not None:
             wave = wave[:, :num_samples]
         return wave if batched else wave[0]

@@ -928,7 +928,7 @@ def create_app(
 
             async def work() -> tuple[bytes, int]:
                 z = await service.cpu(service.latents, body, fingerprint)
-                job = rec.decoding_job(z)
+                job = rec.decoding_job(z, num_samples)
                 outputs = await service.run_job(job, deadline, request, DECODE_TOO_LONG)
 
                 def finish() -> tuple[bytes, int]:  # as Reconstructor.decode, then the sidecar's gain
@@ -978,10 +978,10 @@ async def _decode_stream(
         body = await service.read_body(request)
         deadline = service.deadline()
         z = await service.within(deadline, service.cpu(service.latents, body, fingerprint))
-        job = rec.decoding_job(z)
+        job = rec.decoding_job(z, num_samples)
         n = len(job.windows)
         length = int(round(job.total * job.scale))
-        total = length if num_samples is None else min(num_samples, length)
+        total = length if num_samples is None else min(num_samples, length + job.tail)
         fmt = STREAM_FORMATS[subtype]
         factor = np.float32(gain) if gain is not None else None
         first = (await service.wait(service.submit(job, [0], deadline), deadline, request))[0]
@@ -1014,6 +1014,8 @@ async def _decode_stream(
             wsum[o0 : o0 + w.size] += w
             done = int(round(job.spans[i + 1][0] * job.scale)) if i + 1 < n else length
             chunk = out[sent:done] / wsum[sent:done] if done > sent else out[:0]
+            if i + 1 == n and job.tail:  # the vocoder's samples past the last frame (Reconstructor.join)
+                chunk = np.concatenate([chunk, piece[w.size : w.size + job.tail]])
         part = chunk[: max(0, total - sent)]
         sent += chunk.size
         if factor is not None:
