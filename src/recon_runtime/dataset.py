@@ -867,9 +867,13 @@ class OutLock:
                 f"{self.path}: taking over the lock of {self.describe(stale)}: that job is gone (killed or crashed)"
             )
         record = {"pid": os.getpid(), "host": host, "mode": self.mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        except OSError as e:
+            self.__exit__()
+            raise OutputError(f"{self.path}: cannot write the job's lock file ({e.strerror or e})") from None
         return self
 
     def __exit__(self, *exc: object) -> None:
