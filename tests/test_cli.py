@@ -269,3 +269,82 @@ def test_bundle_missing_or_tampered(tiny_bundle: Path, tmp_path: Path) -> None:
     r = run_cli("recon-run", "reconstruct", str(src), "-o", str(tmp_path / "o.wav"), "--model", str(bundle))
     assert r.returncode == 1 and "vocoder.fp32.onnx: sha256" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o.wav").exists()
+
+
+def test_metrics_and_plot_files_need_force_checked_before_the_model_loads(tiny_bundle: Path, tmp_path: Path) -> None:
+    src = _wav(tmp_path / "in" / "a.wav", tone(0.3, 16000))
+    metrics, plot = tmp_path / "m.json", tmp_path / "p.png"
+    metrics.write_text("mine")
+    plot.write_bytes(b"mine")
+    for flag, path, keep in (("--metrics", metrics, "add this run's files to it"), ("--plot", plot, "keep it")):
+        # the bundle does not exist: the refusal comes before the model loads
+        args = [str(src), "-o", str(tmp_path / "out"), flag, str(path), "--model", str(tmp_path / "no-bundle")]
+        r = run_cli("recon-run", "reconstruct", *args)
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert r.stderr.strip() == f"error: {path}: exists; pass --force to overwrite it or --skip-existing to {keep}"
+    assert metrics.read_text() == "mine" and plot.read_bytes() == b"mine" and not (tmp_path / "out").exists()
+    # a metrics file that is not one: --skip-existing cannot add to it
+    r = run_cli(
+        "recon-run",
+        "reconstruct",
+        str(src),
+        "-o",
+        str(tmp_path / "out"),
+        "--metrics",
+        str(metrics),
+        "--skip-existing",
+        "--model",
+        str(tiny_bundle),
+    )
+    assert r.returncode == 1 and f"{metrics}: cannot be read as a metrics file" in r.stderr
+    assert metrics.read_text() == "mine"
+    forced = run_cli(
+        "recon-run",
+        "reconstruct",
+        str(src),
+        "-o",
+        str(tmp_path / "out"),
+        "--metrics",
+        str(metrics),
+        "--force",
+        "--model",
+        str(tiny_bundle),
+    )
+    assert forced.returncode == 0, forced.stderr
+    assert list(json.loads(metrics.read_text())["files"]) == [str(src)]
+
+
+def test_skip_existing_keeps_the_metrics_of_the_files_it_skips(tiny_bundle: Path, tmp_path: Path) -> None:
+    root, out, metrics = tmp_path / "in", tmp_path / "out", tmp_path / "m.json"
+    a = _wav(root / "a.wav", tone(0.3, 16000))
+    common = ["-o", str(out), "--metrics", str(metrics), "--model", str(tiny_bundle)]
+    assert run_cli("recon-run", "reconstruct", str(root), *common).returncode == 0
+    first = json.loads(metrics.read_text())["files"]
+    b = _wav(root / "b.wav", tone(0.4, 16000, 600))
+    r = run_cli("recon-run", "reconstruct", str(root), *common, "--skip-existing")
+    assert r.returncode == 0 and "1 ok, 0 failed, 1 skipped" in r.stderr, r.stderr
+    files = json.loads(metrics.read_text())["files"]
+    assert sorted(files) == [str(a), str(b)] and files[str(a)] == first[str(a)]
+    # a file done again (its output gone) gets this run's entry, not the earlier one
+    (out / "a.wav").unlink()
+    _wav(a, tone(0.3, 16000, 900))
+    r = run_cli("recon-run", "reconstruct", str(root), *common, "--skip-existing")
+    assert r.returncode == 0 and "1 ok, 0 failed, 1 skipped" in r.stderr, r.stderr
+    again = json.loads(metrics.read_text())["files"]
+    assert again[str(b)] == files[str(b)] and again[str(a)] != first[str(a)]
+
+
+def test_plot_keeps_only_the_rows_it_draws(tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from recon_runtime import plot as plot_module
+    from recon_runtime.cli import main
+
+    for i in range(plot_module.MAX_ROWS + 3):
+        _wav(tmp_path / "in" / f"{i:02d}.wav", tone(0.2, 16000, 200 + 50 * i))
+    handed: list[int] = []
+    monkeypatch.setattr(plot_module, "plot_mels", lambda rows, path: handed.append(len(rows)))
+    args = ["reconstruct", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--plot", str(tmp_path / "p.png")]
+    result = CliRunner().invoke(main, [*args, "--model", str(tiny_bundle)])
+    assert result.exit_code == 0, result.output
+    assert handed == [plot_module.MAX_ROWS]  # the mels of the files not drawn were never kept

@@ -243,3 +243,33 @@ def test_a_failed_batch_is_retried_file_by_file(
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.wav", "b.wav", "d.wav"]
     (line,) = _errors(result.output)
     assert "c.wav" in line and "simulated engine failure" in line
+
+
+def test_encode_force_whose_sidecar_write_fails_keeps_the_old_pair(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from recon_runtime import audio_io
+
+    src = _wav(tmp_path / "x.wav", tone(0.3, 16000))
+    out = tmp_path / "lat"
+    model = ["--model", str(tiny_bundle)]
+    assert CliRunner().invoke(main, ["encode", str(src), "-o", str(out), *model]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["x.json", "x.npy"]
+    _wav(src, tone(0.5, 16000, 900))  # other audio: a forced encode would write another pair
+
+    real = audio_io._create_temp
+
+    def full_for_sidecars(path: Path) -> Path:  # the disk fills up when the sidecar is written
+        if path.suffix == ".json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path)
+
+    monkeypatch.setattr(audio_io, "_create_temp", full_for_sidecars)
+    result = CliRunner().invoke(main, ["encode", str(src), "-o", str(out), "--force", *model])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = _errors(result.output)
+    assert f"{out / 'x.json'}: cannot write output (No space left on device)" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old pair, whole; no temporaries

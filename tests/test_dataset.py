@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -135,45 +134,111 @@ def test_manifest_inputs_missing_empty_and_too_long(tiny_bundle: Path, tmp_path:
     assert "longer than the limit" in errors[str(long)][1]
 
 
-# a job process that starts and shuts down its own Ray, reads its JobConfig from argv (pickled, hex)
-_JOB_SCRIPT = (
-    "import pickle, sys; from recon_runtime.dataset import run_job; run_job(pickle.loads(bytes.fromhex(sys.argv[1])))"
+# `recon-run dataset ...` (argv[2:]) in a process of its own, with the stall_after test hook (argv[1]): each
+# graph worker stalls once it has written that many files, so the job is still running when a test acts
+_CLI_SCRIPT = (
+    "import functools, sys; import recon_runtime.cli_dataset as c; "
+    "c.JobConfig = functools.partial(c.JobConfig, stall_after=int(sys.argv[1])); "
+    "from recon_runtime.cli import main; main(sys.argv[2:], prog_name='recon-run')"
 )
 JOB_START_TIMEOUT_S = 180.0  # a fresh Ray and one worker on a busy 2-core machine
 JOB_POLL_S = 0.2
+# Ctrl-C to exit: ray.shutdown gets SHUTDOWN_TIMEOUT_S (10 s), then Ray's processes are killed and the
+# command exits, which takes about 1 s on a quiet machine; the rest is room for a CPU that other jobs share
+INTERRUPT_EXIT_BOUND_S = 30.0
+GROUP_GONE_BOUND_S = 30.0  # Ray's workers exit once their raylet is gone
 
 
-def test_interrupted_job_resumes_without_duplicates_or_gaps(tiny_bundle: Path, tmp_path: Path) -> None:
-    """Ctrl-C on a running job (a real process), then the same command: every file once, none missing."""
-    root = tmp_path / "in"
-    files = _folder(root, 12)
-    out = tmp_path / "out"
-    # one worker, batches of 2: it stalls before its third batch, 4 files in, so Ctrl-C lands mid-job
-    cfg = _job(tiny_bundle, "encode", [root], out, batch_size=2, stall_after=3)
-    log = tmp_path / "job.log"
+def _start_job(bundle: Path, stall_after: int, args: list[str], log: Path) -> subprocess.Popen:
+    """The job in its own process group, as a terminal's foreground job: Ctrl-C reaches the driver and Ray's processes."""
+    common = ["--model", str(bundle), "--provider", "cpu", "--no-progress"]
     with open(log, "wb") as sink:  # a file, never a pipe nobody reads while the test polls
-        # its own process group, as a terminal's foreground job: Ctrl-C reaches the driver and Ray's processes
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _JOB_SCRIPT, pickle.dumps(cfg).hex()],
+        return subprocess.Popen(
+            [sys.executable, "-c", _CLI_SCRIPT, str(stall_after), "dataset", *args, *common],
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+def _wait_for(what: str, ready, proc: subprocess.Popen, log: Path, timeout: float = JOB_START_TIMEOUT_S) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the job ended before {what}:\n{log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s:\n{log.read_text()[-2000:]}"
+        time.sleep(JOB_POLL_S)
+
+
+def _group(pgid: int) -> list[tuple[int, str]]:
+    """Live (not zombie) processes of a process group, as (pid, command name), read from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.append((int(entry.name), name))
+    return found
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """Test cleanup: kill whatever is left of the job's process group."""
+    if _group(proc.pid):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.wait()
+
+
+def _wait_group_gone(pgid: int) -> None:
+    deadline = time.monotonic() + GROUP_GONE_BOUND_S
+    while _group(pgid):
+        assert time.monotonic() < deadline, f"still running {GROUP_GONE_BOUND_S:.0f} s after the job: {_group(pgid)}"
+        time.sleep(JOB_POLL_S)
+
+
+def test_interrupted_job_exits_within_a_bound_and_resumes_without_duplicates_or_gaps(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C on a running job (a real `recon-run dataset encode` process), then the same command.
+
+    Ray's GCS is stopped (SIGSTOP) before Ctrl-C: a GCS that gets no CPU, the worst case of a busy
+    machine, where ray.shutdown waited without end (a job did not exit within 180 s of Ctrl-C). The
+    test measures the time from SIGINT to exit against a bound instead of racing the machine.
+    """
+    root = tmp_path / "in"
+    files = _folder(root, 12)
+    out = tmp_path / "out"
+    log = tmp_path / "job.log"
+    # one worker, batches of 2: it stalls before its third batch, 4 files in, so Ctrl-C lands mid-job
+    proc = _start_job(tiny_bundle, 3, ["encode", str(root), "-o", str(out), "--batch-size", "2"], log)
     try:
-        deadline = time.monotonic() + JOB_START_TIMEOUT_S
-        while len(_keys(out, "latents")) < 3:
-            assert proc.poll() is None, f"the job ended before it was interrupted:\n{log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, f"the job wrote no results in time:\n{log.read_text()[-2000:]}"
-            time.sleep(JOB_POLL_S)
+        _wait_for("results", lambda: len(_keys(out, "latents")) >= 3, proc, log)
+        gcs = [pid for pid, name in _group(proc.pid) if name == "gcs_server"]
+        assert len(gcs) == 1, _group(proc.pid)
+        os.kill(gcs[0], signal.SIGSTOP)
+        interrupted = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(JOB_START_TIMEOUT_S)
+        try:
+            proc.wait(INTERRUPT_EXIT_BOUND_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(
+                f"the job did not exit within {INTERRUPT_EXIT_BOUND_S:.0f} s of Ctrl-C:\n{log.read_text()[-2000:]}"
+            )
+        took = time.monotonic() - interrupted
+        _wait_group_gone(proc.pid)  # Ray's processes too, the stopped GCS included
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == -signal.SIGINT and "KeyboardInterrupt" in log.read_text(), log.read_text()[-2000:]
+        _end_group(proc)
+    text = log.read_text()
+    assert proc.returncode == 130 and "Traceback" not in text, text[-2000:]
+    assert text.strip().splitlines()[-1] == (
+        f"error: dataset encode: interrupted; {out} keeps 4 result(s) and 0 error row(s) of 12 file(s), "
+        "8 not done; the same command resumes"
+    ), (took, text[-2000:])
     first = _keys(out, "latents")
-    assert len(first) == 4 and not (out / "summary.json").exists()
+    assert len(first) == 4 and not (out / "summary.json").exists() and not (out / "job.lock").exists()
     result = run_job(_job(tiny_bundle, "encode", [root], out, batch_size=2))
     assert result.skipped == len(first) and result.ok == 12 - len(first) and result.failed == 0
     keys = _keys(out, "latents")
@@ -186,6 +251,51 @@ def test_interrupted_job_resumes_without_duplicates_or_gaps(tiny_bundle: Path, t
     rows = read_table(out / "latents", ["path", "size"]).to_pylist()
     assert Counter(r["path"] for r in rows) == Counter(str(p) for p in files)
     assert next(r["size"] for r in rows if r["path"] == str(files[0])) == files[0].stat().st_size
+
+
+def test_a_second_job_on_one_folder_is_refused_and_a_killed_jobs_lock_is_taken_over(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """Two real processes on one OUT: the second is refused in one line naming the first."""
+    import socket
+
+    root = tmp_path / "in"
+    files = _folder(root, 6)
+    out = tmp_path / "out"
+    log = tmp_path / "job.log"
+    lock = out / "job.lock"
+
+    def holder() -> int | None:
+        try:
+            return json.loads(lock.read_text()).get("pid")
+        except (OSError, ValueError):
+            return None
+
+    # stall_after=0: the graph worker stalls on its first batch, so this job holds OUT until it is killed
+    proc = _start_job(tiny_bundle, 0, ["encode", str(root), "-o", str(out), "--batch-size", "2"], log)
+    try:
+        # job.json: written once the job holds OUT (and by a job of any version before its pipeline runs)
+        _wait_for("job.json", (out / "job.json").is_file, proc, log)
+        common = ["--model", str(tiny_bundle), "--provider", "cpu", "--no-progress"]
+        second = run_cli("recon-run", "dataset", "encode", str(root), "-o", str(out), "--batch-size", "3", *common)
+        assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+        (line,) = second.stderr.strip().splitlines()
+        assert line.startswith(
+            f"error: {out}: another dataset job runs on this folder (pid {proc.pid} on {socket.gethostname()}, encode "
+        ) and line.endswith("; wait for it to end or use another output folder"), line
+        assert proc.poll() is None and holder() == proc.pid  # the first job still runs, and holds OUT
+        os.killpg(proc.pid, signal.SIGKILL)  # killed: its lock file stays, nobody holds it
+        proc.wait()
+        _wait_group_gone(proc.pid)
+    finally:
+        _end_group(proc)
+    assert holder() == proc.pid
+    lines: list[str] = []
+    result = run_job(_job(tiny_bundle, "encode", [root], out, batch_size=2), echo=lines.append)
+    assert any(ln.startswith(f"{lock}: taking over the lock of pid {proc.pid} on ") for ln in lines), lines
+    assert (result.ok, result.failed) == (6 - result.skipped, 0)
+    assert Counter(_keys(out, "latents")) == Counter(str(p) for p in files)  # each file once
+    assert not lock.exists()
 
 
 def test_a_worker_that_dies_is_retried_and_every_file_accounted_for(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -357,11 +467,14 @@ def _batch(bundle: Path, files: list[Path], **kw) -> dict:
 
 
 def test_a_batch_run_again_with_another_outcome_replaces_its_rows(tiny_bundle: Path, tmp_path: Path) -> None:
-    from recon_runtime.dataset import Worker
+    from recon_runtime.contract import read_contract
+    from recon_runtime.dataset import Worker, _check_job_file
 
     files = _folder(tmp_path / "in", 3)
     out = tmp_path / "out"
     cfg = _job(tiny_bundle, "encode", [tmp_path / "in"], out)
+    out.mkdir()
+    _check_job_file(cfg, read_contract(tiny_bundle).fingerprint)  # a job's folder, as the driver makes it first
     worker = Worker(cfg)
     batch = _batch(tiny_bundle, files)
     assert all(w.size == 0 for w in batch["waveform"])  # encode does not ship the waveform
@@ -439,6 +552,14 @@ def test_output_clashes_outstanding_errors_settings_and_bad_out(tiny_bundle: Pat
 
     out = tmp_path / "rec"
     assert cli("reconstruct", str(train), "-o", str(out)).exit_code == 0
+    # a file of the user's where an output would go: an error row naming it, never an overwrite
+    _wav(train / "0002.wav", tone(0.2, 16000, 500))
+    (out / "audio" / "0002.wav").write_bytes(b"mine")
+    res = cli("reconstruct", str(train), "-o", str(out))
+    assert res.exit_code == 1 and "0 ok, 1 failed, 1 skipped" in res.output, res.output
+    assert f"{out / 'audio' / '0002.wav'} exists and was not written by this job" in res.output
+    assert (out / "audio" / "0002.wav").read_bytes() == b"mine"
+    (train / "0002.wav").unlink()
     # another input whose output is the audio an earlier run wrote from train/0001.wav: refused
     res = cli("reconstruct", str(test), "-o", str(out))
     assert res.exit_code == 1 and "was written from" in res.output, res.output
@@ -450,12 +571,22 @@ def test_output_clashes_outstanding_errors_settings_and_bad_out(tiny_bundle: Pat
     res = cli("reconstruct", str(train), "-o", str(out), "--format", "pcm16")
     assert res.exit_code == 1 and "sample_format 'float32' then, 'pcm16' now" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1
-    # --no-resume starts over, audio included
-    (out / "audio" / "stale.wav").write_bytes(b"old")
+    # --no-resume starts over: it deletes what the job wrote (its audio too), nothing else
+    (out / "audio" / "keep.wav").write_bytes(b"mine")
+    (out / "done" / "notes.txt").write_text("mine")
     res = cli("reconstruct", str(test), "-o", str(out), "--format", "pcm16", "--no-resume")
     assert res.exit_code == 0 and "1 ok, 0 failed" in res.output, res.output
-    assert sorted(p.name for p in (out / "audio").iterdir()) == ["0001.wav"]
+    assert f"--no-resume: kept 3 file(s) in {out} that the job did not write" in res.output
+    assert sorted(p.name for p in (out / "audio").iterdir()) == ["0001.wav", "0002.wav", "keep.wav"]
     assert sf.info(str(out / "audio" / "0001.wav")).frames == 4000
+    assert (out / "audio" / "0002.wav").read_bytes() == (out / "audio" / "keep.wav").read_bytes() == b"mine"
+    assert (out / "done" / "notes.txt").read_text() == "mine"
+    assert _keys(out, "done") == [str(test / "0001.wav")] and _keys(out, "errors") == []
+    # a run killed after writing its audio, before its done/ shard: the rerun writes that audio again
+    for shard in (out / "done").glob("part-*.parquet"):
+        shard.unlink()
+    res = cli("reconstruct", str(test), "-o", str(out), "--format", "pcm16")
+    assert res.exit_code == 0 and "1 ok, 0 failed" in res.output, res.output
 
     # -o naming a file: one line, no traceback
     (tmp_path / "afile").write_text("x")
@@ -465,3 +596,24 @@ def test_output_clashes_outstanding_errors_settings_and_bad_out(tiny_bundle: Pat
         and res.output.strip()
         == f"error: {tmp_path / 'afile'}: exists and is not a folder; -o/--out names the job's output folder"
     )
+
+
+def test_a_folder_that_holds_no_job_is_refused_and_left_as_it_is(tiny_bundle: Path, tmp_path: Path) -> None:
+    src = _wav(tmp_path / "in" / "a.wav", tone(0.2, 16000))
+    out = tmp_path / "mine"
+    (out / "audio").mkdir(parents=True)
+    (out / "latents").mkdir()
+    (out / "audio" / "keep.wav").write_bytes(b"mine")
+    (out / "latents" / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    common = ["--model", str(tiny_bundle), "--provider", "cpu", "--no-progress"]
+    for mode, flags in (("encode", ["--no-resume"]), ("reconstruct", ["--no-resume"]), ("evaluate", [])):
+        r = run_cli("recon-run", "dataset", mode, str(src), "-o", str(out), *flags, *common)
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert r.stderr.strip() == (
+            f"error: {out}: folder exists and is not empty (it holds audio and no dataset job); choose another -o/--out"
+        )
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before  # nothing added, nothing gone
+    assert (out / "audio" / "keep.wav").read_bytes() == b"mine" and (
+        out / "latents" / "notes.txt"
+    ).read_text() == "mine"

@@ -194,11 +194,16 @@ def write_audio(path: Path, waveform: np.ndarray, sample_rate: int, sample_forma
             raise OutputError(f"{path}: cannot write output ({_one_line(e)}: disk full or file size limit?)") from None
 
 
+def write_array(path: Path, array: np.ndarray) -> None:
+    """Write an array as .npy to `path` as it is (never pickled); `save_array` for an atomic write."""
+    with open(path, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
 def save_array(path: Path, array: np.ndarray) -> None:
     """Save an array as .npy atomically (never pickled)."""
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+        write_array(tmp, array)
 
 
 def load_array(path: Path) -> np.ndarray:

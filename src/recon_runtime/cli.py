@@ -41,6 +41,7 @@ from .contract import (
     Contract,
 )
 from .errors import AudioInputError, OutputError, ReconError, failure_message
+from .plot import MAX_ROWS
 
 OUT_OF_MEMORY: Final = "out of memory; try --threads 1, fewer files at once, or a machine with more memory"
 _LOGGER = logging.getLogger("recon_runtime")
@@ -196,6 +197,38 @@ def _check_overwrite(target: Path, force: bool) -> None:
         raise OutputError(f"{target}: exists; pass --force to overwrite or --skip-existing to keep it")
 
 
+def _check_report_file(path: Path | None, option: str, force: bool, skip_existing: bool, keep: str) -> bool:
+    """--metrics/--plot FILE, checked before the model loads: True when it exists and --skip-existing keeps it.
+
+    An existing file is replaced only with --force; without either flag the command refuses it.
+    """
+    if path is None:
+        return False
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; {option} names a file")
+    if not path.exists() or force:
+        return False
+    if skip_existing:
+        return True
+    raise OutputError(f"{path}: exists; pass --force to overwrite it or --skip-existing to {keep}")
+
+
+def _earlier_metrics(path: Path, bundle: Path) -> dict[str, Any]:
+    """The files of a metrics JSON that --skip-existing adds to; refused if it is not one of this bundle."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise OutputError(f"{path}: cannot be read as a metrics file ({e}); pass --force to replace it") from None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise OutputError(f"{path}: not a metrics file of recon-run reconstruct; pass --force to replace it")
+    if Path(str(data.get("bundle"))).resolve() != bundle.resolve():
+        raise OutputError(
+            f"{path}: holds metrics of bundle {data.get('bundle')}, this run uses {bundle}; "
+            "pass --force to replace it or name another --metrics file"
+        )
+    return data
+
+
 def _report(src: Path, e: BaseException, summary: Summary, debug: bool) -> None:
     """One line per failed file, naming it; the batch goes on. A traceback only with --debug."""
     if debug and not isinstance(e, ReconError):
@@ -214,6 +247,7 @@ class JobRunner:
         self.debug = debug
         self.summary = Summary()
         self._written: set[str] = set()
+        self.skipped: set[Path] = set()  # inputs skipped because their outputs exist
 
     def ready(self, job: Job) -> bool:
         """False when the job fails (reported) or is skipped before it runs."""
@@ -222,6 +256,7 @@ class JobRunner:
                 raise job.error
             if self.skip_existing and all(p.is_file() for p in job.outputs):
                 self.summary.skipped += 1
+                self.skipped.add(job.src)
                 return False
             for path in job.outputs:
                 if _key(path) in self._written:
@@ -318,9 +353,12 @@ def reconstruct(
     _exclusive(force, skip_existing)
 
     def run() -> int:
+        if server and (metrics_path or plot_path):
+            raise click.UsageError("--metrics and --plot need the model loaded locally; drop --server for them")
+        merge = _check_report_file(metrics_path, "--metrics", force, skip_existing, "add this run's files to it")
+        keep_plot = _check_report_file(plot_path, "--plot", force, skip_existing, "keep it")
+        earlier = _earlier_metrics(metrics_path, margs.model) if merge and metrics_path else None
         if server:
-            if metrics_path or plot_path:
-                raise click.UsageError("--metrics and --plot need the model loaded locally; drop --server for them")
             from .cli_serve import remote_client, remote_reconstruct
 
             with remote_client(server, api_key_env, margs.expect_digest) as client:
@@ -328,10 +366,23 @@ def reconstruct(
                 work = remote_reconstruct(client, output_rate, sample_format)
                 return runner.run(_jobs(inputs, out, ".wav", is_audio_file), work)
         rec = margs.load(ROLES)
+        if earlier is not None:
+            other = [
+                f"{k} {earlier.get(k)!r} there, {v!r} now"
+                for k, v in (("precision", rec.precision), ("provider", rec.provider))
+                if earlier.get(k) != v
+            ]
+            if other:
+                raise OutputError(
+                    f"{metrics_path}: holds metrics made with other settings ({'; '.join(other)}); "
+                    "pass --force to replace it or name another --metrics file"
+                )
         rate = output_rate or rec.contract.mel.sample_rate
         runner = JobRunner("reconstruct", force, skip_existing, ctx.obj["debug"])
         metrics: dict[str, Any] = {}
-        plots: list[Any] = []
+        plots: list[Any] = []  # only the rows drawn (plot.MAX_ROWS): two mels each
+        if keep_plot:
+            click.echo(f"{plot_path}: exists, kept (--skip-existing); pass --force to draw it again", err=True)
         jobs = _jobs(inputs, out, ".wav", is_audio_file)
         bar = _progress(jobs, "reconstruct")
         for group in _batches(jobs, rec.max_batch):
@@ -359,7 +410,7 @@ def reconstruct(
                     write_audio(job.dst, rec.finish(feats, wave, rate), rate, sample_format)
                     if scores is not None:
                         metrics[str(job.src)] = scores
-                    if plot_path:
+                    if plot_path and not keep_plot and len(plots) < MAX_ROWS:
                         from .frontend import log_mel
 
                         plots.append((str(job.src), feats.log_mel, log_mel(wave, rec.contract.mel)))
@@ -370,6 +421,9 @@ def reconstruct(
         bar.close()
         try:
             if metrics_path:
+                if earlier is not None:  # --skip-existing: earlier entries stay, but not of files this run tried
+                    tried = {str(j.src) for j in jobs if j.src not in runner.skipped}
+                    metrics = {**{k: v for k, v in earlier["files"].items() if k not in tried}, **metrics}
                 write_json(
                     metrics_path,
                     {

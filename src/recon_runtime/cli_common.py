@@ -16,7 +16,7 @@ from typing import Any, Final
 import click
 import numpy as np
 
-from .audio_io import atomic_path, save_array
+from .audio_io import atomic_path, write_array
 from .errors import AudioInputError, BundleError, ReconError
 from .executors import BACKENDS
 from .executors.base import PERFORMANCE_HINTS
@@ -168,7 +168,13 @@ def save_latents(
     fingerprint: str,
     scaling_factor: float,
 ) -> None:
-    """Write latents (.npy) and their sidecar; no .npy stays behind if the sidecar cannot be written."""
+    """Write latents (.npy) and their sidecar as a pair: both to temporary files, then both renamed.
+
+    A failure while either is written (disk full, unwritable folder) leaves the old pair as it
+    was, or nothing when there was none: never a new .npy beside an old sidecar, nor an old one
+    removed. The two renames, in one folder, are the only window: a crash between them leaves a
+    new sidecar beside the old .npy.
+    """
     sidecar = {
         "version": SIDECAR_VERSION,
         "source": str(src),
@@ -182,12 +188,11 @@ def save_latents(
         "bundle_fingerprint": fingerprint,
         "scaling_factor": scaling_factor,
     }
-    save_array(dst, latents)
-    try:
-        write_json(dst.with_suffix(SIDECAR), sidecar)
-    except BaseException:
-        dst.unlink(missing_ok=True)
-        raise
+    with atomic_path(dst) as npy_tmp:
+        write_array(npy_tmp, latents)
+        # renamed when this inner block ends; if it fails, the outer block never renames the .npy
+        with atomic_path(dst.with_suffix(SIDECAR)) as json_tmp:
+            json_tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
 
 
 def read_sidecar(latents_path: Path, fingerprint: str) -> dict[str, Any]:

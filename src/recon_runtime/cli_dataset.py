@@ -6,13 +6,15 @@ stay lean without the `ray` extra.
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from .cli_common import fail, guard, model_args, model_options
-from .dataset import DEFAULT_MAX_SECONDS, ENCODE, EVALUATE, RECONSTRUCT, JobConfig
+from .dataset import DEFAULT_MAX_SECONDS, ENCODE, EVALUATE, INTERRUPTED_EXIT, RECONSTRUCT, JobConfig, JobInterrupted
 
 
 @click.group()
@@ -48,7 +50,8 @@ def _job_options(f: Any) -> Any:
             "--resume/--no-resume",
             default=True,
             show_default=True,
-            help="Skip files already done (same path, size, mtime); --no-resume deletes the job's results first.",
+            help="Skip files already done (same path, size, mtime); --no-resume first deletes what the job wrote "
+            "(nothing else).",
         ),
         click.option("--retry-errors", is_flag=True, help="Run files that failed in an earlier run again."),
         click.option(
@@ -88,7 +91,15 @@ def _run(ctx: click.Context, mode: str, inputs: tuple[str, ...], out: Path, kwar
             sample_format=kwargs.get("sample_format", "float32"),
             progress=not kwargs["no_progress"],
         )
-        result = run_job(cfg, echo=lambda s: click.echo(s, err=True))
+        try:
+            result = run_job(cfg, echo=lambda s: click.echo(s, err=True))
+        except JobInterrupted as e:
+            fail(str(e))
+            if not e.ray_stopped:  # exit now: Ray's own exit hook would wait on the shutdown that hung
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(INTERRUPTED_EXIT)
+            return INTERRUPTED_EXIT
         if not result.ok and not result.skipped and not result.failed:
             fail("no input files found")
             return 1

@@ -14,8 +14,14 @@ Output folder (`OUT`, a local path; on a cluster, one every node mounts):
   file, keyed by (`path`, `size`, `mtime_ns`); reconstruct's audio goes under `audio/`, mirroring
   the input tree as `recon-run reconstruct` does.
 - `errors/`: Parquet shards, one row per failed file (`path`, `size`, `mtime_ns`, `stage`, `message`).
+- `outputs/` (reconstruct): the audio each run is about to write, recorded before it writes it.
 - `attempts/`: per-batch attempt markers while a run goes (see `_Attempts`).
 - `summary.json` (and for evaluate `metrics-summary.json`: mean, median, p95 per metric).
+- `job.lock` while a job runs (`OutLock`): a second job on the same folder is refused.
+
+OUT must be empty or a job's folder. The job never overwrites a file it did not write, and
+--no-resume deletes only what the job wrote (`_start_over`). Ctrl-C ends a job within seconds
+(`stop_ray`), keeping what was written.
 
 Resume: a rerun skips every file that has a row (result or error) with the same key and does the
 rest; `retry_errors` runs the failed ones again. A graph worker writes both of a batch's shards
@@ -29,14 +35,18 @@ ray and pyarrow are imported only inside functions: `import recon_runtime` never
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +79,10 @@ DEFAULT_MAX_SECONDS: Final = 3600.0
 KEY_COLUMNS: Final = ("path", "size", "mtime_ns")
 PREPARE_CPUS: Final = 0.25  # Ray CPUs per read + front-end task (they mostly wait on I/O and numpy)
 STALL_SECONDS: Final = 600.0  # stall_after hook: long enough that only the interrupted job's shutdown ends it
+LOCK_FILE: Final = "job.lock"
+OUTPUTS_DIR: Final = "outputs"  # reconstruct: the audio a run is about to write, recorded before it writes it
+SHUTDOWN_TIMEOUT_S: Final = 10.0  # how long ray.shutdown may take (after Ctrl-C) before Ray's processes are killed
+INTERRUPTED_EXIT: Final = 130  # exit status after Ctrl-C (128 + SIGINT, as shells report it)
 
 Key = tuple[str, int, int]
 
@@ -155,6 +169,14 @@ class JobResult:
                 else ""
             )
         )
+
+
+class JobInterrupted(ReconError):
+    """Ctrl-C stopped the job; the message says what OUT keeps. `ray_stopped`: ray.shutdown finished in time."""
+
+    def __init__(self, message: str, ray_stopped: bool):
+        super().__init__(message)
+        self.ray_stopped = ray_stopped
 
 
 # ----------------------------------------------------------------------------- listing
@@ -416,6 +438,20 @@ def _error_table(rows: Sequence[dict[str, Any]]) -> Any:
             "mtime_ns": pa.array([r["mtime_ns"] for r in rows], pa.int64()),
             "stage": pa.array([r["stage"] for r in rows], pa.string()),
             "message": pa.array([r["message"] for r in rows], pa.string()),
+        }
+    )
+
+
+def _outputs_table(out: Path, items: Sequence[Item]) -> Any:
+    """reconstruct: the key of each input and the audio file it is about to write (OUT/outputs)."""
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "path": pa.array([i.path for i in items], pa.string()),
+            "size": pa.array([i.size for i in items], pa.int64()),
+            "mtime_ns": pa.array([i.mtime_ns for i in items], pa.int64()),
+            "output": pa.array([str(audio_output(out, i.rel)) for i in items], pa.string()),
         }
     )
 
@@ -747,6 +783,197 @@ class Worker:
         return pa.table(cols)
 
 
+# ----------------------------------------------------------------------------- the output folder
+
+
+class OutLock:
+    """An exclusive lock on OUT for one job: OUT/job.lock, locked with flock, holding pid and host.
+
+    Why flock and not a file created with O_EXCL: the kernel releases a flock when its holder dies
+    however it dies (Ctrl-C, SIGKILL, out of memory), so a lock is never left held by a dead job,
+    and a pid reused by another process after a crash or a reboot cannot keep it held; an O_EXCL
+    file outlives its job and must be judged by its pid, and taking over a stale one races a
+    second taker. The file's record (pid, host, start time, mode) names the holder in the refusal.
+
+    A record left behind (its job was killed, so it could not remove the file) is stale when
+    nobody holds the flock: on this host the lock is then taken over with a line. A record from
+    another host is refused, as this host cannot see that host's processes: flock spans hosts
+    on NFSv4 and on NFSv3 with lockd, but a `nolock` mount keeps locks per host.
+    """
+
+    ATTEMPTS: Final = 10  # the holder may remove the file between our open and our flock: open the new one
+
+    def __init__(self, out: Path, mode: str, echo: Callable[[str], None]):
+        self.path = out / LOCK_FILE
+        self.mode = mode
+        self.echo = echo
+        self.fd: int | None = None
+
+    def _read(self, fd: int) -> dict[str, Any]:
+        try:
+            record = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    @staticmethod
+    def describe(record: dict[str, Any]) -> str:
+        if not record.get("pid"):
+            return "a job that has not written its pid yet"
+        return f"pid {record['pid']} on {record.get('host', '?')}, {record.get('mode', '?')} since {record.get('started', '?')}"
+
+    def __enter__(self) -> OutLock:
+        import fcntl
+
+        for _ in range(self.ATTEMPTS):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o666)
+            except OSError as e:
+                raise OutputError(f"{self.path}: cannot create the job's lock file ({e.strerror or e})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self.describe(self._read(fd))
+                os.close(fd)
+                raise OutputError(
+                    f"{self.path.parent}: another dataset job runs on this folder ({holder}); "
+                    "wait for it to end or use another output folder"
+                ) from None
+            except OSError as e:
+                os.close(fd)
+                raise OutputError(
+                    f"{self.path}: cannot lock the output folder ({e.strerror or e}); use a local folder or a "
+                    "file system with locks"
+                ) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:
+            raise OutputError(f"{self.path}: the lock file keeps changing; is another job starting on this folder?")
+        stale = self._read(fd)
+        host = socket.gethostname()
+        if stale.get("pid"):
+            if stale.get("host") != host:
+                os.close(fd)
+                raise OutputError(
+                    f"{self.path}: left by {self.describe(stale)}, which this host cannot check; "
+                    f"if no job runs there, delete {self.path}"
+                )
+            self.echo(
+                f"{self.path}: taking over the lock of {self.describe(stale)}: that job is gone (killed or crashed)"
+            )
+        record = {"pid": os.getpid(), "host": host, "mode": self.mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        except OSError as e:
+            self.__exit__()
+            raise OutputError(f"{self.path}: cannot write the job's lock file ({e.strerror or e})") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Remove the file while holding the lock (a job that opened it meanwhile sees another inode and retries)."""
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            os.ftruncate(self.fd, 0)  # cannot remove it: an empty record is no stale lock
+        os.close(self.fd)
+        self.fd = None
+
+
+def _refuse_foreign(out: Path) -> None:
+    """OUT must be empty or a job's folder: a job never writes into (nor --no-resume cleans) a user's folder."""
+    if (out / JOB_FILE).is_file():
+        return
+    try:
+        others = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot be read ({e.strerror or e})") from None
+    if others:
+        raise OutputError(
+            f"{out}: folder exists and is not empty (it holds {others[0]} and no dataset job); choose another -o/--out"
+        )
+
+
+def _own_shard(name: str) -> bool:
+    """A shard name the job writes (part-<20 hex>.parquet), or the temporary file of one left by a killed run."""
+    return (
+        re.fullmatch(r"part-[0-9a-f]{20}\.parquet|\.part-[0-9a-f]{20}\.parquet\.[0-9a-f]{12}\.part\.parquet", name)
+        is not None
+    )
+
+
+def _recorded_outputs(out: Path) -> dict[str, str]:
+    """reconstruct: audio the job wrote or was about to write (OUT/done and OUT/outputs) -> the input it came from."""
+    owners: dict[str, str] = {}
+    for folder in (OUTPUTS_DIR, RESULT_DIRS[RECONSTRUCT]):
+        table = read_table(out / folder, ["path", "output"])
+        if table is not None:
+            owners.update(zip(table.column("output").to_pylist(), table.column("path").to_pylist()))
+    return owners
+
+
+def _remove_if_empty(folder: Path, stop: Path) -> None:
+    """Remove `folder` and its parents up to (not including) `stop` while they are empty."""
+    while folder != stop and stop in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (a file the job did not write), or gone
+            return
+        folder = folder.parent
+
+
+def _remove_attempts(out: Path) -> None:
+    """Remove the attempt markers of earlier runs (only the job's own names: see _Attempts)."""
+    root = out / ATTEMPTS_DIR
+    if not root.is_dir():
+        return
+    for batch in root.iterdir():
+        if batch.is_dir() and re.fullmatch(r"(read|run)-[0-9a-f]{20}", batch.name):
+            for marker in batch.iterdir():
+                if re.fullmatch(r"start-\d+-\d+-\d+|file-[0-9a-f]{20}", marker.name):
+                    marker.unlink(missing_ok=True)
+            _remove_if_empty(batch, out)
+    _remove_if_empty(root, out)
+
+
+def _start_over(out: Path, echo: Callable[[str], None]) -> None:
+    """--no-resume: delete what earlier runs of the job in `out` wrote, found by its names and records.
+
+    The audio reconstruct wrote is recorded (OUT/outputs before it is written, OUT/done after);
+    shards, markers and the job's JSON files have names only the job gives. Anything else stays.
+    """
+    audio = out / AUDIO_DIR
+    for output in _recorded_outputs(out):
+        path = Path(output)
+        if audio not in path.parents or not path.parent.resolve().is_relative_to(audio.resolve()):
+            continue  # never outside OUT/audio, whatever a shard says
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+        _remove_if_empty(path.parent, audio)
+    _remove_if_empty(audio, out)
+    for name in (*RESULT_DIRS.values(), ERRORS_DIR, OUTPUTS_DIR):
+        folder = out / name
+        if folder.is_dir():
+            for shard in folder.iterdir():
+                if _own_shard(shard.name) and shard.is_file():
+                    shard.unlink()
+            _remove_if_empty(folder, out)
+    _remove_attempts(out)
+    for name in (JOB_FILE, SUMMARY_FILE, METRICS_SUMMARY_FILE):
+        (out / name).unlink(missing_ok=True)
+    kept = [p for p in out.rglob("*") if p.is_file() and p.name != LOCK_FILE]
+    if kept:
+        echo(f"--no-resume: kept {len(kept)} file(s) in {out} that the job did not write, e.g. {kept[0]}")
+
+
 # ----------------------------------------------------------------------------- the job
 
 
@@ -776,18 +1003,6 @@ def _check_job_file(cfg: JobConfig, fingerprint: str) -> None:
     record = {"mode": cfg.mode, "bundle_fingerprint": fingerprint, "settings": settings}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
-
-
-def _start_over(cfg: JobConfig) -> None:
-    names = [RESULT_DIRS[cfg.mode], ERRORS_DIR, ATTEMPTS_DIR, JOB_FILE, SUMMARY_FILE, METRICS_SUMMARY_FILE]
-    if cfg.mode == RECONSTRUCT:
-        names.append(AUDIO_DIR)
-    for name in names:
-        target = cfg.out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
 
 
 def metrics_summary(out: Path) -> dict[str, dict[str, float]]:
@@ -829,17 +1044,80 @@ def _start_ray(cfg: JobConfig) -> bool:
     return True
 
 
+def _local_ray_processes() -> dict[int, Any]:
+    """The processes of the local Ray this process started (GCS, raylet, their agents and workers), by pid.
+
+    None when connected to a cluster. Ray's own record of the node it started names the first
+    level; psutil (the `ray` extra) finds their children, and its Process
+    objects never signal a process that took a dead one's pid.
+    """
+    try:
+        import psutil
+        from ray._private import worker as ray_worker
+
+        node = ray_worker._global_node
+        pids = [info.process.pid for infos in node.all_processes.values() for info in infos] if node else []
+    except Exception:  # noqa: BLE001 - internals of Ray: without them, only the CLI's exit is left to end the job
+        return {}
+    found: dict[int, Any] = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(pid)
+            found[pid] = process
+            found.update((child.pid, child) for child in process.children(recursive=True))
+    return found
+
+
+def stop_ray(timeout: float = SHUTDOWN_TIMEOUT_S) -> bool:
+    """ray.shutdown, waited on for at most `timeout` s; True when it finished.
+
+    After Ctrl-C in a terminal, Ray's processes (in the same process group) get the signal too and
+    stop in any order, and ray.shutdown can wait without end on one that is gone or starved of CPU
+    (seen: a job that did not exit within 180 s of Ctrl-C on a busy machine). So it runs in a
+    thread; if it has not finished in time (or a second Ctrl-C comes), the processes of the local
+    Ray this job started are killed, which ends their workers too. A cluster's processes are never
+    touched: its GCS ends the job's actors when the driver goes.
+    """
+    import ray
+
+    processes = _local_ray_processes()  # now: once ray.shutdown kills the raylet, its children are no longer its own
+    done = threading.Event()
+
+    def shutdown() -> None:
+        try:
+            ray.shutdown()
+        except Exception as e:  # noqa: BLE001 - the bound below still holds
+            _LOGGER.debug("ray.shutdown failed: %s", e)
+        finally:
+            done.set()
+
+    threading.Thread(target=shutdown, name="ray-shutdown", daemon=True).start()
+    try:
+        finished = done.wait(timeout)
+    except KeyboardInterrupt:  # another Ctrl-C: stop waiting
+        finished = False
+    if not finished:
+        for process in {**processes, **_local_ray_processes()}.values():
+            with contextlib.suppress(Exception):  # gone already (psutil.NoSuchProcess), or not ours to signal
+                process.kill()
+    return finished
+
+
 def run_job(cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> JobResult:
-    """Run one dataset job to the end (or to the first system failure Ray could not retry)."""
+    """Run one dataset job to the end (or to the first system failure Ray could not retry).
+
+    Raises JobInterrupted on Ctrl-C, once Ray is shut down (within SHUTDOWN_TIMEOUT_S): what
+    was written stays, and the same job resumes.
+    """
     try:
         import pyarrow  # noqa: F401
-        import ray
+        import ray  # noqa: F401
     except ImportError:
         raise ReconError(ray_missing_message()) from None
     if cfg.mode not in MODES:
         raise ValueError(f"unknown mode {cfg.mode!r}; use {MODES}")
+    cfg = dataclasses.replace(cfg, out=cfg.out.absolute())  # outputs are recorded by absolute path
     started = time.perf_counter()
-    result = JobResult()
     contract = read_contract(Path(cfg.model.model))
     if getattr(cfg.model, "expect_digest", None) and cfg.model.expect_digest != contract.digest:
         raise ReconError(f"{cfg.model.model}: bundle digest is {contract.digest}, expected {cfg.model.expect_digest}")
@@ -849,10 +1127,20 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, fil
         cfg.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"{cfg.out}: cannot create the output folder ({e.strerror or e})") from None
+    _refuse_foreign(cfg.out)
+    with OutLock(cfg.out, cfg.mode, echo):
+        return _run_locked(cfg, contract, started, echo)
+
+
+def _run_locked(cfg: JobConfig, contract: Any, started: float, echo: Callable[[str], None]) -> JobResult:
+    """run_job, holding OUT's lock."""
+    import ray
+
+    result = JobResult()
     if not cfg.resume:
-        _start_over(cfg)
+        _start_over(cfg.out, echo)
     _check_job_file(cfg, contract.fingerprint)
-    shutil.rmtree(cfg.out / ATTEMPTS_DIR, ignore_errors=True)  # markers of an earlier run mean nothing now
+    _remove_attempts(cfg.out)  # markers of an earlier run mean nothing now
 
     items = list_inputs(cfg.inputs, mirror_outputs=cfg.mode == RECONSTRUCT)
     current = {i.path: i.key for i in items}
@@ -866,11 +1154,8 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, fil
     # an error row whose file has a result row (a batch that ran again and succeeded) is no error
     compact(cfg.out / ERRORS_DIR, lambda k: stale(k) or k in have or (cfg.retry_errors and k[0] in current))
     results, failures = have, _read_keys(cfg.out / ERRORS_DIR) - have
-    owners: dict[str, str] = {}  # reconstruct: audio written in earlier runs -> the input it came from
-    if cfg.mode == RECONSTRUCT:
-        table = read_table(results_dir, ["path", "output"])
-        if table is not None:
-            owners = dict(zip(table.column("output").to_pylist(), table.column("path").to_pylist()))
+    # reconstruct: audio written (or about to be) in earlier runs -> the input it came from
+    owners = _recorded_outputs(cfg.out) if cfg.mode == RECONSTRUCT else {}
     todo: list[Item] = []
     list_errors: list[dict[str, Any]] = []
     for item in items:
@@ -878,13 +1163,21 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, fil
             result.skipped += 1
             result.failed_before += item.key not in results
             continue
-        owner = owners.get(str(audio_output(cfg.out, item.rel))) if owners and item.error is None else None
-        if owner is not None and owner != item.path:
-            item.error = (
-                f"{item.path}: its output {audio_output(cfg.out, item.rel)} was written from {owner} in an earlier "
-                "run into this output folder; use another output folder"
-            )
-            item.stage = "plan"
+        if cfg.mode == RECONSTRUCT and item.error is None:
+            dst = audio_output(cfg.out, item.rel)
+            owner = owners.get(str(dst))
+            if owner is not None and owner != item.path:
+                item.error = (
+                    f"{item.path}: its output {dst} was written from {owner} in an earlier run into this output "
+                    "folder; use another output folder"
+                )
+                item.stage = "plan"
+            elif owner is None and (dst.exists() or dst.is_symlink()):
+                item.error = (
+                    f"{item.path}: its output {dst} exists and was not written by this job; "
+                    "move it away or use another output folder"
+                )
+                item.stage = "plan"
         if item.error is not None:
             list_errors.append(
                 {
@@ -904,19 +1197,36 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, fil
             result.errors.append((e["path"], e["stage"], e["message"]))
         result.failed += len(list_errors)
 
+    if todo and cfg.mode == RECONSTRUCT:  # recorded before any is written: --no-resume knows what to delete
+        write_shard(cfg.out / OUTPUTS_DIR, _outputs_table(cfg.out, todo))
+
     failure: str | None = None
+    interrupted, ray_stopped = False, True
     if todo:
-        started_ray = _start_ray(cfg)
+        started_ray = not ray.is_initialized()
         try:
+            _start_ray(cfg)
             _run_pipeline(cfg, todo, result, echo)
-            shutil.rmtree(cfg.out / ATTEMPTS_DIR, ignore_errors=True)
+            _remove_attempts(cfg.out)
+        except KeyboardInterrupt:
+            interrupted = True
         except Exception as e:  # noqa: BLE001 - one line for the user; summary.json still written below
             failure = _short_error(e)
         finally:
             if started_ray:
-                ray.shutdown()
+                ray_stopped = stop_ray()
+                if not ray_stopped and not interrupted:
+                    echo(f"Ray did not shut down within {SHUTDOWN_TIMEOUT_S:g} s; its processes were killed")
     result.wall_seconds = time.perf_counter() - started
     results, failures = _done_keys(cfg.out, cfg.mode)
+    if interrupted:  # no summary.json: the job did not end (one from an earlier run stays)
+        ok = sum(1 for i in items if i.key in results)
+        failed = sum(1 for i in items if i.key in failures)
+        raise JobInterrupted(
+            f"dataset {cfg.mode}: interrupted; {cfg.out} keeps {ok} result(s) and {failed} error row(s) of "
+            f"{len(items)} file(s), {len(items) - ok - failed} not done; the same command resumes",
+            ray_stopped,
+        )
     result.errors_outstanding = sum(1 for i in items if i.key in failures)
     not_done = sum(1 for i in items if i.key not in results and i.key not in failures)
     summary: dict[str, Any] = {
