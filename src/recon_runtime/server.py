@@ -43,7 +43,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .audio_io import AudioTooLarge, read_audio_bytes
+from .audio_io import AudioTooLarge, read_array_bytes, read_audio_bytes
 from .batcher import BatchStats, DeadlineExceeded, QueueFull, ShuttingDown, WindowBatcher
 from .chunking import window_weights
 from .contract import LATENT_CHANNELS, LATENT_DOWNSAMPLE, LATENT_FREQ_BINS, ROLES
@@ -450,25 +450,29 @@ class Service:
                 f"latents come from another model (bundle {fingerprint}, this server {self.rec.contract.fingerprint}); "
                 "decode them with the bundle that encoded them",
             )
-        try:
-            z = np.load(io.BytesIO(body), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise HTTPError(400, f"body is not a readable .npy array ({' '.join(str(e).split())})") from None
-        if not isinstance(z, np.ndarray):
-            raise HTTPError(400, "body is not a single .npy array")
-        if z.ndim != 3 or z.shape[0] != LATENT_CHANNELS or z.shape[2] != LATENT_FREQ_BINS or z.shape[1] < 1:
-            raise HTTPError(
-                422, f"latents must be one [{LATENT_CHANNELS}, frames, {LATENT_FREQ_BINS}] array, got {list(z.shape)}"
-            )
-        if z.dtype.kind != "f":
-            raise HTTPError(422, f"latents must be float16, float32 or float64, got {z.dtype}")
-        seconds = z.shape[1] * self.samples_per_latent / self.rate
-        if seconds > self.config.max_seconds:
-            raise PayloadTooLarge(f"latents of {seconds:.1f} s are over the limit of {self.config.max_seconds:g} s")
-        z = z.astype(np.float32, copy=False)
+        z = read_array_bytes(body, "uploaded latents", self._check_latents)
+        z = np.array(z, np.float32)  # a writable copy (the upload's bytes are read-only)
         if not np.isfinite(z).all():
             raise HTTPError(400, "latents contain NaN or inf (or values past float32's range)")
         return z
+
+    def _check_latents(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        """Refuse latents from their .npy header, before their data is touched or anything allocated."""
+        if len(shape) != 3 or shape[0] != LATENT_CHANNELS or shape[2] != LATENT_FREQ_BINS or shape[1] < 1:
+            raise HTTPError(
+                422, f"latents must be one [{LATENT_CHANNELS}, frames, {LATENT_FREQ_BINS}] array, got {list(shape)}"
+            )
+        if dtype.kind != "f":
+            raise HTTPError(422, f"latents must be float16, float32 or float64, got {dtype}")
+        seconds = shape[1] * self.samples_per_latent / self.rate
+        if seconds > self.config.max_seconds:
+            raise PayloadTooLarge(f"latents of {seconds:.1f} s are over the limit of {self.config.max_seconds:g} s")
+        size = shape[0] * shape[1] * shape[2] * max(dtype.itemsize, 4)  # as sent, or as the float32 copy
+        budget = int(self.config.max_decoded_mb * 2**20)
+        if size > budget:
+            raise PayloadTooLarge(
+                f"latents of {size / 2**20:.0f} MiB are over the limit of {budget / 2**20:.0f} MiB (--max-decoded-mb)"
+            )
 
     @property
     def rate(self) -> int:
