@@ -349,6 +349,7 @@ def test_bad_input_gets_its_status_and_the_next_request_works(server: Server, re
         for path, body, params, headers, status in cases:
             r = server.post(path, body, params=params, headers=headers)
             assert r.status_code == status, (path, params, r.status_code, r.text)
+            assert "--precision" not in r.text, r.text  # never advice meant for the server's operator
             if status == 200:
                 continue
             assert r.headers["content-type"].startswith("application/json"), r.headers
@@ -359,6 +360,39 @@ def test_bad_input_gets_its_status_and_the_next_request_works(server: Server, re
     assert r.status_code == 404 and r.json()["error"]
     r = httpx.get(server.url + "/v1/reconstruct", headers=server.headers, timeout=10)
     assert r.status_code == 405
+    assert 'status="500"' not in server.metrics()
+
+
+def test_values_that_overflow_the_graphs_are_the_clients_422_without_advice_to_an_fp32_server(
+    server: Server, rec: Any
+) -> None:
+    huge = npy_bytes(np.full((8, 100, 16), 3e38, np.float32))  # finite, but no graph can carry it
+    for params in ({}, {"stream": "true"}):
+        r = server.post("/v1/decode", huge, params=params)
+        assert r.status_code == 422, (params, r.status_code, r.text)
+        assert "3e+38" in r.json()["error"] and "--precision" not in r.text, r.text
+    signs = np.sign(np.random.default_rng(0).standard_normal(22050)).astype(np.float32)
+    loud = wav_bytes(signs * np.float32(3.4e38), 22050)  # overflowed the resampler into NaN features (500)
+    r = server.post("/v1/encode", loud)
+    assert r.status_code == 200, r.text  # prepared as the same signal at a lower level
+    r = server.post("/v1/reconstruct", loud)  # at the input's level the answer is past float32's range
+    assert r.status_code == 422 and "float32" in r.json()["error"], r.text
+    # a stream whose later window overflows: aborted after its 200, recorded as the client's 422
+    z = rec.encode(tone(30.0, RATE, 250.0), RATE)
+    z[:, -40:] = 3e38
+    before = metric(server.metrics(), "recon_requests_total", route="/v1/decode", status="422")
+    with pytest.raises(httpx.HTTPError):
+        with httpx.stream(
+            "POST", server.url + "/v1/decode", params={"stream": "true"}, content=npy_bytes(z),
+            headers=server.headers, timeout=60,
+        ) as r:  # fmt: skip
+            assert r.status_code == 200
+            for _ in r.iter_raw():
+                pass
+    m = wait_for_metric(
+        server.url, "recon_requests_total", before + 1, headers=server.headers, route="/v1/decode", status="422"
+    )
+    assert metric(m, "recon_requests_total", route="/v1/decode", status="422") == before + 1
     assert 'status="500"' not in server.metrics()
 
 
@@ -632,10 +666,12 @@ def serve_in_process(rec: Any, tiny_bundle: Path, **config: Any) -> _Threaded:
     return srv
 
 
-def wait_for_metric(url: str, name: str, want: float, timeout: float = 10, **labels: str) -> str:
+def wait_for_metric(
+    url: str, name: str, want: float, timeout: float = 10, headers: dict[str, str] | None = None, **labels: str
+) -> str:
     end = time.monotonic() + timeout
     while True:
-        m = httpx.get(url + "/metrics", timeout=10).text
+        m = httpx.get(url + "/metrics", headers=headers, timeout=10).text
         if metric(m, name, **labels) >= want or time.monotonic() > end:
             return m
         time.sleep(0.05)

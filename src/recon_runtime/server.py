@@ -47,7 +47,7 @@ from .audio_io import AudioTooLarge, read_array_bytes, read_audio_bytes
 from .batcher import BatchStats, DeadlineExceeded, QueueFull, ShuttingDown, WindowBatcher
 from .chunking import window_weights
 from .contract import LATENT_CHANNELS, LATENT_DOWNSAMPLE, LATENT_FREQ_BINS, ROLES
-from .errors import AudioInputError, BundleError, ReconError
+from .errors import AudioInputError, BundleError, NumericalError, ReconError
 from .executors import ONNXRUNTIME
 from .executors.base import LATENCY, THROUGHPUT
 from .protocol import (
@@ -189,6 +189,21 @@ def performance_hint(config: ServerConfig) -> str:
 def load_failure_message(e: BaseException) -> str:
     """The one line that says why the model did not load (the user's message, or the exception's repr)."""
     return f"{LOAD_FAILED}: {e if isinstance(e, ReconError) else repr(e)}"
+
+
+def error_status(e: ReconError) -> int:
+    """The status of a runtime error: the client's input (400, 413, 422) or the server's fault (500).
+
+    A non-finite result from finite input is 422 either way: where the graphs have float32's range
+    the input's values overflowed them (`input_caused`); on fp16 graphs the input is what they cannot
+    carry (its message names the precision, and the server logs it for its operator)."""
+    if isinstance(e, AudioInputError):
+        return 400
+    if isinstance(e, PayloadTooLarge):
+        return 413
+    if isinstance(e, (BundleError, NumericalError)):
+        return 422
+    return 500
 
 
 class HTTPError(Exception):
@@ -757,12 +772,12 @@ def create_app(
 
     @app.exception_handler(ReconError)
     async def _recon_error(request: Request, e: ReconError) -> JSONResponse:
-        if isinstance(e, AudioInputError):
-            return JSONResponse({"error": str(e)}, 400)
-        if isinstance(e, BundleError):
-            return JSONResponse({"error": str(e)}, 422)
-        _LOGGER.error("request failed: %s", e)
-        return JSONResponse({"error": str(e)}, 500)
+        status = error_status(e)
+        if status >= 500:
+            _LOGGER.error("request failed: %s", e)
+        elif isinstance(e, NumericalError) and not e.input_caused:
+            _LOGGER.warning("a request's input overflowed the graphs: %s", e)
+        return JSONResponse({"error": str(e)}, status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _starlette_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -1046,7 +1061,7 @@ async def _decode_stream(
             raise StreamAborted(e.status, e.message) from None
         except ReconError as e:
             _LOGGER.warning("streaming decode aborted: %s", e)
-            request.scope[STATUS_OVERRIDE] = status = 400 if isinstance(e, AudioInputError) else 500
+            request.scope[STATUS_OVERRIDE] = status = error_status(e)
             raise StreamAborted(status, str(e)) from None
         except Exception:
             _LOGGER.exception("streaming decode aborted")
