@@ -986,6 +986,9 @@ def test_sigterm_exits_non_zero_when_the_grace_period_cuts_requests_off(tiny_bun
     finally:
         s.stop()
     assert "cut off 1 request" in s.log.read_text()
+    r = result["r"]  # the request that was cut off reads why, as JSON (uvicorn's own answer is a plain-text 500)
+    assert isinstance(r, httpx.Response), r
+    assert r.status_code == 503 and r.headers["retry-after"] and "shutting down" in r.json()["error"], r.text
 
 
 def test_the_client_raises_server_errors_with_the_status(server: Server) -> None:

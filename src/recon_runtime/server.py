@@ -78,6 +78,9 @@ CLIENT_GONE = 499
 DISCONNECT_POLL_S = 0.1
 STATUS_OVERRIDE = "recon.status"
 """Scope key: the status to record when it is not the one sent (a stream that failed after its start)."""
+SHUTTING_DOWN = "the server is shutting down; retry shortly"
+SHUTDOWN_RETRY_AFTER = {"Retry-After": "5"}
+"""A stopping server's answer: another instance (or this one restarted) takes the retry."""
 
 STREAM_MEDIA_TYPE = "application/octet-stream"
 STREAM_FORMATS = {"float": "f32le", "pcm16": "s16le"}
@@ -526,7 +529,7 @@ class Service:
         except QueueFull as e:
             raise HTTPError(503, f"server busy: {e}", {"Retry-After": "1"}) from None
         except ShuttingDown:
-            raise HTTPError(503, "the server is shutting down", {"Retry-After": "5"}) from None
+            raise HTTPError(503, SHUTTING_DOWN, SHUTDOWN_RETRY_AFTER) from None
 
     async def wait(self, futures: list[Future], deadline: float, request: Request | None = None) -> list[Any]:
         """Await the windows' outputs. Past the deadline their windows leave the queue and this gives 504;
@@ -548,7 +551,7 @@ class Service:
                 except asyncio.CancelledError:  # a window was cancelled: only at shutdown or a 504 elsewhere
                     if self.batcher.alive:
                         raise HTTPError(504, self._late()) from None
-                    raise HTTPError(503, "the server is shutting down", {"Retry-After": "5"}) from None
+                    raise HTTPError(503, SHUTTING_DOWN, SHUTDOWN_RETRY_AFTER) from None
             if watcher is not None and watcher in done:
                 raise ClientGone("the client disconnected")
             raise HTTPError(504, self._late())
@@ -668,11 +671,12 @@ class _Edge:
             return
         started = time.perf_counter()
         status = 500
+        responded = False
 
         async def send_status(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responded = message["status"], True
             await send(message)
 
         try:
@@ -689,6 +693,15 @@ class _Edge:
             # the status went out with the first part: returning without the final chunk makes the
             # server drop the connection, so the client cannot take the truncated body as complete
             _LOGGER.warning("%s %s: stream aborted (%d): %s", scope.get("method"), scope["path"], e.status, e)
+        except asyncio.CancelledError:
+            # the host cut the request off (uvicorn, when --grace-s runs out on SIGTERM): answer what a
+            # stopping server answers instead of letting the host send its plain-text 500
+            scope[STATUS_OVERRIDE] = 503
+            if responded:
+                raise  # a stream already under way: the connection drops without its final chunk
+            _LOGGER.warning("%s %s: cut off by the shutdown (503)", scope.get("method"), scope["path"])
+            headers = {**SHUTDOWN_RETRY_AFTER, "Connection": "close"}
+            await JSONResponse({"error": SHUTTING_DOWN}, 503, headers=headers)(scope, receive, send_status)
         finally:
             status = scope.get(STATUS_OVERRIDE, status)
             route = scope.get("route")
