@@ -82,6 +82,14 @@ SHUTTING_DOWN = "the server is shutting down; retry shortly"
 SHUTDOWN_RETRY_AFTER = {"Retry-After": "5"}
 """A stopping server's answer: another instance (or this one restarted) takes the retry."""
 
+REFUSED_BODY_DRAIN_BYTES = 64 * 2**20
+"""How much of a refused request's body is read and discarded before the refusal is sent, so a client
+that sends its whole body before it reads (urllib, http.client) reads the refusal instead of a reset
+(closing with unread data resets the connection). 64 MiB: the default --max-body-mb, so a drain costs
+no more than one accepted upload; a body that declares more is not drained (the connection closes)."""
+REFUSED_BODY_DRAIN_S = 5.0
+"""The longest a drain may take (nginx's lingering_timeout); past it the connection closes."""
+
 STREAM_MEDIA_TYPE = "application/octet-stream"
 STREAM_FORMATS = {"float": "f32le", "pcm16": "s16le"}
 WAV_SUBTYPES = {"float": "FLOAT", "pcm16": "PCM_16"}
@@ -664,6 +672,7 @@ class _Edge:
         self.routes = routes
         key = service.config.api_key
         self._key = key.encode() if key else None
+        self._draining = 0
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -672,11 +681,15 @@ class _Edge:
         started = time.perf_counter()
         status = 500
         responded = False
+        body = _Body(scope, receive)
+        receive = body.receive
 
         async def send_status(message: dict[str, Any]) -> None:
             nonlocal status, responded
             if message["type"] == "http.response.start":
                 status, responded = message["status"], True
+                if not body.done:
+                    message = await self._before_answering_early(message, body)
             await send(message)
 
         try:
@@ -710,6 +723,30 @@ class _Edge:
             m.requests.labels(label, str(status)).inc()
             m.latency.labels(label).observe(time.perf_counter() - started)
 
+    async def _before_answering_early(self, start: dict[str, Any], body: _Body) -> dict[str, Any]:
+        """A response is about to start before the request's body was read (a refusal): read and
+        discard the rest first, within REFUSED_BODY_DRAIN_BYTES / _S, so that a client still sending
+        reads the answer instead of a reset, as common HTTP servers do. Not drained (the connection
+        then closes after the answer): a client that sent `Expect: 100-continue` and was not told to
+        continue (it has not sent the body), a 408 (the client is too slow), a body that declares more
+        than the bound, or more than --max-uploads drains at once."""
+        drain = (
+            start["status"] != 408
+            and not (body.expects_continue and not body.asked)
+            and body.declared_left <= REFUSED_BODY_DRAIN_BYTES
+            and self._draining < self.service.config.max_uploads
+        )
+        if drain:
+            self._draining += 1
+            try:
+                drain = await body.drain(REFUSED_BODY_DRAIN_BYTES, REFUSED_BODY_DRAIN_S)
+            finally:
+                self._draining -= 1
+        headers = list(start.get("headers", ()))
+        if not drain and not any(k.lower() == b"connection" for k, _ in headers):
+            start = {**start, "headers": [*headers, (b"connection", b"close")]}
+        return start
+
     def _route_of(self, scope: dict[str, Any]) -> str:
         """The route a request would have reached (e.g. one refused with 401 before routing)."""
         from starlette.routing import Match
@@ -733,6 +770,52 @@ class _Edge:
         scheme, _, token = given.strip().partition(b" ")
         ok_scheme = scheme.lower() == b"bearer"  # the scheme is case-insensitive (RFC 9110)
         return hmac.compare_digest(token.strip(), self._key) and ok_scheme
+
+
+class _Body:
+    """Wraps an ASGI `receive`: how much of the request body has arrived, and whether all of it."""
+
+    def __init__(self, scope: dict[str, Any], receive: Any):
+        self._receive = receive
+        headers = {k.lower(): v for k, v in scope.get("headers", ())}
+        self.expects_continue = headers.get(b"expect", b"").strip().lower() == b"100-continue"
+        try:
+            self.declared: int | None = int(headers[b"content-length"])
+        except (KeyError, ValueError):
+            self.declared = None
+        chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        self.done = not chunked and not self.declared  # no body to read
+        self.asked = False
+        self.received = 0
+
+    @property
+    def declared_left(self) -> int:
+        """Bytes of a Content-Length body not read yet (0 for a chunked one: its length is unknown)."""
+        return max(0, (self.declared or 0) - self.received)
+
+    async def receive(self) -> dict[str, Any]:
+        self.asked = True
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            self.done = self.done or not message.get("more_body", False)
+        elif message["type"] == "http.disconnect":
+            self.done = True
+        return message
+
+    async def drain(self, max_bytes: int, max_s: float) -> bool:
+        """Read and discard the rest of the body; True if it all arrived within the bounds."""
+
+        async def rest() -> None:
+            start = self.received
+            while not self.done and self.received - start <= max_bytes:
+                await self.receive()
+
+        try:
+            await asyncio.wait_for(rest(), max_s)
+        except asyncio.TimeoutError:
+            return False
+        return self.done
 
 
 def create_app(
