@@ -483,6 +483,131 @@ def test_every_client_reads_the_refusal_of_a_body_it_sends_whole(server: Server)
         assert c.get(server.url + "/v1/info").status_code == 200
 
 
+# ---------------------------------------------------------------------- slow clients
+class Trickle:
+    """Raw connections that each send their bytes one at a time, every `pace` seconds, from one
+    thread (a slow client's pace, not a wait on the server), and record what the server answers."""
+
+    def __init__(self, port: int, payloads: list[bytes], pace: float, head: bytes = b""):
+        self.socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in payloads]
+        for s in self.socks:
+            s.sendall(head)  # sent whole, before the trickle starts
+        self.payloads = payloads
+        self.answers: list[bytes] = [b""] * len(payloads)
+        self.closed: list[float | None] = [None] * len(payloads)  # when the server closed each one
+        self.stop = threading.Event()
+        self.pace = pace
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        sent = [0] * len(self.socks)
+        while not self.stop.is_set() and any(c is None for c in self.closed):
+            for i, s in enumerate(self.socks):
+                if self.closed[i] is not None:
+                    continue
+                try:
+                    if sent[i] < len(self.payloads[i]):
+                        s.sendall(self.payloads[i][sent[i] : sent[i] + 1])
+                        sent[i] += 1
+                    s.setblocking(False)
+                    try:
+                        while part := s.recv(65536):
+                            self.answers[i] += part
+                        self.closed[i] = time.monotonic()  # recv returned b"": closed by the server
+                    except BlockingIOError:
+                        pass
+                    finally:
+                        s.setblocking(True)
+                except OSError:
+                    self.closed[i] = time.monotonic()
+            self.stop.wait(self.pace)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        for s in self.socks:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The default limits (16 upload slots, 4 KiB/s minimum upload rate) with a short header timeout."""
+    s = Server(tiny_bundle, tmp_path_factory.mktemp("guarded"), "--header-timeout-s", "1.5", "--body-timeout-s", "20")
+    yield s
+    assert s.stop() == 0, s.log.read_text()
+
+
+def wait_until(condition: Any, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, what
+        time.sleep(0.05)
+
+
+def test_a_connection_whose_request_head_trickles_in_is_closed_within_the_header_timeout(guarded: Server) -> None:
+    head = b"POST /v1/reconstruct HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: 10\r\n\r\n"
+    with httpx.Client(timeout=30) as c:  # a kept-alive connection that trickles its next head: closed too
+        assert c.get(guarded.url + "/healthz").status_code == 200
+    slow = Trickle(guarded.port, [head, b"", head], pace=0.25)  # 1 byte each 0.25 s: 21 s for this head
+    opened = time.monotonic()
+    try:
+        wait_until(lambda: all(c is not None for c in slow.closed), 15, "a slow head was never closed")
+        for i in (0, 2):  # part of a head came: 408 as JSON, within the bound
+            assert slow.closed[i] - opened < 1.5 + 3.0, slow.closed[i] - opened  # type: ignore[operator]
+            answer = slow.answers[i].decode()
+            assert answer.startswith("HTTP/1.1 408") and "1.5 s" in json.loads(answer.split("\r\n\r\n")[1])["error"]
+        assert slow.answers[1] == b""  # nothing came: closed without a word
+    finally:
+        slow.close()
+    # a malformed head gets the server's JSON error, not uvicorn's plain text
+    answer = raw_exchange(guarded.port, b"NOT HTTP AT ALL\r\n\r\n").decode()
+    assert answer.startswith("HTTP/1.1 400") and json.loads(answer.split("\r\n\r\n")[1])["error"], answer
+    assert httpx.get(guarded.url + "/readyz", timeout=10).status_code == 200
+
+
+def test_other_uvicorn_hosts_get_the_header_timeout_from_the_environment(
+    tiny_bundle: Path, rec: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`uvicorn --http recon_runtime.http_protocol:HeadTimeoutH11Protocol` reads RECON_HEADER_TIMEOUT_S."""
+    from recon_runtime.server import ServerConfig, create_app
+
+    monkeypatch.setenv("RECON_HEADER_TIMEOUT_S", "0.5")
+    app = create_app(ServerConfig(model=str(tiny_bundle), warmup=False), reconstructor=rec)
+    srv = _Threaded(app, http="recon_runtime.http_protocol:HeadTimeoutH11Protocol")
+    try:
+        opened = time.monotonic()
+        answer = raw_exchange(srv.port, b"GET /healthz HTTP/1.1\r\nHo", timeout=10)
+        assert time.monotonic() - opened < 0.5 + 3.0 and answer.startswith(b"HTTP/1.1 408"), answer
+        assert httpx.get(srv.url + "/healthz", timeout=10).status_code == 200
+    finally:
+        srv.close()
+
+
+def test_slow_uploads_give_their_slots_back_and_do_not_starve_a_normal_client(guarded: Server, rec: Any) -> None:
+    """17 uploads at 1 byte/s held every upload slot for 30 s (--body-timeout-s); below the minimum
+    rate after the grace they get 408, and a normal client is answered while they still trickle."""
+    head = b"POST /v1/reconstruct HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: 100000\r\n\r\n"
+    uploads = 17  # one more than the default --max-uploads 16
+    # the heads go at once (the header timeout is not what this tests), the bodies at 2 bytes/s
+    slow = Trickle(guarded.port, [b"RIFF" * 25_000] * uploads, pace=0.5, head=head)
+    try:
+        m = wait_for_metric(guarded.url, "recon_requests_in_flight", uploads, timeout=30)
+        assert metric(m, "recon_requests_in_flight") == uploads, m  # admitted: 16 hold the slots, 1 waits
+        t0 = time.monotonic()
+        r = httpx.post(guarded.url + "/v1/reconstruct", content=wav_bytes(tone(0.3)), timeout=60)
+        answered = time.monotonic()
+        assert r.status_code == 200, r.text
+        assert answered - t0 < 20, "the normal client waited as long as --body-timeout-s"
+        assert any(c is None for c in slow.closed), "answered only after every slow upload was gone"
+        wait_until(lambda: all(c is not None for c in slow.closed), 30, "a slow upload was never answered")
+        for answer in slow.answers:
+            text = answer.decode(errors="replace")
+            assert text.startswith("HTTP/1.1 408") and "4096 bytes/s" in text, text
+    finally:
+        slow.close()
+
+
 def test_the_api_key_guards_every_route_but_healthz(server: Server) -> None:
     get = lambda path, **h: httpx.get(server.url + path, headers=h, timeout=10)  # noqa: E731
     assert get("/healthz").status_code == 200
@@ -581,13 +706,14 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_bundle: Path, tmp_
 class _Threaded:
     """The app factory's app on a real uvicorn server in a thread (to hold the model from the test)."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: Any, http: Any = "auto"):
         import uvicorn
 
         self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", http=http)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         end = time.monotonic() + 30
@@ -1078,6 +1204,12 @@ def test_config_from_the_environment_for_hosts_without_the_cli() -> None:
     c = ServerConfig.from_env(env)
     assert (c.model, c.max_batch, c.max_wait_ms, c.threads, c.api_key) == ("/m", 2, 5.5, 3, "k1")
     assert c.max_windows == 40 and ServerConfig().max_windows is None
+    c = ServerConfig.from_env({"RECON_HEADER_TIMEOUT_S": "2.5", "RECON_MIN_UPLOAD_RATE": "0"})
+    assert (c.header_timeout_s, c.min_upload_rate) == (2.5, 0.0)
+    with pytest.raises(ValueError, match="header_timeout_s"):
+        ServerConfig(header_timeout_s=0)
+    with pytest.raises(ValueError, match="min_upload_rate"):
+        ServerConfig(min_upload_rate=-1)
     assert ServerConfig.from_env({}) == ServerConfig()
     with pytest.raises(ValueError, match="MY_KEY"):
         ServerConfig.from_env({"RECON_API_KEY_ENV": "MY_KEY"})

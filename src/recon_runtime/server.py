@@ -82,6 +82,10 @@ SHUTTING_DOWN = "the server is shutting down; retry shortly"
 SHUTDOWN_RETRY_AFTER = {"Retry-After": "5"}
 """A stopping server's answer: another instance (or this one restarted) takes the retry."""
 
+UPLOAD_GRACE_S = 5.0
+"""An upload may lag for this long after its slot is granted before --min-upload-rate applies (a lost
+first packet is resent after 1 s, then 3 s): from then on the bytes received must keep up with
+rate x (seconds since the slot - this), as Apache's mod_reqtimeout counts `body=20,MinRate=500`."""
 REFUSED_BODY_DRAIN_BYTES = 64 * 2**20
 """How much of a refused request's body is read and discarded before the refusal is sent, so a client
 that sends its whole body before it reads (urllib, http.client) reads the refusal instead of a reset
@@ -132,6 +136,13 @@ class ServerConfig:
     """Uploads read at once; more wait for a slot (within body_timeout_s, then 503)."""
     max_decoded_mb: float = 1024.0
     """Decoded samples (frames x channels x 4 bytes, from the header, before decoding) of one upload (413 beyond)."""
+    header_timeout_s: float = 10.0
+    """A connection's request head (request line and headers) must arrive within this, else the
+    connection is closed (408 if part of it came). Applied by `recon-run serve`'s HTTP protocol
+    (`http_protocol.HeadTimeoutH11Protocol`); docs/serving.md says why 10 s."""
+    min_upload_rate: float = 4096.0
+    """Bytes per second an upload must keep up after its first UPLOAD_GRACE_S seconds (408 below,
+    freeing its upload slot); 0: no minimum. docs/serving.md says why 4 KiB/s."""
     expect_digest: str | None = None
     performance_hint: str | None = None
     """OpenVINO's hint; None: throughput (several streams serve the batcher's runs), or latency with
@@ -145,10 +156,10 @@ class ServerConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_windows is not None and self.max_windows < 1:
             raise ValueError("max_windows must be at least 1")
-        for name in ("max_wait_ms",):
+        for name in ("max_wait_ms", "min_upload_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be at least 0")
-        for name in ("max_body_mb", "max_seconds", "timeout_s", "body_timeout_s", "max_decoded_mb"):
+        for name in ("max_body_mb", "max_seconds", "timeout_s", "body_timeout_s", "max_decoded_mb", "header_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
         if self.api_key is not None and not self.api_key:
@@ -161,8 +172,9 @@ class ServerConfig:
         """Settings from RECON_MODEL, RECON_BACKEND, RECON_PROVIDER, RECON_PRECISION, RECON_THREADS,
         RECON_MAX_BATCH, RECON_MAX_WAIT_MS, RECON_MAX_QUEUE, RECON_MAX_WINDOWS, RECON_MAX_BODY_MB, RECON_MAX_SECONDS,
         RECON_TIMEOUT_S, RECON_BUCKET_FRAMES, RECON_BODY_TIMEOUT_S, RECON_MAX_UPLOADS, RECON_MAX_DECODED_MB,
-        RECON_EXPECT_DIGEST, RECON_PERFORMANCE_HINT, RECON_COMPILE_CACHE and RECON_API_KEY_ENV (the name of the variable that
-        holds the key), for hosts that build the app without the CLI (gunicorn)."""
+        RECON_HEADER_TIMEOUT_S, RECON_MIN_UPLOAD_RATE, RECON_EXPECT_DIGEST, RECON_PERFORMANCE_HINT,
+        RECON_COMPILE_CACHE and RECON_API_KEY_ENV (the name of the variable that holds the key), for
+        hosts that build the app without the CLI (gunicorn)."""
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
@@ -434,7 +446,9 @@ class Service:
                 503, f"server busy: {self.config.max_uploads} uploads in progress", {"Retry-After": "1"}
             ) from None
         try:
-            body = await asyncio.wait_for(_read_limited(request, limit), max(0.0, deadline - time.monotonic()))
+            body = await asyncio.wait_for(
+                _read_limited(request, limit, self.config.min_upload_rate), max(0.0, deadline - time.monotonic())
+            )
         except asyncio.TimeoutError:
             raise HTTPError(408, f"the body did not arrive within {timeout:g} s", {"Connection": "close"}) from None
         finally:
@@ -591,10 +605,23 @@ class Service:
             raise HTTPError(504, self._late()) from None
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
+async def _read_limited(request: Request, limit: int, min_rate: float) -> bytes:
+    """The body, refused past `limit` bytes (413) or when it falls behind `min_rate` bytes/s after
+    UPLOAD_GRACE_S (408: a trickling client gives its upload slot back)."""
     chunks = []
     size = 0
-    async for chunk in request.stream():
+    start = time.monotonic()
+    stream = request.stream().__aiter__()
+    while True:
+        wait = max(0.0, start + UPLOAD_GRACE_S + size / min_rate - time.monotonic()) if min_rate else None
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), wait)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise HTTPError(
+                408, f"the upload fell below the server's minimum rate of {min_rate:g} bytes/s", {"Connection": "close"}
+            ) from None
         size += len(chunk)
         if size > limit:
             raise HTTPError(413, f"body is over the limit of {limit} bytes", {"Connection": "close"})
