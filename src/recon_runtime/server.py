@@ -41,6 +41,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import __version__
 from .audio_io import AudioTooLarge, read_array_bytes, read_audio_bytes
@@ -618,6 +619,8 @@ async def _read_limited(request: Request, limit: int, min_rate: float) -> bytes:
             chunk = await asyncio.wait_for(stream.__anext__(), wait)
         except StopAsyncIteration:
             break
+        except ClientDisconnect:  # gone mid-upload: nobody to answer (recorded as 499, not an app error)
+            raise ClientGone("the client disconnected during its upload") from None
         except asyncio.TimeoutError:
             raise HTTPError(
                 408, f"the upload fell below the server's minimum rate of {min_rate:g} bytes/s", {"Connection": "close"}
