@@ -146,5 +146,9 @@ def test_array_bytes_are_checked_from_the_header_before_anything_is_allocated() 
         read_array_bytes(buf.getvalue(), "x")
     with pytest.raises(AudioInputError, match="x: not a readable .npy array"):
         read_array_bytes(b"PK\x03\x04 a zip", "x")
+    head = b"{'descr': '<f4', 'fortran_order': (\n"  # an open bracket: numpy's parser raised tokenize's TokenError
+    cut = b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head
+    with pytest.raises(AudioInputError, match="x: not a readable .npy array"):
+        read_array_bytes(cut, "x")
     with pytest.raises(AudioInputError, match="objects"):
         read_array_bytes(npy(np.zeros(3)).replace(b"'<f8'", b"'|O' "), "x")

@@ -236,7 +236,7 @@ def read_array_bytes(data: bytes, what: str, check: ArrayCheck | None = None) ->
             shape, fortran_order, dtype = npy_format.read_array_header_2_0(f)
         else:
             raise ValueError(f"format version {version[0]}.{version[1]} is not supported (1.0 or 2.0)")
-    except (ValueError, OSError, EOFError, SyntaxError) as e:
+    except Exception as e:  # noqa: BLE001 - numpy's header parser raises many kinds (tokenize's too): all the body's fault
         raise AudioInputError(f"{what}: not a readable .npy array ({_one_line(e)})") from None
     if dtype.hasobject:
         raise AudioInputError(f"{what}: the .npy array holds Python objects (pickles are never loaded)")
