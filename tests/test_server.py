@@ -425,6 +425,10 @@ def test_an_oversized_body_with_expect_100_continue_is_refused_from_its_header_w
     assert time.monotonic() - t0 < 5  # not told to continue, the client never sends the body: answered at once
     assert answer.startswith("HTTP/1.1 413"), answer  # no "100 Continue" first
     assert "application/json" in answer and '"error"' in answer and "connection: close" in answer.lower(), answer
+    # without Expect and without the body (waiting for the answer): answered once nothing came for 1 s
+    t0 = time.monotonic()
+    answer = raw_exchange(server.port, head.replace(b"Expect: 100-continue\r\n", b"")).decode(errors="replace")
+    assert time.monotonic() - t0 < 4 and answer.startswith("HTTP/1.1 413") and '"error"' in answer, answer
     # a body that declares more than the server drains is answered at once too, and the connection closed
     huge = head.replace(b"Expect: 100-continue\r\n", b"").replace(str(5 * 2**20).encode(), str(2**30).encode())
     t0 = time.monotonic()
@@ -1037,11 +1041,15 @@ def test_a_full_server_answers_503_before_the_body_and_a_stalled_upload_gets_408
             stalled.sendall(head + b"RIFF")  # admitted, then never sends the rest
             time.sleep(0.3)
             with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as second:
-                second.sendall(head)  # headers only: the answer must not wait for a body
+                # headers that ask before sending the body: the answer must not wait for it
+                second.sendall(head.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"))
                 t0 = time.monotonic()
                 answer = second.recv(4096).decode(errors="replace")
                 assert answer.startswith("HTTP/1.1 503") and "busy" in answer, answer
                 assert time.monotonic() - t0 < 1.0
+            # a client that sends its body at once reads the refusal once the server has discarded it
+            answer = raw_exchange(srv.port, head + b"\0" * 100000).decode(errors="replace")
+            assert answer.startswith("HTTP/1.1 503") and "busy" in answer, answer
             answer = stalled.recv(4096).decode(errors="replace")
             assert answer.startswith("HTTP/1.1 408"), answer
         r = httpx.post(srv.url + "/v1/reconstruct", content=wav_bytes(tone(0.2)), timeout=30)

@@ -94,6 +94,9 @@ that sends its whole body before it reads (urllib, http.client) reads the refusa
 no more than one accepted upload; a body that declares more is not drained (the connection closes)."""
 REFUSED_BODY_DRAIN_S = 5.0
 """The longest a drain may take (nginx's lingering_timeout); past it the connection closes."""
+REFUSED_BODY_IDLE_S = 1.0
+"""A drain ends when nothing arrives for this long (Apache lingers 2 s per read): the client is not
+sending its body but waiting for the answer, which then comes at once, closing the connection."""
 
 STREAM_MEDIA_TYPE = "application/octet-stream"
 STREAM_FORMATS = {"float": "f32le", "pcm16": "s16le"}
@@ -755,7 +758,7 @@ class _Edge:
 
     async def _before_answering_early(self, start: dict[str, Any], body: _Body) -> dict[str, Any]:
         """A response is about to start before the request's body was read (a refusal): read and
-        discard the rest first, within REFUSED_BODY_DRAIN_BYTES / _S, so that a client still sending
+        discard the rest first, within REFUSED_BODY_DRAIN_BYTES / _S / IDLE_S, so that a client still sending
         reads the answer instead of a reset, as common HTTP servers do. Not drained (the connection
         then closes after the answer): a client that sent `Expect: 100-continue` and was not told to
         continue (it has not sent the body), a 408 (the client is too slow), a body that declares more
@@ -769,7 +772,7 @@ class _Edge:
         if drain:
             self._draining += 1
             try:
-                drain = await body.drain(REFUSED_BODY_DRAIN_BYTES, REFUSED_BODY_DRAIN_S)
+                drain = await body.drain(REFUSED_BODY_DRAIN_BYTES, REFUSED_BODY_DRAIN_S, REFUSED_BODY_IDLE_S)
             finally:
                 self._draining -= 1
         headers = list(start.get("headers", ()))
@@ -833,13 +836,14 @@ class _Body:
             self.done = True
         return message
 
-    async def drain(self, max_bytes: int, max_s: float) -> bool:
-        """Read and discard the rest of the body; True if it all arrived within the bounds."""
+    async def drain(self, max_bytes: int, max_s: float, idle_s: float) -> bool:
+        """Read and discard the rest of the body; True if it all arrived within the bounds (at most
+        `max_bytes` in `max_s`, and no pause of `idle_s`)."""
 
         async def rest() -> None:
             start = self.received
             while not self.done and self.received - start <= max_bytes:
-                await self.receive()
+                await asyncio.wait_for(self.receive(), idle_s)
 
         try:
             await asyncio.wait_for(rest(), max_s)
