@@ -746,6 +746,7 @@ class _Edge:
             if responded:
                 raise  # a stream already under way: the connection drops without its final chunk
             _LOGGER.warning("%s %s: cut off by the shutdown (503)", scope.get("method"), scope["path"])
+            body.done = True  # no drain: the server is going away, and says so at once
             headers = {**SHUTDOWN_RETRY_AFTER, "Connection": "close"}
             await JSONResponse({"error": SHUTTING_DOWN}, 503, headers=headers)(scope, receive, send_status)
         finally:
@@ -758,11 +759,11 @@ class _Edge:
 
     async def _before_answering_early(self, start: dict[str, Any], body: _Body) -> dict[str, Any]:
         """A response is about to start before the request's body was read (a refusal): read and
-        discard the rest first, within REFUSED_BODY_DRAIN_BYTES / _S / IDLE_S, so that a client still sending
-        reads the answer instead of a reset, as common HTTP servers do. Not drained (the connection
-        then closes after the answer): a client that sent `Expect: 100-continue` and was not told to
-        continue (it has not sent the body), a 408 (the client is too slow), a body that declares more
-        than the bound, or more than --max-uploads drains at once."""
+        discard the rest first, within REFUSED_BODY_DRAIN_BYTES / _S / IDLE_S, so that a client still
+        sending reads the answer instead of a reset, as common HTTP servers do. Not drained (the
+        connection then closes after the answer): a client that sent `Expect: 100-continue` and was
+        not told to continue (it has not sent the body), a 408 (the client is too slow), a body that
+        declares more than the bound, or more than --max-uploads drains at once."""
         drain = (
             start["status"] != 408
             and not (body.expects_continue and not body.asked)
