@@ -112,3 +112,43 @@ def test_temporary_names_never_collide(tmp_path: Path) -> None:
         second.write_text("2")
     assert out.read_text() == "1"  # the outer block finished last
     assert _leftovers(tmp_path) == []
+
+
+def test_array_bytes_are_checked_from_the_header_before_anything_is_allocated() -> None:
+    import io
+
+    from numpy.lib import format as npy_format
+
+    from recon_runtime.audio_io import read_array_bytes
+    from recon_runtime.errors import AudioInputError
+
+    def npy(a: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, a, allow_pickle=False)
+        return buf.getvalue()
+
+    a = np.arange(24, dtype=">f8").reshape(2, 3, 4)
+    for arr in (a, np.asfortranarray(a), a.astype(np.float16)):
+        got = read_array_bytes(npy(arr), "x")
+        assert got.dtype == arr.dtype and np.array_equal(got, arr)
+    seen: list[tuple] = []
+
+    def refuse(shape: tuple[int, ...], dtype: np.dtype) -> None:
+        seen.append((shape, dtype.str))
+        raise ValueError("too big")
+
+    buf = io.BytesIO()
+    npy_format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (8, 10**9, 16)})
+    with pytest.raises(ValueError, match="too big"):  # the check sees the declared shape; nothing is read
+        read_array_bytes(buf.getvalue(), "x", refuse)
+    assert seen == [((8, 10**9, 16), "<f4")]
+    with pytest.raises(AudioInputError, match="declares .* but 0 bytes follow"):
+        read_array_bytes(buf.getvalue(), "x")
+    with pytest.raises(AudioInputError, match="x: not a readable .npy array"):
+        read_array_bytes(b"PK\x03\x04 a zip", "x")
+    head = b"{'descr': '<f4', 'fortran_order': (\n"  # an open bracket: numpy's parser raised tokenize's TokenError
+    cut = b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head
+    with pytest.raises(AudioInputError, match="x: not a readable .npy array"):
+        read_array_bytes(cut, "x")
+    with pytest.raises(AudioInputError, match="objects"):
+        read_array_bytes(npy(np.zeros(3)).replace(b"'<f8'", b"'|O' "), "x")

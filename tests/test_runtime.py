@@ -191,9 +191,35 @@ def test_window_seams_are_inaudible_on_a_stationary_tone(tiny_bundle: Path) -> N
 
 
 def test_nan_from_a_graph_fails_clearly(tiny_bundle: Path) -> None:
-    rec = Reconstructor.load(tiny_bundle, provider="cpu")
-    with pytest.raises(NumericalError, match="NaN or inf"):
+    rec = Reconstructor.load(tiny_bundle, provider="cpu", precision="fp32")
+    with pytest.raises(NumericalError, match="NaN or inf") as e:
         rec.decode(np.full((8, 4, 16), 3e38, np.float32))
+    # at fp32 the input's values overflowed, not the precision: no advice to use fp32
+    assert e.value.input_caused and "3e+38" in str(e.value) and "--precision" not in str(e.value)
+    half = Reconstructor.load(tiny_bundle, provider="cpu", precision="fp16", backend="onnxruntime")
+    with pytest.raises(NumericalError) as e:  # within fp16's range: fp32 may carry it
+        half.decode(np.full((8, 4, 16), 6e4, np.float32))
+    assert not e.value.input_caused and "try --precision fp32" in str(e.value)
+    with pytest.raises(NumericalError) as e:  # past fp16's own range: fp32 would not help either
+        half.decode(np.full((8, 4, 16), 3e38, np.float32))
+    assert e.value.input_caused and "--precision" not in str(e.value)
+
+
+def test_audio_near_float32s_limit_is_prepared_like_quieter_audio(tiny_bundle: Path) -> None:
+    """Samples near 3.4e38 used to overflow the resampling filter into NaN features (and a 500 in the
+    server); the front end is linear, so they prepare as the same signal at a lower level would."""
+    rec = Reconstructor.load(tiny_bundle, provider="cpu", precision="fp32")
+    rng = np.random.default_rng(0)
+    signs = np.sign(rng.standard_normal(22050)).astype(np.float32)
+    quiet, loud = signs * np.float32(0.25), signs * np.float32(3.4e38)
+    wave, gain = prepare_waveform(loud, 22050)
+    ref, ref_gain = prepare_waveform(quiet, 22050)
+    assert np.isfinite(wave).all() and np.allclose(wave, ref, atol=1e-6)
+    assert gain == pytest.approx(ref_gain * 3.4e38 / 0.25, rel=1e-5)
+    assert np.allclose(rec.encode(loud, 22050), rec.encode(quiet, 22050), atol=1e-5)
+    with pytest.raises(NumericalError, match="past float32's range") as e:  # restored to its level: not a float32
+        rec.reconstruct(loud, 22050)
+    assert e.value.input_caused
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,15 @@ def npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def npy_claiming(shape: tuple[int, ...], data: int = 2000, dtype: str = "<f4") -> bytes:
+    """A .npy header that declares `shape`, followed by `data` zero bytes (whatever the header says)."""
+    from numpy.lib import format as npy_format
+
+    buf = io.BytesIO()
+    npy_format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue() + b"\0" * data
+
+
 class Server:
     """A `recon-run serve` process; its log goes to a file (never a full pipe)."""
 
@@ -370,11 +379,22 @@ def test_bad_input_gets_its_status_and_the_next_request_works(server: Server, re
         ("/v1/reconstruct", silent_flac, {}, {}, 413),  # a small file that decodes past --max-decoded-mb
         ("/v1/decode", npy_bytes(np.zeros((8, 3001, 16), np.float16)), {}, {}, 413),  # 120.04 s of latents
         ("/v1/decode", np.array([1, 2]).tobytes(), {}, {"content-type": "multipart/form-data; boundary=x"}, 400),
+        # .npy headers that lie: refused from the header, before anything is allocated (47.7 GiB, 15 GB before)
+        ("/v1/decode", npy_claiming((8, 100_000_000, 16)), {}, {}, 413),
+        ("/v1/decode", npy_claiming((8, 30_000_000, 16)), {"stream": "true"}, {}, 413),
+        ("/v1/decode", npy_claiming((8, 100, 16)), {}, {}, 400),  # declares 51200 bytes, 2000 follow
+        ("/v1/decode", npy_claiming((8, 10, 16), data=5121), {}, {}, 400),  # one byte more than declared
+        ("/v1/decode", npy_claiming((8, 10, 16), data=8 * 10 * 16 * 8, dtype="|O"), {}, {}, 400),  # objects
+        ("/v1/decode", npy_claiming((8, 10, 16), data=8 * 10 * 16 * 8, dtype=">f8"), {}, {}, 200),  # big-endian
+        ("/v1/decode", npy_claiming((8, 2000, 16), data=0, dtype="<f4")[:60], {}, {}, 400),  # truncated header
     ]
     with server.client() as c:
         for path, body, params, headers, status in cases:
             r = server.post(path, body, params=params, headers=headers)
             assert r.status_code == status, (path, params, r.status_code, r.text)
+            assert "--precision" not in r.text, r.text  # never advice meant for the server's operator
+            if status == 200:
+                continue
             assert r.headers["content-type"].startswith("application/json"), r.headers
             assert r.json()["error"] and "Traceback" not in r.text and "/tmp" not in r.text, r.text
             out = c.reconstruct(good, RATE)  # the server serves the next request normally
@@ -386,23 +406,253 @@ def test_bad_input_gets_its_status_and_the_next_request_works(server: Server, re
     assert 'status="500"' not in server.metrics()
 
 
-def test_an_oversized_body_is_refused_from_its_header_without_reading_it(server: Server) -> None:
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(
-            b"POST /v1/reconstruct HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
-            + f"Authorization: Bearer {KEY}\r\nContent-Length: {5 * 2**20}\r\n\r\n".encode()
-            + b"RIFF" * 16
-        )
-        t0 = time.monotonic()
-        head = s.recv(4096).decode(errors="replace")
-        assert time.monotonic() - t0 < 5
-    assert head.startswith("HTTP/1.1 413"), head
-    assert '"error"' in head or "application/json" in head
+def test_values_that_overflow_the_graphs_are_the_clients_422_without_advice_to_an_fp32_server(
+    server: Server, rec: Any
+) -> None:
+    huge = npy_bytes(np.full((8, 100, 16), 3e38, np.float32))  # finite, but no graph can carry it
+    for params in ({}, {"stream": "true"}):
+        r = server.post("/v1/decode", huge, params=params)
+        assert r.status_code == 422, (params, r.status_code, r.text)
+        assert "3e+38" in r.json()["error"] and "--precision" not in r.text, r.text
+    signs = np.sign(np.random.default_rng(0).standard_normal(22050)).astype(np.float32)
+    loud = wav_bytes(signs * np.float32(3.4e38), 22050)  # overflowed the resampler into NaN features (500)
+    r = server.post("/v1/encode", loud)
+    assert r.status_code == 200, r.text  # prepared as the same signal at a lower level
+    r = server.post("/v1/reconstruct", loud)  # at the input's level the answer is past float32's range
+    assert r.status_code == 422 and "float32" in r.json()["error"], r.text
+    # a stream whose later window overflows: aborted after its 200, recorded as the client's 422
+    z = rec.encode(tone(30.0, RATE, 250.0), RATE)
+    z[:, -40:] = 3e38
+    before = metric(server.metrics(), "recon_requests_total", route="/v1/decode", status="422")
+    with pytest.raises(httpx.HTTPError):
+        with httpx.stream(
+            "POST", server.url + "/v1/decode", params={"stream": "true"}, content=npy_bytes(z),
+            headers=server.headers, timeout=60,
+        ) as r:  # fmt: skip
+            assert r.status_code == 200
+            for _ in r.iter_raw():
+                pass
+    m = wait_for_metric(
+        server.url, "recon_requests_total", before + 1, headers=server.headers, route="/v1/decode", status="422"
+    )
+    assert metric(m, "recon_requests_total", route="/v1/decode", status="422") == before + 1
+    assert 'status="500"' not in server.metrics()
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """Send `data` on a fresh connection and read until the server closes it (or `timeout`)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        got = b""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                part = s.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not part:
+                break
+            got += part
+        return got
+
+
+def test_an_oversized_body_with_expect_100_continue_is_refused_from_its_header_without_reading_it(
+    server: Server,
+) -> None:
+    head = (
+        b"POST /v1/reconstruct HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nExpect: 100-continue\r\n"
+        + f"Authorization: Bearer {KEY}\r\nContent-Length: {5 * 2**20}\r\n\r\n".encode()
+    )
+    t0 = time.monotonic()
+    answer = raw_exchange(server.port, head).decode(errors="replace")
+    assert time.monotonic() - t0 < 5  # not told to continue, the client never sends the body: answered at once
+    assert answer.startswith("HTTP/1.1 413"), answer  # no "100 Continue" first
+    assert "application/json" in answer and '"error"' in answer and "connection: close" in answer.lower(), answer
+    # without Expect and without the body (waiting for the answer): answered once nothing came for 1 s
+    t0 = time.monotonic()
+    answer = raw_exchange(server.port, head.replace(b"Expect: 100-continue\r\n", b"")).decode(errors="replace")
+    assert time.monotonic() - t0 < 4 and answer.startswith("HTTP/1.1 413") and '"error"' in answer, answer
+    # a body that declares more than the server drains is answered at once too, and the connection closed
+    huge = head.replace(b"Expect: 100-continue\r\n", b"").replace(str(5 * 2**20).encode(), str(2**30).encode())
+    t0 = time.monotonic()
+    answer = raw_exchange(server.port, huge + b"RIFF" * 16).decode(errors="replace")
+    assert time.monotonic() - t0 < 5 and answer.startswith("HTTP/1.1 413") and '"error"' in answer, answer
     # a chunked body (no length) over the limit is cut off as it arrives
     r = httpx.post(
         server.url + "/v1/reconstruct", content=iter([b"\0" * 2**20] * 3), headers=server.headers, timeout=30
     )
     assert r.status_code == 413 and "limit" in r.json()["error"]
+
+
+def test_every_client_reads_the_refusal_of_a_body_it_sends_whole(server: Server) -> None:
+    """urllib and http.client send the whole body before they read: closing on them with the body
+    unread reset the connection (urllib: 20 resets or broken pipes in 20 tries at 5 MB)."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    big = b"\0" * (5 * 2**20)  # over the server's 2 MB limit
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "audio/wav"}
+
+    def expect_json(status: int, got: int, text: bytes, who: str) -> None:
+        assert got == status, (who, got, text[:200])
+        assert json.loads(text)["error"], (who, text[:200])
+
+    for _ in range(5):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(server.url + "/v1/reconstruct", big, auth), timeout=30)
+        expect_json(413, e.value.code, e.value.read(), "urllib")
+        with pytest.raises(urllib.error.HTTPError) as e:  # refused before routing (401), the body unread
+            urllib.request.urlopen(urllib.request.Request(server.url + "/v1/encode", big), timeout=30)
+        expect_json(401, e.value.code, e.value.read(), "urllib")
+    for path, body, status in [("/v1/reconstruct", big, 413), ("/v1/decode?gain=-1", big[: 2**20], 422)]:
+        for _ in range(5):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            try:
+                conn.request("POST", path, body, auth)
+                r = conn.getresponse()
+                expect_json(status, r.status, r.read(), "http.client")
+            finally:
+                conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:  # chunked: no length to refuse it by, cut off as it arrives, then the rest is drained
+        conn.request("POST", "/v1/reconstruct", iter([b"\0" * 2**20] * 5), auth, encode_chunked=True)
+        r = conn.getresponse()
+        expect_json(413, r.status, r.read(), "http.client chunked")
+    finally:
+        conn.close()
+    for _ in range(3):
+        r = httpx.post(server.url + "/v1/reconstruct", content=big, headers=auth, timeout=30)
+        expect_json(413, r.status_code, r.content, "httpx")
+    # a refusal whose body was drained leaves the connection usable
+    with httpx.Client(headers=server.headers, timeout=30) as c:
+        assert c.post(server.url + "/v1/decode", params={"gain": "-1"}, content=big[: 2**20]).status_code == 422
+        assert c.get(server.url + "/v1/info").status_code == 200
+
+
+# ---------------------------------------------------------------------- slow clients
+class Trickle:
+    """Raw connections that each send their bytes one at a time, every `pace` seconds, from one
+    thread (a slow client's pace, not a wait on the server), and record what the server answers."""
+
+    def __init__(self, port: int, payloads: list[bytes], pace: float, head: bytes = b""):
+        self.socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in payloads]
+        for s in self.socks:
+            s.sendall(head)  # sent whole, before the trickle starts
+        self.payloads = payloads
+        self.answers: list[bytes] = [b""] * len(payloads)
+        self.closed: list[float | None] = [None] * len(payloads)  # when the server closed each one
+        self.stop = threading.Event()
+        self.pace = pace
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        sent = [0] * len(self.socks)
+        while not self.stop.is_set() and any(c is None for c in self.closed):
+            for i, s in enumerate(self.socks):
+                if self.closed[i] is not None:
+                    continue
+                try:
+                    if sent[i] < len(self.payloads[i]):
+                        s.sendall(self.payloads[i][sent[i] : sent[i] + 1])
+                        sent[i] += 1
+                    s.setblocking(False)
+                    try:
+                        while part := s.recv(65536):
+                            self.answers[i] += part
+                        self.closed[i] = time.monotonic()  # recv returned b"": closed by the server
+                    except BlockingIOError:
+                        pass
+                    finally:
+                        s.setblocking(True)
+                except OSError:
+                    self.closed[i] = time.monotonic()
+            self.stop.wait(self.pace)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        for s in self.socks:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The default limits (16 upload slots, 4 KiB/s minimum upload rate) with a short header timeout."""
+    s = Server(tiny_bundle, tmp_path_factory.mktemp("guarded"), "--header-timeout-s", "1.5", "--body-timeout-s", "20")
+    yield s
+    assert s.stop() == 0, s.log.read_text()
+
+
+def wait_until(condition: Any, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, what
+        time.sleep(0.05)
+
+
+def test_a_connection_whose_request_head_trickles_in_is_closed_within_the_header_timeout(guarded: Server) -> None:
+    head = b"POST /v1/reconstruct HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: 10\r\n\r\n"
+    with httpx.Client(timeout=30) as c:  # a kept-alive connection that trickles its next head: closed too
+        assert c.get(guarded.url + "/healthz").status_code == 200
+    slow = Trickle(guarded.port, [head, b"", head], pace=0.25)  # 1 byte each 0.25 s: 21 s for this head
+    opened = time.monotonic()
+    try:
+        wait_until(lambda: all(c is not None for c in slow.closed), 15, "a slow head was never closed")
+        for i in (0, 2):  # part of a head came: 408 as JSON, within the bound
+            assert slow.closed[i] - opened < 1.5 + 3.0, slow.closed[i] - opened  # type: ignore[operator]
+            answer = slow.answers[i].decode()
+            assert answer.startswith("HTTP/1.1 408") and "1.5 s" in json.loads(answer.split("\r\n\r\n")[1])["error"]
+        assert slow.answers[1] == b""  # nothing came: closed without a word
+    finally:
+        slow.close()
+    # a malformed head gets the server's JSON error, not uvicorn's plain text
+    answer = raw_exchange(guarded.port, b"NOT HTTP AT ALL\r\n\r\n").decode()
+    assert answer.startswith("HTTP/1.1 400") and json.loads(answer.split("\r\n\r\n")[1])["error"], answer
+    assert httpx.get(guarded.url + "/readyz", timeout=10).status_code == 200
+
+
+def test_other_uvicorn_hosts_get_the_header_timeout_from_the_environment(
+    tiny_bundle: Path, rec: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`uvicorn --http recon_runtime.http_protocol:HeadTimeoutH11Protocol` reads RECON_HEADER_TIMEOUT_S."""
+    from recon_runtime.server import ServerConfig, create_app
+
+    monkeypatch.setenv("RECON_HEADER_TIMEOUT_S", "0.5")
+    app = create_app(ServerConfig(model=str(tiny_bundle), warmup=False), reconstructor=rec)
+    srv = _Threaded(app, http="recon_runtime.http_protocol:HeadTimeoutH11Protocol")
+    try:
+        opened = time.monotonic()
+        answer = raw_exchange(srv.port, b"GET /healthz HTTP/1.1\r\nHo", timeout=10)
+        assert time.monotonic() - opened < 0.5 + 3.0 and answer.startswith(b"HTTP/1.1 408"), answer
+        assert httpx.get(srv.url + "/healthz", timeout=10).status_code == 200
+    finally:
+        srv.close()
+
+
+def test_slow_uploads_give_their_slots_back_and_do_not_starve_a_normal_client(guarded: Server, rec: Any) -> None:
+    """17 uploads at 1 byte/s held every upload slot for 30 s (--body-timeout-s); below the minimum
+    rate after the grace they get 408, and a normal client is answered while they still trickle."""
+    head = b"POST /v1/reconstruct HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: 100000\r\n\r\n"
+    uploads = 17  # one more than the default --max-uploads 16
+    # the heads go at once (the header timeout is not what this tests), the bodies at 2 bytes/s
+    slow = Trickle(guarded.port, [b"RIFF" * 25_000] * uploads, pace=0.5, head=head)
+    try:
+        m = wait_for_metric(guarded.url, "recon_requests_in_flight", uploads, timeout=30)
+        assert metric(m, "recon_requests_in_flight") == uploads, m  # admitted: 16 hold the slots, 1 waits
+        t0 = time.monotonic()
+        r = httpx.post(guarded.url + "/v1/reconstruct", content=wav_bytes(tone(0.3)), timeout=60)
+        answered = time.monotonic()
+        assert r.status_code == 200, r.text
+        assert answered - t0 < 20, "the normal client waited as long as --body-timeout-s"
+        assert any(c is None for c in slow.closed), "answered only after every slow upload was gone"
+        wait_until(lambda: all(c is not None for c in slow.closed), 30, "a slow upload was never answered")
+        for answer in slow.answers:
+            text = answer.decode(errors="replace")
+            assert text.startswith("HTTP/1.1 408") and "4096 bytes/s" in text, text
+    finally:
+        slow.close()
 
 
 def test_the_api_key_guards_every_route_but_healthz(server: Server) -> None:
@@ -503,13 +753,14 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_bundle: Path, tmp_
 class _Threaded:
     """The app factory's app on a real uvicorn server in a thread (to hold the model from the test)."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: Any, http: Any = "auto"):
         import uvicorn
 
         self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", http=http)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         end = time.monotonic() + 30
@@ -656,10 +907,12 @@ def serve_in_process(rec: Any, tiny_bundle: Path, **config: Any) -> _Threaded:
     return srv
 
 
-def wait_for_metric(url: str, name: str, want: float, timeout: float = 10, **labels: str) -> str:
+def wait_for_metric(
+    url: str, name: str, want: float, timeout: float = 10, headers: dict[str, str] | None = None, **labels: str
+) -> str:
     end = time.monotonic() + timeout
     while True:
-        m = httpx.get(url + "/metrics", timeout=10).text
+        m = httpx.get(url + "/metrics", headers=headers, timeout=10).text
         if metric(m, name, **labels) >= want or time.monotonic() > end:
             return m
         time.sleep(0.05)
@@ -831,11 +1084,15 @@ def test_a_full_server_answers_503_before_the_body_and_a_stalled_upload_gets_408
             stalled.sendall(head + b"RIFF")  # admitted, then never sends the rest
             time.sleep(0.3)
             with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as second:
-                second.sendall(head)  # headers only: the answer must not wait for a body
+                # headers that ask before sending the body: the answer must not wait for it
+                second.sendall(head.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"))
                 t0 = time.monotonic()
                 answer = second.recv(4096).decode(errors="replace")
                 assert answer.startswith("HTTP/1.1 503") and "busy" in answer, answer
                 assert time.monotonic() - t0 < 1.0
+            # a client that sends its body at once reads the refusal once the server has discarded it
+            answer = raw_exchange(srv.port, head + b"\0" * 100000).decode(errors="replace")
+            assert answer.startswith("HTTP/1.1 503") and "busy" in answer, answer
             answer = stalled.recv(4096).decode(errors="replace")
             assert answer.startswith("HTTP/1.1 408"), answer
         r = httpx.post(srv.url + "/v1/reconstruct", content=wav_bytes(tone(0.2)), timeout=30)
@@ -974,6 +1231,9 @@ def test_sigterm_exits_non_zero_when_the_grace_period_cuts_requests_off(tiny_bun
     finally:
         s.stop()
     assert "cut off 1 request" in s.log.read_text()
+    r = result["r"]  # the request that was cut off reads why, as JSON (uvicorn's own answer is a plain-text 500)
+    assert isinstance(r, httpx.Response), r
+    assert r.status_code == 503 and r.headers["retry-after"] and "shutting down" in r.json()["error"], r.text
 
 
 def test_the_client_raises_server_errors_with_the_status(server: Server) -> None:
@@ -995,6 +1255,12 @@ def test_config_from_the_environment_for_hosts_without_the_cli() -> None:
     c = ServerConfig.from_env(env)
     assert (c.model, c.max_batch, c.max_wait_ms, c.threads, c.api_key) == ("/m", 2, 5.5, 3, "k1")
     assert c.max_windows == 40 and ServerConfig().max_windows is None
+    c = ServerConfig.from_env({"RECON_HEADER_TIMEOUT_S": "2.5", "RECON_MIN_UPLOAD_RATE": "0"})
+    assert (c.header_timeout_s, c.min_upload_rate) == (2.5, 0.0)
+    with pytest.raises(ValueError, match="header_timeout_s"):
+        ServerConfig(header_timeout_s=0)
+    with pytest.raises(ValueError, match="min_upload_rate"):
+        ServerConfig(min_upload_rate=-1)
     assert ServerConfig.from_env({}) == ServerConfig()
     with pytest.raises(ValueError, match="MY_KEY"):
         ServerConfig.from_env({"RECON_API_KEY_ENV": "MY_KEY"})

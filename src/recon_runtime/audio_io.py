@@ -13,6 +13,7 @@ from typing import Final
 
 import numpy as np
 import soundfile as sf
+from numpy.lib import format as npy_format
 
 from .errors import AudioInputError, OutputError
 
@@ -215,6 +216,50 @@ def load_array(path: Path) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise AudioInputError(f"{path}: not a readable .npy array ({_one_line(e)})") from None
+
+
+ArrayCheck = Callable[[tuple[int, ...], np.dtype], None]
+
+
+def read_array_bytes(data: bytes, what: str, check: ArrayCheck | None = None) -> np.ndarray:
+    """A .npy array from bytes (e.g. an upload), its header checked before anything is allocated.
+
+    `np.load` allocates what the header declares before it reads the data, so a 2 KB body that
+    declares 48 GiB makes it try; here the header is read first, `check(shape, dtype)` may refuse
+    the declared array (raise), and a header that declares more or fewer bytes than follow it is
+    refused (AudioInputError). Object arrays (pickles) are never loaded.
+
+    Returns:
+        The array, a read-only view of `data` in the declared dtype and shape.
+    """
+    f = io.BytesIO(data)
+    try:
+        version = npy_format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran_order, dtype = npy_format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = npy_format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"format version {version[0]}.{version[1]} is not supported (1.0 or 2.0)")
+    except Exception as e:  # noqa: BLE001 - numpy's header parser raises many kinds (tokenize's too): all the body's fault
+        raise AudioInputError(f"{what}: not a readable .npy array ({_one_line(e)})") from None
+    if dtype.hasobject:
+        raise AudioInputError(f"{what}: the .npy array holds Python objects (pickles are never loaded)")
+    if any(d < 0 for d in shape):
+        raise AudioInputError(f"{what}: the .npy header declares a negative dimension {list(shape)}")
+    if check is not None:
+        check(tuple(shape), dtype)
+    count = 1
+    for d in shape:
+        count *= d
+    offset = f.tell()
+    need, have = count * dtype.itemsize, len(data) - offset
+    if need != have:
+        raise AudioInputError(
+            f"{what}: the .npy header declares {list(shape)} {dtype} ({need} bytes) but {have} bytes follow it"
+        )
+    array = np.frombuffer(data, dtype, count, offset)
+    return array.reshape(shape[::-1]).transpose() if fortran_order else array.reshape(shape)
 
 
 def discover(inputs: list[Path], accept: Callable[[Path], bool]) -> Iterator[tuple[Path, Path]]:

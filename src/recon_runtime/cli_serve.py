@@ -111,6 +111,14 @@ def api_key_from_env(var: str | None) -> str | None:
     help="Decoded samples of one upload, frames x channels x 4 bytes from its header (413 beyond).",
 )  # fmt: skip
 @click.option(
+    "--header-timeout-s", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+    help="A connection's request head must arrive within this (closed beyond, with 408 if part of it came).",
+)  # fmt: skip
+@click.option(
+    "--min-upload-rate", type=click.FloatRange(min=0), default=4096.0, show_default=True, metavar="BYTES_PER_S",
+    help="An upload slower than this after a short grace gets 408 and frees its slot (0: no minimum).",
+)  # fmt: skip
+@click.option(
     "--api-key-env", default=None, metavar="VAR",
     help="Require 'Authorization: Bearer <key>' on every route but /healthz; the key is read from $VAR.",
 )  # fmt: skip
@@ -192,12 +200,15 @@ def serve(
         if server is not None:
             server.should_exit = True
 
+    from .http_protocol import with_header_timeout
+
     app = create_app(config, on_load_error=on_load_error)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
             host=host,
             port=port,
+            http=with_header_timeout(config.header_timeout_s),  # pins h11: the implementation it extends
             timeout_graceful_shutdown=math.ceil(grace_s),  # None would wait for ever
             log_level="debug" if ctx.obj and ctx.obj.get("debug") else "info",
             server_header=False,

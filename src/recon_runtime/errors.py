@@ -56,4 +56,14 @@ class ProviderError(ReconError):
 
 
 class NumericalError(ReconError):
-    """A graph produced NaN or inf."""
+    """A graph (or the input's level restored after it) produced NaN or inf.
+
+    `input_caused` is True where the input's values, not a lower precision, must be what overflowed:
+    the graphs ran with float32's range (fp32, bf16, int8), or the result at the input's level is past
+    float32's range. A server then answers its client 422 (the input is at fault); False (fp16 graphs)
+    means fp32 may succeed where this did not.
+    """
+
+    def __init__(self, message: str, input_caused: bool = False):
+        super().__init__(message)
+        self.input_caused = input_caused

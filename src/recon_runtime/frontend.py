@@ -50,13 +50,23 @@ def prepare_waveform(audio: np.ndarray, sample_rate: int, mel: MelSpec = EXPECTE
         raise AudioInputError("audio has zero samples")
     if not np.isfinite(x).all():
         raise AudioInputError("audio contains NaN or infinite samples")
-    if sample_rate != mel.sample_rate:
-        x = soxr.resample(x, sample_rate, mel.sample_rate, quality="HQ").astype(np.float32, copy=False)
-    x = x - np.float32(x.mean(dtype=np.float64))  # a new array: the caller's audio is never modified
-    scale = float(np.abs(x).max()) + PEAK_EPS
-    x *= np.float32(mel.peak_level / scale)
+    level = 1.0  # the input is centred at 1/level: only samples near float32's limit need it
+    y = _resample_and_centre(x, sample_rate, mel)  # a new array: the caller's audio is never modified
+    if not np.isfinite(y).all():  # such samples overflowed the resampling filter or the mean removal
+        level = float(np.abs(x).max())
+        y = _resample_and_centre(x / np.float32(level), sample_rate, mel)
+    x = y
+    scale = float(np.abs(x).max()) * level + PEAK_EPS
+    x *= np.float32(mel.peak_level * level / scale)
     np.clip(x, -1.0, 1.0, out=x)
     return x, scale / mel.peak_level
+
+
+def _resample_and_centre(x: np.ndarray, sample_rate: int, mel: MelSpec) -> np.ndarray:
+    """float32 mono at `mel.sample_rate` with its mean removed (a new array)."""
+    if sample_rate != mel.sample_rate:
+        x = soxr.resample(x, sample_rate, mel.sample_rate, quality="HQ").astype(np.float32, copy=False)
+    return x - np.float32(x.mean(dtype=np.float64))
 
 
 @lru_cache(maxsize=4)

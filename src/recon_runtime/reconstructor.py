@@ -39,8 +39,8 @@ from .contract import (
     check_mel,
     read_contract,
 )
-from .errors import AudioInputError, BundleError, ProviderError, install_hint
-from .executors import BACKENDS, ONNXRUNTIME, OPENVINO, Executor, ExecutorOptions, require_finite
+from .errors import AudioInputError, BundleError, NumericalError, ProviderError, install_hint
+from .executors import BACKENDS, ONNXRUNTIME, OPENVINO, Executor, ExecutorOptions
 from .executors.base import LATENCY, PERFORMANCE_HINTS
 from .frontend import log_mel, prepare_waveform
 
@@ -645,9 +645,14 @@ class Reconstructor:
 
     def finish(self, feats: Features, wave: np.ndarray, output_rate: int | None = None) -> np.ndarray:
         """Restore the input level and resample a 16 kHz reconstruction to `output_rate`."""
-        out = wave * np.float32(feats.gain)
+        with np.errstate(over="ignore"):  # an input level past float32's range is refused below, not warned about
+            out = wave * np.float32(feats.gain)
         rate = self.contract.mel.sample_rate
         if output_rate and output_rate != rate:
             out = soxr.resample(out, rate, output_rate, quality="HQ").astype(np.float32)
-        require_finite(out, "reconstructed audio")
+        if not np.isfinite(out).all():  # the graphs' output is finite (checked): the input's level is too high
+            raise NumericalError(
+                f"the reconstruction at the input's level (gain {feats.gain:.3g}) is past float32's range",
+                input_caused=True,
+            )
         return out.astype(np.float32, copy=False)

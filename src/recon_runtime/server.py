@@ -41,13 +41,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import __version__
-from .audio_io import AudioTooLarge, read_audio_bytes
+from .audio_io import AudioTooLarge, read_array_bytes, read_audio_bytes
 from .batcher import BatchStats, DeadlineExceeded, QueueFull, ShuttingDown, WindowBatcher
 from .chunking import window_weights
 from .contract import LATENT_CHANNELS, LATENT_DOWNSAMPLE, LATENT_FREQ_BINS, ROLES
-from .errors import AudioInputError, BundleError, ReconError
+from .errors import AudioInputError, BundleError, NumericalError, ReconError
 from .executors import ONNXRUNTIME
 from .executors.base import LATENCY, THROUGHPUT
 from .protocol import (
@@ -78,6 +79,24 @@ CLIENT_GONE = 499
 DISCONNECT_POLL_S = 0.1
 STATUS_OVERRIDE = "recon.status"
 """Scope key: the status to record when it is not the one sent (a stream that failed after its start)."""
+SHUTTING_DOWN = "the server is shutting down; retry shortly"
+SHUTDOWN_RETRY_AFTER = {"Retry-After": "5"}
+"""A stopping server's answer: another instance (or this one restarted) takes the retry."""
+
+UPLOAD_GRACE_S = 5.0
+"""An upload may lag for this long after its slot is granted before --min-upload-rate applies (a lost
+first packet is resent after 1 s, then 3 s): from then on the bytes received must keep up with
+rate x (seconds since the slot - this), as Apache's mod_reqtimeout counts `body=20,MinRate=500`."""
+REFUSED_BODY_DRAIN_BYTES = 64 * 2**20
+"""How much of a refused request's body is read and discarded before the refusal is sent, so a client
+that sends its whole body before it reads (urllib, http.client) reads the refusal instead of a reset
+(closing with unread data resets the connection). 64 MiB: the default --max-body-mb, so a drain costs
+no more than one accepted upload; a body that declares more is not drained (the connection closes)."""
+REFUSED_BODY_DRAIN_S = 5.0
+"""The longest a drain may take (nginx's lingering_timeout); past it the connection closes."""
+REFUSED_BODY_IDLE_S = 1.0
+"""A drain ends when nothing arrives for this long (Apache lingers 2 s per read): the client is not
+sending its body but waiting for the answer, which then comes at once, closing the connection."""
 
 STREAM_MEDIA_TYPE = "application/octet-stream"
 STREAM_FORMATS = {"float": "f32le", "pcm16": "s16le"}
@@ -121,6 +140,13 @@ class ServerConfig:
     """Uploads read at once; more wait for a slot (within body_timeout_s, then 503)."""
     max_decoded_mb: float = 1024.0
     """Decoded samples (frames x channels x 4 bytes, from the header, before decoding) of one upload (413 beyond)."""
+    header_timeout_s: float = 10.0
+    """A connection's request head (request line and headers) must arrive within this, else the
+    connection is closed (408 if part of it came). Applied by `recon-run serve`'s HTTP protocol
+    (`http_protocol.HeadTimeoutH11Protocol`); docs/serving.md says why 10 s."""
+    min_upload_rate: float = 4096.0
+    """Bytes per second an upload must keep up after its first UPLOAD_GRACE_S seconds (408 below,
+    freeing its upload slot); 0: no minimum. docs/serving.md says why 4 KiB/s."""
     expect_digest: str | None = None
     performance_hint: str | None = None
     """OpenVINO's hint; None: throughput (several streams serve the batcher's runs), or latency with
@@ -134,10 +160,10 @@ class ServerConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_windows is not None and self.max_windows < 1:
             raise ValueError("max_windows must be at least 1")
-        for name in ("max_wait_ms",):
+        for name in ("max_wait_ms", "min_upload_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be at least 0")
-        for name in ("max_body_mb", "max_seconds", "timeout_s", "body_timeout_s", "max_decoded_mb"):
+        for name in ("max_body_mb", "max_seconds", "timeout_s", "body_timeout_s", "max_decoded_mb", "header_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
         if self.api_key is not None and not self.api_key:
@@ -150,8 +176,9 @@ class ServerConfig:
         """Settings from RECON_MODEL, RECON_BACKEND, RECON_PROVIDER, RECON_PRECISION, RECON_THREADS,
         RECON_MAX_BATCH, RECON_MAX_WAIT_MS, RECON_MAX_QUEUE, RECON_MAX_WINDOWS, RECON_MAX_BODY_MB, RECON_MAX_SECONDS,
         RECON_TIMEOUT_S, RECON_BUCKET_FRAMES, RECON_BODY_TIMEOUT_S, RECON_MAX_UPLOADS, RECON_MAX_DECODED_MB,
-        RECON_EXPECT_DIGEST, RECON_PERFORMANCE_HINT, RECON_COMPILE_CACHE and RECON_API_KEY_ENV (the name of the variable that
-        holds the key), for hosts that build the app without the CLI (gunicorn)."""
+        RECON_HEADER_TIMEOUT_S, RECON_MIN_UPLOAD_RATE, RECON_EXPECT_DIGEST, RECON_PERFORMANCE_HINT,
+        RECON_COMPILE_CACHE and RECON_API_KEY_ENV (the name of the variable that holds the key), for
+        hosts that build the app without the CLI (gunicorn)."""
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
@@ -189,6 +216,21 @@ def performance_hint(config: ServerConfig) -> str:
 def load_failure_message(e: BaseException) -> str:
     """The one line that says why the model did not load (the user's message, or the exception's repr)."""
     return f"{LOAD_FAILED}: {e if isinstance(e, ReconError) else repr(e)}"
+
+
+def error_status(e: ReconError) -> int:
+    """The status of a runtime error: the client's input (400, 413, 422) or the server's fault (500).
+
+    A non-finite result from finite input is 422 either way: where the graphs have float32's range
+    the input's values overflowed them (`input_caused`); on fp16 graphs the input is what they cannot
+    carry (its message names the precision, and the server logs it for its operator)."""
+    if isinstance(e, AudioInputError):
+        return 400
+    if isinstance(e, PayloadTooLarge):
+        return 413
+    if isinstance(e, (BundleError, NumericalError)):
+        return 422
+    return 500
 
 
 class HTTPError(Exception):
@@ -408,7 +450,9 @@ class Service:
                 503, f"server busy: {self.config.max_uploads} uploads in progress", {"Retry-After": "1"}
             ) from None
         try:
-            body = await asyncio.wait_for(_read_limited(request, limit), max(0.0, deadline - time.monotonic()))
+            body = await asyncio.wait_for(
+                _read_limited(request, limit, self.config.min_upload_rate), max(0.0, deadline - time.monotonic())
+            )
         except asyncio.TimeoutError:
             raise HTTPError(408, f"the body did not arrive within {timeout:g} s", {"Connection": "close"}) from None
         finally:
@@ -450,25 +494,29 @@ class Service:
                 f"latents come from another model (bundle {fingerprint}, this server {self.rec.contract.fingerprint}); "
                 "decode them with the bundle that encoded them",
             )
-        try:
-            z = np.load(io.BytesIO(body), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise HTTPError(400, f"body is not a readable .npy array ({' '.join(str(e).split())})") from None
-        if not isinstance(z, np.ndarray):
-            raise HTTPError(400, "body is not a single .npy array")
-        if z.ndim != 3 or z.shape[0] != LATENT_CHANNELS or z.shape[2] != LATENT_FREQ_BINS or z.shape[1] < 1:
-            raise HTTPError(
-                422, f"latents must be one [{LATENT_CHANNELS}, frames, {LATENT_FREQ_BINS}] array, got {list(z.shape)}"
-            )
-        if z.dtype.kind != "f":
-            raise HTTPError(422, f"latents must be float16, float32 or float64, got {z.dtype}")
-        seconds = z.shape[1] * self.samples_per_latent / self.rate
-        if seconds > self.config.max_seconds:
-            raise PayloadTooLarge(f"latents of {seconds:.1f} s are over the limit of {self.config.max_seconds:g} s")
-        z = z.astype(np.float32, copy=False)
+        z = read_array_bytes(body, "uploaded latents", self._check_latents)
+        z = np.array(z, np.float32)  # a writable copy (the upload's bytes are read-only)
         if not np.isfinite(z).all():
             raise HTTPError(400, "latents contain NaN or inf (or values past float32's range)")
         return z
+
+    def _check_latents(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        """Refuse latents from their .npy header, before their data is touched or anything allocated."""
+        if len(shape) != 3 or shape[0] != LATENT_CHANNELS or shape[2] != LATENT_FREQ_BINS or shape[1] < 1:
+            raise HTTPError(
+                422, f"latents must be one [{LATENT_CHANNELS}, frames, {LATENT_FREQ_BINS}] array, got {list(shape)}"
+            )
+        if dtype.kind != "f":
+            raise HTTPError(422, f"latents must be float16, float32 or float64, got {dtype}")
+        seconds = shape[1] * self.samples_per_latent / self.rate
+        if seconds > self.config.max_seconds:
+            raise PayloadTooLarge(f"latents of {seconds:.1f} s are over the limit of {self.config.max_seconds:g} s")
+        size = shape[0] * shape[1] * shape[2] * max(dtype.itemsize, 4)  # as sent, or as the float32 copy
+        budget = int(self.config.max_decoded_mb * 2**20)
+        if size > budget:
+            raise PayloadTooLarge(
+                f"latents of {size / 2**20:.0f} MiB are over the limit of {budget / 2**20:.0f} MiB (--max-decoded-mb)"
+            )
 
     @property
     def rate(self) -> int:
@@ -507,7 +555,7 @@ class Service:
         except QueueFull as e:
             raise HTTPError(503, f"server busy: {e}", {"Retry-After": "1"}) from None
         except ShuttingDown:
-            raise HTTPError(503, "the server is shutting down", {"Retry-After": "5"}) from None
+            raise HTTPError(503, SHUTTING_DOWN, SHUTDOWN_RETRY_AFTER) from None
 
     async def wait(self, futures: list[Future], deadline: float, request: Request | None = None) -> list[Any]:
         """Await the windows' outputs. Past the deadline their windows leave the queue and this gives 504;
@@ -529,7 +577,7 @@ class Service:
                 except asyncio.CancelledError:  # a window was cancelled: only at shutdown or a 504 elsewhere
                     if self.batcher.alive:
                         raise HTTPError(504, self._late()) from None
-                    raise HTTPError(503, "the server is shutting down", {"Retry-After": "5"}) from None
+                    raise HTTPError(503, SHUTTING_DOWN, SHUTDOWN_RETRY_AFTER) from None
             if watcher is not None and watcher in done:
                 raise ClientGone("the client disconnected")
             raise HTTPError(504, self._late())
@@ -561,10 +609,25 @@ class Service:
             raise HTTPError(504, self._late()) from None
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
+async def _read_limited(request: Request, limit: int, min_rate: float) -> bytes:
+    """The body, refused past `limit` bytes (413) or when it falls behind `min_rate` bytes/s after
+    UPLOAD_GRACE_S (408: a trickling client gives its upload slot back)."""
     chunks = []
     size = 0
-    async for chunk in request.stream():
+    start = time.monotonic()
+    stream = request.stream().__aiter__()
+    while True:
+        wait = max(0.0, start + UPLOAD_GRACE_S + size / min_rate - time.monotonic()) if min_rate else None
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), wait)
+        except StopAsyncIteration:
+            break
+        except ClientDisconnect:  # gone mid-upload: nobody to answer (recorded as 499, not an app error)
+            raise ClientGone("the client disconnected during its upload") from None
+        except asyncio.TimeoutError:
+            raise HTTPError(
+                408, f"the upload fell below the server's minimum rate of {min_rate:g} bytes/s", {"Connection": "close"}
+            ) from None
         size += len(chunk)
         if size > limit:
             raise HTTPError(413, f"body is over the limit of {limit} bytes", {"Connection": "close"})
@@ -642,6 +705,7 @@ class _Edge:
         self.routes = routes
         key = service.config.api_key
         self._key = key.encode() if key else None
+        self._draining = 0
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -649,11 +713,16 @@ class _Edge:
             return
         started = time.perf_counter()
         status = 500
+        responded = False
+        body = _Body(scope, receive)
+        receive = body.receive
 
         async def send_status(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responded = message["status"], True
+                if not body.done:
+                    message = await self._before_answering_early(message, body)
             await send(message)
 
         try:
@@ -670,6 +739,16 @@ class _Edge:
             # the status went out with the first part: returning without the final chunk makes the
             # server drop the connection, so the client cannot take the truncated body as complete
             _LOGGER.warning("%s %s: stream aborted (%d): %s", scope.get("method"), scope["path"], e.status, e)
+        except asyncio.CancelledError:
+            # the host cut the request off (uvicorn, when --grace-s runs out on SIGTERM): answer what a
+            # stopping server answers instead of letting the host send its plain-text 500
+            scope[STATUS_OVERRIDE] = 503
+            if responded:
+                raise  # a stream already under way: the connection drops without its final chunk
+            _LOGGER.warning("%s %s: cut off by the shutdown (503)", scope.get("method"), scope["path"])
+            body.done = True  # no drain: the server is going away, and says so at once
+            headers = {**SHUTDOWN_RETRY_AFTER, "Connection": "close"}
+            await JSONResponse({"error": SHUTTING_DOWN}, 503, headers=headers)(scope, receive, send_status)
         finally:
             status = scope.get(STATUS_OVERRIDE, status)
             route = scope.get("route")
@@ -677,6 +756,30 @@ class _Edge:
             m = self.service.metrics
             m.requests.labels(label, str(status)).inc()
             m.latency.labels(label).observe(time.perf_counter() - started)
+
+    async def _before_answering_early(self, start: dict[str, Any], body: _Body) -> dict[str, Any]:
+        """A response is about to start before the request's body was read (a refusal): read and
+        discard the rest first, within REFUSED_BODY_DRAIN_BYTES / _S / IDLE_S, so that a client still
+        sending reads the answer instead of a reset, as common HTTP servers do. Not drained (the
+        connection then closes after the answer): a client that sent `Expect: 100-continue` and was
+        not told to continue (it has not sent the body), a 408 (the client is too slow), a body that
+        declares more than the bound, or more than --max-uploads drains at once."""
+        drain = (
+            start["status"] != 408
+            and not (body.expects_continue and not body.asked)
+            and body.declared_left <= REFUSED_BODY_DRAIN_BYTES
+            and self._draining < self.service.config.max_uploads
+        )
+        if drain:
+            self._draining += 1
+            try:
+                drain = await body.drain(REFUSED_BODY_DRAIN_BYTES, REFUSED_BODY_DRAIN_S, REFUSED_BODY_IDLE_S)
+            finally:
+                self._draining -= 1
+        headers = list(start.get("headers", ()))
+        if not drain and not any(k.lower() == b"connection" for k, _ in headers):
+            start = {**start, "headers": [*headers, (b"connection", b"close")]}
+        return start
 
     def _route_of(self, scope: dict[str, Any]) -> str:
         """The route a request would have reached (e.g. one refused with 401 before routing)."""
@@ -701,6 +804,53 @@ class _Edge:
         scheme, _, token = given.strip().partition(b" ")
         ok_scheme = scheme.lower() == b"bearer"  # the scheme is case-insensitive (RFC 9110)
         return hmac.compare_digest(token.strip(), self._key) and ok_scheme
+
+
+class _Body:
+    """Wraps an ASGI `receive`: how much of the request body has arrived, and whether all of it."""
+
+    def __init__(self, scope: dict[str, Any], receive: Any):
+        self._receive = receive
+        headers = {k.lower(): v for k, v in scope.get("headers", ())}
+        self.expects_continue = headers.get(b"expect", b"").strip().lower() == b"100-continue"
+        try:
+            self.declared: int | None = int(headers[b"content-length"])
+        except (KeyError, ValueError):
+            self.declared = None
+        chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        self.done = not chunked and not self.declared  # no body to read
+        self.asked = False
+        self.received = 0
+
+    @property
+    def declared_left(self) -> int:
+        """Bytes of a Content-Length body not read yet (0 for a chunked one: its length is unknown)."""
+        return max(0, (self.declared or 0) - self.received)
+
+    async def receive(self) -> dict[str, Any]:
+        self.asked = True
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            self.done = self.done or not message.get("more_body", False)
+        elif message["type"] == "http.disconnect":
+            self.done = True
+        return message
+
+    async def drain(self, max_bytes: int, max_s: float, idle_s: float) -> bool:
+        """Read and discard the rest of the body; True if it all arrived within the bounds (at most
+        `max_bytes` in `max_s`, and no pause of `idle_s`)."""
+
+        async def rest() -> None:
+            start = self.received
+            while not self.done and self.received - start <= max_bytes:
+                await asyncio.wait_for(self.receive(), idle_s)
+
+        try:
+            await asyncio.wait_for(rest(), max_s)
+        except asyncio.TimeoutError:
+            return False
+        return self.done
 
 
 def create_app(
@@ -753,12 +903,12 @@ def create_app(
 
     @app.exception_handler(ReconError)
     async def _recon_error(request: Request, e: ReconError) -> JSONResponse:
-        if isinstance(e, AudioInputError):
-            return JSONResponse({"error": str(e)}, 400)
-        if isinstance(e, BundleError):
-            return JSONResponse({"error": str(e)}, 422)
-        _LOGGER.error("request failed: %s", e)
-        return JSONResponse({"error": str(e)}, 500)
+        status = error_status(e)
+        if status >= 500:
+            _LOGGER.error("request failed: %s", e)
+        elif isinstance(e, NumericalError) and not e.input_caused:
+            _LOGGER.warning("a request's input overflowed the graphs: %s", e)
+        return JSONResponse({"error": str(e)}, status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _starlette_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -1044,7 +1194,7 @@ async def _decode_stream(
             raise StreamAborted(e.status, e.message) from None
         except ReconError as e:
             _LOGGER.warning("streaming decode aborted: %s", e)
-            request.scope[STATUS_OVERRIDE] = status = 400 if isinstance(e, AudioInputError) else 500
+            request.scope[STATUS_OVERRIDE] = status = error_status(e)
             raise StreamAborted(status, str(e)) from None
         except Exception:
             _LOGGER.exception("streaming decode aborted")

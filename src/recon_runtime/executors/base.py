@@ -16,7 +16,7 @@ from typing import Final
 
 import numpy as np
 
-from ..contract import DECODER, ENCODER, LATENT_CHANNELS, LATENT_FREQ_BINS, N_MELS, ROLES, Contract
+from ..contract import DECODER, ENCODER, FP16, LATENT_CHANNELS, LATENT_FREQ_BINS, N_MELS, ROLES, Contract
 from ..errors import BundleError, NumericalError
 
 LATENCY: Final = "latency"
@@ -73,10 +73,25 @@ def batch_layout(first_role: str, shape: Sequence[int]) -> str | None:
     return None if ok else want
 
 
-def require_finite(array: np.ndarray, what: str) -> None:
-    """Fail loudly instead of returning NaN/inf audio."""
-    if not np.isfinite(array).all():
-        raise NumericalError(f"{what} contains NaN or inf; try --precision fp32 or shorter windows")
+FP16_MAX: Final = float(np.finfo(np.float16).max)
+
+
+def require_finite(array: np.ndarray, what: str, inputs: np.ndarray, precision: str) -> None:
+    """Fail loudly instead of returning NaN/inf audio, saying whether `inputs` (finite: callers check)
+    or the precision is to blame: only fp16 lacks float32's range, so elsewhere (or with inputs past
+    fp16's own range) the input overflowed the graphs."""
+    if np.isfinite(array).all():
+        return
+    peak = float(np.abs(inputs).max()) if inputs.size else 0.0
+    if precision == FP16 and peak <= FP16_MAX:
+        raise NumericalError(
+            f"{what} contains NaN or inf at fp16 (the input's largest magnitude is {peak:.3g}); try --precision fp32"
+        )
+    raise NumericalError(
+        f"{what} contains NaN or inf: the input's values (largest magnitude {peak:.3g}) overflow the graphs "
+        f"at {precision}",
+        input_caused=True,
+    )
 
 
 class Executor(ABC):
@@ -123,7 +138,7 @@ class Executor(ABC):
         outputs = self._run(roles, x)
         names = [t.name for t in self.contract.graph(roles[-1], self.graph_precision).outputs]  # type: ignore[union-attr]
         for name, out in zip(names, outputs):
-            require_finite(out, f"{roles[-1]} graph output {name!r}")
+            require_finite(out, f"{roles[-1]} graph output {name!r}", x, self.precision)
         return outputs
 
     def prepare(self, roles: Sequence[str]) -> None:
