@@ -201,6 +201,31 @@ def test_bundles_exported_before_the_family_was_recorded_still_read(tiny_bundle:
 # ------------------------------------------------------------------------------------------ refusals
 
 
+@pytest.mark.parametrize(
+    ("kernels", "rule"),
+    [
+        ([16, 16, 8, 4, 4], (160, 32)),
+        ([10, 8, 4, 4, 4], (160, 32)),
+        ([16, 16, 8, 4, 5], (160, 33)),
+        ([15, 16, 8, 4, 4], (160, 0)),
+    ],
+)
+def test_vocoder_length_rule_is_what_speecht5_hifigan_gives(kernels: list[int], rule: tuple[int, int]) -> None:
+    """The length arithmetic the refusal relies on, against the module itself (tiny channels)."""
+    import torch
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    from recon_export.checkpoint import _VOCODER_TINY, vocoder_length_rule
+
+    rates = _VOCODER_TINY["upsample_rates"]
+    vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(**{**_VOCODER_TINY, "upsample_kernel_sizes": kernels})).eval()
+    a, b = vocoder_length_rule(rates, kernels)
+    assert (a, b) == rule
+    for frames in (1, 7):
+        with torch.no_grad():
+            assert vocoder(torch.zeros(1, frames, 64)).shape[-1] == a * frames + b
+
+
 def _audioldm_48k(ckpt: Path) -> None:
     """The 48 kHz AudioLDM's interface: 16 latent channels, downsampling by 8, 256 mels, hop 480."""
     _edit_json(
@@ -262,6 +287,41 @@ REFUSALS: dict[str, tuple[Callable[[Path], None], list[str]]] = {
         lambda ckpt: write_model_index(ckpt, "AudioLDM2Pipeline", vae=["diffusers", "AutoencoderTiny"]),
         ["model_index.json vae: expected ['diffusers', 'AutoencoderKL'], found ['diffusers', 'AutoencoderTiny']"],
     ),
+    # valid JSON of the wrong type: one line, never a traceback
+    "vae-blocks-not-a-list": (
+        lambda ckpt: _edit_json(ckpt / "vae" / "config.json", block_out_channels=5),
+        ["vae/config.json block_out_channels: expected a list of 3 ints, found 5"],
+    ),
+    "model-index-class-name-not-a-string": (
+        lambda ckpt: write_model_index(ckpt, ["x"]),
+        [
+            "model_index.json _class_name: expected one of AudioLDM2Pipeline, AudioLDMPipeline, MusicLDMPipeline, "
+            "found ['x']"
+        ],
+    ),
+    "model-index-vae-not-a-list": (
+        lambda ckpt: write_model_index(ckpt, "AudioLDM2Pipeline", vae=3),
+        ["model_index.json vae: expected ['diffusers', 'AutoencoderKL'], found 3"],
+    ),
+    "vocoder-rates-not-a-list": (
+        lambda ckpt: _edit_json(ckpt / "vocoder" / "config.json", upsample_rates=160),
+        ["vocoder/config.json upsample_rates: expected a list of ints with a product of 160 (hop 160), found 160"],
+    ),
+    "vocoder-tail-of-another-length": (  # 160 * T + 33 samples: the runtime's 32-sample tail would be wrong
+        lambda ckpt: _edit_json(ckpt / "vocoder" / "config.json", upsample_kernel_sizes=[16, 16, 8, 4, 5]),
+        [
+            "vocoder/config.json upsample_kernel_sizes: expected kernels that give 160*T + 32 samples for T frames "
+            "with upsample_rates [5, 4, 2, 2, 2], found [16, 16, 8, 4, 5] (160*T + 33)"
+        ],
+    ),
+    "vocoder-even-resblock-kernel": (
+        lambda ckpt: _edit_json(ckpt / "vocoder" / "config.json", resblock_kernel_sizes=[3, 4]),
+        ["vocoder/config.json resblock_kernel_sizes: expected a list of odd ints (an even kernel changes the length)"],
+    ),
+    "vocoder-config-transformers-refuses": (
+        lambda ckpt: _edit_json(ckpt / "vocoder" / "config.json", leaky_relu_slope="steep"),
+        ["vocoder/config.json: not a SpeechT5HifiGan config (", "leaky_relu_slope"],
+    ),
 }
 
 
@@ -286,6 +346,89 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_loading_or_tracing(
     assert code == 1 and line.startswith(f"error: {ckpt}: ")
     for fragment in expected:
         assert fragment in line, line
+    assert not (tmp_path / "b").exists()
+
+
+# Every field the pre-load checks read, with JSON of the wrong type (or shape): each is one line naming
+# the field, exit 1, no traceback. None means "absent" where a field may be left out.
+_WRONG = [None, "x", 1.5, True, [], {}, [1, "a"], [[1]], ["diffusers"], ["diffusers", 3]]
+FUZZED_FIELDS: dict[str, tuple[str, list[Any]]] = {
+    **{
+        f"vae.{field}": ("vae/config.json", _WRONG)
+        for field in (
+            "in_channels",
+            "out_channels",
+            "latent_channels",
+            "block_out_channels",
+            "down_block_types",
+            "up_block_types",
+        )
+    },
+    "vae._class_name": ("vae/config.json", [v for v in _WRONG if v is not None]),
+    "vae.scaling_factor": ("vae/config.json", [v for v in _WRONG if v != 1.5]),  # 1.5 is a valid factor
+    **{
+        f"vocoder.{field}": ("vocoder/config.json", _WRONG)
+        for field in (
+            "model_in_dim",
+            "sampling_rate",
+            "upsample_rates",
+            "upsample_kernel_sizes",
+            "resblock_kernel_sizes",
+            "resblock_dilation_sizes",
+            "normalize_before",
+        )
+    },
+    "model_index._class_name": ("model_index.json", _WRONG),
+    "model_index.vae": ("model_index.json", [v for v in _WRONG if v is not None]),
+    "model_index.vocoder": ("model_index.json", [v for v in _WRONG if v is not None]),
+}
+
+
+@pytest.mark.parametrize("name", list(FUZZED_FIELDS))
+def test_wrong_json_types_in_every_checked_field_are_one_line(name: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from .test_export import _export
+
+    file, values = FUZZED_FIELDS[name]
+    field = name.split(".", 1)[1]
+    ckpt = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+    for weights in ckpt.rglob("*.safetensors"):  # a field that slipped through would fail later, differently
+        weights.write_bytes(b"not safetensors")
+    original = (ckpt / file).read_text() if (ckpt / file).exists() else None
+    for value in values:
+        if original is None:
+            write_model_index(ckpt, "AudioLDM2Pipeline", **{field: value})
+        else:
+            data = json.loads(original)
+            data[field] = value
+            (ckpt / file).write_text(json.dumps(data))
+        code, line = _export("--model", str(ckpt), "--out", str(tmp_path / "b"))
+        assert code == 1 and line.startswith(f"error: {ckpt}: "), (value, line)
+        assert f"{file} {field}:" in line or f"{file}: " in line, (value, line)
+        assert field in line, (value, line)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    ("file", "changes", "fragment"),
+    [
+        ("vae/config.json", {"block_out_channels": 5}, "block_out_channels: expected a list of 3 ints, found 5"),
+        ("model_index.json", {"_class_name": ["x"]}, "_class_name: expected one of"),
+        ("vocoder/config.json", {"upsample_rates": 160}, "upsample_rates: expected a list of ints"),
+        ("vocoder/config.json", {"leaky_relu_slope": "x"}, "not a SpeechT5HifiGan config"),
+    ],
+)
+def test_wrong_json_types_through_the_cli(
+    file: str, changes: dict[str, Any], fragment: str, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    ckpt = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+    if file == "model_index.json":
+        write_model_index(ckpt, "AudioLDM2Pipeline", **changes)
+    else:
+        _edit_json(ckpt / file, **changes)
+    result = run_cli("recon-export", "--model", str(ckpt), "--out", str(tmp_path / "b"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {ckpt}: ") and fragment in errors[0], result.stderr
     assert not (tmp_path / "b").exists()
 
 
