@@ -72,26 +72,39 @@ def test_each_published_config_exports_with_parity(config: str, tmp_path: Path) 
     import torch
 
     from recon_export.bundle import export_bundle
-    from recon_export.checkpoint import FROM_CALIBRATION, FROM_PUBLISHED, build_random
+    from recon_export.checkpoint import (
+        FROM_CALIBRATION,
+        SOURCE_PUBLISHED_SCALING_FACTOR,
+        SOURCE_PUBLISHED_SCALING_FACTOR_FROM,
+        build_random,
+    )
     from recon_export.families import FAMILY_PIPELINES
+    from recon_export.validate import CALIBRATION_FRAMES, CALIBRATION_KINDS, mel_batch
 
     spec = _published()[config]
     ckpt = build_random(config, seed=2, tiny=True)
     contract = export_bundle(ckpt, tmp_path / "b", precisions=[FP32])
     assert contract.family == spec.family and contract.pipeline_class == FAMILY_PIPELINES[spec.family]
     assert contract.source["config"] == config and contract.source["tiny"] is True
-    if spec.scaling_factor is not None:
-        assert contract.scaling_factor == spec.scaling_factor
-        assert contract.source[SOURCE_SCALING_FACTOR] == FROM_PUBLISHED
-    else:
-        assert contract.source[SOURCE_SCALING_FACTOR] == FROM_CALIBRATION
+    # random weights are always calibrated; the checkpoint's quoted factor is information only
+    assert contract.source[SOURCE_SCALING_FACTOR] == FROM_CALIBRATION
+    assert contract.source[SOURCE_PUBLISHED_SCALING_FACTOR] == spec.published_scaling_factor
+    quoted_from = contract.source[SOURCE_PUBLISHED_SCALING_FACTOR_FROM]
+    assert (quoted_from is None) == (spec.published_scaling_factor is None)
+    assert quoted_from is None or ("as quoted from" in quoted_from and "not verified against the hub" in quoted_from)
     for g in contract.graphs:
         assert g.rel_l2 is not None and g.rel_l2 <= REL_L2_THRESHOLDS[FP32], g
+    rec = Reconstructor.load(tmp_path / "b", provider="cpu", precision=FP32)
+    # the bundle's latents are unit-scale, on the calibration signals and on others
+    for seed in (100, 7):
+        mel = mel_batch(CALIBRATION_KINDS, CALIBRATION_FRAMES, seed=seed)
+        latent_std = float(rec.run_graphs(("encoder",), mel[:, None])[0].std())
+        assert latent_std == pytest.approx(1.0, rel=1e-3 if seed == 100 else 0.3), (seed, latent_std)
     z = np.random.default_rng(4).standard_normal((2, 8, 25, 16)).astype(np.float32)
     with torch.no_grad():
         mel = ckpt.vae.decode(torch.from_numpy(z) / contract.scaling_factor).sample
         ref = ckpt.vocoder(mel.squeeze(1)).numpy()[:, : 25 * 640]
-    got = Reconstructor.load(tmp_path / "b", provider="cpu", precision=FP32).decode(z)
+    got = rec.decode(z)
     assert got.shape == ref.shape
     assert float(np.linalg.norm(got - ref) / np.linalg.norm(ref)) <= DECODE_REL_L2
 
@@ -107,7 +120,8 @@ def test_full_size_musicldm_config_through_the_cli(tmp_path: Path) -> None:
     contract = read_contract(out)
     assert contract.vae_config["block_out_channels"] == [128, 256, 512]
     assert contract.vocoder_config["upsample_initial_channel"] == 1024
-    assert contract.scaling_factor == 1.075324296951294
+    assert contract.source["published_scaling_factor"] == 1.075324296951294  # information only
+    assert contract.source["scaling_factor_from"] == "calibrated on random weights"
     for g in contract.graphs:
         assert g.rel_l2 is not None and g.rel_l2 <= REL_L2_THRESHOLDS[FP32], g
     print({g.role: f"{g.rel_l2:.2e}" for g in contract.graphs})
@@ -121,7 +135,8 @@ def test_calibrated_scaling_factor_gives_latents_of_unit_std() -> None:
     from recon_export.graphs import EncoderGraph
     from recon_export.validate import CALIBRATION_FRAMES, CALIBRATION_KINDS, calibrate_scaling_factor, mel_batch
 
-    vae = build_random("audioldm2", seed=0, tiny=True).vae  # starts at 0.411, far from what these weights need
+    vae = build_random("audioldm2", seed=0, tiny=True).vae
+    vae.register_to_config(scaling_factor=0.411)  # a start far from what these weights need
     vae.register_to_config(scaling_factor=calibrate_scaling_factor(EncoderGraph(vae)))
     mel = torch.from_numpy(mel_batch(CALIBRATION_KINDS, CALIBRATION_FRAMES, seed=100))[:, None]
     with torch.no_grad():
@@ -129,7 +144,7 @@ def test_calibrated_scaling_factor_gives_latents_of_unit_std() -> None:
     assert float(z.std()) == pytest.approx(1.0, rel=1e-4)
 
 
-def test_random_checkpoints_without_a_published_factor_are_calibrated_once(tmp_path: Path) -> None:
+def test_random_checkpoints_are_calibrated_once(tmp_path: Path) -> None:
     from recon_export.checkpoint import FROM_CALIBRATION, build_random, calibrate, save_checkpoint
 
     a, b = build_random("tiny", seed=0), build_random("tiny", seed=0)
@@ -140,7 +155,8 @@ def test_random_checkpoints_without_a_published_factor_are_calibrated_once(tmp_p
     assert a.calibrated and a.scaling_factor == factor != 1.0
     save_checkpoint(b, tmp_path / "ckpt")  # saved like a trained checkpoint: with its factor
     assert json.loads((tmp_path / "ckpt" / "vae" / "config.json").read_text())["scaling_factor"] == factor
-    assert build_random("audioldm2", seed=0).calibrated  # a published factor needs none
+    quoted = build_random("audioldm2", seed=0, tiny=True)  # a quoted factor changes nothing
+    assert not quoted.calibrated and quoted.source[SOURCE_SCALING_FACTOR] == FROM_CALIBRATION
 
 
 # ------------------------------------------------------------------------------------------ model_index.json

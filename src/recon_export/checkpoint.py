@@ -41,8 +41,10 @@ CONFIG_FILE: Final = "config.json"
 MODEL_INDEX_FILE: Final = "model_index.json"
 # where recon.json's scaling factor came from (source.scaling_factor_from)
 FROM_CHECKPOINT: Final = f"{VAE_SUBFOLDER}/{CONFIG_FILE}"
-FROM_PUBLISHED: Final = "published value, random weights"
 FROM_CALIBRATION: Final = "calibrated on random weights"
+# random weights: the rebuilt checkpoint's quoted factor, information only (never the one baked in)
+SOURCE_PUBLISHED_SCALING_FACTOR: Final = "published_scaling_factor"
+SOURCE_PUBLISHED_SCALING_FACTOR_FROM: Final = "published_scaling_factor_from"
 
 _VAE_FULL: Final[dict[str, Any]] = {
     "in_channels": 1,
@@ -136,10 +138,10 @@ def _init_like_pytorch(module: torch.nn.Module) -> None:
 def build_random(config: str = "audioldm2-music", seed: int = 0, tiny: bool = False) -> Checkpoint:
     """A published checkpoint's architecture with seeded, realistically scaled random weights.
 
-    The VAE gets the checkpoint's published scaling factor where `families.PUBLISHED` knows it;
-    otherwise `calibrate` (which export and save call) measures one on these weights, as training
-    did. `tiny=True` keeps the checkpoint's family and scaling factor on the tiny architecture
-    (fast tests of each family).
+    Its scaling factor waits for `calibrate` (which export and save call), which measures one on
+    these weights as training did: a trained checkpoint's factor would not give them unit-scale
+    latents. The checkpoint's quoted factor is recorded in `source` as information only. `tiny=True`
+    keeps the checkpoint's family on the tiny architecture (fast tests of each family).
     """
     if config not in PUBLISHED:
         raise CheckpointError(f"unknown --config {config!r}; choose from {', '.join(PUBLISHED)}")
@@ -147,7 +149,7 @@ def build_random(config: str = "audioldm2-music", seed: int = 0, tiny: bool = Fa
     tiny = tiny or config == TINY
     vae_cfg, voc_cfg = ARCHITECTURES[TINY if tiny else config]
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**vae_cfg, scaling_factor=spec.scaling_factor or 1.0)  # 1.0 until `calibrate`
+    vae = AutoencoderKL(**vae_cfg, scaling_factor=1.0)  # until `calibrate`
     _init_like_pytorch(vae)
     vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(**voc_cfg))
     _init_like_pytorch(vocoder)
@@ -161,14 +163,16 @@ def build_random(config: str = "audioldm2-music", seed: int = 0, tiny: bool = Fa
         "format": "in-memory",
         SOURCE_FAMILY: spec.family,
         SOURCE_PIPELINE: spec.pipeline_class,
-        SOURCE_SCALING_FACTOR: FROM_PUBLISHED if spec.scaling_factor else FROM_CALIBRATION,
+        SOURCE_SCALING_FACTOR: FROM_CALIBRATION,
+        SOURCE_PUBLISHED_SCALING_FACTOR: spec.published_scaling_factor,
+        SOURCE_PUBLISHED_SCALING_FACTOR_FROM: spec.scaling_factor_quoted_from,
     }
-    return _ready(Checkpoint(vae, vocoder, source, calibrated=spec.scaling_factor is not None))
+    return _ready(Checkpoint(vae, vocoder, source, calibrated=False))
 
 
 def calibrate(ckpt: Checkpoint) -> None:
-    """Give random weights without a published scaling factor one measured on them, as training did
-    (latents of unit standard deviation on generated speech, music, noise and sweeps); once."""
+    """Give random weights a scaling factor measured on them, as training did (latents of unit
+    standard deviation on generated speech, music, noise and sweeps); once."""
     if ckpt.calibrated:
         return
     from .graphs import EncoderGraph

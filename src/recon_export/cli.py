@@ -91,8 +91,8 @@ def parse_budgets(items: tuple[str, ...]) -> dict[str, float]:
     type=click.Choice(list(ARCHITECTURES)),
     default="audioldm2-music",
     show_default=True,
-    help="Published checkpoint whose architecture (and scaling factor, where known) --random-weights builds "
-    "('tiny' is for tests).",
+    help="Published checkpoint whose architecture --random-weights builds, with a scaling factor calibrated on "
+    "the random weights ('tiny' is for tests).",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed for --random-weights.")
 @click.option("--opset", default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
