@@ -212,6 +212,22 @@ def test_bundles_exported_before_the_family_was_recorded_still_read(tiny_bundle:
     assert Reconstructor.load(bundle, provider="cpu").decode(np.zeros((8, 4, 16), np.float32)).shape == (2560,)
     info = run_cli("recon-run", "info", "--model", str(bundle))
     assert info.returncode == 0 and "(from the checkpoint; baked into the graphs)" in info.stdout
+    assert "family and pipeline not recorded (exported before families were recorded)" in info.stdout
+
+
+def test_the_tiny_test_architecture_says_it_has_no_family(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from recon_export.cli import main
+
+    out = tmp_path / "tiny"
+    args = ["--random-weights", "--config", "tiny", "--precision", "fp32", "--no-validate", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "family not recorded (test architecture)" in result.output
+    info = run_cli("recon-run", "info", "--model", str(out))
+    assert info.returncode == 0, info.stderr
+    assert "family and pipeline not recorded (test architecture)" in info.stdout
 
 
 # ------------------------------------------------------------------------------------------ refusals
