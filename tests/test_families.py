@@ -159,6 +159,39 @@ def test_random_checkpoints_are_calibrated_once(tmp_path: Path) -> None:
     assert not quoted.calibrated and quoted.source[SOURCE_SCALING_FACTOR] == FROM_CALIBRATION
 
 
+def test_reference_checkpoint_rebuilds_a_random_bundles_own_weights(tiny_bundle: Path, tmp_path: Path) -> None:
+    """What benchmarks compare and time a bundle against: its config, seed, tiny flag and factor."""
+    from recon_export.bundle import export_bundle
+    from recon_export.checkpoint import build_random, decoding_weights_sha256, reference_checkpoint
+
+    exported = export_bundle(build_random("audioldm2", seed=5, tiny=True), tmp_path / "b", [FP32], validate=False)
+    rebuilt = reference_checkpoint(read_contract(tmp_path / "b"))
+    assert decoding_weights_sha256(rebuilt) == exported.weights_sha256
+    trained = read_contract(tiny_bundle)  # trained weights: random ones of the same (tiny) architecture
+    stand_in = reference_checkpoint(trained)
+    assert list(stand_in.vae.config.block_out_channels) == list(trained.vae_config["block_out_channels"])
+    assert stand_in.vocoder.config.upsample_initial_channel == trained.vocoder_config["upsample_initial_channel"]
+
+
+def test_the_docs_table_is_the_published_table() -> None:
+    """docs/pipelines.md lists each --config with its hub id, family, pipeline and quoted factor."""
+    import re
+
+    docs = (Path(__file__).parents[1] / "docs" / "pipelines.md").read_text()
+    rows = re.findall(r"^\| `([\w./-]+)` \| (\w+) \| `(\w+)` \| ([^|]+?) \| `([\w.-]+)` \|$", docs, re.M)
+    expected = [
+        (
+            p.hub_id,
+            p.family,
+            p.pipeline_class,
+            repr(p.published_scaling_factor) if p.published_scaling_factor else "not quoted",
+            p.name,
+        )
+        for p in _published().values()
+    ]
+    assert rows == expected
+
+
 # ------------------------------------------------------------------------------------------ model_index.json
 
 

@@ -27,6 +27,7 @@ from recon_runtime.contract import (
     SOURCE_PIPELINE,
     SOURCE_SCALING_FACTOR,
     VOCODER_EXTRA_SAMPLES,
+    Contract,
 )
 
 from .errors import CheckpointError
@@ -168,6 +169,25 @@ def build_random(config: str = "audioldm2-music", seed: int = 0, tiny: bool = Fa
         SOURCE_PUBLISHED_SCALING_FACTOR_FROM: spec.scaling_factor_quoted_from,
     }
     return _ready(Checkpoint(vae, vocoder, source, calibrated=False))
+
+
+def reference_checkpoint(contract: Contract) -> Checkpoint:
+    """PyTorch modules to compare or time a bundle against, without the checkpoint it came from.
+
+    A --random-weights bundle gets its own weights back (its source's config, seed and tiny flag)
+    with the scaling factor it recorded; a bundle of trained weights gets seeded random weights of
+    its architecture (tiny or full size, from its VAE config), which times the same but decodes
+    nothing alike.
+    """
+    src = contract.source
+    if contract.random_weights:
+        ckpt = build_random(str(src.get("config")), int(src.get("seed") or 0), tiny=bool(src.get("tiny")))
+    else:
+        tiny = list(contract.vae_config.get("block_out_channels") or []) == _VAE_TINY["block_out_channels"]
+        ckpt = build_random(seed=0, tiny=tiny)
+    ckpt.vae.register_to_config(scaling_factor=contract.scaling_factor)
+    ckpt.calibrated = True
+    return ckpt
 
 
 def calibrate(ckpt: Checkpoint) -> None:
