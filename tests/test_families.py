@@ -540,3 +540,30 @@ def test_hub_checkpoints_are_checked_before_their_weights_download(
     assert [p[0] for p in requested] == ["model_index.json", "vae/*.safetensors"]
     assert ckpt.source["revision"] == "0123456789abcdef0123456789abcdef01234567"
     assert ckpt.source[SOURCE_FAMILY] == "audioldm" and ckpt.source["format"] == "hub"
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_hub_snapshot_without_model_index_says_why_the_family_is_not_recorded(
+    offline: bool,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Offline, the cached snapshot may lack a model_index.json the repository has: one warning says so."""
+    import huggingface_hub
+
+    from recon_export.checkpoint import load_checkpoint
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_hub(tiny_checkpoint, tmp_path / "cache", []))
+    with caplog.at_level("WARNING", logger="recon_export"):
+        ckpt = load_checkpoint("someone/audioldm2")
+    assert ckpt.source[SOURCE_FAMILY] is None
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("recon_export")]
+    assert len(warnings) == 1, warnings
+    assert (
+        warnings[0].startswith("someone/audioldm2: no model_index.json in the ")
+        and "family and pipeline" in warnings[0]
+    )
+    assert ("HF_HUB_OFFLINE" in warnings[0]) == offline

@@ -457,6 +457,8 @@ def load_checkpoint(model: str = DEFAULT_MODEL, revision: str | None = None, all
         model, revision, [MODEL_INDEX_FILE, *(f"{s}/*.json" for s in (VAE_SUBFOLDER, VOCODER_SUBFOLDER))]
     )
     checked = check_folder(folder, model)
+    if not (folder / MODEL_INDEX_FILE).is_file():
+        _LOGGER.warning(_no_model_index_message(model))
     resolved = folder.name  # snapshots/<commit hash>: the weights come from the same commit
     weights = [f"{s}/*.safetensors" for s in (VAE_SUBFOLDER, VOCODER_SUBFOLDER)]
     if allow_pickle:
@@ -472,6 +474,19 @@ def load_checkpoint(model: str = DEFAULT_MODEL, revision: str | None = None, all
         **checked,
     }
     return _local_folder(folder, allow_pickle, source)
+
+
+def _no_model_index_message(repo_id: str) -> str:
+    """Why a hub checkpoint's family is not recorded: every published AudioLDM-family repository has a
+    model_index.json, but a cache filled by an earlier download may lack it, and offline that cannot be told apart."""
+    from huggingface_hub import constants
+
+    where = (
+        "local cache (HF_HUB_OFFLINE: the repository may have one the cache lacks)"
+        if constants.HF_HUB_OFFLINE
+        else "snapshot (the repository has none, or the hub was not reached and the cache lacks it)"
+    )
+    return f"{repo_id}: no {MODEL_INDEX_FILE} in the {where}; family and pipeline not recorded"
 
 
 def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
