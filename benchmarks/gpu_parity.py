@@ -23,7 +23,7 @@ from recon_runtime.contract import FP16, FP32, REL_L2_THRESHOLDS, read_contract
 def main() -> int:
     import torch
 
-    from recon_export.checkpoint import build_random
+    from recon_export.checkpoint import reference_checkpoint
     from recon_export.graphs import wrappers
     from recon_export.validate import mel_batch, rel_l2
     from recon_runtime import Reconstructor
@@ -36,8 +36,7 @@ def main() -> int:
     contract = read_contract(Path(args.model))
     if not contract.random_weights:
         sys.exit("gpu_parity rebuilds the PyTorch modules from a --random-weights bundle's config and seed")
-    ckpt = build_random(contract.source["config"], contract.source["seed"], tiny=contract.source.get("tiny", False))
-    ckpt.vae.register_to_config(scaling_factor=contract.scaling_factor)
+    ckpt = reference_checkpoint(contract)  # its own weights, rebuilt from config, seed and tiny
     modules = {k: v.to(args.device).float() for k, v in wrappers(ckpt.vae, ckpt.vocoder).items()}
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

@@ -253,7 +253,7 @@ def ov_stages(rec: Any, mel: np.ndarray) -> dict[str, Callable[[], Any]]:
     }
 
 
-def cold_start(engine: str, model: str, device: str, precision: str, config: str, cache_dir: str = "") -> float:
+def cold_start(engine: str, model: str, device: str, precision: str, cache_dir: str = "") -> float:
     """Seconds from a fresh interpreter to the first 1 s chain output (imports, sessions, first run)."""
     if engine in ("onnxruntime", "openvino"):
         cache = f", cache_dir={cache_dir!r}" if engine == "openvino" and cache_dir else ""
@@ -265,9 +265,9 @@ def cold_start(engine: str, model: str, device: str, precision: str, config: str
     else:
         code = (
             "import time; t0=time.perf_counter(); import torch, numpy as np; "
-            "from recon_export.checkpoint import build_random; from recon_export.graphs import wrappers; "
-            "from recon_runtime.frontend import log_mel; "
-            f"m=wrappers(*(lambda c:(c.vae,c.vocoder))(build_random({config!r}))); "
+            "from recon_export.checkpoint import reference_checkpoint; from recon_export.graphs import wrappers; "
+            "from recon_runtime.contract import read_contract; from recon_runtime.frontend import log_mel; "
+            f"m=wrappers(*(lambda c:(c.vae,c.vocoder))(reference_checkpoint(read_contract({model!r})))); "
             f"dt=torch.float16 if {precision!r}=='fp16' else torch.float32; "
             f"[v.to({device!r}, dt) for v in m.values()]; "
             f"x=torch.from_numpy(log_mel(np.zeros(16000,np.float32)+0.01)[:100]).to({device!r}, dt)[None]; "
@@ -284,18 +284,18 @@ def cold_start(engine: str, model: str, device: str, precision: str, config: str
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from recon_export.checkpoint import build_random
+    from recon_export.checkpoint import reference_checkpoint
     from recon_export.graphs import wrappers
     from recon_runtime import Reconstructor
 
     if args.threads:
         torch.set_num_threads(args.threads)
     contract = read_contract(Path(args.model))
-    config = contract.source.get("config") or "audioldm2-music"
     device = args.device
     machine = machine_info(device, args.threads)  # at the start: its load average is the other work's
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    ckpt = build_random(config, seed=0)
+    ckpt = reference_checkpoint(contract)  # the bundle's architecture, tiny included
+    config = ckpt.source["model"]
     modules = wrappers(ckpt.vae, ckpt.vocoder)
     flop_cache: dict[str, dict[str, float]] = {}
     engines: list[tuple[str, str]] = [("pytorch", p) for p in args.torch_precisions.split(",") if p]
@@ -372,12 +372,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         for engine, precision in engines:
             if engine == "pytorch":
-                cold[f"{engine}-{precision}"] = cold_start(engine, args.model, device, precision, config)
+                cold[f"{engine}-{precision}"] = cold_start(engine, args.model, device, precision)
                 continue
             with tempfile.TemporaryDirectory() as cache:  # openvino: empty compiled-model cache, then warm
                 cold[f"{engine}-{precision}"] = {
-                    "first": cold_start(engine, args.model, device, precision, config, cache),
-                    "second": cold_start(engine, args.model, device, precision, config, cache),
+                    "first": cold_start(engine, args.model, device, precision, cache),
+                    "second": cold_start(engine, args.model, device, precision, cache),
                 }
     return {
         "machine": machine,

@@ -72,26 +72,39 @@ def test_each_published_config_exports_with_parity(config: str, tmp_path: Path) 
     import torch
 
     from recon_export.bundle import export_bundle
-    from recon_export.checkpoint import FROM_CALIBRATION, FROM_PUBLISHED, build_random
+    from recon_export.checkpoint import (
+        FROM_CALIBRATION,
+        SOURCE_PUBLISHED_SCALING_FACTOR,
+        SOURCE_PUBLISHED_SCALING_FACTOR_FROM,
+        build_random,
+    )
     from recon_export.families import FAMILY_PIPELINES
+    from recon_export.validate import CALIBRATION_FRAMES, CALIBRATION_KINDS, mel_batch
 
     spec = _published()[config]
     ckpt = build_random(config, seed=2, tiny=True)
     contract = export_bundle(ckpt, tmp_path / "b", precisions=[FP32])
     assert contract.family == spec.family and contract.pipeline_class == FAMILY_PIPELINES[spec.family]
     assert contract.source["config"] == config and contract.source["tiny"] is True
-    if spec.scaling_factor is not None:
-        assert contract.scaling_factor == spec.scaling_factor
-        assert contract.source[SOURCE_SCALING_FACTOR] == FROM_PUBLISHED
-    else:
-        assert contract.source[SOURCE_SCALING_FACTOR] == FROM_CALIBRATION
+    # random weights are always calibrated; the checkpoint's quoted factor is information only
+    assert contract.source[SOURCE_SCALING_FACTOR] == FROM_CALIBRATION
+    assert contract.source[SOURCE_PUBLISHED_SCALING_FACTOR] == spec.published_scaling_factor
+    quoted_from = contract.source[SOURCE_PUBLISHED_SCALING_FACTOR_FROM]
+    assert (quoted_from is None) == (spec.published_scaling_factor is None)
+    assert quoted_from is None or ("as quoted from" in quoted_from and "not verified against the hub" in quoted_from)
     for g in contract.graphs:
         assert g.rel_l2 is not None and g.rel_l2 <= REL_L2_THRESHOLDS[FP32], g
+    rec = Reconstructor.load(tmp_path / "b", provider="cpu", precision=FP32)
+    # the bundle's latents are unit-scale, on the calibration signals and on others
+    for seed in (100, 7):
+        mel = mel_batch(CALIBRATION_KINDS, CALIBRATION_FRAMES, seed=seed)
+        latent_std = float(rec.run_graphs(("encoder",), mel[:, None])[0].std())
+        assert latent_std == pytest.approx(1.0, rel=1e-3 if seed == 100 else 0.3), (seed, latent_std)
     z = np.random.default_rng(4).standard_normal((2, 8, 25, 16)).astype(np.float32)
     with torch.no_grad():
         mel = ckpt.vae.decode(torch.from_numpy(z) / contract.scaling_factor).sample
         ref = ckpt.vocoder(mel.squeeze(1)).numpy()[:, : 25 * 640]
-    got = Reconstructor.load(tmp_path / "b", provider="cpu", precision=FP32).decode(z)
+    got = rec.decode(z)
     assert got.shape == ref.shape
     assert float(np.linalg.norm(got - ref) / np.linalg.norm(ref)) <= DECODE_REL_L2
 
@@ -107,7 +120,8 @@ def test_full_size_musicldm_config_through_the_cli(tmp_path: Path) -> None:
     contract = read_contract(out)
     assert contract.vae_config["block_out_channels"] == [128, 256, 512]
     assert contract.vocoder_config["upsample_initial_channel"] == 1024
-    assert contract.scaling_factor == 1.075324296951294
+    assert contract.source["published_scaling_factor"] == 1.075324296951294  # information only
+    assert contract.source["scaling_factor_from"] == "calibrated on random weights"
     for g in contract.graphs:
         assert g.rel_l2 is not None and g.rel_l2 <= REL_L2_THRESHOLDS[FP32], g
     print({g.role: f"{g.rel_l2:.2e}" for g in contract.graphs})
@@ -121,7 +135,8 @@ def test_calibrated_scaling_factor_gives_latents_of_unit_std() -> None:
     from recon_export.graphs import EncoderGraph
     from recon_export.validate import CALIBRATION_FRAMES, CALIBRATION_KINDS, calibrate_scaling_factor, mel_batch
 
-    vae = build_random("audioldm2", seed=0, tiny=True).vae  # starts at 0.411, far from what these weights need
+    vae = build_random("audioldm2", seed=0, tiny=True).vae
+    vae.register_to_config(scaling_factor=0.411)  # a start far from what these weights need
     vae.register_to_config(scaling_factor=calibrate_scaling_factor(EncoderGraph(vae)))
     mel = torch.from_numpy(mel_batch(CALIBRATION_KINDS, CALIBRATION_FRAMES, seed=100))[:, None]
     with torch.no_grad():
@@ -129,7 +144,7 @@ def test_calibrated_scaling_factor_gives_latents_of_unit_std() -> None:
     assert float(z.std()) == pytest.approx(1.0, rel=1e-4)
 
 
-def test_random_checkpoints_without_a_published_factor_are_calibrated_once(tmp_path: Path) -> None:
+def test_random_checkpoints_are_calibrated_once(tmp_path: Path) -> None:
     from recon_export.checkpoint import FROM_CALIBRATION, build_random, calibrate, save_checkpoint
 
     a, b = build_random("tiny", seed=0), build_random("tiny", seed=0)
@@ -140,7 +155,41 @@ def test_random_checkpoints_without_a_published_factor_are_calibrated_once(tmp_p
     assert a.calibrated and a.scaling_factor == factor != 1.0
     save_checkpoint(b, tmp_path / "ckpt")  # saved like a trained checkpoint: with its factor
     assert json.loads((tmp_path / "ckpt" / "vae" / "config.json").read_text())["scaling_factor"] == factor
-    assert build_random("audioldm2", seed=0).calibrated  # a published factor needs none
+    quoted = build_random("audioldm2", seed=0, tiny=True)  # a quoted factor changes nothing
+    assert not quoted.calibrated and quoted.source[SOURCE_SCALING_FACTOR] == FROM_CALIBRATION
+
+
+def test_reference_checkpoint_rebuilds_a_random_bundles_own_weights(tiny_bundle: Path, tmp_path: Path) -> None:
+    """What benchmarks compare and time a bundle against: its config, seed, tiny flag and factor."""
+    from recon_export.bundle import export_bundle
+    from recon_export.checkpoint import build_random, decoding_weights_sha256, reference_checkpoint
+
+    exported = export_bundle(build_random("audioldm2", seed=5, tiny=True), tmp_path / "b", [FP32], validate=False)
+    rebuilt = reference_checkpoint(read_contract(tmp_path / "b"))
+    assert decoding_weights_sha256(rebuilt) == exported.weights_sha256
+    trained = read_contract(tiny_bundle)  # trained weights: random ones of the same (tiny) architecture
+    stand_in = reference_checkpoint(trained)
+    assert list(stand_in.vae.config.block_out_channels) == list(trained.vae_config["block_out_channels"])
+    assert stand_in.vocoder.config.upsample_initial_channel == trained.vocoder_config["upsample_initial_channel"]
+
+
+def test_the_docs_table_is_the_published_table() -> None:
+    """docs/pipelines.md lists each --config with its hub id, family, pipeline and quoted factor."""
+    import re
+
+    docs = (Path(__file__).parents[1] / "docs" / "pipelines.md").read_text()
+    rows = re.findall(r"^\| `([\w./-]+)` \| (\w+) \| `(\w+)` \| ([^|]+?) \| `([\w.-]+)` \|$", docs, re.M)
+    expected = [
+        (
+            p.hub_id,
+            p.family,
+            p.pipeline_class,
+            repr(p.published_scaling_factor) if p.published_scaling_factor else "not quoted",
+            p.name,
+        )
+        for p in _published().values()
+    ]
+    assert rows == expected
 
 
 # ------------------------------------------------------------------------------------------ model_index.json
@@ -196,9 +245,50 @@ def test_bundles_exported_before_the_family_was_recorded_still_read(tiny_bundle:
     assert Reconstructor.load(bundle, provider="cpu").decode(np.zeros((8, 4, 16), np.float32)).shape == (2560,)
     info = run_cli("recon-run", "info", "--model", str(bundle))
     assert info.returncode == 0 and "(from the checkpoint; baked into the graphs)" in info.stdout
+    assert "family and pipeline not recorded (exported before families were recorded)" in info.stdout
+
+
+def test_the_tiny_test_architecture_says_it_has_no_family(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from recon_export.cli import main
+
+    out = tmp_path / "tiny"
+    args = ["--random-weights", "--config", "tiny", "--precision", "fp32", "--no-validate", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "family not recorded (test architecture)" in result.output
+    info = run_cli("recon-run", "info", "--model", str(out))
+    assert info.returncode == 0, info.stderr
+    assert "family and pipeline not recorded (test architecture)" in info.stdout
 
 
 # ------------------------------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize(
+    ("kernels", "rule"),
+    [
+        ([16, 16, 8, 4, 4], (160, 32)),
+        ([10, 8, 4, 4, 4], (160, 32)),
+        ([16, 16, 8, 4, 5], (160, 33)),
+        ([15, 16, 8, 4, 4], (160, 0)),
+    ],
+)
+def test_vocoder_length_rule_is_what_speecht5_hifigan_gives(kernels: list[int], rule: tuple[int, int]) -> None:
+    """The length arithmetic the refusal relies on, against the module itself (tiny channels)."""
+    import torch
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    from recon_export.checkpoint import _VOCODER_TINY, vocoder_length_rule
+
+    rates = _VOCODER_TINY["upsample_rates"]
+    vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(**{**_VOCODER_TINY, "upsample_kernel_sizes": kernels})).eval()
+    a, b = vocoder_length_rule(rates, kernels)
+    assert (a, b) == rule
+    for frames in (1, 7):
+        with torch.no_grad():
+            assert vocoder(torch.zeros(1, frames, 64)).shape[-1] == a * frames + b
 
 
 def _audioldm_48k(ckpt: Path) -> None:
@@ -262,6 +352,41 @@ REFUSALS: dict[str, tuple[Callable[[Path], None], list[str]]] = {
         lambda ckpt: write_model_index(ckpt, "AudioLDM2Pipeline", vae=["diffusers", "AutoencoderTiny"]),
         ["model_index.json vae: expected ['diffusers', 'AutoencoderKL'], found ['diffusers', 'AutoencoderTiny']"],
     ),
+    # valid JSON of the wrong type: one line, never a traceback
+    "vae-blocks-not-a-list": (
+        lambda ckpt: _edit_json(ckpt / "vae" / "config.json", block_out_channels=5),
+        ["vae/config.json block_out_channels: expected a list of 3 ints, found 5"],
+    ),
+    "model-index-class-name-not-a-string": (
+        lambda ckpt: write_model_index(ckpt, ["x"]),
+        [
+            "model_index.json _class_name: expected one of AudioLDM2Pipeline, AudioLDMPipeline, MusicLDMPipeline, "
+            "found ['x']"
+        ],
+    ),
+    "model-index-vae-not-a-list": (
+        lambda ckpt: write_model_index(ckpt, "AudioLDM2Pipeline", vae=3),
+        ["model_index.json vae: expected ['diffusers', 'AutoencoderKL'], found 3"],
+    ),
+    "vocoder-rates-not-a-list": (
+        lambda ckpt: _edit_json(ckpt / "vocoder" / "config.json", upsample_rates=160),
+        ["vocoder/config.json upsample_rates: expected a list of ints with a product of 160 (hop 160), found 160"],
+    ),
+    "vocoder-tail-of-another-length": (  # 160 * T + 33 samples: the runtime's 32-sample tail would be wrong
+        lambda ckpt: _edit_json(ckpt / "vocoder" / "config.json", upsample_kernel_sizes=[16, 16, 8, 4, 5]),
+        [
+            "vocoder/config.json upsample_kernel_sizes: expected kernels that give 160*T + 32 samples for T frames "
+            "with upsample_rates [5, 4, 2, 2, 2], found [16, 16, 8, 4, 5] (160*T + 33)"
+        ],
+    ),
+    "vocoder-even-resblock-kernel": (
+        lambda ckpt: _edit_json(ckpt / "vocoder" / "config.json", resblock_kernel_sizes=[3, 4]),
+        ["vocoder/config.json resblock_kernel_sizes: expected a list of odd ints (an even kernel changes the length)"],
+    ),
+    "vocoder-config-transformers-refuses": (
+        lambda ckpt: _edit_json(ckpt / "vocoder" / "config.json", leaky_relu_slope="steep"),
+        ["vocoder/config.json: not a SpeechT5HifiGan config (", "leaky_relu_slope"],
+    ),
 }
 
 
@@ -286,6 +411,89 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_loading_or_tracing(
     assert code == 1 and line.startswith(f"error: {ckpt}: ")
     for fragment in expected:
         assert fragment in line, line
+    assert not (tmp_path / "b").exists()
+
+
+# Every field the pre-load checks read, with JSON of the wrong type (or shape): each is one line naming
+# the field, exit 1, no traceback. None means "absent" where a field may be left out.
+_WRONG = [None, "x", 1.5, True, [], {}, [1, "a"], [[1]], ["diffusers"], ["diffusers", 3]]
+FUZZED_FIELDS: dict[str, tuple[str, list[Any]]] = {
+    **{
+        f"vae.{field}": ("vae/config.json", _WRONG)
+        for field in (
+            "in_channels",
+            "out_channels",
+            "latent_channels",
+            "block_out_channels",
+            "down_block_types",
+            "up_block_types",
+        )
+    },
+    "vae._class_name": ("vae/config.json", [v for v in _WRONG if v is not None]),
+    "vae.scaling_factor": ("vae/config.json", [v for v in _WRONG if v != 1.5]),  # 1.5 is a valid factor
+    **{
+        f"vocoder.{field}": ("vocoder/config.json", _WRONG)
+        for field in (
+            "model_in_dim",
+            "sampling_rate",
+            "upsample_rates",
+            "upsample_kernel_sizes",
+            "resblock_kernel_sizes",
+            "resblock_dilation_sizes",
+            "normalize_before",
+        )
+    },
+    "model_index._class_name": ("model_index.json", _WRONG),
+    "model_index.vae": ("model_index.json", [v for v in _WRONG if v is not None]),
+    "model_index.vocoder": ("model_index.json", [v for v in _WRONG if v is not None]),
+}
+
+
+@pytest.mark.parametrize("name", list(FUZZED_FIELDS))
+def test_wrong_json_types_in_every_checked_field_are_one_line(name: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from .test_export import _export
+
+    file, values = FUZZED_FIELDS[name]
+    field = name.split(".", 1)[1]
+    ckpt = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+    for weights in ckpt.rglob("*.safetensors"):  # a field that slipped through would fail later, differently
+        weights.write_bytes(b"not safetensors")
+    original = (ckpt / file).read_text() if (ckpt / file).exists() else None
+    for value in values:
+        if original is None:
+            write_model_index(ckpt, "AudioLDM2Pipeline", **{field: value})
+        else:
+            data = json.loads(original)
+            data[field] = value
+            (ckpt / file).write_text(json.dumps(data))
+        code, line = _export("--model", str(ckpt), "--out", str(tmp_path / "b"))
+        assert code == 1 and line.startswith(f"error: {ckpt}: "), (value, line)
+        assert f"{file} {field}:" in line or f"{file}: " in line, (value, line)
+        assert field in line, (value, line)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    ("file", "changes", "fragment"),
+    [
+        ("vae/config.json", {"block_out_channels": 5}, "block_out_channels: expected a list of 3 ints, found 5"),
+        ("model_index.json", {"_class_name": ["x"]}, "_class_name: expected one of"),
+        ("vocoder/config.json", {"upsample_rates": 160}, "upsample_rates: expected a list of ints"),
+        ("vocoder/config.json", {"leaky_relu_slope": "x"}, "not a SpeechT5HifiGan config"),
+    ],
+)
+def test_wrong_json_types_through_the_cli(
+    file: str, changes: dict[str, Any], fragment: str, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    ckpt = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+    if file == "model_index.json":
+        write_model_index(ckpt, "AudioLDM2Pipeline", **changes)
+    else:
+        _edit_json(ckpt / file, **changes)
+    result = run_cli("recon-export", "--model", str(ckpt), "--out", str(tmp_path / "b"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {ckpt}: ") and fragment in errors[0], result.stderr
     assert not (tmp_path / "b").exists()
 
 
@@ -332,3 +540,30 @@ def test_hub_checkpoints_are_checked_before_their_weights_download(
     assert [p[0] for p in requested] == ["model_index.json", "vae/*.safetensors"]
     assert ckpt.source["revision"] == "0123456789abcdef0123456789abcdef01234567"
     assert ckpt.source[SOURCE_FAMILY] == "audioldm" and ckpt.source["format"] == "hub"
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_hub_snapshot_without_model_index_says_why_the_family_is_not_recorded(
+    offline: bool,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Offline, the cached snapshot may lack a model_index.json the repository has: one warning says so."""
+    import huggingface_hub
+
+    from recon_export.checkpoint import load_checkpoint
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_hub(tiny_checkpoint, tmp_path / "cache", []))
+    with caplog.at_level("WARNING", logger="recon_export"):
+        ckpt = load_checkpoint("someone/audioldm2")
+    assert ckpt.source[SOURCE_FAMILY] is None
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("recon_export")]
+    assert len(warnings) == 1, warnings
+    assert (
+        warnings[0].startswith("someone/audioldm2: no model_index.json in the ")
+        and "family and pipeline" in warnings[0]
+    )
+    assert ("HF_HUB_OFFLINE" in warnings[0]) == offline

@@ -160,7 +160,7 @@ def export_bundle(
     precisions = [p for p in PRECISIONS if p in precisions]
     _prepare_destination(out, force)
     if not ckpt.calibrated:
-        with progress.step("calibrate scaling factor (random weights, no published value known)"):
+        with progress.step("calibrate scaling factor (random weights)"):
             calibrate(ckpt)
     modules = graphs.wrappers(ckpt.vae, ckpt.vocoder)
     progress.echo(

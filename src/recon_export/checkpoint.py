@@ -26,6 +26,8 @@ from recon_runtime.contract import (
     SOURCE_FAMILY,
     SOURCE_PIPELINE,
     SOURCE_SCALING_FACTOR,
+    VOCODER_EXTRA_SAMPLES,
+    Contract,
 )
 
 from .errors import CheckpointError
@@ -40,8 +42,10 @@ CONFIG_FILE: Final = "config.json"
 MODEL_INDEX_FILE: Final = "model_index.json"
 # where recon.json's scaling factor came from (source.scaling_factor_from)
 FROM_CHECKPOINT: Final = f"{VAE_SUBFOLDER}/{CONFIG_FILE}"
-FROM_PUBLISHED: Final = "published value, random weights"
 FROM_CALIBRATION: Final = "calibrated on random weights"
+# random weights: the rebuilt checkpoint's quoted factor, information only (never the one baked in)
+SOURCE_PUBLISHED_SCALING_FACTOR: Final = "published_scaling_factor"
+SOURCE_PUBLISHED_SCALING_FACTOR_FROM: Final = "published_scaling_factor_from"
 
 _VAE_FULL: Final[dict[str, Any]] = {
     "in_channels": 1,
@@ -135,10 +139,10 @@ def _init_like_pytorch(module: torch.nn.Module) -> None:
 def build_random(config: str = "audioldm2-music", seed: int = 0, tiny: bool = False) -> Checkpoint:
     """A published checkpoint's architecture with seeded, realistically scaled random weights.
 
-    The VAE gets the checkpoint's published scaling factor where `families.PUBLISHED` knows it;
-    otherwise `calibrate` (which export and save call) measures one on these weights, as training
-    did. `tiny=True` keeps the checkpoint's family and scaling factor on the tiny architecture
-    (fast tests of each family).
+    Its scaling factor waits for `calibrate` (which export and save call), which measures one on
+    these weights as training did: a trained checkpoint's factor would not give them unit-scale
+    latents. The checkpoint's quoted factor is recorded in `source` as information only. `tiny=True`
+    keeps the checkpoint's family on the tiny architecture (fast tests of each family).
     """
     if config not in PUBLISHED:
         raise CheckpointError(f"unknown --config {config!r}; choose from {', '.join(PUBLISHED)}")
@@ -146,7 +150,7 @@ def build_random(config: str = "audioldm2-music", seed: int = 0, tiny: bool = Fa
     tiny = tiny or config == TINY
     vae_cfg, voc_cfg = ARCHITECTURES[TINY if tiny else config]
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**vae_cfg, scaling_factor=spec.scaling_factor or 1.0)  # 1.0 until `calibrate`
+    vae = AutoencoderKL(**vae_cfg, scaling_factor=1.0)  # until `calibrate`
     _init_like_pytorch(vae)
     vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(**voc_cfg))
     _init_like_pytorch(vocoder)
@@ -160,14 +164,35 @@ def build_random(config: str = "audioldm2-music", seed: int = 0, tiny: bool = Fa
         "format": "in-memory",
         SOURCE_FAMILY: spec.family,
         SOURCE_PIPELINE: spec.pipeline_class,
-        SOURCE_SCALING_FACTOR: FROM_PUBLISHED if spec.scaling_factor else FROM_CALIBRATION,
+        SOURCE_SCALING_FACTOR: FROM_CALIBRATION,
+        SOURCE_PUBLISHED_SCALING_FACTOR: spec.published_scaling_factor,
+        SOURCE_PUBLISHED_SCALING_FACTOR_FROM: spec.scaling_factor_quoted_from,
     }
-    return _ready(Checkpoint(vae, vocoder, source, calibrated=spec.scaling_factor is not None))
+    return _ready(Checkpoint(vae, vocoder, source, calibrated=False))
+
+
+def reference_checkpoint(contract: Contract) -> Checkpoint:
+    """PyTorch modules to compare or time a bundle against, without the checkpoint it came from.
+
+    A --random-weights bundle gets its own weights back (its source's config, seed and tiny flag)
+    with the scaling factor it recorded; a bundle of trained weights gets seeded random weights of
+    its architecture (tiny or full size, from its VAE config), which times the same but decodes
+    nothing alike.
+    """
+    src = contract.source
+    if contract.random_weights:
+        ckpt = build_random(str(src.get("config")), int(src.get("seed") or 0), tiny=bool(src.get("tiny")))
+    else:
+        tiny = list(contract.vae_config.get("block_out_channels") or []) == _VAE_TINY["block_out_channels"]
+        ckpt = build_random(seed=0, tiny=tiny)
+    ckpt.vae.register_to_config(scaling_factor=contract.scaling_factor)
+    ckpt.calibrated = True
+    return ckpt
 
 
 def calibrate(ckpt: Checkpoint) -> None:
-    """Give random weights without a published scaling factor one measured on them, as training did
-    (latents of unit standard deviation on generated speech, music, noise and sweeps); once."""
+    """Give random weights a scaling factor measured on them, as training did (latents of unit
+    standard deviation on generated speech, music, noise and sweeps); once."""
     if ckpt.calibrated:
         return
     from .graphs import EncoderGraph
@@ -204,19 +229,43 @@ def _vae_defaults() -> dict[str, Any]:
     return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_int_list(value: Any, length: int | None = None) -> bool:
+    return (
+        isinstance(value, (list, tuple)) and all(_is_int(v) for v in value) and (length is None or len(value) == length)
+    )
+
+
+def vocoder_length_rule(rates: list[int], kernels: list[int]) -> tuple[int, int]:
+    """(a, b) such that SpeechT5HifiGan turns T mel frames into a*T + b samples.
+
+    Its upsamplers are ConvTranspose1d(kernel k, stride s, padding (k - s) // 2), each turning L
+    samples into (L - 1) * s - 2 * padding + k; conv_pre, conv_post (kernel 7, padding 3) and the
+    residual blocks (odd kernels, "same" padding) keep the length.
+    """
+    a, b = 1, 0
+    for s, k in zip(rates, kernels, strict=True):
+        a, b = a * s, b * s + k - s - 2 * ((k - s) // 2)
+    return a, b
+
+
 def contract_problems(vae: Mapping[str, Any], vocoder: Mapping[str, Any]) -> list[str]:
     """Every way a VAE / vocoder config misses the bundle's contract, as "FILE FIELD: expected X, found Y".
 
     The contract is what the graphs and the runtime's front end assume: one mel channel in and out,
     8 latent channels, time and frequency downsampled by 4, a learned scaling factor; a vocoder of
-    64 mel bins at 16 kHz with hop 160 taking raw log-mel. `vae` and `vocoder` are complete configs
-    (the loaded modules' or a config.json with the library's defaults filled in).
+    64 mel bins at 16 kHz taking raw log-mel and giving 160 * T + 32 samples for T frames. `vae` and
+    `vocoder` are complete configs (the loaded modules' or a config.json with the library's defaults
+    filled in), of any JSON types: a field of the wrong type is a problem, never an exception.
     """
     vae_file, voc_file = f"{VAE_SUBFOLDER}/{CONFIG_FILE}", f"{VOCODER_SUBFOLDER}/{CONFIG_FILE}"
     problems = []
 
     def expect(file: str, field: str, expected: Any, found: Any) -> None:
-        if found != expected:
+        if type(found) is not type(expected) or found != expected:
             problems.append(f"{file} {field}: expected {expected!r}, found {found!r}")
 
     if vae.get("_class_name") is not None:
@@ -224,25 +273,65 @@ def contract_problems(vae: Mapping[str, Any], vocoder: Mapping[str, Any]) -> lis
     expect(vae_file, "in_channels", 1, vae.get("in_channels"))
     expect(vae_file, "out_channels", 1, vae.get("out_channels"))
     expect(vae_file, "latent_channels", LATENT_CHANNELS, vae.get("latent_channels"))
-    blocks = list(vae.get("block_out_channels") or [])
     levels = int(math.log2(LATENT_DOWNSAMPLE)) + 1
-    if len(blocks) != levels:
+    blocks = vae.get("block_out_channels")
+    if not _is_int_list(blocks):
+        problems.append(f"{vae_file} block_out_channels: expected a list of {levels} ints, found {blocks!r}")
+    elif len(blocks) != levels:
         problems.append(
             f"{vae_file} block_out_channels: expected {levels} levels (downsampling by {LATENT_DOWNSAMPLE}), "
-            f"found {len(blocks)} {blocks} (downsampling by {2 ** max(len(blocks) - 1, 0)})"
+            f"found {len(blocks)} {list(blocks)} (downsampling by {2 ** max(len(blocks) - 1, 0)})"
         )
+    for field in ("down_block_types", "up_block_types"):
+        types = vae.get(field)
+        if not (isinstance(types, (list, tuple)) and len(types) == levels and all(isinstance(t, str) for t in types)):
+            problems.append(f"{vae_file} {field}: expected a list of {levels} block names, found {types!r}")
     factor = vae.get("scaling_factor")
     if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor) and factor > 0):
         problems.append(f"{vae_file} scaling_factor: expected the checkpoint's learned value > 0, found {factor!r}")
+
     expect(voc_file, "model_in_dim", N_MELS, vocoder.get("model_in_dim"))
     expect(voc_file, "sampling_rate", SAMPLE_RATE, vocoder.get("sampling_rate"))
-    rates = list(vocoder.get("upsample_rates") or [])
-    if math.prod(rates) != HOP_LENGTH:
+    rates, kernels = vocoder.get("upsample_rates"), vocoder.get("upsample_kernel_sizes")
+    if not (_is_int_list(rates) and rates and all(r > 0 for r in rates)):
+        problems.append(
+            f"{voc_file} upsample_rates: expected a list of ints with a product of {HOP_LENGTH} (hop {HOP_LENGTH}), "
+            f"found {rates!r}"
+        )
+    elif math.prod(rates) != HOP_LENGTH:
         problems.append(
             f"{voc_file} upsample_rates: expected a product of {HOP_LENGTH} (hop {HOP_LENGTH}), "
-            f"found {rates} (hop {math.prod(rates)})"
+            f"found {list(rates)} (hop {math.prod(rates)})"
         )
-    expect(voc_file, "normalize_before", False, bool(vocoder.get("normalize_before")))
+    elif not (_is_int_list(kernels, len(rates)) and all(k >= r for k, r in zip(kernels, rates))):
+        problems.append(
+            f"{voc_file} upsample_kernel_sizes: expected a list of {len(rates)} ints, one per upsample rate and "
+            f"each at least its rate {list(rates)}, found {kernels!r}"
+        )
+    elif vocoder_length_rule(rates, kernels) != (HOP_LENGTH, VOCODER_EXTRA_SAMPLES):
+        a, b = vocoder_length_rule(rates, kernels)
+        problems.append(
+            f"{voc_file} upsample_kernel_sizes: expected kernels that give {HOP_LENGTH}*T + {VOCODER_EXTRA_SAMPLES} "
+            f"samples for T frames with upsample_rates {list(rates)}, found {list(kernels)} ({a}*T + {b})"
+        )
+    resblocks = vocoder.get("resblock_kernel_sizes")
+    if not (_is_int_list(resblocks) and resblocks and all(k > 0 and k % 2 == 1 for k in resblocks)):
+        problems.append(
+            f"{voc_file} resblock_kernel_sizes: expected a list of odd ints (an even kernel changes the length), "
+            f"found {resblocks!r}"
+        )
+    dilations = vocoder.get("resblock_dilation_sizes")
+    n_resblocks = len(resblocks) if isinstance(resblocks, (list, tuple)) else None
+    if not (
+        isinstance(dilations, (list, tuple))
+        and len(dilations) == n_resblocks
+        and all(_is_int_list(d) and d and all(x > 0 for x in d) for d in dilations)
+    ):
+        problems.append(
+            f"{voc_file} resblock_dilation_sizes: expected a list of lists of ints > 0, one per resblock kernel, "
+            f"found {dilations!r}"
+        )
+    expect(voc_file, "normalize_before", False, vocoder.get("normalize_before"))
     return problems
 
 
@@ -277,14 +366,14 @@ def read_model_index(folder: Path, where: str) -> tuple[str | None, str | None]:
         return None, None
     index = _read_json(path, MODEL_INDEX_FILE)
     cls = index.get("_class_name")
-    if cls not in PIPELINE_FAMILIES:
+    if not isinstance(cls, str) or cls not in PIPELINE_FAMILIES:
         raise CheckpointError(
             f"{where}: {MODEL_INDEX_FILE} _class_name: expected one of {', '.join(sorted(PIPELINE_FAMILIES))}, "
             f"found {cls!r}; recon-export takes AudioLDM, MusicLDM and AudioLDM2 checkpoints"
         )
     for component, expected in COMPONENT_CLASSES.items():
-        found = index.get(component)
-        if found is not None and list(found) != expected:
+        found = index.get(component)  # [library, class]; any other JSON is refused, never an exception
+        if found is not None and found != expected:
             raise CheckpointError(f"{where}: {MODEL_INDEX_FILE} {component}: expected {expected}, found {found}")
     return PIPELINE_FAMILIES[cls], cls
 
@@ -307,8 +396,14 @@ def check_folder(folder: Path, where: str) -> dict[str, Any]:
     vae = {**_vae_defaults(), **configs[VAE_SUBFOLDER]}
     if "scaling_factor" not in configs[VAE_SUBFOLDER]:
         vae["scaling_factor"] = None  # diffusers would silently use Stable Diffusion's 0.18215
-    vocoder = SpeechT5HifiGanConfig.from_dict(configs[VOCODER_SUBFOLDER]).to_dict()
+    vocoder = {**SpeechT5HifiGanConfig().to_dict(), **configs[VOCODER_SUBFOLDER]}
     _refuse(where, contract_problems(vae, vocoder))
+    try:  # what the contract does not read, transformers validates (types of every field)
+        SpeechT5HifiGanConfig.from_dict(configs[VOCODER_SUBFOLDER])
+    except Exception as e:  # noqa: BLE001 - any failure to read a user's config is that file's problem
+        raise CheckpointError(
+            f"{where}: {VOCODER_SUBFOLDER}/{CONFIG_FILE}: not a SpeechT5HifiGan config ({_one_line(e)})"
+        ) from None
     return {SOURCE_FAMILY: family, SOURCE_PIPELINE: pipeline, SOURCE_SCALING_FACTOR: FROM_CHECKPOINT}
 
 
@@ -317,17 +412,21 @@ def _local_folder(folder: Path, allow_pickle: bool, source: dict[str, Any]) -> C
     use_safetensors = None if allow_pickle else True
     try:
         vae = AutoencoderKL.from_pretrained(folder, subfolder=VAE_SUBFOLDER, use_safetensors=use_safetensors)
-    except (OSError, ValueError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - a model that cannot be built from the user's files is one line
         raise CheckpointError(_load_message(folder / VAE_SUBFOLDER, e, allow_pickle)) from None
     try:
         vocoder = SpeechT5HifiGan.from_pretrained(folder / VOCODER_SUBFOLDER, use_safetensors=use_safetensors)
-    except (OSError, ValueError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - a model that cannot be built from the user's files is one line
         raise CheckpointError(_load_message(folder / VOCODER_SUBFOLDER, e, allow_pickle)) from None
     return _ready(Checkpoint(vae, vocoder, source))
 
 
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    return " ".join(str(e).split())[:limit]
+
+
 def _load_message(where: Path, e: BaseException, allow_pickle: bool) -> str:
-    text = " ".join(str(e).split())
+    text = _one_line(e, 10_000)
     if not allow_pickle and "safetensors" in text.lower():
         return f"{where}: no safetensors weights; pass --allow-pickle to load .bin weights you trust ({text[:200]})"
     return f"{where}: cannot load ({text[:300]})"
@@ -358,6 +457,8 @@ def load_checkpoint(model: str = DEFAULT_MODEL, revision: str | None = None, all
         model, revision, [MODEL_INDEX_FILE, *(f"{s}/*.json" for s in (VAE_SUBFOLDER, VOCODER_SUBFOLDER))]
     )
     checked = check_folder(folder, model)
+    if not (folder / MODEL_INDEX_FILE).is_file():
+        _LOGGER.warning(_no_model_index_message(model))
     resolved = folder.name  # snapshots/<commit hash>: the weights come from the same commit
     weights = [f"{s}/*.safetensors" for s in (VAE_SUBFOLDER, VOCODER_SUBFOLDER)]
     if allow_pickle:
@@ -373,6 +474,19 @@ def load_checkpoint(model: str = DEFAULT_MODEL, revision: str | None = None, all
         **checked,
     }
     return _local_folder(folder, allow_pickle, source)
+
+
+def _no_model_index_message(repo_id: str) -> str:
+    """Why a hub checkpoint's family is not recorded: every published AudioLDM-family repository has a
+    model_index.json, but a cache filled by an earlier download may lack it, and offline that cannot be told apart."""
+    from huggingface_hub import constants
+
+    where = (
+        "local cache (HF_HUB_OFFLINE: the repository may have one the cache lacks)"
+        if constants.HF_HUB_OFFLINE
+        else "snapshot (the repository has none, or the hub was not reached and the cache lacks it)"
+    )
+    return f"{repo_id}: no {MODEL_INDEX_FILE} in the {where}; family and pipeline not recorded"
 
 
 def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:

@@ -91,8 +91,8 @@ def parse_budgets(items: tuple[str, ...]) -> dict[str, float]:
     type=click.Choice(list(ARCHITECTURES)),
     default="audioldm2-music",
     show_default=True,
-    help="Published checkpoint whose architecture (and scaling factor, where known) --random-weights builds "
-    "('tiny' is for tests).",
+    help="Published checkpoint whose architecture --random-weights builds, with a scaling factor calibrated on "
+    "the random weights ('tiny' is for tests).",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed for --random-weights.")
 @click.option("--opset", default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
@@ -129,7 +129,8 @@ def main(
         with progress.step("load " + (f"random weights ({config_name}, seed {seed})" if random_weights else model)):
             ckpt = build_random(config_name, seed) if random_weights else load_checkpoint(model, revision, allow_pickle)
         family, pipeline = ckpt.source.get(SOURCE_FAMILY), ckpt.source.get(SOURCE_PIPELINE)
-        _echo(f"  family {family} ({pipeline})" if family else "  family not recorded (no model_index.json)")
+        reason = "test architecture" if random_weights else "no model_index.json"  # every other --config has one
+        _echo(f"  family {family} ({pipeline})" if family else f"  family not recorded ({reason})")
         if random_weights:
             _echo("  WARNING: RANDOM WEIGHTS - this bundle is for tests and benchmarks, not for real audio")
         contract = export_bundle(

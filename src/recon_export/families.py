@@ -3,9 +3,12 @@
 AudioLDM, MusicLDM and AudioLDM2 all ship diffusers' `AutoencoderKL` (one channel in and out,
 blocks [128, 256, 512], 8 latent channels) and transformers' `SpeechT5HifiGan` (64 mels, 16 kHz,
 hop 160) in `vae/` and `vocoder/`, trained on the same 16 kHz 64-band front end; what differs is
-the VAE's learned scaling factor. Only facts from the published checkpoints' configs are here;
-a scaling factor that is not known here is None (random weights then get one calibrated like
-training did), never a guess.
+the VAE's learned scaling factor. The scaling factors here are as quoted from the checkpoints'
+published vae/config.json files; they were not verified against the hub (the machine they were
+written down on is offline). One not quoted is None, never a guess. They are information only:
+an export of a real checkpoint reads its factor from the checkpoint, and random weights always
+get one calibrated on them, as training did (a trained checkpoint's factor would not give random
+weights unit-scale latents).
 """
 
 from __future__ import annotations
@@ -39,12 +42,20 @@ class Published:
     """The --config name."""
     hub_id: str | None
     family: str | None
-    scaling_factor: float | None
-    """The VAE scaling factor in the checkpoint's vae/config.json; None where not known here."""
+    published_scaling_factor: float | None
+    """The VAE scaling factor as quoted from the checkpoint's published vae/config.json (not verified
+    against the hub); None where none was quoted."""
 
     @property
     def pipeline_class(self) -> str | None:
         return FAMILY_PIPELINES.get(self.family) if self.family else None
+
+    @property
+    def scaling_factor_quoted_from(self) -> str | None:
+        """Where `published_scaling_factor` comes from, as recon.json records it."""
+        if self.published_scaling_factor is None or self.hub_id is None:
+            return None
+        return f"as quoted from {self.hub_id}'s published vae/config.json; not verified against the hub"
 
 
 TINY: Final = "tiny"

@@ -652,7 +652,15 @@ def info(ctx: click.Context, model: Path, as_json: bool, verify: bool) -> None:
             + (
                 f"family {c.family}, pipeline {c.pipeline_class or '-'}"
                 if c.family
-                else "family and pipeline not recorded (no model_index.json at export)"
+                else "family and pipeline not recorded ("
+                + (
+                    "exported before families were recorded"
+                    if "family" not in src  # the SOURCE_FAMILY key
+                    else "test architecture"
+                    if c.random_weights  # every --config but the tiny test one has a family
+                    else "no model_index.json at export"
+                )
+                + ")"
             ),
             f"created      {c.created} (schema {c.schema_version})",
             f"identity     fingerprint {c.fingerprint} (decoding weights: latents decode only with a bundle "
