@@ -567,3 +567,26 @@ def test_a_hub_snapshot_without_model_index_says_why_the_family_is_not_recorded(
         and "family and pipeline" in warnings[0]
     )
     assert ("HF_HUB_OFFLINE" in warnings[0]) == offline
+
+
+@pytest.mark.parametrize(
+    ("sub", "field", "value", "expected"),
+    [
+        ("vae", "layers_per_block", 2, "weights the config needs are missing"),  # more layers than the weights
+        ("vocoder", "resblock_dilation_sizes", [[1, 3, 5], [1, 3, 5]], "weights the config needs are missing"),
+        ("vae", "block_out_channels", [16, 32, 64], "size mismatch"),  # diffusers refuses this one itself
+    ],
+)
+def test_weights_that_do_not_fit_their_config_are_refused(
+    sub: str, field: str, value: Any, expected: str, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """diffusers and transformers would initialise the missing weights at random with a warning, and
+    parity would then pass on those random weights: the load refuses instead."""
+    from .test_export import _export
+
+    ckpt = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+    _edit_json(ckpt / sub / "config.json", **{field: value})
+    code, line = _export("--model", str(ckpt), "--out", str(tmp_path / "b"), "--precision", "fp32")
+    assert code == 1 and line.startswith(f"error: {ckpt / sub}: "), line
+    assert expected in line, line
+    assert not (tmp_path / "b").exists()

@@ -411,14 +411,49 @@ def _local_folder(folder: Path, allow_pickle: bool, source: dict[str, Any]) -> C
     """Load the two modules of a folder that `check_folder` accepted."""
     use_safetensors = None if allow_pickle else True
     try:
-        vae = AutoencoderKL.from_pretrained(folder, subfolder=VAE_SUBFOLDER, use_safetensors=use_safetensors)
+        vae, vae_info = AutoencoderKL.from_pretrained(
+            folder, subfolder=VAE_SUBFOLDER, use_safetensors=use_safetensors, output_loading_info=True
+        )
     except Exception as e:  # noqa: BLE001 - a model that cannot be built from the user's files is one line
         raise CheckpointError(_load_message(folder / VAE_SUBFOLDER, e, allow_pickle)) from None
+    _check_loading(folder / VAE_SUBFOLDER, vae_info)
     try:
-        vocoder = SpeechT5HifiGan.from_pretrained(folder / VOCODER_SUBFOLDER, use_safetensors=use_safetensors)
+        vocoder, vocoder_info = SpeechT5HifiGan.from_pretrained(
+            folder / VOCODER_SUBFOLDER, use_safetensors=use_safetensors, output_loading_info=True
+        )
     except Exception as e:  # noqa: BLE001 - a model that cannot be built from the user's files is one line
         raise CheckpointError(_load_message(folder / VOCODER_SUBFOLDER, e, allow_pickle)) from None
+    # `mean` and `scale` are used only with normalize_before, which check_architecture refuses
+    _check_loading(folder / VOCODER_SUBFOLDER, vocoder_info, unused=VOCODER_UNUSED_BUFFERS)
     return _ready(Checkpoint(vae, vocoder, source))
+
+
+VOCODER_UNUSED_BUFFERS: Final = frozenset({"mean", "scale"})
+
+
+def _check_loading(where: Path, info: dict[str, Any], unused: frozenset[str] = frozenset()) -> None:
+    """Refuse weights that do not fit their config: diffusers and transformers initialise missing or
+    mis-shaped weights at random with only a warning, and parity would then pass on those random
+    weights (ONNX and PyTorch share them). Keys the weights hold but the config does not use are logged."""
+    missing = sorted(k for k in info.get("missing_keys", ()) if k not in unused)
+    mismatched = sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys", ()))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weights the config needs are missing ({', '.join(missing[:3])}, ...)")
+    if mismatched:
+        problems.append(
+            f"{len(mismatched)} weights have another shape than the config's ({', '.join(mismatched[:3])}, ...)"
+        )
+    if problems:
+        raise CheckpointError(f"{where}: the weights do not fit config.json: {'; '.join(problems)}")
+    unexpected = sorted(info.get("unexpected_keys", ()))
+    if unexpected:
+        _LOGGER.warning(
+            "%s: %d weights the config does not use are ignored (%s, ...)",
+            where,
+            len(unexpected),
+            ", ".join(unexpected[:3]),
+        )
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
