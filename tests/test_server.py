@@ -158,6 +158,7 @@ def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         tiny_bundle,
         tmp_path_factory.mktemp("srv"),
         "--max-wait-ms", "40", "--max-body-mb", "2", "--max-seconds", "120", "--max-decoded-mb", "8",
+        "--max-batch", "8",  # above the CPU's default of 1, so that concurrent requests share batches
         api_key=True,
     )  # fmt: skip
     yield s
@@ -950,7 +951,7 @@ def test_config_from_the_environment_for_hosts_without_the_cli() -> None:
     env = {"RECON_MODEL": "/m", "RECON_MAX_BATCH": "2", "RECON_MAX_WAIT_MS": "5.5", "RECON_THREADS": "3"}
     env |= {"RECON_API_KEY_ENV": "MY_KEY", "MY_KEY": "k1", "RECON_MAX_WINDOWS": "40"}
     c = ServerConfig.from_env(env)
-    assert (c.model, c.max_batch, c.max_wait_ms, c.threads, c.api_key) == ("/m", 2, 5.5, 3, "k1")
+    assert (c.model, c.max_batch, c.max_wait_ms, c.threads, c.api_key) == (Path("/m"), 2, 5.5, 3, "k1")
     assert c.max_windows == 40 and ServerConfig().max_windows is None
     assert ServerConfig.from_env({}) == ServerConfig()
     with pytest.raises(ValueError, match="MY_KEY"):

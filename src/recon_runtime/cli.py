@@ -18,7 +18,6 @@ import numpy as np
 
 from .audio_io import discover, is_audio_file, load_array, read_audio, write_audio
 from .cli_common import (
-    DEFAULT_MODEL,
     SIDECAR,
     fail,
     guard,
@@ -31,6 +30,7 @@ from .cli_common import (
 from .cli_dataset import dataset
 from .contract import BF16_KEY, DECODER, ENCODER, FP16, FP16_ARITHMETIC_KEY, ROLES, VOCODER
 from .errors import AudioInputError, OutputError, ReconError, failure_message
+from .options import DEFAULT_MODEL
 
 OUT_OF_MEMORY: Final = "out of memory; try --threads 1, fewer files at once, or a machine with more memory"
 _LOGGER = logging.getLogger("recon_runtime")

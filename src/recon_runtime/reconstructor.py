@@ -39,18 +39,12 @@ from .contract import (
     read_contract,
 )
 from .errors import AudioInputError, BundleError, ProviderError
-from .executors import BACKENDS, ONNXRUNTIME, OPENVINO, Executor, ExecutorOptions, require_finite
-from .executors.base import LATENCY, PERFORMANCE_HINTS
+from .executors import ONNXRUNTIME, OPENVINO, Executor, ExecutorOptions, require_finite
+from .executors.base import LATENCY
 from .frontend import log_mel, prepare_waveform
+from .options import AUTO, CPU, CUDA, check_choices
 
 _LOGGER = logging.getLogger(__name__)
-
-AUTO: Final = "auto"
-CPU: Final = "cpu"
-CUDA: Final = "cuda"
-PROVIDER_CHOICES: Final = (AUTO, CUDA, CPU)
-PRECISION_CHOICES: Final = (AUTO, BF16, FP16, FP32, INT8)
-BACKEND_CHOICES: Final = (AUTO, *BACKENDS)
 
 DEFAULT_WINDOW_FRAMES: Final = TRAINING_WINDOW_FRAMES  # mel frames per window (10.24 s)
 DEFAULT_OVERLAP_FRAMES: Final = 64  # mel frames shared by neighbouring windows (0.64 s)
@@ -360,14 +354,7 @@ class Reconstructor:
                 f"{bundle_dir}: bundle digest is {contract.digest}, expected {expect_digest}; "
                 "this is not the bundle you pinned"
             )
-        if provider not in PROVIDER_CHOICES:
-            raise ProviderError(f"unknown provider {provider!r}; use {', '.join(PROVIDER_CHOICES)}")
-        if precision not in PRECISION_CHOICES:
-            raise ProviderError(f"unknown precision {precision!r}; use {', '.join(PRECISION_CHOICES)}")
-        if backend not in BACKEND_CHOICES:
-            raise ProviderError(f"unknown backend {backend!r}; use {', '.join(BACKEND_CHOICES)}")
-        if performance_hint is not None and performance_hint not in PERFORMANCE_HINTS:
-            raise ProviderError(f"unknown performance hint {performance_hint!r}; use {', '.join(PERFORMANCE_HINTS)}")
+        check_choices(provider, precision, backend, performance_hint)
         if stages is not None:
             unknown = [s for s in stages if s not in ROLES]
             if unknown:

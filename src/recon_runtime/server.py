@@ -20,6 +20,7 @@ this module unless it serves.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import io
 import logging
@@ -50,6 +51,7 @@ from .contract import LATENT_CHANNELS, LATENT_DOWNSAMPLE, LATENT_FREQ_BINS, ROLE
 from .errors import AudioInputError, BundleError, ReconError
 from .executors import ONNXRUNTIME
 from .executors.base import LATENCY, THROUGHPUT
+from .options import LoadOptions
 from .protocol import (
     H_CHANNELS,
     H_FINGERPRINT,
@@ -92,15 +94,14 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
 @dataclass(frozen=True)
-class ServerConfig:
-    """Everything `recon-run serve` takes; defaults as documented in docs/serving.md."""
+class ServerConfig(LoadOptions):
+    """Everything `recon-run serve` takes; defaults as documented in docs/serving.md.
 
-    model: str = "models/audioldm2-music"
-    backend: str = "auto"
-    provider: str = "auto"
-    precision: str = "auto"
-    threads: int | None = None
-    max_batch: int = 8
+    The model options (model, backend, provider, precision, threads, max_batch, ...) are `LoadOptions`'
+    fields, with the runtime's defaults: `max_batch` None is the runtime's per-device batch (8 on
+    CUDA, 1 on the CPU), and the batcher runs at most the loaded Reconstructor's `max_batch`.
+    """
+
     max_wait_ms: float = 10.0
     max_queue: int = 64
     """Requests admitted at once (waiting or running); one more gets 503 with Retry-After."""
@@ -121,15 +122,11 @@ class ServerConfig:
     """Uploads read at once; more wait for a slot (within body_timeout_s, then 503)."""
     max_decoded_mb: float = 1024.0
     """Decoded samples (frames x channels x 4 bytes, from the header, before decoding) of one upload (413 beyond)."""
-    expect_digest: str | None = None
-    performance_hint: str | None = None
-    """OpenVINO's hint; None: throughput (several streams serve the batcher's runs), or latency with
-    an explicit onnxruntime backend, which has no hint (auto drops it where it picks onnxruntime)."""
-    compile_cache: bool = True
     warmup: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_uploads"):
+        super().__post_init__()
+        for name in ("max_queue", "max_uploads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_windows is not None and self.max_windows < 1:
@@ -150,8 +147,8 @@ class ServerConfig:
         """Settings from RECON_MODEL, RECON_BACKEND, RECON_PROVIDER, RECON_PRECISION, RECON_THREADS,
         RECON_MAX_BATCH, RECON_MAX_WAIT_MS, RECON_MAX_QUEUE, RECON_MAX_WINDOWS, RECON_MAX_BODY_MB, RECON_MAX_SECONDS,
         RECON_TIMEOUT_S, RECON_BUCKET_FRAMES, RECON_BODY_TIMEOUT_S, RECON_MAX_UPLOADS, RECON_MAX_DECODED_MB,
-        RECON_EXPECT_DIGEST, RECON_PERFORMANCE_HINT, RECON_COMPILE_CACHE and RECON_API_KEY_ENV (the name of the variable that
-        holds the key), for hosts that build the app without the CLI (gunicorn)."""
+        RECON_EXPECT_DIGEST, RECON_PERFORMANCE_HINT, RECON_COMPILE_CACHE, RECON_CUDA_GRAPH and RECON_API_KEY_ENV (the
+        name of the variable that holds the key), for hosts that build the app without the CLI (gunicorn)."""
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
@@ -159,7 +156,7 @@ class ServerConfig:
             if raw is None or f.name in ("api_key", "warmup"):
                 continue
             default = getattr(cls, f.name, None)
-            if f.name in ("threads", "max_windows"):  # optional ints (default None)
+            if f.type == "int | None":  # threads, max_batch, max_windows (default None)
                 kwargs[f.name] = int(raw)
             elif isinstance(default, bool):
                 kwargs[f.name] = raw.lower() in ("1", "true", "yes")
@@ -296,26 +293,20 @@ class Service:
             t0 = time.perf_counter()
             rec = self._source() if callable(self._source) else self._source
             if rec is None:
-                from .reconstructor import Reconstructor
-
                 c = self.config
-                rec = Reconstructor.load(
-                    c.model,
-                    provider=c.provider,
-                    precision=c.precision,
-                    backend=c.backend,
-                    stages=ROLES,
-                    threads=c.threads,
-                    max_batch=c.max_batch,
-                    bucket_frames=c.bucket_frames,
-                    expect_digest=c.expect_digest,
-                    performance_hint=performance_hint(c),
-                    compile_cache=c.compile_cache,
-                )
+                hint = performance_hint(c)
+                rec = dataclasses.replace(c, performance_hint=hint).load(ROLES, bucket_frames=c.bucket_frames)
             self.rec = rec
+            if self.config.max_batch not in (None, rec.max_batch):
+                _LOGGER.warning(
+                    "max_batch %d asked for, but the Reconstructor served runs %d: batching %d",
+                    self.config.max_batch,
+                    rec.max_batch,
+                    rec.max_batch,
+                )
             self.batcher = WindowBatcher(
                 rec.run_windows,
-                max_batch=self.config.max_batch,
+                max_batch=rec.max_batch,  # what the served Reconstructor runs (its per-device default unless set)
                 max_wait_s=self.config.max_wait_ms / 1000,
                 max_windows=self.config.max_windows,
                 on_batch=self.metrics.on_batch,
@@ -796,6 +787,7 @@ def create_app(
         rec = service.rec
         c = rec.contract
         limits = {k: v for k, v in asdict(config).items() if k not in ("model", "api_key", "warmup")}
+        limits["max_batch"] = rec.max_batch  # the batch it runs (the runtime's per-device default unless set)
         return {
             "version": __version__,
             "source": dict(c.source),
