@@ -50,8 +50,8 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 type=click.Choice(BACKEND_CHOICES),
                 default=d.backend,
                 show_default=True,
-                help="Inference engine. auto: onnxruntime on CUDA and for fp16/int8; on the CPU, openvino when it is "
-                "installed (bf16 needs it), else onnxruntime.",
+                help="Inference engine. auto: openvino for bf16 (only it runs bf16), else onnxruntime (on the CPU at "
+                "fp32 the leaner of the two for about the same speed; openvino where only it is installed).",
             ),
             click.option(
                 "--provider",
