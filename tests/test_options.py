@@ -4,6 +4,7 @@ a user picks there reaches `Reconstructor.load`."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import inspect
 import os
@@ -266,3 +267,25 @@ def test_the_batcher_follows_the_served_reconstructors_max_batch(tiny_bundle: Pa
         assert service.ready.wait(60)
         assert service.batcher.max_batch == 3
         assert client.get("/v1/info").json()["limits"]["max_batch"] == 3
+
+
+@needs_serve
+def test_serve_runs_openvino_with_the_latency_hint_unless_asked(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Latency was faster than throughput for the one batcher thread at 1 and 16 clients (docs/serving.md)."""
+    pytest.importorskip("openvino", reason="the hint is an `openvino` extra setting")
+    from starlette.testclient import TestClient
+
+    from recon_runtime.contract import ROLES
+    from recon_runtime.server import ServerConfig, create_app
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for hint, want in ((None, "LATENCY"), ("throughput", "THROUGHPUT")):
+        config = ServerConfig(model=tiny_bundle, backend="openvino", provider="cpu", threads=1, performance_hint=hint)
+        app = create_app(dataclasses.replace(config, warmup=False))
+        with TestClient(app):
+            service = app.state.service
+            assert service.ready.wait(60), service.load_error
+            hints = {str(service.rec.executor.compiled(r).compiled.get_property("PERFORMANCE_HINT")) for r in ROLES}
+            assert hints == {want}, hint

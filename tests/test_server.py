@@ -971,12 +971,3 @@ def test_serve_refuses_a_missing_bundle_or_key_in_one_line(tmp_path: Path) -> No
     r = subprocess.run([exe, "serve", "--model", str(tmp_path), "--api-key-env", "UNSET_KEY_VAR"],
                        capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
     assert r.returncode != 0 and "UNSET_KEY_VAR" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_the_server_hint_suits_the_backend() -> None:
-    from recon_runtime.server import ServerConfig, performance_hint
-
-    assert performance_hint(ServerConfig()) == "throughput"  # auto: OpenVINO streams, dropped on onnxruntime
-    assert performance_hint(ServerConfig(backend="openvino")) == "throughput"
-    assert performance_hint(ServerConfig(backend="onnxruntime")) == "latency"  # onnxruntime refuses throughput
-    assert performance_hint(ServerConfig(backend="openvino", performance_hint="latency")) == "latency"
