@@ -1,15 +1,19 @@
 """Peak resident memory of the CPU chain, measured in a fresh process per case.
 
-    python -m benchmarks.memory --model models/demo --seconds 10.24 600
+    python -m benchmarks.memory --model models/demo 10.24 600
+    python -m benchmarks.memory --model models/full --backend onnxruntime,openvino,auto --repeats 2 120
 
 Each case runs `Reconstructor.reconstruct` on a generated clip in its own process and reports
-ru_maxrss (the kernel's peak RSS), so cases do not inherit each other's arenas.
+ru_maxrss (the kernel's peak RSS), so cases do not inherit each other's arenas. Several backends
+(`auto`: whatever `Reconstructor.load` picks) run interleaved, `--repeats` times, so that their
+wall times compare within one run; each row records the load average when it started.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -19,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.machine import describe
 from recon_runtime.contract import SAMPLE_RATE
 
 
@@ -46,8 +51,10 @@ def _child(
     input_mb = audio.nbytes / 2**20
     return {
         "seconds": seconds,
+        "backend_asked": backend,
         "backend": rec.backend,
-        "precision": precision,
+        "precision_asked": precision,
+        "precision": rec.precision,
         "cpu_arena": arena,
         "threads": threads,
         "input_mb": round(input_mb, 1),
@@ -65,7 +72,8 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--arena", action="store_true", help="enable onnxruntime's CPU memory arena")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the engine's)")
-    ap.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "openvino"])
+    ap.add_argument("--backend", default="onnxruntime", help="comma-separated: onnxruntime, openvino, auto")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each case (backends interleaved)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="append results to this JSON file")
     ap.add_argument("seconds", nargs="+", type=float)
@@ -73,8 +81,12 @@ def main() -> None:
     if args.child:
         print(json.dumps(_child(args.model, args.seconds[0], args.precision, args.arena, args.threads, args.backend)))
         return
+    backends = args.backend.split(",")
+    info = describe()  # at the start: its load average is the other work's
     rows = []
-    for seconds in args.seconds:
+    cases = [(s, b) for _ in range(args.repeats) for s in args.seconds for b in backends]
+    for seconds, backend in cases:
+        load = [round(x, 2) for x in os.getloadavg()]
         cmd = (
             [
                 sys.executable,
@@ -86,19 +98,21 @@ def main() -> None:
                 "--precision",
                 args.precision,
                 "--backend",
-                args.backend,
+                backend,
                 str(seconds),
             ]
             + (["--arena"] if args.arena else [])
             + (["--threads", str(args.threads)] if args.threads else [])
         )
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        rows.append({**json.loads(r.stdout.strip().splitlines()[-1]), "load_average_at_start": load})
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
         path = Path(args.out)
         old = json.loads(path.read_text()) if path.is_file() else []
-        path.write_text(json.dumps(old + rows, indent=2) + "\n")
+        if isinstance(old, dict):  # a file of this format: {"machine": ..., "rows": [...]}
+            old = old["rows"]
+        path.write_text(json.dumps({"machine": info, "rows": old + rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
 """`recon-run serve` under bounded closed-loop load on loopback, against the in-process runtime.
 
-For each server setting (`--max-batch 1` and the default 8), each clip length and each client count,
-a fixed number of reconstruct requests is sent by that many closed-loop clients (each sends its
+For each server setting (each of `--backend`, times each of `--max-batches`, e.g. 1 and 8, or
+`default` for the runtime's per-device batch, times each of `--hints`: OpenVINO's latency or
+throughput hint, or `default`; the whole list `--repeats` times, interleaved), each clip length
+and each client count, a fixed number of reconstruct requests is sent by that many closed-loop clients (each sends its
 next request when the last one answered), so every run stops by itself. Each row is preceded by an
 untimed warm-up round at the same concurrency (engines compile each new batch shape on its first
 run); the in-process runs are warmed at the batch sizes they will use. Reported per row:
 throughput (audio seconds per second, requests per second), p50/p95/p99 latency and the mean
-batch size (windows per graph run, from the server's `recon_batch_size` histogram). The same
-inputs then run in this process through `Reconstructor.reconstruct_many` (same bucket_frames and
-max_batch as the server, so the same work) for the in-process throughput.
+batch size (windows per graph run, from the server's `recon_batch_size` histogram), the load average
+when the row started, and the server process's peak and current RSS after it (VmHWM and VmRSS: the
+peak is the server's so far, over its earlier rows too). Unless `--no-in-process`, the same inputs
+then run in this process through `Reconstructor.reconstruct_many` (same bucket_frames and max_batch
+as the server, so the same work) for the in-process throughput.
 
 Overload: a server with `--max-queue Q` gets 2*Q closed-loop clients; accepted requests' p99 is
 compared with the unloaded (one client) p99, refused ones must get 503 quickly, and no client may
@@ -16,6 +20,8 @@ time out. A refused client waits 50 ms before its next try.
 
     python -m benchmarks.server --model models/audioldm2-music --out benchmarks/results
     python -m benchmarks.server --model /tmp/tiny --requests 8 --quick        # a smoke run
+    python -m benchmarks.server --model models/full --backend openvino --max-batches default \
+        --hints latency,throughput --lengths 10.24 --clients 1,16 --no-in-process  # the hint, full size
 
 The server and this process share the machine's cores; run it on an otherwise idle machine.
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import re
 import signal
 import socket
@@ -73,13 +80,13 @@ def wav(x: np.ndarray) -> bytes:
 
 
 class Server:
-    def __init__(self, args: argparse.Namespace, *extra: str):
+    def __init__(self, args: argparse.Namespace, *extra: str, backend: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [str(Path(sys.executable).with_name("recon-run")), "serve", "--model", str(args.model)]
-        cmd += ["--provider", args.provider, "--precision", args.precision, "--backend", args.backend]
+        cmd += ["--provider", args.provider, "--precision", args.precision, "--backend", backend or args.backend]
         cmd += ["--port", str(self.port)]
-        cmd += ["--max-queue", "1000", "--timeout-s", "600", *extra]
+        cmd += ["--max-queue", "1000", "--timeout-s", str(args.timeout), *extra]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         self.log = open(Path(args.out) / f"server-{self.port}.log", "wb")  # noqa: SIM115
@@ -110,6 +117,17 @@ class Server:
         out: dict[str, float] = {}
         for name in ("recon_batch_size_sum", "recon_batch_size_count"):
             out[name] = sum(float(m) for m in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
+        return out
+
+    def memory_mb(self) -> dict[str, float]:
+        """The server process's peak and current resident memory (Linux /proc), MB."""
+        out: dict[str, float] = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[{"VmHWM": "server_peak_rss_mb", "VmRSS": "server_rss_mb"}[key]] = round(
+                    int(value.split()[0]) / 1024, 1
+                )
         return out
 
     def stop(self) -> None:
@@ -186,16 +204,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     lengths = [float(x) for x in args.lengths.split(",")]
     concurrency = [int(x) for x in args.clients.split(",")]
-    batches = [int(x) for x in args.max_batches.split(",")]
+    batches = [None if x == "default" else int(x) for x in args.max_batches.split(",")]
+    hints = [None if x == "default" else x for x in args.hints.split(",")]
+    backends = args.backend.split(",")
     inputs = {s: clips(args.requests, s, seed=int(s * 100)) for s in lengths}
     bodies = {s: [wav(x) for x in xs] for s, xs in inputs.items()}
     rows: list[dict[str, Any]] = []
     served: dict[str, Any] = {}
-    for max_batch in batches:
-        server = Server(args, "--max-batch", str(max_batch), "--max-wait-ms", str(args.max_wait_ms))
+    settings = [(e, b, h) for e in backends for b in batches for h in hints]
+    for backend, max_batch, hint in [x for _ in range(args.repeats) for x in settings]:
+        extra = ["--max-wait-ms", str(args.max_wait_ms)]
+        extra += ["--max-batch", str(max_batch)] if max_batch is not None else []
+        extra += ["--performance-hint", hint] if hint is not None else []
+        server = Server(args, *extra, backend=backend)
         try:
-            info = server.info()
-            served = {k: info[k] for k in ("backend", "provider", "precision", "weights", "source")}
+            sinfo = server.info()
+            served = {k: sinfo[k] for k in ("backend", "provider", "precision", "weights", "source")}
             for s in lengths:
                 for c in concurrency:
                     # warm-up at this concurrency: an engine compiles each new batch shape on its first run
@@ -203,39 +227,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     warm = c if args.warmup_requests is None else args.warmup_requests
                     if warm:
                         closed_loop(server.url, bodies[s][-warm:], min(c, warm), warm, args.timeout)
+                    load = [round(x, 2) for x in os.getloadavg()]
                     m0 = server.metrics()
-                    res = closed_loop(server.url, bodies[s], c, args.requests, args.timeout)
+                    total = args.single_client_requests if c == 1 and args.single_client_requests else args.requests
+                    res = closed_loop(server.url, bodies[s], c, total, args.timeout)
                     m1 = server.metrics()
                     runs = m1["recon_batch_size_count"] - m0["recon_batch_size_count"]
                     windows = m1["recon_batch_size_sum"] - m0["recon_batch_size_sum"]
                     n = len(res["ok"])
                     row = {
                         "mode": "server",
-                        "max_batch": max_batch,
+                        "backend": sinfo["backend"],
+                        "max_batch": sinfo["limits"]["max_batch"],
+                        "performance_hint": hint or "default",
                         "seconds": s,
                         "clients": c,
                         "requests": n,
                         "errors": res["errors"],
-                        "audio_s_per_s": round(n * s / res["wall"], 2),
-                        "req_per_s": round(n / res["wall"], 2),
+                        "audio_s_per_s": round(n * s / res["wall"], 3),
+                        "req_per_s": round(n / res["wall"], 3),
                         **percentiles(res["ok"]),
                         "mean_batch": round(windows / runs, 2) if runs else None,
+                        "load_average_at_start": load,
+                        **server.memory_mb(),
                     }
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         finally:
             server.stop()
+        if not args.in_process:
+            continue
         rec = Reconstructor.load(
             args.model,
-            backend=args.backend,
+            backend=backend,
             provider=args.provider,
             precision=args.precision,
             threads=args.threads,
             max_batch=max_batch,
             bucket_frames=SERVER_BUCKET_FRAMES,
+            performance_hint=hint,
         )
         for s in lengths:
-            warm = {max_batch, args.requests % max_batch or max_batch}  # the batch sizes the timed run will use
+            mb = rec.max_batch
+            warm = {mb, args.requests % mb or mb}  # the batch sizes the timed run will use
             for b in warm:
                 rec.reconstruct_many([(x, RATE) for x in inputs[s][:b]])
             t0 = time.perf_counter()
@@ -243,12 +277,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             wall = time.perf_counter() - t0
             row = {
                 "mode": "in-process reconstruct_many",
-                "max_batch": max_batch,
+                "backend": rec.backend,
+                "max_batch": mb,
+                "performance_hint": hint or "default",
                 "seconds": s,
                 "clients": None,
                 "requests": args.requests,
-                "audio_s_per_s": round(args.requests * s / wall, 2),
-                "req_per_s": round(args.requests / wall, 2),
+                "audio_s_per_s": round(args.requests * s / wall, 3),
+                "req_per_s": round(args.requests / wall, 3),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -258,7 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.overload_queue:
         s = max(lengths)
         q = args.overload_queue
-        server = Server(args, "--max-queue", str(q))  # the default max-batch
+        server = Server(args, "--max-queue", str(q), backend=backends[0])  # the default max-batch and hint
         try:
             closed_loop(server.url, bodies[s][:4], 2 * q, 2 * q, args.timeout, retry_pause=0.05)  # warm-up
             unloaded = closed_loop(server.url, bodies[s], 1, args.requests, args.timeout)
@@ -285,12 +321,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     lines = [
-        "| mode | max batch | clip s | clients | req | audio-s/s | req/s | p50 ms | p95 ms | p99 ms | mean batch |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| mode | backend | hint | max batch | clip s | clients | req | audio-s/s | req/s | p50 ms | p95 ms | p99 ms "
+        "| mean batch | server peak RSS MB | load avg |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
-        cells = [r["mode"], r["max_batch"], r["seconds"], r.get("clients") or "-", r["requests"], r["audio_s_per_s"]]
-        cells += [r["req_per_s"], r.get("p50", "-"), r.get("p95", "-"), r.get("p99", "-"), r.get("mean_batch", "-")]
+        cells = [r["mode"], r.get("backend", "-"), r.get("performance_hint", "-"), r["max_batch"], r["seconds"]]
+        cells += [r.get("clients") or "-", r["requests"], r["audio_s_per_s"], r["req_per_s"]]
+        cells += [r.get("p50", "-"), r.get("p95", "-"), r.get("p99", "-"), r.get("mean_batch", "-")]
+        cells += [r.get("server_peak_rss_mb", "-"), (r.get("load_average_at_start") or ["-"])[0]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -298,15 +337,19 @@ def table(result: dict[str, Any]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--backend", default="auto", help="comma-separated: each backend's servers in turn")
+    p.add_argument("--repeats", type=int, default=1, help="run the server settings this many times, interleaved")
     p.add_argument("--provider", default="cpu")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--lengths", default="1.0,10.24")
     p.add_argument("--clients", default="1,4,16")
-    p.add_argument("--max-batches", default="1,8")
+    p.add_argument("--max-batches", default="1,8", help="comma-separated; default: the runtime's per-device batch")
+    p.add_argument("--hints", default="default", help="comma-separated: latency, throughput, default (none passed)")
+    p.add_argument("--no-in-process", dest="in_process", action="store_false", help="skip the in-process rows")
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--requests", type=int, default=32, help="requests per row (a fixed count: the run stops by itself)")
+    p.add_argument("--single-client-requests", type=int, default=None, help="requests of the 1-client rows")
     p.add_argument(
         "--warmup-requests", type=int, default=None, help="untimed requests before each server row (default: clients)"
     )

@@ -22,8 +22,8 @@ from click.testing import CliRunner  # noqa: E402
 
 from recon_runtime.audio_io import read_audio  # noqa: E402
 from recon_runtime.cli import main  # noqa: E402
-from recon_runtime.cli_common import ModelArgs  # noqa: E402
 from recon_runtime.dataset import JobConfig, read_table, run_job  # noqa: E402
+from recon_runtime.options import LoadOptions  # noqa: E402
 
 from .conftest import run_cli, tone  # noqa: E402
 
@@ -38,8 +38,8 @@ def local_ray():
         ray.shutdown()
 
 
-def _model(bundle: Path) -> ModelArgs:
-    return ModelArgs(bundle, "auto", "cpu", "auto", None, False, None)
+def _model(bundle: Path) -> LoadOptions:
+    return LoadOptions(bundle, "auto", "cpu", "auto", None, False, None)
 
 
 def _job(bundle: Path, mode: str, inputs: list[Path | str], out: Path, **kw) -> JobConfig:
@@ -519,7 +519,7 @@ def test_encode_crops_latents_as_encode_features_does(tiny_bundle: Path, tmp_pat
     from recon_runtime.dataset import Worker
 
     @dataclasses.dataclass(frozen=True)
-    class Bucketed(ModelArgs):
+    class Bucketed(LoadOptions):
         def load(self, stages):  # noqa: ANN001, ANN202
             return Reconstructor.load(self.model, provider="cpu", stages=stages, bucket_frames=64)
 

@@ -44,6 +44,7 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 def _load(bundle: Path, cache: Path, **kw: object) -> Reconstructor:
     kw.setdefault("provider", "cpu")
+    kw.setdefault("backend", "openvino")  # auto runs onnxruntime at fp32
     return Reconstructor.load(bundle, cache_dir=cache, **kw)  # type: ignore[arg-type]
 
 
@@ -89,25 +90,40 @@ def test_fp32_matches_onnxruntime_through_the_cli(tiny_bundle: Path, tmp_path: P
 
 
 def test_auto_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rec_module, "_onnxruntime_cuda", lambda: False)
+    """auto: OpenVINO for bf16 only; fp32 on the CPU runs onnxruntime, the leaner engine for the same
+    speed (docs/performance.md#memory), even with the openvino extra installed."""
     resolve = rec_module._resolve_backend
     both = ("fp16", "fp32")
-    assert resolve("auto", "cpu", "auto", both) == "openvino"
-    assert resolve("auto", "auto", "auto", both) == "openvino"
+    assert rec_module._installed("openvino") and rec_module._installed("onnxruntime")
+    assert resolve("auto", "cpu", "auto", both) == "onnxruntime"
+    assert resolve("auto", "cpu", "fp32", both) == "onnxruntime"
+    assert resolve("auto", "auto", "auto", both) == "onnxruntime"
     assert resolve("auto", "cuda", "auto", both) == "onnxruntime"
     assert resolve("auto", "cpu", "int8", both) == "onnxruntime"  # int8 graphs stay onnxruntime's
     assert resolve("auto", "cpu", "fp16", both) == "onnxruntime"
-    assert resolve("auto", "cpu", "bf16", both) == "openvino"
+    assert resolve("auto", "cpu", "bf16", both) == "openvino"  # only OpenVINO runs bf16
+    assert resolve("openvino", "cpu", "auto", both) == "openvino"  # asked for, it is used
     assert resolve("onnxruntime", "cpu", "auto", both) == "onnxruntime"
-    # openvino reads the fp32 graphs: a bundle without them stays onnxruntime's under auto
-    assert resolve("auto", "cpu", "auto", ("fp16",)) == "onnxruntime"
-    assert resolve("auto", "cpu", "auto", ("int8",)) == "onnxruntime"
-    assert resolve("auto", "cpu", "fp32", ("fp16",)) == "onnxruntime"  # onnxruntime says what is missing
-    monkeypatch.setattr(rec_module, "_onnxruntime_cuda", lambda: True)
-    assert resolve("auto", "auto", "auto", both) == "onnxruntime"  # CUDA first
-    monkeypatch.setattr(rec_module, "_onnxruntime_cuda", lambda: False)
-    monkeypatch.setattr(rec_module, "_installed", lambda name: name != "openvino")
-    assert resolve("auto", "cpu", "auto", both) == "onnxruntime"
+    # only the openvino extra installed: auto runs what OpenVINO can (fp32 graphs on the CPU) there
+    monkeypatch.setattr(rec_module, "_installed", lambda name: name != "onnxruntime")
+    assert resolve("auto", "cpu", "auto", both) == "openvino"
+    assert resolve("auto", "auto", "fp32", both) == "openvino"
+    assert resolve("auto", "cpu", "auto", ("fp16",)) == "onnxruntime"  # onnxruntime then says to install it
+    assert resolve("auto", "cuda", "auto", both) == "onnxruntime"
+
+
+def test_auto_loads_onnxruntime_at_fp32_and_openvino_for_bf16(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rec = Reconstructor.load(tiny_bundle, provider="cpu")  # backend and precision auto, openvino installed
+    assert (rec.backend, rec.provider, rec.precision) == ("onnxruntime", "cpu", "fp32")
+    src = tmp_path / "in.wav"
+    sf.write(str(src), tone(0.5), 16000)
+    r = run_cli("recon-run", "reconstruct", str(src), "-o", str(tmp_path / "out.wav"), "--model", str(tiny_bundle))
+    assert r.returncode == 0 and "(onnxruntime on CPU: fp32 graphs)" in r.stderr, r.stderr  # the CLI's default path
+    monkeypatch.setattr(ov_exec, "BF16_PROBE", lambda: (True, "Test CPU: AVX512-BF16"))
+    rec = _load(tiny_bundle, tmp_path / "cache", precision="bf16", stages=("vocoder",))
+    assert (rec.backend, rec.precision) == ("openvino", "bf16")
 
 
 def _bundle_copy(tiny_bundle: Path, dest: Path, edit: Any) -> Path:
@@ -310,7 +326,7 @@ def test_compiled_model_cache_is_reused(tiny_bundle: Path, tmp_path: Path) -> No
     assert sorted(p.name for p in cache.glob("*.blob")) == blobs
     audio = _audio()
     assert rel(second.reconstruct(audio, 22050), first.reconstruct(audio, 22050)) <= 1e-6
-    off = Reconstructor.load(tiny_bundle, provider="cpu", compile_cache=False, stages=ROLES)
+    off = Reconstructor.load(tiny_bundle, provider="cpu", backend="openvino", compile_cache=False, stages=ROLES)
     assert off.executor.cache_dir is None and off.executor.cache_hits == dict.fromkeys(ROLES, False)
 
 
@@ -318,7 +334,7 @@ def test_default_cache_folder_is_per_bundle_digest(
     tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    rec = Reconstructor.load(tiny_bundle, provider="cpu", stages=("vocoder",))
+    rec = Reconstructor.load(tiny_bundle, provider="cpu", backend="openvino", stages=("vocoder",))
     assert rec.executor.cache_dir == tmp_path / "xdg" / "audioldm2-recon" / "openvino" / rec.contract.digest
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -495,7 +511,7 @@ def test_cli_performance_hint_and_compile_cache(
     assert not (tmp_path / "xdg").exists()  # no cache written
     r = runner.invoke(main, ["encode", str(src), "-o", str(tmp_path / "z"), *base, "--backend", "openvino"])
     assert r.exit_code == 0, r.output
-    assert seen[-1]["performance_hint"] == "latency" and seen[-1]["compile_cache"] is True  # the file default
+    assert seen[-1]["performance_hint"] is None and seen[-1]["compile_cache"] is True  # the runtime's: latency
     assert list((tmp_path / "xdg").rglob("*.blob"))
     r = runner.invoke(
         main, ["reconstruct", str(src), "-o", str(tmp_path / "b.wav"), *base, "--performance-hint", "fast"]

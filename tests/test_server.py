@@ -167,6 +167,7 @@ def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         tiny_bundle,
         tmp_path_factory.mktemp("srv"),
         "--max-wait-ms", "40", "--max-body-mb", "2", "--max-seconds", "120", "--max-decoded-mb", "8",
+        "--max-batch", "8",  # above the CPU's default of 1, so that concurrent requests share batches
         api_key=True,
     )  # fmt: skip
     yield s
@@ -1253,7 +1254,7 @@ def test_config_from_the_environment_for_hosts_without_the_cli() -> None:
     env = {"RECON_MODEL": "/m", "RECON_MAX_BATCH": "2", "RECON_MAX_WAIT_MS": "5.5", "RECON_THREADS": "3"}
     env |= {"RECON_API_KEY_ENV": "MY_KEY", "MY_KEY": "k1", "RECON_MAX_WINDOWS": "40"}
     c = ServerConfig.from_env(env)
-    assert (c.model, c.max_batch, c.max_wait_ms, c.threads, c.api_key) == ("/m", 2, 5.5, 3, "k1")
+    assert (c.model, c.max_batch, c.max_wait_ms, c.threads, c.api_key) == (Path("/m"), 2, 5.5, 3, "k1")
     assert c.max_windows == 40 and ServerConfig().max_windows is None
     c = ServerConfig.from_env({"RECON_HEADER_TIMEOUT_S": "2.5", "RECON_MIN_UPLOAD_RATE": "0"})
     assert (c.header_timeout_s, c.min_upload_rate) == (2.5, 0.0)
@@ -1279,12 +1280,3 @@ def test_serve_refuses_a_missing_bundle_or_key_in_one_line(tmp_path: Path) -> No
     r = subprocess.run([exe, "serve", "--model", str(tmp_path), "--api-key-env", "UNSET_KEY_VAR"],
                        capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
     assert r.returncode != 0 and "UNSET_KEY_VAR" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_the_server_hint_suits_the_backend() -> None:
-    from recon_runtime.server import ServerConfig, performance_hint
-
-    assert performance_hint(ServerConfig()) == "throughput"  # auto: OpenVINO streams, dropped on onnxruntime
-    assert performance_hint(ServerConfig(backend="openvino")) == "throughput"
-    assert performance_hint(ServerConfig(backend="onnxruntime")) == "latency"  # onnxruntime refuses throughput
-    assert performance_hint(ServerConfig(backend="openvino", performance_hint="latency")) == "latency"

@@ -18,7 +18,6 @@ import numpy as np
 
 from .audio_io import discover, is_audio_file, load_array, read_audio, write_audio
 from .cli_common import (
-    DEFAULT_MODEL,
     SIDECAR,
     fail,
     guard,
@@ -41,6 +40,7 @@ from .contract import (
     Contract,
 )
 from .errors import AudioInputError, OutputError, ReconError, failure_message
+from .options import DEFAULT_MODEL
 from .plot import MAX_ROWS
 
 OUT_OF_MEMORY: Final = "out of memory; try --threads 1, fewer files at once, or a machine with more memory"

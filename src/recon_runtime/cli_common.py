@@ -1,4 +1,4 @@
-"""What every `recon-run` command shares: the model options, one-line errors, the encode sidecar.
+"""What every `recon-run` command shares: the model options (`LoadOptions`), one-line errors, the encode sidecar.
 
 `cli`, `cli_serve` and `cli_dataset` import this module and never each other's internals, so
 importing any of them first works (no import circle).
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Final
 
@@ -18,11 +18,10 @@ import numpy as np
 
 from .audio_io import atomic_path, write_array
 from .errors import AudioInputError, BundleError, ReconError
-from .executors import BACKENDS
-from .executors.base import PERFORMANCE_HINTS
+from .executors.base import LATENCY, PERFORMANCE_HINTS, THROUGHPUT
+from .options import BACKEND_CHOICES, PRECISION_CHOICES, PROVIDER_CHOICES, LoadOptions
+from .reconstructor import CPU_MAX_BATCH, MAX_BATCH
 
-BACKEND_CHOICES: Final = ("auto", *BACKENDS)
-DEFAULT_MODEL: Final = Path("models/audioldm2-music")
 SIDECAR_VERSION: Final = 2  # 2: bundle_fingerprint names the decoding weights (1 named the source and configs)
 SIDECAR: Final = ".json"  # encode writes it beside each .npy
 _LOGGER = logging.getLogger("recon_runtime")
@@ -33,51 +32,66 @@ def fail(message: str) -> None:
 
 
 def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of `LoadOptions` (every setting of `Reconstructor.load` a user chooses), with its
+    defaults and the runtime's choices: one definition for the file commands, dataset jobs and serve."""
+    d = LoadOptions()
     for option in reversed(
         [
             click.option(
                 "--model",
                 "model",
                 type=click.Path(path_type=Path),
-                default=DEFAULT_MODEL,
+                default=d.model,
                 show_default=True,
                 help="Bundle folder written by recon-export.",
             ),
             click.option(
                 "--backend",
                 type=click.Choice(BACKEND_CHOICES),
-                default="auto",
+                default=d.backend,
                 show_default=True,
-                help="Inference engine. auto: onnxruntime on CUDA, for fp16 and int8 and for bundles without fp32 "
-                "graphs; otherwise openvino when it is installed (bf16 needs it), else onnxruntime.",
+                help="Inference engine. auto: openvino for bf16 (only it runs bf16), else onnxruntime (on the CPU at "
+                "fp32 the leaner of the two for about the same speed; openvino where only it is installed).",
             ),
             click.option(
                 "--provider",
-                type=click.Choice(["auto", "cuda", "cpu"]),
-                default="auto",
+                type=click.Choice(PROVIDER_CHOICES),
+                default=d.provider,
                 show_default=True,
                 help="auto: CUDA when it starts, else CPU (with a warning); cuda: fail if CUDA does not start.",
             ),
             click.option(
                 "--precision",
-                type=click.Choice(["auto", "bf16", "fp16", "fp32", "int8"]),
-                default="auto",
+                type=click.Choice(PRECISION_CHOICES),
+                default=d.precision,
                 show_default=True,
                 help="auto: fp16 on CUDA when the bundle's fp16 check passed, else fp32. "
                 "bf16: openvino on a CPU with AVX512-BF16 or AMX (refused elsewhere).",
             ),
-            click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per session."),
+            click.option(
+                "--threads",
+                type=click.IntRange(min=1),
+                default=d.threads,
+                help="Intra-op CPU threads per stage (default: the engine's, every core).",
+            ),
+            click.option(
+                "--max-batch",
+                type=click.IntRange(min=1),
+                default=d.max_batch,
+                metavar="N",
+                help=f"Windows of equal shape per graph run (default: {MAX_BATCH} on CUDA, {CPU_MAX_BATCH} on the CPU, "
+                "where a batch is no faster and multiplies the memory).",
+            ),
             click.option(
                 "--performance-hint",
                 type=click.Choice(PERFORMANCE_HINTS),
-                default="latency",
-                show_default=True,
-                help="openvino: latency (each call uses every core; files one at a time) or throughput "
-                "(streams, for many concurrent calls). --backend onnxruntime refuses throughput.",
+                default=d.performance_hint,
+                help=f"openvino: {LATENCY} (the default: each run uses every core) or {THROUGHPUT} (streams, for "
+                f"concurrent runs). --backend onnxruntime refuses {THROUGHPUT}.",
             ),
             click.option(
                 "--compile-cache/--no-compile-cache",
-                default=True,
+                default=d.compile_cache,
                 show_default=True,
                 help="openvino: keep compiled graphs in the user's cache folder (per bundle digest) so that "
                 "the next start skips compilation.",
@@ -85,11 +99,12 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--cuda-graph",
                 is_flag=True,
+                default=d.cuda_graph,
                 help="CUDA: capture CUDA graphs for repeated input shapes (more GPU memory; not yet measured).",
             ),
             click.option(
                 "--expect-digest",
-                default=None,
+                default=d.expect_digest,
                 metavar="DIGEST",
                 help="Refuse the bundle unless its digest (recon-run info) is DIGEST: pins a bundle you trust "
                 "(with --server: the digest the server reports).",
@@ -100,39 +115,9 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-@dataclass(frozen=True)
-class ModelArgs:
-    """The model options every command that loads a bundle shares."""
-
-    model: Path
-    backend: str
-    provider: str
-    precision: str
-    threads: int | None
-    cuda_graph: bool
-    expect_digest: str | None
-    performance_hint: str = "latency"
-    compile_cache: bool = True
-
-    def load(self, stages: Sequence[str]) -> Any:
-        from .reconstructor import Reconstructor  # imports the inference engine only when needed
-
-        return Reconstructor.load(
-            self.model,
-            provider=self.provider,
-            precision=self.precision,
-            backend=self.backend,
-            stages=stages,
-            threads=self.threads,
-            cuda_graph=self.cuda_graph,
-            expect_digest=self.expect_digest,
-            performance_hint=self.performance_hint,
-            compile_cache=self.compile_cache,
-        )
-
-
-def model_args(kwargs: dict[str, Any]) -> ModelArgs:
-    return ModelArgs(**{k: kwargs.pop(k) for k in ModelArgs.__dataclass_fields__})
+def model_args(kwargs: dict[str, Any]) -> LoadOptions:
+    """The model options among a command's keyword arguments, removed from them."""
+    return LoadOptions(**{f.name: kwargs.pop(f.name) for f in fields(LoadOptions)})
 
 
 def guard(ctx: click.Context, fn: Callable[[], int]) -> None:

@@ -17,11 +17,9 @@ import click
 import numpy as np
 
 from .audio_io import atomic_path, load_array, write_audio
-from .cli_common import save_latents
+from .cli_common import model_options, save_latents
 from .contract import LATENT_DOWNSAMPLE
 from .errors import AudioInputError, BundleError, ReconError, install_hint
-from .executors import BACKENDS
-from .executors.base import PERFORMANCE_HINTS
 
 _LOGGER = logging.getLogger("recon_runtime")
 
@@ -51,25 +49,9 @@ def api_key_from_env(var: str | None) -> str | None:
 
 
 @click.command()
-@click.option(
-    "--model", type=click.Path(path_type=Path), default=Path("models/audioldm2-music"), show_default=True,
-    help="Bundle folder written by recon-export.",
-)  # fmt: skip
-@click.option("--backend", type=click.Choice(("auto", *BACKENDS)), default="auto", show_default=True)
-@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp16", "fp32", "int8"]), default="auto", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per graph run.")
-@click.option("--expect-digest", default=None, metavar="DIGEST", help="Refuse the bundle unless its digest is DIGEST.")
-@click.option(
-    "--performance-hint", type=click.Choice(PERFORMANCE_HINTS), default=None,
-    help="OpenVINO's hint (default: throughput, several streams for the batcher's runs).",
-)  # fmt: skip
-@click.option(
-    "--compile-cache/--no-compile-cache", default=True, show_default=True, help="OpenVINO compiled-model cache."
-)
+@model_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Windows per graph run.")
 @click.option(
     "--max-wait-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
     help="How long the worker waits for a batch to fill.",

@@ -96,7 +96,7 @@ def ray_missing_message() -> str:
 
 @dataclass(frozen=True)
 class JobConfig:
-    """One dataset job. `model` is any object with `load(stages) -> Reconstructor` (cli_common.ModelArgs)."""
+    """One dataset job. `model` is any object with `load(stages) -> Reconstructor` (options.LoadOptions)."""
 
     mode: str
     inputs: tuple[str, ...]

@@ -26,7 +26,6 @@ from .contract import (
     FP16,
     FP32,
     HOP_LENGTH,
-    INT8,
     LATENT_CHANNELS,
     LATENT_DOWNSAMPLE,
     LATENT_FREQ_BINS,
@@ -40,18 +39,12 @@ from .contract import (
     read_contract,
 )
 from .errors import AudioInputError, BundleError, NumericalError, ProviderError, install_hint
-from .executors import BACKENDS, ONNXRUNTIME, OPENVINO, Executor, ExecutorOptions
-from .executors.base import LATENCY, PERFORMANCE_HINTS
+from .executors import ONNXRUNTIME, OPENVINO, Executor, ExecutorOptions
+from .executors.base import LATENCY
 from .frontend import log_mel, prepare_waveform
+from .options import AUTO, CPU, CUDA, check_choices
 
 _LOGGER = logging.getLogger(__name__)
-
-AUTO: Final = "auto"
-CPU: Final = "cpu"
-CUDA: Final = "cuda"
-PROVIDER_CHOICES: Final = (AUTO, CUDA, CPU)
-PRECISION_CHOICES: Final = (AUTO, BF16, FP16, FP32, INT8)
-BACKEND_CHOICES: Final = (AUTO, *BACKENDS)
 
 DEFAULT_WINDOW_FRAMES: Final = TRAINING_WINDOW_FRAMES  # mel frames per window (10.24 s)
 DEFAULT_OVERLAP_FRAMES: Final = 64  # mel frames shared by neighbouring windows (0.64 s)
@@ -236,27 +229,24 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _onnxruntime_cuda() -> bool:
-    if not _installed("onnxruntime"):
-        return False
-    from .executors import onnxruntime as ort_exec
-
-    return ort_exec.cuda_available()
-
-
 def _resolve_backend(backend: str, provider: str, precision: str, available: Sequence[str]) -> str:
-    """The backend `auto` stands for: onnxruntime on CUDA (and for its own fp16/int8 graphs, and for a
-    bundle without fp32 graphs, which OpenVINO reads); on the CPU, OpenVINO when it is installed (bf16
-    needs it), else onnxruntime. `available`: the bundle's complete graph precisions (contract.precisions)."""
+    """The backend `auto` stands for: OpenVINO for bf16 (only it runs bf16), else onnxruntime (CUDA,
+    its own fp16/int8 graphs, and fp32 on the CPU), unless only OpenVINO is installed and can run it
+    (fp32 graphs on the CPU). `available`: the bundle's complete graph precisions (contract.precisions).
+
+    On the CPU at fp32 onnxruntime is the leaner engine for about the same speed (OpenVINO 1.07x at
+    best): OpenVINO keeps what the first run of each stage prepares (713 MiB) and each stage's last
+    activations, so a 120 s reconstruction peaked at 1919 MiB on it against 1358-1449 MiB on
+    onnxruntime (docs/performance.md, "Memory: why auto runs onnxruntime at fp32").
+    """
     if backend != AUTO:
         return backend
     if precision == BF16:
         return OPENVINO
-    if precision in (FP16, INT8) or provider == CUDA or FP32 not in available:
-        return ONNXRUNTIME
-    if provider == AUTO and _onnxruntime_cuda():
-        return ONNXRUNTIME
-    return OPENVINO if _installed("openvino") else ONNXRUNTIME
+    openvino_can = precision in (AUTO, FP32) and provider != CUDA and FP32 in available
+    if openvino_can and not _installed("onnxruntime") and _installed("openvino"):
+        return OPENVINO
+    return ONNXRUNTIME
 
 
 class Reconstructor:
@@ -326,9 +316,8 @@ class Reconstructor:
             precision: "auto" (fp16 on CUDA when the bundle's fp16 arithmetic check passed, else
                 fp32), "fp16", "fp32", "int8" (onnxruntime) or "bf16" (openvino, on a CPU with
                 AVX512-BF16 or AMX; refused elsewhere).
-            backend: "auto" (onnxruntime on CUDA, for fp16/int8 and for bundles without fp32
-                graphs; otherwise openvino when it is installed, else onnxruntime), "onnxruntime"
-                or "openvino".
+            backend: "auto" (openvino for bf16; otherwise onnxruntime, the leaner engine on the CPU
+                at fp32, or openvino where only it is installed), "onnxruntime" or "openvino".
             stages: create these stages' sessions now (e.g. ("decoder", "vocoder") for a decoder);
                 None creates each on first use.
             threads: intra-op threads per session (None: the engine's default).
@@ -364,14 +353,7 @@ class Reconstructor:
                 f"{bundle_dir}: bundle digest is {contract.digest}, expected {expect_digest}; "
                 "this is not the bundle you pinned"
             )
-        if provider not in PROVIDER_CHOICES:
-            raise ProviderError(f"unknown provider {provider!r}; use {', '.join(PROVIDER_CHOICES)}")
-        if precision not in PRECISION_CHOICES:
-            raise ProviderError(f"unknown precision {precision!r}; use {', '.join(PRECISION_CHOICES)}")
-        if backend not in BACKEND_CHOICES:
-            raise ProviderError(f"unknown backend {backend!r}; use {', '.join(BACKEND_CHOICES)}")
-        if performance_hint is not None and performance_hint not in PERFORMANCE_HINTS:
-            raise ProviderError(f"unknown performance hint {performance_hint!r}; use {', '.join(PERFORMANCE_HINTS)}")
+        check_choices(provider, precision, backend, performance_hint)
         if stages is not None:
             unknown = [s for s in stages if s not in ROLES]
             if unknown:

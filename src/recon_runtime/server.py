@@ -49,8 +49,7 @@ from .batcher import BatchStats, DeadlineExceeded, QueueFull, ShuttingDown, Wind
 from .chunking import window_weights
 from .contract import LATENT_CHANNELS, LATENT_DOWNSAMPLE, LATENT_FREQ_BINS, ROLES
 from .errors import AudioInputError, BundleError, NumericalError, ReconError
-from .executors import ONNXRUNTIME
-from .executors.base import LATENCY, THROUGHPUT
+from .options import LoadOptions
 from .protocol import (
     H_CHANNELS,
     H_FINGERPRINT,
@@ -111,15 +110,14 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
 @dataclass(frozen=True)
-class ServerConfig:
-    """Everything `recon-run serve` takes; defaults as documented in docs/serving.md."""
+class ServerConfig(LoadOptions):
+    """Everything `recon-run serve` takes; defaults as documented in docs/serving.md.
 
-    model: str = "models/audioldm2-music"
-    backend: str = "auto"
-    provider: str = "auto"
-    precision: str = "auto"
-    threads: int | None = None
-    max_batch: int = 8
+    The model options (model, backend, provider, precision, threads, max_batch, ...) are `LoadOptions`'
+    fields, with the runtime's defaults: `max_batch` None is the runtime's per-device batch (8 on
+    CUDA, 1 on the CPU), and the batcher runs at most the loaded Reconstructor's `max_batch`.
+    """
+
     max_wait_ms: float = 10.0
     max_queue: int = 64
     """Requests admitted at once (waiting or running); one more gets 503 with Retry-After."""
@@ -147,15 +145,11 @@ class ServerConfig:
     min_upload_rate: float = 4096.0
     """Bytes per second an upload must keep up after its first UPLOAD_GRACE_S seconds (408 below,
     freeing its upload slot); 0: no minimum. docs/serving.md says why 4 KiB/s."""
-    expect_digest: str | None = None
-    performance_hint: str | None = None
-    """OpenVINO's hint; None: throughput (several streams serve the batcher's runs), or latency with
-    an explicit onnxruntime backend, which has no hint (auto drops it where it picks onnxruntime)."""
-    compile_cache: bool = True
     warmup: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_uploads"):
+        super().__post_init__()
+        for name in ("max_queue", "max_uploads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_windows is not None and self.max_windows < 1:
@@ -177,8 +171,8 @@ class ServerConfig:
         RECON_MAX_BATCH, RECON_MAX_WAIT_MS, RECON_MAX_QUEUE, RECON_MAX_WINDOWS, RECON_MAX_BODY_MB, RECON_MAX_SECONDS,
         RECON_TIMEOUT_S, RECON_BUCKET_FRAMES, RECON_BODY_TIMEOUT_S, RECON_MAX_UPLOADS, RECON_MAX_DECODED_MB,
         RECON_HEADER_TIMEOUT_S, RECON_MIN_UPLOAD_RATE, RECON_EXPECT_DIGEST, RECON_PERFORMANCE_HINT,
-        RECON_COMPILE_CACHE and RECON_API_KEY_ENV (the name of the variable that holds the key), for
-        hosts that build the app without the CLI (gunicorn)."""
+        RECON_COMPILE_CACHE, RECON_CUDA_GRAPH and RECON_API_KEY_ENV (the name of the variable that holds
+        the key), for hosts that build the app without the CLI (gunicorn)."""
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
@@ -186,7 +180,7 @@ class ServerConfig:
             if raw is None or f.name in ("api_key", "warmup"):
                 continue
             default = getattr(cls, f.name, None)
-            if f.name in ("threads", "max_windows"):  # optional ints (default None)
+            if f.type == "int | None":  # threads, max_batch, max_windows (default None)
                 kwargs[f.name] = int(raw)
             elif isinstance(default, bool):
                 kwargs[f.name] = raw.lower() in ("1", "true", "yes")
@@ -203,14 +197,6 @@ class ServerConfig:
                 raise ValueError(f"RECON_API_KEY_ENV names {key_var}, which is not set or empty")
             kwargs["api_key"] = key
         return cls(**kwargs)
-
-
-def performance_hint(config: ServerConfig) -> str:
-    """The hint the server loads with: the one asked for, else throughput (OpenVINO streams feed the
-    batcher), except with an explicit onnxruntime backend, which has no hint and refuses throughput."""
-    if config.performance_hint:
-        return config.performance_hint
-    return LATENCY if config.backend == ONNXRUNTIME else THROUGHPUT
 
 
 def load_failure_message(e: BaseException) -> str:
@@ -338,26 +324,20 @@ class Service:
             t0 = time.perf_counter()
             rec = self._source() if callable(self._source) else self._source
             if rec is None:
-                from .reconstructor import Reconstructor
-
-                c = self.config
-                rec = Reconstructor.load(
-                    c.model,
-                    provider=c.provider,
-                    precision=c.precision,
-                    backend=c.backend,
-                    stages=ROLES,
-                    threads=c.threads,
-                    max_batch=c.max_batch,
-                    bucket_frames=c.bucket_frames,
-                    expect_digest=c.expect_digest,
-                    performance_hint=performance_hint(c),
-                    compile_cache=c.compile_cache,
-                )
+                # the runtime's defaults unless set, the hint too: latency, measured faster than throughput
+                # for the one batcher thread at 1 and 16 clients (docs/serving.md)
+                rec = self.config.load(ROLES, bucket_frames=self.config.bucket_frames)
             self.rec = rec
+            if self.config.max_batch not in (None, rec.max_batch):
+                _LOGGER.warning(
+                    "max_batch %d asked for, but the Reconstructor served runs %d: batching %d",
+                    self.config.max_batch,
+                    rec.max_batch,
+                    rec.max_batch,
+                )
             self.batcher = WindowBatcher(
                 rec.run_windows,
-                max_batch=self.config.max_batch,
+                max_batch=rec.max_batch,  # what the served Reconstructor runs (its per-device default unless set)
                 max_wait_s=self.config.max_wait_ms / 1000,
                 max_windows=self.config.max_windows,
                 on_batch=self.metrics.on_batch,
@@ -946,6 +926,7 @@ def create_app(
         rec = service.rec
         c = rec.contract
         limits = {k: v for k, v in asdict(config).items() if k not in ("model", "api_key", "warmup")}
+        limits["max_batch"] = rec.max_batch  # the batch it runs (the runtime's per-device default unless set)
         return {
             "version": __version__,
             "source": dict(c.source),

@@ -1,0 +1,89 @@
+"""The options a user sets to load a bundle, defined once: `LoadOptions` and the choices it accepts.
+
+`recon-run reconstruct|encode|decode|vocode`, `recon-run dataset ...` and `recon-run serve` take the
+same model options (`cli_common.model_options` builds them from `LoadOptions`), and
+`server.ServerConfig` extends `LoadOptions`, so the server's `RECON_*` variables read the same fields.
+Every field is an argument of `Reconstructor.load` with the same default; the choices are the
+constants below, which `Reconstructor.load` checks too. This module imports no engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from .contract import BF16, FP16, FP32, INT8
+from .errors import ProviderError
+from .executors import BACKENDS
+from .executors.base import PERFORMANCE_HINTS
+
+if TYPE_CHECKING:
+    from .reconstructor import Reconstructor
+
+AUTO: Final = "auto"
+CPU: Final = "cpu"
+CUDA: Final = "cuda"
+PROVIDER_CHOICES: Final = (AUTO, CUDA, CPU)
+PRECISION_CHOICES: Final = (AUTO, BF16, FP16, FP32, INT8)
+BACKEND_CHOICES: Final = (AUTO, *BACKENDS)
+DEFAULT_MODEL: Final = Path("models/audioldm2-music")
+"""Where `recon-export` writes by default."""
+
+
+def check_choices(
+    provider: str = AUTO, precision: str = AUTO, backend: str = AUTO, performance_hint: str | None = None
+) -> None:
+    """Refuse a value outside the runtime's choices, in one line naming the choices."""
+    for what, value, choices in (
+        ("provider", provider, PROVIDER_CHOICES),
+        ("precision", precision, PRECISION_CHOICES),
+        ("backend", backend, BACKEND_CHOICES),
+    ):
+        if value not in choices:
+            raise ProviderError(f"unknown {what} {value!r}; use {', '.join(choices)}")
+    if performance_hint is not None and performance_hint not in PERFORMANCE_HINTS:
+        raise ProviderError(f"unknown performance hint {performance_hint!r}; use {', '.join(PERFORMANCE_HINTS)}")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Every `Reconstructor.load` setting a user chooses, with its defaults (see `Reconstructor.load`).
+
+    The field order is kept: callers may build it positionally (model, backend, provider, precision,
+    threads, cuda_graph, expect_digest, ...).
+    """
+
+    model: Path = DEFAULT_MODEL
+    """The bundle folder (`Reconstructor.load`'s bundle_dir)."""
+    backend: str = AUTO
+    provider: str = AUTO
+    precision: str = AUTO
+    threads: int | None = None
+    cuda_graph: bool = False
+    expect_digest: str | None = None
+    performance_hint: str | None = None
+    """OpenVINO's hint; None: the runtime's default (latency)."""
+    compile_cache: bool = True
+    max_batch: int | None = None
+    """Windows per graph run; None: the runtime's per-device default (8 on CUDA, 1 on the CPU)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", Path(self.model))
+        check_choices(self.provider, self.precision, self.backend, self.performance_hint)
+        for name in ("threads", "max_batch"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `Reconstructor.load` these options stand for (all but the bundle)."""
+        return {f.name: getattr(self, f.name) for f in fields(LoadOptions) if f.name != "model"}
+
+    def load(self, stages: Sequence[str] | None = None, **settings: Any) -> Reconstructor:
+        """`Reconstructor.load(model, stages=stages, ...)` with these options; `settings`: its other
+        arguments (e.g. bucket_frames)."""
+        from .reconstructor import Reconstructor
+
+        return Reconstructor.load(self.model, stages=stages, **self.load_kwargs(), **settings)
