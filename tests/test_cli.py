@@ -90,7 +90,7 @@ def test_help_names_both_engines() -> None:
     r = run_cli("recon-run", "--help")
     assert r.returncode == 0 and "ONNX Runtime" in r.stdout and "OpenVINO" in r.stdout, r.stdout
     r = run_cli("recon-run", "reconstruct", "--help")
-    assert "auto: onnxruntime on CUDA" in " ".join(r.stdout.split()), r.stdout
+    assert "auto: openvino for bf16 (only it runs bf16), else onnxruntime" in " ".join(r.stdout.split()), r.stdout
 
 
 def test_reconstruct_single_file_pcm16_at_output_rate(tiny_bundle: Path, inputs: Path, tmp_path: Path) -> None:
