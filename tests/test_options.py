@@ -20,9 +20,10 @@ import click
 import pytest
 
 from recon_runtime import Reconstructor
+from recon_runtime.choices import BACKEND_CHOICES, PRECISION_CHOICES, PROVIDER_CHOICES
 from recon_runtime.cli import main
 from recon_runtime.executors.base import PERFORMANCE_HINTS
-from recon_runtime.options import BACKEND_CHOICES, PRECISION_CHOICES, PROVIDER_CHOICES, LoadOptions
+from recon_runtime.options import LoadOptions
 
 CHOICES = {
     "backend": BACKEND_CHOICES,

@@ -17,9 +17,10 @@ import click
 import numpy as np
 
 from .audio_io import atomic_path, write_array
+from .choices import BACKEND_CHOICES, PRECISION_CHOICES, PROVIDER_CHOICES
 from .errors import AudioInputError, BundleError, ReconError
 from .executors.base import LATENCY, PERFORMANCE_HINTS, THROUGHPUT
-from .options import BACKEND_CHOICES, PRECISION_CHOICES, PROVIDER_CHOICES, LoadOptions
+from .options import LoadOptions
 from .reconstructor import CPU_MAX_BATCH, MAX_BATCH
 
 SIDECAR_VERSION: Final = 2  # 2: bundle_fingerprint names the decoding weights (1 named the source and configs)

@@ -4,7 +4,7 @@
 same model options (`cli_common.model_options` builds them from `LoadOptions`), and
 `server.ServerConfig` extends `LoadOptions`, so the server's `RECON_*` variables read the same fields.
 Every field is an argument of `Reconstructor.load` with the same default; the choices are the
-constants below, which `Reconstructor.load` checks too. This module imports no engine.
+constants of `choices`, which `Reconstructor.load` checks too. This module imports no engine.
 """
 
 from __future__ import annotations
@@ -14,37 +14,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from .contract import BF16, FP16, FP32, INT8
-from .errors import ProviderError
-from .executors import BACKENDS
-from .executors.base import PERFORMANCE_HINTS
+from .choices import AUTO, check_choices
 
 if TYPE_CHECKING:
     from .reconstructor import Reconstructor
 
-AUTO: Final = "auto"
-CPU: Final = "cpu"
-CUDA: Final = "cuda"
-PROVIDER_CHOICES: Final = (AUTO, CUDA, CPU)
-PRECISION_CHOICES: Final = (AUTO, BF16, FP16, FP32, INT8)
-BACKEND_CHOICES: Final = (AUTO, *BACKENDS)
 DEFAULT_MODEL: Final = Path("models/audioldm2-music")
 """Where `recon-export` writes by default."""
-
-
-def check_choices(
-    provider: str = AUTO, precision: str = AUTO, backend: str = AUTO, performance_hint: str | None = None
-) -> None:
-    """Refuse a value outside the runtime's choices, in one line naming the choices."""
-    for what, value, choices in (
-        ("provider", provider, PROVIDER_CHOICES),
-        ("precision", precision, PRECISION_CHOICES),
-        ("backend", backend, BACKEND_CHOICES),
-    ):
-        if value not in choices:
-            raise ProviderError(f"unknown {what} {value!r}; use {', '.join(choices)}")
-    if performance_hint is not None and performance_hint not in PERFORMANCE_HINTS:
-        raise ProviderError(f"unknown performance hint {performance_hint!r}; use {', '.join(PERFORMANCE_HINTS)}")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Final
 import numpy as np
 import soxr
 
+from .choices import AUTO, CPU, CUDA, check_choices
 from .chunking import join_windows, plan_windows
 from .contract import (
     BF16,
@@ -42,7 +43,6 @@ from .errors import AudioInputError, BundleError, NumericalError, ProviderError,
 from .executors import ONNXRUNTIME, OPENVINO, Executor, ExecutorOptions
 from .executors.base import LATENCY
 from .frontend import log_mel, prepare_waveform
-from .options import AUTO, CPU, CUDA, check_choices
 
 _LOGGER = logging.getLogger(__name__)
 
