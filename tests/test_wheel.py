@@ -62,6 +62,8 @@ def test_the_wheel_holds_every_module_and_data_file(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = shipped_files()
     assert "recon_runtime/executors/onnxruntime.py" in expected and len(expected) > 30
+    page = {n.rsplit("/", 1)[1] for n in expected if n.startswith("recon_runtime/") and "/static/" in n}
+    assert {"index.html", "app.js", "app.css"} <= page, f"the page's files are not under src/ ({page})"
     assert not (missing := sorted(expected - names)), f"{wheel.name} lacks {missing}"
     tops = {n.split("/")[0] for n in names}
     dist_info = {t for t in tops if t.endswith(".dist-info")}

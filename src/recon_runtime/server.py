@@ -50,6 +50,7 @@ from .chunking import window_weights
 from .contract import LATENT_CHANNELS, LATENT_DOWNSAMPLE, LATENT_FREQ_BINS, ROLES
 from .errors import AudioInputError, BundleError, NumericalError, ReconError
 from .options import LoadOptions
+from .page import is_public, mount_page
 from .protocol import (
     H_CHANNELS,
     H_FINGERPRINT,
@@ -404,11 +405,12 @@ class Service:
             return await run_in_threadpool(fn, *args)
 
     # ------------------------------------------------------------------ input
-    async def read_body(self, request: Request) -> bytes:
+    async def read_body(self, request: Request, *, limit: int | None = None, raw: bool = False) -> bytes:
         """The upload (raw body, or the `file` field of a multipart form), refused past `max_body_mb`
         without reading the rest. Call it once admitted: a full server answers 503 before any body.
-        At most `max_uploads` bodies are read at once, each within `body_timeout_s` (408 beyond)."""
-        limit = int(self.config.max_body_mb * 2**20)
+        At most `max_uploads` bodies are read at once, each within `body_timeout_s` (408 beyond).
+        `limit` (bytes) replaces `max_body_mb`; `raw` keeps a multipart body whole (/v1/compare's two files)."""
+        limit = limit or int(self.config.max_body_mb * 2**20)
         declared = request.headers.get("content-length")
         if declared is not None:
             try:
@@ -437,7 +439,7 @@ class Service:
             raise HTTPError(408, f"the body did not arrive within {timeout:g} s", {"Connection": "close"}) from None
         finally:
             self._upload_slots.release()
-        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        if not raw and request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
             body = await self.cpu(_multipart_file, request.scope, body)
         if not body:
             raise HTTPError(400, "empty body: send the file as the body or as the multipart field `file`")
@@ -677,7 +679,7 @@ def _pcm_bytes(chunk: np.ndarray, fmt: str) -> bytes:
 
 
 class _Edge:
-    """ASGI middleware: API key on every route but /healthz, and request metrics by route and status."""
+    """ASGI middleware: API key on every route but /healthz and the page, and request metrics by route and status."""
 
     def __init__(self, app: Any, service: Service, routes: Sequence[Any] = ()):
         self.app = app
@@ -706,7 +708,7 @@ class _Edge:
             await send(message)
 
         try:
-            if self._key is not None and scope["path"] != "/healthz" and not self._authorised(scope):
+            if self._key is not None and not self._public(scope["path"]) and not self._authorised(scope):
                 response = JSONResponse(
                     {"error": "missing or wrong API key: send the header Authorization: Bearer <key>"},
                     401,
@@ -773,6 +775,11 @@ class _Edge:
             if match != Match.NONE:
                 return getattr(route, "path", None) or "unmatched"
         return "unmatched"
+
+    @staticmethod
+    def _public(path: str) -> bool:
+        """Paths that need no key: /healthz, and the page at / with its assets (they hold no data)."""
+        return path == "/healthz" or is_public(path)
 
     def _authorised(self, scope: dict[str, Any]) -> bool:
         assert self._key is not None
@@ -1075,6 +1082,7 @@ def create_app(
         service.metrics.audio_seconds.labels("/v1/decode").inc(size / service.rate)
         return Response(data, media_type="audio/wav", headers={H_NUM_SAMPLES: str(size)})
 
+    mount_page(app, service)  # the listening page at /, its assets, and /v1/compare for it
     return app
 
 
