@@ -273,3 +273,35 @@ def test_encode_force_whose_sidecar_write_fails_keeps_the_old_pair(
     (line,) = _errors(result.output)
     assert f"{out / 'x.json'}: cannot write output (No space left on device)" in line
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old pair, whole; no temporaries
+
+
+def test_metrics_and_plot_files_never_name_an_input_an_output_or_each_other(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Refused before the model loads (the bundle does not exist), --force or not: nothing replaced."""
+    clip = _wav(tmp_path / "clip.wav", tone(0.3, 16000))
+    folder = _wav(tmp_path / "in" / "sub" / "x.wav", tone(0.3, 16000, 500)).parents[1]
+    before = clip.read_bytes()
+    no_model = ["--model", str(tmp_path / "no-bundle")]
+    o2, o3, out = tmp_path / "o2.wav", tmp_path / "o3.wav", tmp_path / "out"
+    cases = [
+        (
+            [str(clip), "-o", str(o2), "--metrics", str(clip), "--force"],
+            f"{clip}: --metrics names an input of this run",
+        ),
+        ([str(clip), "-o", str(o3), "--plot", str(o3)], f"{o3}: --plot names the output of {clip}"),
+        ([str(clip), "-o", str(o3), "--plot", str(o3), "--force"], f"{o3}: --plot names the output of {clip}"),
+        (
+            [str(folder), "-o", str(out), "--metrics", str(out / "sub" / "x.wav")],
+            f"{out / 'sub' / 'x.wav'}: --metrics names the output of {folder / 'sub' / 'x.wav'}",
+        ),
+        (
+            [str(clip), "-o", str(o2), "--metrics", str(tmp_path / "r"), "--plot", str(tmp_path / "r")],
+            f"{tmp_path / 'r'}: --metrics and --plot name the same file",
+        ),
+    ]
+    for args, message in cases:
+        r = run_cli("recon-run", "reconstruct", *args, *no_model)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        (line,) = r.stderr.strip().splitlines()
+        assert line.startswith(f"error: {message}"), (args, line)
+    assert clip.read_bytes() == before
+    assert not any(p.exists() for p in (o2, o3, out, tmp_path / "r"))
