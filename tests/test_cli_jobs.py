@@ -305,3 +305,35 @@ def test_metrics_and_plot_files_never_name_an_input_an_output_or_each_other(tiny
         assert line.startswith(f"error: {message}"), (args, line)
     assert clip.read_bytes() == before
     assert not any(p.exists() for p in (o2, o3, out, tmp_path / "r"))
+
+
+def test_decode_refuses_a_sidecar_of_another_npy(tiny_bundle: Path, tmp_path: Path) -> None:
+    """encode --force stopped between its two renames: the new sidecar beside the old .npy."""
+    import json
+
+    model = ["--model", str(tiny_bundle)]
+    lat = tmp_path / "x.npy"
+    short, long = _wav(tmp_path / "short.wav", tone(0.5, 16000)), _wav(tmp_path / "long.wav", tone(1.5, 16000, 300))
+    assert run_cli("recon-run", "encode", str(short), "-o", str(lat), *model).returncode == 0
+    old_npy = lat.read_bytes()
+    assert run_cli("recon-run", "encode", str(long), "-o", str(lat), "--force", *model).returncode == 0
+    new_npy = lat.read_bytes()
+    sidecar = lat.with_suffix(".json")
+    lat.write_bytes(old_npy)  # the old .npy, the new sidecar
+    out = tmp_path / "x.wav"
+    r = run_cli("recon-run", "decode", str(lat), "-o", str(out), *model)
+    assert r.returncode == 1 and not out.exists() and "Traceback" not in r.stderr, r.stderr
+    (line,) = _errors(r.stderr)
+    assert line.startswith(f"error: {sidecar}: sidecar does not belong to this .npy; encode again ("), line
+    # a sidecar written before npy_sha256 was recorded: still read, its latent_shape compared
+    side = json.loads(sidecar.read_text())
+    del side["npy_sha256"]
+    sidecar.write_text(json.dumps(side))
+    r = run_cli("recon-run", "decode", str(lat), "-o", str(out), *model)
+    assert r.returncode == 1 and not out.exists()
+    (line,) = _errors(r.stderr)
+    assert "sidecar does not belong to this .npy; encode again" in line and "latent_shape" in line, line
+    lat.write_bytes(new_npy)
+    r = run_cli("recon-run", "decode", str(lat), "-o", str(out), *model)
+    assert r.returncode == 0, r.stderr
+    assert sf.info(str(out)).frames == side["num_samples"] == 24000
