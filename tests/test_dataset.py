@@ -793,6 +793,14 @@ def test_a_job_rerun_with_another_spelling_of_out_finds_its_own_outputs(
     # recorded relative to OUT: a record names its file however -o spells OUT
     outputs = read_table(tmp_path / "rj" / "done", ["output"]).column("output").to_pylist()
     assert sorted(outputs) == ["audio/c0.wav", "audio/c1.wav"]
+    # an output the user replaced since the job wrote it is the user's: --no-resume keeps it
+    mine = tmp_path / "rj" / "audio" / "c1.wav"
+    mine.write_bytes(b"mine")
+    lines.clear()
+    result = run_job(_job(tiny_bundle, "reconstruct", [root], Path("../rj"), resume=False), echo=lines.append)
+    assert (result.ok, result.failed) == (1, 1) and mine.read_bytes() == b"mine", lines
+    assert any(ln.startswith(f"--no-resume: kept 1 file(s) in {tmp_path / 'rj'}") for ln in lines), lines
+    assert any(f"{mine} exists and was not written by this job" in ln for ln in lines), lines
 
 
 def test_stop_ray_kills_the_processes_of_its_first_look(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -47,6 +47,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -803,7 +804,8 @@ class Worker:
             out_rate = cfg.output_rate or rate
             rel = audio_rel(str(batch["rel"][i]))
             write_audio(cfg.out / rel, rec.finish(feats, out, out_rate), out_rate, cfg.sample_format)
-            row["output"] = rel
+            st = os.stat(cfg.out / rel)  # what the job wrote: --no-resume deletes the file only while it is that
+            row.update(output=rel, output_size=st.st_size, output_mtime_ns=st.st_mtime_ns)
         else:
             from .metrics import compare
 
@@ -823,6 +825,8 @@ class Worker:
             cols["latent_shape"] = pa.array([r["latent_shape"] for r in rows], pa.list_(pa.int32()))
         elif self.config.mode == RECONSTRUCT:
             cols["output"] = pa.array([r["output"] for r in rows], pa.string())
+            cols["output_size"] = pa.array([r["output_size"] for r in rows], pa.int64())
+            cols["output_mtime_ns"] = pa.array([r["output_mtime_ns"] for r in rows], pa.int64())
         else:
             for name in METRIC_NAMES:
                 cols[name] = pa.array([r[name] for r in rows], pa.float64())
@@ -1088,6 +1092,29 @@ def _recorded_outputs(out: Path) -> dict[str, str]:
     return owners
 
 
+def _written_outputs(out: Path) -> dict[str, set[tuple[int, int]]]:
+    """reconstruct: the audio OUT/done says the job wrote (relative to OUT) -> its (size, mtime_ns) then."""
+    table = read_table(out / RESULT_DIRS[RECONSTRUCT], ["output", "output_size", "output_mtime_ns"])
+    written: dict[str, set[tuple[int, int]]] = {}
+    if table is not None:
+        for output, size, mtime in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+            rel = _record_rel(str(output))
+            if rel is not None:
+                written.setdefault(rel, set()).add((size, mtime))
+    return written
+
+
+def _still_written(path: Path, stats: set[tuple[int, int]] | None) -> bool:
+    """Whether the file at a recorded output is still what the job wrote: a regular file and, where
+    done/ records it, of the size and mtime it had then (a file put there since is not the job's).
+    One that only outputs/ records was written by a run killed before its done/ shard: the job's."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and (stats is None or (st.st_size, st.st_mtime_ns) in stats)
+
+
 def _remove_if_empty(folder: Path, stop: Path) -> None:
     """Remove `folder` and its parents up to (not including) `stop` while they are empty."""
     while folder != stop and stop in folder.parents:
@@ -1165,6 +1192,7 @@ def _start_over(out: Path, job: dict[str, Any], echo: Callable[[str], None]) -> 
     if not job.get("resetting"):
         _write_job(out, {**job, "resetting": True})
     recorded = list(_recorded_outputs(out)) if mode == RECONSTRUCT else []
+    written = _written_outputs(out) if mode == RECONSTRUCT else {}
     _remove_temps(out, mode, recorded)
     audio = out / AUDIO_DIR
     real_audio = audio.resolve()
@@ -1172,7 +1200,7 @@ def _start_over(out: Path, job: dict[str, Any], echo: Callable[[str], None]) -> 
         path = out / rel
         if not path.parent.resolve().is_relative_to(real_audio):
             continue  # a folder under OUT/audio that links elsewhere: never outside OUT/audio
-        if path.is_file() and not path.is_symlink():
+        if _still_written(path, written.get(rel)):
             path.unlink()
         _remove_if_empty(path.parent, audio)
     _remove_if_empty(audio, out)
