@@ -641,6 +641,10 @@ def test_a_job_json_or_job_lock_no_job_wrote_makes_the_folder_the_users(tiny_bun
         "named": ({"job.json": b'{"name": "my job"}\n', "summary.json": b'{"mine": 1}\n', "notes.txt": b"mine"}, ""),
         "a list": ({"job.json": b"[1, 2]\n", "summary.json": b"{}"}, "a JSON list, not a job record"),
         "no marker": ({"job.json": _job_record("encode").replace('"format"', '"fmt"').encode()}, 'no "format"'),
+        "before format 1": (
+            {"job.json": b'{"mode": "encode", "bundle_fingerprint": "0123456789abcdef", "settings": {}}'},
+            "a job of a recon-run before job format 1 is not resumed either",
+        ),
         "not JSON": ({"job.json": b"\xff\xfe not json"}, "not JSON"),
         "a bad mode": ({"job.json": _job_record("train").encode()}, "are not a job's"),
     }

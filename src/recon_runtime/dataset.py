@@ -1001,7 +1001,12 @@ def read_job(out: Path) -> dict[str, Any] | None:
     if not isinstance(job, dict):
         raise _foreign_job(out, f"a JSON {type(job).__name__}, not a job record")
     if job.get("format") != JOB_FORMAT:
-        raise _foreign_job(out, f'no "format": "{JOB_FORMAT}" in it')
+        legacy = "format" not in job and {"mode", "bundle_fingerprint", "settings"} <= set(job)
+        raise _foreign_job(
+            out,
+            f'no "format": "{JOB_FORMAT}" in it'
+            + ("; a job of a recon-run before job format 1 is not resumed either" if legacy else ""),
+        )
     if job.get("format_version") != JOB_FORMAT_VERSION:
         raise OutputError(
             f"{path}: a dataset job record of format version {job.get('format_version')!r}, this recon-run reads "
