@@ -89,7 +89,7 @@ def measure(url: str, upload: bytes, clip: bytes, small: int, uploads: int, clip
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from recon_runtime import Reconstructor
-    from recon_runtime.http_protocol import with_header_timeout
+    from recon_runtime.http_protocol import with_timeouts
     from recon_runtime.server import ServerConfig, create_app
 
     rec = Reconstructor.load(args.model, provider="cpu", precision="fp32", threads=args.threads)
@@ -99,7 +99,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     buf = io.BytesIO()
     sf.write(buf, (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), RATE, subtype="FLOAT", format="WAV")
     clip = buf.getvalue()
-    impls = {"h11 + header timeout (serve)": with_header_timeout(config.header_timeout_s), "httptools": "httptools"}
+    impls = {
+        "h11 + timeouts (serve)": with_timeouts(config.header_timeout_s, config.send_timeout_s),
+        "httptools": "httptools",
+    }
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in impls}
     for _ in range(args.rounds):
         for name, http in impls.items():

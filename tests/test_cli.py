@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -348,3 +349,35 @@ def test_plot_keeps_only_the_rows_it_draws(tiny_bundle: Path, tmp_path: Path, mo
     result = CliRunner().invoke(main, [*args, "--model", str(tiny_bundle)])
     assert result.exit_code == 0, result.output
     assert handed == [plot_module.MAX_ROWS]  # the mels of the files not drawn were never kept
+
+
+def test_skip_existing_metrics_name_files_by_resolved_path_and_say_which_have_no_entry(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """A folder run stopped before its metrics file was written, resumed from another folder with other spellings."""
+    root, sub = tmp_path / "in", tmp_path / "sub"
+    _wav(root / "a.wav", tone(0.3, 16000))
+    sub.mkdir()
+    model = os.path.relpath(tiny_bundle, tmp_path)
+    # the run that was stopped: a's output written, no metrics file yet
+    r = run_cli("recon-run", "reconstruct", "in/a.wav", "-o", "out/a.wav", "--model", model, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    b = _wav(root / "b.wav", tone(0.4, 16000, 600))
+    args = ["in", "-o", "out", "--metrics", "m.json", "--skip-existing", "--model", model]
+    r = run_cli("recon-run", "reconstruct", *args, cwd=tmp_path)
+    assert r.returncode == 0 and "1 ok, 0 failed, 1 skipped" in r.stderr, r.stderr
+    metrics = tmp_path / "m.json"
+    assert "m.json: 1 skipped file(s) have no entry" in r.stderr, r.stderr
+    data = json.loads(metrics.read_text())
+    assert list(data["files"]) == [str(b.resolve())] and data["bundle"] == str(tiny_bundle.resolve())
+    # from another folder: the same bundle, inputs and metrics file under other spellings
+    c = _wav(root / "c.wav", tone(0.2, 16000, 800))
+    args = ["../in", "-o", "../out", "--metrics", "../m.json", "--skip-existing"]
+    r = run_cli("recon-run", "reconstruct", *args, "--model", os.path.relpath(tiny_bundle, sub), cwd=sub)
+    assert r.returncode == 0 and "1 ok, 0 failed, 2 skipped" in r.stderr, r.stderr
+    assert "../m.json: 1 skipped file(s) have no entry" in r.stderr, r.stderr  # a's, still
+    files = json.loads(metrics.read_text())["files"]
+    assert (
+        sorted(files) == sorted(str(p.resolve()) for p in (b, c))
+        and files[str(b.resolve())] == data["files"][str(b.resolve())]
+    )

@@ -273,3 +273,67 @@ def test_encode_force_whose_sidecar_write_fails_keeps_the_old_pair(
     (line,) = _errors(result.output)
     assert f"{out / 'x.json'}: cannot write output (No space left on device)" in line
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old pair, whole; no temporaries
+
+
+def test_metrics_and_plot_files_never_name_an_input_an_output_or_each_other(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Refused before the model loads (the bundle does not exist), --force or not: nothing replaced."""
+    clip = _wav(tmp_path / "clip.wav", tone(0.3, 16000))
+    folder = _wav(tmp_path / "in" / "sub" / "x.wav", tone(0.3, 16000, 500)).parents[1]
+    before = clip.read_bytes()
+    no_model = ["--model", str(tmp_path / "no-bundle")]
+    o2, o3, out = tmp_path / "o2.wav", tmp_path / "o3.wav", tmp_path / "out"
+    cases = [
+        (
+            [str(clip), "-o", str(o2), "--metrics", str(clip), "--force"],
+            f"{clip}: --metrics names an input of this run",
+        ),
+        ([str(clip), "-o", str(o3), "--plot", str(o3)], f"{o3}: --plot names the output of {clip}"),
+        ([str(clip), "-o", str(o3), "--plot", str(o3), "--force"], f"{o3}: --plot names the output of {clip}"),
+        (
+            [str(folder), "-o", str(out), "--metrics", str(out / "sub" / "x.wav")],
+            f"{out / 'sub' / 'x.wav'}: --metrics names the output of {folder / 'sub' / 'x.wav'}",
+        ),
+        (
+            [str(clip), "-o", str(o2), "--metrics", str(tmp_path / "r"), "--plot", str(tmp_path / "r")],
+            f"{tmp_path / 'r'}: --metrics and --plot name the same file",
+        ),
+    ]
+    for args, message in cases:
+        r = run_cli("recon-run", "reconstruct", *args, *no_model)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        (line,) = r.stderr.strip().splitlines()
+        assert line.startswith(f"error: {message}"), (args, line)
+    assert clip.read_bytes() == before
+    assert not any(p.exists() for p in (o2, o3, out, tmp_path / "r"))
+
+
+def test_decode_refuses_a_sidecar_of_another_npy(tiny_bundle: Path, tmp_path: Path) -> None:
+    """encode --force stopped between its two renames: the new sidecar beside the old .npy."""
+    import json
+
+    model = ["--model", str(tiny_bundle)]
+    lat = tmp_path / "x.npy"
+    short, long = _wav(tmp_path / "short.wav", tone(0.5, 16000)), _wav(tmp_path / "long.wav", tone(1.5, 16000, 300))
+    assert run_cli("recon-run", "encode", str(short), "-o", str(lat), *model).returncode == 0
+    old_npy = lat.read_bytes()
+    assert run_cli("recon-run", "encode", str(long), "-o", str(lat), "--force", *model).returncode == 0
+    new_npy = lat.read_bytes()
+    sidecar = lat.with_suffix(".json")
+    lat.write_bytes(old_npy)  # the old .npy, the new sidecar
+    out = tmp_path / "x.wav"
+    r = run_cli("recon-run", "decode", str(lat), "-o", str(out), *model)
+    assert r.returncode == 1 and not out.exists() and "Traceback" not in r.stderr, r.stderr
+    (line,) = _errors(r.stderr)
+    assert line.startswith(f"error: {sidecar}: sidecar does not belong to this .npy; encode again ("), line
+    # a sidecar written before npy_sha256 was recorded: still read, its latent_shape compared
+    side = json.loads(sidecar.read_text())
+    del side["npy_sha256"]
+    sidecar.write_text(json.dumps(side))
+    r = run_cli("recon-run", "decode", str(lat), "-o", str(out), *model)
+    assert r.returncode == 1 and not out.exists()
+    (line,) = _errors(r.stderr)
+    assert "sidecar does not belong to this .npy; encode again" in line and "latent_shape" in line, line
+    lat.write_bytes(new_npy)
+    r = run_cli("recon-run", "decode", str(lat), "-o", str(out), *model)
+    assert r.returncode == 0, r.stderr
+    assert sf.info(str(out)).frames == side["num_samples"] == 24000

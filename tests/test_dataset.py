@@ -474,7 +474,7 @@ def test_a_batch_run_again_with_another_outcome_replaces_its_rows(tiny_bundle: P
     out = tmp_path / "out"
     cfg = _job(tiny_bundle, "encode", [tmp_path / "in"], out)
     out.mkdir()
-    _check_job_file(cfg, read_contract(tiny_bundle).fingerprint)  # a job's folder, as the driver makes it first
+    _check_job_file(cfg, read_contract(tiny_bundle).fingerprint, None)  # a job's folder, as the driver makes it first
     worker = Worker(cfg)
     batch = _batch(tiny_bundle, files)
     assert all(w.size == 0 for w in batch["waveform"])  # encode does not ship the waveform
@@ -617,3 +617,239 @@ def test_a_folder_that_holds_no_job_is_refused_and_left_as_it_is(tiny_bundle: Pa
     assert (out / "audio" / "keep.wav").read_bytes() == b"mine" and (
         out / "latents" / "notes.txt"
     ).read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- whose folder, whose files
+
+COMMON = ("--provider", "cpu", "--no-progress")
+
+
+def _job_record(mode: str, fingerprint: str = "0123456789abcdef") -> str:
+    """A job.json as a job writes it (a test of what a job does with its own folder needs no Ray run)."""
+    record = {"format": "recon-run dataset job", "format_version": 1, "mode": mode}
+    return json.dumps({**record, "bundle_fingerprint": fingerprint, "settings": {}})
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_job_json_or_job_lock_no_job_wrote_makes_the_folder_the_users(tiny_bundle: Path, tmp_path: Path) -> None:
+    """A user's job.json (any content) and job.lock are never read as a job's: --no-resume deletes nothing."""
+    src = _wav(tmp_path / "in" / "a.wav", tone(0.2, 16000))
+    cases = {
+        "named": ({"job.json": b'{"name": "my job"}\n', "summary.json": b'{"mine": 1}\n', "notes.txt": b"mine"}, ""),
+        "a list": ({"job.json": b"[1, 2]\n", "summary.json": b"{}"}, "a JSON list, not a job record"),
+        "no marker": ({"job.json": _job_record("encode").replace('"format"', '"fmt"').encode()}, 'no "format"'),
+        "before format 1": (
+            {"job.json": b'{"mode": "encode", "bundle_fingerprint": "0123456789abcdef", "settings": {}}'},
+            "a job of a recon-run before job format 1 is not resumed either",
+        ),
+        "not JSON": ({"job.json": b"\xff\xfe not json"}, "not JSON"),
+        "a bad mode": ({"job.json": _job_record("train").encode()}, "are not a job's"),
+    }
+    for name, (files, why) in cases.items():
+        out = tmp_path / name
+        out.mkdir()
+        for rel, data in files.items():
+            (out / rel).write_bytes(data)
+        before = _snapshot(out)
+        r = run_cli(
+            "recon-run",
+            "dataset",
+            "encode",
+            str(src),
+            "-o",
+            str(out),
+            "--no-resume",
+            "--model",
+            str(tiny_bundle),
+            *COMMON,
+        )
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (name, r.stderr)
+        (line,) = r.stderr.strip().splitlines()
+        assert line.startswith(f"error: {out}: holds a job.json that no dataset job wrote (") and why in line, line
+        assert line.endswith("; choose another -o/--out") and "--no-resume" not in line, line
+        assert _snapshot(out) == before, name  # byte-identical, nothing added
+
+    # a job.lock that is not a lock record: in an otherwise empty folder, and in a job's folder
+    for name, job in (("lock only", None), ("job and lock", _job_record("encode"))):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "job.lock").write_text("my notes on locks\n")
+        if job:
+            (out / "job.json").write_text(job)
+        before = _snapshot(out)
+        res = CliRunner().invoke(
+            main, ["dataset", "encode", str(src), "-o", str(out), "--no-resume", "--model", str(tiny_bundle), *COMMON]
+        )
+        assert res.exit_code == 1 and res.output.strip() == (
+            f"error: {out}: holds a job.lock that no dataset job wrote (not a lock record); choose another -o/--out"
+        ), res.output
+        assert _snapshot(out) == before, name
+
+
+def test_no_resume_never_deletes_a_job_of_another_mode(tiny_bundle: Path, tmp_path: Path) -> None:
+    src = _wav(tmp_path / "in" / "a.wav", tone(0.2, 16000))
+    out = tmp_path / "enc"
+    (out / "latents").mkdir(parents=True)
+    (out / "job.json").write_text(_job_record("encode"))
+    (out / "latents" / "part-0123456789abcdef0123.parquet").write_bytes(b"the encode job's rows")
+    before = _snapshot(out)
+    for flags in (["--no-resume"], []):
+        res = CliRunner().invoke(
+            main, ["dataset", "reconstruct", str(src), "-o", str(out), *flags, "--model", str(tiny_bundle), *COMMON]
+        )
+        assert res.exit_code == 1 and res.output.strip() == (
+            f"error: {out}: holds a dataset encode job; use another output folder"
+        ), res.output
+        assert _snapshot(out) == before
+
+
+def test_an_interrupted_no_resume_is_finished_by_the_next_run(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while --no-resume deletes (after the audio, before done/): a plain rerun must not skip files whose audio is gone."""
+    from recon_runtime.dataset import JobInterrupted
+
+    root = tmp_path / "in"
+    files = [_wav(root / f"c{i}.wav", tone(0.2, 16000, 300 + 100 * i)) for i in range(3)]
+    out = tmp_path / "out"
+    assert run_job(_job(tiny_bundle, "reconstruct", [root], out)).ok == 3
+    assert sorted(_keys(out, "done")) == sorted(map(str, files))
+    # a worker killed while it wrote: its temporary file is the job's, not the user's
+    temp = out / "audio" / ".c0.wav.0123456789ab.part.wav"
+    temp.write_bytes(b"half a wav")
+
+    real_unlink = Path.unlink
+
+    def interrupt_in_done(self: Path, missing_ok: bool = False) -> None:
+        if self.parent.name == "done":
+            raise KeyboardInterrupt
+        real_unlink(self, missing_ok=missing_ok)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "unlink", interrupt_in_done)
+        with pytest.raises(JobInterrupted, match="interrupted; .* the same command resumes"):
+            run_job(_job(tiny_bundle, "reconstruct", [root], out, resume=False))
+    assert json.loads((out / "job.json").read_text())["resetting"] is True
+    lines: list[str] = []
+    result = run_job(_job(tiny_bundle, "reconstruct", [root], out), echo=lines.append)  # a plain rerun
+    assert (result.ok, result.skipped, result.failed) == (3, 0, 0), lines
+    assert any("finishing the --no-resume that an earlier run began" in ln for ln in lines), lines
+    assert not any("kept" in ln for ln in lines), lines  # the temporary file was the job's
+    assert sorted(p.name for p in (out / "audio").iterdir()) == ["c0.wav", "c1.wav", "c2.wav"]
+    assert "resetting" not in json.loads((out / "job.json").read_text())
+
+
+def test_ctrl_c_before_ray_starts_exits_130_with_one_line(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from recon_runtime import audio_io
+
+    src = _wav(tmp_path / "in" / "a.wav", tone(0.2, 16000))
+    out = tmp_path / "out"
+
+    def ctrl_c(*args, **kwargs):  # noqa: ANN002, ANN003 - Ctrl-C while the inputs are listed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(audio_io, "discover", ctrl_c)
+    res = CliRunner().invoke(
+        main, ["dataset", "encode", str(src.parent), "-o", str(out), "--model", str(tiny_bundle), *COMMON]
+    )
+    assert res.exit_code == 130, res.output
+    assert res.output.strip() == (
+        f"error: dataset encode: interrupted; {out} keeps what was written so far; the same command resumes"
+    )
+    assert not (out / "job.lock").exists()
+
+
+def test_out_inside_an_input_folder_is_never_read_as_input(tiny_bundle: Path, tmp_path: Path) -> None:
+    root = tmp_path / "inp"
+    _wav(root / "a.wav", tone(0.2, 16000))
+    out = root / "out"
+    args = ["dataset", "reconstruct", str(root), "-o", str(out), "--model", str(tiny_bundle), *COMMON]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0 and "1 ok, 0 failed, 0 skipped" in first.output, first.output
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "0 ok, 0 failed, 1 skipped" in again.output, again.output
+    assert f"{out}: left out 1 input file(s) inside the job's own output folder" in again.output
+    assert [p.relative_to(out / "audio").as_posix() for p in (out / "audio").rglob("*.wav")] == ["a.wav"]
+
+
+def test_a_job_rerun_with_another_spelling_of_out_finds_its_own_outputs(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`-o rj`, then `-o ../rj` from a subfolder: the same folder, the same records."""
+    root = tmp_path / "in"
+    files = [_wav(root / f"c{i}.wav", tone(0.2, 16000, 300 + 100 * i)) for i in range(2)]
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert run_job(_job(tiny_bundle, "reconstruct", [root], Path("rj"))).ok == 2
+    monkeypatch.chdir(tmp_path / "sub")
+    lines: list[str] = []
+    result = run_job(_job(tiny_bundle, "reconstruct", [root], Path("../rj"), resume=False), echo=lines.append)
+    assert (result.ok, result.failed) == (2, 0), lines
+    assert not any("kept" in ln for ln in lines), lines
+    again = run_job(_job(tiny_bundle, "reconstruct", [root], Path("../rj")))
+    assert (again.ok, again.failed, again.skipped) == (0, 0, 2)
+    assert sorted(_keys(tmp_path / "rj", "done")) == sorted(map(str, files))
+    # recorded relative to OUT: a record names its file however -o spells OUT
+    outputs = read_table(tmp_path / "rj" / "done", ["output"]).column("output").to_pylist()
+    assert sorted(outputs) == ["audio/c0.wav", "audio/c1.wav"]
+    # an output the user replaced since the job wrote it is the user's: --no-resume keeps it
+    mine = tmp_path / "rj" / "audio" / "c1.wav"
+    mine.write_bytes(b"mine")
+    lines.clear()
+    result = run_job(_job(tiny_bundle, "reconstruct", [root], Path("../rj"), resume=False), echo=lines.append)
+    assert (result.ok, result.failed) == (1, 1) and mine.read_bytes() == b"mine", lines
+    assert any(ln.startswith(f"--no-resume: kept 1 file(s) in {tmp_path / 'rj'}") for ln in lines), lines
+    assert any(f"{mine} exists and was not written by this job" in ln for ln in lines), lines
+
+
+def test_stop_ray_kills_the_processes_of_its_first_look(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the timeout, a second look only adds processes; a pid it finds again keeps the first look's object."""
+    import threading
+
+    from recon_runtime import dataset
+
+    killed: list[str] = []
+
+    class Proc:
+        def __init__(self, tag: str):
+            self.tag = tag
+
+        def kill(self) -> None:
+            killed.append(self.tag)
+
+    looks = iter([{1: Proc("first 1"), 2: Proc("first 2")}, {1: Proc("second 1"), 3: Proc("second 3")}])
+    release = threading.Event()
+    monkeypatch.setattr(dataset, "_local_ray_processes", lambda: next(looks))
+    monkeypatch.setattr(ray, "shutdown", lambda: release.wait(60))
+    try:
+        assert dataset.stop_ray(timeout=0.1) is False
+    finally:
+        release.set()
+    assert sorted(killed) == ["first 1", "first 2", "second 3"]
+
+
+def test_ray_processes_whose_popen_was_reaped_are_never_looked_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from ray._private import worker as ray_worker
+
+    from recon_runtime import dataset
+
+    reaped = subprocess.Popen(["true"])
+    reaped.wait()
+    reaped.pid = os.getpid()  # its pid given to another process since (here: this one)
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        node = SimpleNamespace(
+            all_processes={"a": [SimpleNamespace(process=reaped)], "b": [SimpleNamespace(process=live)]}
+        )
+        monkeypatch.setattr(ray_worker, "_global_node", node)
+        assert sorted(dataset._local_ray_processes()) == [live.pid]
+    finally:
+        live.kill()
+        live.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,8 +14,31 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest's own dependency
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
 PACKAGES = ("recon_runtime", "recon_export")
+# distributions whose import name is not their normalised name
+IMPORT_NAMES = {"onnxruntime-gpu": "onnxruntime", "python-multipart": "python_multipart"}
+
+
+def optional_imports() -> set[str]:
+    """The top-level import names of the optional dependencies pyproject.toml declares
+    ([project.optional-dependencies]): the only imports a module may lack and still be skipped."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = set()
+    for requirements in extras.values():
+        for requirement in requirements:
+            dist = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement)[0].lower()
+            names.add(IMPORT_NAMES.get(dist, re.sub(r"[-.]", "_", dist)))
+    return names
+
+
+OPTIONAL = optional_imports()
 
 
 def module_files() -> dict[str, Path]:
@@ -135,9 +159,11 @@ def test_both_packages_have_no_import_cycle() -> None:
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
-# A module whose import fails only because a third-party package is not installed (an optional
-# extra, or the export side's torch) is skipped with that reason; the executors turn the ImportError
-# into a ProviderError, which keeps it as __context__. Anything else fails the test.
+# A module whose import fails only because a third-party package is not installed prints MISSING and
+# the package; the executors turn the ImportError into a ProviderError, which keeps it as
+# __context__. Only an optional dependency of pyproject.toml (an extra, or the export side's torch)
+# may be missing: the test is then skipped with that reason. Anything else fails it (a typo'd
+# import, or a dependency nobody declared, is no "not installed").
 _ALONE = textwrap.dedent(
     """
     import importlib, importlib.util, sys
@@ -156,8 +182,41 @@ _ALONE = textwrap.dedent(
 ).format(packages=PACKAGES)
 
 
-def _import_alone(module: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _ALONE, module], capture_output=True, text=True, timeout=300)
+def _import_alone(module: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _ALONE, module], capture_output=True, text=True, timeout=300, env=env)
+
+
+def verdict(module: str, r: subprocess.CompletedProcess) -> str | None:
+    """None when `module` imported; the reason to skip it when it lacks an optional dependency; else AssertionError."""
+    assert r.returncode == 0, f"`import {module}` alone failed:\n{r.stderr}"
+    last = r.stdout.strip().splitlines()[-1]
+    if last.startswith("MISSING"):
+        missing = last.split()[1]
+        assert missing in OPTIONAL, (
+            f"`import {module}` needs {missing}, which is not installed and is no optional dependency of "
+            "pyproject.toml: a typo'd import, or a dependency to declare"
+        )
+        return f"{module} needs {missing}, which is not installed"
+    assert last == "OK", r.stdout + r.stderr
+    return None
+
+
+def test_only_a_declared_optional_dependency_may_be_missing(tmp_path: Path) -> None:
+    (tmp_path / "typo_mod.py").write_text("import numpyy\n")
+    (tmp_path / "extra_mod.py").write_text("import not_installed_extra\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    with pytest.raises(AssertionError, match="numpyy, which is not installed and is no optional dependency"):
+        verdict("typo_mod", _import_alone("typo_mod", env))
+    assert {"torch", "onnxruntime", "ray", "fastapi", "openvino", "matplotlib", "prometheus_client"} <= OPTIONAL
+    assert "numpy" not in OPTIONAL  # a base dependency is never "optional"
+    OPTIONAL.add("not_installed_extra")
+    try:
+        assert (
+            verdict("extra_mod", _import_alone("extra_mod", env))
+            == "extra_mod needs not_installed_extra, which is not installed"
+        )
+    finally:
+        OPTIONAL.discard("not_installed_extra")
 
 
 @pytest.fixture(scope="module")
@@ -171,9 +230,6 @@ def imported_alone() -> dict[str, subprocess.CompletedProcess]:
 def test_each_module_imports_alone_in_a_fresh_interpreter(
     module: str, imported_alone: dict[str, subprocess.CompletedProcess]
 ) -> None:
-    r = imported_alone[module]
-    assert r.returncode == 0, f"`import {module}` alone failed:\n{r.stderr}"
-    last = r.stdout.strip().splitlines()[-1]
-    if last.startswith("MISSING"):
-        pytest.skip(f"{module} needs {last.split()[1]}, which is not installed")
-    assert last == "OK", r.stdout + r.stderr
+    reason = verdict(module, imported_alone[module])
+    if reason:
+        pytest.skip(reason)

@@ -117,8 +117,9 @@ def test_the_server_config_reads_the_same_options_from_the_environment() -> None
     from recon_runtime.server import ServerConfig
 
     assert issubclass(ServerConfig, LoadOptions)
-    env = {"RECON_PRECISION": "bf16", "RECON_MAX_BATCH": "2", "RECON_CUDA_GRAPH": "1", "RECON_MODEL": "/m"}
-    env |= {"RECON_PERFORMANCE_HINT": "latency", "RECON_EXPECT_DIGEST": "abc", "RECON_COMPILE_CACHE": "0"}
+    # booleans as a user writes them (1/0 alone cannot tell strict parsing from "anything else is False")
+    env = {"RECON_PRECISION": "bf16", "RECON_MAX_BATCH": "2", "RECON_CUDA_GRAPH": "On", "RECON_MODEL": "/m"}
+    env |= {"RECON_PERFORMANCE_HINT": "latency", "RECON_EXPECT_DIGEST": "abc", "RECON_COMPILE_CACHE": "false "}
     c = ServerConfig.from_env(env)
     want = LoadOptions(
         Path("/m"), precision="bf16", max_batch=2, cuda_graph=True, performance_hint="latency",

@@ -531,6 +531,55 @@ def test_every_client_reads_the_refusal_of_a_body_it_sends_whole(server: Server)
         assert c.get(server.url + "/v1/info").status_code == 200
 
 
+def read_until_closed(sock: socket.socket, timeout: float = 30) -> tuple[bytes, bool]:
+    """What the server sends on `sock` until it closes the connection (or `timeout`), and whether it
+    reset the connection (instead of closing it cleanly)."""
+    got = b""
+    end = time.monotonic() + timeout
+    sock.settimeout(timeout)
+    while time.monotonic() < end:
+        try:
+            part = sock.recv(65536)
+        except ConnectionResetError:
+            return got, True
+        except TimeoutError:
+            break
+        if not part:
+            break
+        got += part
+    return got, False
+
+
+def test_a_client_that_sends_its_body_after_expect_100_continue_reads_the_answer(server: Server) -> None:
+    """RFC 9110 lets a client send its body without waiting for `100 Continue` (curl does after 1 s, and
+    HTTP/1.0 never gets one); the server that answered at once and closed on it reset the connection:
+    HTTP/1.0 5 times in 5, HTTP/1.1 4 in 5 with 4 MiB sent at once."""
+    body = b"\0" * (4 * 2**20)  # over the fixture's 2 MB limit: refused from its header
+    for version in ("1.0", "1.1"):
+        for attempt in range(5):
+            head = (
+                f"POST /v1/reconstruct HTTP/{version}\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                f"Expect: 100-continue\r\nContent-Type: audio/wav\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            failed: list[BaseException] = []
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+
+                def send_all(sock: socket.socket = sock, data: bytes = head + body, failed: list = failed) -> None:
+                    try:
+                        sock.sendall(data)
+                    except OSError as e:
+                        failed.append(e)
+
+                sender = threading.Thread(target=send_all)
+                sender.start()
+                answer, reset = read_until_closed(sock)
+                sender.join(30)
+            case = f"HTTP/{version}, try {attempt + 1}"
+            assert not reset and not failed, f"{case}: the connection was reset ({failed}) after {answer[:100]!r}"
+            text = answer.decode(errors="replace")
+            assert text.startswith("HTTP/1.1 413") and json.loads(text.split("\r\n\r\n", 1)[1])["error"], case
+
+
 # ---------------------------------------------------------------------- slow clients
 class Trickle:
     """Raw connections that each send their bytes one at a time, every `pace` seconds, from one
@@ -586,6 +635,10 @@ def guarded(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     assert s.stop() == 0, s.log.read_text()
 
 
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+PROTOCOL_FROM_ENV = "recon_runtime.http_protocol:HeadTimeoutH11Protocol"
+
+
 def wait_until(condition: Any, timeout: float, what: str) -> None:
     end = time.monotonic() + timeout
     while not condition():
@@ -614,16 +667,62 @@ def test_a_connection_whose_request_head_trickles_in_is_closed_within_the_header
     assert httpx.get(guarded.url + "/readyz", timeout=10).status_code == 200
 
 
-def test_other_uvicorn_hosts_get_the_header_timeout_from_the_environment(
+def test_a_kept_alive_connection_gets_the_header_timeout_for_its_next_head(guarded: Server) -> None:
+    opened = time.monotonic()
+    # the first request whole, then the next head on the same connection at a byte each 0.25 s
+    slow = Trickle(guarded.port, [b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"], pace=0.25, head=HEALTHZ)
+    try:
+        wait_until(lambda: slow.closed[0] is not None, 15, "the connection trickling its second head was never closed")
+        answers = slow.answers[0].decode()
+        assert answers.startswith("HTTP/1.1 200") and answers.count("HTTP/1.1 ") == 2, answers
+        assert "HTTP/1.1 408" in answers and "1.5 s" in answers.rsplit("\r\n\r\n", 1)[1], answers
+        assert slow.closed[0] - opened < 1.5 + 5.0, slow.closed[0] - opened  # type: ignore[operator]
+    finally:
+        slow.close()
+
+
+def test_part_of_a_pipelined_head_that_came_with_the_last_request_still_gets_its_408(guarded: Server) -> None:
+    """The start of a next head that came with the previous request's last bytes, then stalled, was
+    closed without a word when that answer took longer than the header timeout (what had come of the
+    head was forgotten when the timer restarted after the answer)."""
+    clip = wav_bytes(tone(10.0, 8000), 8000, "PCM_16")
+    head = (
+        "POST /v1/reconstruct?output_rate=384000 HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
+        f"Content-Length: {len(clip)}\r\n\r\n"
+    ).encode()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the 15 MB answer waits on this client
+        sock.settimeout(60)
+        sock.connect(("127.0.0.1", guarded.port))
+        sock.sendall(head + clip + b"GET /heal")  # the next head begins with the body's last bytes
+        assert sock.recv(1, socket.MSG_PEEK)  # the answer has begun
+        time.sleep(1.5 + 1.0)  # the client's pace: it reads its answer after the header timeout (1.5 s)
+        answer, _ = read_until_closed(sock, 60)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b"HTTP/1.1 408" in answer[-400:] and b"1.5 s" in answer[-400:], answer[-400:]
+
+
+def test_other_uvicorn_hosts_get_the_timeouts_from_the_environment_once_at_start(
     tiny_bundle: Path, rec: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`uvicorn --http recon_runtime.http_protocol:HeadTimeoutH11Protocol` reads RECON_HEADER_TIMEOUT_S."""
+    """`uvicorn --http recon_runtime.http_protocol:HeadTimeoutH11Protocol` reads RECON_HEADER_TIMEOUT_S
+    (and every RECON_* setting, checked) when uvicorn loads the class, not on each connection."""
+    import uvicorn
+
+    import recon_runtime.http_protocol as http_protocol
     from recon_runtime.server import ServerConfig, create_app
 
+    monkeypatch.setattr(http_protocol, "_from_env", None)  # as in a fresh process
+    monkeypatch.setenv("RECON_MAX_WAIT_MS", "abc")  # a bad value fails the start, naming the variable
+    bad = uvicorn.Config(create_app(ServerConfig(model=str(tiny_bundle))), http=PROTOCOL_FROM_ENV)
+    with pytest.raises(ValueError, match="RECON_MAX_WAIT_MS=abc: not a number"):
+        bad.load()
+    monkeypatch.delenv("RECON_MAX_WAIT_MS")
     monkeypatch.setenv("RECON_HEADER_TIMEOUT_S", "0.5")
     app = create_app(ServerConfig(model=str(tiny_bundle), warmup=False), reconstructor=rec)
-    srv = _Threaded(app, http="recon_runtime.http_protocol:HeadTimeoutH11Protocol")
+    srv = _Threaded(app, http=PROTOCOL_FROM_ENV)
     try:
+        monkeypatch.setenv("RECON_HEADER_TIMEOUT_S", "x")  # read once: connections do not read it again
         opened = time.monotonic()
         answer = raw_exchange(srv.port, b"GET /healthz HTTP/1.1\r\nHo", timeout=10)
         assert time.monotonic() - opened < 0.5 + 3.0 and answer.startswith(b"HTTP/1.1 408"), answer
@@ -632,26 +731,63 @@ def test_other_uvicorn_hosts_get_the_header_timeout_from_the_environment(
         srv.close()
 
 
+def test_the_protocol_refuses_a_uvicorn_without_what_it_extends(monkeypatch: pytest.MonkeyPatch) -> None:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    import recon_runtime.http_protocol as http_protocol
+
+    http_protocol._check_uvicorn()  # the pinned uvicorn has it all
+    monkeypatch.delattr(H11Protocol, "send_400_response")
+    with pytest.raises(ImportError, match=r"lacks send_400_response\(\).*needs uvicorn 0\.54") as e:
+        http_protocol._check_uvicorn()
+    assert "\n" not in str(e.value)
+    monkeypatch.undo()
+
+    def on_response_complete(self: Any) -> None:  # a uvicorn whose method no longer uses the flow control
+        pass
+
+    monkeypatch.setattr(H11Protocol, "on_response_complete", on_response_complete)
+    with pytest.raises(ImportError, match="on_response_complete: self.transport"):
+        http_protocol._check_uvicorn()
+
+
+def test_a_host_without_the_protocol_is_told_its_timeouts_do_not_apply(
+    tiny_bundle: Path, rec: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import recon_runtime.http_protocol as http_protocol
+
+    monkeypatch.setattr(http_protocol, "connections_served", 0)  # as in a process that never served with it
+    with caplog.at_level("WARNING", logger="recon_runtime.server"):
+        srv = serve_in_process(rec, tiny_bundle)  # uvicorn's own protocol
+        try:
+            assert httpx.get(srv.url + "/healthz", timeout=10).status_code == 200
+        finally:
+            srv.close()
+    lines = [r.getMessage() for r in caplog.records if "http_protocol" in r.getMessage()]
+    assert len(lines) == 1 and "timeouts do not apply" in lines[0], lines
+
+
 def test_slow_uploads_give_their_slots_back_and_do_not_starve_a_normal_client(guarded: Server, rec: Any) -> None:
     """17 uploads at 1 byte/s held every upload slot for 30 s (--body-timeout-s); below the minimum
-    rate after the grace they get 408, and a normal client is answered while they still trickle."""
+    rate after the grace they get 408 (or, one that found no slot within the grace, 503), and a
+    normal client is answered meanwhile instead of a 503."""
     head = b"POST /v1/reconstruct HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: 100000\r\n\r\n"
     uploads = 17  # one more than the default --max-uploads 16
     # the heads go at once (the header timeout is not what this tests), the bodies at 2 bytes/s
     slow = Trickle(guarded.port, [b"RIFF" * 25_000] * uploads, pace=0.5, head=head)
     try:
-        m = wait_for_metric(guarded.url, "recon_requests_in_flight", uploads, timeout=30)
-        assert metric(m, "recon_requests_in_flight") == uploads, m  # admitted: 16 hold the slots, 1 waits
-        t0 = time.monotonic()
-        r = httpx.post(guarded.url + "/v1/reconstruct", content=wav_bytes(tone(0.3)), timeout=60)
-        answered = time.monotonic()
+        m = wait_for_metric(guarded.url, "recon_requests_receiving", uploads, timeout=60)
+        assert metric(m, "recon_requests_receiving") == uploads, m  # 16 hold the slots, 1 waits
+        r = httpx.post(guarded.url + "/v1/reconstruct", content=wav_bytes(tone(0.3)), timeout=120)
         assert r.status_code == 200, r.text
-        assert answered - t0 < 20, "the normal client waited as long as --body-timeout-s"
-        assert any(c is None for c in slow.closed), "answered only after every slow upload was gone"
-        wait_until(lambda: all(c is not None for c in slow.closed), 30, "a slow upload was never answered")
+        wait_until(lambda: all(c is not None for c in slow.closed), 60, "a slow upload was never answered")
+        statuses = []
         for answer in slow.answers:
             text = answer.decode(errors="replace")
-            assert text.startswith("HTTP/1.1 408") and "4096 bytes/s" in text, text
+            statuses.append(text[9:12])
+            assert text[9:12] in ("408", "503") and json.loads(text.split("\r\n\r\n", 1)[1])["error"], text
+            assert text[9:12] == "503" or "4096 bytes/s" in text, text
+        assert statuses.count("408") >= uploads - 1, statuses  # every slot holder fell below the rate
     finally:
         slow.close()
 
@@ -671,6 +807,212 @@ def test_the_api_key_guards_every_route_but_healthz(server: Server) -> None:
     m = server.metrics()
     assert metric(m, "recon_requests_total", route="/v1/info", status="401") >= 2  # labelled by route
     assert metric(m, "recon_requests_total", route="/v1/reconstruct", status="401") >= 1
+
+
+def test_clients_that_send_only_a_head_do_not_starve_a_normal_client(guarded: Server) -> None:
+    """64 sockets sending `POST /v1/reconstruct ... Content-Length: 100000` and no body (reconnecting when
+    closed) made 10 of 12 normal requests get 503 and the other 2 wait 15-18 s: each held an admission
+    slot while it waited for an upload slot, for up to --body-timeout-s."""
+    head = b"POST /v1/reconstruct HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: 100000\r\n\r\n"
+    count = 70  # more than the default --max-queue 64 and --max-uploads 16
+    stop = threading.Event()
+    opened: list[int] = [0]
+
+    def attack() -> None:  # keeps `count` head-only connections open, replacing each the server closes
+        socks: list[socket.socket | None] = [None] * count
+        end = time.monotonic() + 120
+        try:
+            while not stop.is_set() and time.monotonic() < end:
+                for i, sock in enumerate(socks):
+                    if sock is not None:
+                        try:
+                            sock.setblocking(False)
+                            if sock.recv(65536) == b"":
+                                raise ConnectionResetError  # closed by the server: replace it
+                        except BlockingIOError:
+                            continue
+                        except OSError:
+                            pass
+                        sock.close()
+                    try:
+                        socks[i] = socket.create_connection(("127.0.0.1", guarded.port), timeout=10)
+                        socks[i].sendall(head)  # type: ignore[union-attr]
+                        opened[0] += 1
+                    except OSError:
+                        socks[i] = None
+                stop.wait(0.1)
+        finally:
+            for sock in socks:
+                if sock is not None:
+                    sock.close()
+
+    attacker = threading.Thread(target=attack, daemon=True)
+    attacker.start()
+    try:
+
+        def waiting() -> float:  # requests the attack holds, counted before (admitted) or after the fix (receiving)
+            m = httpx.get(guarded.url + "/metrics", timeout=10).text
+            return metric(m, "recon_requests_in_flight") + metric(m, "recon_requests_receiving")
+
+        wait_until(lambda: waiting() >= 64, 60, "the head-only connections never reached the server")
+        for _ in range(3):
+            t0 = time.monotonic()
+            r = httpx.post(guarded.url + "/v1/reconstruct", content=wav_bytes(tone(0.3)), timeout=60)
+            assert r.status_code == 200, r.text
+            assert time.monotonic() - t0 < 15.0, "the normal client waited on the head-only ones"
+        assert attacker.is_alive() and opened[0] >= count
+    finally:
+        stop.set()
+        attacker.join(30)
+
+
+def test_an_answer_over_max_response_mb_is_refused_before_any_work(server: Server) -> None:
+    """A 2.7 MB FLAC of 600 s at 8 kHz asked back at 384 kHz got a 921,600,080-byte answer (server peak
+    3.05 GiB): --max-decoded-mb bounds only the input. The answer's size is checked from the upload's
+    header and the query, before anything is decoded or run."""
+    clip = wav_bytes(tone(100.0, 8000), 8000, "PCM_16")  # 1.6 MB, under the fixture's 2 MB body limit
+    before = metric(server.metrics(), "recon_windows_total")
+    r = server.post("/v1/reconstruct", clip, params={"output_rate": "384000"})  # 100 s x 384000 x 4 B = 146 MiB
+    assert r.status_code == 413, r.status_code
+    error = r.json()["error"]
+    assert "146 MiB" in error and "384000 Hz" in error and "--max-response-mb" in error, error
+    assert metric(server.metrics(), "recon_windows_total") == before  # no work done
+    r = server.post("/v1/reconstruct", wav_bytes(tone(1.0, 8000), 8000), params={"output_rate": "384000"})
+    assert r.status_code == 200 and len(r.content) > 384000 * 4  # a short one at that rate is fine
+
+
+def test_a_client_that_reads_nothing_holds_its_slot_until_the_send_timeout_drops_it(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """The admission slot was given back before the answer was sent, uvicorn has no write timeout, and
+    a client that read nothing pinned its whole answer (1.2 GB at 384 kHz) for as long as it liked."""
+    s = Server(tiny_bundle, tmp_path, "--send-timeout-s", "5", "--max-queue", "1")
+    clip = wav_bytes(tone(10.0, 8000), 8000, "PCM_16")
+    head = (
+        "POST /v1/reconstruct?output_rate=384000 HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
+        f"Content-Length: {len(clip)}\r\n\r\n"
+    ).encode()
+    answer_bytes = 10 * 384000 * 4  # 15 MB: far more than the sockets' buffers
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(60)
+        sock.connect(("127.0.0.1", s.port))
+        sock.sendall(head + clip)
+        assert sock.recv(1, socket.MSG_PEEK)  # its answer has begun
+        m = s.metrics()
+        assert metric(m, "recon_requests_in_flight") == 1, "the slot was given back before the answer was sent"
+        r = httpx.post(s.url + "/v1/reconstruct", content=wav_bytes(tone(0.2)), timeout=30)
+        assert r.status_code == 503 and "busy" in r.json()["error"], r.text  # --max-queue 1: still held
+        wait_until(lambda: metric(s.metrics(), "recon_requests_in_flight") == 0, 60, "the slot was never freed")
+        got, _ = read_until_closed(sock, 30)  # what the kernel buffered, then the end: the rest was dropped
+        assert len(got) < answer_bytes, len(got)
+        r = httpx.post(s.url + "/v1/reconstruct", content=wav_bytes(tone(0.2)), timeout=30)
+        assert r.status_code == 200, r.text
+    finally:
+        sock.close()
+        assert s.stop() == 0, s.log.read_text()
+    assert "read nothing of the answer for 5 s" in s.log.read_text()
+
+
+def test_a_request_cut_off_while_its_refusal_drains_gets_the_shutdowns_503(tiny_bundle: Path, tmp_path: Path) -> None:
+    """The 404 of a request whose body trickled in waited for the body (to be readable); a shutdown that
+    cut it off then got uvicorn's plain-text 500 and a traceback in the log."""
+    s = Server(tiny_bundle, tmp_path, "--grace-s", "1")
+    sock = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+    stop = threading.Event()
+
+    def trickle() -> None:  # a byte each 0.4 s (the refusal's drain waits at most 1 s between bytes)
+        while not stop.wait(0.4):
+            try:
+                sock.sendall(b"x")
+            except OSError:
+                return
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    try:
+        sock.sendall(b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nx")
+        sender.start()
+        stop.wait(1.0)  # the client's pace: two more bytes, the server discarding them
+        s.proc.send_signal(signal.SIGTERM)
+        answer, _ = read_until_closed(sock, 30)
+        assert s.proc.wait(30) == 3, s.log.read_text()  # the grace period cut one request off
+    finally:
+        stop.set()
+        sender.join(10)
+        sock.close()
+        s.stop()
+    text = answer.decode(errors="replace")
+    assert text.startswith("HTTP/1.1 503") and "application/json" in text and "connection: close" in text, text
+    assert "shutting down" in json.loads(text.split("\r\n\r\n", 1)[1])["error"]
+    log = s.log.read_text()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log
+
+
+def test_an_fp16_overflow_of_a_finite_input_is_the_servers_500_naming_fp32(tiny_bundle: Path, rec: Any) -> None:
+    """Every NumericalError was the client's 422, also an fp16 overflow on a valid input, which is the
+    limit of the precision the server chose (the client can do nothing about it)."""
+    from recon_runtime.errors import NumericalError
+
+    class Overflowing:
+        def __init__(self, inner: Any):
+            self._inner = inner
+            self.input_caused = False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+        def run_windows(self, roles: Any, windows: Any) -> Any:
+            raise NumericalError("vocoder graph output contains NaN or inf at fp16 (...)", self.input_caused)
+
+    graphs = Overflowing(rec)
+    srv = serve_in_process(graphs, tiny_bundle)
+    try:
+        r = httpx.post(srv.url + "/v1/reconstruct", content=wav_bytes(tone(0.3)), timeout=30)
+        assert r.status_code == 500, r.text
+        error = r.json()["error"]
+        assert "--precision fp32" in error and "not a fault of the input" in error and "at fp16" in error, error
+        graphs.input_caused = True  # the input's values overflowed graphs with float32's range: the client's
+        r = httpx.post(srv.url + "/v1/reconstruct", content=wav_bytes(tone(0.3)), timeout=30)
+        assert r.status_code == 422 and "--precision" not in r.json()["error"], r.text
+    finally:
+        srv.close()
+
+
+def test_serve_passes_a_fractional_grace_period_as_it_is(tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--grace-s 0.5` became a 1 s graceful shutdown (rounded up to whole seconds)."""
+    import uvicorn
+    from click.testing import CliRunner
+
+    from recon_runtime.cli import main
+
+    seen: list[Any] = []
+
+    class Recorded:
+        def __init__(self, config: Any):
+            seen.append(config.timeout_graceful_shutdown)
+            self.started = True
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(uvicorn, "Server", Recorded)
+    r = CliRunner().invoke(main, ["serve", "--model", str(tiny_bundle), "--grace-s", "0.5", "--port", "0"])
+    assert r.exit_code == 0, r.output
+    assert seen == [0.5]
+
+
+def test_serve_refuses_non_finite_numbers_and_timeouts_ray_cannot_apply(tiny_bundle: Path) -> None:
+    from click.testing import CliRunner
+
+    from recon_runtime.cli import main
+
+    for option in ("--min-upload-rate", "--max-wait-ms", "--timeout-s", "--send-timeout-s", "--grace-s"):
+        for value in ("nan", "inf"):
+            r = CliRunner().invoke(main, ["serve", "--model", str(tiny_bundle), option, value])
+            assert r.exit_code == 2 and "is not a finite number" in r.output, (option, value, r.output)
+    r = CliRunner().invoke(main, ["serve", "--model", str(tiny_bundle), "--ray", "--header-timeout-s", "5"])
+    assert r.exit_code == 2 and "--header-timeout-s cannot apply with --ray" in r.output, r.output
 
 
 # ---------------------------------------------------------------------- limits under load
@@ -1078,27 +1420,38 @@ def test_a_client_that_gives_up_takes_its_windows_out_of_the_queue(tiny_bundle: 
 
 
 def test_a_full_server_answers_503_before_the_body_and_a_stalled_upload_gets_408(tiny_bundle: Path, rec: Any) -> None:
-    srv = serve_in_process(rec, tiny_bundle, max_queue=1, body_timeout_s=1.5)
+    gated = Gated(rec)  # the admitted request's window is held: the queue stays full until the test lets it go
+    srv = serve_in_process(gated, tiny_bundle, max_queue=1, body_timeout_s=1.5)
     head = b"POST /v1/reconstruct HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: 100000\r\n\r\n"
+    result: dict[str, Any] = {}
+    admitted = threading.Thread(
+        target=lambda: result.setdefault(
+            "r", httpx.post(srv.url + "/v1/reconstruct", content=wav_bytes(tone(0.2)), timeout=60)
+        )
+    )
     try:
-        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as stalled:
-            stalled.sendall(head + b"RIFF")  # admitted, then never sends the rest
-            time.sleep(0.3)
-            with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as second:
-                # headers that ask before sending the body: the answer must not wait for it
-                second.sendall(head.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"))
-                t0 = time.monotonic()
-                answer = second.recv(4096).decode(errors="replace")
-                assert answer.startswith("HTTP/1.1 503") and "busy" in answer, answer
-                assert time.monotonic() - t0 < 1.0
-            # a client that sends its body at once reads the refusal once the server has discarded it
-            answer = raw_exchange(srv.port, head + b"\0" * 100000).decode(errors="replace")
-            assert answer.startswith("HTTP/1.1 503") and "busy" in answer, answer
-            answer = stalled.recv(4096).decode(errors="replace")
-            assert answer.startswith("HTTP/1.1 408"), answer
+        admitted.start()
+        assert gated.entered.wait(30), "the first request never ran"
+        m = wait_for_metric(srv.url, "recon_requests_in_flight", 1)
+        assert metric(m, "recon_requests_in_flight") == 1, m
+        # headers that ask before sending the body: answered 503 without waiting for it (had the server
+        # waited, its answer would be the body timeout's 408)
+        answer = raw_exchange(srv.port, head.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"), 30)
+        text = answer.decode(errors="replace")
+        assert text.startswith("HTTP/1.1 503") and "busy" in text and "100 Continue" not in text, text
+        # a client that sends its body at once reads the refusal once the server has discarded it
+        answer = raw_exchange(srv.port, head + b"\0" * 100000, 30).decode(errors="replace")
+        assert answer.startswith("HTTP/1.1 503") and "busy" in answer, answer
+        gated.release.set()
+        admitted.join(60)
+        assert result["r"].status_code == 200, result["r"].text
+        # an upload that stalls is not admitted: it gets its 408 once --body-timeout-s has passed
+        answer = raw_exchange(srv.port, head + b"RIFF", 30).decode(errors="replace")
+        assert answer.startswith("HTTP/1.1 408") and "1.5 s" in answer, answer
         r = httpx.post(srv.url + "/v1/reconstruct", content=wav_bytes(tone(0.2)), timeout=30)
         assert r.status_code == 200
     finally:
+        gated.release.set()
         srv.close()
 
 
@@ -1256,8 +1609,10 @@ def test_config_from_the_environment_for_hosts_without_the_cli() -> None:
     c = ServerConfig.from_env(env)
     assert (c.model, c.max_batch, c.max_wait_ms, c.threads, c.api_key) == (Path("/m"), 2, 5.5, 3, "k1")
     assert c.max_windows == 40 and ServerConfig().max_windows is None
-    c = ServerConfig.from_env({"RECON_HEADER_TIMEOUT_S": "2.5", "RECON_MIN_UPLOAD_RATE": "0"})
-    assert (c.header_timeout_s, c.min_upload_rate) == (2.5, 0.0)
+    c = ServerConfig.from_env(
+        {"RECON_HEADER_TIMEOUT_S": "2.5", "RECON_MIN_UPLOAD_RATE": "0", "RECON_SEND_TIMEOUT_S": "7"}
+    )
+    assert (c.header_timeout_s, c.min_upload_rate, c.send_timeout_s) == (2.5, 0.0, 7.0)
     with pytest.raises(ValueError, match="header_timeout_s"):
         ServerConfig(header_timeout_s=0)
     with pytest.raises(ValueError, match="min_upload_rate"):
@@ -1269,6 +1624,41 @@ def test_config_from_the_environment_for_hosts_without_the_cli() -> None:
         ServerConfig(max_queue=0)
     with pytest.raises(ValueError, match="max_windows"):
         ServerConfig(max_windows=0)
+
+
+def test_environment_values_are_parsed_strictly_and_refused_by_name(caplog: pytest.LogCaptureFixture) -> None:
+    """RECON_CUDA_GRAPH=on and "True " silently became False (only 1/true/yes counted), a bad number
+    raised Python's own message without the variable, nothing set a None default back, NaN passed
+    every check (`--min-upload-rate nan` made every upload a 408), and RECON_API_KEY did nothing."""
+    from recon_runtime.server import ServerConfig
+
+    for raw, want in [("on", True), ("True ", True), ("YES", True), ("1", True), (" off", False), ("No", False)]:
+        assert ServerConfig.from_env({"RECON_CUDA_GRAPH": raw}).cuda_graph is want, raw
+        assert ServerConfig.from_env({"RECON_COMPILE_CACHE": raw}).compile_cache is want, raw
+    for raw in ("2", "enabled", ""):
+        with pytest.raises(ValueError, match=f"RECON_CUDA_GRAPH={raw}: not a boolean"):
+            ServerConfig.from_env({"RECON_CUDA_GRAPH": raw})
+    with pytest.raises(ValueError, match="RECON_MAX_WAIT_MS=abc: not a number"):
+        ServerConfig.from_env({"RECON_MAX_WAIT_MS": "abc"})
+    with pytest.raises(ValueError, match="RECON_MAX_QUEUE=1.5: not a whole number"):
+        ServerConfig.from_env({"RECON_MAX_QUEUE": "1.5"})
+    for var in ("RECON_MIN_UPLOAD_RATE", "RECON_MAX_WAIT_MS", "RECON_TIMEOUT_S"):
+        for raw in ("nan", "inf", "-inf"):
+            with pytest.raises(ValueError, match=f"{var}={raw}: not a finite number"):
+                ServerConfig.from_env({var: raw})
+    for name in ("min_upload_rate", "max_wait_ms", "timeout_s", "send_timeout_s", "max_response_mb"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            ServerConfig(**{name: float("nan")})
+    for raw in ("", "none", "None"):  # back to the default None
+        c = ServerConfig.from_env({"RECON_MAX_WINDOWS": raw, "RECON_THREADS": raw, "RECON_MAX_BATCH": raw})
+        assert (c.max_windows, c.threads, c.max_batch) == (None, None, None), raw
+    with caplog.at_level("WARNING", logger="recon_runtime.server"):
+        assert ServerConfig.from_env({"RECON_API_KEY": "secret"}).api_key is None
+    assert any("RECON_API_KEY_ENV" in r.getMessage() for r in caplog.records), caplog.records
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="recon_runtime.server"):
+        c = ServerConfig.from_env({"RECON_API_KEY": "secret", "RECON_API_KEY_ENV": "RECON_API_KEY"})
+    assert c.api_key == "secret" and not caplog.records
 
 
 def test_serve_refuses_a_missing_bundle_or_key_in_one_line(tmp_path: Path) -> None:

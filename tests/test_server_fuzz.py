@@ -1,18 +1,23 @@
 """Hostile input against a real `recon-run serve` on 127.0.0.1: no answer is a 5xx, every error is JSON.
 
 Seeded and bounded (FUZZ_CASES requests, at most FUZZ_SECONDS): every endpoint (/v1/reconstruct,
-/v1/encode, /v1/decode with and without stream=true, /v1/info, /readyz, /healthz), with random
+/v1/encode, /v1/decode with and without stream=true, /v1/compare, /v1/info, /readyz, /healthz, /metrics, the page), with random
 bytes, truncated and corrupted WAV/FLAC/.npy, NaN/inf and overflowing values, lying .npy headers,
-multipart bodies with and without the `file` field, wrong content types, bad query values, no or a
-wrong API key, and, on raw sockets, huge and malformed request heads, oversized, chunked and lying
-Content-Length bodies. A failure names the seed's case so it can be replayed.
+multipart bodies with and without the `file` field, wrong content types, bad query values (also
+output rates that multiply the answer past --max-response-mb), no or a wrong API key, and, on raw
+sockets, huge and malformed request heads, oversized, chunked and lying Content-Length bodies, bodies
+sent after `Expect: 100-continue` (HTTP/1.0 and 1.1), WebSocket handshakes, and clients that never
+read their answers. A second server is stopped while requests are in flight. A failure names the
+seed's case so it can be replayed.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +28,7 @@ import pytest
 import soundfile as sf
 
 from .conftest import tone
-from .test_server import KEY, MISSING, Server, metric, npy_bytes, npy_claiming, wav_bytes
+from .test_server import KEY, MISSING, Server, metric, npy_bytes, npy_claiming, read_until_closed, wav_bytes
 
 pytestmark = pytest.mark.skipif(
     bool(MISSING), reason=f"server tests need the `serve` extra ({', '.join(MISSING)} missing)"
@@ -38,18 +43,24 @@ FUZZ_CASES = 1000
 FUZZ_SECONDS = 180.0
 MIN_CASES = 100  # a run that got through fewer than this (a very slow machine) proves too little
 BODY_LIMIT_MB = 1
+RESPONSE_LIMIT_MB = 16  # 30 s (--max-seconds) at 384 kHz is 44 MiB: output_rate can ask past it
 HEADER_TIMEOUT_S = 2.0
 RAW_TIMEOUT_S = 20.0
 
-PATHS = ("/v1/reconstruct", "/v1/encode", "/v1/decode", "/v1/decode?stream=true", "/v1/info", "/readyz", "/healthz")
+PATHS = (
+    "/v1/reconstruct", "/v1/encode", "/v1/decode", "/v1/decode?stream=true", "/v1/compare", "/v1/info",
+    "/readyz", "/healthz", "/metrics", "/", "/index.html", "/static/app.js",
+)  # fmt: skip
+QUERY_VALUES_COLUMNS = ["0", "1", "2048", "8193", "abc", "-3"]
 QUERY_VALUES = {
-    "output_rate": ["", "abc", "-1", "0", "999", "8000", "48000", "1e9", "nan", "384001"],
+    "output_rate": ["", "abc", "-1", "0", "999", "8000", "48000", "1e9", "nan", "384000", "384001"],
     "subtype": ["float", "pcm16", "mp3", "", "FLOAT"],
     "sample": ["true", "false", "maybe", "1", ""],
     "seed": ["-1", "0", "7", str(2**63), str(2**64), "abc", "1.5"],
     "num_samples": ["0", "-5", "1", "10", "1e3", "abc", str(2**70)],
     "gain": ["nan", "inf", "-inf", "-1", "0", "0.5", "1e6", "1e39", "abc"],
     "stream": ["true", "false", "yes", "2", ""],
+    "columns": QUERY_VALUES_COLUMNS,
 }
 CONTENT_TYPES = [
     None, "audio/wav", "application/octet-stream", "application/x-npy", "text/plain", "application/json",
@@ -62,7 +73,7 @@ def target(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     s = Server(
         tiny_bundle, tmp_path_factory.mktemp("fuzz"),
         "--max-body-mb", str(BODY_LIMIT_MB), "--max-seconds", "30", "--max-decoded-mb", "4", "--timeout-s", "30",
-        "--header-timeout-s", str(HEADER_TIMEOUT_S),
+        "--header-timeout-s", str(HEADER_TIMEOUT_S), "--max-response-mb", str(RESPONSE_LIMIT_MB),
         api_key=True,
     )  # fmt: skip
     yield s
@@ -222,6 +233,12 @@ def raw_cases(rng: np.random.Generator, good: dict[str, bytes]) -> list[tuple[st
     auth = f"Authorization: Bearer {KEY}\r\n".encode()
     post = b"POST /v1/reconstruct HTTP/1.1\r\nHost: x\r\n" + auth
     wav = good["wav"]
+    over = b"\0" * (BODY_LIMIT_MB * 2**20 + 2**20)
+    expect = b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(over)
+    upgrade = b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    upgrade += b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    long_wav = wav_bytes(tone(29.0, 4000), 4000, "PCM_16")  # 29 s: at 384 kHz float, 42 MiB to answer
+    amplified = b"POST /v1/reconstruct?output_rate=384000 HTTP/1.1\r\nHost: x\r\n" + auth
     return [
         ("huge header", post + b"X-Big: " + b"a" * 20_000 + b"\r\nContent-Length: 0\r\n\r\n", False, 1),
         ("many headers", post + b"".join(b"X-%d: v\r\n" % i for i in range(3000)) + b"\r\n", False, 1),
@@ -248,6 +265,14 @@ def raw_cases(rng: np.random.Generator, good: dict[str, bytes]) -> list[tuple[st
         ("truncated head", post + b"Content-Le", True, 0),
         ("non-ASCII path", b"GET /v1/\xff\xfe HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n", False, 1),
         ("pipelined", (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n") * 3, False, 3),
+        ("Expect, then the body anyway", post + expect + over, False, 1),
+        ("Expect, then the body anyway, HTTP/1.0", post.replace(b"HTTP/1.1", b"HTTP/1.0") + expect + over, False, 1),
+        ("Expect on an unknown route, then the body", b"POST /nope HTTP/1.1\r\nHost: x\r\n" + auth + expect + over, False, 1),
+        ("WebSocket handshake", b"GET /v1/info HTTP/1.1\r\nHost: x\r\n" + upgrade, False, 1),
+        ("WebSocket handshake with the key", b"GET /v1/info HTTP/1.1\r\nHost: x\r\n" + auth + upgrade, False, 1),
+        ("WebSocket handshake on no route", b"GET /ws HTTP/1.1\r\nHost: x\r\n" + auth + upgrade, False, 1),
+        ("output_rate past --max-response-mb", amplified + b"Content-Length: %d\r\n\r\n" % len(long_wav) + long_wav,
+         False, 1),
     ]  # fmt: skip
 
 
@@ -306,6 +331,23 @@ def test_no_hostile_request_gets_a_5xx_or_an_error_that_is_not_json(target: Serv
             check_answer(f"raw: {name}", status, headers, body)
         assert len(answers) >= expect, f"raw: {name}: {len(answers)} answers, not {expect}"
 
+    # clients that never read their answers (each asks for a few MB), then go away
+    readers_gone = []
+    for _ in range(8):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(RAW_TIMEOUT_S)
+        sock.connect(("127.0.0.1", target.port))
+        body = good["wav"]  # 0.5 s: at 384 kHz, 768 KB to answer
+        sock.sendall(
+            b"POST /v1/reconstruct?output_rate=384000 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Length: %d\r\n\r\n" % (KEY.encode(), len(body)) + body
+        )
+        readers_gone.append(sock)
+    for sock in readers_gone:
+        assert sock.recv(1, socket.MSG_PEEK), "no answer began"
+        sock.close()  # with most of its answer unread
+
     # the server is unharmed and says so: no 5xx recorded, no exception escaped the app
     assert httpx.get(target.url + "/readyz", headers=target.headers, timeout=10).status_code == 200
     r = httpx.post(target.url + "/v1/reconstruct", content=good["wav"], headers=target.headers, timeout=60)
@@ -315,3 +357,65 @@ def test_no_hostile_request_gets_a_5xx_or_an_error_that_is_not_json(target: Serv
         assert metric(m, "recon_requests_total", status=status) == metric(before, "recon_requests_total", status=status)
     log = target.log.read_text()
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-5000:]
+
+
+def test_a_shutdown_mid_request_answers_what_has_not_begun_and_drops_the_rest_in_one_line(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """SIGTERM with a grace period shorter than what is in flight: a refusal still discarding its
+    trickled body gets the shutdown's 503 as JSON, a stream whose client reads nothing is dropped
+    with one log line, and no traceback reaches the log."""
+    s = Server(tiny_bundle, tmp_path, "--grace-s", "1")
+    z = np.zeros((8, 200 * 25, 16), np.float32)  # 200 s of latents: a 12.8 MB stream
+    body = npy_bytes(z)
+    stream = socket.socket()
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stream.settimeout(RAW_TIMEOUT_S)
+    trickled = socket.create_connection(("127.0.0.1", s.port), timeout=RAW_TIMEOUT_S)
+    stop = threading.Event()
+
+    def trickle() -> None:  # a byte each 0.4 s: the refusal's drain goes on (it gives up after 1 s without one)
+        while not stop.wait(0.4):
+            try:
+                trickled.sendall(b"x")
+            except OSError:
+                return
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    try:
+        stream.connect(("127.0.0.1", s.port))
+        stream.sendall(
+            b"POST /v1/decode?stream=true HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        assert stream.recv(1, socket.MSG_PEEK), "the stream never began"
+        trickled.sendall(b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nx")
+        sender.start()
+        stop.wait(0.8)  # the client's pace: its next bytes go out meanwhile
+        s.proc.send_signal(signal.SIGTERM)
+        refusal, _ = read_until_closed(trickled, RAW_TIMEOUT_S)
+        assert s.proc.wait(30) == 3, s.log.read_text()  # the grace period cut requests off
+        streamed, _ = read_until_closed(stream, RAW_TIMEOUT_S)
+    finally:
+        stop.set()
+        sender.join(10)
+        stream.close()
+        trickled.close()
+        s.stop()
+    text = refusal.decode(errors="replace")
+    assert text.startswith("HTTP/1.1 503") and "application/json" in text, text
+    assert "shutting down" in json.loads(text.split("\r\n\r\n", 1)[1])["error"]
+    assert streamed.startswith(b"HTTP/1.1 200") and not streamed.endswith(b"0\r\n\r\n")  # no clean end
+    log = s.log.read_text()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log
+    assert log.count("cut off by the shutdown after its answer began") == 1, log
+    assert "returned without completing response" not in log, log
+
+
+def test_the_fuzzed_paths_are_every_route_of_the_app(tiny_bundle: Path) -> None:
+    """A route added to the app without a place in PATHS would go unfuzzed."""
+    from recon_runtime.server import ServerConfig, create_app
+
+    app = create_app(ServerConfig(model=str(tiny_bundle)))
+    routes = {getattr(r, "path", "") for r in app.routes} - {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    fuzzed = {p.split("?")[0] for p in PATHS}
+    assert {r if r != "/static" else "/static/app.js" for r in routes} <= fuzzed, routes - fuzzed

@@ -213,6 +213,32 @@ def _check_report_file(path: Path | None, option: str, force: bool, skip_existin
     raise OutputError(f"{path}: exists; pass --force to overwrite it or --skip-existing to {keep}")
 
 
+def _refuse_report_clash(jobs: list[Job], reports: dict[str, Path | None]) -> None:
+    """--metrics/--plot FILE is neither an input, nor an output, nor the other one's file.
+
+    Checked before the model loads and whatever --force says: --force replaces earlier outputs,
+    never this run's own inputs or outputs.
+    """
+    named = {option: path for option, path in reports.items() if path is not None}
+    sources = {_key(j.src) for j in jobs if j.src.is_file()}
+    outputs = {_key(p): j for j in jobs if j.src.is_file() or j.error is None for p in j.outputs}
+    seen: dict[str, str] = {}
+    for option, path in named.items():
+        key = _key(path)
+        if key in sources:
+            raise OutputError(f"{path}: {option} names an input of this run; choose another {option} file")
+        if key in outputs:
+            raise OutputError(f"{path}: {option} names the output of {outputs[key].src}; choose another {option} file")
+        if key in seen:
+            raise OutputError(f"{path}: {seen[key]} and {option} name the same file; choose two files")
+        seen[key] = option
+
+
+def _metrics_key(src: Path) -> str:
+    """An input's entry in the metrics file: its resolved path, one spelling whatever the command line said."""
+    return str(src.resolve())
+
+
 def _earlier_metrics(path: Path, bundle: Path) -> dict[str, Any]:
     """The files of a metrics JSON that --skip-existing adds to; refused if it is not one of this bundle."""
     try:
@@ -221,6 +247,11 @@ def _earlier_metrics(path: Path, bundle: Path) -> dict[str, Any]:
         raise OutputError(f"{path}: cannot be read as a metrics file ({e}); pass --force to replace it") from None
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
         raise OutputError(f"{path}: not a metrics file of recon-run reconstruct; pass --force to replace it")
+    if not all(os.path.isabs(str(p)) for p in [data.get("bundle"), *data["files"]]):
+        raise OutputError(
+            f"{path}: names its bundle or files by relative paths (an older recon-run), relative to a folder "
+            "not recorded; pass --force to replace it or name another --metrics file"
+        )
     if Path(str(data.get("bundle"))).resolve() != bundle.resolve():
         raise OutputError(
             f"{path}: holds metrics of bundle {data.get('bundle')}, this run uses {bundle}; "
@@ -355,6 +386,8 @@ def reconstruct(
     def run() -> int:
         if server and (metrics_path or plot_path):
             raise click.UsageError("--metrics and --plot need the model loaded locally; drop --server for them")
+        jobs = _jobs(inputs, out, ".wav", is_audio_file)
+        _refuse_report_clash(jobs, {"--metrics": metrics_path, "--plot": plot_path})
         merge = _check_report_file(metrics_path, "--metrics", force, skip_existing, "add this run's files to it")
         keep_plot = _check_report_file(plot_path, "--plot", force, skip_existing, "keep it")
         earlier = _earlier_metrics(metrics_path, margs.model) if merge and metrics_path else None
@@ -364,7 +397,7 @@ def reconstruct(
             with remote_client(server, api_key_env, margs.expect_digest) as client:
                 runner = JobRunner("reconstruct", force, skip_existing, ctx.obj["debug"])
                 work = remote_reconstruct(client, output_rate, sample_format)
-                return runner.run(_jobs(inputs, out, ".wav", is_audio_file), work)
+                return runner.run(jobs, work)
         rec = margs.load(ROLES)
         if earlier is not None:
             other = [
@@ -383,7 +416,6 @@ def reconstruct(
         plots: list[Any] = []  # only the rows drawn (plot.MAX_ROWS): two mels each
         if keep_plot:
             click.echo(f"{plot_path}: exists, kept (--skip-existing); pass --force to draw it again", err=True)
-        jobs = _jobs(inputs, out, ".wav", is_audio_file)
         bar = _progress(jobs, "reconstruct")
         for group in _batches(jobs, rec.max_batch):
             ready = []  # files read and prepared; their equal-shape windows run as one batch
@@ -409,7 +441,7 @@ def reconstruct(
                         scores = {"output": str(job.dst), **compare(feats.waveform, wave)}
                     write_audio(job.dst, rec.finish(feats, wave, rate), rate, sample_format)
                     if scores is not None:
-                        metrics[str(job.src)] = scores
+                        metrics[_metrics_key(job.src)] = scores
                     if plot_path and not keep_plot and len(plots) < MAX_ROWS:
                         from .frontend import log_mel
 
@@ -422,12 +454,19 @@ def reconstruct(
         try:
             if metrics_path:
                 if earlier is not None:  # --skip-existing: earlier entries stay, but not of files this run tried
-                    tried = {str(j.src) for j in jobs if j.src not in runner.skipped}
+                    tried = {_metrics_key(j.src) for j in jobs if j.src not in runner.skipped}
                     metrics = {**{k: v for k, v in earlier["files"].items() if k not in tried}, **metrics}
+                missing = sum(1 for src in runner.skipped if _metrics_key(src) not in metrics)
+                if missing:
+                    click.echo(
+                        f"{metrics_path}: {missing} skipped file(s) have no entry (their outputs existed, with no "
+                        "metrics recorded for them); delete those outputs or pass --force to compute them",
+                        err=True,
+                    )
                 write_json(
                     metrics_path,
                     {
-                        "bundle": str(margs.model),
+                        "bundle": str(margs.model.resolve()),
                         "backend": rec.backend,
                         "precision": rec.precision,
                         "provider": rec.provider,

@@ -6,6 +6,8 @@ importing any of them first works (no import circle).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 from collections.abc import Callable
@@ -25,6 +27,7 @@ from .reconstructor import CPU_MAX_BATCH, MAX_BATCH
 
 SIDECAR_VERSION: Final = 2  # 2: bundle_fingerprint names the decoding weights (1 named the source and configs)
 SIDECAR: Final = ".json"  # encode writes it beside each .npy
+NPY_SHA256: Final = "npy_sha256"  # sidecar key: the SHA-256 of its .npy's bytes (older sidecars lack it)
 _LOGGER = logging.getLogger("recon_runtime")
 
 
@@ -159,9 +162,10 @@ def save_latents(
     A failure while either is written (disk full, unwritable folder) leaves the old pair as it
     was, or nothing when there was none: never a new .npy beside an old sidecar, nor an old one
     removed. The two renames, in one folder, are the only window: a crash between them leaves a
-    new sidecar beside the old .npy.
+    new sidecar beside the old .npy, which `read_sidecar` refuses (the sidecar holds the SHA-256
+    of its .npy's bytes).
     """
-    sidecar = {
+    sidecar: dict[str, Any] = {
         "version": SIDECAR_VERSION,
         "source": str(src),
         "sample_rate": sample_rate,
@@ -176,12 +180,20 @@ def save_latents(
     }
     with atomic_path(dst) as npy_tmp:
         write_array(npy_tmp, latents)
+        sidecar[NPY_SHA256] = hashlib.sha256(npy_tmp.read_bytes()).hexdigest()
         # renamed when this inner block ends; if it fails, the outer block never renames the .npy
         with atomic_path(dst.with_suffix(SIDECAR)) as json_tmp:
             json_tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
 
 
 def read_sidecar(latents_path: Path, fingerprint: str) -> dict[str, Any]:
+    """The sidecar of a .npy ({} when there is none), refused unless it is of this bundle and of this .npy.
+
+    A sidecar belongs to its .npy when it records the .npy's SHA-256 (`npy_sha256`; sidecars
+    written before it was recorded: at least its `latent_shape`): a sidecar beside another .npy
+    (an encode --force interrupted between its two renames, a .npy replaced since) would restore
+    another file's length and level.
+    """
     path = latents_path.with_suffix(SIDECAR)
     if not path.is_file():
         return {}
@@ -201,7 +213,32 @@ def read_sidecar(latents_path: Path, fingerprint: str) -> dict[str, Any]:
             f"{latents_path}: latents come from another model (bundle {side['bundle_fingerprint']}, "
             f"this bundle {fingerprint}); decode them with the bundle that encoded them"
         )
+    mismatch = _not_of(latents_path, side)
+    if mismatch:
+        raise AudioInputError(
+            f"{path}: sidecar does not belong to this .npy; encode again ({mismatch}; or delete the sidecar to "
+            "decode without its length and level)"
+        )
     return side
+
+
+def _not_of(latents_path: Path, side: dict[str, Any]) -> str | None:
+    """Why `side` is not the sidecar of the .npy at `latents_path`, or None (an unreadable .npy: its own error)."""
+    try:
+        data = latents_path.read_bytes()
+    except OSError:
+        return None
+    if NPY_SHA256 in side:
+        if hashlib.sha256(data).hexdigest() != side[NPY_SHA256]:
+            return f"its {NPY_SHA256} is not that of {latents_path}"
+        return None
+    try:  # an older sidecar: at least the shape (latents are small: [8, T/4, 16] float32, 128 KB per 10 s)
+        shape = list(np.load(io.BytesIO(data), allow_pickle=False).shape)
+    except (ValueError, OSError, EOFError):
+        return None
+    if "latent_shape" in side and side["latent_shape"] != shape:
+        return f"it records latent_shape {side['latent_shape']}, {latents_path} holds {shape}"
+    return None
 
 
 def write_json(path: Path, data: Any) -> None:

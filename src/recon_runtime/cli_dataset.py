@@ -72,7 +72,7 @@ def _run(ctx: click.Context, mode: str, inputs: tuple[str, ...], out: Path, kwar
     margs = model_args(kwargs)
 
     def run() -> int:
-        from .dataset import run_job
+        from .dataset import interrupted_message, run_job
 
         cfg = JobConfig(
             mode=mode,
@@ -99,6 +99,9 @@ def _run(ctx: click.Context, mode: str, inputs: tuple[str, ...], out: Path, kwar
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(INTERRUPTED_EXIT)
+            return INTERRUPTED_EXIT
+        except KeyboardInterrupt:  # before run_job could say more (importing Ray takes seconds)
+            fail(interrupted_message(mode, out))
             return INTERRUPTED_EXIT
         if not result.ok and not result.skipped and not result.failed:
             fail("no input files found")

@@ -38,6 +38,19 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+class FiniteFloat(click.FloatRange):
+    """click's FloatRange without NaN and infinities (a NaN passes every range check: `--min-upload-rate
+    nan` made every upload a 408)."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 def api_key_from_env(var: str | None) -> str | None:
     """The key from the environment variable `var` (never from a flag, so it stays out of `ps`)."""
     if not var:
@@ -53,7 +66,7 @@ def api_key_from_env(var: str | None) -> str | None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option(
-    "--max-wait-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
+    "--max-wait-ms", type=FiniteFloat(min=0), default=10.0, show_default=True,
     help="How long the worker waits for a batch to fill.",
 )  # fmt: skip
 @click.option(
@@ -65,13 +78,13 @@ def api_key_from_env(var: str | None) -> str | None:
     help="Windows waiting for the worker, all requests together (a 10.24 s window each); a request that does "
     "not fit gets 503 with Retry-After, one that needs more than N alone gets 413. Default: no window limit.",
 )  # fmt: skip
-@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True)
+@click.option("--max-body-mb", type=FiniteFloat(min=0, min_open=True), default=64.0, show_default=True)
 @click.option(
-    "--max-seconds", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+    "--max-seconds", type=FiniteFloat(min=0, min_open=True), default=600.0, show_default=True,
     help="Longest audio accepted (413 beyond).",
 )  # fmt: skip
 @click.option(
-    "--timeout-s", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+    "--timeout-s", type=FiniteFloat(min=0, min_open=True), default=120.0, show_default=True,
     help="Per-request limit (504 beyond; the request's windows leave the queue).",
 )  # fmt: skip
 @click.option(
@@ -81,7 +94,7 @@ def api_key_from_env(var: str | None) -> str | None:
     "lengths share batches; results then equal Reconstructor.load(..., bucket_frames=N). Default: the runtime's.",
 )  # fmt: skip
 @click.option(
-    "--body-timeout-s", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+    "--body-timeout-s", type=FiniteFloat(min=0, min_open=True), default=30.0, show_default=True,
     help="The whole upload must arrive within this (408 beyond).",
 )  # fmt: skip
 @click.option(
@@ -89,15 +102,24 @@ def api_key_from_env(var: str | None) -> str | None:
     help="Uploads read at once (admission comes first: a full server answers 503 before the body).",
 )  # fmt: skip
 @click.option(
-    "--max-decoded-mb", type=click.FloatRange(min=0, min_open=True), default=1024.0, show_default=True,
+    "--max-decoded-mb", type=FiniteFloat(min=0, min_open=True), default=1024.0, show_default=True,
     help="Decoded samples of one upload, frames x channels x 4 bytes from its header (413 beyond).",
 )  # fmt: skip
 @click.option(
-    "--header-timeout-s", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+    "--max-response-mb", type=FiniteFloat(min=0, min_open=True), default=128.0, show_default=True,
+    help="The answer of one request, from the upload's header and the query before any work (413 beyond; "
+    "600 s at 48 kHz float32 is 110 MiB).",
+)  # fmt: skip
+@click.option(
+    "--header-timeout-s", type=FiniteFloat(min=0, min_open=True), default=10.0, show_default=True,
     help="A connection's request head must arrive within this (closed beyond, with 408 if part of it came).",
 )  # fmt: skip
 @click.option(
-    "--min-upload-rate", type=click.FloatRange(min=0), default=4096.0, show_default=True, metavar="BYTES_PER_S",
+    "--send-timeout-s", type=FiniteFloat(min=0, min_open=True), default=30.0, show_default=True,
+    help="A connection whose client reads nothing of its answer for this long is dropped.",
+)  # fmt: skip
+@click.option(
+    "--min-upload-rate", type=FiniteFloat(min=0), default=4096.0, show_default=True, metavar="BYTES_PER_S",
     help="An upload slower than this after a short grace gets 408 and frees its slot (0: no minimum).",
 )  # fmt: skip
 @click.option(
@@ -105,7 +127,7 @@ def api_key_from_env(var: str | None) -> str | None:
     help="Require 'Authorization: Bearer <key>' on every route but /healthz; the key is read from $VAR.",
 )  # fmt: skip
 @click.option(
-    "--grace-s", type=click.FloatRange(min=0), default=30.0, show_default=True,
+    "--grace-s", type=FiniteFloat(min=0), default=30.0, show_default=True,
     help="On SIGTERM/SIGINT: how long in-flight requests may take to finish.",
 )  # fmt: skip
 @click.option(
@@ -121,11 +143,11 @@ def api_key_from_env(var: str | None) -> str | None:
     help="With --ray: replicas, each with its own model and batcher.",
 )  # fmt: skip
 @click.option(
-    "--gpus-per-replica", type=click.FloatRange(min=0), default=0.0, show_default=True,
+    "--gpus-per-replica", type=FiniteFloat(min=0), default=0.0, show_default=True,
     help="With --ray: GPUs per replica (0.5 puts two replicas on one GPU).",
 )  # fmt: skip
 @click.option(
-    "--cpus-per-replica", type=click.FloatRange(min=0), default=1.0, show_default=True,
+    "--cpus-per-replica", type=FiniteFloat(min=0), default=1.0, show_default=True,
     help="With --ray: Ray CPUs per replica (also its intra-op threads unless --threads is given).",
 )  # fmt: skip
 @click.pass_context
@@ -147,10 +169,20 @@ def serve(
     Outputs equal Reconstructor.load(...) run in-process (with --bucket-frames N: bucket_frames=N). With --ray the same
     app runs as a Ray Serve deployment of --replicas replicas. See docs/serving.md and docs/scale-out.md.
     """
-    ray_only = ("ray_address", "replicas", "gpus_per_replica", "cpus_per_replica")
-    given = [n for n in ray_only if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]
-    if given and not use_ray:
-        raise click.UsageError(f"{', '.join('--' + n.replace('_', '-') for n in given)} need --ray")
+
+    def flags(names: tuple[str, ...]) -> list[str]:  # those the user gave
+        given = [n for n in names if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]
+        return ["--" + n.replace("_", "-") for n in given]
+
+    ray_only = flags(("ray_address", "replicas", "gpus_per_replica", "cpus_per_replica"))
+    if ray_only and not use_ray:
+        raise click.UsageError(f"{', '.join(ray_only)} need --ray")
+    not_on_ray = flags(("header_timeout_s", "send_timeout_s"))
+    if not_on_ray and use_ray:
+        raise click.UsageError(
+            f"{', '.join(not_on_ray)} cannot apply with --ray: Ray's HTTP proxy holds the connections "
+            "(put a reverse proxy with these timeouts in front; docs/serving.md)"
+        )
     if use_ray and port == 0:
         raise click.UsageError("--ray needs a fixed --port (Ray's HTTP proxy does not pick a free one)")
     _need_serve_extra("server")
@@ -182,7 +214,10 @@ def serve(
         if server is not None:
             server.should_exit = True
 
-    from .http_protocol import with_header_timeout
+    try:
+        from .http_protocol import with_timeouts
+    except ImportError as e:  # uvicorn's internals changed (a uvicorn the serve extra does not pin)
+        raise click.ClickException(str(e)) from None
 
     app = create_app(config, on_load_error=on_load_error)
     server = uvicorn.Server(
@@ -190,8 +225,9 @@ def serve(
             app,
             host=host,
             port=port,
-            http=with_header_timeout(config.header_timeout_s),  # pins h11: the implementation it extends
-            timeout_graceful_shutdown=math.ceil(grace_s),  # None would wait for ever
+            http=with_timeouts(config.header_timeout_s, config.send_timeout_s),  # pins h11, the one it extends
+            # uvicorn passes it to asyncio.wait_for, which takes any float (its annotation says int)
+            timeout_graceful_shutdown=grace_s,  # type: ignore[arg-type]
             log_level="debug" if ctx.obj and ctx.obj.get("debug") else "info",
             server_header=False,
             proxy_headers=False,

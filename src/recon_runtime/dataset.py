@@ -8,20 +8,23 @@ the driver counts what came back and prints a summary.
 
 Output folder (`OUT`, a local path; on a cluster, one every node mounts):
 
-- `job.json`: the job (mode, bundle fingerprint, output settings); a rerun with another mode, bundle
-  or settings is refused.
+- `job.json`: the job (a format marker, mode, bundle fingerprint, output settings); a rerun with
+  another mode (with or without --no-resume), bundle or settings is refused.
 - `latents/` (encode), `done/` (reconstruct), `metrics/` (evaluate): Parquet shards, one row per
   file, keyed by (`path`, `size`, `mtime_ns`); reconstruct's audio goes under `audio/`, mirroring
   the input tree as `recon-run reconstruct` does.
 - `errors/`: Parquet shards, one row per failed file (`path`, `size`, `mtime_ns`, `stage`, `message`).
-- `outputs/` (reconstruct): the audio each run is about to write, recorded before it writes it.
+- `outputs/` (reconstruct): the audio each run is about to write, recorded before it writes it
+  (relative to OUT, as `done/` records it).
 - `attempts/`: per-batch attempt markers while a run goes (see `_Attempts`).
 - `summary.json` (and for evaluate `metrics-summary.json`: mean, median, p95 per metric).
 - `job.lock` while a job runs (`OutLock`): a second job on the same folder is refused.
 
-OUT must be empty or a job's folder. The job never overwrites a file it did not write, and
---no-resume deletes only what the job wrote (`_start_over`). Ctrl-C ends a job within seconds
-(`stop_ray`), keeping what was written.
+OUT must be empty or a job's folder: a job.json that is not a job record (`read_job`) or a
+job.lock that is not a lock record makes it the user's, refused whole. The job never overwrites a
+file it did not write, never reads its own outputs as inputs, and --no-resume deletes only what
+the job wrote (`_start_over`). Ctrl-C ends a job within seconds (`stop_ray`), keeping what was
+written.
 
 Resume: a rerun skips every file that has a row (result or error) with the same key and does the
 rest; `retry_errors` runs the failed ones again. A graph worker writes both of a batch's shards
@@ -44,6 +47,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -80,6 +84,11 @@ KEY_COLUMNS: Final = ("path", "size", "mtime_ns")
 PREPARE_CPUS: Final = 0.25  # Ray CPUs per read + front-end task (they mostly wait on I/O and numpy)
 STALL_SECONDS: Final = 600.0  # stall_after hook: long enough that only the interrupted job's shutdown ends it
 LOCK_FILE: Final = "job.lock"
+LOCK_RECORD_MAX: Final = 4096  # bytes: a lock record is far smaller; a larger job.lock is not one
+LOCK_KEYS: Final = frozenset({"pid", "host", "mode", "started"})
+JOB_FORMAT: Final = "recon-run dataset job"  # job.json's marker: a job.json without it is the user's
+JOB_FORMAT_VERSION: Final = 1
+JOB_RECORD_MAX: Final = 1 << 20  # bytes: a job record is about 400; a larger job.json is not one
 OUTPUTS_DIR: Final = "outputs"  # reconstruct: the audio a run is about to write, recorded before it writes it
 SHUTDOWN_TIMEOUT_S: Final = 10.0  # how long ray.shutdown may take (after Ctrl-C) before Ray's processes are killed
 INTERRUPTED_EXIT: Final = 130  # exit status after Ctrl-C (128 + SIGINT, as shells report it)
@@ -301,6 +310,14 @@ def list_inputs(inputs: Iterable[str], mirror_outputs: bool = False) -> list[Ite
     With `mirror_outputs` (reconstruct: one audio file per input, mirroring the tree), a clash of
     mirrored outputs fails each file involved; encode and evaluate write no per-file output.
     """
+    items = _expand(inputs)
+    if mirror_outputs:
+        _fail_clashes(items)
+    return items
+
+
+def _expand(inputs: Iterable[str]) -> list[Item]:
+    """Folders, files and manifests as items, each file once."""
     items: list[Item] = []
     for raw in inputs:
         root = raw if _is_uri(raw) else os.path.abspath(_local(raw))
@@ -321,9 +338,11 @@ def list_inputs(inputs: Iterable[str], mirror_outputs: bool = False) -> list[Ite
     unique: dict[str, Item] = {}
     for item in items:
         unique.setdefault(item.path, item)
-    items = list(unique.values())
-    if not mirror_outputs:
-        return items
+    return list(unique.values())
+
+
+def _fail_clashes(items: list[Item]) -> None:
+    """reconstruct: inputs whose mirrored outputs would land on one path all fail (stage `plan`)."""
     by_out: dict[str, list[Item]] = {}
     for item in items:
         if item.error is None:
@@ -335,7 +354,33 @@ def list_inputs(inputs: Iterable[str], mirror_outputs: bool = False) -> list[Ite
                 f"{item.path}: its output would also be written from {others}; rename one or run them separately"
             )
             item.stage = "plan"
-    return items
+
+
+def _leave_out_inside(items: list[Item], out: Path) -> tuple[list[Item], int]:
+    """The items outside OUT (resolved, `out` itself resolved), and how many were inside it.
+
+    OUT inside an input folder (data/ with data/runs/x as OUT) would make the job read its own
+    outputs back as inputs on the next run (audio/x.wav becoming audio/audio/x.wav, and so on):
+    whatever a job finds under its own output folder is not an input. Leaving them out instead of
+    refusing keeps that layout usable. Symlinks and `..` are resolved (each folder once).
+    """
+    real_dirs: dict[str, str] = {}
+    kept: list[Item] = []
+    inside = 0
+    root = str(out)
+    for item in items:
+        if not _is_uri(item.path):
+            folder, name = os.path.split(item.path)
+            if folder not in real_dirs:
+                real_dirs[folder] = os.path.realpath(folder)
+            real = os.path.join(real_dirs[folder], name)
+            if os.path.islink(real):
+                real = os.path.realpath(real)
+            if real == root or real.startswith(root + os.sep):
+                inside += 1
+                continue
+        kept.append(item)
+    return kept, inside
 
 
 # ----------------------------------------------------------------------------- tables on disk
@@ -442,8 +487,8 @@ def _error_table(rows: Sequence[dict[str, Any]]) -> Any:
     )
 
 
-def _outputs_table(out: Path, items: Sequence[Item]) -> Any:
-    """reconstruct: the key of each input and the audio file it is about to write (OUT/outputs)."""
+def _outputs_table(items: Sequence[Item]) -> Any:
+    """reconstruct: the key of each input and the audio file it is about to write, relative to OUT (OUT/outputs)."""
     import pyarrow as pa
 
     return pa.table(
@@ -451,7 +496,7 @@ def _outputs_table(out: Path, items: Sequence[Item]) -> Any:
             "path": pa.array([i.path for i in items], pa.string()),
             "size": pa.array([i.size for i in items], pa.int64()),
             "mtime_ns": pa.array([i.mtime_ns for i in items], pa.int64()),
-            "output": pa.array([str(audio_output(out, i.rel)) for i in items], pa.string()),
+            "output": pa.array([audio_rel(i.rel) for i in items], pa.string()),
         }
     )
 
@@ -607,9 +652,16 @@ def prepare_batch(
     return out_batch
 
 
+def audio_rel(rel: str) -> str:
+    """Where reconstruct writes the audio of the input at `rel`, relative to OUT (the input tree mirrored
+    under OUT/audio): how OUT/outputs and OUT/done record it, so a record names its file however OUT is
+    spelled on the command line."""
+    return (PurePosixPath(AUDIO_DIR) / PurePosixPath(rel).with_suffix(".wav")).as_posix()
+
+
 def audio_output(out: Path, rel: str) -> Path:
-    """Where reconstruct writes the audio of the input at `rel` (the input tree mirrored under OUT/audio)."""
-    return out / AUDIO_DIR / PurePosixPath(rel).with_suffix(".wav")
+    """The audio file of the input at `rel` under OUT (see `audio_rel`)."""
+    return out / audio_rel(rel)
 
 
 class Worker:
@@ -750,9 +802,10 @@ class Worker:
             row["latent_shape"] = list(out.shape)
         elif cfg.mode == RECONSTRUCT:
             out_rate = cfg.output_rate or rate
-            dst = audio_output(cfg.out, str(batch["rel"][i]))
-            write_audio(dst, rec.finish(feats, out, out_rate), out_rate, cfg.sample_format)
-            row["output"] = str(dst)
+            rel = audio_rel(str(batch["rel"][i]))
+            write_audio(cfg.out / rel, rec.finish(feats, out, out_rate), out_rate, cfg.sample_format)
+            st = os.stat(cfg.out / rel)  # what the job wrote: --no-resume deletes the file only while it is that
+            row.update(output=rel, output_size=st.st_size, output_mtime_ns=st.st_mtime_ns)
         else:
             from .metrics import compare
 
@@ -772,6 +825,8 @@ class Worker:
             cols["latent_shape"] = pa.array([r["latent_shape"] for r in rows], pa.list_(pa.int32()))
         elif self.config.mode == RECONSTRUCT:
             cols["output"] = pa.array([r["output"] for r in rows], pa.string())
+            cols["output_size"] = pa.array([r["output_size"] for r in rows], pa.int64())
+            cols["output_mtime_ns"] = pa.array([r["output_mtime_ns"] for r in rows], pa.int64())
         else:
             for name in METRIC_NAMES:
                 cols[name] = pa.array([r[name] for r in rows], pa.float64())
@@ -811,10 +866,10 @@ class OutLock:
 
     def _read(self, fd: int) -> dict[str, Any]:
         try:
-            record = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        except (OSError, ValueError):
+            data = os.pread(fd, LOCK_RECORD_MAX + 1, 0)
+        except OSError:
             return {}
-        return record if isinstance(record, dict) else {}
+        return json.loads(data) if data.strip() and _is_lock_record(data) else {}
 
     @staticmethod
     def describe(record: dict[str, Any]) -> str:
@@ -854,6 +909,13 @@ class OutLock:
             os.close(fd)
         else:
             raise OutputError(f"{self.path}: the lock file keeps changing; is another job starting on this folder?")
+        try:
+            ours = _is_lock_record(os.pread(fd, LOCK_RECORD_MAX + 1, 0))
+        except OSError:
+            ours = False
+        if not ours:  # a file of the user's that _refuse_foreign did not see (written since): never truncated
+            os.close(fd)
+            raise OutputError(_foreign_lock_message(self.path.parent))
         stale = self._read(fd)
         host = socket.gethostname()
         if stale.get("pid"):
@@ -888,18 +950,121 @@ class OutLock:
         self.fd = None
 
 
-def _refuse_foreign(out: Path) -> None:
-    """OUT must be empty or a job's folder: a job never writes into (nor --no-resume cleans) a user's folder."""
-    if (out / JOB_FILE).is_file():
-        return
+def _is_lock_record(data: bytes) -> bool:
+    """What OUT/job.lock holds when a job wrote it: nothing (a job starting or ending) or OutLock's record."""
+    if len(data) > LOCK_RECORD_MAX:
+        return False
+    if not data.strip():
+        return True
     try:
-        others = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+        record = json.loads(data)
+    except ValueError:
+        return False
+    return (
+        isinstance(record, dict)
+        and set(record) <= LOCK_KEYS
+        and type(record.get("pid")) is int
+        and isinstance(record.get("host"), str)
+    )
+
+
+def _foreign_lock_message(out: Path) -> str:
+    return f"{out}: holds a {LOCK_FILE} that no dataset job wrote (not a lock record); choose another -o/--out"
+
+
+def _foreign_job(out: Path, why: str) -> OutputError:
+    return OutputError(f"{out}: holds a {JOB_FILE} that no dataset job wrote ({why}); choose another -o/--out")
+
+
+def read_job(out: Path) -> dict[str, Any] | None:
+    """OUT's job record (job.json), or None when there is none.
+
+    A job.json is the job's only when it is what `_write_job` writes: a JSON object with the format
+    marker (`format`, `format_version`), a mode of MODES, a bundle fingerprint and settings. Any
+    other file of that name is the user's: OutputError, and nothing in OUT is touched.
+    """
+    path = out / JOB_FILE
+    if not os.path.lexists(path):
+        return None
+    if path.is_symlink() or not path.is_file():
+        raise _foreign_job(out, "not a plain file")
+    try:
+        if path.stat().st_size > JOB_RECORD_MAX:
+            raise _foreign_job(out, "far larger than a job record")
+        text = path.read_bytes()
+    except OSError as e:
+        raise OutputError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        job = json.loads(text)
+    except ValueError:
+        raise _foreign_job(out, "not JSON") from None
+    if not isinstance(job, dict):
+        raise _foreign_job(out, f"a JSON {type(job).__name__}, not a job record")
+    if job.get("format") != JOB_FORMAT:
+        legacy = "format" not in job and {"mode", "bundle_fingerprint", "settings"} <= set(job)
+        raise _foreign_job(
+            out,
+            f'no "format": "{JOB_FORMAT}" in it'
+            + ("; a job of a recon-run before job format 1 is not resumed either" if legacy else ""),
+        )
+    if job.get("format_version") != JOB_FORMAT_VERSION:
+        raise OutputError(
+            f"{path}: a dataset job record of format version {job.get('format_version')!r}, this recon-run reads "
+            f"version {JOB_FORMAT_VERSION}; use the recon-run that wrote it, or another -o/--out"
+        )
+    if (
+        job.get("mode") not in MODES
+        or not isinstance(job.get("bundle_fingerprint"), str)
+        or not isinstance(job.get("settings"), dict)
+    ):
+        raise _foreign_job(out, "its mode, bundle fingerprint or settings are not a job's")
+    return job
+
+
+def _write_job(out: Path, record: dict[str, Any]) -> None:
+    with atomic_path(out / JOB_FILE) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _temp_target(name: str) -> str | None:
+    """The file whose temporary file (audio_io.atomic_path: `.NAME.<12 hex>.part<suffix of NAME>`) is `name`, or None."""
+    m = re.fullmatch(r"\.(.+)\.[0-9a-f]{12}\.part(\.[^./]+)?", name)
+    if m is None or PurePosixPath(m[1]).suffix != (m[2] or ""):
+        return None
+    return m[1]
+
+
+def _refuse_foreign(out: Path) -> dict[str, Any] | None:
+    """OUT's job record; OutputError unless OUT is empty or a job's folder, with a job.lock (if any) of a job.
+
+    A job never writes into (nor --no-resume cleans) a user's folder: a job.json or job.lock that
+    no job wrote makes the folder the user's, whatever else it holds.
+    """
+    job = read_job(out)
+    lock = out / LOCK_FILE
+    if os.path.lexists(lock):
+        try:
+            ours = not lock.is_symlink() and lock.is_file() and _is_lock_record(_head(lock, LOCK_RECORD_MAX + 1))
+        except OSError:
+            ours = False
+        if not ours:
+            raise OutputError(_foreign_lock_message(out))
+    if job is not None:
+        return job
+    try:  # a temporary job.json of a job killed while it wrote its first record is the job's too
+        others = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE and _temp_target(p.name) != JOB_FILE)
     except OSError as e:
         raise OutputError(f"{out}: cannot be read ({e.strerror or e})") from None
     if others:
         raise OutputError(
             f"{out}: folder exists and is not empty (it holds {others[0]} and no dataset job); choose another -o/--out"
         )
+    return None
+
+
+def _head(path: Path, size: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(size)
 
 
 def _own_shard(name: str) -> bool:
@@ -910,14 +1075,49 @@ def _own_shard(name: str) -> bool:
     )
 
 
+def _record_rel(output: str) -> str | None:
+    """A recorded output (relative to OUT, under audio/), or None when it names no file there: never trusted,
+    never deleted then, whatever a shard says."""
+    rel = PurePosixPath(output)
+    if rel.is_absolute() or len(rel.parts) < 2 or rel.parts[0] != AUDIO_DIR or ".." in rel.parts:
+        return None
+    return rel.as_posix()
+
+
 def _recorded_outputs(out: Path) -> dict[str, str]:
-    """reconstruct: audio the job wrote or was about to write (OUT/done and OUT/outputs) -> the input it came from."""
+    """reconstruct: audio the job wrote or was about to write (OUT/done and OUT/outputs, relative to OUT) -> its input."""
     owners: dict[str, str] = {}
     for folder in (OUTPUTS_DIR, RESULT_DIRS[RECONSTRUCT]):
         table = read_table(out / folder, ["path", "output"])
         if table is not None:
-            owners.update(zip(table.column("output").to_pylist(), table.column("path").to_pylist()))
+            for output, path in zip(table.column("output").to_pylist(), table.column("path").to_pylist()):
+                rel = _record_rel(str(output))
+                if rel is not None:
+                    owners[rel] = path
     return owners
+
+
+def _written_outputs(out: Path) -> dict[str, set[tuple[int, int]]]:
+    """reconstruct: the audio OUT/done says the job wrote (relative to OUT) -> its (size, mtime_ns) then."""
+    table = read_table(out / RESULT_DIRS[RECONSTRUCT], ["output", "output_size", "output_mtime_ns"])
+    written: dict[str, set[tuple[int, int]]] = {}
+    if table is not None:
+        for output, size, mtime in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+            rel = _record_rel(str(output))
+            if rel is not None:
+                written.setdefault(rel, set()).add((size, mtime))
+    return written
+
+
+def _still_written(path: Path, stats: set[tuple[int, int]] | None) -> bool:
+    """Whether the file at a recorded output is still what the job wrote: a regular file and, where
+    done/ records it, of the size and mtime it had then (a file put there since is not the job's).
+    One that only outputs/ records was written by a run killed before its done/ shard: the job's."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and (stats is None or (st.st_size, st.st_mtime_ns) in stats)
 
 
 def _remove_if_empty(folder: Path, stop: Path) -> None:
@@ -944,32 +1144,84 @@ def _remove_attempts(out: Path) -> None:
     _remove_if_empty(root, out)
 
 
-def _start_over(out: Path, echo: Callable[[str], None]) -> None:
+def _job_dirs(mode: str) -> tuple[str, ...]:
+    """The shard folders a job of `mode` writes."""
+    return (RESULT_DIRS[mode], ERRORS_DIR, *((OUTPUTS_DIR,) if mode == RECONSTRUCT else ()))
+
+
+def _job_files(mode: str) -> tuple[str, ...]:
+    """The files at OUT's top a job of `mode` writes, besides job.json and job.lock."""
+    return (SUMMARY_FILE, *((METRICS_SUMMARY_FILE,) if mode == EVALUATE else ()))
+
+
+def _remove_temps(out: Path, mode: str, recorded: Iterable[str]) -> None:
+    """Remove the temporary files a killed run left (a shard, an audio file or a JSON file it was writing).
+
+    Only names the job gives: a shard's temporary file in the job's shard folders, one of job.json
+    or the summaries at OUT's top, and one of an audio file the job recorded (`recorded`, relative
+    to OUT) beside it. Each folder is listed once.
+    """
+    tops = {JOB_FILE, *_job_files(mode)}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(out):
+            if _temp_target(entry.name) in tops and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+    for name in _job_dirs(mode):
+        folder = out / name
+        if folder.is_dir() and not folder.is_symlink():
+            for entry in os.scandir(folder):
+                if entry.name.startswith(".") and _own_shard(entry.name) and entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+    audio = (out / AUDIO_DIR).resolve()
+    by_dir: dict[Path, set[str]] = {}
+    for rel in recorded:
+        path = out / rel
+        by_dir.setdefault(path.parent, set()).add(path.name)
+    for folder, names in by_dir.items():
+        if folder.is_dir() and folder.resolve().is_relative_to(audio):  # never outside OUT/audio
+            for entry in os.scandir(folder):
+                if _temp_target(entry.name) in names and entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+
+
+def _start_over(out: Path, job: dict[str, Any], echo: Callable[[str], None]) -> None:
     """--no-resume: delete what earlier runs of the job in `out` wrote, found by its names and records.
 
     The audio reconstruct wrote is recorded (OUT/outputs before it is written, OUT/done after);
-    shards, markers and the job's JSON files have names only the job gives. Anything else stays.
+    shards, markers and the job's JSON files have names only the job gives; only the folders and
+    files of the job's own mode count. Anything else stays. job.json is marked `resetting` first
+    and removed last: a reset that is interrupted (Ctrl-C, a kill) is finished by the next run,
+    whatever its flags, so no run ever skips a file whose result the reset had already deleted.
     """
+    mode = job["mode"]
+    if not job.get("resetting"):
+        _write_job(out, {**job, "resetting": True})
+    recorded = list(_recorded_outputs(out)) if mode == RECONSTRUCT else []
+    written = _written_outputs(out) if mode == RECONSTRUCT else {}
+    _remove_temps(out, mode, recorded)
     audio = out / AUDIO_DIR
-    for output in _recorded_outputs(out):
-        path = Path(output)
-        if audio not in path.parents or not path.parent.resolve().is_relative_to(audio.resolve()):
-            continue  # never outside OUT/audio, whatever a shard says
-        if path.is_file() or path.is_symlink():
+    real_audio = audio.resolve()
+    for rel in recorded:  # the audio first, then the records that name it
+        path = out / rel
+        if not path.parent.resolve().is_relative_to(real_audio):
+            continue  # a folder under OUT/audio that links elsewhere: never outside OUT/audio
+        if _still_written(path, written.get(rel)):
             path.unlink()
         _remove_if_empty(path.parent, audio)
     _remove_if_empty(audio, out)
-    for name in (*RESULT_DIRS.values(), ERRORS_DIR, OUTPUTS_DIR):
+    for name in _job_dirs(mode):
         folder = out / name
-        if folder.is_dir():
+        if folder.is_dir() and not folder.is_symlink():
             for shard in folder.iterdir():
-                if _own_shard(shard.name) and shard.is_file():
+                if _own_shard(shard.name) and shard.is_file() and not shard.is_symlink():
                     shard.unlink()
             _remove_if_empty(folder, out)
     _remove_attempts(out)
-    for name in (JOB_FILE, SUMMARY_FILE, METRICS_SUMMARY_FILE):
+    for name in _job_files(mode):
         (out / name).unlink(missing_ok=True)
-    kept = [p for p in out.rglob("*") if p.is_file() and p.name != LOCK_FILE]
+    ours = {out / JOB_FILE, out / LOCK_FILE}
+    kept = [p for p in out.rglob("*") if p.is_file() and p not in ours]
+    (out / JOB_FILE).unlink()
     if kept:
         echo(f"--no-resume: kept {len(kept)} file(s) in {out} that the job did not write, e.g. {kept[0]}")
 
@@ -977,22 +1229,16 @@ def _start_over(out: Path, echo: Callable[[str], None]) -> None:
 # ----------------------------------------------------------------------------- the job
 
 
-def _check_job_file(cfg: JobConfig, fingerprint: str) -> None:
-    path = cfg.out / JOB_FILE
+def _check_job_file(cfg: JobConfig, fingerprint: str, job: dict[str, Any] | None) -> None:
+    """A resume must use the job's bundle and settings (its mode is checked before); a new job writes its record."""
     settings = cfg.settings()
-    if path.is_file():
-        try:
-            job = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise OutputError(f"{path}: unreadable ({e}); use a fresh output folder") from None
-        if job.get("mode") != cfg.mode:
-            raise OutputError(f"{cfg.out}: holds a dataset {job.get('mode')} job; use another output folder")
-        if job.get("bundle_fingerprint") != fingerprint:
+    if job is not None:
+        if job["bundle_fingerprint"] != fingerprint:
             raise OutputError(
-                f"{cfg.out}: holds results of bundle {job.get('bundle_fingerprint')}, this bundle is {fingerprint}; "
+                f"{cfg.out}: holds results of bundle {job['bundle_fingerprint']}, this bundle is {fingerprint}; "
                 "use another output folder (or --no-resume to start over)"
             )
-        before = job.get("settings", {})
+        before = job["settings"]
         diff = [f"{k} {before.get(k, 'unset')!r} then, {v!r} now" for k, v in settings.items() if before.get(k) != v]
         if diff:
             raise OutputError(
@@ -1000,9 +1246,16 @@ def _check_job_file(cfg: JobConfig, fingerprint: str) -> None:
                 "use the same settings, another output folder, or --no-resume to start over"
             )
         return
-    record = {"mode": cfg.mode, "bundle_fingerprint": fingerprint, "settings": settings}
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    _write_job(
+        cfg.out,
+        {
+            "format": JOB_FORMAT,
+            "format_version": JOB_FORMAT_VERSION,
+            "mode": cfg.mode,
+            "bundle_fingerprint": fingerprint,
+            "settings": settings,
+        },
+    )
 
 
 def metrics_summary(out: Path) -> dict[str, dict[str, float]]:
@@ -1056,7 +1309,10 @@ def _local_ray_processes() -> dict[int, Any]:
         from ray._private import worker as ray_worker
 
         node = ray_worker._global_node
-        pids = [info.process.pid for infos in node.all_processes.values() for info in infos] if node else []
+        # a Popen already reaped (poll() has its exit status) names a pid the system may have given
+        # to another process since: never looked up
+        infos = [info for infos in node.all_processes.values() for info in infos] if node else []
+        pids = [info.process.pid for info in infos if info.process.poll() is None]
     except Exception:  # noqa: BLE001 - internals of Ray: without them, only the CLI's exit is left to end the job
         return {}
     found: dict[int, Any] = {}
@@ -1097,26 +1353,41 @@ def stop_ray(timeout: float = SHUTDOWN_TIMEOUT_S) -> bool:
     except KeyboardInterrupt:  # another Ctrl-C: stop waiting
         finished = False
     if not finished:
-        for process in {**processes, **_local_ray_processes()}.values():
+        # the first snapshot's objects win: psutil checks their identity (pid and start time) before
+        # it signals; the second only adds processes started since (Ray's new workers)
+        for process in {**_local_ray_processes(), **processes}.values():
             with contextlib.suppress(Exception):  # gone already (psutil.NoSuchProcess), or not ours to signal
                 process.kill()
     return finished
 
 
+def interrupted_message(mode: str, out: Path) -> str:
+    """The line for a Ctrl-C outside the Ray pipeline (listing, compaction, a reset, the summary)."""
+    return f"dataset {mode}: interrupted; {out} keeps what was written so far; the same command resumes"
+
+
 def run_job(cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> JobResult:
     """Run one dataset job to the end (or to the first system failure Ray could not retry).
 
-    Raises JobInterrupted on Ctrl-C, once Ray is shut down (within SHUTDOWN_TIMEOUT_S): what
-    was written stays, and the same job resumes.
+    Raises JobInterrupted on Ctrl-C, wherever it comes (in the pipeline: once Ray is shut down,
+    within SHUTDOWN_TIMEOUT_S): what was written stays, and the same job resumes.
     """
+    if cfg.mode not in MODES:
+        raise ValueError(f"unknown mode {cfg.mode!r}; use {MODES}")
+    # OUT resolved (symlinks, `..`): one spelling, whichever way -o names it, for the checks below
+    cfg = dataclasses.replace(cfg, out=Path(os.path.realpath(cfg.out)))
+    try:
+        return _run_job(cfg, echo)
+    except KeyboardInterrupt:  # outside the pipeline (its Ctrl-C is a JobInterrupted): no Ray to stop
+        raise JobInterrupted(interrupted_message(cfg.mode, cfg.out), ray_stopped=True) from None
+
+
+def _run_job(cfg: JobConfig, echo: Callable[[str], None]) -> JobResult:
     try:
         import pyarrow  # noqa: F401
         import ray  # noqa: F401
     except ImportError:
         raise ReconError(ray_missing_message()) from None
-    if cfg.mode not in MODES:
-        raise ValueError(f"unknown mode {cfg.mode!r}; use {MODES}")
-    cfg = dataclasses.replace(cfg, out=cfg.out.absolute())  # outputs are recorded by absolute path
     started = time.perf_counter()
     contract = read_contract(Path(cfg.model.model))
     if getattr(cfg.model, "expect_digest", None) and cfg.model.expect_digest != contract.digest:
@@ -1127,7 +1398,7 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, fil
         cfg.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"{cfg.out}: cannot create the output folder ({e.strerror or e})") from None
-    _refuse_foreign(cfg.out)
+    _refuse_foreign(cfg.out)  # before the lock: never a job.lock in a folder of the user's
     with OutLock(cfg.out, cfg.mode, echo):
         return _run_locked(cfg, contract, started, echo)
 
@@ -1137,12 +1408,22 @@ def _run_locked(cfg: JobConfig, contract: Any, started: float, echo: Callable[[s
     import ray
 
     result = JobResult()
-    if not cfg.resume:
-        _start_over(cfg.out, echo)
-    _check_job_file(cfg, contract.fingerprint)
+    job = _refuse_foreign(cfg.out)  # again, now that no other job can write OUT
+    if job is not None and job["mode"] != cfg.mode:  # with --no-resume too: it would delete that job
+        raise OutputError(f"{cfg.out}: holds a dataset {job['mode']} job; use another output folder")
+    if job is not None and (job.get("resetting") or not cfg.resume):
+        if job.get("resetting"):
+            echo(f"{cfg.out}: finishing the --no-resume that an earlier run began (it was interrupted)")
+        _start_over(cfg.out, job, echo)
+        job = None
+    _check_job_file(cfg, contract.fingerprint, job)
     _remove_attempts(cfg.out)  # markers of an earlier run mean nothing now
 
-    items = list_inputs(cfg.inputs, mirror_outputs=cfg.mode == RECONSTRUCT)
+    items, inside = _leave_out_inside(_expand(cfg.inputs), cfg.out)
+    if inside:
+        echo(f"{cfg.out}: left out {inside} input file(s) inside the job's own output folder (never inputs)")
+    if cfg.mode == RECONSTRUCT:
+        _fail_clashes(items)
     current = {i.path: i.key for i in items}
 
     def stale(key: Key) -> bool:  # a row for a file that has changed since
@@ -1154,8 +1435,9 @@ def _run_locked(cfg: JobConfig, contract: Any, started: float, echo: Callable[[s
     # an error row whose file has a result row (a batch that ran again and succeeded) is no error
     compact(cfg.out / ERRORS_DIR, lambda k: stale(k) or k in have or (cfg.retry_errors and k[0] in current))
     results, failures = have, _read_keys(cfg.out / ERRORS_DIR) - have
-    # reconstruct: audio written (or about to be) in earlier runs -> the input it came from
+    # reconstruct: audio written (or about to be) in earlier runs, relative to OUT -> the input it came from
     owners = _recorded_outputs(cfg.out) if cfg.mode == RECONSTRUCT else {}
+    _remove_temps(cfg.out, cfg.mode, owners)  # what killed runs left half-written
     todo: list[Item] = []
     list_errors: list[dict[str, Any]] = []
     for item in items:
@@ -1165,7 +1447,7 @@ def _run_locked(cfg: JobConfig, contract: Any, started: float, echo: Callable[[s
             continue
         if cfg.mode == RECONSTRUCT and item.error is None:
             dst = audio_output(cfg.out, item.rel)
-            owner = owners.get(str(dst))
+            owner = owners.get(audio_rel(item.rel))
             if owner is not None and owner != item.path:
                 item.error = (
                     f"{item.path}: its output {dst} was written from {owner} in an earlier run into this output "
@@ -1198,7 +1480,7 @@ def _run_locked(cfg: JobConfig, contract: Any, started: float, echo: Callable[[s
         result.failed += len(list_errors)
 
     if todo and cfg.mode == RECONSTRUCT:  # recorded before any is written: --no-resume knows what to delete
-        write_shard(cfg.out / OUTPUTS_DIR, _outputs_table(cfg.out, todo))
+        write_shard(cfg.out / OUTPUTS_DIR, _outputs_table(todo))
 
     failure: str | None = None
     interrupted, ray_stopped = False, True

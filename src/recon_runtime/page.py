@@ -6,7 +6,7 @@ form: one model run serves both the listening and the comparison) and returns bo
 log-mels on one colour scale, reduced to a bounded number of time columns, with the metrics
 `recon-run reconstruct --metrics` writes: the same prepared input, the same reconstruction at the
 prepared level, the same `metrics.compare`. It runs no graph; it is admitted, bounded and refused
-like the inference routes (`Service.admitted`, `read_body`, the CPU pool, the request deadline).
+like the inference routes (`Service.check_capacity`, `read_body`, `Service.admit`, the CPU pool, the request deadline).
 """
 
 from __future__ import annotations
@@ -238,22 +238,23 @@ def mount_page(app: FastAPI, service: Any) -> None:
     ) -> dict[str, Any]:
         if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
             raise Refused(400, f"send a multipart form with the files `{FIELDS[0]}` and `{FIELDS[1]}`")
-        async with service.admitted():
-            config = service.config
-            limit = compare_limit_bytes(config.max_body_mb, config.max_seconds, service.rate)
-            body = await service.read_body(request, limit=limit, raw=True)
-            deadline = service.deadline()
-            files = await service.within(deadline, service.cpu(_form_files, request.scope, body))
-            del body  # each step lets go of what it no longer needs: a 10-minute pair is 77 MB as sent
-            original_limit = int(config.max_body_mb * 2**20)
-            if len(files["original"]) > original_limit:
-                raise Refused(
-                    413, f"`original` of {len(files['original'])} bytes is over the limit of {original_limit} bytes"
-                )
-            feats, _ = await service.within(deadline, service.cpu(service.features, files.pop("original")))
-            wave = await service.within(
-                deadline, service.cpu(_reconstruction, service, files.pop("reconstruction"), feats)
+        service.check_capacity()  # a full server refuses before the body; the middleware gives the slot back
+        config = service.config
+        limit = compare_limit_bytes(config.max_body_mb, config.max_seconds, service.rate)
+        body = await service.read_body(request, limit=limit, raw=True)
+        service.admit(request)
+        deadline = service.deadline()
+        files = await service.within(deadline, service.cpu(_form_files, request.scope, body))
+        del body  # each step lets go of what it no longer needs: a 10-minute pair is 77 MB as sent
+        original_limit = int(config.max_body_mb * 2**20)
+        if len(files["original"]) > original_limit:
+            raise Refused(
+                413, f"`original` of {len(files['original'])} bytes is over the limit of {original_limit} bytes"
             )
-            return await service.within(
-                deadline, service.cpu(comparison, feats, wave, service.rec.contract.mel, columns)
-            )
+        feats, _ = await service.within(deadline, service.cpu(service.features, files.pop("original")))
+        wave = await service.within(
+            deadline, service.cpu(_reconstruction, service, files.pop("reconstruction"), feats)
+        )
+        return await service.within(
+            deadline, service.cpu(comparison, feats, wave, service.rec.contract.mel, columns)
+        )

@@ -20,14 +20,18 @@ this module unless it serves.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import io
+import json
 import logging
+import math
 import os
 import secrets
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, fields
@@ -84,9 +88,11 @@ SHUTDOWN_RETRY_AFTER = {"Retry-After": "5"}
 """A stopping server's answer: another instance (or this one restarted) takes the retry."""
 
 UPLOAD_GRACE_S = 5.0
-"""An upload may lag for this long after its slot is granted before --min-upload-rate applies (a lost
+"""An upload may lag for this long after its request head before --min-upload-rate applies (a lost
 first packet is resent after 1 s, then 3 s): from then on the bytes received must keep up with
-rate x (seconds since the slot - this), as Apache's mod_reqtimeout counts `body=20,MinRate=500`."""
+rate x (seconds since the head - this), as Apache's mod_reqtimeout counts `body=20,MinRate=500`.
+Waiting for an upload slot counts against it, and a body waits for a slot at most this long (503
+beyond): a request that sends nothing holds nothing for longer."""
 REFUSED_BODY_DRAIN_BYTES = 64 * 2**20
 """How much of a refused request's body is read and discarded before the refusal is sent, so a client
 that sends its whole body before it reads (urllib, http.client) reads the refusal instead of a reset
@@ -98,9 +104,22 @@ REFUSED_BODY_IDLE_S = 1.0
 """A drain ends when nothing arrives for this long (Apache lingers 2 s per read): the client is not
 sending its body but waiting for the answer, which then comes at once, closing the connection."""
 
+RESPONSE_PART_BYTES = 2**20
+"""A response body is handed to the connection in parts of this size: once the connection's buffer
+is full (the client is not reading), the next part waits, so an answer is never buffered twice and
+the request (with its admission slot) lasts until its last part is sent."""
+ADMISSION = "recon.release"
+"""Scope key: gives the request's admission slot back (called by the middleware once the answer is sent)."""
+FP16_OVERFLOW = (
+    "the server's fp16 graphs overflowed on this finite input: a limit of the precision the server runs, "
+    "not a fault of the input; its operator can serve it with --precision fp32"
+)
+
 STREAM_MEDIA_TYPE = "application/octet-stream"
 STREAM_FORMATS = {"float": "f32le", "pcm16": "s16le"}
 WAV_SUBTYPES = {"float": "FLOAT", "pcm16": "PCM_16"}
+WAV_BYTES = {"float": 4, "pcm16": 2}
+"""Bytes per sample of each `subtype`, in a WAV and in a stream."""
 NPY_MEDIA_TYPE = "application/x-npy"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600)
 AUDIO_TOO_LONG = "send shorter audio"
@@ -121,7 +140,8 @@ class ServerConfig(LoadOptions):
 
     max_wait_ms: float = 10.0
     max_queue: int = 64
-    """Requests admitted at once (waiting or running); one more gets 503 with Retry-After."""
+    """Requests admitted at once (their body arrived; waiting, running or sending their answer); a
+    request that finds them all taken gets 503 with Retry-After, before its body if it arrives then."""
     max_windows: int | None = None
     """Windows waiting for the inference worker, all requests together: a request whose windows do not
     fit gets 503 with Retry-After, one that needs more than this on its own gets 413. None: no limit
@@ -136,13 +156,20 @@ class ServerConfig(LoadOptions):
     body_timeout_s: float = 30.0
     """The whole upload must arrive within this (408 beyond)."""
     max_uploads: int = 16
-    """Uploads read at once; more wait for a slot (within body_timeout_s, then 503)."""
+    """Uploads read at once; more wait for a slot (at most UPLOAD_GRACE_S, then 503)."""
     max_decoded_mb: float = 1024.0
     """Decoded samples (frames x channels x 4 bytes, from the header, before decoding) of one upload (413 beyond)."""
+    max_response_mb: float = 128.0
+    """The answer of one request (WAV, .npy or stream, from the upload's header and the query, before
+    any work; 413 beyond). 128 MiB holds the longest audio accepted (max_seconds, 600 s) at 48 kHz
+    float32 (110 MiB); docs/serving.md says why a bound of its own."""
     header_timeout_s: float = 10.0
     """A connection's request head (request line and headers) must arrive within this, else the
     connection is closed (408 if part of it came). Applied by `recon-run serve`'s HTTP protocol
-    (`http_protocol.HeadTimeoutH11Protocol`); docs/serving.md says why 10 s."""
+    (`http_protocol.TimeoutsH11Protocol`); docs/serving.md says why 10 s."""
+    send_timeout_s: float = 30.0
+    """A connection whose client reads nothing of its answer for this long is dropped (what it held is
+    freed). Applied by the same HTTP protocol; docs/serving.md says why 30 s."""
     min_upload_rate: float = 4096.0
     """Bytes per second an upload must keep up after its first UPLOAD_GRACE_S seconds (408 below,
     freeing its upload slot); 0: no minimum. docs/serving.md says why 4 KiB/s."""
@@ -150,6 +177,10 @@ class ServerConfig(LoadOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
         for name in ("max_queue", "max_uploads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -158,7 +189,8 @@ class ServerConfig(LoadOptions):
         for name in ("max_wait_ms", "min_upload_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be at least 0")
-        for name in ("max_body_mb", "max_seconds", "timeout_s", "body_timeout_s", "max_decoded_mb", "header_timeout_s"):
+        positive = ("max_body_mb", "max_seconds", "timeout_s", "body_timeout_s", "max_decoded_mb", "max_response_mb")
+        for name in (*positive, "header_timeout_s", "send_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
         if self.api_key is not None and not self.api_key:
@@ -167,37 +199,71 @@ class ServerConfig(LoadOptions):
             raise ValueError(f"bucket_frames must be a positive multiple of {LATENT_DOWNSAMPLE}")
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> ServerConfig:
-        """Settings from RECON_MODEL, RECON_BACKEND, RECON_PROVIDER, RECON_PRECISION, RECON_THREADS,
-        RECON_MAX_BATCH, RECON_MAX_WAIT_MS, RECON_MAX_QUEUE, RECON_MAX_WINDOWS, RECON_MAX_BODY_MB, RECON_MAX_SECONDS,
-        RECON_TIMEOUT_S, RECON_BUCKET_FRAMES, RECON_BODY_TIMEOUT_S, RECON_MAX_UPLOADS, RECON_MAX_DECODED_MB,
-        RECON_HEADER_TIMEOUT_S, RECON_MIN_UPLOAD_RATE, RECON_EXPECT_DIGEST, RECON_PERFORMANCE_HINT,
-        RECON_COMPILE_CACHE, RECON_CUDA_GRAPH and RECON_API_KEY_ENV (the name of the variable that holds
-        the key), for hosts that build the app without the CLI (gunicorn)."""
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
+        """Settings from RECON_<FIELD> for every field but api_key and warmup (RECON_MODEL,
+        RECON_BACKEND, RECON_PROVIDER, RECON_PRECISION, RECON_THREADS, RECON_MAX_BATCH, RECON_MAX_WAIT_MS,
+        RECON_MAX_QUEUE, RECON_MAX_WINDOWS, RECON_MAX_BODY_MB, RECON_MAX_SECONDS, RECON_TIMEOUT_S,
+        RECON_BUCKET_FRAMES, RECON_BODY_TIMEOUT_S, RECON_MAX_UPLOADS, RECON_MAX_DECODED_MB,
+        RECON_MAX_RESPONSE_MB, RECON_HEADER_TIMEOUT_S, RECON_SEND_TIMEOUT_S, RECON_MIN_UPLOAD_RATE,
+        RECON_EXPECT_DIGEST, RECON_PERFORMANCE_HINT, RECON_COMPILE_CACHE, RECON_CUDA_GRAPH) and
+        RECON_API_KEY_ENV (the name of the variable that holds the key), for hosts that build the app
+        without the CLI (gunicorn).
+
+        Booleans are 1/0, true/false, yes/no or on/off (any case); "" or "none" sets a setting whose
+        default is None back to it; anything else that does not parse is refused, naming the variable.
+        """
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
-            raw = env.get(f"RECON_{f.name.upper()}")
+            var = f"RECON_{f.name.upper()}"
+            raw = env.get(var)
             if raw is None or f.name in ("api_key", "warmup"):
                 continue
-            default = getattr(cls, f.name, None)
-            if f.type == "int | None":  # threads, max_batch, max_windows (default None)
-                kwargs[f.name] = int(raw)
-            elif isinstance(default, bool):
-                kwargs[f.name] = raw.lower() in ("1", "true", "yes")
-            elif isinstance(default, int):
-                kwargs[f.name] = int(raw)
-            elif isinstance(default, float):
-                kwargs[f.name] = float(raw)
-            else:
-                kwargs[f.name] = raw
+            kwargs[f.name] = _env_value(var, raw, str(f.type))
         key_var = env.get("RECON_API_KEY_ENV")
         if key_var:
             key = env.get(key_var)
             if not key:
                 raise ValueError(f"RECON_API_KEY_ENV names {key_var}, which is not set or empty")
             kwargs["api_key"] = key
+        elif env.get("RECON_API_KEY"):
+            _LOGGER.warning(
+                "RECON_API_KEY is set but not read: the server reads its key from the variable that "
+                "RECON_API_KEY_ENV names (RECON_API_KEY_ENV=RECON_API_KEY to use this one); no key is required"
+            )
         return cls(**kwargs)
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _env_value(var: str, raw: str, kind: str) -> Any:
+    """RECON_* variable `var`'s value `raw` as a field of type `kind` (the annotation, as written)."""
+    text = raw.strip()
+    if kind.endswith("| None") and text.lower() in ("", "none"):
+        return None
+    kind = kind.removesuffix("| None").strip()
+    if kind == "bool":
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ValueError(f"{var}={raw}: not a boolean (use 1/0, true/false, yes/no or on/off)")
+    if kind == "int":
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{var}={raw}: not a whole number") from None
+    if kind == "float":
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{var}={raw}: not a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{var}={raw}: not a finite number")
+        return value
+    return raw
 
 
 def load_failure_message(e: BaseException) -> str:
@@ -208,16 +274,27 @@ def load_failure_message(e: BaseException) -> str:
 def error_status(e: ReconError) -> int:
     """The status of a runtime error: the client's input (400, 413, 422) or the server's fault (500).
 
-    A non-finite result from finite input is 422 either way: where the graphs have float32's range
-    the input's values overflowed them (`input_caused`); on fp16 graphs the input is what they cannot
-    carry (its message names the precision, and the server logs it for its operator)."""
+    A non-finite result from finite input is the client's 422 only where the input's values must be
+    what overflowed (`input_caused`: the graphs have float32's range, or the input is past fp16's
+    own). Otherwise the server's fp16 graphs could not carry a valid input: 500, the server's fault.
+    Not 503: that promises a retry may succeed, and the same server answers the same input the same
+    way until its operator serves it at fp32 (the message and the server's log say so)."""
     if isinstance(e, AudioInputError):
         return 400
     if isinstance(e, PayloadTooLarge):
         return 413
-    if isinstance(e, (BundleError, NumericalError)):
+    if isinstance(e, NumericalError):
+        return 422 if e.input_caused else 500
+    if isinstance(e, BundleError):
         return 422
     return 500
+
+
+def error_message(e: ReconError) -> str:
+    """What the client reads of a runtime error (an fp16 overflow says whose limit it is)."""
+    if isinstance(e, NumericalError) and not e.input_caused:
+        return f"{FP16_OVERFLOW} ({e})"
+    return str(e)
 
 
 class HTTPError(Exception):
@@ -261,7 +338,12 @@ class _Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("recon_queue_depth", "Windows waiting for the inference worker", registry=r)
-        self.in_flight = Gauge("recon_requests_in_flight", "Inference requests admitted and not finished", registry=r)
+        self.in_flight = Gauge(
+            "recon_requests_in_flight",
+            "Requests admitted with their body and not finished (their answer not all sent)",
+            registry=r,
+        )
+        self.receiving = Gauge("recon_requests_receiving", "Requests whose body is still arriving", registry=r)
         self.batch_size = Histogram(
             "recon_batch_size", "Windows per graph run", ["stages"], buckets=BATCH_BUCKETS, registry=r
         )
@@ -303,11 +385,13 @@ class Service:
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self.in_flight = 0
+        self.receiving = 0
         self._loader: threading.Thread | None = None
         self._cpu_slots: asyncio.Semaphore | None = None
         self._upload_slots: asyncio.Semaphore | None = None
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
         self.metrics.in_flight.set_function(lambda: self.in_flight)
+        self.metrics.receiving.set_function(lambda: self.receiving)
 
     # ------------------------------------------------------------------ life cycle
     @property
@@ -374,15 +458,9 @@ class Service:
             self.batcher.close(drain=True, timeout=timeout)
 
     # ------------------------------------------------------------------ admission
-    @asynccontextmanager
-    async def admitted(self) -> AsyncIterator[Any]:
-        self.admit()
-        try:
-            yield self.rec
-        finally:
-            self.release()
-
-    def admit(self) -> None:
+    def check_capacity(self) -> None:
+        """503 at once, before any body is read, when the model is not ready or --max-queue requests
+        are already admitted."""
         if not self.ready.is_set():
             raise HTTPError(503, "the model is not loaded yet; retry shortly", {"Retry-After": "1"})
         if self.in_flight >= self.config.max_queue:
@@ -390,10 +468,23 @@ class Service:
                 503, f"server busy: {self.in_flight} requests in progress (limit {self.config.max_queue})",
                 {"Retry-After": "1"},
             )  # fmt: skip
-        self.in_flight += 1
 
-    def release(self) -> None:
-        self.in_flight -= 1
+    def admit(self, request: Request) -> Any:
+        """Count a request whose body has arrived against --max-queue (503 when they are all taken) and
+        return the Reconstructor. The slot is given back when the request ends, its answer sent
+        (the middleware calls the scope's ADMISSION), or by `release` on a stream's end."""
+        self.check_capacity()
+        self.in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+
+        request.scope[ADMISSION] = release
+        return self.rec
 
     # ------------------------------------------------------------------ CPU work off the event loop
     async def cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -407,9 +498,15 @@ class Service:
     # ------------------------------------------------------------------ input
     async def read_body(self, request: Request, *, limit: int | None = None, raw: bool = False) -> bytes:
         """The upload (raw body, or the `file` field of a multipart form), refused past `max_body_mb`
-        without reading the rest. Call it once admitted: a full server answers 503 before any body.
-        At most `max_uploads` bodies are read at once, each within `body_timeout_s` (408 beyond).
-        `limit` (bytes) replaces `max_body_mb`; `raw` keeps a multipart body whole (/v1/compare's two files)."""
+        without reading the rest. Call it after `check_capacity` (a full server answers 503 before
+        any body) and before `admit` (only requests whose body arrived count against --max-queue).
+
+        The whole body must arrive within `body_timeout_s` of now (408), and keep up with
+        `min_upload_rate` after UPLOAD_GRACE_S (408). Its first part is awaited before an upload slot
+        (a request that sends nothing holds none); at most `max_uploads` bodies are then read at once,
+        and a body waits for its slot at most UPLOAD_GRACE_S from now (503). `limit` (bytes) replaces
+        `max_body_mb`; `raw` keeps a multipart body whole (/v1/compare's two files)."""
+        start = time.monotonic()
         limit = limit or int(self.config.max_body_mb * 2**20)
         declared = request.headers.get("content-length")
         if declared is not None:
@@ -423,31 +520,43 @@ class Service:
                 )
         if self._upload_slots is None:
             self._upload_slots = asyncio.Semaphore(self.config.max_uploads)
-        timeout = self.config.body_timeout_s
-        deadline = time.monotonic() + timeout
+        reader = _BodyReader(request, limit, self.config.min_upload_rate, start, self.config.body_timeout_s)
+        self.receiving += 1
         try:
-            await asyncio.wait_for(self._upload_slots.acquire(), timeout)
-        except asyncio.TimeoutError:
-            raise HTTPError(
-                503, f"server busy: {self.config.max_uploads} uploads in progress", {"Retry-After": "1"}
-            ) from None
-        try:
-            body = await asyncio.wait_for(
-                _read_limited(request, limit, self.config.min_upload_rate), max(0.0, deadline - time.monotonic())
-            )
-        except asyncio.TimeoutError:
-            raise HTTPError(408, f"the body did not arrive within {timeout:g} s", {"Connection": "close"}) from None
+            await reader.read_first()
+            wait = start + UPLOAD_GRACE_S - time.monotonic()
+            try:
+                await asyncio.wait_for(self._upload_slots.acquire(), max(0.0, wait))
+            except asyncio.TimeoutError:
+                raise HTTPError(
+                    503, f"server busy: {self.config.max_uploads} uploads in progress", {"Retry-After": "1"}
+                ) from None
+            try:
+                body = await reader.read_rest()
+            finally:
+                self._upload_slots.release()
         finally:
-            self._upload_slots.release()
+            self.receiving -= 1
         if not raw and request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
             body = await self.cpu(_multipart_file, request.scope, body)
         if not body:
             raise HTTPError(400, "empty body: send the file as the body or as the multipart field `file`")
         return body
 
-    def features(self, body: bytes) -> tuple[Any, int]:
+    def check_response(self, samples: float, bytes_per_sample: int, what: str) -> None:
+        """413 when an answer of `samples` samples (at `bytes_per_sample`) is over `max_response_mb`."""
+        budget = self.config.max_response_mb * 2**20
+        size = samples * bytes_per_sample
+        if size > budget:
+            raise PayloadTooLarge(
+                f"the answer would be {size / 2**20:.0f} MiB ({what}), over the limit of {budget / 2**20:g} MiB "
+                "(--max-response-mb)"
+            )
+
+    def features(self, body: bytes, answer: Callable[[float], None] | None = None) -> tuple[Any, int]:
         """Decode the uploaded audio (refusing it past `max_seconds` or `max_decoded_mb` from its
-        header, before decoding) and prepare it.
+        header, before decoding) and prepare it. `answer(seconds)` refuses what the audio's answer
+        would be (past `max_response_mb`), also from the header.
 
         Returns:
             (Features, the upload's sample rate).
@@ -457,6 +566,8 @@ class Service:
         def check(frames: int, rate: int) -> None:
             if rate > 0 and 0 < frames < 2**62 and frames / rate > limit:
                 raise PayloadTooLarge(f"audio of {frames / rate:.1f} s is over the limit of {limit:g} s")
+            if answer is not None and rate > 0 and 0 < frames < 2**62:
+                answer(frames / rate)
 
         budget = int(self.config.max_decoded_mb * 2**20)
         try:
@@ -468,15 +579,25 @@ class Service:
             raise AudioInputError(f"uploaded audio: {audio.shape[0]} samples at {rate} Hz is shorter than one sample")
         return self.rec.features(audio, rate), rate
 
-    def latents(self, body: bytes, fingerprint: str | None) -> np.ndarray:
-        """The uploaded latents, checked (run it on the CPU pool: it parses and scans the whole body)."""
+    def latents(
+        self, body: bytes, fingerprint: str | None, num_samples: int | None = None, bytes_per_sample: int = 4
+    ) -> np.ndarray:
+        """The uploaded latents, checked (run it on the CPU pool: it parses and scans the whole body),
+        and their answer (at most `num_samples` samples of `bytes_per_sample`) against `max_response_mb`."""
         if fingerprint is not None and fingerprint != self.rec.contract.fingerprint:
             raise HTTPError(
                 422,
                 f"latents come from another model (bundle {fingerprint}, this server {self.rec.contract.fingerprint}); "
                 "decode them with the bundle that encoded them",
             )
-        z = read_array_bytes(body, "uploaded latents", self._check_latents)
+
+        def check(shape: tuple[int, ...], dtype: np.dtype) -> None:
+            self._check_latents(shape, dtype)
+            samples = shape[1] * self.samples_per_latent
+            samples = min(samples, num_samples) if num_samples is not None else samples
+            self.check_response(samples, bytes_per_sample, f"{samples / self.rate:.1f} s of audio")
+
+        z = read_array_bytes(body, "uploaded latents", check)
         z = np.array(z, np.float32)  # a writable copy (the upload's bytes are read-only)
         if not np.isfinite(z).all():
             raise HTTPError(400, "latents contain NaN or inf (or values past float32's range)")
@@ -591,30 +712,57 @@ class Service:
             raise HTTPError(504, self._late()) from None
 
 
-async def _read_limited(request: Request, limit: int, min_rate: float) -> bytes:
-    """The body, refused past `limit` bytes (413) or when it falls behind `min_rate` bytes/s after
-    UPLOAD_GRACE_S (408: a trickling client gives its upload slot back)."""
-    chunks = []
-    size = 0
-    start = time.monotonic()
-    stream = request.stream().__aiter__()
-    while True:
-        wait = max(0.0, start + UPLOAD_GRACE_S + size / min_rate - time.monotonic()) if min_rate else None
+class _BodyReader:
+    """A request's body, refused past `limit` bytes (413), when it has not all arrived within `timeout`
+    of `start` (408), or when it falls behind `min_rate` bytes/s after UPLOAD_GRACE_S from `start`
+    (408: a trickling client gives its upload slot back)."""
+
+    def __init__(self, request: Request, limit: int, min_rate: float, start: float, timeout: float):
+        self._parts = request.stream().__aiter__()
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._done = False
+        self._limit = limit
+        self._min_rate = min_rate
+        self._start = start
+        self._timeout = timeout
+
+    async def read_first(self) -> None:
+        """Wait for the body's first part (or its end)."""
+        await self._next()
+
+    async def read_rest(self) -> bytes:
+        while not self._done:
+            await self._next()
+        return b"".join(self._chunks)
+
+    async def _next(self) -> None:
+        now = time.monotonic()
+        wait = self._start + self._timeout - now
+        slow = False  # whether the minimum rate, not the body timeout, is what ends the wait
+        if self._min_rate:
+            rate_wait = self._start + UPLOAD_GRACE_S + self._size / self._min_rate - now
+            slow, wait = rate_wait < wait, min(wait, rate_wait)
         try:
-            chunk = await asyncio.wait_for(stream.__anext__(), wait)
+            chunk = await asyncio.wait_for(self._parts.__anext__(), max(0.0, wait))
         except StopAsyncIteration:
-            break
+            self._done = True
+            return
         except ClientDisconnect:  # gone mid-upload: nobody to answer (recorded as 499, not an app error)
             raise ClientGone("the client disconnected during its upload") from None
         except asyncio.TimeoutError:
+            if slow:
+                raise HTTPError(
+                    408, f"the upload fell below the server's minimum rate of {self._min_rate:g} bytes/s",
+                    {"Connection": "close"},
+                ) from None  # fmt: skip
             raise HTTPError(
-                408, f"the upload fell below the server's minimum rate of {min_rate:g} bytes/s", {"Connection": "close"}
+                408, f"the body did not arrive within {self._timeout:g} s", {"Connection": "close"}
             ) from None
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"body is over the limit of {limit} bytes", {"Connection": "close"})
-        chunks.append(chunk)
-    return b"".join(chunks)
+        self._size += len(chunk)
+        if self._size > self._limit:
+            raise HTTPError(413, f"body is over the limit of {self._limit} bytes", {"Connection": "close"})
+        self._chunks.append(chunk)
 
 
 async def _disconnected(request: Request) -> None:
@@ -688,23 +836,51 @@ class _Edge:
         key = service.config.api_key
         self._key = key.encode() if key else None
         self._draining = 0
+        self._protocol_checked = False
+
+    async def _refuse_websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The service has no WebSocket route: a WebSocket handshake gets 401 (without the API key) or
+        404, as JSON where the host can send an HTTP answer to a handshake, else it is closed."""
+        await receive()  # websocket.connect
+        if self._key is not None and not self._authorised(scope):
+            status, error = 401, "missing or wrong API key: send the header Authorization: Bearer <key>"
+        else:
+            status, error = 404, "no WebSocket endpoint here: the service speaks plain HTTP (POST /v1/...)"
+        if "websocket.http.response" in scope.get("extensions", {}):
+            body = json.dumps({"error": error}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+        else:
+            await send({"type": "websocket.close", "code": 1008})
+        label = self._route_of({**scope, "type": "http", "method": "GET"})
+        self.service.metrics.requests.labels(label, str(status)).inc()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "websocket":
+            await self._refuse_websocket(scope, receive, send)
+            return
+        if scope["type"] != "http":  # lifespan
             await self.app(scope, receive, send)
             return
+        if not self._protocol_checked:
+            self._protocol_checked = True
+            _warn_without_protocol()
         started = time.perf_counter()
         status = 500
-        responded = False
+        responded = False  # the response's start line went out
         body = _Body(scope, receive)
         receive = body.receive
 
         async def send_status(message: dict[str, Any]) -> None:
             nonlocal status, responded
             if message["type"] == "http.response.start":
-                status, responded = message["status"], True
                 if not body.done:
                     message = await self._before_answering_early(message, body)
+                status = message["status"]
+                await send(message)
+                responded = True
+                return
             await send(message)
 
         try:
@@ -721,17 +897,25 @@ class _Edge:
             # the status went out with the first part: returning without the final chunk makes the
             # server drop the connection, so the client cannot take the truncated body as complete
             _LOGGER.warning("%s %s: stream aborted (%d): %s", scope.get("method"), scope["path"], e.status, e)
+            _CUT_SHORT.set(True)
         except asyncio.CancelledError:
             # the host cut the request off (uvicorn, when --grace-s runs out on SIGTERM): answer what a
             # stopping server answers instead of letting the host send its plain-text 500
             scope[STATUS_OVERRIDE] = 503
-            if responded:
-                raise  # a stream already under way: the connection drops without its final chunk
+            if responded:  # an answer under way: the connection drops without its end, said in one line
+                _LOGGER.warning(
+                    "%s %s: cut off by the shutdown after its answer began", scope.get("method"), scope["path"]
+                )
+                _CUT_SHORT.set(True)
+                return
             _LOGGER.warning("%s %s: cut off by the shutdown (503)", scope.get("method"), scope["path"])
             body.done = True  # no drain: the server is going away, and says so at once
             headers = {**SHUTDOWN_RETRY_AFTER, "Connection": "close"}
             await JSONResponse({"error": SHUTTING_DOWN}, 503, headers=headers)(scope, receive, send_status)
         finally:
+            release = scope.pop(ADMISSION, None)
+            if release is not None:  # the answer is sent (or the request ended without one)
+                release()
             status = scope.get(STATUS_OVERRIDE, status)
             route = scope.get("route")
             label = getattr(route, "path", None) or self._route_of(scope)
@@ -799,7 +983,9 @@ class _Body:
     def __init__(self, scope: dict[str, Any], receive: Any):
         self._receive = receive
         headers = {k.lower(): v for k, v in scope.get("headers", ())}
-        self.expects_continue = headers.get(b"expect", b"").strip().lower() == b"100-continue"
+        # only HTTP/1.1 clients wait for `100 Continue` (h11 never sends one to an HTTP/1.0 client)
+        expect = headers.get(b"expect", b"").strip().lower() == b"100-continue"
+        self.expects_continue = expect and scope.get("http_version") == "1.1"
         try:
             self.declared: int | None = int(headers[b"content-length"])
         except (KeyError, ValueError):
@@ -875,6 +1061,9 @@ def create_app(
     )
     app.state.service = service
     app.add_middleware(_Edge, service=service, routes=app.router.routes)
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if _QUIET_CUT_SHORT not in uvicorn_log.filters:
+        uvicorn_log.addFilter(_QUIET_CUT_SHORT)
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, e: HTTPError) -> JSONResponse:
@@ -893,9 +1082,7 @@ def create_app(
         status = error_status(e)
         if status >= 500:
             _LOGGER.error("request failed: %s", e)
-        elif isinstance(e, NumericalError) and not e.input_caused:
-            _LOGGER.warning("a request's input overflowed the graphs: %s", e)
-        return JSONResponse({"error": str(e)}, status)
+        return JSONResponse({"error": error_message(e)}, status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _starlette_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -971,25 +1158,31 @@ def create_app(
         output_rate: int | None = Query(None, ge=1000, le=384000, description="Resample the output (default 16000)"),
         subtype: Literal["float", "pcm16"] = Query("float", description="WAV sample format"),
     ) -> Response:
-        async with service.admitted() as rec:
-            body = await service.read_body(request)
-            deadline = service.deadline()
+        service.check_capacity()
+        body = await service.read_body(request)
+        rec = service.admit(request)
+        deadline = service.deadline()
+        rate = output_rate or service.rate
 
-            async def work() -> tuple[bytes, Any]:
-                feats, _ = await service.cpu(service.features, body)
-                job = rec.reconstruction_job(feats)
-                outputs = await service.run_job(job, deadline, request)
+        def answer(seconds: float) -> None:
+            what = f"{seconds:.1f} s at {rate} Hz, {subtype}"
+            service.check_response(seconds * rate, WAV_BYTES[subtype], what)
 
-                def finish() -> bytes:
-                    (wave,) = rec.join(job, outputs)
-                    out = rec.finish(feats, rec.crop(feats, wave), output_rate)
-                    return _wav_bytes(out, output_rate or service.rate, subtype)
+        async def work() -> tuple[bytes, Any]:
+            feats, _ = await service.cpu(service.features, body, answer)
+            job = rec.reconstruction_job(feats)
+            outputs = await service.run_job(job, deadline, request)
 
-                return await service.cpu(finish), feats
+            def finish() -> bytes:
+                (wave,) = rec.join(job, outputs)
+                out = rec.finish(feats, rec.crop(feats, wave), output_rate)
+                return _wav_bytes(out, rate, subtype)
 
-            data, feats = await service.within(deadline, work())
+            return await service.cpu(finish), feats
+
+        data, feats = await service.within(deadline, work())
         service.metrics.audio_seconds.labels("/v1/reconstruct").inc(feats.num_samples / service.rate)
-        return Response(data, media_type="audio/wav", headers={H_NUM_SAMPLES: str(feats.num_samples)})
+        return PacedResponse(data, media_type="audio/wav", headers={H_NUM_SAMPLES: str(feats.num_samples)})
 
     @app.post(
         "/v1/encode",
@@ -1005,26 +1198,31 @@ def create_app(
             None, ge=0, lt=2**63, description="Seed for the draw (default: a random one, reported)"
         ),
     ) -> Response:
-        async with service.admitted() as rec:
-            body = await service.read_body(request)
-            deadline = service.deadline()
-            used_seed = seed if seed is not None else secrets.randbits(63)
+        service.check_capacity()
+        body = await service.read_body(request)
+        rec = service.admit(request)
+        deadline = service.deadline()
+        used_seed = seed if seed is not None else secrets.randbits(63)
 
-            async def work() -> tuple[tuple[bytes, tuple[int, ...]], Any, int]:
-                feats, input_rate = await service.cpu(service.features, body)
-                job = rec.encoding_job(feats)
-                outputs = await service.run_job(job, deadline, request)
+        def answer(seconds: float) -> None:  # float32 latents: 8 x 16 values per 640 samples
+            frames = seconds * service.rate / service.samples_per_latent
+            service.check_response(frames, LATENT_CHANNELS * LATENT_FREQ_BINS * 4, f"latents of {seconds:.1f} s")
 
-                def finish() -> tuple[bytes, tuple[int, ...]]:
-                    mean, std = (rec.crop_latents(feats, z) for z in rec.join(job, outputs))
-                    if sample:  # as Reconstructor.encode_features
-                        noise = np.random.default_rng(used_seed).standard_normal(mean.shape).astype(np.float32)
-                        mean = mean + std * noise
-                    return _npy_bytes(mean), mean.shape
+        async def work() -> tuple[tuple[bytes, tuple[int, ...]], Any, int]:
+            feats, input_rate = await service.cpu(service.features, body, answer)
+            job = rec.encoding_job(feats)
+            outputs = await service.run_job(job, deadline, request)
 
-                return await service.cpu(finish), feats, input_rate
+            def finish() -> tuple[bytes, tuple[int, ...]]:
+                mean, std = (rec.crop_latents(feats, z) for z in rec.join(job, outputs))
+                if sample:  # as Reconstructor.encode_features
+                    noise = np.random.default_rng(used_seed).standard_normal(mean.shape).astype(np.float32)
+                    mean = mean + std * noise
+                return _npy_bytes(mean), mean.shape
 
-            (data, shape), feats, input_rate = await service.within(deadline, work())
+            return await service.cpu(finish), feats, input_rate
+
+        (data, shape), feats, input_rate = await service.within(deadline, work())
         service.metrics.audio_seconds.labels("/v1/encode").inc(feats.num_samples / service.rate)
         c = rec.contract
         headers = {
@@ -1039,7 +1237,7 @@ def create_app(
         }
         if sample:
             headers[H_SEED] = str(used_seed)
-        return Response(data, media_type=NPY_MEDIA_TYPE, headers=headers)
+        return PacedResponse(data, media_type=NPY_MEDIA_TYPE, headers=headers)
 
     @app.post(
         "/v1/decode",
@@ -1060,27 +1258,28 @@ def create_app(
         fingerprint = request.headers.get(H_FINGERPRINT)
         if stream:
             return await _decode_stream(service, request, fingerprint, num_samples, gain, subtype)
-        async with service.admitted() as rec:
-            body = await service.read_body(request)
-            deadline = service.deadline()
+        service.check_capacity()
+        body = await service.read_body(request)
+        rec = service.admit(request)
+        deadline = service.deadline()
 
-            async def work() -> tuple[bytes, int]:
-                z = await service.cpu(service.latents, body, fingerprint)
-                job = rec.decoding_job(z, num_samples)
-                outputs = await service.run_job(job, deadline, request, DECODE_TOO_LONG)
+        async def work() -> tuple[bytes, int]:
+            z = await service.cpu(service.latents, body, fingerprint, num_samples, WAV_BYTES[subtype])
+            job = rec.decoding_job(z, num_samples)
+            outputs = await service.run_job(job, deadline, request, DECODE_TOO_LONG)
 
-                def finish() -> tuple[bytes, int]:  # as Reconstructor.decode, then the sidecar's gain
-                    (wave,) = rec.join(job, outputs)
-                    wave = wave[:num_samples] if num_samples is not None else wave
-                    wave = wave * np.float32(gain) if gain is not None else wave
-                    _check_finite(wave)
-                    return _wav_bytes(wave, service.rate, subtype), wave.size
+            def finish() -> tuple[bytes, int]:  # as Reconstructor.decode, then the sidecar's gain
+                (wave,) = rec.join(job, outputs)
+                wave = wave[:num_samples] if num_samples is not None else wave
+                wave = wave * np.float32(gain) if gain is not None else wave
+                _check_finite(wave)
+                return _wav_bytes(wave, service.rate, subtype), wave.size
 
-                return await service.cpu(finish)
+            return await service.cpu(finish)
 
-            data, size = await service.within(deadline, work())
+        data, size = await service.within(deadline, work())
         service.metrics.audio_seconds.labels("/v1/decode").inc(size / service.rate)
-        return Response(data, media_type="audio/wav", headers={H_NUM_SAMPLES: str(size)})
+        return PacedResponse(data, media_type="audio/wav", headers={H_NUM_SAMPLES: str(size)})
 
     mount_page(app, service)  # the listening page at /, its assets, and /v1/compare for it
     return app
@@ -1103,30 +1302,20 @@ async def _decode_stream(
     after the status was sent drops the connection without the final chunk (the client sees a
     truncated body, never a clean end) and is recorded in the metrics with its status.
     """
-    service.admit()
-    released = False
-
-    def release() -> None:
-        nonlocal released
-        if not released:
-            released = True
-            service.release()
-
-    try:
-        rec = service.rec
-        body = await service.read_body(request)
-        deadline = service.deadline()
-        z = await service.within(deadline, service.cpu(service.latents, body, fingerprint))
-        job = rec.decoding_job(z, num_samples)
-        n = len(job.windows)
-        length = int(round(job.total * job.scale))
-        total = length if num_samples is None else min(num_samples, length + job.tail)
-        fmt = STREAM_FORMATS[subtype]
-        factor = np.float32(gain) if gain is not None else None
-        first = (await service.wait(service.submit(job, [0], deadline), deadline, request))[0]
-    except BaseException:
-        release()
-        raise
+    service.check_capacity()
+    body = await service.read_body(request)
+    rec = service.admit(request)
+    release = request.scope[ADMISSION]  # the middleware calls it too: whichever comes first
+    deadline = service.deadline()
+    latents = service.cpu(service.latents, body, fingerprint, num_samples, WAV_BYTES[subtype])
+    z = await service.within(deadline, latents)
+    job = rec.decoding_job(z, num_samples)
+    n = len(job.windows)
+    length = int(round(job.total * job.scale))
+    total = length if num_samples is None else min(num_samples, length + job.tail)
+    fmt = STREAM_FORMATS[subtype]
+    factor = np.float32(gain) if gain is not None else None
+    first = (await service.wait(service.submit(job, [0], deadline), deadline, request))[0]
     headers = {
         H_SAMPLE_RATE: str(service.rate),
         H_CHANNELS: "1",
@@ -1184,7 +1373,7 @@ async def _decode_stream(
         except ReconError as e:
             _LOGGER.warning("streaming decode aborted: %s", e)
             request.scope[STATUS_OVERRIDE] = status = error_status(e)
-            raise StreamAborted(status, str(e)) from None
+            raise StreamAborted(status, error_message(e)) from None
         except Exception:
             _LOGGER.exception("streaming decode aborted")
             request.scope[STATUS_OVERRIDE] = 500
@@ -1198,6 +1387,23 @@ async def _decode_stream(
             release()
 
     return ReleasingStream(parts(), release, media_type=STREAM_MEDIA_TYPE, headers=headers)
+
+
+class PacedResponse(Response):
+    """A Response whose body goes out in RESPONSE_PART_BYTES parts: the host waits for the client to
+    read before it takes the next part once the connection's buffer is full (uvicorn does), so the
+    answer is not copied into that buffer whole, and the request (with its admission slot) lasts
+    until its last part is handed over. A client that reads nothing is dropped by the HTTP protocol's
+    send timeout."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        body = self.body
+        for at in range(0, max(len(body), 1), RESPONSE_PART_BYTES):
+            end = at + RESPONSE_PART_BYTES
+            await send({"type": "http.response.body", "body": body[at:end], "more_body": end < len(body)})
+        if self.background is not None:
+            await self.background()
 
 
 class ReleasingStream(StreamingResponse):
@@ -1214,6 +1420,33 @@ class ReleasingStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._on_close()
+
+
+_CUT_SHORT: contextvars.ContextVar[bool] = contextvars.ContextVar("recon_cut_short", default=False)
+"""Set in a request's task when the app ends an answer that has begun without its end, on purpose
+(an aborted stream, a shutdown): the host's own line about it is then not logged (ours was)."""
+INCOMPLETE_RESPONSE = "ASGI callable returned without completing response."
+
+
+class _QuietCutShort(logging.Filter):
+    """Drops uvicorn's "returned without completing response" line for answers the app cut short on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == INCOMPLETE_RESPONSE and _CUT_SHORT.get())
+
+
+_QUIET_CUT_SHORT = _QuietCutShort()
+
+
+def _warn_without_protocol() -> None:
+    """Warn once when this process serves the app without `recon-run serve`'s HTTP protocol: its
+    request-head and send timeouts and its lingering close then do not apply (docs/serving.md)."""
+    module = sys.modules.get("recon_runtime.http_protocol")
+    if module is None or not getattr(module, "connections_served", 0):
+        _LOGGER.warning(
+            "this host does not serve the app with recon_runtime.http_protocol: the header and send timeouts "
+            "do not apply (uvicorn: --http recon_runtime.http_protocol:HeadTimeoutH11Protocol; docs/serving.md)"
+        )
 
 
 def bind_is_loopback(host: str) -> bool:
