@@ -416,6 +416,11 @@ def test_the_fuzzed_paths_are_every_route_of_the_app(tiny_bundle: Path) -> None:
     from recon_runtime.server import ServerConfig, create_app
 
     app = create_app(ServerConfig(model=str(tiny_bundle)))
-    routes = {getattr(r, "path", "") for r in app.routes} - {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    routes = {getattr(r, "path", "") for r in app.routes} - {
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+        "/openapi.json",
+    }
     fuzzed = {p.split("?")[0] for p in PATHS}
     assert {r if r != "/static" else "/static/app.js" for r in routes} <= fuzzed, routes - fuzzed

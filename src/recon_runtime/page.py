@@ -252,9 +252,5 @@ def mount_page(app: FastAPI, service: Any) -> None:
                 413, f"`original` of {len(files['original'])} bytes is over the limit of {original_limit} bytes"
             )
         feats, _ = await service.within(deadline, service.cpu(service.features, files.pop("original")))
-        wave = await service.within(
-            deadline, service.cpu(_reconstruction, service, files.pop("reconstruction"), feats)
-        )
-        return await service.within(
-            deadline, service.cpu(comparison, feats, wave, service.rec.contract.mel, columns)
-        )
+        wave = await service.within(deadline, service.cpu(_reconstruction, service, files.pop("reconstruction"), feats))
+        return await service.within(deadline, service.cpu(comparison, feats, wave, service.rec.contract.mel, columns))
