@@ -395,3 +395,23 @@ def test_an_encoded_clip_decodes_through_a_bundle_as_the_runtime_decodes_its_lat
         np.testing.assert_array_equal(out[:, c], want)
     peaks = np.abs(out).max(axis=0)
     assert peaks[0] > 2 * peaks[1]  # each channel keeps its own level
+
+
+def test_a_large_safetensors_file_of_something_else_is_refused_after_its_header_alone(tmp_path: Path) -> None:
+    """Model weights given to decode by mistake: refused from their header, never read into memory whole."""
+    import tracemalloc
+
+    from safetensors.numpy import save
+
+    path = tmp_path / "unet.safetensors"
+    path.write_bytes(save({"weight": np.zeros(4, np.float32)}, {"format": "pt"}))
+    with open(path, "r+b") as f:
+        f.truncate(64 << 20)  # 64 MiB (sparse): what follows the header is never needed
+    tracemalloc.start()
+    try:
+        with pytest.raises(AudioInputError, match="not encoded audio"):
+            EncodedAudio.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak

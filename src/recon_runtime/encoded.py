@@ -310,13 +310,7 @@ class EncodedAudio:
         outside SUPPORTED_VERSIONS, a truncated or padded file, latents that do not match the
         SHA-256 recorded with them (an edited field too), a field of the wrong type.
         """
-        metadata = _read_metadata(data, what)
-        if metadata.get(FORMAT) != FORMAT_MARKER:
-            raise AudioInputError(f"{what}: a safetensors file, but not encoded audio (no {FORMAT!r} marker)")
-        raw_version = metadata.get(FORMAT_VERSION_FIELD)
-        version = _json_field(raw_version, FORMAT_VERSION_FIELD, what) if raw_version is not None else None
-        if version not in SUPPORTED_VERSIONS:
-            raise AudioInputError(f"{what}: {_version_message(version)}")
+        metadata = _check_header(data, what)
         from safetensors import SafetensorError
         from safetensors.numpy import load
 
@@ -365,6 +359,19 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _check_header(data: bytes, what: str) -> dict[str, str]:
+    """The metadata of an encoded file's header (`data` may be the file's first bytes only), refused
+    unless it has this format's marker and a version this build reads."""
+    metadata = _read_metadata(data, what)
+    if metadata.get(FORMAT) != FORMAT_MARKER:
+        raise AudioInputError(f"{what}: a safetensors file, but not encoded audio (no {FORMAT!r} marker)")
+    raw_version = metadata.get(FORMAT_VERSION_FIELD)
+    version = _json_field(raw_version, FORMAT_VERSION_FIELD, what) if raw_version is not None else None
+    if version not in SUPPORTED_VERSIONS:
+        raise AudioInputError(f"{what}: {_version_message(version)}")
+    return metadata
+
+
 def _read_metadata(data: bytes, what: str) -> dict[str, str]:
     """The `__metadata__` of a safetensors header, checked before any tensor is read."""
     if len(data) < 8:
@@ -393,10 +400,17 @@ def _json_field(text: str, name: str, what: str) -> Any:
 
 
 def _read_file(path: Path) -> bytes:
+    """An encoded file's bytes; its header is checked before the rest is read (a multi-GB safetensors
+    file of model weights given by mistake is refused after its header, not read whole)."""
     if not path.is_file():
         raise AudioInputError(f"{path}: {'is a folder' if path.is_dir() else 'no such file'}")
     try:
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else 0
+            head += f.read(min(size, MAX_HEADER_BYTES))
+            _check_header(head, str(path))
+            return head + f.read()
     except OSError as e:
         raise AudioInputError(f"{path}: cannot be read ({e.strerror or e})") from None
 
