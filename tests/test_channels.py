@@ -12,9 +12,12 @@ from recon_runtime.channels import (
     EACH,
     MIX,
     channel_count,
+    decode_audio,
+    encode_audio,
     encode_channels,
     is_mixed,
     map_channels,
+    reconstruct_audio,
     split_channels,
     stack_channels,
 )
@@ -85,16 +88,34 @@ def test_encode_each_writes_one_latent_per_channel_in_one_clip(tmp_path: Path) -
     assert mixed.channels == 1 and mixed.input_channels == 2  # the summary can count it as mixed
 
 
-def test_each_through_a_bundle_reconstructs_every_channel_on_its_own(tiny_bundle: Path, tmp_path: Path) -> None:
+def test_each_through_a_bundle_runs_every_channel_on_its_own(tiny_bundle: Path, tmp_path: Path) -> None:
     from recon_runtime import Reconstructor
 
     rec = Reconstructor.load(tiny_bundle, provider="cpu", precision="fp32")
     path = tmp_path / "st.wav"
     sf.write(str(path), stereo(0.8), 16000, subtype="FLOAT")
     audio, rate = sf.read(str(path), dtype="float32")
-    out = map_channels(audio, EACH, lambda x: rec.reconstruct(x, rate))
+    out = reconstruct_audio(rec, audio, rate, EACH)
     assert out.shape == audio.shape
     for c in range(2):
         np.testing.assert_array_equal(out[:, c], rec.reconstruct(audio[:, c], rate))
     peaks = np.abs(out).max(axis=0)
     assert peaks[0] > 2 * peaks[1]  # the quiet channel stays quiet (mixing would give both one level)
+    np.testing.assert_array_equal(reconstruct_audio(rec, audio, rate, MIX), rec.reconstruct(audio, rate))
+
+    clip = encode_audio(rec, audio, rate, EACH, sample=True, seed=4, source=str(path))
+    assert (clip.channels, clip.input_channels, clip.input_sample_rate) == (2, 2, 16000)
+    assert (clip.sampled, clip.seed, clip.bundle_fingerprint) == (True, 4, rec.contract.fingerprint)
+    for c in range(2):
+        np.testing.assert_array_equal(clip.latents[c], rec.encode(audio[:, c], rate, sample=True, seed=4))
+    clip.save(tmp_path / "st.safetensors")
+    back = decode_audio(rec, EncodedAudio.load(tmp_path / "st.safetensors"))
+    assert back.shape == audio.shape
+    mixed = encode_audio(rec, audio, rate)
+    assert mixed.channels == 1 and mixed.input_channels == 2 and mixed.seed is None
+    np.testing.assert_array_equal(mixed.latents[0], rec.encode(audio, rate))
+    wave = decode_audio(rec, mixed)
+    assert wave.shape == (audio.shape[0],)
+    np.testing.assert_array_equal(
+        wave, rec.decode(mixed.latents[0], num_samples=audio.shape[0]) * np.float32(mixed.gain[0])
+    )

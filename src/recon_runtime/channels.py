@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import numpy as np
 
-from .encoded import EncodedAudio
+from .encoded import EncodedAudio, decode_encoded
 from .errors import AudioInputError
+
+if TYPE_CHECKING:
+    from .reconstructor import Reconstructor
 
 MIX: Final = "mix"
 EACH: Final = "each"
@@ -95,3 +98,58 @@ def encode_channels(audio: np.ndarray, mode: str, encode: Callable[[np.ndarray],
             is replaced by the input's channel count).
     """
     return replace(EncodedAudio.stack(per_channel(audio, mode, encode)), input_channels=channel_count(audio))
+
+
+def encode_audio(
+    rec: Reconstructor,
+    audio: np.ndarray,
+    sample_rate: int,
+    mode: str = DEFAULT_CHANNEL_MODE,
+    sample: bool = False,
+    seed: int | None = None,
+    source: str | None = None,
+) -> EncodedAudio:
+    """Audio -> one encoded clip with everything decode needs: the one builder of the encode facts
+    for the CLI, the server and dataset rows.
+
+    Args:
+        audio: float32 [samples] or [samples, channels] at `sample_rate`.
+        mode: MIX (one latent of the mix) or EACH (one latent and gain per channel).
+        sample, seed: draw from the posterior (as `Reconstructor.encode`).
+        source: the input's path, recorded in the file (None from a server).
+    """
+    contract = rec.contract
+
+    def one(x: np.ndarray) -> EncodedAudio:
+        feats = rec.features(x, sample_rate)
+        latents = rec.encode_features(feats, sample=sample, seed=seed)
+        return EncodedAudio(
+            latents[None],
+            feats.num_samples,
+            (feats.gain,),
+            contract.fingerprint,
+            sample_rate=contract.mel.sample_rate,
+            sampled=sample,
+            seed=seed if sample else None,
+            input_sample_rate=int(sample_rate),
+            scaling_factor=contract.scaling_factor,
+            source=source,
+        )
+
+    return encode_channels(audio, mode, one)
+
+
+def decode_audio(rec: Reconstructor, encoded: EncodedAudio) -> np.ndarray:
+    """An encoded clip -> audio at its length and level, float32 [samples] or [samples, channels]."""
+    return decode_encoded(encoded, lambda z, n: rec.decode(z, num_samples=n))
+
+
+def reconstruct_audio(
+    rec: Reconstructor,
+    audio: np.ndarray,
+    sample_rate: int,
+    mode: str = DEFAULT_CHANNEL_MODE,
+    output_rate: int | None = None,
+) -> np.ndarray:
+    """Audio -> reconstruction by `mode` (`Reconstructor.reconstruct` per channel for EACH)."""
+    return map_channels(audio, mode, lambda x: rec.reconstruct(x, sample_rate, output_rate))
