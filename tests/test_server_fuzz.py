@@ -413,7 +413,7 @@ def test_a_shutdown_mid_request_answers_what_has_not_begun_and_drops_the_rest_in
 
 def test_the_fuzzed_paths_are_every_route_of_the_app(tiny_bundle: Path) -> None:
     """A route added to the app without a place in PATHS would go unfuzzed."""
-    from recon_runtime.server import ServerConfig, create_app
+    from recon_runtime.serving.service import ServerConfig, create_app
 
     app = create_app(ServerConfig(model=str(tiny_bundle)))
     routes = {getattr(r, "path", "") for r in app.routes} - {

@@ -22,14 +22,14 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from .audio_io import AudioTooLarge, read_audio_bytes
-from .errors import AudioInputError
-from .frontend import log_mel
-from .metrics import compare
+from ..errors import AudioInputError
+from ..files.audio import AudioTooLarge, read_audio_bytes
+from ..files.metrics import compare
+from ..frontend import log_mel
 
 if TYPE_CHECKING:
-    from .contract import MelSpec
-    from .reconstructor import Features
+    from ..contract import MelSpec
+    from ..reconstructor import Features
 
 STATIC_DIR: Final = Path(__file__).with_name("static")
 PAGE_PATHS: Final = ("/", "/index.html")

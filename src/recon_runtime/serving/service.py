@@ -1,7 +1,7 @@
 """HTTP service: reconstruct, encode and decode over HTTP, with window-level dynamic batching.
 
 `create_app(config)` builds the one FastAPI app that `recon-run serve`, tests, gunicorn
-(`gunicorn -k uvicorn.workers.UvicornWorker 'recon_runtime.server:create_app()'`, configured from
+(`gunicorn -k uvicorn.workers.UvicornWorker 'recon_runtime.serving.app:create_app()'`, configured from
 `RECON_*` environment variables, see `ServerConfig.from_env`) and other hosts run. The model is
 loaded and warmed up when the app starts (in its lifespan, on a background thread, so `/healthz`
 answers while the model loads and `/readyz` says 503 until it is ready), never at import.
@@ -47,13 +47,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from . import __version__
-from .audio_io import AudioTooLarge, read_array_bytes, read_audio_bytes
+from .. import __version__
+from ..contract import LATENT_CHANNELS, LATENT_DOWNSAMPLE, LATENT_FREQ_BINS, ROLES
+from ..errors import AudioInputError, BundleError, NumericalError, ReconError
+from ..files.audio import AudioTooLarge, read_array_bytes, read_audio_bytes
+from ..options import LoadOptions
+from ..windows import window_weights
 from .batcher import BatchStats, DeadlineExceeded, QueueFull, ShuttingDown, WindowBatcher
-from .chunking import window_weights
-from .contract import LATENT_CHANNELS, LATENT_DOWNSAMPLE, LATENT_FREQ_BINS, ROLES
-from .errors import AudioInputError, BundleError, NumericalError, ReconError
-from .options import LoadOptions
 from .page import is_public, mount_page
 from .protocol import (
     H_CHANNELS,
@@ -71,7 +71,7 @@ from .protocol import (
     WINDOW_BUDGET_OPTION,
 )
 
-_LOGGER = logging.getLogger("recon_runtime.server")
+_LOGGER = logging.getLogger(__name__)
 
 SERVER_BUCKET_FRAMES = LATENT_DOWNSAMPLE
 """The server's default `bucket_frames`: the Reconstructor's default, so outputs equal the runtime's.
@@ -627,7 +627,7 @@ class Service:
 
     @property
     def samples_per_latent(self) -> int:
-        from .reconstructor import SAMPLES_PER_LATENT_FRAME
+        from ..reconstructor import SAMPLES_PER_LATENT_FRAME
 
         return SAMPLES_PER_LATENT_FRAME
 
@@ -1441,11 +1441,11 @@ _QUIET_CUT_SHORT = _QuietCutShort()
 def _warn_without_protocol() -> None:
     """Warn once when this process serves the app without `recon-run serve`'s HTTP protocol: its
     request-head and send timeouts and its lingering close then do not apply (docs/serving.md)."""
-    module = sys.modules.get("recon_runtime.http_protocol")
+    module = sys.modules.get("recon_runtime.serving.http_protocol")
     if module is None or not getattr(module, "connections_served", 0):
         _LOGGER.warning(
-            "this host does not serve the app with recon_runtime.http_protocol: the header and send timeouts "
-            "do not apply (uvicorn: --http recon_runtime.http_protocol:HeadTimeoutH11Protocol; docs/serving.md)"
+            "this host does not serve the app with recon_runtime.serving.http_protocol: the header and send timeouts "
+            "do not apply (uvicorn: --http recon_runtime.serving.http_protocol:HeadTimeoutH11Protocol; docs/serving.md)"
         )
 
 

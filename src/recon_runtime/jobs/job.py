@@ -59,9 +59,9 @@ from typing import Any, Final
 
 import numpy as np
 
-from .audio_io import atomic_path, is_audio_file, read_audio, write_audio
-from .contract import ENCODER, ROLES, read_contract
-from .errors import AudioInputError, OutputError, ReconError, failure_message, install_hint
+from ..contract import ENCODER, ROLES, read_contract
+from ..errors import AudioInputError, OutputError, ReconError, failure_message, install_hint
+from ..files.audio import atomic_path, is_audio_file, read_audio, write_audio
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def _list_folder(root: str) -> list[Item]:
                 mtime = info.mtime_ns if info.mtime_ns is not None else -1
                 items.append(Item(uri, int(info.size or 0), int(mtime), rel))
         return items
-    from .audio_io import discover
+    from ..files.audio import discover
 
     return [_stat(os.path.abspath(p), rel.as_posix()) for p, rel in discover([Path(root)], is_audio_file)]
 
@@ -719,7 +719,7 @@ class Worker:
         return self._result(batch, i, f, out, base)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .reconstructor import Features
+        from ..reconstructor import Features
 
         cfg = self.config
         self._maybe_stall()
@@ -807,7 +807,7 @@ class Worker:
             st = os.stat(cfg.out / rel)  # what the job wrote: --no-resume deletes the file only while it is that
             row.update(output=rel, output_size=st.st_size, output_mtime_ns=st.st_mtime_ns)
         else:
-            from .metrics import compare
+            from ..files.metrics import compare
 
             row.update(compare(feats.waveform, out))
         return row
@@ -1027,7 +1027,7 @@ def _write_job(out: Path, record: dict[str, Any]) -> None:
 
 
 def _temp_target(name: str) -> str | None:
-    """The file whose temporary file (audio_io.atomic_path: `.NAME.<12 hex>.part<suffix of NAME>`) is `name`, or None."""
+    """The file whose temporary file (files.audio.atomic_path: `.NAME.<12 hex>.part<suffix of NAME>`) is `name`, or None."""
     m = re.fullmatch(r"\.(.+)\.[0-9a-f]{12}\.part(\.[^./]+)?", name)
     if m is None or PurePosixPath(m[1]).suffix != (m[2] or ""):
         return None
