@@ -108,7 +108,7 @@ def test_runtime_and_cli_import_no_ray() -> None:
         from recon_runtime.cli import main
         import importlib.util
         if importlib.util.find_spec("fastapi") is not None:  # the server's modules need the `serve` extra
-            import recon_runtime.serving.service, recon_runtime.serving.ray_serve
+            import recon_runtime.serving.app, recon_runtime.serving.ray_serve
         print(sorted(n for n in ("ray", "pyarrow") if n in sys.modules))
     """),
         ],

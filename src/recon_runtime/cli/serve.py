@@ -161,7 +161,8 @@ def serve(
     need_serve_extra("server")
 
     from ..contract import check_mel, read_contract
-    from ..serving.service import ServerConfig, bind_is_loopback, create_app
+    from ..serving.app import create_app
+    from ..serving.config import ServerConfig, bind_is_loopback
 
     key = api_key_from_env(api_key_env)
     model: Path = kwargs.pop("model")

@@ -273,7 +273,7 @@ def __getattr__(name: str) -> Any:
     if name != "HeadTimeoutH11Protocol":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if _from_env is None:
-        from .service import ServerConfig
+        from .config import ServerConfig
 
         config = ServerConfig.from_env()
         _from_env = with_timeouts(config.header_timeout_s, config.send_timeout_s)

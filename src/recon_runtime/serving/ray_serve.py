@@ -30,7 +30,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import ReconError, install_hint
-from .service import LOAD_FAILED, ServerConfig, Service, create_app, load_failure_message
+from .app import create_app
+from .config import ServerConfig
+from .errors import LOAD_FAILED, load_failure_message
+from .service import Service
 
 _LOGGER = logging.getLogger(__name__)
 
