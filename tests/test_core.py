@@ -12,11 +12,11 @@ import pytest
 
 import recon_runtime
 from recon_runtime import Reconstructor
-from recon_runtime.chunking import join_windows, plan_windows, window_weights
 from recon_runtime.contract import FP16, FP16_ARITHMETIC_KEY, FP32, read_contract
 from recon_runtime.errors import BundleError, ProviderError
 from recon_runtime.executors import ExecutorOptions
 from recon_runtime.executors import onnxruntime as ort_exec
+from recon_runtime.windows import join_windows, plan_windows, window_weights
 
 from .conftest import tone, torch_missing
 

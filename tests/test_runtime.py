@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from recon_runtime import Reconstructor
-from recon_runtime.chunking import overlap_add, plan_windows
 from recon_runtime.contract import CONTRACT_FILE, SILENCE_LOG_MEL
 from recon_runtime.errors import AudioInputError, BundleError, NumericalError
 from recon_runtime.executors.base import require_finite
 from recon_runtime.frontend import log_mel, prepare_waveform
+from recon_runtime.windows import overlap_add, plan_windows
 
 from .conftest import tone, torch_missing
 

@@ -18,8 +18,6 @@ from typing import Final
 import numpy as np
 import soxr
 
-from .choices import AUTO, CPU, CUDA, check_choices
-from .chunking import join_windows, plan_windows
 from .contract import (
     BF16,
     DECODER,
@@ -42,7 +40,9 @@ from .contract import (
 from .errors import AudioInputError, BundleError, NumericalError, ProviderError, install_hint
 from .executors import ONNXRUNTIME, OPENVINO, Executor, ExecutorOptions
 from .executors.base import LATENCY
+from .executors.select import AUTO, CPU, CUDA, check_choices
 from .frontend import log_mel, prepare_waveform
+from .windows import join_windows, plan_windows
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Final
 
-from .contract import BF16, FP16, FP32, INT8
-from .errors import ProviderError
-from .executors import BACKENDS
-from .executors.base import PERFORMANCE_HINTS
+from ..contract import BF16, FP16, FP32, INT8
+from ..errors import ProviderError
+from . import BACKENDS
+from .base import PERFORMANCE_HINTS
 
 AUTO: Final = "auto"
 CPU: Final = "cpu"
