@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from recon_runtime.errors import OutputError
-from recon_runtime.files.audio import atomic_path, save_array, write_audio
+from recon_runtime.files.audio import atomic_path, save_array
+from recon_runtime.files.outputs import write_audio_file
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
 
@@ -49,7 +50,7 @@ def test_outputs_get_the_umask_permissions(umask: int, tmp_path: Path) -> None:
     assert _reference_mode(tmp_path) == expected
     audio, npy, text = tmp_path / "a" / "out.wav", tmp_path / "b" / "z.npy", tmp_path / "c" / "m.json"
 
-    write_audio(audio, np.zeros(1600, dtype=np.float32), 16000)
+    write_audio_file(audio, np.zeros(1600, dtype=np.float32), 16000)
     save_array(npy, np.ones((8, 4, 16), dtype=np.float32))
     with atomic_path(text) as tmp:
         tmp.write_text("{}")
@@ -63,7 +64,7 @@ def test_pcm16_output_and_replacing_a_file_also_get_the_umask_permissions(umask:
     out = tmp_path / "out.wav"
     out.write_bytes(b"old")
     out.chmod(0o600)  # a replaced output takes the new file's mode, like any freshly written file
-    write_audio(out, np.zeros(160, dtype=np.float32), 16000, "pcm16")
+    write_audio_file(out, np.zeros(160, dtype=np.float32), 16000, sample_format="pcm16")
     assert _mode(out) == 0o666 & ~umask
 
 
@@ -90,7 +91,7 @@ def test_a_failing_block_keeps_the_previous_output(tmp_path: Path) -> None:
 def test_failing_audio_and_array_writes_leave_no_file(tmp_path: Path) -> None:
     wav, npy = tmp_path / "bad.wav", tmp_path / "bad.npy"
     with pytest.raises(Exception):  # noqa: B017 - libsndfile's own error type for a rate of 0
-        write_audio(wav, np.zeros(160, dtype=np.float32), 0)
+        write_audio_file(wav, np.zeros(160, dtype=np.float32), 0)
     with pytest.raises(ValueError):  # object arrays would need pickle, which save_array refuses
         save_array(npy, np.array([{"a": 1}], dtype=object))
     assert list(tmp_path.iterdir()) == []
@@ -100,7 +101,7 @@ def test_an_unwritable_output_folder_is_an_output_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(OutputError, match="cannot write output"):
-        write_audio(blocker / "x.wav", np.zeros(160, dtype=np.float32), 16000)
+        write_audio_file(blocker / "x.wav", np.zeros(160, dtype=np.float32), 16000)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 

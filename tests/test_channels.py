@@ -21,8 +21,8 @@ from recon_runtime.channels import (
     split_channels,
     stack_channels,
 )
-from recon_runtime.encoded import EncodedAudio, decode_encoded
 from recon_runtime.errors import AudioInputError
+from recon_runtime.files.encoded import EncodedAudio, decode_encoded
 
 from .conftest import tone
 

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from recon_runtime import encoded as enc
-from recon_runtime.encoded import (
+from recon_runtime.errors import AudioInputError, BundleError, NumericalError
+from recon_runtime.files import encoded as enc
+from recon_runtime.files.encoded import (
     ENCODED_SUFFIX,
     FIELDS,
     FORMAT_MARKER,
@@ -25,7 +26,6 @@ from recon_runtime.encoded import (
     max_samples,
     read_latents,
 )
-from recon_runtime.errors import AudioInputError, BundleError, NumericalError
 
 FINGERPRINT = "0123456789abcdef"
 OTHER = "fedcba9876543210"
@@ -96,7 +96,7 @@ def test_the_file_is_plain_safetensors_a_pipeline_host_can_open() -> None:
 
 
 def test_field_names_are_the_attributes_and_the_http_headers_the_server_sends_today() -> None:
-    from recon_runtime import protocol
+    from recon_runtime.serving import protocol
 
     attributes = [f.name for f in dataclasses.fields(EncodedAudio) if f.name != "latents"]
     assert sorted(FIELDS) == sorted(attributes)
@@ -248,7 +248,7 @@ def test_missing_and_folder_paths_are_one_line(tmp_path: Path) -> None:
 def test_the_reader_imports_no_torch() -> None:
     code = (
         "import sys, numpy as np\n"
-        "from recon_runtime.encoded import EncodedAudio\n"
+        "from recon_runtime.files.encoded import EncodedAudio\n"
         "a = EncodedAudio(np.zeros((1, 8, 2, 16), np.float32), 1280, (1.0,), None)\n"
         "EncodedAudio.from_bytes(a.to_bytes())\n"
         "bad = [m for m in ('torch', 'diffusers', 'transformers', 'fastapi', 'ray') if m in sys.modules]\n"
@@ -271,7 +271,7 @@ def test_a_safetensors_file_is_read_and_checked_against_the_bundle(tmp_path: Pat
 
 
 def test_an_older_npy_and_sidecar_pair_reads_as_the_same_clip(tmp_path: Path) -> None:
-    from recon_runtime.cli_common import save_latents
+    from recon_runtime.files.latents import save_latents
 
     z = clip().latents[0]
     npy = tmp_path / "old.npy"

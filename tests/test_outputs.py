@@ -15,7 +15,8 @@ import pytest
 import soundfile as sf
 
 from recon_runtime.errors import AudioInputError, OutputError
-from recon_runtime.outputs import (
+from recon_runtime.files.audio import read_audio_data
+from recon_runtime.files.outputs import (
     FILE,
     FOLDER,
     STDOUT,
@@ -26,7 +27,6 @@ from recon_runtime.outputs import (
     encoded_target,
     output_path,
     raw_bytes,
-    read_audio_data,
     read_stdin,
     resolve_format,
     write_audio_file,
@@ -285,7 +285,7 @@ def test_stdout_is_written_whole_and_a_closed_pipe_is_one_line() -> None:
     code = textwrap.dedent("""
         import sys
         from recon_runtime.errors import OutputError
-        from recon_runtime.outputs import write_stdout
+        from recon_runtime.files.outputs import write_stdout
         try:
             write_stdout(b"x" * (16 << 20))
         except OutputError as e:

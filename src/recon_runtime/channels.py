@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Final, TypeVar
 
 import numpy as np
 
-from .encoded import EncodedAudio, decode_encoded
 from .errors import AudioInputError
+from .files.encoded import EncodedAudio, decode_encoded
 
 if TYPE_CHECKING:
     from .reconstructor import Reconstructor

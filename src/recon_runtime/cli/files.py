@@ -23,8 +23,9 @@ from ..contract import (
     Contract,
 )
 from ..errors import AudioInputError, OutputError
-from ..files.audio import is_audio_file, load_array, read_audio, write_audio, write_json
+from ..files.audio import is_audio_file, load_array, read_audio, write_json
 from ..files.latents import SIDECAR, read_sidecar, save_latents
+from ..files.outputs import write_audio_file
 from ..files.plot import MAX_ROWS
 from ..options import DEFAULT_MODEL
 from .batch import Job, JobRunner, batches, check_exclusive, guard, path_key, plan_jobs, progress
@@ -227,7 +228,7 @@ def reconstruct(
                         from ..files.metrics import compare
 
                         scores = {"output": str(job.dst), **compare(feats.waveform, wave)}
-                    write_audio(job.dst, rec.finish(feats, wave, rate), rate, sample_format)
+                    write_audio_file(job.dst, rec.finish(feats, wave, rate), rate, sample_format=sample_format)
                     if scores is not None:
                         metrics[_metrics_key(job.src)] = scores
                     if plot_path and not keep_plot and len(plots) < MAX_ROWS:
@@ -375,7 +376,7 @@ def decode(
             except AudioInputError as e:
                 raise AudioInputError(f"{src}: {e}") from None
             wave = wave * np.float32(side.get("gain", 1.0))
-            write_audio(dst, wave, rec.contract.mel.sample_rate, sample_format)
+            write_audio_file(dst, wave, rec.contract.mel.sample_rate, sample_format=sample_format)
             return wave.size / rec.contract.mel.sample_rate
 
         runner = JobRunner("decode", force, skip_existing, ctx.obj["debug"])
@@ -416,7 +417,7 @@ def vocode(
                 wave = rec.vocode(mel)
             except AudioInputError as e:
                 raise AudioInputError(f"{src}: {e}") from None
-            write_audio(dst, wave, rec.contract.mel.sample_rate, sample_format)
+            write_audio_file(dst, wave, rec.contract.mel.sample_rate, sample_format=sample_format)
             return wave.size / rec.contract.mel.sample_rate
 
         runner = JobRunner("vocode", force, skip_existing, ctx.obj["debug"])

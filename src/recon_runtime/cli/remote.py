@@ -13,8 +13,9 @@ import click
 import numpy as np
 
 from ..errors import AudioInputError, BundleError, install_hint
-from ..files.audio import atomic_path, load_array, write_audio
+from ..files.audio import atomic_path, load_array
 from ..files.latents import save_latents
+from ..files.outputs import write_audio_file
 from .options import api_key_from_env
 
 
@@ -107,7 +108,7 @@ def remote_decode(
             fingerprint=side.get("bundle_fingerprint"),
             subtype=subtype,
         )
-        write_audio(dst, np.asarray(wave, np.float32), rate, sample_format)
+        write_audio_file(dst, np.asarray(wave, np.float32), rate, sample_format=sample_format)
         return wave.shape[0] / rate
 
     return one

@@ -21,7 +21,6 @@ from ..errors import AudioInputError, OutputError
 AUDIO_EXTENSIONS: Final = frozenset(
     {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64", ".rf64"}
 )
-WAV_SUBTYPES: Final = {"float32": "FLOAT", "pcm16": "PCM_16"}
 
 
 def read_audio(path: Path) -> tuple[np.ndarray, int]:
@@ -41,16 +40,33 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
         raise AudioInputError(f"{path}: cannot be read ({e.strerror})") from None
     if size == 0:
         raise AudioInputError(f"{path}: empty file (0 bytes)")
+    return _read_checked(str(path), str(path))
+
+
+def read_audio_data(data: bytes, what: str = "-") -> tuple[np.ndarray, int]:
+    """Audio from a file's bytes (stdin), channels kept, with the checks of `read_audio`.
+
+    Returns:
+        (float32 [samples] or [samples, channels], sample_rate).
+    """
+    if not data:
+        raise AudioInputError(f"{what}: empty (0 bytes)")
+    return _read_checked(io.BytesIO(data), what)
+
+
+def _read_checked(source: str | io.BytesIO, what: str) -> tuple[np.ndarray, int]:
+    """libsndfile's read of a path or bytes, refused when unreadable, empty or not finite."""
     try:
-        audio, rate = sf.read(str(path), dtype="float32", always_2d=False)
+        audio, rate = sf.read(source, dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioInputError(f"{path}: not a readable audio file ({_one_line(e)})") from None
+        reason = getattr(e, "error_string", None) if isinstance(source, io.BytesIO) else None
+        raise AudioInputError(f"{what}: not a readable audio file ({reason or _one_line(e)})") from None
     except OSError as e:
-        raise AudioInputError(f"{path}: cannot be read ({e.strerror or e})") from None
+        raise AudioInputError(f"{what}: cannot be read ({e.strerror or e})") from None
     if audio.size == 0:
-        raise AudioInputError(f"{path}: contains no samples (zero-length audio)")
+        raise AudioInputError(f"{what}: contains no samples (zero-length audio)")
     if not np.isfinite(audio).all():
-        raise AudioInputError(f"{path}: contains NaN or infinite samples")
+        raise AudioInputError(f"{what}: contains NaN or infinite samples")
     return audio, int(rate)
 
 
@@ -182,18 +198,6 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise OutputError(f"{path}: cannot write output ({e.strerror or e})") from None
     finally:
         tmp_path.unlink(missing_ok=True)
-
-
-def write_audio(path: Path, waveform: np.ndarray, sample_rate: int, sample_format: str = "float32") -> None:
-    """Write mono audio as WAV (float32 or PCM16), atomically: no partial file on failure."""
-    data = np.asarray(waveform, dtype=np.float32)
-    if sample_format == "pcm16":
-        data = np.clip(data, -1.0, 1.0)
-    with atomic_path(path) as tmp:
-        try:
-            sf.write(str(tmp), data, sample_rate, subtype=WAV_SUBTYPES[sample_format], format="WAV")
-        except (sf.LibsndfileError, RuntimeError) as e:  # libsndfile reports a failed write without errno
-            raise OutputError(f"{path}: cannot write output ({_one_line(e)}: disk full or file size limit?)") from None
 
 
 def write_json(path: Path, data: Any) -> None:

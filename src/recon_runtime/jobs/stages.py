@@ -19,7 +19,8 @@ import numpy as np
 
 from ..contract import ENCODER, ROLES
 from ..errors import AudioInputError, ReconError, failure_message
-from ..files.audio import read_audio, write_audio
+from ..files.audio import read_audio
+from ..files.outputs import write_audio_file
 from .config import ATTEMPTS_DIR, ENCODE, ERRORS_DIR, METRIC_NAMES, RECONSTRUCT, RESULT_DIRS, JobConfig, Key, audio_rel
 from .listing import is_uri, open_filesystem
 from .shards import error_table, keys_digest, shard_name, write_shard
@@ -319,7 +320,7 @@ class Worker:
         elif cfg.mode == RECONSTRUCT:
             out_rate = cfg.output_rate or rate
             rel = audio_rel(str(batch["rel"][i]))
-            write_audio(cfg.out / rel, rec.finish(feats, out, out_rate), out_rate, cfg.sample_format)
+            write_audio_file(cfg.out / rel, rec.finish(feats, out, out_rate), out_rate, sample_format=cfg.sample_format)
             st = os.stat(cfg.out / rel)  # what the job wrote: --no-resume deletes the file only while it is that
             row.update(output=rel, output_size=st.st_size, output_mtime_ns=st.st_mtime_ns)
         else:

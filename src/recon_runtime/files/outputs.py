@@ -27,9 +27,9 @@ from typing import BinaryIO, Final
 import numpy as np
 import soundfile as sf
 
-from .audio_io import AUDIO_EXTENSIONS, atomic_path
+from ..errors import AudioInputError, OutputError
+from .audio import AUDIO_EXTENSIONS, atomic_path
 from .encoded import ENCODED_SUFFIX
-from .errors import AudioInputError, OutputError
 
 STDIO: Final = "-"
 """As an input: read stdin; as `-o`: write stdout."""
@@ -301,23 +301,3 @@ def read_stdin(stream: BinaryIO | None = None) -> bytes:
     if not data:
         raise AudioInputError("-: stdin was empty (0 bytes)")
     return data
-
-
-def read_audio_data(data: bytes, what: str = "-") -> tuple[np.ndarray, int]:
-    """Audio from a file's bytes (stdin), channels kept, with the checks `audio_io.read_audio` makes.
-
-    Returns:
-        (float32 [samples] or [samples, channels], sample_rate).
-    """
-    if not data:
-        raise AudioInputError(f"{what}: empty (0 bytes)")
-    try:
-        audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        reason = getattr(e, "error_string", None) or " ".join(str(e).split())
-        raise AudioInputError(f"{what}: not a readable audio file ({reason})") from None
-    if audio.size == 0:
-        raise AudioInputError(f"{what}: contains no samples (zero-length audio)")
-    if not np.isfinite(audio).all():
-        raise AudioInputError(f"{what}: contains NaN or infinite samples")
-    return audio, int(rate)

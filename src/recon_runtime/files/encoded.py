@@ -39,7 +39,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from .contract import (
+from ..contract import (
     HOP_LENGTH,
     LATENT_CHANNELS,
     LATENT_DOWNSAMPLE,
@@ -47,7 +47,9 @@ from .contract import (
     SAMPLE_RATE,
     VOCODER_EXTRA_SAMPLES,
 )
-from .errors import AudioInputError, BundleError, NumericalError
+from ..errors import AudioInputError, BundleError, NumericalError
+from .audio import atomic_path, load_array
+from .latents import read_sidecar
 
 FORMAT_VERSION: Final = 1
 """The version this build writes."""
@@ -297,8 +299,6 @@ class EncodedAudio:
 
     def save(self, path: Path) -> None:
         """Write the file atomically: on failure the old file (or none) stays."""
-        from .audio_io import atomic_path
-
         with atomic_path(Path(path)) as tmp:
             tmp.write_bytes(self.to_bytes())
 
@@ -503,9 +503,6 @@ def read_latents(
 def _read_npy(
     path: Path, fingerprint: str, seconds: float | None, num_samples: int | None, sample_rate: int
 ) -> list[EncodedAudio]:
-    from .audio_io import load_array
-    from .cli_common import read_sidecar  # today's sidecar reader (checks its fingerprint and its .npy's SHA-256)
-
     z = load_array(path)
     side = read_sidecar(path, fingerprint)
     if side:
