@@ -6,6 +6,7 @@ Not the widely copied dB recipe (power, dB, ref=max, frequency-first): see docs/
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Final
 
 import numpy as np
 import soxr
@@ -125,3 +126,25 @@ def log_mel(waveform: np.ndarray, mel: MelSpec = EXPECTED_MEL) -> np.ndarray:
         magnitude = np.abs(np.fft.rfft(block, n=mel.n_fft, axis=-1))
         out[start : start + block.shape[0]] = np.log(np.maximum(magnitude @ basis.T, mel.mel_floor))
     return out
+
+
+LOG_MEL_FLOOR_MARGIN: Final = 1.0
+"""Nats below the floor (ln(mel_floor), -11.51) that a log-mel from elsewhere may still reach
+(rounding, an edit) before it cannot be this front end's: its values never go below the floor."""
+
+
+def log_mel_range_problem(mel: np.ndarray, spec: MelSpec = EXPECTED_MEL) -> str | None:
+    """Why `mel` cannot be a log-mel of this front end, or None when its range is plausible.
+
+    The front end takes ln(max(mel, 1e-5)), so its values never go below ln(1e-5) = -11.51; a mel
+    in decibels (librosa.power_to_db: values down to -80 or -100, or further without top_db) goes
+    far below it. The vocoder still runs on such a mel; its audio is then noise.
+    """
+    low = float(np.min(mel)) if np.size(mel) else 0.0
+    if low >= spec.silence - LOG_MEL_FLOOR_MARGIN:
+        return None
+    return (
+        f"log-mel values go down to {low:.1f}, below ln({spec.mel_floor:g}) = {spec.silence:.2f}, the floor of "
+        "AudioLDM2's natural-log mel: this looks like a mel in dB (librosa.power_to_db); vocode expects "
+        "the front end of docs/front-end.md (README: how to make one), so the audio will be noise"
+    )

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
@@ -177,27 +178,127 @@ def _create_temp(path: Path) -> Path:
     raise FileExistsError(errno.EEXIST, f"no free temporary name after {_TEMP_ATTEMPTS} tries", str(path.parent))
 
 
+class _Writes:
+    """The atomic writes of this process: the temporary files in progress, and while a command records
+    them (`recording_writes`), the outputs finished. `stop_writes` ends them all (Ctrl-C)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active: set[Path] = set()
+        self.finished: list[Path] | None = None
+        self.stopped = False
+
+
+_WRITES: Final = _Writes()
+
+
+@contextlib.contextmanager
+def recording_writes() -> Iterator[list[Path]]:
+    """Record the outputs `atomic_path` puts in place while the block runs (for a command's last line)."""
+    with _WRITES.lock:
+        _WRITES.finished = []
+    try:
+        yield _WRITES.finished
+    finally:
+        with _WRITES.lock:
+            _WRITES.finished = None
+
+
+def stop_writes() -> list[Path]:
+    """Stop every write of this process, for an interrupted command that exits at once: the temporary
+    files in progress are removed, no write puts its file in place after this, and none starts.
+
+    Returns:
+        The outputs put in place since `recording_writes` began (complete files; none is partial).
+    """
+    with _WRITES.lock:
+        _WRITES.stopped = True
+        for tmp in _WRITES.active:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return list(_WRITES.finished or [])
+
+
+def _interrupted(path: Path) -> OutputError:
+    return OutputError(f"{path}: not written (the command was interrupted)")
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
     The output gets the permissions any new file gets under the user's umask (0644 under umask
     022), not tempfile's 0600. If the block raises, the temporary file is removed and `path` is
-    left as it was (absent, or its previous content): never a partial output.
+    left as it was (absent, or its previous content): never a partial output. Nor after
+    `stop_writes`, which removes the temporary file of every write in progress.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = _create_temp(path)
+        with _WRITES.lock:
+            if _WRITES.stopped:
+                raise _interrupted(path)
+            tmp_path = _create_temp(path)
+            _WRITES.active.add(tmp_path)
     except OSError as e:
-        raise OutputError(f"{path}: cannot write output ({e.strerror or e})") from None
+        raise OutputError(f"{path}: cannot write output ({write_error_reason(path, e)})") from None
     try:
         yield tmp_path
-        os.replace(tmp_path, path)
+        with _WRITES.lock:  # a rename and its record are one step for stop_writes
+            if _WRITES.stopped:
+                raise _interrupted(path)
+            os.replace(tmp_path, path)
+            if _WRITES.finished is not None:
+                _WRITES.finished.append(path)
     except OSError as e:
-        raise OutputError(f"{path}: cannot write output ({e.strerror or e})") from None
+        raise OutputError(f"{path}: cannot write output ({write_error_reason(path, e)})") from None
     finally:
+        with _WRITES.lock:
+            _WRITES.active.discard(tmp_path)
         tmp_path.unlink(missing_ok=True)
+
+
+def check_writable(path: Path) -> None:
+    """Refuse, before any work, an output `path` whose folder cannot be created or written: a
+    temporary file of our own is made in the nearest folder that exists, and removed at once.
+
+    Raises:
+        OutputError: `{path}: cannot write output (why, in words)`.
+    """
+    path = Path(path)
+    folder = _existing_ancestor(path.parent)
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+        _create_temp(folder / path.name).unlink()
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write output ({write_error_reason(path, e)})") from None
+
+
+def _existing_ancestor(folder: Path) -> Path:
+    """`folder` or its nearest ancestor that exists (a dangling link counts: it is in the way)."""
+    folder = Path(os.path.abspath(folder))
+    while not os.path.lexists(folder) and folder.parent != folder:
+        folder = folder.parent
+    return folder
+
+
+def write_error_reason(path: Path, e: OSError) -> str:
+    """Why `path` cannot be written, in words. The errno text alone misleads here: making the folder
+    of `demo.wav/x.wav` where demo.wav is a file says "File exists", and a new file in /proc "No such
+    file or directory"."""
+    folder = _existing_ancestor(Path(path).parent)
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder" if folder.is_file() else f"{folder} is not a folder"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"no permission to create files in {folder}"
+    if e.errno == errno.EROFS:
+        return f"{folder} is on a read-only file system"
+    if e.errno == errno.ENOENT:
+        return f"{folder} does not take new files (a system folder such as /proc or /sys?)"
+    if e.errno == errno.ENAMETOOLONG:
+        return "the file name is too long for this file system"
+    return e.strerror or " ".join(str(e).split())
 
 
 def write_json(path: Path, data: Any) -> None:

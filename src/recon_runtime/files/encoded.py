@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from ..contract import (
     HOP_LENGTH,
@@ -48,8 +49,8 @@ from ..contract import (
     VOCODER_EXTRA_SAMPLES,
 )
 from ..errors import AudioInputError, BundleError, NumericalError
-from .audio import atomic_path, load_array
-from .latents import read_sidecar
+from .audio import atomic_path, load_array, read_array_bytes
+from .latents import SIDECAR, read_sidecar
 
 FORMAT_VERSION: Final = 1
 """The version this build writes."""
@@ -485,19 +486,64 @@ def read_latents(
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ENCODED_SUFFIX:
-        clips = [EncodedAudio.load(path)]
+        clips = [_recorded(EncodedAudio.load(path), str(path), seconds, num_samples)]
     elif suffix == LEGACY_SUFFIX:
         clips = _read_npy(path, fingerprint, seconds, num_samples, sample_rate)
     else:
         raise AudioInputError(f"{path}: not a latents file (expected {ENCODED_SUFFIX} or {LEGACY_SUFFIX})")
-    if suffix == ENCODED_SUFFIX and (seconds is not None or num_samples is not None):
-        raise AudioInputError(
-            f"{path}: records its own length ({clips[0].num_samples} samples); "
-            "--seconds and --num-samples are for bare latents"
-        )
     for clip in clips:
         check_fingerprint(clip, fingerprint, str(path))
     return clips
+
+
+NPY_MAGIC: Final = b"\x93NUMPY"
+
+
+def read_latents_data(
+    data: bytes,
+    fingerprint: str,
+    what: str = "-",
+    *,
+    seconds: float | None = None,
+    num_samples: int | None = None,
+    sample_rate: int = SAMPLE_RATE,
+) -> list[EncodedAudio]:
+    """`read_latents` of a file's bytes (stdin): an encoded file, or a bare `.npy` of latents (told
+    apart by the .npy magic bytes; a sidecar has no place in a pipe). Errors name `what`."""
+    if data[: len(NPY_MAGIC)] == NPY_MAGIC:
+        clips = _bare_clips(read_array_bytes(data, what), what, seconds, num_samples, sample_rate)
+    else:
+        clips = [_recorded(EncodedAudio.from_bytes(data, what), what, seconds, num_samples)]
+    for clip in clips:
+        check_fingerprint(clip, fingerprint, what)
+    return clips
+
+
+def clip_count(path: Path) -> int:
+    """How many clips `read_latents` will give for `path`, from the .npy header alone (planning names
+    a batch's outputs before anything is decoded): B for bare `[B, 8, T, 16]` latents, else 1.
+    A file that cannot be read counts 1 (reading it then gives its one-line error)."""
+    path = Path(path)
+    if path.suffix.lower() != LEGACY_SUFFIX or path.with_suffix(SIDECAR).is_file():
+        return 1
+    try:
+        with open(path, "rb") as f:
+            version = npy_format.read_magic(f)
+            read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+            shape = read_header(f)[0]
+    except Exception:  # noqa: BLE001 - numpy's header parser raises many kinds; the read reports the file
+        return 1
+    return int(shape[0]) if len(shape) == 4 and shape[0] > 0 else 1
+
+
+def _recorded(clip: EncodedAudio, what: str, seconds: float | None, num_samples: int | None) -> EncodedAudio:
+    """An encoded file's clip; refused with --seconds or --num-samples, since it records its own length."""
+    if seconds is not None or num_samples is not None:
+        raise AudioInputError(
+            f"{what}: records its own length ({clip.num_samples} samples); "
+            "--seconds and --num-samples are for bare latents"
+        )
+    return clip
 
 
 def _read_npy(
@@ -533,9 +579,16 @@ def _read_npy(
             ]
         except AudioInputError as e:
             raise AudioInputError(f"{path}: {e}") from None
+    return _bare_clips(z, str(path), seconds, num_samples, sample_rate)
+
+
+def _bare_clips(
+    z: np.ndarray, what: str, seconds: float | None, num_samples: int | None, sample_rate: int
+) -> list[EncodedAudio]:
+    """Bare pipeline latents `[8, T, 16]` (one clip) or `[B, 8, T, 16]` (B clips) of gain 1."""
     batch = z[None] if z.ndim == 3 else z
     if batch.ndim != 4 or batch.shape[1] != LATENT_CHANNELS or batch.shape[3] != LATENT_FREQ_BINS or 0 in batch.shape:
-        raise AudioInputError(f"{path}: latents must be {BARE_SHAPES}, got {list(z.shape)}")
+        raise AudioInputError(f"{what}: latents must be {BARE_SHAPES}, got {list(z.shape)}")
     try:
         n = bare_num_samples(batch.shape[2], seconds, num_samples, sample_rate)
         return [
@@ -545,7 +598,7 @@ def _read_npy(
             for item in batch
         ]
     except AudioInputError as e:
-        raise AudioInputError(f"{path}: {e}") from None
+        raise AudioInputError(f"{what}: {e}") from None
 
 
 def decode_encoded(encoded: EncodedAudio, decode: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
