@@ -118,22 +118,30 @@ def test_reconstruct_single_file_pcm16_at_output_rate(tiny_bundle: Path, inputs:
     assert again.returncode == 1 and "--force" in again.stderr
 
 
-def test_encode_decode_round_trip_with_sidecar(tiny_bundle: Path, inputs: Path, tmp_path: Path) -> None:
+def test_encode_decode_round_trip_through_safetensors(tiny_bundle: Path, inputs: Path, tmp_path: Path) -> None:
+    """encode writes one .safetensors per clip (no sidecar since the encoded-audio file); decode gives
+    the length and level back."""
+    from recon_runtime.files.encoded import EncodedAudio
+
     lat = tmp_path / "lat"
     r = run_cli("recon-run", "encode", str(inputs), "-o", str(lat), "--model", str(tiny_bundle))
     assert r.returncode == 0, r.stderr
-    z = np.load(lat / "sub" / "b.npy", allow_pickle=False)
-    assert z.shape == (8, (1 + 8000 // 160 + 3) // 4, 16)
-    side = json.loads((lat / "sub" / "b.json").read_text())
-    assert side["num_samples"] == 8000 and side["input_sample_rate"] == 44100 and side["gain"] > 0
+    assert sorted(p.relative_to(lat).as_posix() for p in lat.rglob("*")) == [
+        "a.safetensors", "sub", "sub/b.safetensors", "sub/deeper", "sub/deeper/c.safetensors",
+    ]  # fmt: skip
+    b = EncodedAudio.load(lat / "sub" / "b.safetensors")
+    assert b.latents.shape == (1, 8, (1 + 8000 // 160 + 3) // 4, 16)
+    assert b.num_samples == 8000 and b.input_sample_rate == 44100 and b.gain[0] > 0
     wav = tmp_path / "wav"
     r = run_cli("recon-run", "decode", str(lat), "-o", str(wav), "--model", str(tiny_bundle))
     assert r.returncode == 0, r.stderr
     assert sf.info(str(wav / "sub" / "b.wav")).frames == 8000
-    # a sidecar-less latent decodes to its full length, 640 samples per latent frame
-    (lat / "a.json").unlink()
-    r = run_cli("recon-run", "decode", str(lat / "a.npy"), "-o", str(tmp_path / "a.wav"), "--model", str(tiny_bundle))
-    assert r.returncode == 0 and sf.info(str(tmp_path / "a.wav")).frames == np.load(lat / "a.npy").shape[1] * 640
+    # bare latents (no sidecar) decode to their full length, 640 samples per latent frame
+    np.save(tmp_path / "a.npy", EncodedAudio.load(lat / "a.safetensors").latents[0])
+    r = run_cli(
+        "recon-run", "decode", str(tmp_path / "a.npy"), "-o", str(tmp_path / "a.wav"), "--model", str(tiny_bundle)
+    )
+    assert r.returncode == 0 and sf.info(str(tmp_path / "a.wav")).frames == np.load(tmp_path / "a.npy").shape[1] * 640
 
 
 def test_info_human_and_json(tiny_bundle: Path) -> None:
@@ -248,15 +256,26 @@ def test_latents_of_wrong_shape(tiny_bundle: Path, tmp_path: Path) -> None:
 
 
 def test_latents_from_another_model(tiny_bundle: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    from recon_runtime.files.encoded import EncodedAudio
+    from recon_runtime.files.latents import save_latents
+
     src = _wav(tmp_path / "a.wav", tone(0.5, 16000))
-    lat = tmp_path / "a.npy"
+    lat = tmp_path / "a.safetensors"
     assert run_cli("recon-run", "encode", str(src), "-o", str(lat), "--model", str(tiny_bundle)).returncode == 0
-    side = json.loads(lat.with_suffix(".json").read_text())
-    side["bundle_fingerprint"] = "0123456789abcdef"
-    lat.with_suffix(".json").write_text(json.dumps(side))
-    r = run_cli("recon-run", "decode", str(lat), "-o", str(tmp_path / "dec.wav"), "--model", str(tiny_bundle))
-    assert r.returncode == 1 and "latents come from another model" in r.stderr
-    assert not (tmp_path / "dec.wav").exists()
+    clip = dataclasses.replace(EncodedAudio.load(lat), bundle_fingerprint="0123456789abcdef")
+    clip.save(tmp_path / "other.safetensors")
+    other = dict(sample_rate=16000, num_samples=8000, input_sample_rate=16000, gain=1.0, sample=False, seed=0)
+    save_latents(
+        tmp_path / "old.npy", clip.latents[0], src, fingerprint="0123456789abcdef", scaling_factor=1.0, **other
+    )
+    for name in ("other.safetensors", "old.npy"):  # today's file, and an older encode's .npy + sidecar pair
+        r = run_cli(
+            "recon-run", "decode", str(tmp_path / name), "-o", str(tmp_path / "dec.wav"), "--model", str(tiny_bundle)
+        )
+        assert r.returncode == 1 and "latents come from another model" in r.stderr, r.stderr
+        assert not (tmp_path / "dec.wav").exists()
 
 
 def test_bundle_missing_or_tampered(tiny_bundle: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def test_same_stem_in_one_folder_clashes_too(tiny_bundle: Path, tmp_path: Path) 
     _wav(root / "z.wav", tone(0.3, 16000))
     r = run_cli("recon-run", "encode", str(root), "-o", str(tmp_path / "lat"), "--model", str(tiny_bundle))
     assert r.returncode == 1 and len(_errors(r.stderr)) == 2
-    assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == ["z.json", "z.npy"]
+    assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == ["z.safetensors"]
 
 
 def test_a_full_disk_fails_one_file_and_the_batch_goes_on(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -167,11 +168,12 @@ def test_expect_digest_on_the_cli(tiny_bundle: Path, tmp_path: Path) -> None:
     src = _wav(tmp_path / "a.wav", tone(0.3, 16000))
     fp = read_contract(tiny_bundle).digest
     model = ["--model", str(tiny_bundle)]
-    ok = run_cli("recon-run", "encode", str(src), "-o", str(tmp_path / "a.npy"), "--expect-digest", fp, *model)
+    ok = run_cli("recon-run", "encode", str(src), "-o", str(tmp_path / "a.safetensors"), "--expect-digest", fp, *model)
     assert ok.returncode == 0, ok.stderr
-    bad = run_cli("recon-run", "encode", str(src), "-o", str(tmp_path / "b.npy"), "--expect-digest", "f" * 16, *model)
+    out = tmp_path / "b.safetensors"
+    bad = run_cli("recon-run", "encode", str(src), "-o", str(out), "--expect-digest", "f" * 16, *model)
     assert bad.returncode == 1 and len(_errors(bad.stderr)) == 1 and "not the bundle you pinned" in bad.stderr
-    assert not (tmp_path / "b.npy").exists()
+    assert not out.exists()
 
 
 def test_an_output_that_would_replace_an_input_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -189,19 +191,26 @@ def test_an_output_that_would_replace_an_input_is_refused(tiny_bundle: Path, tmp
     assert [hashlib.md5(p.read_bytes()).hexdigest() for p in files] == digests
 
 
-def test_encode_sidecar_is_an_output_too(tiny_bundle: Path, tmp_path: Path) -> None:
+def test_encode_writes_one_file_and_leaves_a_json_beside_it_alone(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Since the encoded-audio file, encode writes no sidecar: a .json of the user's is neither an
+    output nor touched; the .safetensors is the one output --force and --skip-existing speak of."""
     src = _wav(tmp_path / "in" / "x.wav", tone(0.3, 16000))
     out = tmp_path / "lat"
     out.mkdir()
     (out / "x.json").write_text("mine")
     model = ["--model", str(tiny_bundle)]
     r = run_cli("recon-run", "encode", str(tmp_path / "in"), "-o", str(out), *model)
-    assert r.returncode == 1 and f"{out / 'x.json'}: exists" in r.stderr
+    assert r.returncode == 0, r.stderr
+    assert (out / "x.json").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == [
+        "x.json",
+        "x.safetensors",
+    ]
+    again = run_cli("recon-run", "encode", str(tmp_path / "in"), "-o", str(out), *model)
+    assert again.returncode == 1 and f"{out / 'x.safetensors'}: exists" in again.stderr
     skipped = run_cli("recon-run", "encode", str(tmp_path / "in"), "-o", str(out), "--skip-existing", *model)
-    assert skipped.returncode == 1 and "exists" in skipped.stderr  # only the sidecar is there: not done
-    assert (out / "x.json").read_text() == "mine" and not (out / "x.npy").exists()
-    forced = run_cli("recon-run", "encode", str(src), "-o", str(out / "x.npy"), "--force", *model)
-    assert forced.returncode == 0 and (out / "x.json").read_text() != "mine"
+    assert skipped.returncode == 0 and "0 ok, 0 failed, 1 skipped" in skipped.stderr
+    forced = run_cli("recon-run", "encode", str(src), "-o", str(out / "x.safetensors"), "--force", *model)
+    assert forced.returncode == 0 and (out / "x.json").read_text() == "mine"
 
 
 def test_flag_clash_and_empty_folder_are_one_line_errors(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -245,7 +254,7 @@ def test_a_failed_batch_is_retried_file_by_file(
     assert "c.wav" in line and "simulated engine failure" in line
 
 
-def test_encode_force_whose_sidecar_write_fails_keeps_the_old_pair(
+def test_encode_force_whose_write_fails_keeps_the_old_file(
     tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import errno
@@ -257,22 +266,22 @@ def test_encode_force_whose_sidecar_write_fails_keeps_the_old_pair(
     model = ["--model", str(tiny_bundle)]
     assert CliRunner().invoke(main, ["encode", str(src), "-o", str(out), *model]).exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert sorted(before) == ["x.json", "x.npy"]
-    _wav(src, tone(0.5, 16000, 900))  # other audio: a forced encode would write another pair
+    assert sorted(before) == ["x.safetensors"]
+    _wav(src, tone(0.5, 16000, 900))  # other audio: a forced encode would write another file
+    real = audio_io.atomic_path
 
-    real = audio_io._create_temp
-
-    def full_for_sidecars(path: Path) -> Path:  # the disk fills up when the sidecar is written
-        if path.suffix == ".json":
+    @contextlib.contextmanager
+    def full(path: Path):  # type: ignore[no-untyped-def]  # the disk fills up while the file is written
+        with real(path) as tmp:
+            yield tmp
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path)
 
-    monkeypatch.setattr(audio_io, "_create_temp", full_for_sidecars)
+    monkeypatch.setattr("recon_runtime.files.encoded.atomic_path", full)
     result = CliRunner().invoke(main, ["encode", str(src), "-o", str(out), "--force", *model])
     assert result.exit_code == 1 and "Traceback" not in result.output
     (line,) = _errors(result.output)
-    assert f"{out / 'x.json'}: cannot write output (No space left on device)" in line
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old pair, whole; no temporaries
+    assert f"{out / 'x.safetensors'}: cannot write output (No space left on device)" in line, line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old file, whole; no temporaries
 
 
 def test_metrics_and_plot_files_never_name_an_input_an_output_or_each_other(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -308,15 +317,26 @@ def test_metrics_and_plot_files_never_name_an_input_an_output_or_each_other(tiny
 
 
 def test_decode_refuses_a_sidecar_of_another_npy(tiny_bundle: Path, tmp_path: Path) -> None:
-    """encode --force stopped between its two renames: the new sidecar beside the old .npy."""
+    """An older encode's pair, its encode --force stopped between its two renames: the new sidecar beside the old .npy."""
     import json
 
+    from recon_runtime import Reconstructor
+    from recon_runtime.files.latents import save_latents
+
+    rec = Reconstructor.load(tiny_bundle, provider="cpu")
     model = ["--model", str(tiny_bundle)]
     lat = tmp_path / "x.npy"
-    short, long = _wav(tmp_path / "short.wav", tone(0.5, 16000)), _wav(tmp_path / "long.wav", tone(1.5, 16000, 300))
-    assert run_cli("recon-run", "encode", str(short), "-o", str(lat), *model).returncode == 0
+
+    def encode_pair(audio: np.ndarray) -> None:  # what encode wrote before the encoded-audio file
+        feats = rec.features(audio, 16000)
+        z = rec.encode_features(feats)
+        facts = dict(sample_rate=16000, num_samples=feats.num_samples, input_sample_rate=16000, gain=feats.gain)
+        save_latents(lat, z, tmp_path / "in.wav", sample=False, seed=0, fingerprint=rec.contract.fingerprint,
+                     scaling_factor=rec.contract.scaling_factor, **facts)  # fmt: skip
+
+    encode_pair(tone(0.5, 16000))
     old_npy = lat.read_bytes()
-    assert run_cli("recon-run", "encode", str(long), "-o", str(lat), "--force", *model).returncode == 0
+    encode_pair(tone(1.5, 16000, 300))
     new_npy = lat.read_bytes()
     sidecar = lat.with_suffix(".json")
     lat.write_bytes(old_npy)  # the old .npy, the new sidecar

@@ -34,15 +34,16 @@ CHOICES = {
 NOT_USER_OPTIONS = {
     "bundle_dir",
     "stages",
-    "window_frames",
-    "overlap_frames",
     "bucket_frames",
     "cpu_arena",
     "cache_dir",
+    "device_id",
 }
 """`Reconstructor.load` arguments no command offers as a model option: the bundle is `model`, stages
-are the command's, windowing is fixed, the arena and the cache folder are the engine's defaults
-(serve has its own --bucket-frames)."""
+are the command's, the arena and the cache folder are the engine's defaults (serve has its own
+--bucket-frames), and the device id is `--device`'s (LoadOptions.device)."""
+NOT_LOAD_ARGUMENTS = {"model", "device"}
+"""LoadOptions fields that stand for load arguments of other names: the bundle, the provider and device id."""
 SERVE_MISSING = [
     m for m in ("fastapi", "uvicorn", "httpx", "prometheus_client", "multipart") if not importlib.util.find_spec(m)
 ]
@@ -74,11 +75,12 @@ def test_every_command_offers_the_load_options_with_the_runtimes_choices_and_def
     load = inspect.signature(Reconstructor.load).parameters
     names = [f.name for f in fields(LoadOptions)]
     # every user setting of Reconstructor.load is a LoadOptions field (a new argument must be classified)
-    assert set(load) - {"cls"} == (set(names) - {"model"}) | NOT_USER_OPTIONS
+    assert set(load) - {"cls"} == (set(names) - NOT_LOAD_ARGUMENTS) | NOT_USER_OPTIONS
     defaults = LoadOptions()
     for name in names:
-        if name != "model":
+        if name not in NOT_LOAD_ARGUMENTS:
             assert getattr(defaults, name) == load[name].default, name
+    assert (defaults.model, defaults.device, defaults.device_id) == (None, None, load["device_id"].default)
 
     seen: dict[str, dict[str, Any]] = {}
     for cmd_name, cmd in _commands().items():

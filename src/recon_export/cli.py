@@ -51,7 +51,23 @@ def parse_budgets(items: tuple[str, ...]) -> dict[str, float]:
     return budgets
 
 
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        from recon_runtime.version import EXPORT_LIBRARIES, version_text
+
+        click.echo(version_text("recon-export", EXPORT_LIBRARIES))
+        ctx.exit(0)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the versions (this package, torch, diffusers, transformers, onnx, onnxruntime) and exit.",
+)
 @click.option(
     "--model",
     default=DEFAULT_MODEL,

@@ -3,24 +3,29 @@
 `recon-run reconstruct|encode|decode|vocode`, `recon-run dataset ...` and `recon-run serve` take the
 same model options (`cli.options.model_options` builds them from `LoadOptions`), and
 `serving.config.ServerConfig` extends `LoadOptions`, so the server's `RECON_*` variables read the same fields.
-Every field is an argument of `Reconstructor.load` with the same default; the choices are the
-constants of `executors.select`, which `Reconstructor.load` checks too. This module imports no engine.
+Every field but `model` and `device` is an argument of `Reconstructor.load` with the same default;
+`model` None is the default bundle (`locations.resolve_model`), `device` (`--device`) stands for
+the provider and the CUDA device id (`devices.resolve_device`). The choices are the constants of
+`executors.select`, which `Reconstructor.load` checks too. This module imports no engine.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
+from .devices import resolve_device
 from .executors.select import AUTO, check_choices
+from .locations import EXPLICIT, resolve_model
+from .reconstructor import DEFAULT_OVERLAP_FRAMES, DEFAULT_WINDOW_FRAMES, check_windows
 
 if TYPE_CHECKING:
     from .reconstructor import Reconstructor
 
-DEFAULT_MODEL: Final = Path("models/audioldm2-music")
-"""Where `recon-export` writes by default."""
+_LOGGER = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,8 +36,9 @@ class LoadOptions:
     threads, cuda_graph, expect_digest, ...).
     """
 
-    model: Path = DEFAULT_MODEL
-    """The bundle folder (`Reconstructor.load`'s bundle_dir)."""
+    model: Path | None = None
+    """The bundle folder (`Reconstructor.load`'s bundle_dir); None: the default bundle, found by
+    `locations.resolve_model` ($RECON_MODEL, ./models/audioldm2-music, the per-user folder)."""
     backend: str = AUTO
     provider: str = AUTO
     precision: str = AUTO
@@ -44,22 +50,47 @@ class LoadOptions:
     compile_cache: bool = True
     max_batch: int | None = None
     """Windows per graph run; None: the runtime's per-device default (8 on CUDA, 1 on the CPU)."""
+    device: str | None = None
+    """`--device`: N or cuda:N (the N-th CUDA device; makes `provider` auto mean CUDA), cuda or cpu;
+    None: `provider` decides, device 0."""
+    window_frames: int = DEFAULT_WINDOW_FRAMES
+    """Log-mel frames per window of a long input (a multiple of 4; 1024 is the 10.24 s the VAE was trained on)."""
+    overlap_frames: int = DEFAULT_OVERLAP_FRAMES
+    """Log-mel frames neighbouring windows share and cross-fade (a multiple of 4, less than the window)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "model", Path(self.model))
+        if self.model is not None:
+            object.__setattr__(self, "model", Path(self.model))
         check_choices(self.provider, self.precision, self.backend, self.performance_hint)
+        resolve_device(self.device, self.provider)  # refuses a bad --device, or one --provider contradicts
         for name in ("threads", "max_batch"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        check_windows(self.window_frames, self.overlap_frames)
+
+    @property
+    def device_id(self) -> int:
+        """The CUDA device `device` names (0 when it names none)."""
+        return resolve_device(self.device, self.provider)[1]
+
+    def resolved(self) -> LoadOptions:
+        """These options with `model` the bundle to load: as given, or the default one (`resolve_model`,
+        logged with where it was found). Raises BundleError when there is none (the places it looked)."""
+        location = resolve_model(self.model)
+        if location.origin != EXPLICIT:
+            _LOGGER.info("%s", location.describe())
+        return replace(self, model=location.path)
 
     def load_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `Reconstructor.load` these options stand for (all but the bundle)."""
-        return {f.name: getattr(self, f.name) for f in fields(LoadOptions) if f.name != "model"}
+        kwargs = {f.name: getattr(self, f.name) for f in fields(LoadOptions) if f.name not in ("model", "device")}
+        kwargs["provider"], kwargs["device_id"] = resolve_device(self.device, self.provider)
+        return kwargs
 
     def load(self, stages: Sequence[str] | None = None, **settings: Any) -> Reconstructor:
-        """`Reconstructor.load(model, stages=stages, ...)` with these options; `settings`: its other
-        arguments (e.g. bucket_frames)."""
+        """`Reconstructor.load(model, stages=stages, ...)` with these options (the default bundle when
+        `model` is None); `settings`: its other arguments (e.g. bucket_frames)."""
         from .reconstructor import Reconstructor
 
-        return Reconstructor.load(self.model, stages=stages, **self.load_kwargs(), **settings)
+        return Reconstructor.load(self.resolved().model, stages=stages, **self.load_kwargs(), **settings)

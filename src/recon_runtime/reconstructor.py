@@ -55,6 +55,22 @@ CPU_MAX_BATCH: Final = 1
 SAMPLES_PER_LATENT_FRAME: Final = HOP_LENGTH * LATENT_DOWNSAMPLE
 
 
+def check_windows(window_frames: int, overlap_frames: int) -> None:
+    """Refuse window and overlap sizes the windowing cannot use (ValueError naming the rule): whole
+    multiples of 4 log-mel frames (one latent frame), the overlap at least 0 and less than the window."""
+    for name, value in (("window_frames", window_frames), ("overlap_frames", overlap_frames)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be a whole number of log-mel frames, got {value!r}")
+        if value % LATENT_DOWNSAMPLE:
+            raise ValueError(f"{name} must be a multiple of {LATENT_DOWNSAMPLE} log-mel frames, got {value}")
+    if window_frames < LATENT_DOWNSAMPLE:
+        raise ValueError(f"window_frames must be at least {LATENT_DOWNSAMPLE}, got {window_frames}")
+    if not 0 <= overlap_frames < window_frames:
+        raise ValueError(
+            f"overlap_frames ({overlap_frames}) must be at least 0 and less than window_frames ({window_frames})"
+        )
+
+
 @dataclass(frozen=True)
 class Features:
     """A prepared input: its log-mel and what is needed to give the output back at its level."""
@@ -196,9 +212,10 @@ def _openvino_executor(
 ) -> Executor:
     from .executors import openvino as ov_exec  # imports openvino only here
 
-    if provider == CUDA:
+    if provider == CUDA or options.device_id:
         raise ProviderError(
-            "the openvino backend runs on the CPU; use --provider cpu, or --backend onnxruntime for CUDA"
+            "the openvino backend runs on the CPU; use --provider cpu (and no --device GPU), "
+            "or --backend onnxruntime for CUDA"
         )
     chosen = FP32 if precision == AUTO else precision
     if chosen not in (FP32, BF16):
@@ -268,14 +285,9 @@ class Reconstructor:
         max_batch: int | None = None,
         bucket_frames: int = LATENT_DOWNSAMPLE,
     ):
-        if window_frames % LATENT_DOWNSAMPLE or overlap_frames % LATENT_DOWNSAMPLE:
-            raise ValueError(f"window and overlap must be multiples of {LATENT_DOWNSAMPLE} frames")
+        check_windows(window_frames, overlap_frames)
         if bucket_frames < LATENT_DOWNSAMPLE or bucket_frames % LATENT_DOWNSAMPLE:
             raise ValueError(f"bucket_frames must be a positive multiple of {LATENT_DOWNSAMPLE}, got {bucket_frames}")
-        if not 0 <= overlap_frames < window_frames:
-            raise ValueError(
-                f"overlap ({overlap_frames}) must be at least 0 and less than the window ({window_frames})"
-            )
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.bundle_dir = Path(bundle_dir)
@@ -306,6 +318,7 @@ class Reconstructor:
         performance_hint: str | None = None,
         compile_cache: bool = True,
         cache_dir: Path | str | None = None,
+        device_id: int = 0,
     ) -> "Reconstructor":
         """Open a bundle, check its contract, and fix backend, provider and precision.
 
@@ -344,6 +357,9 @@ class Reconstructor:
             cache_dir: openvino's compiled-model cache (default: $XDG_CACHE_HOME or ~/.cache, then
                 audioldm2-recon/openvino/<bundle digest>). Refused by `backend="onnxruntime"`, dropped
                 (logged) when `auto` picks onnxruntime.
+            device_id: the CUDA device the graphs run on (as CUDA numbers them, after
+                CUDA_VISIBLE_DEVICES; `devices.resolve_device` parses `--device`). Refused by the
+                openvino backend, which runs on the CPU.
         """
         bundle_dir = Path(bundle_dir)
         contract = read_contract(bundle_dir)
@@ -354,6 +370,8 @@ class Reconstructor:
                 "this is not the bundle you pinned"
             )
         check_choices(provider, precision, backend, performance_hint)
+        if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
+            raise ProviderError(f"device_id must be a CUDA device number (0, 1, ...), got {device_id!r}")
         if stages is not None:
             unknown = [s for s in stages if s not in ROLES]
             if unknown:
@@ -374,6 +392,7 @@ class Reconstructor:
             performance_hint=performance_hint,
             compile_cache=compile_cache,
             cache_dir=Path(cache_dir) if cache_dir is not None else None,
+            device_id=device_id,
         )
         executor = _EXECUTOR_FACTORIES[chosen_backend](bundle_dir, contract, provider, precision, options, stages)
         if contract.random_weights:

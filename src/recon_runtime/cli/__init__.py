@@ -11,10 +11,40 @@ import sys
 
 import click
 
+from ..errors import BundleError
 from . import dataset, files, serve
 
 
+def version_lines() -> str:
+    """`recon-run --version`: the package, its engines, and the bundle the commands use by default."""
+    from ..locations import resolve_model
+    from ..version import version_text
+
+    try:
+        location = resolve_model()
+    except BundleError as e:  # none found (or $RECON_MODEL names none): the versions, and why
+        return f"{version_text('recon-run')}\nno default bundle: {e}"
+    try:
+        return f"{version_text('recon-run', model=location.path)} ({location.describe().split(' (', 1)[1]}"
+    except BundleError as e:
+        return f"{version_text('recon-run')}\n{location.describe()}: {e}"
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_lines())
+        ctx.exit(0)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the versions (this package, onnxruntime, OpenVINO) and the default bundle's digest, and exit.",
+)
 @click.option("--debug", is_flag=True, help="Debug logging and tracebacks.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:

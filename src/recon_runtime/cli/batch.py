@@ -1,16 +1,20 @@
 """How a `recon-run` command runs: one line per error (`guard`), the file-job loop and its summary.
 
-`JobRunner` runs a file command's jobs (plan outputs, skip, fail one file and go on, count); the
-commands in `files` and the `--server` jobs in `remote` hand it one function per file.
+`plan_jobs` names every output before anything runs (`files.outputs`' rules), `JobRunner.prepare`
+refuses what cannot be done before the model loads (a missing input, an existing output, a folder
+that cannot be written), and `JobRunner.attempt` runs one file (fail one file and go on, count).
+The commands in `files` and the `--server` jobs in `remote` hand it one function per file.
+`guard_files` runs a file command so that Ctrl-C stops it at once, keeping only complete files.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -18,19 +22,25 @@ from typing import Any, Final
 import click
 
 from ..errors import AudioInputError, OutputError, ReconError, failure_message
-from ..files.audio import discover
+from ..files.audio import check_writable, discover, recording_writes, stop_writes
+from ..files.outputs import FILE, STDIO, STDOUT, Target, check_output, output_path
+from ..jobs.job import INTERRUPTED_EXIT
 
 OUT_OF_MEMORY: Final = "out of memory; try --threads 1, fewer files at once, or a machine with more memory"
+STDIN: Final = Path(STDIO)
+"""A job's source when the input is stdin."""
+KEPT_NAMED: Final = 3
+"""Files the interrupted line names; more are counted."""
 
 
 def fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
 
 
-def guard(ctx: click.Context, fn: Callable[[], int]) -> None:
-    """Turn any error into one line and a non-zero exit (a traceback only with --debug)."""
+def _call(ctx: click.Context, fn: Callable[[], int]) -> int:
+    """`fn()`'s exit code; any error but click's own becomes one line and 1 (a traceback only with --debug)."""
     try:
-        code = fn()
+        return fn()
     except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001 - the user gets one line, the developer --debug
@@ -42,8 +52,55 @@ def guard(ctx: click.Context, fn: Callable[[], int]) -> None:
             fail("out of memory")
         else:
             fail(f"{type(e).__name__}: {' '.join(str(e).split())} (run with --debug for the traceback)")
-        code = 1
-    ctx.exit(code)
+        return 1
+
+
+def guard(ctx: click.Context, fn: Callable[[], int]) -> None:
+    """Turn any error into one line and a non-zero exit (a traceback only with --debug)."""
+    ctx.exit(_call(ctx, fn))
+
+
+def guard_files(ctx: click.Context, fn: Callable[[], int], what: str) -> None:
+    """`guard` for a file command, which Ctrl-C stops at once.
+
+    The work runs in a thread of its own, so that the main thread takes SIGINT while an engine call
+    (seconds long, and deaf to signals) is in progress. On Ctrl-C every write in progress is
+    dropped (`stop_writes`: no partial file), one line says which complete files this run kept,
+    and the process exits with status 130 without waiting for the engine.
+    """
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["code"] = _call(ctx, fn)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
+            outcome["error"] = e
+
+    with recording_writes():
+        worker = threading.Thread(target=work, name=f"recon-run {what}", daemon=True)
+        worker.start()
+        try:
+            while worker.is_alive():
+                worker.join(0.1)
+        except KeyboardInterrupt:
+            fail(interrupted_line(what, stop_writes()))
+            sys.stderr.flush()
+            os._exit(
+                INTERRUPTED_EXIT
+            )  # the engine call in progress cannot be stopped; its thread goes with the process
+    if "error" in outcome:
+        raise outcome["error"]
+    ctx.exit(outcome["code"])
+
+
+def interrupted_line(what: str, kept: Sequence[Path]) -> str:
+    """What an interrupted command says it kept (complete files only: partial ones were removed)."""
+    if not kept:
+        return f"interrupted: {what} stopped before any file was finished; nothing was written"
+    names = ", ".join(map(str, kept[:KEPT_NAMED])) + (
+        f" and {len(kept) - KEPT_NAMED} more" if len(kept) > KEPT_NAMED else ""
+    )
+    return f"interrupted: {what} stopped; kept the {len(kept)} file(s) it finished ({names}), nothing partial"
 
 
 @dataclass
@@ -53,6 +110,8 @@ class Summary:
     ok: int = 0
     failed: int = 0
     skipped: int = 0
+    mixed: int = 0
+    """Multi-channel inputs mixed to mono (`--channels mix`)."""
     audio_seconds: float = 0.0
     started: float = field(default_factory=time.perf_counter)
 
@@ -62,8 +121,9 @@ class Summary:
         wall = time.perf_counter() - self.started
         speed = f", {self.audio_seconds / wall:.2f}x real time" if self.audio_seconds and wall > 0 else ""
         skipped = f", {self.skipped} skipped (output exists)" if self.skipped else ""
+        mixed = f", {self.mixed} mixed to mono (--channels each keeps every channel)" if self.mixed else ""
         return (
-            f"{what}: {self.ok} ok, {self.failed} failed{skipped}; {self.audio_seconds:.1f} s of audio in "
+            f"{what}: {self.ok} ok, {self.failed} failed{skipped}{mixed}; {self.audio_seconds:.1f} s of audio in "
             f"{wall:.1f} s wall{speed}"
         )
 
@@ -75,17 +135,22 @@ class Summary:
 
 @dataclass
 class Job:
-    """One input file and where its output goes; `error` fails it before it runs."""
+    """One input (a file, or stdin) and where its outputs go; `error` fails it before it runs."""
 
     src: Path
-    dst: Path
+    """The input file; STDIN for stdin."""
+    outputs: list[Path]
+    """The files it writes: one, or one per clip of a bare latents batch; none for stdout."""
     error: Exception | None = None
-    companions: tuple[str, ...] = ()
-    """Suffixes of files written beside `dst` (encode's sidecar): outputs too."""
 
     @property
-    def outputs(self) -> list[Path]:
-        return [self.dst, *(self.dst.with_suffix(s) for s in self.companions)]
+    def dst(self) -> Path | None:
+        """Its (first) output file; None for stdout."""
+        return self.outputs[0] if self.outputs else None
+
+    @property
+    def stdin(self) -> bool:
+        return self.src == STDIN
 
 
 def path_key(path: Path) -> str:
@@ -94,30 +159,34 @@ def path_key(path: Path) -> str:
 
 
 def plan_jobs(
-    inputs: Iterable[Path], out: Path, suffix: str, accept: Callable[[Path], bool], companions: tuple[str, ...] = ()
+    inputs: Sequence[str], target: Target, accept: Callable[[Path], bool], count: Callable[[Path], int] | None = None
 ) -> list[Job]:
-    """One job per input file; folders are mirrored under `out`.
+    """One job per input file (`-`: stdin); folders are mirrored under a folder target.
+
+    Args:
+        target: where outputs go (`files.outputs.audio_target` / `encoded_target`).
+        count: clips an input holds (a bare latents batch writes one file each, `output_path`).
 
     A folder that cannot be read becomes one failed job, so the other inputs still run. Outputs
     are planned before anything runs, and none is ever silently overwritten: inputs whose outputs
     would land on the same path (a/x.wav and b/x.wav, or x.wav and x.flac in one folder) all fail
     with a line naming the others, and so does a job whose output would replace one of the inputs.
     """
-    inputs = list(inputs)
-    if len(inputs) == 1 and not inputs[0].is_dir() and out.suffix.lower() == suffix:
-        jobs = [Job(inputs[0], out, companions=companions)]
+    if target.kind in (FILE, STDOUT):  # one input (the target's rules checked that)
+        src = STDIN if inputs[0] == STDIO else Path(inputs[0])
+        jobs = [_job(src, Path(src.name), target, count)]
     else:
         jobs = []
-        for root in inputs:
+        for root in map(Path, inputs):
             try:
                 found = list(discover([root], accept))
             except ReconError as e:
-                jobs.append(Job(root, out, e))
+                jobs.append(Job(root, [], e))
                 continue
             if not found:
-                jobs.append(Job(root, out, AudioInputError(f"{root}: no input files found in this folder")))
-            jobs += [Job(path, out / rel.with_suffix(suffix), companions=companions) for path, rel in found]
-    sources = {path_key(job.src) for job in jobs if job.src.is_file()}
+                jobs.append(Job(root, [], AudioInputError(f"{root}: no input files found in this folder")))
+            jobs += [_job(path, rel, target, count) for path, rel in found]
+    sources = {path_key(job.src) for job in jobs if not job.stdin and job.src.is_file()}
     by_output: dict[str, list[Job]] = {}
     for job in jobs:
         if job.error is None:
@@ -138,17 +207,18 @@ def plan_jobs(
     return jobs
 
 
+def _job(src: Path, rel: Path, target: Target, count: Callable[[Path], int] | None) -> Job:
+    n = count(src) if count is not None and src != STDIN else 1
+    if target.kind == STDOUT:
+        error = None if n == 1 else OutputError(f"{src}: holds {n} clips; -o - writes one, so name a file or folder")
+        return Job(src, [], error)
+    return Job(src, [p for i in range(n) if (p := output_path(target, rel, i, n)) is not None])
+
+
 def check_exclusive(force: bool, skip_existing: bool) -> None:
     """Checked before a model loads, so the usage error comes first."""
     if force and skip_existing:
         raise click.UsageError("--force and --skip-existing exclude each other")
-
-
-def _check_overwrite(target: Path, force: bool) -> None:
-    if target.is_dir():
-        raise OutputError(f"{target}: is a folder")
-    if target.exists() and not force:
-        raise OutputError(f"{target}: exists; pass --force to overwrite or --skip-existing to keep it")
 
 
 def _report(src: Path, e: BaseException, summary: Summary, debug: bool) -> None:
@@ -171,44 +241,64 @@ class JobRunner:
         self._written: set[str] = set()
         self.skipped: set[Path] = set()  # inputs skipped because their outputs exist
 
-    def ready(self, job: Job) -> bool:
-        """False when the job fails (reported) or is skipped before it runs."""
-        try:
-            if job.error is not None:
-                raise job.error
-            if self.skip_existing and all(p.is_file() for p in job.outputs):
-                self.summary.skipped += 1
-                self.skipped.add(job.src)
-                return False
-            for path in job.outputs:
-                if path_key(path) in self._written:
-                    raise OutputError(f"{path}: already written by this run; not overwriting it")
-                _check_overwrite(path, self.force)
-        except Exception as e:  # noqa: BLE001 - every per-file failure becomes one line
-            self.fail(job, e)
-            return False
-        return True
+    def prepare(self, jobs: Iterable[Job]) -> list[Job]:
+        """The jobs to run, checked before the model loads; the others fail (one line each) or are
+        skipped (--skip-existing). Refused here: a planning error, a missing input, an output that
+        exists (without --force) or is a folder, and an output folder that cannot be created or
+        written (probed once per folder with a temporary file of our own)."""
+        ready = []
+        writable: set[str] = set()  # folders probed and found writable
+        for job in jobs:
+            try:
+                if job.error is not None:
+                    raise job.error
+                if not job.stdin and not os.path.lexists(job.src):
+                    raise AudioInputError(f"{job.src}: no such file")
+                if self.skip_existing and job.outputs and all(p.is_file() for p in job.outputs):
+                    self.summary.skipped += 1
+                    self.skipped.add(job.src)
+                    continue
+                for path in job.outputs:
+                    check_output(path, self.force, self._written)
+                    if path_key(path.parent) not in writable:
+                        check_writable(path)
+                        writable.add(path_key(path.parent))
+            except Exception as e:  # noqa: BLE001 - every per-file failure becomes one line
+                self.fail(job, e)
+                continue
+            ready.append(job)
+        return ready
+
+    def check(self, path: Path) -> None:
+        """Before a write: refuse what this run wrote already, and (without --force) any file that
+        appeared since `prepare`."""
+        check_output(path, self.force, self._written)
 
     def attempt(self, job: Job, work: Callable[[], float]) -> bool:
-        """Run `work() -> audio seconds` for one ready job; a failure is one line and the batch goes on."""
+        """Run `work() -> audio seconds` for one prepared job; a failure is one line and the batch goes on."""
         try:
+            for path in job.outputs:
+                self.check(path)
             seconds = work()
         except Exception as e:  # noqa: BLE001 - every per-file failure becomes one line
             self.fail(job, e)
             return False
-        self._written.update(path_key(p) for p in job.outputs)
+        self.booked(job.outputs)
         self.summary.ok += 1
         self.summary.audio_seconds += seconds
         return True
 
+    def booked(self, paths: Iterable[Path]) -> None:
+        """Record files this run wrote: none of them is written twice."""
+        self._written.update(path_key(p) for p in paths)
+
     def fail(self, job: Job, e: BaseException) -> None:
         _report(job.src, e, self.summary, self.debug)
 
-    def run(self, jobs: list[Job], work: Callable[[Path, Path], float]) -> int:
-        """`work(src, dst)` per job, with a progress bar; returns the exit code."""
+    def run(self, jobs: list[Job], work: Callable[[Job], float]) -> int:
+        """`work(job)` per prepared job, with a progress bar; returns the exit code."""
         for job in progress(jobs, self.what):
-            if self.ready(job):
-                self.attempt(job, lambda job=job: work(job.src, job.dst))
+            self.attempt(job, lambda job=job: work(job))
         return self.close()
 
     def close(self) -> int:

@@ -80,7 +80,7 @@ def _run(ctx: click.Context, mode: str, inputs: tuple[str, ...], out: Path, kwar
             mode=mode,
             inputs=inputs,
             out=out.absolute(),
-            model=margs,
+            model=margs.resolved(),  # here: workers may run in another folder, or on another node
             ray_address=kwargs["ray_address"],
             workers=kwargs["workers"],
             gpus_per_worker=kwargs["gpus_per_worker"],

@@ -1,16 +1,23 @@
-"""`recon-run reconstruct|encode|decode|vocode|info`: the file commands, local or with --server URL."""
+"""`recon-run reconstruct|encode|decode|vocode|info`: the file commands, local or with --server URL.
+
+Where outputs go follows `files.outputs`: one input and `-o out.flac` writes that file in that
+format, several inputs or a folder write into a folder (`--format`), `-` reads stdin or writes
+stdout. Everything that can be refused is refused before the model loads (`JobRunner.prepare`),
+and Ctrl-C stops a command at once, keeping only complete files (`guard_files`).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
+from ..channels import CHANNEL_MODES, DEFAULT_CHANNEL_MODE, MIX, encode_audio, is_mixed, per_channel, stack_channels
 from ..contract import (
     BF16_KEY,
     DECODER,
@@ -23,13 +30,35 @@ from ..contract import (
     Contract,
 )
 from ..errors import AudioInputError, OutputError
-from ..files.audio import is_audio_file, load_array, read_audio, write_json
-from ..files.latents import SIDECAR, read_sidecar, save_latents
-from ..files.outputs import write_audio_file
+from ..files.audio import (
+    check_writable,
+    is_audio_file,
+    load_array,
+    read_array_bytes,
+    read_audio,
+    read_audio_data,
+    write_json,
+)
+from ..files.encoded import ENCODED_SUFFIX, LEGACY_SUFFIX, EncodedAudio, clip_count, read_latents, read_latents_data
+from ..files.outputs import (
+    FORMAT_CHOICES,
+    SAMPLE_FORMATS,
+    STDIO,
+    Target,
+    audio_bytes,
+    audio_target,
+    encoded_target,
+    output_path,
+    raw_bytes,
+    read_stdin,
+    resolve_format,
+    write_audio_file,
+    write_stdout,
+)
 from ..files.plot import MAX_ROWS
-from ..options import DEFAULT_MODEL
-from .batch import Job, JobRunner, batches, check_exclusive, guard, path_key, plan_jobs, progress
-from .options import model_args, model_options
+from ..locations import resolve_model
+from .batch import STDIN, Job, JobRunner, batches, check_exclusive, guard, guard_files, path_key, plan_jobs, progress
+from .options import model_args, model_option, model_options
 
 
 def _io_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -39,9 +68,10 @@ def _io_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 "-o",
                 "--out",
                 "out",
-                type=click.Path(path_type=Path),
                 required=True,
-                help="Output folder (or a file name when there is exactly one input file).",
+                metavar="PATH",
+                help="Where outputs go: a file for one input (its extension picks the format), a folder (several "
+                "inputs or a folder, the tree mirrored; end a new one's name with / when it has a dot), or - for stdout.",
             ),
             click.option("--force", is_flag=True, help="Overwrite existing outputs."),
             click.option(
@@ -53,6 +83,50 @@ def _io_options(f: Callable[..., Any]) -> Callable[..., Any]:
     ):
         f = option(f)
     return f
+
+
+def _audio_out_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The format of audio outputs (reconstruct, decode, vocode)."""
+    for option in reversed(
+        [
+            click.option(
+                "--format",
+                "fmt",
+                type=click.Choice(FORMAT_CHOICES),
+                default=None,
+                help="Audio files written into a folder or to stdout: wav (the default), flac or ogg (Vorbis, lossy); "
+                "a file named by -o takes its extension's. float32 and pcm16 are sample formats, as --sample-format.",
+            ),
+            click.option(
+                "--sample-format",
+                type=click.Choice(SAMPLE_FORMATS),
+                default=None,
+                help="float32 (the default; FLAC then holds 24-bit integers) or pcm16 (clipped to [-1, 1]).",
+            ),
+            click.option(
+                "--output-raw",
+                is_flag=True,
+                help="With -o -: raw little-endian float32 samples (channels interleaved) instead of a WAV.",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def _channels_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--channels",
+        type=click.Choice(CHANNEL_MODES),
+        default=DEFAULT_CHANNEL_MODE,
+        show_default=True,
+        help="mix: multi-channel inputs to mono, as AudioLDM2's front end does (the summary counts them); "
+        "each: every channel on its own, the output keeps the channel count.",
+    )(f)
+
+
+def _inputs_argument(name: str) -> Callable[..., Any]:
+    return click.argument(name, nargs=-1, required=True, type=click.Path(allow_dash=True))
 
 
 def _server_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -77,20 +151,59 @@ def _server_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _refuse_stdio_with_server(server: str | None, inputs: Sequence[str], out: str, channels: str = MIX) -> None:
+    if server and (STDIO in inputs or out == STDIO):
+        raise click.UsageError("--server sends files; - (stdin or stdout) runs locally only")
+    if server and channels != MIX:
+        raise click.UsageError("--channels each runs locally only (the server mixes every input to mono)")
+
+
+def _audio_target(inputs: Sequence[str], out: str, fmt: str | None, sample_format: str | None, raw: bool):
+    """The audio target and sample format of --format, --sample-format and --output-raw.
+
+    `--format float32|pcm16` is a sample format (its meaning before containers): the container is then
+    the one -o names, or WAV.
+    """
+    container, sample = resolve_format(fmt, sample_format)
+    if fmt in SAMPLE_FORMATS:
+        container = None
+    return audio_target(inputs, out, container, raw), sample
+
+
+def _emit_audio(target: Target, path: Path | None, wave: np.ndarray, rate: int, sample_format: str) -> None:
+    """Write audio to its file (the format its extension names) or to stdout (the target's format, or raw)."""
+    if path is not None:
+        write_audio_file(path, wave, rate, sample_format=sample_format)
+    elif target.raw:
+        write_stdout(raw_bytes(wave))
+    else:
+        write_stdout(audio_bytes(wave, rate, target.suffix.lstrip("."), sample_format))
+
+
+def _read_input(job: Job) -> tuple[np.ndarray, int]:
+    """A job's audio, channels kept: [samples] or [samples, channels], and its rate."""
+    return read_audio_data(read_stdin(), STDIO) if job.stdin else read_audio(job.src)
+
+
 def _check_report_file(path: Path | None, option: str, force: bool, skip_existing: bool, keep: str) -> bool:
     """--metrics/--plot FILE, checked before the model loads: True when it exists and --skip-existing keeps it.
 
-    An existing file is replaced only with --force; without either flag the command refuses it.
+    An existing file is replaced only with --force; without either flag the command refuses it. A
+    file that could not be written (its folder unwritable) is refused now, not after the run.
     """
     if path is None:
         return False
     if path.is_dir():
         raise OutputError(f"{path}: is a folder; {option} names a file")
-    if not path.exists() or force:
-        return False
-    if skip_existing:
-        return True
-    raise OutputError(f"{path}: exists; pass --force to overwrite it or --skip-existing to {keep}")
+    if path.exists() and not force:
+        if skip_existing:
+            return True
+        raise OutputError(f"{path}: exists; pass --force to overwrite it or --skip-existing to {keep}")
+    try:
+        check_writable(path)
+    except OutputError as e:
+        raise OutputError(f"{option} {e}") from None
+    return False
 
 
 def _refuse_report_clash(jobs: list[Job], reports: dict[str, Path | None]) -> None:
@@ -100,7 +213,7 @@ def _refuse_report_clash(jobs: list[Job], reports: dict[str, Path | None]) -> No
     never this run's own inputs or outputs.
     """
     named = {option: path for option, path in reports.items() if path is not None}
-    sources = {path_key(j.src) for j in jobs if j.src.is_file()}
+    sources = {path_key(j.src) for j in jobs if not j.stdin and j.src.is_file()}
     outputs = {path_key(p): j for j in jobs if j.src.is_file() or j.error is None for p in j.outputs}
     seen: dict[str, str] = {}
     for option, path in named.items():
@@ -114,9 +227,10 @@ def _refuse_report_clash(jobs: list[Job], reports: dict[str, Path | None]) -> No
         seen[key] = option
 
 
-def _metrics_key(src: Path) -> str:
-    """An input's entry in the metrics file: its resolved path, one spelling whatever the command line said."""
-    return str(src.resolve())
+def _metrics_key(path: Path | None) -> str:
+    """An input's (or output's) name in the metrics file: its resolved path, one spelling whatever the
+    command line said; `-` for stdin or stdout."""
+    return STDIO if path is None or path == STDIN else str(path.resolve())
 
 
 def _earlier_metrics(path: Path, bundle: Path) -> dict[str, Any]:
@@ -127,7 +241,7 @@ def _earlier_metrics(path: Path, bundle: Path) -> dict[str, Any]:
         raise OutputError(f"{path}: cannot be read as a metrics file ({e}); pass --force to replace it") from None
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
         raise OutputError(f"{path}: not a metrics file of recon-run reconstruct; pass --force to replace it")
-    if not all(os.path.isabs(str(p)) for p in [data.get("bundle"), *data["files"]]):
+    if not all(os.path.isabs(str(p)) or p == STDIO for p in [data.get("bundle"), *data["files"]]):
         raise OutputError(
             f"{path}: names its bundle or files by relative paths (an older recon-run), relative to a folder "
             "not recorded; pass --force to replace it or name another --metrics file"
@@ -140,14 +254,23 @@ def _earlier_metrics(path: Path, bundle: Path) -> dict[str, Any]:
     return data
 
 
+def _scores(feats: Sequence[Any], waves: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Metrics of one file: of its one channel, or (--channels each) the mean over its channels and each one's."""
+    from ..files.metrics import compare
+
+    each = [compare(f.waveform, w) for f, w in zip(feats, waves)]
+    if len(each) == 1:
+        return each[0]
+    return {**{k: float(np.mean([c[k] for c in each])) for k in each[0]}, "channels": each}
+
+
 @click.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_inputs_argument("inputs")
 @_io_options
 @model_options
+@_channels_option
 @click.option("--output-rate", type=click.IntRange(min=1000), default=None, help="Resample the output (default 16000).")
-@click.option(
-    "--format", "sample_format", type=click.Choice(["float32", "pcm16"]), default="float32", show_default=True
-)
+@_audio_out_options
 @click.option(
     "--metrics", "metrics_path", type=click.Path(path_type=Path), default=None, help="Write metrics JSON here."
 )
@@ -156,250 +279,352 @@ def _earlier_metrics(path: Path, bundle: Path) -> dict[str, Any]:
 @click.pass_context
 def reconstruct(
     ctx: click.Context,
-    inputs: tuple[Path, ...],
-    out: Path,
+    inputs: tuple[str, ...],
+    out: str,
     force: bool,
     skip_existing: bool,
+    channels: str,
     output_rate: int | None,
-    sample_format: str,
+    fmt: str | None,
+    sample_format: str | None,
+    output_raw: bool,
     metrics_path: Path | None,
     plot_path: Path | None,
     server: str | None,
     api_key_env: str | None,
     **model_kwargs: Any,
 ) -> None:
-    """Audio -> VAE -> HiFi-GAN -> audio, for files or folders (the tree is mirrored)."""
+    """Audio -> VAE -> HiFi-GAN -> audio, for files, folders (the tree is mirrored) or - (stdin)."""
     margs = model_args(model_kwargs)
     check_exclusive(force, skip_existing)
+    _refuse_stdio_with_server(server, inputs, out, channels)
 
     def run() -> int:
         if server and (metrics_path or plot_path):
             raise click.UsageError("--metrics and --plot need the model loaded locally; drop --server for them")
-        jobs = plan_jobs(inputs, out, ".wav", is_audio_file)
+        target, sample = _audio_target(inputs, out, fmt, sample_format, output_raw)
+        jobs = plan_jobs(inputs, target, is_audio_file)
         _refuse_report_clash(jobs, {"--metrics": metrics_path, "--plot": plot_path})
         merge = _check_report_file(metrics_path, "--metrics", force, skip_existing, "add this run's files to it")
         keep_plot = _check_report_file(plot_path, "--plot", force, skip_existing, "keep it")
-        earlier = _earlier_metrics(metrics_path, margs.model) if merge and metrics_path else None
+        runner = JobRunner("reconstruct", force, skip_existing, ctx.obj["debug"])
         if server:
             from .remote import remote_client, remote_reconstruct
 
             with remote_client(server, api_key_env, margs.expect_digest) as client:
-                runner = JobRunner("reconstruct", force, skip_existing, ctx.obj["debug"])
-                work = remote_reconstruct(client, output_rate, sample_format)
-                return runner.run(jobs, work)
-        rec = margs.load(ROLES)
-        if earlier is not None:
-            other = [
-                f"{k} {earlier.get(k)!r} there, {v!r} now"
-                for k, v in (("precision", rec.precision), ("provider", rec.provider))
-                if earlier.get(k) != v
-            ]
-            if other:
-                raise OutputError(
-                    f"{metrics_path}: holds metrics made with other settings ({'; '.join(other)}); "
-                    "pass --force to replace it or name another --metrics file"
-                )
-        rate = output_rate or rec.contract.mel.sample_rate
-        runner = JobRunner("reconstruct", force, skip_existing, ctx.obj["debug"])
-        metrics: dict[str, Any] = {}
-        plots: list[Any] = []  # only the rows drawn (plot.MAX_ROWS): two mels each
-        if keep_plot:
-            click.echo(f"{plot_path}: exists, kept (--skip-existing); pass --force to draw it again", err=True)
-        bar = progress(jobs, "reconstruct")
-        for group in batches(jobs, rec.max_batch):
-            ready = []  # files read and prepared; their equal-shape windows run as one batch
-            for job in group:
-                if runner.ready(job):
-                    try:
-                        ready.append((job, rec.features(*read_audio(job.src))))
-                    except Exception as e:  # noqa: BLE001 - every per-file failure becomes one line
-                        runner.fail(job, e)
+                work = remote_reconstruct(client, output_rate, sample)
+                return runner.run(runner.prepare(jobs), lambda job: work(job.src, job.dst))
+        options = margs.resolved()
+        earlier = _earlier_metrics(metrics_path, options.model) if merge and metrics_path else None
+        ready = runner.prepare(jobs)
+        if ready:
+            _reconstruct(
+                runner,
+                ready,
+                options,
+                target,
+                channels,
+                output_rate,
+                sample,
+                metrics_path,
+                earlier,
+                plot_path,
+                keep_plot,
+            )
+        elif earlier is not None:
+            _note_unrecorded(metrics_path, runner, earlier["files"])
+        return runner.close()
+
+    guard_files(ctx, run, "reconstruct")
+
+
+def _reconstruct(
+    runner: JobRunner,
+    jobs: list[Job],
+    options: Any,
+    target: Target,
+    channels: str,
+    output_rate: int | None,
+    sample_format: str,
+    metrics_path: Path | None,
+    earlier: dict[str, Any] | None,
+    plot_path: Path | None,
+    keep_plot: bool,
+) -> None:
+    """The local reconstruct loop: files read and prepared a batch at a time, their equal-shape windows
+    run together, each written as soon as its audio is back; then the metrics and the plot."""
+    rec = options.load(ROLES)
+    if earlier is not None:
+        other = [
+            f"{k} {earlier.get(k)!r} there, {v!r} now"
+            for k, v in (("precision", rec.precision), ("provider", rec.provider))
+            if earlier.get(k) != v
+        ]
+        if other:
+            raise OutputError(
+                f"{metrics_path}: holds metrics made with other settings ({'; '.join(other)}); "
+                "pass --force to replace it or name another --metrics file"
+            )
+    rate16 = rec.contract.mel.sample_rate
+    rate = output_rate or rate16
+    metrics: dict[str, Any] = {}
+    plots: list[Any] = []  # only the rows drawn (plot.MAX_ROWS): two mels each
+    if keep_plot:
+        click.echo(f"{plot_path}: exists, kept (--skip-existing); pass --force to draw it again", err=True)
+    bar = progress(jobs, "reconstruct")
+    for group in batches(jobs, rec.max_batch):
+        ready = []  # files read and prepared (one Features per channel run); their windows run as one batch
+        for job in group:
             try:
-                waves: list[Any] = rec.reconstruct_features([f for _, f in ready])
-            except Exception:  # noqa: BLE001 - one bad batch member must not sink the others: retry one by one
-                waves = [None] * len(ready)
-            for (job, feats), wave in zip(ready, waves):
-
-                def work(job: Job = job, feats: Any = feats, wave: Any = wave) -> float:
-                    if wave is None:
-                        wave = rec.reconstruct_features([feats])[0]
-                    scores = None
-                    if metrics_path:  # before the write: a file on disk is a file counted as done
-                        from ..files.metrics import compare
-
-                        scores = {"output": str(job.dst), **compare(feats.waveform, wave)}
-                    write_audio_file(job.dst, rec.finish(feats, wave, rate), rate, sample_format=sample_format)
-                    if scores is not None:
-                        metrics[_metrics_key(job.src)] = scores
-                    if plot_path and not keep_plot and len(plots) < MAX_ROWS:
-                        from ..frontend import log_mel
-
-                        plots.append((str(job.src), feats.log_mel, log_mel(wave, rec.contract.mel)))
-                    return feats.num_samples / rec.contract.mel.sample_rate
-
-                runner.attempt(job, work)
-            bar.update(len(group))
-        bar.close()
+                audio, sr = _read_input(job)
+                ready.append((job, audio, per_channel(audio, channels, lambda x, sr=sr: rec.features(x, sr))))
+            except Exception as e:  # noqa: BLE001 - every per-file failure becomes one line
+                runner.fail(job, e)
         try:
-            if metrics_path:
-                if earlier is not None:  # --skip-existing: earlier entries stay, but not of files this run tried
-                    tried = {_metrics_key(j.src) for j in jobs if j.src not in runner.skipped}
-                    metrics = {**{k: v for k, v in earlier["files"].items() if k not in tried}, **metrics}
-                missing = sum(1 for src in runner.skipped if _metrics_key(src) not in metrics)
-                if missing:
-                    click.echo(
-                        f"{metrics_path}: {missing} skipped file(s) have no entry (their outputs existed, with no "
-                        "metrics recorded for them); delete those outputs or pass --force to compute them",
-                        err=True,
-                    )
-                write_json(
-                    metrics_path,
-                    {
-                        "bundle": str(margs.model.resolve()),
-                        "backend": rec.backend,
-                        "precision": rec.precision,
-                        "provider": rec.provider,
-                        "files": metrics,
-                    },
-                )
-            if plot_path and plots:
-                from ..files.plot import plot_mels
+            waves: list[Any] = rec.reconstruct_features([f for _, _, feats in ready for f in feats])
+        except Exception:  # noqa: BLE001 - one bad batch member must not sink the others: retry one by one
+            waves = [None] * sum(len(feats) for _, _, feats in ready)
+        start = 0
+        for job, audio, feats in ready:
+            mine, start = waves[start : start + len(feats)], start + len(feats)
 
-                plot_mels(plots, plot_path)
-        finally:  # the per-file summary is printed even when the metrics or plot file fails
-            code = runner.close()
-        return code
+            def work(job: Job = job, audio: Any = audio, feats: Any = feats, mine: Any = mine) -> float:
+                outs = [w if w is not None else rec.reconstruct_features([f])[0] for f, w in zip(feats, mine)]
+                scores = None
+                if metrics_path:  # before the write: a file on disk is a file counted as done
+                    scores = {"output": _metrics_key(job.dst), **_scores(feats, outs)}
+                wave = stack_channels([rec.finish(f, w, rate) for f, w in zip(feats, outs)])
+                _emit_audio(target, job.dst, wave, rate, sample_format)
+                if scores is not None:
+                    metrics[_metrics_key(job.src)] = scores
+                if plot_path and not keep_plot:
+                    from ..frontend import log_mel
 
-    guard(ctx, run)
+                    for c, (f, w) in enumerate(zip(feats, outs)):
+                        if len(plots) < MAX_ROWS:
+                            title = str(job.src) + (f" (channel {c + 1})" if len(feats) > 1 else "")
+                            plots.append((title, f.log_mel, log_mel(w, rec.contract.mel)))
+                runner.summary.mixed += is_mixed(audio, channels)
+                return feats[0].num_samples / rate16
+
+            runner.attempt(job, work)
+        bar.update(len(group))
+    bar.close()
+    if metrics_path:
+        if earlier is not None:  # --skip-existing: earlier entries stay, but not of files this run tried
+            tried = {_metrics_key(j.src) for j in jobs}
+            metrics = {**{k: v for k, v in earlier["files"].items() if k not in tried}, **metrics}
+        _note_unrecorded(metrics_path, runner, metrics)
+        write_json(
+            metrics_path,
+            {
+                "bundle": str(Path(options.model).resolve()),
+                "backend": rec.backend,
+                "precision": rec.precision,
+                "provider": rec.provider,
+                "files": metrics,
+            },
+        )
+    if plot_path and plots:
+        from ..files.plot import plot_mels
+
+        plot_mels(plots, plot_path)
+
+
+def _note_unrecorded(metrics_path: Path, runner: JobRunner, metrics: dict[str, Any]) -> None:
+    """One line for the files --skip-existing skipped that have no entry in the metrics file."""
+    missing = sum(1 for src in runner.skipped if _metrics_key(src) not in metrics)
+    if missing:
+        click.echo(
+            f"{metrics_path}: {missing} skipped file(s) have no entry (their outputs existed, with no "
+            "metrics recorded for them); delete those outputs or pass --force to compute them",
+            err=True,
+        )
 
 
 @click.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_inputs_argument("inputs")
 @_io_options
 @model_options
+@_channels_option
 @click.option("--sample", is_flag=True, help="Draw from the posterior instead of taking its mean.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
 @_server_options
 @click.pass_context
 def encode(
     ctx: click.Context,
-    inputs: tuple[Path, ...],
-    out: Path,
+    inputs: tuple[str, ...],
+    out: str,
     force: bool,
     skip_existing: bool,
+    channels: str,
     sample: bool,
     seed: int,
     server: str | None,
     api_key_env: str | None,
     **model_kwargs: Any,
 ) -> None:
-    """Audio -> scaled latents [8, T/4, 16] as .npy, with a JSON sidecar for decode."""
+    """Audio -> one .safetensors file per clip: scaled latents [channels, 8, T/4, 16], length, level (docs/files.md)."""
     margs = model_args(model_kwargs)
     check_exclusive(force, skip_existing)
+    _refuse_stdio_with_server(server, inputs, out, channels)
 
     def run() -> int:
+        jobs = plan_jobs(inputs, encoded_target(inputs, out), is_audio_file)
+        runner = JobRunner("encode", force, skip_existing, ctx.obj["debug"])
         if server:
             from .remote import remote_client, remote_encode
 
             with remote_client(server, api_key_env, margs.expect_digest) as client:
-                runner = JobRunner("encode", force, skip_existing, ctx.obj["debug"])
                 work = remote_encode(client, sample, seed)
-                return runner.run(plan_jobs(inputs, out, ".npy", is_audio_file, companions=(SIDECAR,)), work)
-        rec = margs.load((ENCODER,))
+                return runner.run(runner.prepare(jobs), lambda job: work(job.src, job.dst))
+        options = margs.resolved()
+        ready = runner.prepare(jobs)
+        if not ready:
+            return runner.close()
+        rec = options.load((ENCODER,))
 
-        def one(src: Path, dst: Path) -> float:
-            audio, sr = read_audio(src)
-            feats = rec.features(audio, sr)
-            latents = rec.encode_features(feats, sample=sample, seed=seed)
-            save_latents(
-                dst,
-                latents,
-                src,
-                sample_rate=rec.contract.mel.sample_rate,
-                num_samples=feats.num_samples,
-                input_sample_rate=sr,
-                gain=feats.gain,
-                sample=sample,
-                seed=seed,
-                fingerprint=rec.contract.fingerprint,
-                scaling_factor=rec.contract.scaling_factor,
-            )
-            return feats.num_samples / rec.contract.mel.sample_rate
+        def one(job: Job) -> float:
+            audio, sr = _read_input(job)
+            clip = encode_audio(rec, audio, sr, channels, sample, seed, source=None if job.stdin else str(job.src))
+            if job.dst is None:
+                write_stdout(clip.to_bytes())
+            else:
+                clip.save(job.dst)
+            runner.summary.mixed += is_mixed(audio, channels)
+            return clip.seconds
 
-        runner = JobRunner("encode", force, skip_existing, ctx.obj["debug"])
-        return runner.run(plan_jobs(inputs, out, ".npy", is_audio_file, companions=(SIDECAR,)), one)
+        return runner.run(ready, one)
 
-    guard(ctx, run)
+    guard_files(ctx, run, "encode")
+
+
+def _is_latents(path: Path) -> bool:
+    return path.suffix.lower() in (ENCODED_SUFFIX, LEGACY_SUFFIX)
 
 
 @click.command()
-@click.argument("latents", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_inputs_argument("latents")
 @_io_options
 @model_options
 @click.option(
-    "--format", "sample_format", type=click.Choice(["float32", "pcm16"]), default="float32", show_default=True
+    "--seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Bare latents (a pipeline's .npy): decode to this length (int(S * 16000) samples, as the pipelines trim).",
 )
+@click.option(
+    "--num-samples",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Bare latents: decode to N samples. Without either, the whole latent length (640 samples a frame).",
+)
+@_audio_out_options
 @_server_options
 @click.pass_context
 def decode(
     ctx: click.Context,
-    latents: tuple[Path, ...],
-    out: Path,
+    latents: tuple[str, ...],
+    out: str,
     force: bool,
     skip_existing: bool,
-    sample_format: str,
+    seconds: float | None,
+    num_samples: int | None,
+    fmt: str | None,
+    sample_format: str | None,
+    output_raw: bool,
     server: str | None,
     api_key_env: str | None,
     **model_kwargs: Any,
 ) -> None:
-    """Latents (.npy) -> audio; the sidecar, when present, restores length and level."""
+    """Latents -> audio: encode's .safetensors (length, level and channels restored), older .npy + sidecar
+    pairs, or a pipeline's bare .npy ([8, T, 16], or [B, 8, T, 16]: B files, -0, -1, ...)."""
     margs = model_args(model_kwargs)
     check_exclusive(force, skip_existing)
+    _refuse_stdio_with_server(server, latents, out)
+    if seconds is not None and num_samples is not None:
+        raise click.UsageError("give the length once: --seconds or --num-samples, not both")
 
     def run() -> int:
+        target, sample = _audio_target(latents, out, fmt, sample_format, output_raw)
+        jobs = plan_jobs(latents, target, _is_latents, count=clip_count)
+        runner = JobRunner("decode", force, skip_existing, ctx.obj["debug"])
         if server:
             from .remote import remote_client, remote_decode
 
             with remote_client(server, api_key_env, margs.expect_digest) as client:
-                runner = JobRunner("decode", force, skip_existing, ctx.obj["debug"])
-                work = remote_decode(client, sample_format, read_sidecar)
-                return runner.run(plan_jobs(latents, out, ".wav", _is_npy), work)
-        rec = margs.load((DECODER, VOCODER))
+                work = remote_decode(client, sample, seconds, num_samples)
+                return runner.run(runner.prepare(jobs), lambda job: work(job.src, job.outputs))
+        options = margs.resolved()
+        ready = runner.prepare(jobs)
+        if not ready:
+            return runner.close()
+        rec = options.load((DECODER, VOCODER))
+        fingerprint, rate = rec.contract.fingerprint, rec.contract.mel.sample_rate
 
-        def one(src: Path, dst: Path) -> float:
-            z = load_array(src)
-            side = read_sidecar(src, rec.contract.fingerprint)
-            if z.ndim != 3:
-                raise AudioInputError(f"{src}: latents must be one [8, frames, 16] array per file, got {list(z.shape)}")
-            try:
-                wave = rec.decode(z, num_samples=side.get("num_samples"))
-            except AudioInputError as e:
-                raise AudioInputError(f"{src}: {e}") from None
-            wave = wave * np.float32(side.get("gain", 1.0))
-            write_audio_file(dst, wave, rec.contract.mel.sample_rate, sample_format=sample_format)
-            return wave.size / rec.contract.mel.sample_rate
+        def one(job: Job) -> float:
+            length = {"seconds": seconds, "num_samples": num_samples, "sample_rate": rate}
+            if job.stdin:
+                clips = read_latents_data(read_stdin(), fingerprint, STDIO, **length)
+            else:
+                clips = read_latents(job.src, fingerprint, **length)
+            paths = _clip_outputs(runner, job, target, len(clips))
+            done = []
+            for clip, path in zip(clips, paths):
+                _emit_audio(target, path, _decoded(rec, clip, job), rate, sample)
+                done += [path] if path is not None else []
+            runner.booked(done)
+            return sum(clip.seconds for clip in clips)
 
-        runner = JobRunner("decode", force, skip_existing, ctx.obj["debug"])
-        return runner.run(plan_jobs(latents, out, ".wav", _is_npy), one)
+        return runner.run(ready, one)
 
-    guard(ctx, run)
+    guard_files(ctx, run, "decode")
+
+
+def _clip_outputs(runner: JobRunner, job: Job, target: Target, count: int) -> list[Path | None]:
+    """One output per clip: the planned ones, or (stdin, or a file that changed since planning) named
+    now by the same rule and checked like the planned ones."""
+    if len(job.outputs) == count or (not job.outputs and count == 1):
+        return list(job.outputs) or [None]
+    if target.path is None:
+        raise OutputError(f"{job.src}: holds {count} clips; -o - writes one, so name a file or folder")
+    rel = Path(job.src.name)
+    paths = [p for i in range(count) if (p := output_path(target, rel, i, count)) is not None]
+    for path in paths:
+        runner.check(path)
+        check_writable(path)
+    return list(paths)
+
+
+def _decoded(rec: Any, clip: EncodedAudio, job: Job) -> np.ndarray:
+    from ..channels import decode_audio
+
+    try:
+        return decode_audio(rec, clip)
+    except AudioInputError as e:
+        raise AudioInputError(f"{job.src}: {e}") from None
+
+
+def _is_npy(path: Path) -> bool:
+    return path.suffix.lower() == LEGACY_SUFFIX
 
 
 @click.command()
-@click.argument("mels", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_inputs_argument("mels")
 @_io_options
 @model_options
-@click.option(
-    "--format", "sample_format", type=click.Choice(["float32", "pcm16"]), default="float32", show_default=True
-)
+@_audio_out_options
 @click.pass_context
 def vocode(
     ctx: click.Context,
-    mels: tuple[Path, ...],
-    out: Path,
+    mels: tuple[str, ...],
+    out: str,
     force: bool,
     skip_existing: bool,
-    sample_format: str,
+    fmt: str | None,
+    sample_format: str | None,
+    output_raw: bool,
     **model_kwargs: Any,
 ) -> None:
     """AudioLDM2 log-mel [frames, 64] (.npy, time first, natural log) -> 16 kHz audio, vocoder only."""
@@ -407,27 +632,37 @@ def vocode(
     check_exclusive(force, skip_existing)
 
     def run() -> int:
-        rec = margs.load((VOCODER,))
+        from ..frontend import log_mel_range_problem
 
-        def one(src: Path, dst: Path) -> float:
-            mel = load_array(src)
+        target, sample = _audio_target(mels, out, fmt, sample_format, output_raw)
+        jobs = plan_jobs(mels, target, _is_npy)
+        runner = JobRunner("vocode", force, skip_existing, ctx.obj["debug"])
+        options = margs.resolved()
+        ready = runner.prepare(jobs)
+        if not ready:
+            return runner.close()
+        rec = options.load((VOCODER,))
+        rate = rec.contract.mel.sample_rate
+
+        def one(job: Job) -> float:
+            mel = read_array_bytes(read_stdin(), STDIO) if job.stdin else load_array(job.src)
             if mel.ndim != 2:
-                raise AudioInputError(f"{src}: log-mel must be one [frames, 64] array per file, got {list(mel.shape)}")
+                raise AudioInputError(
+                    f"{job.src}: log-mel must be one [frames, 64] array per file, got {list(mel.shape)}"
+                )
             try:
                 wave = rec.vocode(mel)
             except AudioInputError as e:
-                raise AudioInputError(f"{src}: {e}") from None
-            write_audio_file(dst, wave, rec.contract.mel.sample_rate, sample_format=sample_format)
-            return wave.size / rec.contract.mel.sample_rate
+                raise AudioInputError(f"{job.src}: {e}") from None
+            problem = log_mel_range_problem(mel, rec.contract.mel)
+            if problem:
+                click.echo(f"warning: {job.src}: {problem}", err=True)
+            _emit_audio(target, job.dst, wave, rate, sample)
+            return wave.size / rate
 
-        runner = JobRunner("vocode", force, skip_existing, ctx.obj["debug"])
-        return runner.run(plan_jobs(mels, out, ".wav", _is_npy), one)
+        return runner.run(ready, one)
 
-    guard(ctx, run)
-
-
-def _is_npy(path: Path) -> bool:
-    return path.suffix.lower() == ".npy"
+    guard_files(ctx, run, "vocode")
 
 
 def _bf16_line(check: Any) -> str:
@@ -454,26 +689,27 @@ def _scaling_factor_origin(c: Contract) -> str:
 
 
 @click.command()
-@click.option("--model", "model", type=click.Path(path_type=Path), default=DEFAULT_MODEL, show_default=True)
+@model_option
 @click.option("--json", "as_json", is_flag=True, help="Print recon.json as JSON.")
 @click.option("--verify", is_flag=True, help="Also check every graph's size and SHA-256.")
 @click.pass_context
-def info(ctx: click.Context, model: Path, as_json: bool, verify: bool) -> None:
+def info(ctx: click.Context, model: Path | None, as_json: bool, verify: bool) -> None:
     """Show a bundle's contract: source, front end, graphs and their measured errors."""
     from ..contract import check_mel, read_contract, verify_graph_file
 
     def run() -> int:
-        c = read_contract(model)
-        check_mel(c, str(model / "recon.json"))
+        bundle = resolve_model(model).path
+        c = read_contract(bundle)
+        check_mel(c, str(bundle / "recon.json"))
         if verify:
             for g in c.graphs:
-                verify_graph_file(model, g)
+                verify_graph_file(bundle, g)
         if as_json:
             click.echo(json.dumps(c.to_dict(), indent=2))
             return 0
         src, m = c.source, c.mel
         lines = [
-            f"bundle       {model}",
+            f"bundle       {bundle}",
             f"source       {src.get('model')} @ {src.get('revision') or '-'}"
             + ("   ** RANDOM WEIGHTS: not for real audio **" if c.random_weights else ""),
             "checkpoint   "

@@ -3,7 +3,7 @@
 `model_options` adds the fields of `LoadOptions` (every setting of `Reconstructor.load` a user
 chooses) as click options with its defaults and the runtime's choices; `model_args` takes them
 back out of a command's keyword arguments as one `LoadOptions`. reconstruct, encode, decode,
-vocode, serve and the dataset jobs all use these two.
+vocode, serve and the dataset jobs all use these two; `model_option` is `--model` alone (`info`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,33 @@ from typing import Any
 
 import click
 
+from ..devices import DEVICE_HELP, parse_device
+from ..errors import ReconError
 from ..executors.base import LATENCY, PERFORMANCE_HINTS, THROUGHPUT
 from ..executors.select import BACKEND_CHOICES, PRECISION_CHOICES, PROVIDER_CHOICES
+from ..locations import LOCAL_MODEL, MODEL_ENV
 from ..options import LoadOptions
 from ..reconstructor import CPU_MAX_BATCH, MAX_BATCH
+
+MODEL_HELP = (
+    f"Bundle folder written by recon-export. Default: ${MODEL_ENV} when set, else ./{LOCAL_MODEL} if it "
+    "holds a bundle, else the per-user folder recon-export writes to (recon-run --version shows which)."
+)
+
+
+def model_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--model DIR` (None: the default bundle, `locations.resolve_model`)."""
+    return click.option(
+        "--model", "model", type=click.Path(path_type=Path), default=LoadOptions().model, help=MODEL_HELP
+    )(f)
+
+
+def _check_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    try:
+        parse_device(value)
+    except ReconError as e:
+        raise click.BadParameter(str(e).removeprefix(f"--device {value!r}: ")) from None
+    return value
 
 
 def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -28,14 +51,7 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     d = LoadOptions()
     for option in reversed(
         [
-            click.option(
-                "--model",
-                "model",
-                type=click.Path(path_type=Path),
-                default=d.model,
-                show_default=True,
-                help="Bundle folder written by recon-export.",
-            ),
+            model_option,
             click.option(
                 "--backend",
                 type=click.Choice(BACKEND_CHOICES),
@@ -50,6 +66,14 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 default=d.provider,
                 show_default=True,
                 help="auto: CUDA when it starts, else CPU (with a warning); cuda: fail if CUDA does not start.",
+            ),
+            click.option(
+                "--device",
+                default=d.device,
+                metavar="N|cuda:N|cpu",
+                callback=_check_device,
+                help=f"Where the graphs run: {DEVICE_HELP}. A GPU makes --provider auto mean cuda "
+                "(an error, not the CPU, when CUDA does not start); the openvino backend runs on the CPU only.",
             ),
             click.option(
                 "--precision",
@@ -72,6 +96,23 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 metavar="N",
                 help=f"Windows of equal shape per graph run (default: {MAX_BATCH} on CUDA, {CPU_MAX_BATCH} on the CPU, "
                 "where a batch is no faster and multiplies the memory).",
+            ),
+            click.option(
+                "--window-frames",
+                type=click.IntRange(min=4),
+                default=d.window_frames,
+                show_default=True,
+                metavar="N",
+                help="Long inputs run in windows of N log-mel frames (100 a second; a multiple of 4; 1024, "
+                "10.24 s, is what the VAE was trained on).",
+            ),
+            click.option(
+                "--overlap-frames",
+                type=click.IntRange(min=0),
+                default=d.overlap_frames,
+                show_default=True,
+                metavar="N",
+                help="Log-mel frames neighbouring windows share and cross-fade (a multiple of 4, less than the window).",
             ),
             click.option(
                 "--performance-hint",
@@ -107,8 +148,16 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def model_args(kwargs: dict[str, Any]) -> LoadOptions:
-    """The model options among a command's keyword arguments, removed from them."""
-    return LoadOptions(**{f.name: kwargs.pop(f.name) for f in fields(LoadOptions)})
+    """The model options among a command's keyword arguments, removed from them; a combination
+    `LoadOptions` refuses (e.g. --overlap-frames past the window) is a usage error."""
+    try:
+        return LoadOptions(**{f.name: kwargs.pop(f.name) for f in fields(LoadOptions)})
+    except (ReconError, ValueError) as e:
+        message = str(e)
+        for f in fields(LoadOptions):  # the fields' names as the flags the user typed
+            if "_" in f.name:
+                message = message.replace(f.name, "--" + f.name.replace("_", "-"))
+        raise click.UsageError(message) from None
 
 
 def api_key_from_env(var: str | None) -> str | None:

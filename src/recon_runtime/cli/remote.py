@@ -13,8 +13,8 @@ import click
 import numpy as np
 
 from ..errors import AudioInputError, BundleError, install_hint
-from ..files.audio import atomic_path, load_array
-from ..files.latents import save_latents
+from ..files.audio import atomic_path
+from ..files.encoded import EncodedAudio, decode_encoded, read_latents
 from ..files.outputs import write_audio_file
 from .options import api_key_from_env
 
@@ -60,9 +60,13 @@ def remote_reconstruct(client: Any, output_rate: int | None, sample_format: str)
 
     def one(src: Path, dst: Path) -> float:
         wave, wav = client.reconstruct_wav(_read_bytes(src), output_rate=output_rate, subtype=subtype)
-        with atomic_path(dst) as tmp:  # the server's WAV as it came: no second conversion
-            tmp.write_bytes(wav)
-        return wave.shape[0] / (output_rate or 16000)
+        rate = output_rate or 16000
+        if dst.suffix.lower() == ".wav":
+            with atomic_path(dst) as tmp:  # the server's WAV as it came: no second conversion
+                tmp.write_bytes(wav)
+        else:  # flac, ogg: the server answers WAV
+            write_audio_file(dst, np.asarray(wave, np.float32), rate, sample_format=sample_format)
+        return wave.shape[0] / rate
 
     return one
 
@@ -70,46 +74,42 @@ def remote_reconstruct(client: Any, output_rate: int | None, sample_format: str)
 def remote_encode(client: Any, sample: bool, seed: int) -> Callable[[Path, Path], float]:
     def one(src: Path, dst: Path) -> float:
         latents, info = client.encode_with_info(_read_bytes(src), sample=sample, seed=seed if sample else None)
-        save_latents(
-            dst,
-            latents,
-            src,
+        EncodedAudio(
+            latents[None],
+            info.num_samples,
+            (info.gain,),
+            info.fingerprint,
             sample_rate=info.sample_rate,
-            num_samples=info.num_samples,
+            sampled=info.sampled,
+            seed=info.seed,
             input_sample_rate=info.input_sample_rate,
-            gain=info.gain,
-            sample=sample,
-            seed=seed,
-            fingerprint=info.fingerprint,
             scaling_factor=info.scaling_factor,
-        )
+            source=str(src),
+        ).save(dst)
         return info.num_samples / info.sample_rate
 
     return one
 
 
 def remote_decode(
-    client: Any, sample_format: str, read_sidecar: Callable[[Path, str], dict[str, Any]]
-) -> Callable[[Path, Path], float]:
+    client: Any, sample_format: str, seconds: float | None, num_samples: int | None
+) -> Callable[[Path, list[Path]], float]:
     info = client.info()
     fingerprint = info["fingerprint"]
     rate = int(info["sample_rate"])
-    subtype = "pcm16" if sample_format == "pcm16" else "float"
 
-    def one(src: Path, dst: Path) -> float:
-        z = load_array(src)
-        side = read_sidecar(src, fingerprint)  # same check (and message) as a local decode
-        if z.ndim != 3:
-            raise AudioInputError(f"{src}: latents must be one [8, frames, 16] array per file, got {list(z.shape)}")
-        wave = client.decode(
-            z,
-            num_samples=side.get("num_samples"),
-            gain=side.get("gain"),
-            fingerprint=side.get("bundle_fingerprint"),
-            subtype=subtype,
-        )
-        write_audio_file(dst, np.asarray(wave, np.float32), rate, sample_format=sample_format)
-        return wave.shape[0] / rate
+    def one(src: Path, outputs: list[Path]) -> float:
+        # the same reader, checks and messages as a local decode; the server decodes channel by channel
+        clips = read_latents(src, fingerprint, seconds=seconds, num_samples=num_samples, sample_rate=rate)
+        if len(clips) != len(outputs):
+            raise AudioInputError(f"{src}: holds {len(clips)} clips now, {len(outputs)} when the run began")
+        for clip, dst in zip(clips, outputs):
+
+            def decode(z: np.ndarray, n: int, clip: EncodedAudio = clip) -> np.ndarray:
+                return client.decode(z, num_samples=n, fingerprint=clip.bundle_fingerprint, subtype="float")
+
+            write_audio_file(dst, decode_encoded(clip, decode), rate, sample_format=sample_format)
+        return sum(clip.seconds for clip in clips)
 
     return one
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 import logging
 import math
 import signal
-from pathlib import Path
 from typing import Any
 
 import click
 
 from ..contract import LATENT_DOWNSAMPLE
 from ..errors import ReconError
+from ..locations import resolve_model
 from .options import api_key_from_env, model_options
 from .remote import need_serve_extra
 
@@ -165,8 +165,8 @@ def serve(
     from ..serving.config import ServerConfig, bind_is_loopback
 
     key = api_key_from_env(api_key_env)
-    model: Path = kwargs.pop("model")
     try:
+        model = resolve_model(kwargs.pop("model")).path
         contract = read_contract(model)  # a wrong --model fails now, in one line, before binding
         check_mel(contract, str(model / "recon.json"))
         # replicas may run in another working directory (or on another node): an absolute path

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
+from ..reconstructor import DEFAULT_OVERLAP_FRAMES, DEFAULT_WINDOW_FRAMES
+
 _LOGGER = logging.getLogger(__name__)
 
 ENCODE: Final = "encode"
@@ -28,6 +30,9 @@ METRIC_NAMES: Final = ("log_mel_l1", "log_mel_rmse", "mel_correlation", "mrstft"
 DEFAULT_MAX_SECONDS: Final = 3600.0
 KEY_COLUMNS: Final = ("path", "size", "mtime_ns")
 LOCK_FILE: Final = "job.lock"
+UNRECORDED_SETTINGS: Final = {"window_frames": DEFAULT_WINDOW_FRAMES, "overlap_frames": DEFAULT_OVERLAP_FRAMES}
+"""Settings that jobs of earlier versions did not record, with the value they ran at (the
+Reconstructor's windowing, which no option changed then): a resume of such a job compares with these."""
 OUTPUTS_DIR: Final = "outputs"  # reconstruct: the audio a run is about to write, recorded before it writes it
 
 Key = tuple[str, int, int]
@@ -75,6 +80,7 @@ class JobConfig:
             "precision": getattr(model, "precision", None),
             "max_seconds": self.max_seconds,
         }
+        out.update({name: getattr(model, name, default) for name, default in UNRECORDED_SETTINGS.items()})
         if self.mode == RECONSTRUCT:
             out.update(output_rate=self.output_rate, sample_format=self.sample_format)
         return out

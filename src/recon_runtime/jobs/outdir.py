@@ -30,6 +30,7 @@ from .config import (
     RECONSTRUCT,
     RESULT_DIRS,
     SUMMARY_FILE,
+    UNRECORDED_SETTINGS,
     JobConfig,
 )
 from .shards import read_table
@@ -437,7 +438,7 @@ def check_job_record(cfg: JobConfig, fingerprint: str, job: dict[str, Any] | Non
                 f"{cfg.out}: holds results of bundle {job['bundle_fingerprint']}, this bundle is {fingerprint}; "
                 "use another output folder (or --no-resume to start over)"
             )
-        before = job["settings"]
+        before = {**UNRECORDED_SETTINGS, **job["settings"]}
         diff = [f"{k} {before.get(k, 'unset')!r} then, {v!r} now" for k, v in settings.items() if before.get(k) != v]
         if diff:
             raise OutputError(

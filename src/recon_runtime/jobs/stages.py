@@ -39,7 +39,9 @@ def _front_end(model: Any) -> Any:
     """A Reconstructor for the front end only, once per process: CPU, no graphs loaded."""
     key = (str(model.model), getattr(model, "expect_digest", None))
     if key not in _FRONT_ENDS:
-        _FRONT_ENDS[key] = dataclasses.replace(model, provider="cpu", precision="auto", cuda_graph=False).load(None)
+        _FRONT_ENDS[key] = dataclasses.replace(
+            model, provider="cpu", precision="auto", cuda_graph=False, device=None
+        ).load(None)
     return _FRONT_ENDS[key]
 
 
