@@ -603,6 +603,28 @@ def test_output_clashes_outstanding_errors_settings_and_bad_out(tiny_bundle: Pat
     )
 
 
+def test_a_job_records_its_windows_and_an_earlier_jobs_record_means_the_defaults(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """--window-frames/--overlap-frames change the results: a resume with others is refused. A job of
+    a version that recorded no windows (none could be chosen then) ran at the defaults."""
+    import dataclasses
+
+    from recon_runtime.contract import read_contract
+    from recon_runtime.errors import OutputError
+    from recon_runtime.jobs.outdir import check_job_record
+
+    fingerprint = read_contract(tiny_bundle).fingerprint
+    cfg = _job(tiny_bundle, "encode", [tmp_path], tmp_path / "out")
+    assert {cfg.settings()[k] for k in ("window_frames", "overlap_frames")} == {1024, 64}
+    earlier = {k: v for k, v in cfg.settings().items() if k not in ("window_frames", "overlap_frames")}
+    record = {"mode": "encode", "bundle_fingerprint": fingerprint, "settings": earlier}
+    check_job_record(cfg, fingerprint, record)  # the defaults resume an earlier job
+    wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, window_frames=512))
+    with pytest.raises(OutputError, match="window_frames 1024 then, 512 now"):
+        check_job_record(wider, fingerprint, record)
+
+
 def test_a_folder_that_holds_no_job_is_refused_and_left_as_it_is(tiny_bundle: Path, tmp_path: Path) -> None:
     src = _wav(tmp_path / "in" / "a.wav", tone(0.2, 16000))
     out = tmp_path / "mine"

@@ -41,6 +41,7 @@ from ..files.audio import (
 )
 from ..files.encoded import ENCODED_SUFFIX, LEGACY_SUFFIX, EncodedAudio, clip_count, read_latents, read_latents_data
 from ..files.outputs import (
+    FILE,
     FORMAT_CHOICES,
     SAMPLE_FORMATS,
     STDIO,
@@ -318,6 +319,9 @@ def reconstruct(
         earlier = _earlier_metrics(metrics_path, options.model) if merge and metrics_path else None
         ready = runner.prepare(jobs)
         if ready:
+            if earlier is not None:  # --skip-existing: earlier entries stay, but not of files this run tried
+                tried = {_metrics_key(j.src) for j in jobs if j.src not in runner.skipped}
+                earlier["files"] = {k: v for k, v in earlier["files"].items() if k not in tried}
             _reconstruct(
                 runner,
                 ready,
@@ -411,9 +415,8 @@ def _reconstruct(
         bar.update(len(group))
     bar.close()
     if metrics_path:
-        if earlier is not None:  # --skip-existing: earlier entries stay, but not of files this run tried
-            tried = {_metrics_key(j.src) for j in jobs}
-            metrics = {**{k: v for k, v in earlier["files"].items() if k not in tried}, **metrics}
+        if earlier is not None:  # the entries of the files this run did not try (see reconstruct)
+            metrics = {**earlier["files"], **metrics}
         _note_unrecorded(metrics_path, runner, metrics)
         write_json(
             metrics_path,
@@ -569,7 +572,7 @@ def decode(
                 clips = read_latents_data(read_stdin(), fingerprint, STDIO, **length)
             else:
                 clips = read_latents(job.src, fingerprint, **length)
-            paths = _clip_outputs(runner, job, target, len(clips))
+            paths = _clip_outputs(runner, job, len(clips))
             done = []
             for clip, path in zip(clips, paths):
                 _emit_audio(target, path, _decoded(rec, clip, job), rate, sample)
@@ -582,15 +585,17 @@ def decode(
     guard_files(ctx, run, "decode")
 
 
-def _clip_outputs(runner: JobRunner, job: Job, target: Target, count: int) -> list[Path | None]:
+def _clip_outputs(runner: JobRunner, job: Job, count: int) -> list[Path | None]:
     """One output per clip: the planned ones, or (stdin, or a file that changed since planning) named
     now by the same rule and checked like the planned ones."""
     if len(job.outputs) == count or (not job.outputs and count == 1):
         return list(job.outputs) or [None]
-    if target.path is None:
+    if not job.outputs:
         raise OutputError(f"{job.src}: holds {count} clips; -o - writes one, so name a file or folder")
-    rel = Path(job.src.name)
-    paths = [p for i in range(count) if (p := output_path(target, rel, i, count)) is not None]
+    if len(job.outputs) != 1:
+        raise AudioInputError(f"{job.src}: holds {count} clips now, {len(job.outputs)} when the run began")
+    planned = Target(FILE, job.outputs[0], job.outputs[0].suffix)  # x.wav -> x-0.wav, x-1.wav, ...
+    paths = [p for i in range(count) if (p := output_path(planned, Path(), i, count)) is not None]
     for path in paths:
         runner.check(path)
         check_writable(path)
