@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -37,7 +36,7 @@ from .errors import AudioInputError, BundleError, NumericalError
 from .executors import Executor, ExecutorOptions
 from .executors.select import AUTO, CUDA, check_choices, create_executor
 from .frontend import log_mel, prepare_waveform
-from .windows import join_windows, plan_windows
+from .windows import Features, WindowJob, join_windows, plan_windows
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -48,44 +47,6 @@ MAX_BATCH: Final = 8  # windows per graph run on a GPU
 # at most, the 10.24 s chain nothing) and peak memory grows with it, so windows run one at a time.
 CPU_MAX_BATCH: Final = 1
 SAMPLES_PER_LATENT_FRAME: Final = HOP_LENGTH * LATENT_DOWNSAMPLE
-
-
-@dataclass(frozen=True)
-class Features:
-    """A prepared input: its log-mel and what is needed to give the output back at its level."""
-
-    log_mel: np.ndarray  # float32 [T, 64]
-    gain: float  # multiply the 16 kHz output by this to restore the input level
-    num_samples: int  # length at 16 kHz
-    waveform: np.ndarray  # float32 [num_samples], the prepared 16 kHz input
-
-
-@dataclass(frozen=True)
-class WindowJob:
-    """One input cut into windows: the stages to run, one graph input per window, and how to join.
-
-    Windows of equal shape from any number of jobs (and callers) can run as one batch with
-    `Reconstructor.run_windows`; `Reconstructor.join` then cross-fades one job's outputs.
-    """
-
-    roles: tuple[str, ...]
-    windows: tuple[np.ndarray, ...]
-    """Graph inputs without the batch axis: [1, T, 64] (encoder), [8, T/4, 16] (decoder), [T, 64] (vocoder)."""
-    spans: tuple[tuple[int, int], ...]
-    """[start, end) of each window, in input units (mel frames, or latent frames for the decoder)."""
-    total: int
-    """Input length in input units."""
-    scale: float
-    """Output units per input unit on the joined axis (samples per frame, or latent frames per frame)."""
-    axis: int
-    """The joined axis of each per-window output (the batch axis removed)."""
-    tail: int = 0
-    """Decoding: samples of the vocoder's output past the last frame that the joined waveform keeps
-    (up to 32; asked for by a length past 640 samples per latent frame, see `Reconstructor.decode`)."""
-
-    def key(self, i: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
-        """Windows with equal keys can share a batch."""
-        return self.roles, tuple(self.windows[i].shape)
 
 
 def _pad_frames(mel: np.ndarray, multiple: int, value: float) -> np.ndarray:
@@ -289,23 +250,16 @@ class Reconstructor:
         return [[o[i] for o in outs] for i in range(len(windows))]
 
     def join(self, job: WindowJob, outputs: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
-        """Cross-fade one job's per-window outputs (as `run_windows` returns them) into whole outputs.
+        """Cross-fade one job's per-window outputs (as `run_windows` returns them) into whole outputs
+        (`windows.join_windows`).
 
         A decoding job's waveform is 640 samples per latent frame, followed by the first `job.tail`
         samples the last window's vocoder gave past its last frame.
         """
-        count = len(outputs[0])
-        joined = [
-            join_windows(job.total, job.spans, [o[k] for o in outputs], job.scale, job.axis) for k in range(count)
+        return [
+            join_windows(job.total, job.spans, [o[k] for o in outputs], job.scale, job.axis, job.tail)
+            for k in range(len(outputs[0]))
         ]
-        if job.roles[0] == DECODER and job.roles[-1] == VOCODER:
-            wave = joined[0][: int(round(job.total * job.scale))]  # one window: its output, tail and all
-            if job.tail:
-                start, end = job.spans[-1]
-                used = int(round((end - start) * job.scale))
-                wave = np.concatenate([wave, outputs[-1][0][used : used + job.tail]])
-            joined = [wave]
-        return joined
 
     def run_jobs(self, jobs: Sequence[WindowJob]) -> list[list[np.ndarray]]:
         """Run every window of several jobs, equal shapes batched up to `max_batch`, and join each job."""

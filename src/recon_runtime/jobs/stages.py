@@ -235,7 +235,7 @@ class Worker:
         return self._result(batch, i, f, out, base)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ..reconstructor import Features
+        from ..windows import Features
 
         cfg = self.config
         self._maybe_stall()
