@@ -89,8 +89,9 @@ def measure(url: str, upload: bytes, clip: bytes, small: int, uploads: int, clip
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from recon_runtime import Reconstructor
-    from recon_runtime.http_protocol import with_timeouts
-    from recon_runtime.server import ServerConfig, create_app
+    from recon_runtime.serving.app import create_app
+    from recon_runtime.serving.config import ServerConfig
+    from recon_runtime.serving.http_protocol import with_timeouts
 
     rec = Reconstructor.load(args.model, provider="cpu", precision="fp32", threads=args.threads)
     config = ServerConfig(model=str(args.model), warmup=False, max_body_mb=args.upload_mb + 1, max_batch=1)

@@ -198,7 +198,7 @@ def closed_loop(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from recon_runtime import Reconstructor
-    from recon_runtime.server import SERVER_BUCKET_FRAMES
+    from recon_runtime.serving.config import SERVER_BUCKET_FRAMES
 
     info = machine()  # at the start: its load average is the other work's
     Path(args.out).mkdir(parents=True, exist_ok=True)

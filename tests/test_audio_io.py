@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recon_runtime.audio_io import atomic_path, save_array, write_audio
 from recon_runtime.errors import OutputError
+from recon_runtime.files.audio import atomic_path, save_array, write_audio
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
 
@@ -119,8 +119,8 @@ def test_array_bytes_are_checked_from_the_header_before_anything_is_allocated() 
 
     from numpy.lib import format as npy_format
 
-    from recon_runtime.audio_io import read_array_bytes
     from recon_runtime.errors import AudioInputError
+    from recon_runtime.files.audio import read_array_bytes
 
     def npy(a: np.ndarray) -> bytes:
         buf = io.BytesIO()

@@ -11,7 +11,7 @@ from concurrent.futures import CancelledError
 import numpy as np
 import pytest
 
-from recon_runtime.batcher import DeadlineExceeded, QueueFull, ShuttingDown, WindowBatcher
+from recon_runtime.serving.batcher import DeadlineExceeded, QueueFull, ShuttingDown, WindowBatcher
 
 KEY_A = (("encoder",), (1, 8, 64))
 KEY_B = (("encoder",), (1, 16, 64))

@@ -338,8 +338,8 @@ def test_skip_existing_keeps_the_metrics_of_the_files_it_skips(tiny_bundle: Path
 def test_plot_keeps_only_the_rows_it_draws(tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    from recon_runtime import plot as plot_module
     from recon_runtime.cli import main
+    from recon_runtime.files import plot as plot_module
 
     for i in range(plot_module.MAX_ROWS + 3):
         _wav(tmp_path / "in" / f"{i:02d}.wav", tone(0.2, 16000, 200 + 50 * i))

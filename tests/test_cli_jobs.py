@@ -250,7 +250,7 @@ def test_encode_force_whose_sidecar_write_fails_keeps_the_old_pair(
 ) -> None:
     import errno
 
-    from recon_runtime import audio_io
+    from recon_runtime.files import audio as audio_io
 
     src = _wav(tmp_path / "x.wav", tone(0.3, 16000))
     out = tmp_path / "lat"

@@ -20,11 +20,14 @@ pq = pytest.importorskip("pyarrow.parquet", reason="dataset jobs need pyarrow (t
 
 from click.testing import CliRunner  # noqa: E402
 
-from recon_runtime.audio_io import read_audio  # noqa: E402
 from recon_runtime.cli import main  # noqa: E402
-from recon_runtime.dataset import JobConfig, read_table, run_job  # noqa: E402
+from recon_runtime.files.audio import read_audio  # noqa: E402
+from recon_runtime.jobs.config import JobConfig  # noqa: E402
+from recon_runtime.jobs.job import run_job  # noqa: E402
+from recon_runtime.jobs.shards import read_table  # noqa: E402
 from recon_runtime.options import LoadOptions  # noqa: E402
 
+from . import dataset_hooks  # noqa: E402
 from .conftest import run_cli, tone  # noqa: E402
 
 
@@ -134,12 +137,13 @@ def test_manifest_inputs_missing_empty_and_too_long(tiny_bundle: Path, tmp_path:
     assert "longer than the limit" in errors[str(long)][1]
 
 
-# `recon-run dataset ...` (argv[2:]) in a process of its own, with the stall_after test hook (argv[1]): each
-# graph worker stalls once it has written that many files, so the job is still running when a test acts
+# `recon-run dataset ...` (argv[3:]) in a process of its own, with stalling graph workers (dataset_hooks.stalling,
+# from the folder argv[1], after argv[2] files): each graph worker stalls once it has taken that many files, so
+# the job is still running when a test acts
 _CLI_SCRIPT = (
-    "import functools, sys; import recon_runtime.cli_dataset as c; "
-    "c.JobConfig = functools.partial(c.JobConfig, stall_after=int(sys.argv[1])); "
-    "from recon_runtime.cli import main; main(sys.argv[2:], prog_name='recon-run')"
+    "import functools, sys; sys.path.insert(0, sys.argv[1]); import dataset_hooks; import recon_runtime.jobs.job as j; "
+    "j.run_job = functools.partial(j.run_job, stages=dataset_hooks.stalling(int(sys.argv[2]))); "
+    "from recon_runtime.cli import main; main(sys.argv[3:], prog_name='recon-run')"
 )
 JOB_START_TIMEOUT_S = 180.0  # a fresh Ray and one worker on a busy 2-core machine
 JOB_POLL_S = 0.2
@@ -154,7 +158,16 @@ def _start_job(bundle: Path, stall_after: int, args: list[str], log: Path) -> su
     common = ["--model", str(bundle), "--provider", "cpu", "--no-progress"]
     with open(log, "wb") as sink:  # a file, never a pipe nobody reads while the test polls
         return subprocess.Popen(
-            [sys.executable, "-c", _CLI_SCRIPT, str(stall_after), "dataset", *args, *common],
+            [
+                sys.executable,
+                "-c",
+                _CLI_SCRIPT,
+                str(Path(__file__).parent),
+                str(stall_after),
+                "dataset",
+                *args,
+                *common,
+            ],
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -303,7 +316,10 @@ def test_a_worker_that_dies_is_retried_and_every_file_accounted_for(tiny_bundle:
     files = _folder(root, 6)
     marker = tmp_path / "crashed"
     out = tmp_path / "out"
-    result = run_job(_job(tiny_bundle, "encode", [root], out, batch_size=2, crash_once=(files[3].name, str(marker))))
+    result = run_job(
+        _job(tiny_bundle, "encode", [root], out, batch_size=2),
+        stages=dataset_hooks.dying_once(files[3].name, str(marker)),
+    )
     assert marker.is_file(), "the hook did not kill the worker"
     assert (result.ok, result.failed) == (6, 0)
     assert Counter(_keys(out, "latents")) == Counter(str(p) for p in files)
@@ -410,11 +426,15 @@ def test_a_file_that_kills_its_worker_every_time_fails_alone_and_the_job_ends(
     killer_run, killer_read = files[3], files[0]
     with _Alarm(240):
         # the graph worker dies on one file, every time; a CPU read task dies on another, every time
-        result = run_job(_job(tiny_bundle, "encode", [root], out, batch_size=2, crash_always=(killer_run.name, "run")))
+        result = run_job(
+            _job(tiny_bundle, "encode", [root], out, batch_size=2),
+            stages=dataset_hooks.dying_always(killer_run.name, "run"),
+        )
         assert (result.ok, result.failed) == (5, 1)
         out2 = tmp_path / "out2"
         result2 = run_job(
-            _job(tiny_bundle, "encode", [root], out2, batch_size=2, crash_always=(killer_read.name, "read"))
+            _job(tiny_bundle, "encode", [root], out2, batch_size=2),
+            stages=dataset_hooks.dying_always(killer_read.name, "read"),
         )
         assert (result2.ok, result2.failed) == (5, 1)
     for folder, killer, stage in ((out, killer_run, "encode"), (out2, killer_read, "read")):
@@ -429,7 +449,7 @@ def test_a_file_that_kills_its_worker_every_time_fails_alone_and_the_job_ends(
 def test_compact_never_loses_a_key(tmp_path: Path) -> None:
     import pyarrow as pa
 
-    from recon_runtime.dataset import _shard_name, compact, write_shard
+    from recon_runtime.jobs.shards import compact, shard_name, write_shard
 
     def table(keys):
         return pa.table(
@@ -441,7 +461,7 @@ def test_compact_never_loses_a_key(tmp_path: Path) -> None:
         )
 
     # shards {b}, {a, b}, {a} in name order, the last one named as the filtered middle one would be
-    a = next(("a", 1, m) for m in range(1000) if _shard_name([("a", 1, m)]) > "part-2")
+    a = next(("a", 1, m) for m in range(1000) if shard_name([("a", 1, m)]) > "part-2")
     b = ("b", 1, 0)
     folder = tmp_path / "t"
     folder.mkdir()
@@ -455,7 +475,7 @@ def test_compact_never_loses_a_key(tmp_path: Path) -> None:
 
 
 def _batch(bundle: Path, files: list[Path], **kw) -> dict:
-    from recon_runtime.dataset import prepare_batch
+    from recon_runtime.jobs.stages import prepare_batch
 
     rows = {
         "path": np.asarray([str(f) for f in files], dtype=object),
@@ -468,13 +488,14 @@ def _batch(bundle: Path, files: list[Path], **kw) -> dict:
 
 def test_a_batch_run_again_with_another_outcome_replaces_its_rows(tiny_bundle: Path, tmp_path: Path) -> None:
     from recon_runtime.contract import read_contract
-    from recon_runtime.dataset import Worker, _check_job_file
+    from recon_runtime.jobs.outdir import check_job_record
+    from recon_runtime.jobs.stages import Worker
 
     files = _folder(tmp_path / "in", 3)
     out = tmp_path / "out"
     cfg = _job(tiny_bundle, "encode", [tmp_path / "in"], out)
     out.mkdir()
-    _check_job_file(cfg, read_contract(tiny_bundle).fingerprint, None)  # a job's folder, as the driver makes it first
+    check_job_record(cfg, read_contract(tiny_bundle).fingerprint, None)  # a job's folder, as the driver makes it first
     worker = Worker(cfg)
     batch = _batch(tiny_bundle, files)
     assert all(w.size == 0 for w in batch["waveform"])  # encode does not ship the waveform
@@ -485,11 +506,11 @@ def test_a_batch_run_again_with_another_outcome_replaces_its_rows(tiny_bundle: P
     assert _keys(out, "errors") == []
 
     # an error row left for a file that has a result row (e.g. written by an older version) is dropped
-    from recon_runtime.dataset import _error_table, write_shard
+    from recon_runtime.jobs.shards import error_table, write_shard
 
     st = files[1].stat()
     row = {"path": str(files[1]), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "stage": "read", "message": "x"}
-    write_shard(out / "errors", _error_table([row]))
+    write_shard(out / "errors", error_table([row]))
     again = run_job(cfg)
     assert (again.ok, again.failed, again.skipped, again.failed_before, again.errors_outstanding) == (0, 0, 3, 0, 0)
     assert _keys(out, "errors") == []
@@ -498,7 +519,9 @@ def test_a_batch_run_again_with_another_outcome_replaces_its_rows(tiny_bundle: P
 def test_metrics_summary_counts_each_file_once(tmp_path: Path) -> None:
     import pyarrow as pa
 
-    from recon_runtime.dataset import METRIC_NAMES, metrics_summary, write_shard
+    from recon_runtime.jobs.config import METRIC_NAMES
+    from recon_runtime.jobs.job import metrics_summary
+    from recon_runtime.jobs.shards import write_shard
 
     def shard(name: str, value: float) -> None:
         cols = {"path": ["x"], "size": [1], "mtime_ns": [1]} | {m: [value] for m in METRIC_NAMES}
@@ -516,7 +539,7 @@ def test_encode_crops_latents_as_encode_features_does(tiny_bundle: Path, tmp_pat
     import dataclasses
 
     from recon_runtime import Reconstructor
-    from recon_runtime.dataset import Worker
+    from recon_runtime.jobs.stages import Worker
 
     @dataclasses.dataclass(frozen=True)
     class Bucketed(LoadOptions):
@@ -710,7 +733,7 @@ def test_an_interrupted_no_resume_is_finished_by_the_next_run(
     tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C while --no-resume deletes (after the audio, before done/): a plain rerun must not skip files whose audio is gone."""
-    from recon_runtime.dataset import JobInterrupted
+    from recon_runtime.jobs.job import JobInterrupted
 
     root = tmp_path / "in"
     files = [_wav(root / f"c{i}.wav", tone(0.2, 16000, 300 + 100 * i)) for i in range(3)]
@@ -745,7 +768,7 @@ def test_an_interrupted_no_resume_is_finished_by_the_next_run(
 def test_ctrl_c_before_ray_starts_exits_130_with_one_line(
     tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from recon_runtime import audio_io
+    from recon_runtime.files import audio as audio_io
 
     src = _wav(tmp_path / "in" / "a.wav", tone(0.2, 16000))
     out = tmp_path / "out"
@@ -811,7 +834,7 @@ def test_stop_ray_kills_the_processes_of_its_first_look(monkeypatch: pytest.Monk
     """After the timeout, a second look only adds processes; a pid it finds again keeps the first look's object."""
     import threading
 
-    from recon_runtime import dataset
+    from recon_runtime.jobs import job as dataset
 
     killed: list[str] = []
 
@@ -838,7 +861,7 @@ def test_ray_processes_whose_popen_was_reaped_are_never_looked_up(monkeypatch: p
 
     from ray._private import worker as ray_worker
 
-    from recon_runtime import dataset
+    from recon_runtime.jobs import job as dataset
 
     reaped = subprocess.Popen(["true"])
     reaped.wait()

@@ -7,7 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-import recon_runtime.metrics as metrics
+import recon_runtime.files.metrics as metrics
 from recon_runtime.contract import EXPECTED_MEL
 from recon_runtime.frontend import stft_window
 

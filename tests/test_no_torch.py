@@ -95,7 +95,7 @@ def test_base_install_metadata_lists_no_heavy_package() -> None:
 
 def test_runtime_and_cli_import_no_ray() -> None:
     """Ray (and pyarrow) are the `ray` extra's: only a `recon-run dataset` job or `recon-run serve --ray`
-    imports them (recon_runtime.ray_serve imports Ray inside its functions, not at import)."""
+    imports them (recon_runtime.serving.ray_serve imports Ray inside its functions, not at import)."""
     r = subprocess.run(
         [
             sys.executable,
@@ -104,11 +104,11 @@ def test_runtime_and_cli_import_no_ray() -> None:
         import sys
         import recon_runtime
         from recon_runtime import Reconstructor
-        import recon_runtime.cli, recon_runtime.cli_dataset, recon_runtime.dataset, recon_runtime.cli_serve
+        import recon_runtime.cli, recon_runtime.cli.dataset, recon_runtime.jobs.job, recon_runtime.cli.serve
         from recon_runtime.cli import main
         import importlib.util
         if importlib.util.find_spec("fastapi") is not None:  # the server's modules need the `serve` extra
-            import recon_runtime.server, recon_runtime.ray_serve
+            import recon_runtime.serving.app, recon_runtime.serving.ray_serve
         print(sorted(n for n in ("ray", "pyarrow") if n in sys.modules))
     """),
         ],
@@ -153,7 +153,7 @@ def test_importing_the_runtime_and_its_cli_loads_no_server_package() -> None:
         import sys
         import recon_runtime
         from recon_runtime import Reconstructor
-        import recon_runtime.cli, recon_runtime.batcher, recon_runtime.cli_serve
+        import recon_runtime.cli, recon_runtime.serving.batcher, recon_runtime.cli.serve
         from recon_runtime.cli import main
         print(sorted(n for n in ("fastapi", "uvicorn", "httpx", "prometheus_client", "starlette", "multipart")
                      if n in sys.modules))

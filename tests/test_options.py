@@ -20,9 +20,9 @@ import click
 import pytest
 
 from recon_runtime import Reconstructor
-from recon_runtime.choices import BACKEND_CHOICES, PRECISION_CHOICES, PROVIDER_CHOICES
 from recon_runtime.cli import main
 from recon_runtime.executors.base import PERFORMANCE_HINTS
+from recon_runtime.executors.select import BACKEND_CHOICES, PRECISION_CHOICES, PROVIDER_CHOICES
 from recon_runtime.options import LoadOptions
 
 CHOICES = {
@@ -114,7 +114,7 @@ def test_the_options_reach_reconstructor_load(tiny_bundle: Path) -> None:
 
 def test_the_server_config_reads_the_same_options_from_the_environment() -> None:
     pytest.importorskip("fastapi", reason="the server needs the `serve` extra")
-    from recon_runtime.server import ServerConfig
+    from recon_runtime.serving.config import ServerConfig
 
     assert issubclass(ServerConfig, LoadOptions)
     # booleans as a user writes them (1/0 alone cannot tell strict parsing from "anything else is False")
@@ -260,7 +260,8 @@ def test_serve_batches_at_the_runtimes_per_device_default(tiny_bundle: Path, tmp
 def test_the_batcher_follows_the_served_reconstructors_max_batch(tiny_bundle: Path) -> None:
     from starlette.testclient import TestClient
 
-    from recon_runtime.server import ServerConfig, create_app
+    from recon_runtime.serving.app import create_app
+    from recon_runtime.serving.config import ServerConfig
 
     rec = Reconstructor.load(tiny_bundle, provider="cpu", precision="fp32", threads=1, max_batch=3)
     app = create_app(ServerConfig(model=tiny_bundle, warmup=False), reconstructor=rec)
@@ -280,7 +281,8 @@ def test_serve_runs_openvino_with_the_latency_hint_unless_asked(
     from starlette.testclient import TestClient
 
     from recon_runtime.contract import ROLES
-    from recon_runtime.server import ServerConfig, create_app
+    from recon_runtime.serving.app import create_app
+    from recon_runtime.serving.config import ServerConfig
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     for hint, want in ((None, "LATENCY"), ("throughput", "THROUGHPUT")):

@@ -93,9 +93,9 @@ def keyed(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 # ---------------------------------------------------------------------- /v1/compare
 def test_compare_returns_both_mels_and_the_metrics_reconstruct_writes(server: Server, rec: Any) -> None:
+    from recon_runtime.files.metrics import compare
     from recon_runtime.frontend import log_mel
-    from recon_runtime.metrics import compare
-    from recon_runtime.page import mel_columns
+    from recon_runtime.serving.page import mel_columns
 
     audio = clip()
     original = wav_bytes(audio, 22050)
@@ -129,7 +129,7 @@ def test_compare_returns_both_mels_and_the_metrics_reconstruct_writes(server: Se
 
 
 def test_mel_columns_average_their_frames() -> None:
-    from recon_runtime.page import mel_columns, quantise
+    from recon_runtime.serving.page import mel_columns, quantise
 
     mel = np.arange(10 * 2, dtype=np.float32).reshape(10, 2)
     assert np.array_equal(mel_columns(mel, 20), mel)  # no more frames than columns: unchanged
@@ -281,7 +281,7 @@ def audio_state(page: Any, which: str) -> dict[str, Any]:
 def test_the_page_plays_and_compares_what_the_server_reconstructs(
     browser: Any, server: Server, rec: Any, tmp_path: Path
 ) -> None:
-    from recon_runtime.metrics import compare
+    from recon_runtime.files.metrics import compare
 
     audio = clip()
     path = write_wav(tmp_path / "clip.wav", audio, 22050)
@@ -495,7 +495,7 @@ def test_a_recording_from_the_microphone_is_reconstructed(browser: Any, server: 
 
 def test_pages_static_files_are_package_data() -> None:
     """The page's files sit in the package folder `create_app` serves (tests/test_wheel.py checks the wheel)."""
-    from recon_runtime.page import STATIC_DIR
+    from recon_runtime.serving.page import STATIC_DIR
 
     names = {p.name for p in STATIC_DIR.iterdir()}
     assert {"index.html", "app.js", "app.css"} <= names

@@ -42,7 +42,7 @@ pytestmark = pytest.mark.skipif(
 if not MISSING:
     import httpx
 
-    from recon_runtime.client import Client
+    from recon_runtime.serving.client import Client
 
     from .test_server import free_port, rel_l2, wav_bytes
 
@@ -54,7 +54,7 @@ HEADER = "X-Recon-Replica"
 @pytest.fixture(scope="module")
 def rec(tiny_bundle: Path) -> Any:
     from recon_runtime import Reconstructor
-    from recon_runtime.server import SERVER_BUCKET_FRAMES
+    from recon_runtime.serving.config import SERVER_BUCKET_FRAMES
 
     return Reconstructor.load(
         tiny_bundle, provider="cpu", precision="fp32", threads=1, bucket_frames=SERVER_BUCKET_FRAMES
@@ -129,8 +129,8 @@ def deployed(tiny_bundle: Path) -> Iterator[str]:
     import ray
     from ray import serve
 
-    from recon_runtime.ray_serve import deploy
-    from recon_runtime.server import ServerConfig
+    from recon_runtime.serving.config import ServerConfig
+    from recon_runtime.serving.ray_serve import deploy
 
     started = not ray.is_initialized()
     if started:
@@ -192,7 +192,7 @@ def test_errors_limits_and_metrics_are_the_plain_servers(deployed: str) -> None:
     r = httpx.get(deployed + "/nowhere", timeout=30)
     assert r.status_code == 404 and r.json() == {"error": "Not Found"}
     info = httpx.get(deployed + "/v1/info", timeout=30).json()
-    from recon_runtime.server import SERVER_BUCKET_FRAMES
+    from recon_runtime.serving.config import SERVER_BUCKET_FRAMES
 
     assert info["bucket_frames"] == SERVER_BUCKET_FRAMES and info["limits"]["max_queue"] == 64
     assert info["limits"]["threads"] == 1
@@ -208,8 +208,8 @@ def test_a_model_that_fails_to_load_fails_the_deployment_with_the_reason(
     import shutil
 
     from recon_runtime.errors import ReconError
-    from recon_runtime.ray_serve import deploy
-    from recon_runtime.server import ServerConfig
+    from recon_runtime.serving.config import ServerConfig
+    from recon_runtime.serving.ray_serve import deploy
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_bundle, broken)

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.skipif(
 if not MISSING:
     import httpx
 
-    from recon_runtime.client import Client, ServerError
+    from recon_runtime.serving.client import Client, ServerError
 
 KEY_VAR = "RECON_TEST_API_KEY"
 KEY = "test-key-5c1e2a"
@@ -636,7 +636,7 @@ def guarded(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-PROTOCOL_FROM_ENV = "recon_runtime.http_protocol:HeadTimeoutH11Protocol"
+PROTOCOL_FROM_ENV = "recon_runtime.serving.http_protocol:HeadTimeoutH11Protocol"
 
 
 def wait_until(condition: Any, timeout: float, what: str) -> None:
@@ -705,12 +705,13 @@ def test_part_of_a_pipelined_head_that_came_with_the_last_request_still_gets_its
 def test_other_uvicorn_hosts_get_the_timeouts_from_the_environment_once_at_start(
     tiny_bundle: Path, rec: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`uvicorn --http recon_runtime.http_protocol:HeadTimeoutH11Protocol` reads RECON_HEADER_TIMEOUT_S
+    """`uvicorn --http recon_runtime.serving.http_protocol:HeadTimeoutH11Protocol` reads RECON_HEADER_TIMEOUT_S
     (and every RECON_* setting, checked) when uvicorn loads the class, not on each connection."""
     import uvicorn
 
-    import recon_runtime.http_protocol as http_protocol
-    from recon_runtime.server import ServerConfig, create_app
+    import recon_runtime.serving.http_protocol as http_protocol
+    from recon_runtime.serving.app import create_app
+    from recon_runtime.serving.config import ServerConfig
 
     monkeypatch.setattr(http_protocol, "_from_env", None)  # as in a fresh process
     monkeypatch.setenv("RECON_MAX_WAIT_MS", "abc")  # a bad value fails the start, naming the variable
@@ -734,7 +735,7 @@ def test_other_uvicorn_hosts_get_the_timeouts_from_the_environment_once_at_start
 def test_the_protocol_refuses_a_uvicorn_without_what_it_extends(monkeypatch: pytest.MonkeyPatch) -> None:
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    import recon_runtime.http_protocol as http_protocol
+    import recon_runtime.serving.http_protocol as http_protocol
 
     http_protocol._check_uvicorn()  # the pinned uvicorn has it all
     monkeypatch.delattr(H11Protocol, "send_400_response")
@@ -754,10 +755,10 @@ def test_the_protocol_refuses_a_uvicorn_without_what_it_extends(monkeypatch: pyt
 def test_a_host_without_the_protocol_is_told_its_timeouts_do_not_apply(
     tiny_bundle: Path, rec: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import recon_runtime.http_protocol as http_protocol
+    import recon_runtime.serving.http_protocol as http_protocol
 
     monkeypatch.setattr(http_protocol, "connections_served", 0)  # as in a process that never served with it
-    with caplog.at_level("WARNING", logger="recon_runtime.server"):
+    with caplog.at_level("WARNING", logger="recon_runtime.serving"):
         srv = serve_in_process(rec, tiny_bundle)  # uvicorn's own protocol
         try:
             assert httpx.get(srv.url + "/healthz", timeout=10).status_code == 200
@@ -1117,7 +1118,8 @@ class _Threaded:
 
 
 def test_readyz_is_503_until_the_model_is_loaded_and_warmed_up(tiny_bundle: Path, rec: Any) -> None:
-    from recon_runtime.server import ServerConfig, create_app
+    from recon_runtime.serving.app import create_app
+    from recon_runtime.serving.config import ServerConfig
 
     release = threading.Event()
 
@@ -1151,7 +1153,8 @@ def test_readyz_is_503_until_the_model_is_loaded_and_warmed_up(tiny_bundle: Path
 
 
 def test_streaming_decode_sends_its_first_part_before_the_last_window_is_computed(tiny_bundle: Path, rec: Any) -> None:
-    from recon_runtime.server import ServerConfig, create_app
+    from recon_runtime.serving.app import create_app
+    from recon_runtime.serving.config import ServerConfig
 
     class Held:
         """The runtime, with decoder windows after the first held until the test lets them go."""
@@ -1240,7 +1243,8 @@ class Gated:
 
 
 def serve_in_process(rec: Any, tiny_bundle: Path, **config: Any) -> _Threaded:
-    from recon_runtime.server import ServerConfig, create_app
+    from recon_runtime.serving.app import create_app
+    from recon_runtime.serving.config import ServerConfig
 
     srv = _Threaded(create_app(ServerConfig(model=str(tiny_bundle), warmup=False, **config), reconstructor=rec))
     end = time.monotonic() + 30
@@ -1338,7 +1342,7 @@ def test_a_stream_is_budgeted_at_its_first_window_only_and_long_plain_decodes_fa
 ) -> None:
     """A stream's later windows skip the budget (the batcher test shows they then queue past a full
     one), so a started stream is never cut off by it; the client streams what a plain decode cannot."""
-    from recon_runtime.batcher import WindowBatcher
+    from recon_runtime.serving.batcher import WindowBatcher
 
     calls: list[tuple[int, bool]] = []
     real = WindowBatcher.submit_many
@@ -1373,7 +1377,7 @@ def test_a_stream_gives_its_admission_slot_back_even_when_its_body_never_starts(
 
     from starlette.requests import ClientDisconnect
 
-    from recon_runtime.server import ReleasingStream
+    from recon_runtime.serving.routes import ReleasingStream
 
     closed: list[bool] = []
     started: list[bool] = []
@@ -1485,7 +1489,7 @@ def test_parsing_and_encoding_run_off_the_event_loop(
     (a 57 MB multipart upload stalled /healthz for 0.3-0.7 s when they did)."""
     import asyncio
 
-    import recon_runtime.server as server_module
+    from recon_runtime.serving import inputs, routes
 
     on_loop: list[str] = []
 
@@ -1500,9 +1504,14 @@ def test_parsing_and_encoding_run_off_the_event_loop(
 
         return wrapper
 
-    for name in ("_multipart_file", "_wav_bytes", "_npy_bytes", "_pcm_bytes"):
-        monkeypatch.setattr(server_module, name, off_loop(name, getattr(server_module, name)))
-    monkeypatch.setattr(server_module.Service, "latents", off_loop("latents", server_module.Service.latents))
+    for module, name in (
+        (inputs, "multipart_file"),
+        (routes, "_wav_bytes"),
+        (routes, "_npy_bytes"),
+        (routes, "_pcm_bytes"),
+        (inputs, "latents"),
+    ):
+        monkeypatch.setattr(module, name, off_loop(name, getattr(module, name)))
     srv = serve_in_process(rec, tiny_bundle, max_body_mb=64)
     try:
         clip = tone(0.5, RATE, 330.0)
@@ -1544,7 +1553,8 @@ def test_parsing_and_encoding_run_off_the_event_loop(
 
 def test_bucket_frames_is_an_opt_in_that_equals_the_bucketed_runtime(tiny_bundle: Path) -> None:
     from recon_runtime import Reconstructor
-    from recon_runtime.server import ServerConfig, create_app
+    from recon_runtime.serving.app import create_app
+    from recon_runtime.serving.config import ServerConfig
 
     kw = {"provider": "cpu", "precision": "fp32", "threads": 1}
     bucketed = Reconstructor.load(tiny_bundle, bucket_frames=128, **kw)
@@ -1602,7 +1612,7 @@ def test_the_client_raises_server_errors_with_the_status(server: Server) -> None
 
 
 def test_config_from_the_environment_for_hosts_without_the_cli() -> None:
-    from recon_runtime.server import ServerConfig
+    from recon_runtime.serving.config import ServerConfig
 
     env = {"RECON_MODEL": "/m", "RECON_MAX_BATCH": "2", "RECON_MAX_WAIT_MS": "5.5", "RECON_THREADS": "3"}
     env |= {"RECON_API_KEY_ENV": "MY_KEY", "MY_KEY": "k1", "RECON_MAX_WINDOWS": "40"}
@@ -1630,7 +1640,7 @@ def test_environment_values_are_parsed_strictly_and_refused_by_name(caplog: pyte
     """RECON_CUDA_GRAPH=on and "True " silently became False (only 1/true/yes counted), a bad number
     raised Python's own message without the variable, nothing set a None default back, NaN passed
     every check (`--min-upload-rate nan` made every upload a 408), and RECON_API_KEY did nothing."""
-    from recon_runtime.server import ServerConfig
+    from recon_runtime.serving.config import ServerConfig
 
     for raw, want in [("on", True), ("True ", True), ("YES", True), ("1", True), (" off", False), ("No", False)]:
         assert ServerConfig.from_env({"RECON_CUDA_GRAPH": raw}).cuda_graph is want, raw
@@ -1652,11 +1662,11 @@ def test_environment_values_are_parsed_strictly_and_refused_by_name(caplog: pyte
     for raw in ("", "none", "None"):  # back to the default None
         c = ServerConfig.from_env({"RECON_MAX_WINDOWS": raw, "RECON_THREADS": raw, "RECON_MAX_BATCH": raw})
         assert (c.max_windows, c.threads, c.max_batch) == (None, None, None), raw
-    with caplog.at_level("WARNING", logger="recon_runtime.server"):
+    with caplog.at_level("WARNING", logger="recon_runtime.serving"):
         assert ServerConfig.from_env({"RECON_API_KEY": "secret"}).api_key is None
     assert any("RECON_API_KEY_ENV" in r.getMessage() for r in caplog.records), caplog.records
     caplog.clear()
-    with caplog.at_level("WARNING", logger="recon_runtime.server"):
+    with caplog.at_level("WARNING", logger="recon_runtime.serving"):
         c = ServerConfig.from_env({"RECON_API_KEY": "secret", "RECON_API_KEY_ENV": "RECON_API_KEY"})
     assert c.api_key == "secret" and not caplog.records
 

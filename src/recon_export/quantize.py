@@ -23,7 +23,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from recon_runtime.audio_io import discover, is_audio_file, read_audio
 from recon_runtime.contract import (
     CHAIN_LOG_MEL_L1_BUDGET,
     DECODER,
@@ -37,6 +36,7 @@ from recon_runtime.contract import (
     SILENCE_LOG_MEL,
     VOCODER,
 )
+from recon_runtime.files.audio import discover, is_audio_file, read_audio
 from recon_runtime.frontend import log_mel, prepare_waveform
 
 from .errors import ExportError, ParityError

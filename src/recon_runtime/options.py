@@ -1,10 +1,10 @@
 """The options a user sets to load a bundle, defined once: `LoadOptions` and the choices it accepts.
 
 `recon-run reconstruct|encode|decode|vocode`, `recon-run dataset ...` and `recon-run serve` take the
-same model options (`cli_common.model_options` builds them from `LoadOptions`), and
-`server.ServerConfig` extends `LoadOptions`, so the server's `RECON_*` variables read the same fields.
+same model options (`cli.options.model_options` builds them from `LoadOptions`), and
+`serving.config.ServerConfig` extends `LoadOptions`, so the server's `RECON_*` variables read the same fields.
 Every field is an argument of `Reconstructor.load` with the same default; the choices are the
-constants of `choices`, which `Reconstructor.load` checks too. This module imports no engine.
+constants of `executors.select`, which `Reconstructor.load` checks too. This module imports no engine.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from .choices import AUTO, check_choices
+from .executors.select import AUTO, check_choices
 
 if TYPE_CHECKING:
     from .reconstructor import Reconstructor

@@ -6,7 +6,7 @@ form: one model run serves both the listening and the comparison) and returns bo
 log-mels on one colour scale, reduced to a bounded number of time columns, with the metrics
 `recon-run reconstruct --metrics` writes: the same prepared input, the same reconstruction at the
 prepared level, the same `metrics.compare`. It runs no graph; it is admitted, bounded and refused
-like the inference routes (`Service.check_capacity`, `read_body`, `Service.admit`, the CPU pool, the request deadline).
+like the inference routes (`Service.check_capacity`, `Service.read_body`, `Service.admit`, the CPU pool, the request deadline).
 """
 
 from __future__ import annotations
@@ -18,18 +18,20 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import soxr
-from fastapi import FastAPI, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from .audio_io import AudioTooLarge, read_audio_bytes
-from .errors import AudioInputError
-from .frontend import log_mel
-from .metrics import compare
+from ..errors import AudioInputError
+from ..files.audio import AudioTooLarge, read_audio_bytes
+from ..files.metrics import compare
+from ..frontend import log_mel
+from . import inputs
+from .errors import HTTPError
 
 if TYPE_CHECKING:
-    from .contract import MelSpec
-    from .reconstructor import Features
+    from ..contract import MelSpec
+    from ..windows import Features
 
 STATIC_DIR: Final = Path(__file__).with_name("static")
 PAGE_PATHS: Final = ("/", "/index.html")
@@ -58,17 +60,6 @@ PAGE_HEADERS: Final = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
-
-
-class Refused(Exception):
-    """A /v1/compare input the page's route refuses: status and one-line message (JSON, as every error).
-
-    Its own class (not the server's): this module is imported by the server and imports nothing of it."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def is_public(path: str) -> bool:
@@ -158,16 +149,16 @@ async def _form_files_async(scope: dict[str, Any], body: bytes) -> dict[str, byt
     try:
         form = await Request(scope, replay).form(max_files=len(FIELDS), max_fields=16)
     except Exception as e:  # noqa: BLE001 - any parser complaint is the client's malformed form
-        raise Refused(400, f"malformed multipart body ({' '.join(str(e).split()) or type(e).__name__})") from None
+        raise HTTPError(400, f"malformed multipart body ({' '.join(str(e).split()) or type(e).__name__})") from None
     try:
         files = {}
         for name in FIELDS:
             item = form.get(name)
             if item is None or isinstance(item, str):
-                raise Refused(400, f"the form needs the files `{FIELDS[0]}` and `{FIELDS[1]}` (no `{name}`)")
+                raise HTTPError(400, f"the form needs the files `{FIELDS[0]}` and `{FIELDS[1]}` (no `{name}`)")
             files[name] = await item.read()
             if not files[name]:
-                raise Refused(400, f"`{name}` is empty (0 bytes)")
+                raise HTTPError(400, f"`{name}` is empty (0 bytes)")
         return files
     finally:
         await form.close()
@@ -182,7 +173,7 @@ def _reconstruction(service: Any, data: bytes, feats: Features) -> np.ndarray:
 
     def check(frames: int, file_rate: int) -> None:
         if file_rate > 0 and 0 < frames < 2**62 and abs(frames / file_rate - want) > LENGTH_TOLERANCE_S:
-            raise Refused(
+            raise HTTPError(
                 422,
                 f"the reconstruction lasts {frames / file_rate:.3f} s and the original {want:.3f} s: "
                 "send the reconstruction /v1/reconstruct gave for this original",
@@ -192,7 +183,7 @@ def _reconstruction(service: Any, data: bytes, feats: Features) -> np.ndarray:
     try:
         audio, file_rate = read_audio_bytes(data, "uploaded reconstruction", check, max_decoded_bytes=budget)
     except AudioTooLarge as e:
-        raise Refused(413, str(e)) from None
+        raise HTTPError(413, str(e)) from None
     check(audio.shape[0], file_rate)  # formats that do not state their length up front
     if file_rate != rate:
         audio = soxr.resample(audio, file_rate, rate, quality="HQ").astype(np.float32, copy=False)
@@ -206,51 +197,53 @@ def _reconstruction(service: Any, data: bytes, feats: Features) -> np.ndarray:
     return wave
 
 
-def mount_page(app: FastAPI, service: Any) -> None:
-    """Serve the page at `/`, its assets at `/static/` and `/v1/compare` (the app's `Service` admits,
-    reads and bounds it; the API key middleware lets `is_public` paths through)."""
-    index = STATIC_DIR / "index.html"
+router = APIRouter()
+"""The page at `/` (and `/index.html`) and `/v1/compare`; `mount_page` adds its assets at `/static/`."""
 
-    @app.exception_handler(Refused)
-    async def _refused(request: Request, e: Refused) -> JSONResponse:
-        return JSONResponse({"error": e.message}, e.status)
 
-    @app.get("/", include_in_schema=False)
-    @app.get("/index.html", include_in_schema=False)
-    async def page() -> FileResponse:
-        return FileResponse(index, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+@router.get("/", include_in_schema=False)
+@router.get("/index.html", include_in_schema=False)
+async def page() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
+
+@router.post(
+    "/v1/compare",
+    summary="An original and its reconstruction -> both AudioLDM2 log-mels on one scale, and the --metrics metrics",
+    openapi_extra={"requestBody": {"content": {"multipart/form-data": {}}}},
+)
+async def compare_route(
+    request: Request,
+    columns: int = Query(
+        DEFAULT_COLUMNS,
+        ge=1,
+        le=MAX_COLUMNS,
+        description="At most this many time columns per mel (means of frames)",
+    ),
+) -> dict[str, Any]:
+    service = request.app.state.service
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise HTTPError(400, f"send a multipart form with the files `{FIELDS[0]}` and `{FIELDS[1]}`")
+    service.check_capacity()  # a full server refuses before the body; the middleware gives the slot back
+    config = service.config
+    limit = compare_limit_bytes(config.max_body_mb, config.max_seconds, service.rate)
+    body = await service.read_body(request, limit=limit, raw=True)
+    service.admit(request)
+    deadline = service.deadline()
+    files = await service.within(deadline, service.cpu(_form_files, request.scope, body))
+    del body  # each step lets go of what it no longer needs: a 10-minute pair is 77 MB as sent
+    original_limit = int(config.max_body_mb * 2**20)
+    if len(files["original"]) > original_limit:
+        raise HTTPError(
+            413, f"`original` of {len(files['original'])} bytes is over the limit of {original_limit} bytes"
+        )
+    feats, _ = await service.within(deadline, service.cpu(inputs.features, service.rec, config, files.pop("original")))
+    wave = await service.within(deadline, service.cpu(_reconstruction, service, files.pop("reconstruction"), feats))
+    return await service.within(deadline, service.cpu(comparison, feats, wave, service.rec.contract.mel, columns))
+
+
+def mount_page(app: FastAPI) -> None:
+    """Serve the page's routes and its assets at `/static/` (the app's `Service` admits, reads and bounds
+    /v1/compare; the API key middleware lets `is_public` paths through)."""
+    app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-
-    @app.post(
-        "/v1/compare",
-        summary="An original and its reconstruction -> both AudioLDM2 log-mels on one scale, and the --metrics metrics",
-        openapi_extra={"requestBody": {"content": {"multipart/form-data": {}}}},
-    )
-    async def compare_route(
-        request: Request,
-        columns: int = Query(
-            DEFAULT_COLUMNS,
-            ge=1,
-            le=MAX_COLUMNS,
-            description="At most this many time columns per mel (means of frames)",
-        ),
-    ) -> dict[str, Any]:
-        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-            raise Refused(400, f"send a multipart form with the files `{FIELDS[0]}` and `{FIELDS[1]}`")
-        service.check_capacity()  # a full server refuses before the body; the middleware gives the slot back
-        config = service.config
-        limit = compare_limit_bytes(config.max_body_mb, config.max_seconds, service.rate)
-        body = await service.read_body(request, limit=limit, raw=True)
-        service.admit(request)
-        deadline = service.deadline()
-        files = await service.within(deadline, service.cpu(_form_files, request.scope, body))
-        del body  # each step lets go of what it no longer needs: a 10-minute pair is 77 MB as sent
-        original_limit = int(config.max_body_mb * 2**20)
-        if len(files["original"]) > original_limit:
-            raise Refused(
-                413, f"`original` of {len(files['original'])} bytes is over the limit of {original_limit} bytes"
-            )
-        feats, _ = await service.within(deadline, service.cpu(service.features, files.pop("original")))
-        wave = await service.within(deadline, service.cpu(_reconstruction, service, files.pop("reconstruction"), feats))
-        return await service.within(deadline, service.cpu(comparison, feats, wave, service.rec.contract.mel, columns))

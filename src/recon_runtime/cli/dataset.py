@@ -1,4 +1,4 @@
-"""`recon-run dataset encode|reconstruct|evaluate`: whole datasets on Ray Data (see dataset.py).
+"""`recon-run dataset encode|reconstruct|evaluate`: whole datasets on Ray Data (see `recon_runtime.jobs`).
 
 ray and pyarrow are imported only when a command runs, so `recon-run` and `import recon_runtime`
 stay lean without the `ray` extra.
@@ -13,8 +13,10 @@ from typing import Any
 
 import click
 
-from .cli_common import fail, guard, model_args, model_options
-from .dataset import DEFAULT_MAX_SECONDS, ENCODE, EVALUATE, INTERRUPTED_EXIT, RECONSTRUCT, JobConfig, JobInterrupted
+from ..jobs.config import DEFAULT_MAX_SECONDS, ENCODE, EVALUATE, RECONSTRUCT, JobConfig
+from ..jobs.job import INTERRUPTED_EXIT, JobInterrupted
+from .batch import fail, guard
+from .options import model_args, model_options
 
 
 @click.group()
@@ -72,7 +74,7 @@ def _run(ctx: click.Context, mode: str, inputs: tuple[str, ...], out: Path, kwar
     margs = model_args(kwargs)
 
     def run() -> int:
-        from .dataset import interrupted_message, run_job
+        from ..jobs.job import interrupted_message, run_job
 
         cfg = JobConfig(
             mode=mode,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio_io import atomic_path
-from .contract import SILENCE_LOG_MEL
-from .errors import OutputError, install_hint
+from ..contract import SILENCE_LOG_MEL
+from ..errors import OutputError, install_hint
+from .audio import atomic_path
 
 MAX_ROWS = 8  # files shown in one figure
 

@@ -8,8 +8,8 @@ from typing import Final
 import numpy as np
 from scipy.signal import get_window
 
-from .contract import EXPECTED_MEL, MelSpec
-from .frontend import log_mel
+from ..contract import EXPECTED_MEL, MelSpec
+from ..frontend import log_mel
 
 MRSTFT_RESOLUTIONS: Final = ((512, 128), (1024, 256), (2048, 512))  # (n_fft, hop)
 _EPS: Final = 1e-8

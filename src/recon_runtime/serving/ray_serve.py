@@ -1,6 +1,6 @@
 """`recon-run serve --ray`: the same FastAPI app as `recon-run serve`, as a Ray Serve deployment.
 
-Each replica builds the app with `recon_runtime.server.create_app(config)` (through `serve.ingress`,
+Each replica builds the app with `recon_runtime.serving.app.create_app(config)` (through `serve.ingress`,
 late-bound, so the app, its model and its metrics are made inside the replica and never pickled),
 and Ray Serve runs the app's lifespan there: the model loads and warms up in every replica. The
 HTTP API, limits and metrics are those of the plain server; Ray's HTTP proxy spreads requests over
@@ -29,10 +29,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import ReconError, install_hint
-from .server import LOAD_FAILED, ServerConfig, Service, create_app, load_failure_message
+from ..errors import ReconError, install_hint
+from .app import create_app
+from .config import ServerConfig
+from .errors import LOAD_FAILED, load_failure_message
+from .service import Service
 
-_LOGGER = logging.getLogger("recon_runtime.ray_serve")
+_LOGGER = logging.getLogger(__name__)
 
 APP_NAME = "recon"
 """The Ray Serve application (and deployment) name."""

@@ -5,17 +5,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import json
 import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import soundfile as sf
 from numpy.lib import format as npy_format
 
-from .errors import AudioInputError, OutputError
+from ..errors import AudioInputError, OutputError
 
 AUDIO_EXTENSIONS: Final = frozenset(
     {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64", ".rf64"}
@@ -193,6 +194,12 @@ def write_audio(path: Path, waveform: np.ndarray, sample_rate: int, sample_forma
             sf.write(str(tmp), data, sample_rate, subtype=WAV_SUBTYPES[sample_format], format="WAV")
         except (sf.LibsndfileError, RuntimeError) as e:  # libsndfile reports a failed write without errno
             raise OutputError(f"{path}: cannot write output ({_one_line(e)}: disk full or file size limit?)") from None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write `data` as indented JSON, atomically (see `atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def write_array(path: Path, array: np.ndarray) -> None:

@@ -1,6 +1,6 @@
 """Python client for `recon-run serve` (httpx): numpy in, numpy out.
 
-    from recon_runtime.client import Client
+    from recon_runtime.serving.client import Client
     with Client("http://127.0.0.1:8000", api_key=None) as c:
         out = c.reconstruct(audio, rate)                  # as Reconstructor.reconstruct
         z, info = c.encode_with_info(audio, rate)         # latents + length, gain, fingerprint
@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import soundfile as sf
 
-from .errors import ReconError
+from ..errors import ReconError
 from .protocol import (
     H_FINGERPRINT,
     H_FORMAT,

@@ -21,7 +21,7 @@ What uvicorn alone does not bound, this protocol does, per connection:
 
 `recon-run serve` passes `with_timeouts(header_timeout_s, send_timeout_s)` to uvicorn and so pins the
 h11 implementation (uvicorn's `auto` would pick httptools where it is installed). Other uvicorn hosts
-pass `--http recon_runtime.http_protocol:HeadTimeoutH11Protocol`, which reads both timeouts from
+pass `--http recon_runtime.serving.http_protocol:HeadTimeoutH11Protocol`, which reads both timeouts from
 `ServerConfig.from_env()` once, when uvicorn loads the class at start-up (a bad RECON_* value fails
 the start, not each connection). The app warns once when a host serves it without this protocol.
 
@@ -268,12 +268,12 @@ _from_env: type[TimeoutsH11Protocol] | None = None
 def __getattr__(name: str) -> Any:
     """`HeadTimeoutH11Protocol`: the protocol with the timeouts of `ServerConfig.from_env()`, read once
     per process when a host first asks for it (uvicorn does at start-up: `--http
-    recon_runtime.http_protocol:HeadTimeoutH11Protocol`)."""
+    recon_runtime.serving.http_protocol:HeadTimeoutH11Protocol`)."""
     global _from_env
     if name != "HeadTimeoutH11Protocol":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if _from_env is None:
-        from .server import ServerConfig
+        from .config import ServerConfig
 
         config = ServerConfig.from_env()
         _from_env = with_timeouts(config.header_timeout_s, config.send_timeout_s)

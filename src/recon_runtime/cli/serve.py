@@ -1,41 +1,24 @@
-"""`recon-run serve` (the HTTP service) and the file jobs of `recon-run ... --server URL`.
+"""`recon-run serve`: the HTTP service on uvicorn, or on Ray Serve with --ray.
 
-fastapi, uvicorn and httpx (the `serve` extra) are imported only inside the commands that use them.
+fastapi and uvicorn (the `serve` extra) and Ray are imported only when the command runs.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 
-from .audio_io import atomic_path, load_array, write_audio
-from .cli_common import model_options, save_latents
-from .contract import LATENT_DOWNSAMPLE
-from .errors import AudioInputError, BundleError, ReconError, install_hint
+from ..contract import LATENT_DOWNSAMPLE
+from ..errors import ReconError
+from .options import api_key_from_env, model_options
+from .remote import need_serve_extra
 
 _LOGGER = logging.getLogger("recon_runtime")
-
-
-def _need_serve_extra(what: str) -> None:
-    missing = [m for m in ("fastapi", "uvicorn", "httpx", "prometheus_client", "multipart") if not _importable(m)]
-    if what == "client":
-        missing = [m for m in missing if m == "httpx"]
-    if missing:
-        raise click.ClickException(f"{', '.join(missing)} not installed: {install_hint('serve')}")
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
 
 
 class FiniteFloat(click.FloatRange):
@@ -49,16 +32,6 @@ class FiniteFloat(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
-
-
-def api_key_from_env(var: str | None) -> str | None:
-    """The key from the environment variable `var` (never from a flag, so it stays out of `ps`)."""
-    if not var:
-        return None
-    key = os.environ.get(var)
-    if not key:
-        raise click.ClickException(f"--api-key-env {var}: the environment variable {var} is not set or empty")
-    return key
 
 
 @click.command()
@@ -185,10 +158,11 @@ def serve(
         )
     if use_ray and port == 0:
         raise click.UsageError("--ray needs a fixed --port (Ray's HTTP proxy does not pick a free one)")
-    _need_serve_extra("server")
+    need_serve_extra("server")
 
-    from .contract import check_mel, read_contract
-    from .server import ServerConfig, bind_is_loopback, create_app
+    from ..contract import check_mel, read_contract
+    from ..serving.app import create_app
+    from ..serving.config import ServerConfig, bind_is_loopback
 
     key = api_key_from_env(api_key_env)
     model: Path = kwargs.pop("model")
@@ -215,7 +189,7 @@ def serve(
             server.should_exit = True
 
     try:
-        from .http_protocol import with_timeouts
+        from ..serving.http_protocol import with_timeouts
     except ImportError as e:  # uvicorn's internals changed (a uvicorn the serve extra does not pin)
         raise click.ClickException(str(e)) from None
 
@@ -280,7 +254,9 @@ class _CutOffCounter(logging.Filter):
 def _serve_on_ray(
     config: Any, address: str | None, host: str, port: int, replicas: int, cpus: float, gpus: float, grace_s: float
 ) -> None:
-    from .ray_serve import serve_until_stopped  # Ray is imported only there, and only now (or its absence told)
+    from ..serving.ray_serve import (
+        serve_until_stopped,  # Ray is imported only there, and only now (or its absence told)
+    )
 
     try:
         serve_until_stopped(
@@ -296,99 +272,3 @@ def _serve_on_ray(
         )
     except ReconError as e:
         raise click.ClickException(str(e)) from None
-
-
-# ---------------------------------------------------------------------- --server jobs
-def remote_client(server: str, api_key_env: str | None, expect_digest: str | None = None) -> Any:
-    """A client of `server`; with `expect_digest`, refused before any file runs unless the server's
-    bundle (its /v1/info digest) is the pinned one."""
-    _need_serve_extra("client")
-    from .client import Client
-
-    client = Client(server, api_key=api_key_from_env(api_key_env))
-    if expect_digest is not None:
-        try:
-            digest = client.info().get("digest")
-        except BaseException:
-            client.close()
-            raise
-        if digest != expect_digest:
-            client.close()
-            raise BundleError(
-                f"{server}: the server's bundle digest is {digest}, expected {expect_digest} (--expect-digest); "
-                "this is not the bundle you pinned"
-            )
-    return client
-
-
-def remote_reconstruct(client: Any, output_rate: int | None, sample_format: str) -> Callable[[Path, Path], float]:
-    subtype = "pcm16" if sample_format == "pcm16" else "float"
-
-    def one(src: Path, dst: Path) -> float:
-        wave, wav = client.reconstruct_wav(_read_bytes(src), output_rate=output_rate, subtype=subtype)
-        with atomic_path(dst) as tmp:  # the server's WAV as it came: no second conversion
-            tmp.write_bytes(wav)
-        return wave.shape[0] / (output_rate or 16000)
-
-    return one
-
-
-def remote_encode(client: Any, sample: bool, seed: int) -> Callable[[Path, Path], float]:
-    def one(src: Path, dst: Path) -> float:
-        latents, info = client.encode_with_info(_read_bytes(src), sample=sample, seed=seed if sample else None)
-        save_latents(
-            dst,
-            latents,
-            src,
-            sample_rate=info.sample_rate,
-            num_samples=info.num_samples,
-            input_sample_rate=info.input_sample_rate,
-            gain=info.gain,
-            sample=sample,
-            seed=seed,
-            fingerprint=info.fingerprint,
-            scaling_factor=info.scaling_factor,
-        )
-        return info.num_samples / info.sample_rate
-
-    return one
-
-
-def remote_decode(
-    client: Any, sample_format: str, read_sidecar: Callable[[Path, str], dict[str, Any]]
-) -> Callable[[Path, Path], float]:
-    info = client.info()
-    fingerprint = info["fingerprint"]
-    rate = int(info["sample_rate"])
-    subtype = "pcm16" if sample_format == "pcm16" else "float"
-
-    def one(src: Path, dst: Path) -> float:
-        z = load_array(src)
-        side = read_sidecar(src, fingerprint)  # same check (and message) as a local decode
-        if z.ndim != 3:
-            raise AudioInputError(f"{src}: latents must be one [8, frames, 16] array per file, got {list(z.shape)}")
-        wave = client.decode(
-            z,
-            num_samples=side.get("num_samples"),
-            gain=side.get("gain"),
-            fingerprint=side.get("bundle_fingerprint"),
-            subtype=subtype,
-        )
-        write_audio(dst, np.asarray(wave, np.float32), rate, sample_format)
-        return wave.shape[0] / rate
-
-    return one
-
-
-def _read_bytes(src: Path) -> bytes:
-    if not src.exists():
-        raise AudioInputError(f"{src}: no such file")
-    if src.is_dir():
-        raise AudioInputError(f"{src}: is a folder, not an audio file")
-    try:
-        data = src.read_bytes()
-    except OSError as e:
-        raise AudioInputError(f"{src}: cannot be read ({e.strerror or e})") from None
-    if not data:
-        raise AudioInputError(f"{src}: empty file (0 bytes)")
-    return data

@@ -1,34 +1,17 @@
-"""`recon-run`: reconstruct, encode and decode audio files with a recon bundle (click group)."""
+"""`recon-run reconstruct|encode|decode|vocode|info`: the file commands, local or with --server URL."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import sys
-import time
-import traceback
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import click
 import numpy as np
 
-from .audio_io import discover, is_audio_file, load_array, read_audio, write_audio
-from .cli_common import (
-    SIDECAR,
-    fail,
-    guard,
-    model_args,
-    model_options,
-    read_sidecar,
-    save_latents,
-    write_json,
-)
-from .cli_dataset import dataset
-from .contract import (
+from ..contract import (
     BF16_KEY,
     DECODER,
     ENCODER,
@@ -39,39 +22,13 @@ from .contract import (
     VOCODER,
     Contract,
 )
-from .errors import AudioInputError, OutputError, ReconError, failure_message
-from .options import DEFAULT_MODEL
-from .plot import MAX_ROWS
-
-OUT_OF_MEMORY: Final = "out of memory; try --threads 1, fewer files at once, or a machine with more memory"
-_LOGGER = logging.getLogger("recon_runtime")
-
-
-@dataclass
-class Summary:
-    """Counts for the closing line of a batch."""
-
-    ok: int = 0
-    failed: int = 0
-    skipped: int = 0
-    audio_seconds: float = 0.0
-    started: float = field(default_factory=time.perf_counter)
-
-    def line(self, what: str) -> str:
-        """Files, audio and wall seconds, and the speed: audio seconds per wall second ("2.50x real
-        time" is 2.5 s of audio done each second; below 1x is slower than the audio plays)."""
-        wall = time.perf_counter() - self.started
-        speed = f", {self.audio_seconds / wall:.2f}x real time" if self.audio_seconds and wall > 0 else ""
-        skipped = f", {self.skipped} skipped (output exists)" if self.skipped else ""
-        return (
-            f"{what}: {self.ok} ok, {self.failed} failed{skipped}; {self.audio_seconds:.1f} s of audio in "
-            f"{wall:.1f} s wall{speed}"
-        )
-
-    @property
-    def exit_code(self) -> int:
-        """1 if any file failed, or if nothing was done nor skipped."""
-        return 1 if self.failed or not (self.ok or self.skipped) else 0
+from ..errors import AudioInputError, OutputError
+from ..files.audio import is_audio_file, load_array, read_audio, write_audio, write_json
+from ..files.latents import SIDECAR, read_sidecar, save_latents
+from ..files.plot import MAX_ROWS
+from ..options import DEFAULT_MODEL
+from .batch import Job, JobRunner, batches, check_exclusive, guard, path_key, plan_jobs, progress
+from .options import model_args, model_options
 
 
 def _io_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -119,84 +76,6 @@ def _server_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-@dataclass
-class Job:
-    """One input file and where its output goes; `error` fails it before it runs."""
-
-    src: Path
-    dst: Path
-    error: Exception | None = None
-    companions: tuple[str, ...] = ()
-    """Suffixes of files written beside `dst` (encode's sidecar): outputs too."""
-
-    @property
-    def outputs(self) -> list[Path]:
-        return [self.dst, *(self.dst.with_suffix(s) for s in self.companions)]
-
-
-def _key(path: Path) -> str:
-    """One spelling per file: symlinks and `..` resolved, so two names of one file compare equal."""
-    return os.path.normcase(str(path.resolve()))
-
-
-def _jobs(
-    inputs: Iterable[Path], out: Path, suffix: str, accept: Callable[[Path], bool], companions: tuple[str, ...] = ()
-) -> list[Job]:
-    """One job per input file; folders are mirrored under `out`.
-
-    A folder that cannot be read becomes one failed job, so the other inputs still run. Outputs
-    are planned before anything runs, and none is ever silently overwritten: inputs whose outputs
-    would land on the same path (a/x.wav and b/x.wav, or x.wav and x.flac in one folder) all fail
-    with a line naming the others, and so does a job whose output would replace one of the inputs.
-    """
-    inputs = list(inputs)
-    if len(inputs) == 1 and not inputs[0].is_dir() and out.suffix.lower() == suffix:
-        jobs = [Job(inputs[0], out, companions=companions)]
-    else:
-        jobs = []
-        for root in inputs:
-            try:
-                found = list(discover([root], accept))
-            except ReconError as e:
-                jobs.append(Job(root, out, e))
-                continue
-            if not found:
-                jobs.append(Job(root, out, AudioInputError(f"{root}: no input files found in this folder")))
-            jobs += [Job(path, out / rel.with_suffix(suffix), companions=companions) for path, rel in found]
-    sources = {_key(job.src) for job in jobs if job.src.is_file()}
-    by_output: dict[str, list[Job]] = {}
-    for job in jobs:
-        if job.error is None:
-            for path in job.outputs:
-                by_output.setdefault(_key(path), []).append(job)
-    for key, group in by_output.items():
-        for job in group:
-            if job.error is not None:
-                continue
-            if key in sources:
-                job.error = OutputError(f"{job.src}: its output {job.dst} would replace an input; choose another -o")
-            elif len(group) > 1:
-                others = ", ".join(str(o.src) for o in group if o is not job)
-                job.error = OutputError(
-                    f"{job.src}: its output {job.dst} would also be written from {others}; "
-                    "rename one or run them separately"
-                )
-    return jobs
-
-
-def _exclusive(force: bool, skip_existing: bool) -> None:
-    """Checked before a model loads, so the usage error comes first."""
-    if force and skip_existing:
-        raise click.UsageError("--force and --skip-existing exclude each other")
-
-
-def _check_overwrite(target: Path, force: bool) -> None:
-    if target.is_dir():
-        raise OutputError(f"{target}: is a folder")
-    if target.exists() and not force:
-        raise OutputError(f"{target}: exists; pass --force to overwrite or --skip-existing to keep it")
-
-
 def _check_report_file(path: Path | None, option: str, force: bool, skip_existing: bool, keep: str) -> bool:
     """--metrics/--plot FILE, checked before the model loads: True when it exists and --skip-existing keeps it.
 
@@ -220,11 +99,11 @@ def _refuse_report_clash(jobs: list[Job], reports: dict[str, Path | None]) -> No
     never this run's own inputs or outputs.
     """
     named = {option: path for option, path in reports.items() if path is not None}
-    sources = {_key(j.src) for j in jobs if j.src.is_file()}
-    outputs = {_key(p): j for j in jobs if j.src.is_file() or j.error is None for p in j.outputs}
+    sources = {path_key(j.src) for j in jobs if j.src.is_file()}
+    outputs = {path_key(p): j for j in jobs if j.src.is_file() or j.error is None for p in j.outputs}
     seen: dict[str, str] = {}
     for option, path in named.items():
-        key = _key(path)
+        key = path_key(path)
         if key in sources:
             raise OutputError(f"{path}: {option} names an input of this run; choose another {option} file")
         if key in outputs:
@@ -260,98 +139,7 @@ def _earlier_metrics(path: Path, bundle: Path) -> dict[str, Any]:
     return data
 
 
-def _report(src: Path, e: BaseException, summary: Summary, debug: bool) -> None:
-    """One line per failed file, naming it; the batch goes on. A traceback only with --debug."""
-    if debug and not isinstance(e, ReconError):
-        traceback.print_exception(e, file=sys.stderr)
-    fail(failure_message(str(src), e, OUT_OF_MEMORY))
-    summary.failed += 1
-
-
-class JobRunner:
-    """Runs a command's jobs with its overwrite policy: skips, failures and the closing summary."""
-
-    def __init__(self, what: str, force: bool, skip_existing: bool, debug: bool):
-        self.what = what
-        self.force = force
-        self.skip_existing = skip_existing
-        self.debug = debug
-        self.summary = Summary()
-        self._written: set[str] = set()
-        self.skipped: set[Path] = set()  # inputs skipped because their outputs exist
-
-    def ready(self, job: Job) -> bool:
-        """False when the job fails (reported) or is skipped before it runs."""
-        try:
-            if job.error is not None:
-                raise job.error
-            if self.skip_existing and all(p.is_file() for p in job.outputs):
-                self.summary.skipped += 1
-                self.skipped.add(job.src)
-                return False
-            for path in job.outputs:
-                if _key(path) in self._written:
-                    raise OutputError(f"{path}: already written by this run; not overwriting it")
-                _check_overwrite(path, self.force)
-        except Exception as e:  # noqa: BLE001 - every per-file failure becomes one line
-            self.fail(job, e)
-            return False
-        return True
-
-    def attempt(self, job: Job, work: Callable[[], float]) -> bool:
-        """Run `work() -> audio seconds` for one ready job; a failure is one line and the batch goes on."""
-        try:
-            seconds = work()
-        except Exception as e:  # noqa: BLE001 - every per-file failure becomes one line
-            self.fail(job, e)
-            return False
-        self._written.update(_key(p) for p in job.outputs)
-        self.summary.ok += 1
-        self.summary.audio_seconds += seconds
-        return True
-
-    def fail(self, job: Job, e: BaseException) -> None:
-        _report(job.src, e, self.summary, self.debug)
-
-    def run(self, jobs: list[Job], work: Callable[[Path, Path], float]) -> int:
-        """`work(src, dst)` per job, with a progress bar; returns the exit code."""
-        for job in _progress(jobs, self.what):
-            if self.ready(job):
-                self.attempt(job, lambda job=job: work(job.src, job.dst))
-        return self.close()
-
-    def close(self) -> int:
-        click.echo(self.summary.line(self.what), err=True)
-        return self.summary.exit_code
-
-
-def _progress(items: list[Any], desc: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="file", disable=len(items) < 2 or None, file=sys.stderr, leave=False)
-
-
-def _batches(jobs: list[Job], size: int) -> Iterator[list[Job]]:
-    for i in range(0, len(jobs), size):
-        yield jobs[i : i + size]
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Debug logging and tracebacks.")
-@click.pass_context
-def main(ctx: click.Context, debug: bool) -> None:
-    """Run AudioLDM2's audio autoencoder (VAE + HiFi-GAN) on ONNX Runtime (CPU or CUDA) or OpenVINO (CPU).
-
-    --backend auto (the default) picks the engine per run and prints which; each command's --help
-    gives the rule.
-    """
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
-    # httpx logs every request at INFO ("HTTP Request: POST ..."): the client's detail, shown with --debug only
-    logging.getLogger("httpx").setLevel(logging.DEBUG if debug else logging.WARNING)
-    ctx.obj = {"debug": debug}
-
-
-@main.command()
+@click.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_io_options
 @model_options
@@ -381,18 +169,18 @@ def reconstruct(
 ) -> None:
     """Audio -> VAE -> HiFi-GAN -> audio, for files or folders (the tree is mirrored)."""
     margs = model_args(model_kwargs)
-    _exclusive(force, skip_existing)
+    check_exclusive(force, skip_existing)
 
     def run() -> int:
         if server and (metrics_path or plot_path):
             raise click.UsageError("--metrics and --plot need the model loaded locally; drop --server for them")
-        jobs = _jobs(inputs, out, ".wav", is_audio_file)
+        jobs = plan_jobs(inputs, out, ".wav", is_audio_file)
         _refuse_report_clash(jobs, {"--metrics": metrics_path, "--plot": plot_path})
         merge = _check_report_file(metrics_path, "--metrics", force, skip_existing, "add this run's files to it")
         keep_plot = _check_report_file(plot_path, "--plot", force, skip_existing, "keep it")
         earlier = _earlier_metrics(metrics_path, margs.model) if merge and metrics_path else None
         if server:
-            from .cli_serve import remote_client, remote_reconstruct
+            from .remote import remote_client, remote_reconstruct
 
             with remote_client(server, api_key_env, margs.expect_digest) as client:
                 runner = JobRunner("reconstruct", force, skip_existing, ctx.obj["debug"])
@@ -416,8 +204,8 @@ def reconstruct(
         plots: list[Any] = []  # only the rows drawn (plot.MAX_ROWS): two mels each
         if keep_plot:
             click.echo(f"{plot_path}: exists, kept (--skip-existing); pass --force to draw it again", err=True)
-        bar = _progress(jobs, "reconstruct")
-        for group in _batches(jobs, rec.max_batch):
+        bar = progress(jobs, "reconstruct")
+        for group in batches(jobs, rec.max_batch):
             ready = []  # files read and prepared; their equal-shape windows run as one batch
             for job in group:
                 if runner.ready(job):
@@ -436,14 +224,14 @@ def reconstruct(
                         wave = rec.reconstruct_features([feats])[0]
                     scores = None
                     if metrics_path:  # before the write: a file on disk is a file counted as done
-                        from .metrics import compare
+                        from ..files.metrics import compare
 
                         scores = {"output": str(job.dst), **compare(feats.waveform, wave)}
                     write_audio(job.dst, rec.finish(feats, wave, rate), rate, sample_format)
                     if scores is not None:
                         metrics[_metrics_key(job.src)] = scores
                     if plot_path and not keep_plot and len(plots) < MAX_ROWS:
-                        from .frontend import log_mel
+                        from ..frontend import log_mel
 
                         plots.append((str(job.src), feats.log_mel, log_mel(wave, rec.contract.mel)))
                     return feats.num_samples / rec.contract.mel.sample_rate
@@ -474,7 +262,7 @@ def reconstruct(
                     },
                 )
             if plot_path and plots:
-                from .plot import plot_mels
+                from ..files.plot import plot_mels
 
                 plot_mels(plots, plot_path)
         finally:  # the per-file summary is printed even when the metrics or plot file fails
@@ -484,7 +272,7 @@ def reconstruct(
     guard(ctx, run)
 
 
-@main.command()
+@click.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_io_options
 @model_options
@@ -506,16 +294,16 @@ def encode(
 ) -> None:
     """Audio -> scaled latents [8, T/4, 16] as .npy, with a JSON sidecar for decode."""
     margs = model_args(model_kwargs)
-    _exclusive(force, skip_existing)
+    check_exclusive(force, skip_existing)
 
     def run() -> int:
         if server:
-            from .cli_serve import remote_client, remote_encode
+            from .remote import remote_client, remote_encode
 
             with remote_client(server, api_key_env, margs.expect_digest) as client:
                 runner = JobRunner("encode", force, skip_existing, ctx.obj["debug"])
                 work = remote_encode(client, sample, seed)
-                return runner.run(_jobs(inputs, out, ".npy", is_audio_file, companions=(SIDECAR,)), work)
+                return runner.run(plan_jobs(inputs, out, ".npy", is_audio_file, companions=(SIDECAR,)), work)
         rec = margs.load((ENCODER,))
 
         def one(src: Path, dst: Path) -> float:
@@ -538,12 +326,12 @@ def encode(
             return feats.num_samples / rec.contract.mel.sample_rate
 
         runner = JobRunner("encode", force, skip_existing, ctx.obj["debug"])
-        return runner.run(_jobs(inputs, out, ".npy", is_audio_file, companions=(SIDECAR,)), one)
+        return runner.run(plan_jobs(inputs, out, ".npy", is_audio_file, companions=(SIDECAR,)), one)
 
     guard(ctx, run)
 
 
-@main.command()
+@click.command()
 @click.argument("latents", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_io_options
 @model_options
@@ -565,16 +353,16 @@ def decode(
 ) -> None:
     """Latents (.npy) -> audio; the sidecar, when present, restores length and level."""
     margs = model_args(model_kwargs)
-    _exclusive(force, skip_existing)
+    check_exclusive(force, skip_existing)
 
     def run() -> int:
         if server:
-            from .cli_serve import remote_client, remote_decode
+            from .remote import remote_client, remote_decode
 
             with remote_client(server, api_key_env, margs.expect_digest) as client:
                 runner = JobRunner("decode", force, skip_existing, ctx.obj["debug"])
                 work = remote_decode(client, sample_format, read_sidecar)
-                return runner.run(_jobs(latents, out, ".wav", _is_npy), work)
+                return runner.run(plan_jobs(latents, out, ".wav", _is_npy), work)
         rec = margs.load((DECODER, VOCODER))
 
         def one(src: Path, dst: Path) -> float:
@@ -591,12 +379,12 @@ def decode(
             return wave.size / rec.contract.mel.sample_rate
 
         runner = JobRunner("decode", force, skip_existing, ctx.obj["debug"])
-        return runner.run(_jobs(latents, out, ".wav", _is_npy), one)
+        return runner.run(plan_jobs(latents, out, ".wav", _is_npy), one)
 
     guard(ctx, run)
 
 
-@main.command()
+@click.command()
 @click.argument("mels", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_io_options
 @model_options
@@ -615,7 +403,7 @@ def vocode(
 ) -> None:
     """AudioLDM2 log-mel [frames, 64] (.npy, time first, natural log) -> 16 kHz audio, vocoder only."""
     margs = model_args(model_kwargs)
-    _exclusive(force, skip_existing)
+    check_exclusive(force, skip_existing)
 
     def run() -> int:
         rec = margs.load((VOCODER,))
@@ -632,7 +420,7 @@ def vocode(
             return wave.size / rec.contract.mel.sample_rate
 
         runner = JobRunner("vocode", force, skip_existing, ctx.obj["debug"])
-        return runner.run(_jobs(mels, out, ".wav", _is_npy), one)
+        return runner.run(plan_jobs(mels, out, ".wav", _is_npy), one)
 
     guard(ctx, run)
 
@@ -664,14 +452,14 @@ def _scaling_factor_origin(c: Contract) -> str:
     return recorded or ("calibrated on random weights" if c.random_weights else "from the checkpoint")
 
 
-@main.command()
+@click.command()
 @click.option("--model", "model", type=click.Path(path_type=Path), default=DEFAULT_MODEL, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print recon.json as JSON.")
 @click.option("--verify", is_flag=True, help="Also check every graph's size and SHA-256.")
 @click.pass_context
 def info(ctx: click.Context, model: Path, as_json: bool, verify: bool) -> None:
     """Show a bundle's contract: source, front end, graphs and their measured errors."""
-    from .contract import check_mel, read_contract, verify_graph_file
+    from ..contract import check_mel, read_contract, verify_graph_file
 
     def run() -> int:
         c = read_contract(model)
@@ -735,19 +523,3 @@ def info(ctx: click.Context, model: Path, as_json: bool, verify: bool) -> None:
         return 0
 
     guard(ctx, run)
-
-
-main.add_command(dataset)  # `recon-run dataset` (Ray imported only when it runs)
-
-
-def _add_serve() -> None:
-    from .cli_serve import serve  # fastapi and uvicorn are imported only when serve runs
-
-    main.add_command(serve)
-
-
-_add_serve()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,85 @@
+"""What a refused or failed request answers: the HTTP errors and the status of each runtime error.
+
+Every module of the service raises these; `app.install_error_handlers` turns each into one JSON
+line `{"error": ...}` with its status (and Retry-After where a retry may succeed).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..errors import AudioInputError, BundleError, NumericalError, ReconError
+
+_LOGGER = logging.getLogger(__name__)
+
+CLIENT_GONE = 499
+"""Status recorded in the metrics for a request whose client disconnected before the answer (nginx's 499)."""
+SHUTTING_DOWN = "the server is shutting down; retry shortly"
+SHUTDOWN_RETRY_AFTER = {"Retry-After": "5"}
+"""A stopping server's answer: another instance (or this one restarted) takes the retry."""
+
+FP16_OVERFLOW = (
+    "the server's fp16 graphs overflowed on this finite input: a limit of the precision the server runs, "
+    "not a fault of the input; its operator can serve it with --precision fp32"
+)
+
+LOAD_FAILED = "the model did not load"
+"""Begins the load-failure line (log, /readyz, a Ray replica's start-up error, found there again by the CLI)."""
+
+
+def load_failure_message(e: BaseException) -> str:
+    """The one line that says why the model did not load (the user's message, or the exception's repr)."""
+    return f"{LOAD_FAILED}: {e if isinstance(e, ReconError) else repr(e)}"
+
+
+def error_status(e: ReconError) -> int:
+    """The status of a runtime error: the client's input (400, 413, 422) or the server's fault (500).
+
+    A non-finite result from finite input is the client's 422 only where the input's values must be
+    what overflowed (`input_caused`: the graphs have float32's range, or the input is past fp16's
+    own). Otherwise the server's fp16 graphs could not carry a valid input: 500, the server's fault.
+    Not 503: that promises a retry may succeed, and the same server answers the same input the same
+    way until its operator serves it at fp32 (the message and the server's log say so)."""
+    if isinstance(e, AudioInputError):
+        return 400
+    if isinstance(e, PayloadTooLarge):
+        return 413
+    if isinstance(e, NumericalError):
+        return 422 if e.input_caused else 500
+    if isinstance(e, BundleError):
+        return 422
+    return 500
+
+
+def error_message(e: ReconError) -> str:
+    """What the client reads of a runtime error (an fp16 overflow says whose limit it is)."""
+    if isinstance(e, NumericalError) and not e.input_caused:
+        return f"{FP16_OVERFLOW} ({e})"
+    return str(e)
+
+
+class HTTPError(Exception):
+    """A client-facing error: status, one-line message, optional headers."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+class PayloadTooLarge(ReconError):
+    """Body or audio over the server's limits (413)."""
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited: its windows left the queue (recorded as 499)."""
+
+
+class StreamAborted(Exception):
+    """A streamed response failed after its status was sent: the connection is dropped without the
+    final chunk, so the client sees a truncated (invalid) body, and the metrics record `status`."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status

@@ -1,0 +1,205 @@
+"""Requests in: the body (bounded in size, time and rate), its multipart form, and the audio or
+latents it holds, parsed and checked before any work (413 past the limits, from the headers first).
+
+Everything here runs on the service's CPU pool or reads the request; nothing touches the batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+from starlette.requests import ClientDisconnect
+
+from ..contract import LATENT_CHANNELS, LATENT_FREQ_BINS
+from ..errors import AudioInputError
+from ..files.audio import AudioTooLarge, read_array_bytes, read_audio_bytes
+from ..reconstructor import SAMPLES_PER_LATENT_FRAME, Reconstructor
+from ..windows import Features
+from .config import ServerConfig
+from .errors import ClientGone, HTTPError, PayloadTooLarge
+
+_LOGGER = logging.getLogger(__name__)
+
+UPLOAD_GRACE_S = 5.0
+"""An upload may lag for this long after its request head before --min-upload-rate applies (a lost
+first packet is resent after 1 s, then 3 s): from then on the bytes received must keep up with
+rate x (seconds since the head - this), as Apache's mod_reqtimeout counts `body=20,MinRate=500`.
+Waiting for an upload slot counts against it, and a body waits for a slot at most this long (503
+beyond): a request that sends nothing holds nothing for longer."""
+
+
+class BodyReader:
+    """A request's body, refused past `limit` bytes (413), when it has not all arrived within `timeout`
+    of `start` (408), or when it falls behind `min_rate` bytes/s after UPLOAD_GRACE_S from `start`
+    (408: a trickling client gives its upload slot back)."""
+
+    def __init__(self, request: Request, limit: int, min_rate: float, start: float, timeout: float):
+        self._parts = request.stream().__aiter__()
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._done = False
+        self._limit = limit
+        self._min_rate = min_rate
+        self._start = start
+        self._timeout = timeout
+
+    async def read_first(self) -> None:
+        """Wait for the body's first part (or its end)."""
+        await self._next()
+
+    async def read_rest(self) -> bytes:
+        while not self._done:
+            await self._next()
+        return b"".join(self._chunks)
+
+    async def _next(self) -> None:
+        now = time.monotonic()
+        wait = self._start + self._timeout - now
+        slow = False  # whether the minimum rate, not the body timeout, is what ends the wait
+        if self._min_rate:
+            rate_wait = self._start + UPLOAD_GRACE_S + self._size / self._min_rate - now
+            slow, wait = rate_wait < wait, min(wait, rate_wait)
+        try:
+            chunk = await asyncio.wait_for(self._parts.__anext__(), max(0.0, wait))
+        except StopAsyncIteration:
+            self._done = True
+            return
+        except ClientDisconnect:  # gone mid-upload: nobody to answer (recorded as 499, not an app error)
+            raise ClientGone("the client disconnected during its upload") from None
+        except asyncio.TimeoutError:
+            if slow:
+                raise HTTPError(
+                    408, f"the upload fell below the server's minimum rate of {self._min_rate:g} bytes/s",
+                    {"Connection": "close"},
+                ) from None  # fmt: skip
+            raise HTTPError(
+                408, f"the body did not arrive within {self._timeout:g} s", {"Connection": "close"}
+            ) from None
+        self._size += len(chunk)
+        if self._size > self._limit:
+            raise HTTPError(413, f"body is over the limit of {self._limit} bytes", {"Connection": "close"})
+        self._chunks.append(chunk)
+
+
+def multipart_file(scope: dict[str, Any], body: bytes) -> bytes:
+    """The `file` field of a multipart body that was already read (and size-checked); parsed on a
+    worker thread (in an event loop of its own) so a large form never stalls the server's loop."""
+    return asyncio.run(_multipart_file_async(scope, body))
+
+
+async def _multipart_file_async(scope: dict[str, Any], body: bytes) -> bytes:
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(scope, replay).form(max_files=1, max_fields=16)
+    except Exception as e:  # noqa: BLE001 - any parser complaint is the client's malformed form
+        raise HTTPError(400, f"malformed multipart body ({' '.join(str(e).split()) or type(e).__name__})") from None
+    try:
+        item = form.get("file")
+        if item is None or isinstance(item, str):
+            raise HTTPError(400, "multipart body needs a file field named `file`")
+        return await item.read()
+    finally:
+        await form.close()
+
+
+def check_response(config: ServerConfig, samples: float, bytes_per_sample: int, what: str) -> None:
+    """413 when an answer of `samples` samples (at `bytes_per_sample`) is over `max_response_mb`."""
+    budget = config.max_response_mb * 2**20
+    size = samples * bytes_per_sample
+    if size > budget:
+        raise PayloadTooLarge(
+            f"the answer would be {size / 2**20:.0f} MiB ({what}), over the limit of {budget / 2**20:g} MiB "
+            "(--max-response-mb)"
+        )
+
+
+def features(
+    rec: Reconstructor, config: ServerConfig, body: bytes, answer: Callable[[float], None] | None = None
+) -> tuple[Features, int]:
+    """Decode the uploaded audio (refusing it past `max_seconds` or `max_decoded_mb` from its
+    header, before decoding) and prepare it. `answer(seconds)` refuses what the audio's answer
+    would be (past `max_response_mb`), also from the header.
+
+    Returns:
+        (Features, the upload's sample rate).
+    """
+    limit = config.max_seconds
+
+    def check(frames: int, rate: int) -> None:
+        if rate > 0 and 0 < frames < 2**62 and frames / rate > limit:
+            raise PayloadTooLarge(f"audio of {frames / rate:.1f} s is over the limit of {limit:g} s")
+        if answer is not None and rate > 0 and 0 < frames < 2**62:
+            answer(frames / rate)
+
+    budget = int(config.max_decoded_mb * 2**20)
+    try:
+        audio, rate = read_audio_bytes(body, "uploaded audio", check, max_decoded_bytes=budget)
+    except AudioTooLarge as e:
+        raise PayloadTooLarge(str(e)) from None
+    check(audio.shape[0], rate)  # some formats do not state their length up front
+    if audio.shape[0] * rec.contract.mel.sample_rate < rate:  # under one sample at the model's rate
+        raise AudioInputError(f"uploaded audio: {audio.shape[0]} samples at {rate} Hz is shorter than one sample")
+    return rec.features(audio, rate), rate
+
+
+def latents(
+    rec: Reconstructor,
+    config: ServerConfig,
+    body: bytes,
+    fingerprint: str | None,
+    num_samples: int | None = None,
+    bytes_per_sample: int = 4,
+) -> np.ndarray:
+    """The uploaded latents, checked (run it on the CPU pool: it parses and scans the whole body),
+    and their answer (at most `num_samples` samples of `bytes_per_sample`) against `max_response_mb`."""
+    if fingerprint is not None and fingerprint != rec.contract.fingerprint:
+        raise HTTPError(
+            422,
+            f"latents come from another model (bundle {fingerprint}, this server {rec.contract.fingerprint}); "
+            "decode them with the bundle that encoded them",
+        )
+
+    def check(shape: tuple[int, ...], dtype: np.dtype) -> None:
+        _check_latents(config, shape, dtype, rec.contract.mel.sample_rate)
+        samples = shape[1] * SAMPLES_PER_LATENT_FRAME
+        samples = min(samples, num_samples) if num_samples is not None else samples
+        check_response(config, samples, bytes_per_sample, f"{samples / rec.contract.mel.sample_rate:.1f} s of audio")
+
+    z = read_array_bytes(body, "uploaded latents", check)
+    z = np.array(z, np.float32)  # a writable copy (the upload's bytes are read-only)
+    if not np.isfinite(z).all():
+        raise HTTPError(400, "latents contain NaN or inf (or values past float32's range)")
+    return z
+
+
+def _check_latents(config: ServerConfig, shape: tuple[int, ...], dtype: np.dtype, rate: int) -> None:
+    """Refuse latents from their .npy header, before their data is touched or anything allocated."""
+    if len(shape) != 3 or shape[0] != LATENT_CHANNELS or shape[2] != LATENT_FREQ_BINS or shape[1] < 1:
+        raise HTTPError(
+            422, f"latents must be one [{LATENT_CHANNELS}, frames, {LATENT_FREQ_BINS}] array, got {list(shape)}"
+        )
+    if dtype.kind != "f":
+        raise HTTPError(422, f"latents must be float16, float32 or float64, got {dtype}")
+    seconds = shape[1] * SAMPLES_PER_LATENT_FRAME / rate
+    if seconds > config.max_seconds:
+        raise PayloadTooLarge(f"latents of {seconds:.1f} s are over the limit of {config.max_seconds:g} s")
+    size = shape[0] * shape[1] * shape[2] * max(dtype.itemsize, 4)  # as sent, or as the float32 copy
+    budget = int(config.max_decoded_mb * 2**20)
+    if size > budget:
+        raise PayloadTooLarge(
+            f"latents of {size / 2**20:.0f} MiB are over the limit of {budget / 2**20:.0f} MiB (--max-decoded-mb)"
+        )

@@ -1,0 +1,414 @@
+"""The HTTP routes, one `APIRouter` per family: probes (`/healthz`, `/readyz`, `/v1/info`, `/metrics`)
+and inference (`/v1/reconstruct`, `/v1/encode`, `/v1/decode`, streamed or not).
+
+Each route reads the `Service` from `request.app.state.service`, parses its input with `inputs`,
+runs its windows through the service, and answers; the page's routes are in `page`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import asdict
+from typing import Any, Literal
+
+import numpy as np
+import soundfile as sf
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .. import __version__
+from ..contract import LATENT_CHANNELS, LATENT_FREQ_BINS
+from ..errors import ReconError
+from . import inputs
+from .errors import CLIENT_GONE, LOAD_FAILED, HTTPError, StreamAborted, error_message, error_status
+from .protocol import (
+    H_CHANNELS,
+    H_FINGERPRINT,
+    H_FORMAT,
+    H_GAIN,
+    H_INPUT_RATE,
+    H_LATENT_SHAPE,
+    H_NUM_SAMPLES,
+    H_SAMPLE_RATE,
+    H_SAMPLED,
+    H_SCALING,
+    H_SEED,
+    H_WINDOWS,
+)
+from .service import ADMISSION, STATUS_OVERRIDE, Service
+
+_LOGGER = logging.getLogger(__name__)
+
+MAX_GAIN = 1e6
+"""Largest `gain` /v1/decode accepts (an encode's gain is the input's peak / 0.5)."""
+RESPONSE_PART_BYTES = 2**20
+"""A response body is handed to the connection in parts of this size: once the connection's buffer
+is full (the client is not reading), the next part waits, so an answer is never buffered twice and
+the request (with its admission slot) lasts until its last part is sent."""
+STREAM_MEDIA_TYPE = "application/octet-stream"
+STREAM_FORMATS = {"float": "f32le", "pcm16": "s16le"}
+WAV_SUBTYPES = {"float": "FLOAT", "pcm16": "PCM_16"}
+WAV_BYTES = {"float": 4, "pcm16": 2}
+"""Bytes per sample of each `subtype`, in a WAV and in a stream."""
+NPY_MEDIA_TYPE = "application/x-npy"
+AUDIO_BODY = {"content": {"audio/wav": {}, "application/octet-stream": {}, "multipart/form-data": {}}}
+"""What the audio routes accept (the OpenAPI schema's request body)."""
+DECODE_TOO_LONG = "send shorter latents, or decode with stream=true (one window at a time)"
+
+
+def service_of(request: Request) -> Service:
+    """The app's `Service` (`create_app` puts it in `app.state`)."""
+    return request.app.state.service
+
+
+probes = APIRouter()
+"""/healthz, /readyz, /v1/info and /metrics."""
+inference = APIRouter()
+"""/v1/reconstruct, /v1/encode and /v1/decode."""
+
+
+@probes.get("/healthz", summary="Alive (no API key needed)")
+async def healthz() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@probes.get("/readyz", summary="503 until the model is loaded and the warm-up ran")
+async def readyz(request: Request) -> JSONResponse:
+    service = service_of(request)
+    if service.worker_stopped:
+        return JSONResponse({"status": "failed", "error": "the inference worker stopped"}, 503)
+    if service.ready.is_set():
+        return JSONResponse({"status": "ready"})
+    if service.load_error is not None:
+        return JSONResponse({"status": "failed", "error": LOAD_FAILED}, 503)
+    return JSONResponse({"status": "loading"}, 503, headers={"Retry-After": "1"})
+
+
+@probes.get("/v1/info", summary="Model, provider, precision, fingerprint and limits")
+async def info(request: Request) -> dict[str, Any]:
+    service, config = service_of(request), service_of(request).config
+    if not service.ready.is_set():
+        raise HTTPError(503, "the model is not loaded yet; retry shortly", {"Retry-After": "1"})
+    rec = service.rec
+    c = rec.contract
+    limits = {k: v for k, v in asdict(config).items() if k not in ("model", "api_key", "warmup")}
+    limits["max_batch"] = rec.max_batch  # the batch it runs (the runtime's per-device default unless set)
+    return {
+        "version": __version__,
+        "source": dict(c.source),
+        "weights": "random" if c.random_weights else "trained",
+        "backend": rec.backend,
+        "provider": rec.provider,
+        "precision": rec.precision,
+        "fingerprint": c.fingerprint,
+        "digest": c.digest,
+        "sample_rate": int(c.mel.sample_rate),
+        "scaling_factor": c.scaling_factor,
+        "window_frames": rec.window_frames,
+        "overlap_frames": rec.overlap_frames,
+        "bucket_frames": rec.bucket_frames,
+        "limits": limits,
+        "api_key_required": config.api_key is not None,
+    }
+
+
+@probes.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    service = service_of(request)
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@inference.post(
+    "/v1/reconstruct",
+    summary="Audio (any format libsndfile reads) -> VAE -> vocoder -> WAV at the input's length and level",
+    response_class=Response,
+    responses={200: {"content": {"audio/wav": {}}}},
+    openapi_extra={"requestBody": AUDIO_BODY},
+)
+async def reconstruct(
+    request: Request,
+    output_rate: int | None = Query(None, ge=1000, le=384000, description="Resample the output (default 16000)"),
+    subtype: Literal["float", "pcm16"] = Query("float", description="WAV sample format"),
+) -> Response:
+    service = service_of(request)
+    service.check_capacity()
+    body = await service.read_body(request)
+    rec = service.admit(request)
+    deadline = service.deadline()
+    rate = output_rate or service.rate
+
+    def answer(seconds: float) -> None:
+        what = f"{seconds:.1f} s at {rate} Hz, {subtype}"
+        inputs.check_response(service.config, seconds * rate, WAV_BYTES[subtype], what)
+
+    async def work() -> tuple[bytes, Any]:
+        feats, _ = await service.cpu(inputs.features, rec, service.config, body, answer)
+        job = rec.reconstruction_job(feats)
+        outputs = await service.run_job(job, deadline, request)
+
+        def finish() -> bytes:
+            (wave,) = rec.join(job, outputs)
+            out = rec.finish(feats, rec.crop(feats, wave), output_rate)
+            return _wav_bytes(out, rate, subtype)
+
+        return await service.cpu(finish), feats
+
+    data, feats = await service.within(deadline, work())
+    service.metrics.audio_seconds.labels("/v1/reconstruct").inc(feats.num_samples / service.rate)
+    return PacedResponse(data, media_type="audio/wav", headers={H_NUM_SAMPLES: str(feats.num_samples)})
+
+
+@inference.post(
+    "/v1/encode",
+    summary="Audio -> scaled latents [8, ceil(T/4), 16] as .npy (posterior mean, or a draw)",
+    response_class=Response,
+    responses={200: {"content": {NPY_MEDIA_TYPE: {}}}},
+    openapi_extra={"requestBody": AUDIO_BODY},
+)
+async def encode(
+    request: Request,
+    sample: bool = Query(False, description="Draw mean + std * noise instead of the mean"),
+    seed: int | None = Query(None, ge=0, lt=2**63, description="Seed for the draw (default: a random one, reported)"),
+) -> Response:
+    service = service_of(request)
+    service.check_capacity()
+    body = await service.read_body(request)
+    rec = service.admit(request)
+    deadline = service.deadline()
+    used_seed = seed if seed is not None else secrets.randbits(63)
+
+    def answer(seconds: float) -> None:  # float32 latents: 8 x 16 values per 640 samples
+        frames = seconds * service.rate / service.samples_per_latent
+        inputs.check_response(
+            service.config, frames, LATENT_CHANNELS * LATENT_FREQ_BINS * 4, f"latents of {seconds:.1f} s"
+        )
+
+    async def work() -> tuple[tuple[bytes, tuple[int, ...]], Any, int]:
+        feats, input_rate = await service.cpu(inputs.features, rec, service.config, body, answer)
+        job = rec.encoding_job(feats)
+        outputs = await service.run_job(job, deadline, request)
+
+        def finish() -> tuple[bytes, tuple[int, ...]]:
+            mean, std = (rec.crop_latents(feats, z) for z in rec.join(job, outputs))
+            if sample:  # as Reconstructor.encode_features
+                noise = np.random.default_rng(used_seed).standard_normal(mean.shape).astype(np.float32)
+                mean = mean + std * noise
+            return _npy_bytes(mean), mean.shape
+
+        return await service.cpu(finish), feats, input_rate
+
+    (data, shape), feats, input_rate = await service.within(deadline, work())
+    service.metrics.audio_seconds.labels("/v1/encode").inc(feats.num_samples / service.rate)
+    c = rec.contract
+    headers = {
+        H_NUM_SAMPLES: str(feats.num_samples),
+        H_GAIN: repr(float(feats.gain)),
+        H_SAMPLE_RATE: str(service.rate),
+        H_INPUT_RATE: str(input_rate),
+        H_LATENT_SHAPE: ",".join(map(str, shape)),
+        H_SAMPLED: "true" if sample else "false",
+        H_FINGERPRINT: c.fingerprint,
+        H_SCALING: repr(float(c.scaling_factor)),
+    }
+    if sample:
+        headers[H_SEED] = str(used_seed)
+    return PacedResponse(data, media_type=NPY_MEDIA_TYPE, headers=headers)
+
+
+@inference.post(
+    "/v1/decode",
+    summary="Scaled latents (.npy [8, frames, 16]) -> 16 kHz audio; stream=true sends raw PCM as each window finishes",
+    response_class=Response,
+    responses={200: {"content": {"audio/wav": {}, STREAM_MEDIA_TYPE: {}}}},
+    openapi_extra={"requestBody": {"content": {NPY_MEDIA_TYPE: {}, "multipart/form-data": {}}}},
+)
+async def decode(
+    request: Request,
+    num_samples: int | None = Query(None, ge=1, description="Crop the output to this many samples"),
+    gain: float | None = Query(
+        None, ge=0, le=MAX_GAIN, description="Multiply the output by this (the encode response's gain)"
+    ),
+    stream: bool = Query(False, description="Send raw PCM (see the X-Recon-* headers) as each window finishes"),
+    subtype: Literal["float", "pcm16"] = Query("float", description="float: f32le / FLOAT WAV; pcm16: s16le"),
+) -> Response:
+    service = service_of(request)
+    fingerprint = request.headers.get(H_FINGERPRINT)
+    if stream:
+        return await _decode_stream(service, request, fingerprint, num_samples, gain, subtype)
+    service.check_capacity()
+    body = await service.read_body(request)
+    rec = service.admit(request)
+    deadline = service.deadline()
+
+    async def work() -> tuple[bytes, int]:
+        z = await service.cpu(inputs.latents, rec, service.config, body, fingerprint, num_samples, WAV_BYTES[subtype])
+        job = rec.decoding_job(z, num_samples)
+        outputs = await service.run_job(job, deadline, request, DECODE_TOO_LONG)
+
+        def finish() -> tuple[bytes, int]:  # as Reconstructor.decode, then the sidecar's gain
+            (wave,) = rec.join(job, outputs)
+            wave = wave[:num_samples] if num_samples is not None else wave
+            wave = wave * np.float32(gain) if gain is not None else wave
+            _check_finite(wave)
+            return _wav_bytes(wave, service.rate, subtype), wave.size
+
+        return await service.cpu(finish)
+
+    data, size = await service.within(deadline, work())
+    service.metrics.audio_seconds.labels("/v1/decode").inc(size / service.rate)
+    return PacedResponse(data, media_type="audio/wav", headers={H_NUM_SAMPLES: str(size)})
+
+
+async def _decode_stream(
+    service: Service,
+    request: Request,
+    fingerprint: str | None,
+    num_samples: int | None,
+    gain: float | None,
+    subtype: str,
+) -> StreamingResponse:
+    """Decode window by window and send each part of the output as soon as no later window touches it.
+
+    The first window is computed before the response starts (so errors still get a status); each
+    later window is queued when the previous one is done, so the time to first audio is one
+    window's compute whatever the length. Every part is the exact cross-fade `join` computes. The
+    whole stream shares one deadline (`timeout_s`, as a request that is not streamed); a failure
+    after the status was sent drops the connection without the final chunk (the client sees a
+    truncated body, never a clean end) and is recorded in the metrics with its status.
+    """
+    service.check_capacity()
+    body = await service.read_body(request)
+    rec = service.admit(request)
+    release = request.scope[ADMISSION]  # the middleware calls it too: whichever comes first
+    deadline = service.deadline()
+    latents = service.cpu(inputs.latents, rec, service.config, body, fingerprint, num_samples, WAV_BYTES[subtype])
+    z = await service.within(deadline, latents)
+    job = rec.decoding_job(z, num_samples)
+    n = len(job.windows)
+    length = int(round(job.total * job.scale))
+    total = length if num_samples is None else min(num_samples, length + job.tail)
+    fmt = STREAM_FORMATS[subtype]
+    factor = np.float32(gain) if gain is not None else None
+    first = (await service.wait(service.submit(job, [0], deadline), deadline, request))[0]
+    headers = {
+        H_SAMPLE_RATE: str(service.rate),
+        H_CHANNELS: "1",
+        H_FORMAT: fmt,
+        H_NUM_SAMPLES: str(total),
+        H_WINDOWS: str(n),
+        "Cache-Control": "no-store",
+    }
+    join = job.streaming_join()  # the cross-fade of Reconstructor.join, one window at a time
+    sent = 0
+
+    def part_bytes(piece: np.ndarray) -> bytes:
+        """Add the next window to the join and return the samples no later window touches, as PCM."""
+        nonlocal sent
+        chunk = join.add(piece)
+        part = chunk[: max(0, total - sent)]
+        sent += chunk.size
+        if factor is not None:
+            part = part * factor
+        _check_finite(part)
+        return _pcm_bytes(part, fmt) if part.size else b""
+
+    async def parts() -> AsyncIterator[bytes]:
+        pending: list[Future] = []
+        try:
+            output = first
+            for i in range(n):
+                if i + 1 < n:  # queue the next window before sending this part
+                    pending = service.submit(job, [i + 1], deadline, budgeted=False)
+                (piece,) = output
+                data = await service.within(deadline, service.cpu(part_bytes, piece))
+                if data:
+                    yield data
+                if i + 1 < n:
+                    output = (await service.wait(pending, deadline))[0]
+                    pending = []
+            service.metrics.audio_seconds.labels("/v1/decode").inc(total / service.rate)
+        except HTTPError as e:
+            _LOGGER.warning("streaming decode aborted: %s", e.message)
+            request.scope[STATUS_OVERRIDE] = e.status
+            raise StreamAborted(e.status, e.message) from None
+        except ReconError as e:
+            _LOGGER.warning("streaming decode aborted: %s", e)
+            request.scope[STATUS_OVERRIDE] = status = error_status(e)
+            raise StreamAborted(status, error_message(e)) from None
+        except Exception:
+            _LOGGER.exception("streaming decode aborted")
+            request.scope[STATUS_OVERRIDE] = 500
+            raise StreamAborted(500, "internal error") from None
+        except BaseException:  # cancelled: the client went away (or the server is stopping)
+            request.scope[STATUS_OVERRIDE] = CLIENT_GONE
+            raise
+        finally:
+            if pending and service.batcher is not None:  # the client went away: its next window leaves the queue
+                service.batcher.cancel(pending)
+            release()
+
+    return ReleasingStream(parts(), release, media_type=STREAM_MEDIA_TYPE, headers=headers)
+
+
+class PacedResponse(Response):
+    """A Response whose body goes out in RESPONSE_PART_BYTES parts: the host waits for the client to
+    read before it takes the next part once the connection's buffer is full (uvicorn does), so the
+    answer is not copied into that buffer whole, and the request (with its admission slot) lasts
+    until its last part is handed over. A client that reads nothing is dropped by the HTTP protocol's
+    send timeout."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        body = self.body
+        for at in range(0, max(len(body), 1), RESPONSE_PART_BYTES):
+            end = at + RESPONSE_PART_BYTES
+            await send({"type": "http.response.body", "body": body[at:end], "more_body": end < len(body)})
+        if self.background is not None:
+            await self.background()
+
+
+class ReleasingStream(StreamingResponse):
+    """A StreamingResponse that calls `on_close` however it ends, also when its body never starts
+    (Starlette cancels the body if the client disconnects before it, and a generator that never
+    started never runs its `finally`): a stream's admission slot is always given back."""
+
+    def __init__(self, content: Any, on_close: Callable[[], None], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _check_finite(wave: np.ndarray) -> None:
+    if not np.isfinite(wave).all():
+        raise HTTPError(422, "the decoded audio is not finite (latents or gain out of range)")
+
+
+def _wav_bytes(audio: np.ndarray, rate: int, subtype: str) -> bytes:
+    data = np.asarray(audio, dtype=np.float32)
+    if subtype == "pcm16":
+        data = np.clip(data, -1.0, 1.0)
+    buf = io.BytesIO()
+    sf.write(buf, data, rate, subtype=WAV_SUBTYPES[subtype], format="WAV")
+    return buf.getvalue()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _pcm_bytes(chunk: np.ndarray, fmt: str) -> bytes:
+    if fmt == "s16le":
+        return (np.rint(np.clip(chunk, -1.0, 1.0) * 32767.0)).astype("<i2").tobytes()
+    return np.asarray(chunk, dtype="<f4").tobytes()
