@@ -20,9 +20,7 @@ from .contract import (
     DECODER,
     ENCODER,
     HOP_LENGTH,
-    LATENT_CHANNELS,
     LATENT_DOWNSAMPLE,
-    LATENT_FREQ_BINS,
     N_MELS,
     ROLES,
     TRAINING_WINDOW_FRAMES,
@@ -30,6 +28,7 @@ from .contract import (
     VOCODER_EXTRA_SAMPLES,
     Contract,
     check_mel,
+    latent_shape_problem,
     read_contract,
 )
 from .errors import AudioInputError, BundleError, NumericalError
@@ -357,11 +356,9 @@ class Reconstructor:
         batched = z.ndim == 4
         if z.ndim == 3:
             z = z[None]
-        if z.ndim != 4 or z.shape[1] != LATENT_CHANNELS or z.shape[3] != LATENT_FREQ_BINS or z.shape[2] < 1:
-            raise AudioInputError(
-                f"latents must be [{LATENT_CHANNELS}, frames, {LATENT_FREQ_BINS}] or "
-                f"[batch, {LATENT_CHANNELS}, frames, {LATENT_FREQ_BINS}], got {list(np.shape(latents))}"
-            )
+        problem = latent_shape_problem(np.shape(latents), batched=True)
+        if problem:
+            raise AudioInputError(problem)
         if not np.issubdtype(z.dtype, np.floating):
             raise AudioInputError(f"latents must be floating point, got {z.dtype}")
         if not np.isfinite(z).all():

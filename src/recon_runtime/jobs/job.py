@@ -21,8 +21,9 @@ from typing import Any, Final
 
 import numpy as np
 
+from ..cluster import start_ray
 from ..contract import read_contract
-from ..errors import OutputError, ReconError, install_hint
+from ..errors import OutputError, ReconError, require
 from ..files.audio import atomic_path
 from .config import (
     ERRORS_DIR,
@@ -57,10 +58,6 @@ _LOGGER = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT_S: Final = 10.0  # how long ray.shutdown may take (after Ctrl-C) before Ray's processes are killed
 INTERRUPTED_EXIT: Final = 130  # exit status after Ctrl-C (128 + SIGINT, as shells report it)
-
-
-def ray_missing_message() -> str:
-    return f"dataset jobs need Ray Data and pyarrow: {install_hint('ray')}"
 
 
 @dataclass
@@ -120,24 +117,6 @@ def metrics_summary(out: Path) -> dict[str, dict[str, float]]:
             "files": int(values.size),
         }
     return summary
-
-
-def _start_ray(cfg: JobConfig) -> bool:
-    """Connect to the cluster, or start a local Ray; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if cfg.ray_address:
-        ray.init(address=cfg.ray_address, logging_level=logging.WARNING)
-    else:
-        need = cfg.workers * cfg.cpus_per_worker + 1
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))),
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-        )
-    return True
 
 
 def _local_ray_processes() -> dict[int, Any]:
@@ -230,14 +209,10 @@ def run_job(
 
 
 def _run_job(cfg: JobConfig, echo: Callable[[str], None], stages: Stages) -> JobResult:
-    try:
-        import pyarrow  # noqa: F401
-        import ray  # noqa: F401
-    except ImportError:
-        raise ReconError(ray_missing_message()) from None
+    require(("pyarrow", "ray"), "dataset jobs need Ray Data and pyarrow", "ray")
     started = time.perf_counter()
     contract = read_contract(Path(cfg.model.model))
-    if getattr(cfg.model, "expect_digest", None) and cfg.model.expect_digest != contract.digest:
+    if cfg.model.expect_digest and cfg.model.expect_digest != contract.digest:
         raise ReconError(f"{cfg.model.model}: bundle digest is {contract.digest}, expected {cfg.model.expect_digest}")
     if cfg.out.exists() and not cfg.out.is_dir():
         raise OutputError(f"{cfg.out}: exists and is not a folder; -o/--out names the job's output folder")
@@ -336,7 +311,7 @@ def _run_locked(
     if todo:
         started_ray = not ray.is_initialized()
         try:
-            _start_ray(cfg)
+            start_ray(cfg.ray_address, cfg.workers * cfg.cpus_per_worker + 1)  # + 1: the CPU tasks
             _run_pipeline(cfg, todo, result, echo, stages)
             remove_attempts(cfg.out)
         except KeyboardInterrupt:

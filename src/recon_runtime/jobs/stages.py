@@ -184,11 +184,7 @@ class Worker:
     def __init__(self, config: JobConfig):
         self.config = config
         stages = (ENCODER,) if config.mode == ENCODE else ROLES
-        model = config.model
-        if getattr(model, "threads", None) is None and dataclasses.is_dataclass(model):
-            # one intra-op thread per CPU this worker holds, not all the node's cores per worker
-            model = dataclasses.replace(model, threads=max(1, int(round(config.cpus_per_worker))))
-        self.rec = model.load(stages)
+        self.rec = config.model.for_cpus(config.cpus_per_worker).load(stages)
         self.fingerprint = self.rec.contract.fingerprint
 
     def process(self, paths: Sequence[str], feats: list[Features]) -> list[Any]:
