@@ -793,6 +793,35 @@ def test_slow_uploads_give_their_slots_back_and_do_not_starve_a_normal_client(gu
         slow.close()
 
 
+def test_an_idle_server_takes_a_body_that_begins_after_the_grace_without_a_minimum_rate(
+    tiny_bundle: Path, rec: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --min-upload-rate 0, a body whose first byte came after UPLOAD_GRACE_S got 503 "server
+    busy: 16 uploads in progress" from an idle server: the slot wait was `wait_for(acquire, 0)`,
+    which cancels the acquire before it runs."""
+    from recon_runtime.serving import inputs
+
+    monkeypatch.setattr(inputs, "UPLOAD_GRACE_S", 0.5)  # the grace shortened: the test waits less
+    srv = serve_in_process(rec, tiny_bundle, min_upload_rate=0.0)
+    clip = wav_bytes(tone(0.3))
+    head = (
+        "POST /v1/reconstruct HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
+        f"Content-Length: {len(clip)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+            sock.sendall(head)
+            time.sleep(1.5)  # the client's pace: its body begins well after the (shortened) grace
+            sock.sendall(clip)
+            answer, _ = read_until_closed(sock, 60)
+        text = answer.decode(errors="replace")
+        assert text.startswith("HTTP/1.1 200"), text[:300]
+        out, _ = sf.read(io.BytesIO(answer.split(b"\r\n\r\n", 1)[1]), dtype="float32")
+        assert rel_l2(out, rec.reconstruct(tone(0.3), RATE)) <= REL
+    finally:
+        srv.close()
+
+
 def test_the_api_key_guards_every_route_but_healthz(server: Server) -> None:
     get = lambda path, **h: httpx.get(server.url + path, headers=h, timeout=10)  # noqa: E731
     assert get("/healthz").status_code == 200

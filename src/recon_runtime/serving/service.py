@@ -222,9 +222,10 @@ class Service:
 
         The whole body must arrive within `body_timeout_s` of now (408), and keep up with
         `min_upload_rate` after UPLOAD_GRACE_S (408). Its first part is awaited before an upload slot
-        (a request that sends nothing holds none); at most `max_uploads` bodies are then read at once,
-        and a body waits for its slot at most UPLOAD_GRACE_S from now (503). `limit` (bytes) replaces
-        `max_body_mb`; `raw` keeps a multipart body whole (/v1/compare's two files)."""
+        (a request that sends nothing holds none); at most `max_uploads` bodies are then read at once:
+        a free slot is taken however late the body began, and one that finds them all taken waits for
+        a slot until UPLOAD_GRACE_S from now at most (503). `limit` (bytes) replaces `max_body_mb`;
+        `raw` keeps a multipart body whole (/v1/compare's two files)."""
         start = time.monotonic()
         limit = limit or int(self.config.max_body_mb * 2**20)
         declared = request.headers.get("content-length")
@@ -243,13 +244,16 @@ class Service:
         self.receiving += 1
         try:
             await reader.read_first()
-            wait = start + inputs.UPLOAD_GRACE_S - time.monotonic()
-            try:
-                await asyncio.wait_for(self._upload_slots.acquire(), max(0.0, wait))
-            except asyncio.TimeoutError:
-                raise HTTPError(
-                    503, f"server busy: {self.config.max_uploads} uploads in progress", {"Retry-After": "1"}
-                ) from None
+            if self._upload_slots.locked():  # all taken: wait for one until the grace ends
+                wait = start + inputs.UPLOAD_GRACE_S - time.monotonic()
+                try:
+                    await asyncio.wait_for(self._upload_slots.acquire(), max(0.0, wait))
+                except asyncio.TimeoutError:
+                    raise HTTPError(
+                        503, f"server busy: {self.config.max_uploads} uploads in progress", {"Retry-After": "1"}
+                    ) from None
+            else:  # a free slot is taken at once, however late the body began (wait_for(..., 0) never runs it)
+                await self._upload_slots.acquire()
             try:
                 body = await reader.read_rest()
             finally:
