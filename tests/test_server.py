@@ -979,9 +979,12 @@ def test_a_request_cut_off_while_its_refusal_drains_gets_the_shutdowns_503(tiny_
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log
 
 
-def test_an_fp16_overflow_of_a_finite_input_is_the_servers_500_naming_fp32(tiny_bundle: Path, rec: Any) -> None:
-    """Every NumericalError was the client's 422, also an fp16 overflow on a valid input, which is the
-    limit of the precision the server chose (the client can do nothing about it)."""
+def test_an_fp16_overflow_of_a_finite_input_is_a_422_naming_fp32_and_a_warning_for_the_operator(
+    tiny_bundle: Path, rec: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every NumericalError was the client's 422, also an fp16 overflow on a valid input, without saying
+    it is the limit of the precision the server chose; then that became a 500, a 5xx for what a client
+    sent (fp16 is the default on CUDA). It is a 422 that says whose limit it is, and a warning in the log."""
     from recon_runtime.errors import NumericalError
 
     class Overflowing:
@@ -998,13 +1001,19 @@ def test_an_fp16_overflow_of_a_finite_input_is_the_servers_500_naming_fp32(tiny_
     graphs = Overflowing(rec)
     srv = serve_in_process(graphs, tiny_bundle)
     try:
-        r = httpx.post(srv.url + "/v1/reconstruct", content=wav_bytes(tone(0.3)), timeout=30)
-        assert r.status_code == 500, r.text
+        with caplog.at_level("WARNING", logger="recon_runtime.serving"):
+            r = httpx.post(srv.url + "/v1/reconstruct", content=wav_bytes(tone(0.3)), timeout=30)
+        assert r.status_code == 422, r.text
         error = r.json()["error"]
-        assert "--precision fp32" in error and "not a fault of the input" in error and "at fp16" in error, error
+        assert "cannot carry this input" in error and "not a fault of the input" in error, error
+        assert "--precision fp32" in error and "at fp16" in error, error
+        logged = [x for x in caplog.records if "cannot carry this input" in x.getMessage()]
+        assert [x.levelname for x in logged] == ["WARNING"], [x.getMessage() for x in caplog.records]
         graphs.input_caused = True  # the input's values overflowed graphs with float32's range: the client's
         r = httpx.post(srv.url + "/v1/reconstruct", content=wav_bytes(tone(0.3)), timeout=30)
         assert r.status_code == 422 and "--precision" not in r.json()["error"], r.text
+        m = httpx.get(srv.url + "/metrics", timeout=10).text
+        assert metric(m, "recon_requests_total", status="500") == 0
     finally:
         srv.close()
 

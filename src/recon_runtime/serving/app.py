@@ -20,7 +20,15 @@ from .. import __version__
 from ..errors import ReconError
 from .config import ServerConfig
 from .edge import QUIET_CUT_SHORT, Edge
-from .errors import CLIENT_GONE, ClientGone, HTTPError, PayloadTooLarge, error_message, error_status
+from .errors import (
+    CLIENT_GONE,
+    ClientGone,
+    HTTPError,
+    PayloadTooLarge,
+    error_message,
+    error_status,
+    is_precision_limit,
+)
 from .page import mount_page
 from .routes import inference, probes
 from .service import ReconstructorSource, Service
@@ -95,6 +103,8 @@ def install_error_handlers(app: FastAPI) -> None:
         status = error_status(e)
         if status >= 500:
             _LOGGER.error("request failed: %s", e)
+        elif is_precision_limit(e):
+            _LOGGER.warning("request refused (422): %s", error_message(e))
         return JSONResponse({"error": error_message(e)}, status)
 
     @app.exception_handler(StarletteHTTPException)
