@@ -26,7 +26,7 @@ import pytest
 import soundfile as sf
 
 from .conftest import tone
-from .test_server import KEY, MISSING, REL, Gated, Server, rel_l2, serve_in_process, wav_bytes
+from .test_server import KEY, MISSING, REL, Gated, Server, raw_exchange, rel_l2, serve_in_process, wav_bytes
 
 pytestmark = pytest.mark.skipif(
     bool(MISSING), reason=f"server tests need the `serve` extra ({', '.join(MISSING)} missing)"
@@ -171,6 +171,38 @@ def test_compare_refuses_bad_forms_with_a_json_4xx(server: Server) -> None:
     r = post(files=form(big, out))
     assert r.status_code == 413 and "over the limit" in r.json()["error"], r.text
     assert post(files=form(good, out)).status_code == 200  # and the server goes on
+
+
+def test_compare_gets_the_body_timeout_scaled_by_its_body_limit(tiny_bundle: Path, rec: Any) -> None:
+    """/v1/compare, whose body may be 1.6x what /v1/reconstruct takes (at the defaults), had the same
+    --body-timeout-s: it gets as long per byte (its limit over --max-body-mb times the timeout)."""
+    import json
+
+    from recon_runtime.serving.page import compare_limit_bytes
+
+    timeout_s, body_mb, seconds = 1.0, 2.0, 60.0
+    scaled = round(timeout_s * compare_limit_bytes(body_mb, seconds, RATE) / (body_mb * 2**20), 1)
+    assert scaled >= 2 * timeout_s  # the fixture's limits make the difference plain
+    srv = serve_in_process(
+        rec, tiny_bundle, body_timeout_s=timeout_s, max_body_mb=body_mb, max_seconds=seconds, min_upload_rate=0.0
+    )
+    try:
+        for path, content_type, want in [
+            ("/v1/compare", "multipart/form-data; boundary=x", scaled),
+            ("/v1/reconstruct", "audio/wav", timeout_s),
+        ]:
+            head = (
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: 1000\r\n\r\n--x"
+            ).encode()  # the body's first bytes, then nothing
+            t0 = time.monotonic()
+            answer = raw_exchange(srv.port, head, timeout=4 * scaled + 30).decode(errors="replace")
+            waited = time.monotonic() - t0
+            assert answer.startswith("HTTP/1.1 408"), (path, answer)
+            error = json.loads(answer.split("\r\n\r\n", 1)[1])["error"]
+            assert f"within {want:g} s" in error, (path, error)
+            assert waited >= want, (path, waited)  # the server waited for the body that long
+    finally:
+        srv.close()
 
 
 def test_the_page_loads_without_the_key_and_every_api_route_stays_guarded(keyed: Server) -> None:
