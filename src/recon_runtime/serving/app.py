@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import ReconError
+from .api_docs import mount_docs
 from .config import ServerConfig
 from .edge import QUIET_CUT_SHORT, Edge
 from .errors import (
@@ -68,6 +69,8 @@ def create_app(
         version=__version__,
         summary="AudioLDM2's VAE + HiFi-GAN vocoder: reconstruct, encode and decode audio.",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc come from `mount_docs`: their scripts served here, not from a CDN
+        redoc_url=None,
     )
     app.state.service = service
     app.add_middleware(Edge, service=service, routes=app.router.routes)
@@ -78,6 +81,7 @@ def create_app(
     app.include_router(probes)
     app.include_router(inference)
     mount_page(app)  # the listening page at /, its assets, and /v1/compare for it
+    mount_docs(app)
     return app
 
 
