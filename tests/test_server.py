@@ -790,6 +790,29 @@ def test_a_host_without_the_protocol_is_told_its_timeouts_do_not_apply(
     assert len(lines) == 1 and "timeouts do not apply" in lines[0], lines
 
 
+def test_a_ray_replica_is_not_told_to_use_a_uvicorn_flag(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under `serve --ray` Ray's proxy speaks HTTP: the warning advised a uvicorn flag that cannot apply.
+    The replica's own app (built as Ray builds it, served here by a plain uvicorn) does not warn."""
+    import recon_runtime.serving.http_protocol as http_protocol
+    from recon_runtime.serving.config import ServerConfig
+    from recon_runtime.serving.ray_serve import ReconReplica
+
+    monkeypatch.setattr(http_protocol, "connections_served", 0)  # as in a replica, which never serves with it
+    replica = ReconReplica.__new__(ReconReplica)  # its __init__ asks Ray for the replica's id
+    replica.config, replica.replica_id, replica.service = ServerConfig(model=str(tiny_bundle), warmup=False), "r1", None
+    with caplog.at_level("WARNING", logger="recon_runtime.serving"):
+        srv = _Threaded(replica.__serve_build_asgi_app__())  # its start-up returns once the model is loaded
+        try:
+            r = httpx.get(srv.url + "/readyz", timeout=10)
+            assert r.status_code == 200 and r.headers["x-recon-replica"] == "r1", r.text
+        finally:
+            srv.close()
+    lines = [r.getMessage() for r in caplog.records if "http_protocol" in r.getMessage()]
+    assert lines == [], lines
+
+
 def test_slow_uploads_give_their_slots_back_and_do_not_starve_a_normal_client(
     tiny_bundle: Path, rec: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

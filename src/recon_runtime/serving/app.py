@@ -42,6 +42,7 @@ def create_app(
     *,
     reconstructor: ReconstructorSource = None,
     on_load_error: Callable[[BaseException], None] | None = None,
+    check_protocol: bool = True,
 ) -> FastAPI:
     """The service as a FastAPI app.
 
@@ -52,6 +53,9 @@ def create_app(
             `bucket_frames`) then define the outputs.
         on_load_error: called (on the loading thread) if the model fails to load; `recon-run serve`
             stops the server with it.
+        check_protocol: warn once, at the first request, when the host does not serve the app with
+            `http_protocol` (its header and send timeouts then do not apply). False for hosts that
+            cannot run it, where the warning's uvicorn flag would be wrong advice (Ray Serve's proxy).
     """
     config = config or ServerConfig.from_env()
     service = Service(config, reconstructor, on_load_error)
@@ -73,7 +77,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.service = service
-    app.add_middleware(Edge, service=service, routes=app.router.routes)
+    app.add_middleware(Edge, service=service, routes=app.router.routes, check_protocol=check_protocol)
     uvicorn_log = logging.getLogger("uvicorn.error")
     if QUIET_CUT_SHORT not in uvicorn_log.filters:
         uvicorn_log.addFilter(QUIET_CUT_SHORT)
