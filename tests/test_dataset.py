@@ -22,7 +22,9 @@ from click.testing import CliRunner  # noqa: E402
 
 from recon_runtime.cli import main  # noqa: E402
 from recon_runtime.files.audio import read_audio  # noqa: E402
-from recon_runtime.jobs.job import JobConfig, read_table, run_job  # noqa: E402
+from recon_runtime.jobs.config import JobConfig  # noqa: E402
+from recon_runtime.jobs.job import run_job  # noqa: E402
+from recon_runtime.jobs.shards import read_table  # noqa: E402
 from recon_runtime.options import LoadOptions  # noqa: E402
 
 from .conftest import run_cli, tone  # noqa: E402
@@ -429,7 +431,7 @@ def test_a_file_that_kills_its_worker_every_time_fails_alone_and_the_job_ends(
 def test_compact_never_loses_a_key(tmp_path: Path) -> None:
     import pyarrow as pa
 
-    from recon_runtime.jobs.job import _shard_name, compact, write_shard
+    from recon_runtime.jobs.shards import compact, shard_name, write_shard
 
     def table(keys):
         return pa.table(
@@ -441,7 +443,7 @@ def test_compact_never_loses_a_key(tmp_path: Path) -> None:
         )
 
     # shards {b}, {a, b}, {a} in name order, the last one named as the filtered middle one would be
-    a = next(("a", 1, m) for m in range(1000) if _shard_name([("a", 1, m)]) > "part-2")
+    a = next(("a", 1, m) for m in range(1000) if shard_name([("a", 1, m)]) > "part-2")
     b = ("b", 1, 0)
     folder = tmp_path / "t"
     folder.mkdir()
@@ -455,7 +457,7 @@ def test_compact_never_loses_a_key(tmp_path: Path) -> None:
 
 
 def _batch(bundle: Path, files: list[Path], **kw) -> dict:
-    from recon_runtime.jobs.job import prepare_batch
+    from recon_runtime.jobs.stages import prepare_batch
 
     rows = {
         "path": np.asarray([str(f) for f in files], dtype=object),
@@ -468,13 +470,14 @@ def _batch(bundle: Path, files: list[Path], **kw) -> dict:
 
 def test_a_batch_run_again_with_another_outcome_replaces_its_rows(tiny_bundle: Path, tmp_path: Path) -> None:
     from recon_runtime.contract import read_contract
-    from recon_runtime.jobs.job import Worker, _check_job_file
+    from recon_runtime.jobs.outdir import check_job_record
+    from recon_runtime.jobs.stages import Worker
 
     files = _folder(tmp_path / "in", 3)
     out = tmp_path / "out"
     cfg = _job(tiny_bundle, "encode", [tmp_path / "in"], out)
     out.mkdir()
-    _check_job_file(cfg, read_contract(tiny_bundle).fingerprint, None)  # a job's folder, as the driver makes it first
+    check_job_record(cfg, read_contract(tiny_bundle).fingerprint, None)  # a job's folder, as the driver makes it first
     worker = Worker(cfg)
     batch = _batch(tiny_bundle, files)
     assert all(w.size == 0 for w in batch["waveform"])  # encode does not ship the waveform
@@ -485,11 +488,11 @@ def test_a_batch_run_again_with_another_outcome_replaces_its_rows(tiny_bundle: P
     assert _keys(out, "errors") == []
 
     # an error row left for a file that has a result row (e.g. written by an older version) is dropped
-    from recon_runtime.jobs.job import _error_table, write_shard
+    from recon_runtime.jobs.shards import error_table, write_shard
 
     st = files[1].stat()
     row = {"path": str(files[1]), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "stage": "read", "message": "x"}
-    write_shard(out / "errors", _error_table([row]))
+    write_shard(out / "errors", error_table([row]))
     again = run_job(cfg)
     assert (again.ok, again.failed, again.skipped, again.failed_before, again.errors_outstanding) == (0, 0, 3, 0, 0)
     assert _keys(out, "errors") == []
@@ -498,7 +501,9 @@ def test_a_batch_run_again_with_another_outcome_replaces_its_rows(tiny_bundle: P
 def test_metrics_summary_counts_each_file_once(tmp_path: Path) -> None:
     import pyarrow as pa
 
-    from recon_runtime.jobs.job import METRIC_NAMES, metrics_summary, write_shard
+    from recon_runtime.jobs.config import METRIC_NAMES
+    from recon_runtime.jobs.job import metrics_summary
+    from recon_runtime.jobs.shards import write_shard
 
     def shard(name: str, value: float) -> None:
         cols = {"path": ["x"], "size": [1], "mtime_ns": [1]} | {m: [value] for m in METRIC_NAMES}
@@ -516,7 +521,7 @@ def test_encode_crops_latents_as_encode_features_does(tiny_bundle: Path, tmp_pat
     import dataclasses
 
     from recon_runtime import Reconstructor
-    from recon_runtime.jobs.job import Worker
+    from recon_runtime.jobs.stages import Worker
 
     @dataclasses.dataclass(frozen=True)
     class Bucketed(LoadOptions):

@@ -13,7 +13,8 @@ from typing import Any
 
 import click
 
-from ..jobs.job import DEFAULT_MAX_SECONDS, ENCODE, EVALUATE, INTERRUPTED_EXIT, RECONSTRUCT, JobConfig, JobInterrupted
+from ..jobs.config import DEFAULT_MAX_SECONDS, ENCODE, EVALUATE, RECONSTRUCT, JobConfig
+from ..jobs.job import INTERRUPTED_EXIT, JobInterrupted
 from .batch import fail, guard
 from .options import model_args, model_options
 

@@ -1,0 +1,92 @@
+"""What a dataset job is: its mode and settings (`JobConfig`) and the names of its output folder.
+
+Every module of the jobs reads these names from here, so OUT's layout is written down once (see
+`recon_runtime.jobs.job` for what each holds).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Final
+
+_LOGGER = logging.getLogger(__name__)
+
+ENCODE: Final = "encode"
+RECONSTRUCT: Final = "reconstruct"
+EVALUATE: Final = "evaluate"
+MODES: Final = (ENCODE, RECONSTRUCT, EVALUATE)
+RESULT_DIRS: Final = {ENCODE: "latents", RECONSTRUCT: "done", EVALUATE: "metrics"}
+ERRORS_DIR: Final = "errors"
+ATTEMPTS_DIR: Final = "attempts"
+AUDIO_DIR: Final = "audio"
+JOB_FILE: Final = "job.json"
+SUMMARY_FILE: Final = "summary.json"
+METRICS_SUMMARY_FILE: Final = "metrics-summary.json"
+METRIC_NAMES: Final = ("log_mel_l1", "log_mel_rmse", "mel_correlation", "mrstft", "si_sdr_db")
+DEFAULT_MAX_SECONDS: Final = 3600.0
+KEY_COLUMNS: Final = ("path", "size", "mtime_ns")
+LOCK_FILE: Final = "job.lock"
+OUTPUTS_DIR: Final = "outputs"  # reconstruct: the audio a run is about to write, recorded before it writes it
+
+Key = tuple[str, int, int]
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One dataset job. `model` is any object with `load(stages) -> Reconstructor` (options.LoadOptions)."""
+
+    mode: str
+    inputs: tuple[str, ...]
+    out: Path
+    model: Any
+    ray_address: str | None = None
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    batch_size: int = 8
+    resume: bool = True
+    retry_errors: bool = False
+    max_seconds: float | None = DEFAULT_MAX_SECONDS
+    output_rate: int | None = None
+    sample_format: str = "float32"
+    progress: bool = True
+    # test hooks: each graph worker stalls once it has written this many files (until the job is
+    # interrupted, so a test can stop a job mid-way however fast the workers are), and make one
+    # worker process die once (os._exit) on the file whose name is crash_once[0], using the
+    # marker file crash_once[1] to do it only once
+    stall_after: int | None = None
+    crash_once: tuple[str, str] | None = None
+    # test hook: the process handling the file named crash_always[0] dies (os._exit) every time, in
+    # stage crash_always[1] ("read": the CPU task, "run": the graph worker), as an OOM kill or a
+    # decoder segfault would
+    crash_always: tuple[str, str] | None = None
+    # a batch whose worker died this many times is run again one file at a time, and a file whose
+    # worker dies then gets an error row instead of another try
+    batch_attempts: int = 2
+
+    def settings(self) -> dict[str, Any]:
+        """What shapes the results besides the bundle: a resume must use the same."""
+        model = self.model
+        out: dict[str, Any] = {
+            "backend": getattr(model, "backend", None),
+            "provider": getattr(model, "provider", None),
+            "precision": getattr(model, "precision", None),
+            "max_seconds": self.max_seconds,
+        }
+        if self.mode == RECONSTRUCT:
+            out.update(output_rate=self.output_rate, sample_format=self.sample_format)
+        return out
+
+
+def audio_rel(rel: str) -> str:
+    """Where reconstruct writes the audio of the input at `rel`, relative to OUT (the input tree mirrored
+    under OUT/audio): how OUT/outputs and OUT/done record it, so a record names its file however OUT is
+    spelled on the command line."""
+    return (PurePosixPath(AUDIO_DIR) / PurePosixPath(rel).with_suffix(".wav")).as_posix()
+
+
+def audio_output(out: Path, rel: str) -> Path:
+    """The audio file of the input at `rel` under OUT (see `audio_rel`)."""
+    return out / audio_rel(rel)

@@ -1,0 +1,354 @@
+"""The two stages a dataset job runs on Ray: CPU tasks that read and prepare each file
+(`prepare_batch`), and graph workers (`Worker`, one `Reconstructor` each) that run the graphs and
+write a batch's shards; `_Attempts` bounds the retries of a batch whose worker dies."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any, Final
+
+import numpy as np
+
+from ..contract import ENCODER, ROLES
+from ..errors import AudioInputError, ReconError, failure_message
+from ..files.audio import read_audio, write_audio
+from .config import ATTEMPTS_DIR, ENCODE, ERRORS_DIR, METRIC_NAMES, RECONSTRUCT, RESULT_DIRS, JobConfig, Key, audio_rel
+from .listing import is_uri, open_filesystem
+from .shards import error_table, keys_digest, shard_name, write_shard
+
+_LOGGER = logging.getLogger(__name__)
+
+PREPARE_MEMORY: Final = 1 << 30  # Ray memory request per read + front-end task (one decoded file + a batch of log-mels)
+PREPARE_CPUS: Final = 0.25  # Ray CPUs per read + front-end task (they mostly wait on I/O and numpy)
+STALL_SECONDS: Final = 600.0  # stall_after hook: long enough that only the interrupted job's shutdown ends it
+
+
+_FRONT_ENDS: dict[Any, Any] = {}
+
+
+def _front_end(model: Any) -> Any:
+    """A Reconstructor for the front end only, once per process: CPU, no graphs loaded."""
+    key = (str(model.model), getattr(model, "expect_digest", None))
+    if key not in _FRONT_ENDS:
+        _FRONT_ENDS[key] = dataclasses.replace(model, provider="cpu", precision="auto", cuda_graph=False).load(None)
+    return _FRONT_ENDS[key]
+
+
+def _read_any(path: str) -> tuple[np.ndarray, int]:
+    """`read_audio` for a local path; other file systems are copied to a temporary file first."""
+    if not is_uri(path):
+        return read_audio(Path(path))
+    filesystem, inner = open_filesystem(path)
+    suffix = PurePosixPath(inner).suffix
+    with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
+        with filesystem.open_input_stream(inner) as f:
+            shutil.copyfileobj(f, tmp)
+        tmp.flush()
+        try:
+            return read_audio(Path(tmp.name))
+        except AudioInputError as e:
+            raise AudioInputError(str(e).replace(tmp.name, path)) from None
+
+
+def _objects(values: Sequence[Any]) -> np.ndarray:
+    """A 1-D object array of arrays (ragged columns for Ray Data)."""
+    arr = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        arr[i] = v
+    return arr
+
+
+class _Attempts:
+    """Attempt markers of one batch under OUT/attempts: how often it started, and which file was running.
+
+    Each start of the batch adds a marker. Once `limit` earlier starts exist (so its worker died that
+    often), the batch runs one file at a time, marking each file while it runs; a file still marked
+    when the batch starts again is the one its worker died on, and gets an error row instead of
+    another try. So every death is progress, and a batch needs at most limit + files tries.
+    """
+
+    def __init__(self, out: Path, stage: str, keys: Sequence[Key], limit: int):
+        self.dir = out / ATTEMPTS_DIR / f"{stage}-{keys_digest(keys)[:20]}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        before = len(list(self.dir.glob("start-*")))
+        (self.dir / f"start-{before}-{os.getpid()}-{time.time_ns()}").touch()
+        self.isolate = before >= limit
+        self.starts = before + 1
+
+    def _file(self, path: str) -> Path:
+        return self.dir / f"file-{hashlib.sha256(path.encode()).hexdigest()[:20]}"
+
+    def died_on(self, path: str) -> bool:
+        return self._file(path).exists()
+
+    def begin(self, path: str) -> None:
+        self._file(path).touch()
+
+    def end(self, path: str) -> None:
+        self._file(path).unlink(missing_ok=True)
+
+    def message(self, path: str, stage: str) -> str:
+        return (
+            f"{path}: the worker process died while {stage} this file (killed, e.g. out of memory, or crashed; "
+            f"{self.starts - 1} tries); --retry-errors runs it again"
+        )
+
+
+def _maybe_die(hook: tuple[str, str] | None, stage: str, paths: Sequence[str]) -> None:
+    """Test hook (JobConfig.crash_always): die as an OOM kill or a segfault would."""
+    if hook and hook[1] == stage and any(PurePosixPath(p).name == hook[0] for p in paths):
+        os._exit(1)
+
+
+def max_tries(batch_attempts: int, batch_size: int) -> int:
+    """Ray retries per task: a task holds at most two batches (Ray Data bundles blocks up to a batch's
+    rows), each needing at most `batch_attempts` + its files tries (see _Attempts)."""
+    return 2 * (batch_attempts + batch_size) + 1
+
+
+def prepare_batch(
+    batch: dict[str, np.ndarray],
+    model: Any,
+    max_seconds: float | None,
+    keep_waveform: bool = False,
+    out: Path | None = None,
+    batch_attempts: int = 2,
+    crash_always: tuple[str, str] | None = None,
+) -> dict[str, np.ndarray]:
+    """CPU task: read, decode and run the front end (`Reconstructor.features`); a failure becomes the row's error.
+
+    The prepared waveform goes on only with `keep_waveform` (evaluate compares against it).
+    """
+    rec = _front_end(model)
+    n = len(batch["path"])
+    paths = [str(p) for p in batch["path"]]
+    attempts = None
+    if out is not None:
+        keys = [(paths[i], int(batch["size"][i]), int(batch["mtime_ns"][i])) for i in range(n)]
+        attempts = _Attempts(out, "read", keys, batch_attempts)
+    mels, waves, gains, samples, rates, errors = [], [], [], [], [], []
+    for i in range(n):
+        path = paths[i]
+        isolate = attempts is not None and attempts.isolate
+        died = isolate and attempts.died_on(path)
+        try:
+            if died:
+                raise AudioInputError(attempts.message(path, "reading"))
+            if isolate:
+                attempts.begin(path)
+            _maybe_die(crash_always, "read", [path])
+            audio, sr = _read_any(path)
+            seconds = audio.shape[0] / sr
+            if max_seconds is not None and seconds > max_seconds:
+                raise AudioInputError(
+                    f"{path}: {seconds:.1f} s is longer than the limit of {max_seconds:g} s (--max-seconds)"
+                )
+            feats = rec.features(audio, sr)
+            del audio
+            mels.append(feats.log_mel)
+            waves.append(feats.waveform if keep_waveform else np.zeros(0, np.float32))
+            gains.append(feats.gain)
+            samples.append(feats.num_samples)
+            rates.append(sr)
+            errors.append("")
+        except Exception as e:  # noqa: BLE001 - a bad file is an error row, never the end of the job
+            mels.append(np.zeros((0, rec.contract.mel.n_mels), np.float32))
+            waves.append(np.zeros(0, np.float32))
+            gains.append(0.0)
+            samples.append(0)
+            rates.append(0)
+            errors.append(failure_message(path, e))
+        if isolate and not died:
+            attempts.end(path)
+    out_batch = {k: batch[k] for k in ("path", "size", "mtime_ns", "rel")}
+    out_batch.update(
+        log_mel=_objects(mels),
+        waveform=_objects(waves),
+        gain=np.asarray(gains, np.float64),
+        num_samples=np.asarray(samples, np.int64),
+        source_rate=np.asarray(rates, np.int64),
+        read_error=np.asarray(errors, dtype=object),
+    )
+    return out_batch
+
+
+class Worker:
+    """Actor stage: one Reconstructor per worker runs the graphs and writes the batch's shards."""
+
+    def __init__(self, config: JobConfig):
+        self.config = config
+        stages = (ENCODER,) if config.mode == ENCODE else ROLES
+        model = config.model
+        if getattr(model, "threads", None) is None and dataclasses.is_dataclass(model):
+            # one intra-op thread per CPU this worker holds, not all the node's cores per worker
+            model = dataclasses.replace(model, threads=max(1, int(round(config.cpus_per_worker))))
+        self.rec = model.load(stages)
+        self.fingerprint = self.rec.contract.fingerprint
+        self.files_done = 0
+
+    def _maybe_stall(self) -> None:
+        """stall_after hook: hold this worker until the interrupted job's shutdown kills it."""
+        if self.config.stall_after is not None and self.files_done >= self.config.stall_after:
+            time.sleep(STALL_SECONDS)
+            raise RuntimeError(f"stall_after: the job was not interrupted within {STALL_SECONDS:.0f} s")
+
+    def _maybe_crash(self, paths: Sequence[str]) -> None:
+        hook = self.config.crash_once
+        if hook and any(PurePosixPath(p).name == hook[0] for p in paths) and not os.path.exists(hook[1]):
+            Path(hook[1]).write_text("crashed once\n")
+            os._exit(1)
+        _maybe_die(self.config.crash_always, "run", paths)
+
+    def _run(self, feats: list[Any]) -> list[Any]:
+        """Per input: the mode's graph output, or the exception it raised (a bad one never sinks the batch)."""
+        rec = self.rec
+
+        def encode(fs: list[Any]) -> list[np.ndarray]:
+            # the posterior mean cropped as Reconstructor.encode_features crops it (drops bucket padding)
+            return [rec.crop_latents(f, m) for f, (m, _) in zip(fs, rec.run_jobs([rec.encoding_job(f) for f in fs]))]
+
+        jobs = encode if self.config.mode == ENCODE else rec.reconstruct_features
+        try:
+            return list(jobs(feats))
+        except Exception:  # noqa: BLE001 - retry one by one to find the bad one
+            outs: list[Any] = []
+            for f in feats:
+                try:
+                    outs.append(jobs([f])[0])
+                except Exception as e:  # noqa: BLE001
+                    outs.append(e)
+            return outs
+
+    def _row(self, batch: dict[str, np.ndarray], i: int, f: Any, out: Any, base: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(out, BaseException):
+            raise out
+        if not np.isfinite(out).all():
+            raise ReconError(f"{base['path']}: the graphs produced NaN or inf")
+        return self._result(batch, i, f, out, base)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ..windows import Features
+
+        cfg = self.config
+        self._maybe_stall()
+        n = len(batch["path"])
+        self.files_done += n
+        paths = [str(p) for p in batch["path"]]
+        base = [
+            {"path": paths[i], "size": int(batch["size"][i]), "mtime_ns": int(batch["mtime_ns"][i])} for i in range(n)
+        ]
+        keys = [(b["path"], b["size"], b["mtime_ns"]) for b in base]
+        attempts = _Attempts(cfg.out, "run", keys, cfg.batch_attempts)
+        errors: list[dict[str, Any]] = []
+        ready: list[int] = []
+        feats: list[Any] = []
+        for i in range(n):
+            if batch["read_error"][i]:
+                errors.append({**base[i], "stage": "read", "message": str(batch["read_error"][i])})
+                continue
+            ready.append(i)
+            feats.append(
+                Features(
+                    np.asarray(batch["log_mel"][i], np.float32),
+                    float(batch["gain"][i]),
+                    int(batch["num_samples"][i]),
+                    np.asarray(batch["waveform"][i], np.float32),
+                )
+            )
+        rows: list[dict[str, Any]] = []
+        if attempts.isolate:
+            # this batch's worker died before: one file at a time, and the file it dies on fails
+            for i, f in zip(ready, feats):
+                if attempts.died_on(paths[i]):
+                    errors.append({**base[i], "stage": cfg.mode, "message": attempts.message(paths[i], "processing")})
+                    continue
+                attempts.begin(paths[i])
+                try:
+                    self._maybe_crash([paths[i]])
+                    rows.append(self._row(batch, i, f, self._run([f])[0], base[i]))
+                except Exception as e:  # noqa: BLE001 - one error row per failed file
+                    errors.append({**base[i], "stage": cfg.mode, "message": failure_message(paths[i], e)})
+                attempts.end(paths[i])
+        else:
+            if ready:
+                self._maybe_crash([paths[i] for i in ready])
+            outs = self._run(feats) if feats else []
+            for i, f, out in zip(ready, feats, outs):
+                try:
+                    rows.append(self._row(batch, i, f, out, base[i]))
+                except Exception as e:  # noqa: BLE001 - one error row per failed file
+                    errors.append({**base[i], "stage": cfg.mode, "message": failure_message(paths[i], e)})
+        # both shards named after the whole batch and always written (even empty): a batch that runs
+        # again (Ray retried it) replaces both, whatever its outcome was the first time
+        name = shard_name(keys)
+        write_shard(cfg.out / ERRORS_DIR, error_table(errors), name)
+        write_shard(cfg.out / RESULT_DIRS[cfg.mode], self._table(rows), name)
+        rate = self.rec.contract.mel.sample_rate
+        seconds = {r["path"]: r["num_samples"] / rate for r in rows}
+        failed = {e["path"]: e for e in errors}
+        return {
+            "path": np.asarray(paths, dtype=object),
+            "ok": np.asarray([p in seconds for p in paths]),
+            "seconds": np.asarray([seconds.get(p, 0.0) for p in paths], np.float64),
+            "stage": np.asarray([failed[p]["stage"] if p in failed else "" for p in paths], dtype=object),
+            "message": np.asarray([failed[p]["message"] if p in failed else "" for p in paths], dtype=object),
+        }
+
+    def _result(self, batch: dict[str, np.ndarray], i: int, feats: Any, out: np.ndarray, base: dict[str, Any]) -> dict:
+        cfg, rec = self.config, self.rec
+        rate = rec.contract.mel.sample_rate
+        row = {
+            **base,
+            "num_samples": feats.num_samples,
+            "gain": feats.gain,
+            "source_sample_rate": int(batch["source_rate"][i]),
+            "duration_s": feats.num_samples / rate,
+            "bundle_fingerprint": self.fingerprint,
+        }
+        if cfg.mode == ENCODE:
+            row["latents"] = np.ascontiguousarray(out, np.float32).ravel()
+            row["latent_shape"] = list(out.shape)
+        elif cfg.mode == RECONSTRUCT:
+            out_rate = cfg.output_rate or rate
+            rel = audio_rel(str(batch["rel"][i]))
+            write_audio(cfg.out / rel, rec.finish(feats, out, out_rate), out_rate, cfg.sample_format)
+            st = os.stat(cfg.out / rel)  # what the job wrote: --no-resume deletes the file only while it is that
+            row.update(output=rel, output_size=st.st_size, output_mtime_ns=st.st_mtime_ns)
+        else:
+            from ..files.metrics import compare
+
+            row.update(compare(feats.waveform, out))
+        return row
+
+    def _table(self, rows: list[dict[str, Any]]) -> Any:
+        import pyarrow as pa
+
+        cols: dict[str, Any] = {
+            "path": pa.array([r["path"] for r in rows], pa.string()),
+            "size": pa.array([r["size"] for r in rows], pa.int64()),
+            "mtime_ns": pa.array([r["mtime_ns"] for r in rows], pa.int64()),
+        }
+        if self.config.mode == ENCODE:
+            cols["latents"] = pa.array([r["latents"] for r in rows], pa.list_(pa.float32()))
+            cols["latent_shape"] = pa.array([r["latent_shape"] for r in rows], pa.list_(pa.int32()))
+        elif self.config.mode == RECONSTRUCT:
+            cols["output"] = pa.array([r["output"] for r in rows], pa.string())
+            cols["output_size"] = pa.array([r["output_size"] for r in rows], pa.int64())
+            cols["output_mtime_ns"] = pa.array([r["output_mtime_ns"] for r in rows], pa.int64())
+        else:
+            for name in METRIC_NAMES:
+                cols[name] = pa.array([r[name] for r in rows], pa.float64())
+        cols["num_samples"] = pa.array([r["num_samples"] for r in rows], pa.int64())
+        cols["gain"] = pa.array([r["gain"] for r in rows], pa.float64())
+        cols["source_sample_rate"] = pa.array([r["source_sample_rate"] for r in rows], pa.int32())
+        cols["duration_s"] = pa.array([r["duration_s"] for r in rows], pa.float64())
+        cols["bundle_fingerprint"] = pa.array([r["bundle_fingerprint"] for r in rows], pa.string())
+        return pa.table(cols)
