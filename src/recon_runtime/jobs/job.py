@@ -296,7 +296,7 @@ def _run_locked(
     # about to be) in earlier runs, relative to OUT -> the input it came from, and what the job wrote
     owners = recorded_outputs(cfg.out) if cfg.mode == RECONSTRUCT else {}
     written = written_outputs(cfg.out) if cfg.mode == RECONSTRUCT else {}
-    ended_in_errors = read_keys(cfg.out / ERRORS_DIR) - read_keys(results_dir)
+    ended_in_errors = read_keys(cfg.out / ERRORS_DIR) - read_keys(results_dir) if cfg.mode == RECONSTRUCT else set()
     compact(results_dir, stale)
     have = read_keys(results_dir)
     # an error row whose file has a result row (a batch that ran again and succeeded) is no error
