@@ -830,6 +830,86 @@ def test_a_job_rerun_with_another_spelling_of_out_finds_its_own_outputs(
     assert any(f"{mine} exists and was not written by this job" in ln for ln in lines), lines
 
 
+def _reconstruct_cli(bundle: Path, root: Path, out: Path, *flags: str):
+    return CliRunner().invoke(
+        main, ["dataset", "reconstruct", str(root), "-o", str(out), "--model", str(bundle), *COMMON, *flags]
+    )
+
+
+def _good_and_bad(root: Path) -> tuple[Path, Path, bytes]:
+    """good.wav, and bad.wav: a WAV of the same length whose header is no audio header (its own bytes returned)."""
+    good = _wav(root / "good.wav", tone(0.2, 16000))
+    fixed = _wav(root / "bad.wav", tone(0.3, 16000, 500)).read_bytes()
+    (root / "bad.wav").write_bytes(b"JUNK" + fixed[4:])
+    return good, root / "bad.wav", fixed
+
+
+def test_no_resume_keeps_a_users_file_where_a_failed_input_would_have_written(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """OUT/outputs recorded every planned output before anything ran, failed inputs too, and --no-resume
+    took such a record for the job's file: a user's file put there since was deleted without a word."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    _good_and_bad(root)
+    first = _reconstruct_cli(tiny_bundle, root, out)
+    assert "1 ok, 1 failed" in first.output, first.output
+    mine = out / "audio" / "bad.wav"
+    mine.write_bytes(b"mine\n")
+    res = _reconstruct_cli(tiny_bundle, root, out, "--no-resume")
+    assert mine.read_bytes() == b"mine\n", res.output
+    assert f"--no-resume: kept 1 file(s) in {out} that the job did not write, e.g. {mine}" in res.output, res.output
+    assert f"its output {mine} exists and was not written by this job" in res.output, res.output
+    assert "1 ok, 1 failed" in res.output and (out / "audio" / "good.wav").is_file(), res.output
+
+
+def test_a_resume_never_overwrites_a_users_file_at_the_output_of_a_fixed_input(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """The input that failed is fixed (another size and mtime) and the job resumed: its planned output,
+    now a file of the user's, was silently overwritten. The job's own output of an input that changed
+    is still replaced."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    good, bad, _ = _good_and_bad(root)
+    first = _reconstruct_cli(tiny_bundle, root, out)
+    assert "1 ok, 1 failed" in first.output, first.output
+    mine = out / "audio" / "bad.wav"
+    mine.write_bytes(b"mine\n")
+    _wav(bad, tone(0.4, 16000, 600))  # fixed: valid audio now
+    _wav(good, tone(0.25, 16000, 350))  # changed: done again, its audio (the job's) replaced
+    res = _reconstruct_cli(tiny_bundle, root, out)
+    assert mine.read_bytes() == b"mine\n", res.output
+    assert f"its output {mine} exists and was not written by this job" in res.output, res.output
+    assert res.exit_code == 1 and "1 ok, 1 failed, 0 skipped" in res.output, res.output
+    assert sf.info(str(out / "audio" / "good.wav")).frames == 4000  # 0.25 s: the new good.wav's
+    # the outputs of inputs that ended in errors/ are nobody's: no row of OUT/outputs names them
+    assert set(_keys(out, "outputs")) == {str(good)}, _keys(out, "outputs")
+
+
+def test_retry_errors_never_overwrites_a_users_file_at_the_output_of_a_failed_input(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """--retry-errors plans as a resume does: the input that failed, now readable under the same key
+    (size and mtime), must not replace the user's file at its output."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    _, bad, fixed = _good_and_bad(root)
+    first = _reconstruct_cli(tiny_bundle, root, out)
+    assert "1 ok, 1 failed" in first.output, first.output
+    mine = out / "audio" / "bad.wav"
+    mine.write_bytes(b"mine\n")
+    st = bad.stat()
+    bad.write_bytes(fixed)  # its header repaired: the same size, and its mtime set back
+    os.utime(bad, ns=(st.st_atime_ns, st.st_mtime_ns))
+    res = _reconstruct_cli(tiny_bundle, root, out)
+    assert "0 ok, 0 failed, 2 skipped" in res.output, res.output  # the same key: its error stands
+    res = _reconstruct_cli(tiny_bundle, root, out, "--retry-errors")
+    assert mine.read_bytes() == b"mine\n", res.output
+    assert f"its output {mine} exists and was not written by this job" in res.output, res.output
+    mine.unlink()  # moved away: the retry writes it
+    res = _reconstruct_cli(tiny_bundle, root, out, "--retry-errors")
+    assert res.exit_code == 0 and "1 ok, 0 failed, 1 skipped" in res.output, res.output
+    assert sf.info(str(mine)).frames == 4800
+
+
 def test_stop_ray_kills_the_processes_of_its_first_look(monkeypatch: pytest.MonkeyPatch) -> None:
     """After the timeout, a second look only adds processes; a pid it finds again keeps the first look's object."""
     import threading

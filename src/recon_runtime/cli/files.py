@@ -31,7 +31,7 @@ from ..contract import (
 from ..errors import AudioInputError, OutputError
 from ..files.audio import is_audio_file, load_array, read_audio, write_audio, write_json
 from ..files.latents import SIDECAR, read_latents, save_latents
-from ..files.plot import MAX_ROWS
+from ..files.plot import MAX_ROWS, require_matplotlib
 from ..options import DEFAULT_MODEL
 from .batch import Job, JobRunner, batches, check_exclusive, guard, path_key, plan_jobs, progress
 from .options import FORMAT_OPTION, OUTPUT_RATE_OPTION, model_args, model_options
@@ -182,6 +182,8 @@ def reconstruct(
         _refuse_report_clash(jobs, {"--metrics": metrics_path, "--plot": plot_path})
         merge = _check_report_file(metrics_path, "--metrics", force, skip_existing, "add this run's files to it")
         keep_plot = _check_report_file(plot_path, "--plot", force, skip_existing, "keep it")
+        if plot_path and not keep_plot:
+            require_matplotlib(plot_path)
         earlier = _earlier_metrics(metrics_path, margs.model) if merge and metrics_path else None
         if server:
             from .remote import remote_client, remote_reconstruct

@@ -31,7 +31,7 @@ METRIC_NAMES: Final = ("log_mel_l1", "log_mel_rmse", "mel_correlation", "mrstft"
 DEFAULT_MAX_SECONDS: Final = 3600.0
 KEY_COLUMNS: Final = ("path", "size", "mtime_ns")
 LOCK_FILE: Final = "job.lock"
-OUTPUTS_DIR: Final = "outputs"  # reconstruct: the audio a run is about to write, recorded before it writes it
+OUTPUTS_DIR: Final = "outputs"  # reconstruct: the audio a run plans, then each file's size and mtime once written
 
 Key = tuple[str, int, int]
 

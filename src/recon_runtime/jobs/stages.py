@@ -22,9 +22,20 @@ from ..contract import ENCODER, ROLES
 from ..errors import AudioInputError, ReconError, failure_message
 from ..files.audio import read_audio, write_audio
 from ..windows import Features
-from .config import ATTEMPTS_DIR, ENCODE, ERRORS_DIR, METRIC_NAMES, RECONSTRUCT, RESULT_DIRS, JobConfig, Key, audio_rel
+from .config import (
+    ATTEMPTS_DIR,
+    ENCODE,
+    ERRORS_DIR,
+    METRIC_NAMES,
+    OUTPUTS_DIR,
+    RECONSTRUCT,
+    RESULT_DIRS,
+    JobConfig,
+    Key,
+    audio_rel,
+)
 from .listing import is_uri, open_filesystem
-from .shards import error_table, keys_digest, shard_name, write_shard
+from .shards import WRITTEN, error_table, keys_digest, shard_name, write_shard, written_table
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -178,6 +189,26 @@ def prepare_batch(
     return out_batch
 
 
+class _Written:
+    """reconstruct: the audio one batch wrote, recorded in OUT/outputs right after each write (its size
+    and mtime then), before the batch's done/ shard: a worker killed in between leaves its files owned.
+
+    One shard per batch (`shard_name(keys, WRITTEN)`), rewritten whole after each file (a batch holds
+    a few); a batch that runs again (its worker died) starts from the rows its earlier tries recorded."""
+
+    def __init__(self, out: Path, keys: Sequence[Key]):
+        import pyarrow.parquet as pq
+
+        self.folder = out / OUTPUTS_DIR
+        self.name = shard_name(keys, WRITTEN)
+        path = self.folder / self.name
+        self.rows: list[dict[str, Any]] = pq.read_table(path).to_pylist() if path.is_file() else []
+
+    def add(self, base: dict[str, Any], output: str, size: int, mtime_ns: int) -> None:
+        self.rows.append({**base, "output": output, "output_size": size, "output_mtime_ns": mtime_ns})
+        write_shard(self.folder, written_table(self.rows), self.name)
+
+
 class Worker:
     """Actor stage: one Reconstructor per worker runs the graphs and writes the batch's shards."""
 
@@ -186,6 +217,7 @@ class Worker:
         stages = (ENCODER,) if config.mode == ENCODE else ROLES
         self.rec = config.model.for_cpus(config.cpus_per_worker).load(stages)
         self.fingerprint = self.rec.contract.fingerprint
+        self._written: _Written | None = None  # reconstruct: the running batch's written audio
 
     def process(self, paths: Sequence[str], feats: list[Features]) -> list[Any]:
         """Per input: the mode's graph output, or the exception it raised (a bad one never sinks the batch).
@@ -228,6 +260,7 @@ class Worker:
         ]
         keys = [(b["path"], b["size"], b["mtime_ns"]) for b in base]
         attempts = _Attempts(cfg.out, "run", keys, cfg.batch_attempts)
+        self._written = _Written(cfg.out, keys) if cfg.mode == RECONSTRUCT else None
         errors: list[dict[str, Any]] = []
         ready: list[int] = []
         feats: list[Any] = []
@@ -298,7 +331,9 @@ class Worker:
             out_rate = cfg.output_rate or rate
             rel = audio_rel(str(batch["rel"][i]))
             write_audio(cfg.out / rel, rec.finish(feats, out, out_rate), out_rate, cfg.sample_format)
-            st = os.stat(cfg.out / rel)  # what the job wrote: --no-resume deletes the file only while it is that
+            st = os.stat(cfg.out / rel)  # what the job wrote: it deletes or replaces the file only while it is that
+            assert self._written is not None
+            self._written.add(base, rel, st.st_size, st.st_mtime_ns)
             row.update(output=rel, output_size=st.st_size, output_mtime_ns=st.st_mtime_ns)
         else:
             from ..files.metrics import compare

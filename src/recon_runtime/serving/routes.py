@@ -337,7 +337,7 @@ async def _decode_stream(
             request.scope[STATUS_OVERRIDE] = e.status
             raise StreamAborted(e.status, e.message) from None
         except ReconError as e:
-            _LOGGER.warning("streaming decode aborted: %s", e)
+            _LOGGER.warning("streaming decode aborted: %s", error_message(e))
             request.scope[STATUS_OVERRIDE] = status = error_status(e)
             raise StreamAborted(status, error_message(e)) from None
         except Exception:
