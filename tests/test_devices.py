@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from recon_runtime.choices import AUTO, CPU, CUDA
+from recon_runtime.executors.select import AUTO, CPU, CUDA
 from recon_runtime.devices import Device, parse_device, resolve_device
 from recon_runtime.errors import ProviderError
 

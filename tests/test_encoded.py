@@ -96,7 +96,7 @@ def test_the_file_is_plain_safetensors_a_pipeline_host_can_open() -> None:
 
 
 def test_field_names_are_the_attributes_and_the_http_headers_the_server_sends_today() -> None:
-    from recon_runtime import protocol
+    from recon_runtime.serving import protocol
 
     attributes = [f.name for f in dataclasses.fields(EncodedAudio) if f.name != "latents"]
     assert sorted(FIELDS) == sorted(attributes)
@@ -271,7 +271,7 @@ def test_a_safetensors_file_is_read_and_checked_against_the_bundle(tmp_path: Pat
 
 
 def test_an_older_npy_and_sidecar_pair_reads_as_the_same_clip(tmp_path: Path) -> None:
-    from recon_runtime.cli_common import save_latents
+    from recon_runtime.files.latents import save_latents
 
     z = clip().latents[0]
     npy = tmp_path / "old.npy"

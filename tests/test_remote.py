@@ -26,8 +26,8 @@ pytestmark = pytest.mark.skipif(
 if not MISSING:
     import httpx
 
-    from recon_runtime.client import Client, ServerError
-    from recon_runtime.remote import (
+    from recon_runtime.serving.client import Client, ServerError
+    from recon_runtime.serving.retry import (
         MAX_ATTEMPTS,
         MAX_TOTAL_WAIT_S,
         RetryPolicy,

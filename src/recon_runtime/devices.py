@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from .choices import AUTO, CPU, CUDA
+from .executors.select import AUTO, CPU, CUDA
 from .errors import ProviderError
 
 DEFAULT_DEVICE_ID: Final = 0

@@ -297,7 +297,7 @@ class EncodedAudio:
 
     def save(self, path: Path) -> None:
         """Write the file atomically: on failure the old file (or none) stays."""
-        from .audio_io import atomic_path
+        from .files.audio import atomic_path
 
         with atomic_path(Path(path)) as tmp:
             tmp.write_bytes(self.to_bytes())
@@ -503,8 +503,8 @@ def read_latents(
 def _read_npy(
     path: Path, fingerprint: str, seconds: float | None, num_samples: int | None, sample_rate: int
 ) -> list[EncodedAudio]:
-    from .audio_io import load_array
-    from .cli_common import read_sidecar  # today's sidecar reader (checks its fingerprint and its .npy's SHA-256)
+    from .files.audio import load_array
+    from .files.latents import read_sidecar  # today's sidecar reader (checks its fingerprint and its .npy's SHA-256)
 
     z = load_array(path)
     side = read_sidecar(path, fingerprint)

@@ -27,7 +27,7 @@ from typing import BinaryIO, Final
 import numpy as np
 import soundfile as sf
 
-from .audio_io import AUDIO_EXTENSIONS, atomic_path
+from .files.audio import AUDIO_EXTENSIONS, atomic_path
 from .encoded import ENCODED_SUFFIX
 from .errors import AudioInputError, OutputError
 
@@ -304,7 +304,7 @@ def read_stdin(stream: BinaryIO | None = None) -> bytes:
 
 
 def read_audio_data(data: bytes, what: str = "-") -> tuple[np.ndarray, int]:
-    """Audio from a file's bytes (stdin), channels kept, with the checks `audio_io.read_audio` makes.
+    """Audio from a file's bytes (stdin), channels kept, with the checks `files.audio.read_audio` makes.
 
     Returns:
         (float32 [samples] or [samples, channels], sample_rate).
