@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from recon_runtime.executors.select import AUTO, CPU, CUDA
 from recon_runtime.devices import Device, parse_device, resolve_device
 from recon_runtime.errors import ProviderError
+from recon_runtime.executors.select import AUTO, CPU, CUDA
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from .executors.select import AUTO, CPU, CUDA
 from .errors import ProviderError
+from .executors.select import AUTO, CPU, CUDA
 
 DEFAULT_DEVICE_ID: Final = 0
 _CUDA_DEVICE: Final = re.compile(r"(?:cuda:)?(\d+)")

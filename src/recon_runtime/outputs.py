@@ -27,9 +27,9 @@ from typing import BinaryIO, Final
 import numpy as np
 import soundfile as sf
 
-from .files.audio import AUDIO_EXTENSIONS, atomic_path
 from .encoded import ENCODED_SUFFIX
 from .errors import AudioInputError, OutputError
+from .files.audio import AUDIO_EXTENSIONS, atomic_path
 
 STDIO: Final = "-"
 """As an input: read stdin; as `-o`: write stdout."""
