@@ -19,7 +19,8 @@ from .encoded import EncodedAudio, decode_encoded
 from .errors import AudioInputError
 
 if TYPE_CHECKING:
-    from .reconstructor import Reconstructor
+    from .contract import Contract
+    from .reconstructor import Features, Reconstructor
 
 MIX: Final = "mix"
 EACH: Final = "each"
@@ -118,25 +119,42 @@ def encode_audio(
         sample, seed: draw from the posterior (as `Reconstructor.encode`).
         source: the input's path, recorded in the file (None from a server).
     """
-    contract = rec.contract
 
     def one(x: np.ndarray) -> EncodedAudio:
         feats = rec.features(x, sample_rate)
         latents = rec.encode_features(feats, sample=sample, seed=seed)
-        return EncodedAudio(
-            latents[None],
-            feats.num_samples,
-            (feats.gain,),
-            contract.fingerprint,
-            sample_rate=contract.mel.sample_rate,
-            sampled=sample,
-            seed=seed if sample else None,
-            input_sample_rate=int(sample_rate),
-            scaling_factor=contract.scaling_factor,
-            source=source,
-        )
+        return encoded_clip(rec.contract, feats, latents, sample_rate, sampled=sample, seed=seed, source=source)
 
     return encode_channels(audio, mode, one)
+
+
+def encoded_clip(
+    contract: Contract,
+    feats: Features,
+    latents: np.ndarray,
+    input_sample_rate: int,
+    *,
+    sampled: bool = False,
+    seed: int | None = None,
+    input_channels: int | None = None,
+    source: str | None = None,
+) -> EncodedAudio:
+    """One channel's encode facts: its latents [8, T/4, 16], the prepared input's length and gain, and
+    the bundle's fingerprint, rate and scaling factor. `encode_audio` builds every clip with it, and
+    so does the server's /v1/encode, which runs the windows through its batcher instead."""
+    return EncodedAudio(
+        np.asarray(latents)[None],
+        feats.num_samples,
+        (feats.gain,),
+        contract.fingerprint,
+        sample_rate=contract.mel.sample_rate,
+        sampled=sampled,
+        seed=seed if sampled else None,
+        input_sample_rate=int(input_sample_rate),
+        input_channels=input_channels,
+        scaling_factor=contract.scaling_factor,
+        source=source,
+    )
 
 
 def decode_audio(rec: Reconstructor, encoded: EncodedAudio) -> np.ndarray:
