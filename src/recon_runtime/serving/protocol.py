@@ -46,6 +46,11 @@ ENCODE_FILE: Final = "encoded"
 """/v1/encode's `format`: the .npy with the facts in headers (the default), or the encoded-audio file
 (`encoded.ENCODED_MEDIA_TYPE`, also asked for by `Accept`), which /v1/decode takes back as it is."""
 
+DEFAULT_CONCURRENCY: Final = 4
+"""Requests a remote file job (`recon-run ... --server URL --concurrency N`) keeps in flight at once:
+the largest that never failed a file against a local server and as fast as the best within the
+noise (docs/files.md). Here, not in `retry`, so the CLI's option needs no httpx to show it."""
+
 WINDOW_BUDGET_OPTION: Final = "--max-windows"
 """Named in the 413 a request gets when it alone needs more windows than the server's budget; the
 client then decodes as a stream (one window at a time), which that budget never refuses."""
