@@ -11,11 +11,26 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import numpy as np
 
-from .encoded import EncodedAudio, decode_encoded
+from .encoded import (
+    BUNDLE_FINGERPRINT,
+    FORMAT_VERSION,
+    FORMAT_VERSION_FIELD,
+    GAIN,
+    INPUT_CHANNELS,
+    INPUT_SAMPLE_RATE,
+    NUM_SAMPLES,
+    SAMPLE_RATE_FIELD,
+    SAMPLED,
+    SCALING_FACTOR,
+    SEED,
+    SOURCE,
+    EncodedAudio,
+    decode_encoded,
+)
 from .errors import AudioInputError
 
 if TYPE_CHECKING:
@@ -128,32 +143,42 @@ def encode_audio(
     return encode_channels(audio, mode, one)
 
 
-def encoded_clip(
+def encode_facts(
     contract: Contract,
     feats: Features,
-    latents: np.ndarray,
     input_sample_rate: int,
     *,
     sampled: bool = False,
     seed: int | None = None,
     input_channels: int | None = None,
     source: str | None = None,
+) -> dict[str, Any]:
+    """One channel's encode facts by field name (`FIELDS`; gain one number): the prepared input's length
+    and gain, and the bundle's fingerprint, rate and scaling factor. Every encoded clip is built from
+    them (`encoded_clip`), and dataset rows carry them."""
+    return {
+        FORMAT_VERSION_FIELD: FORMAT_VERSION,
+        NUM_SAMPLES: feats.num_samples,
+        SAMPLE_RATE_FIELD: contract.mel.sample_rate,
+        GAIN: feats.gain,
+        BUNDLE_FINGERPRINT: contract.fingerprint,
+        SAMPLED: sampled,
+        SEED: seed if sampled else None,
+        INPUT_SAMPLE_RATE: int(input_sample_rate),
+        INPUT_CHANNELS: input_channels,
+        SCALING_FACTOR: contract.scaling_factor,
+        SOURCE: source,
+    }
+
+
+def encoded_clip(
+    contract: Contract, feats: Features, latents: np.ndarray, input_sample_rate: int, **facts: Any
 ) -> EncodedAudio:
-    """One channel's encode facts: its latents [8, T/4, 16], the prepared input's length and gain, and
-    the bundle's fingerprint, rate and scaling factor. `encode_audio` builds every clip with it, and
-    so does the server's /v1/encode, which runs the windows through its batcher instead."""
-    return EncodedAudio(
-        np.asarray(latents)[None],
-        feats.num_samples,
-        (feats.gain,),
-        contract.fingerprint,
-        sample_rate=contract.mel.sample_rate,
-        sampled=sampled,
-        seed=seed if sampled else None,
-        input_sample_rate=int(input_sample_rate),
-        input_channels=input_channels,
-        scaling_factor=contract.scaling_factor,
-        source=source,
+    """One channel's encoded clip: its latents [8, T/4, 16] with `encode_facts` (the keyword arguments are
+    theirs). `encode_audio` builds every clip with it, and so does the server's /v1/encode, which runs the
+    windows through its batcher instead."""
+    return EncodedAudio.from_fields(
+        np.asarray(latents)[None], encode_facts(contract, feats, input_sample_rate, **facts)
     )
 
 

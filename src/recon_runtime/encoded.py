@@ -103,6 +103,15 @@ def header_name(name: str) -> str:
     return HEADER_PREFIX + "-".join(part.capitalize() for part in name.split("_"))
 
 
+def file_seed(seed: int, name: str) -> int:
+    """The seed of one file's posterior draw in a run of many (`dataset encode --sample --seed S`):
+    derived from S and the file's path, so every file gets its own noise (one seed for all would give
+    equal-length files the same noise) and a rerun gives each file the same draw. 63 bits, as a
+    server's seed."""
+    digest = hashlib.sha256(f"{int(seed)}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def max_samples(latent_frames: int) -> int:
     """The most samples `latent_frames` latent frames decode to: 640 per frame, plus the vocoder's 32 past the last."""
     return latent_frames * SAMPLES_PER_LATENT_FRAME + VOCODER_EXTRA_SAMPLES

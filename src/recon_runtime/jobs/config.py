@@ -51,6 +51,10 @@ class JobConfig:
     max_seconds: float | None = DEFAULT_MAX_SECONDS
     output_rate: int | None = None
     sample_format: str = "float32"
+    sample: bool = False
+    """encode: draw from the posterior instead of taking its mean (`--sample`)."""
+    seed: int = 0
+    """encode --sample: each file's draw is seeded from this and its path (`encoded.file_seed`)."""
     progress: bool = True
     # test hooks: each graph worker stalls once it has written this many files (until the job is
     # interrupted, so a test can stop a job mid-way however fast the workers are), and make one
@@ -77,6 +81,8 @@ class JobConfig:
         }
         if self.mode == RECONSTRUCT:
             out.update(output_rate=self.output_rate, sample_format=self.sample_format)
+        if self.mode == ENCODE:
+            out.update(sample=self.sample, seed=self.seed if self.sample else None)
         return out
 
 

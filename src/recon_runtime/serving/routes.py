@@ -26,6 +26,7 @@ from ..channels import encoded_clip
 from ..contract import LATENT_CHANNELS, LATENT_FREQ_BINS
 from ..encoded import ENCODED_MEDIA_TYPE, EncodedAudio
 from ..errors import ReconError
+from ..reconstructor import posterior_draw
 from ..windows import window_weights
 from . import inputs
 from .errors import CLIENT_GONE, LOAD_FAILED, HTTPError, StreamAborted, error_message, error_status
@@ -203,8 +204,7 @@ async def encode(
         def finish() -> tuple[bytes, EncodedAudio]:
             mean, std = (rec.crop_latents(feats, z) for z in rec.join(job, outputs))
             if sample:  # as Reconstructor.encode_features
-                noise = np.random.default_rng(used_seed).standard_normal(mean.shape).astype(np.float32)
-                mean = mean + std * noise
+                mean = posterior_draw(mean, std, used_seed)
             clip = encoded_clip(
                 rec.contract, feats, mean, up.sample_rate, sampled=sample, seed=used_seed, input_channels=up.channels
             )  # no source: a server's path means nothing to its client
