@@ -41,7 +41,7 @@ LOCK_KEYS: Final = frozenset({"pid", "host", "mode", "started"})
 JOB_FORMAT: Final = "recon-run dataset job"  # job.json's marker: a job.json without it is the user's
 JOB_FORMAT_VERSION: Final = 2
 """2: the rows' columns are the encoded-audio fields (`encoded.FIELDS`: `input_sample_rate` where 1 had
-`source_sample_rate`; encode rows carry every field). Only a job of this version resumes."""
+source_sample_rate; encode rows carry every field). Only a job of this version resumes."""
 JOB_FORMAT_VERSIONS_READ: Final = (1, 2)
 """job.json versions still known as a job's: --no-resume deletes what such a job wrote (the same names
 in every version), and a resume of an older one is refused in one line saying so."""
