@@ -35,7 +35,8 @@ from .errors import AudioInputError
 
 if TYPE_CHECKING:
     from .contract import Contract
-    from .reconstructor import Features, Reconstructor
+    from .reconstructor import Reconstructor
+    from .windows import Features
 
 MIX: Final = "mix"
 EACH: Final = "each"

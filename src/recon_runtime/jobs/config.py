@@ -56,16 +56,6 @@ class JobConfig:
     seed: int = 0
     """encode --sample: each file's draw is seeded from this and its path (`encoded.file_seed`)."""
     progress: bool = True
-    # test hooks: each graph worker stalls once it has written this many files (until the job is
-    # interrupted, so a test can stop a job mid-way however fast the workers are), and make one
-    # worker process die once (os._exit) on the file whose name is crash_once[0], using the
-    # marker file crash_once[1] to do it only once
-    stall_after: int | None = None
-    crash_once: tuple[str, str] | None = None
-    # test hook: the process handling the file named crash_always[0] dies (os._exit) every time, in
-    # stage crash_always[1] ("read": the CPU task, "run": the graph worker), as an OOM kill or a
-    # decoder segfault would
-    crash_always: tuple[str, str] | None = None
     # a batch whose worker died this many times is run again one file at a time, and a file whose
     # worker dies then gets an error row instead of another try
     batch_attempts: int = 2

@@ -51,7 +51,7 @@ from .outdir import (
     start_over,
 )
 from .shards import compact, done_keys, error_table, outputs_table, read_keys, read_table, table_keys, write_shard
-from .stages import PREPARE_CPUS, PREPARE_MEMORY, Worker, max_tries, prepare_batch
+from .stages import PREPARE_CPUS, PREPARE_MEMORY, Stages, max_tries, prepare_batch
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -209,8 +209,12 @@ def interrupted_message(mode: str, out: Path) -> str:
     return f"dataset {mode}: interrupted; {out} keeps what was written so far; the same command resumes"
 
 
-def run_job(cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> JobResult:
+def run_job(
+    cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr), stages: Stages = Stages()
+) -> JobResult:
     """Run one dataset job to the end (or to the first system failure Ray could not retry).
+
+    `stages`: the reader and the graph workers' class (tests replace them; see `Stages`).
 
     Raises JobInterrupted on Ctrl-C, wherever it comes (in the pipeline: once Ray is shut down,
     within SHUTDOWN_TIMEOUT_S): what was written stays, and the same job resumes.
@@ -220,12 +224,12 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, fil
     # OUT resolved (symlinks, `..`): one spelling, whichever way -o names it, for the checks below
     cfg = dataclasses.replace(cfg, out=Path(os.path.realpath(cfg.out)))
     try:
-        return _run_job(cfg, echo)
+        return _run_job(cfg, echo, stages)
     except KeyboardInterrupt:  # outside the pipeline (its Ctrl-C is a JobInterrupted): no Ray to stop
         raise JobInterrupted(interrupted_message(cfg.mode, cfg.out), ray_stopped=True) from None
 
 
-def _run_job(cfg: JobConfig, echo: Callable[[str], None]) -> JobResult:
+def _run_job(cfg: JobConfig, echo: Callable[[str], None], stages: Stages) -> JobResult:
     try:
         import pyarrow  # noqa: F401
         import ray  # noqa: F401
@@ -243,10 +247,12 @@ def _run_job(cfg: JobConfig, echo: Callable[[str], None]) -> JobResult:
         raise OutputError(f"{cfg.out}: cannot create the output folder ({e.strerror or e})") from None
     refuse_foreign(cfg.out)  # before the lock: never a job.lock in a folder of the user's
     with OutLock(cfg.out, cfg.mode, echo):
-        return _run_locked(cfg, contract, started, echo)
+        return _run_locked(cfg, contract, started, echo, stages)
 
 
-def _run_locked(cfg: JobConfig, contract: Any, started: float, echo: Callable[[str], None]) -> JobResult:
+def _run_locked(
+    cfg: JobConfig, contract: Any, started: float, echo: Callable[[str], None], stages: Stages
+) -> JobResult:
     """run_job, holding OUT's lock."""
     import ray
 
@@ -331,7 +337,7 @@ def _run_locked(cfg: JobConfig, contract: Any, started: float, echo: Callable[[s
         started_ray = not ray.is_initialized()
         try:
             _start_ray(cfg)
-            _run_pipeline(cfg, todo, result, echo)
+            _run_pipeline(cfg, todo, result, echo, stages)
             remove_attempts(cfg.out)
         except KeyboardInterrupt:
             interrupted = True
@@ -403,7 +409,9 @@ def _short_error(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _run_pipeline(cfg: JobConfig, todo: list[Item], result: JobResult, echo: Callable[[str], None]) -> None:
+def _run_pipeline(
+    cfg: JobConfig, todo: list[Item], result: JobResult, echo: Callable[[str], None], stages: Stages
+) -> None:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -422,7 +430,7 @@ def _run_pipeline(cfg: JobConfig, todo: list[Item], result: JobResult, echo: Cal
             "keep_waveform": cfg.mode == EVALUATE,
             "out": cfg.out,
             "batch_attempts": cfg.batch_attempts,
-            "crash_always": cfg.crash_always,
+            "read": stages.read,
         },
         batch_size=batch,
         batch_format="numpy",
@@ -433,7 +441,7 @@ def _run_pipeline(cfg: JobConfig, todo: list[Item], result: JobResult, echo: Cal
         max_retries=tries,
     )
     ds = ds.map_batches(
-        Worker,
+        stages.worker,
         fn_constructor_kwargs={"config": cfg},
         batch_size=batch,
         batch_format="numpy",

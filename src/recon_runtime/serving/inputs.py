@@ -24,7 +24,8 @@ from ..contract import LATENT_CHANNELS, LATENT_FREQ_BINS
 from ..encoded import ENCODED_MEDIA_TYPE, EncodedAudio, check_fingerprint
 from ..errors import AudioInputError
 from ..files.audio import AudioTooLarge, read_array_bytes, read_audio_bytes
-from ..reconstructor import SAMPLES_PER_LATENT_FRAME, Features, Reconstructor
+from ..reconstructor import SAMPLES_PER_LATENT_FRAME, Reconstructor
+from ..windows import Features
 from .config import ServerConfig
 from .errors import ClientGone, HTTPError, PayloadTooLarge
 

@@ -31,7 +31,7 @@ from .errors import HTTPError
 
 if TYPE_CHECKING:
     from ..contract import MelSpec
-    from ..reconstructor import Features
+    from ..windows import Features
 
 STATIC_DIR: Final = Path(__file__).with_name("static")
 PAGE_PATHS: Final = ("/", "/index.html")

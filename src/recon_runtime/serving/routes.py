@@ -27,7 +27,6 @@ from ..contract import LATENT_CHANNELS, LATENT_FREQ_BINS
 from ..encoded import ENCODED_MEDIA_TYPE, EncodedAudio
 from ..errors import ReconError
 from ..reconstructor import posterior_draw
-from ..windows import window_weights
 from . import inputs
 from .errors import CLIENT_GONE, LOAD_FAILED, HTTPError, StreamAborted, error_message, error_status
 from .protocol import (
@@ -383,26 +382,13 @@ async def _decode_stream(
         H_WINDOWS: str(n),
         "Cache-Control": "no-store",
     }
-    weights = window_weights(list(job.spans), job.scale) if n > 1 else None
-    out = np.zeros(length, np.float32) if n > 1 else None
-    wsum = np.zeros(length, np.float32) if n > 1 else None
+    join = job.streaming_join()  # the cross-fade of Reconstructor.join, one window at a time
     sent = 0
 
-    def part_bytes(i: int, piece: np.ndarray) -> bytes:
-        """Add window i to the cross-fade and return the samples no later window touches, as PCM."""
+    def part_bytes(piece: np.ndarray) -> bytes:
+        """Add the next window to the join and return the samples no later window touches, as PCM."""
         nonlocal sent
-        if n == 1:
-            chunk = piece
-        else:
-            assert weights is not None and out is not None and wsum is not None
-            w = weights[i]
-            o0 = int(round(job.spans[i][0] * job.scale))
-            out[o0 : o0 + w.size] += piece[: w.size] * w
-            wsum[o0 : o0 + w.size] += w
-            done = int(round(job.spans[i + 1][0] * job.scale)) if i + 1 < n else length
-            chunk = out[sent:done] / wsum[sent:done] if done > sent else out[:0]
-            if i + 1 == n and job.tail:  # the vocoder's samples past the last frame (Reconstructor.join)
-                chunk = np.concatenate([chunk, piece[w.size : w.size + job.tail]])
+        chunk = join.add(piece)
         part = chunk[: max(0, total - sent)]
         sent += chunk.size
         if factor is not None:
@@ -418,7 +404,7 @@ async def _decode_stream(
                 if i + 1 < n:  # queue the next window before sending this part
                     pending = service.submit(job, [i + 1], deadline, budgeted=False)
                 (piece,) = output
-                data = await service.within(deadline, service.cpu(part_bytes, i, piece))
+                data = await service.within(deadline, service.cpu(part_bytes, piece))
                 if data:
                     yield data
                 if i + 1 < n:
