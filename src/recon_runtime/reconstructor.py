@@ -60,7 +60,6 @@ def _pad_frames(mel: np.ndarray, multiple: int, value: float) -> np.ndarray:
     return np.pad(mel, widths, constant_values=value)
 
 
-
 def posterior_draw(mean: np.ndarray, std: np.ndarray, seed: int | None) -> np.ndarray:
     """A draw from the VAE's posterior, mean + std * noise, the noise from `np.random.default_rng(seed)`:
     one formula for `encode(sample=True)`, the server's /v1/encode and dataset encode jobs, so the same
