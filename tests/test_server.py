@@ -310,6 +310,119 @@ def test_cli_with_server_pins_the_digest_and_prints_no_http_log(
     assert len(lines) == 1 and lines[0].startswith("encode: 1 ok, 0 failed"), r.stderr
 
 
+# ---------------------------------------------------------------------- the encoded-audio file
+def same_facts(got: Any, want: Any) -> None:
+    """Two encoded clips agree on every field (the server's has no source; gains to float32 rounding)."""
+    from recon_runtime.encoded import GAIN, SOURCE
+
+    a, b = got.fields(), want.fields()
+    assert a[SOURCE] is None and a.pop(GAIN) == pytest.approx(b.pop(GAIN), rel=1e-7)
+    assert {**a, SOURCE: b[SOURCE]} == b
+
+
+def test_the_encoded_file_round_trip_equals_the_in_process_runtime(server: Server, rec: Any) -> None:
+    from recon_runtime.channels import decode_audio, encode_audio
+    from recon_runtime.encoded import ENCODED_MEDIA_TYPE
+
+    audio = tone(3.3, 22050, 330.0) + 0.05 * np.random.default_rng(1).standard_normal(round(3.3 * 22050)).astype(
+        np.float32
+    )
+    stereo = np.stack([audio, 0.2 * np.roll(audio, 500)], axis=1)
+    with server.client() as c:
+        clip = c.encode_file(audio, 22050)
+        want = encode_audio(rec, audio, 22050)
+        same_facts(clip, want)
+        assert rel_l2(clip.latents, want.latents) <= REL
+        assert rel_l2(c.decode_file(clip), decode_audio(rec, want)) <= REL  # the input's length and level
+        drawn = c.encode_file(audio, 22050, sample=True, seed=5)
+        want = encode_audio(rec, audio, 22050, sample=True, seed=5)
+        same_facts(drawn, want)
+        assert rel_l2(drawn.latents, want.latents) <= REL
+        mixed = c.encode_file(stereo, 22050)  # the server mixes, as its .npy answer does
+        same_facts(mixed, encode_audio(rec, stereo, 22050))
+        assert (mixed.channels, mixed.input_channels) == (1, 2)
+        each = encode_audio(rec, stereo, 22050, mode="each")  # a file of `encode --channels each`
+        two = c.decode_file(each)
+        assert two.shape == (each.num_samples, 2) and rel_l2(two, decode_audio(rec, each)) <= REL
+        z, info = c.encode_with_info(audio, 22050)  # the default answer is today's .npy and headers
+        assert rel_l2(z, clip.latents[0]) <= REL and info.num_samples == clip.num_samples
+        r = server.post("/v1/encode", wav_bytes(audio, 22050))
+        assert r.headers["content-type"] == "application/x-npy" and r.headers["X-Recon-Input-Channels"] == "1"
+        assert r.headers["X-Recon-Latent-Shape"] == ",".join(map(str, z.shape)) and "X-Recon-Source" not in r.headers
+        r = server.post("/v1/encode", wav_bytes(audio, 22050), headers={"Accept": f"{ENCODED_MEDIA_TYPE};q=0"})
+        assert r.headers["content-type"] == "application/x-npy"  # refused by its q: the .npy
+
+
+def test_a_stdlib_client_reads_the_encoded_answer_and_sends_it_back(server: Server, rec: Any) -> None:
+    """urllib as a user's script would: the encoded file by Accept or by ?format=encoded, and back to
+    /v1/decode with its content type, or with none of ours (as curl --data-binary sends it)."""
+    import urllib.request
+
+    from recon_runtime.channels import decode_audio
+    from recon_runtime.encoded import ENCODED_MEDIA_TYPE, EncodedAudio
+
+    audio = tone(1.7, RATE, 523.0)
+    body = wav_bytes(audio)
+
+    def post(path: str, data: bytes, headers: dict[str, str]) -> tuple[str, bytes]:
+        request = urllib.request.Request(server.url + path, data=data, headers={**server.headers, **headers})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.headers["Content-Type"], r.read()
+
+    kind, data = post("/v1/encode", body, {"Accept": f"audio/wav, {ENCODED_MEDIA_TYPE}", "Content-Type": "audio/wav"})
+    assert kind == ENCODED_MEDIA_TYPE
+    clip = EncodedAudio.from_bytes(data)
+    kind, again = post("/v1/encode?format=encoded", body, {"Content-Type": "audio/wav"})
+    assert kind == ENCODED_MEDIA_TYPE and EncodedAudio.from_bytes(again).fields() == clip.fields()
+    kind, npy = post("/v1/encode", body, {"Content-Type": "audio/wav"})  # no Accept: the .npy as before
+    assert kind == "application/x-npy" and np.array_equal(np.load(io.BytesIO(npy)), clip.latents[0])
+    want = decode_audio(rec, clip)
+    for headers in ({"Content-Type": ENCODED_MEDIA_TYPE}, {}):  # urllib's default: x-www-form-urlencoded
+        kind, wav = post("/v1/decode", data, headers)
+        out, rate = sf.read(io.BytesIO(wav), dtype="float32")
+        assert kind == "audio/wav" and rate == RATE and out.shape == audio.shape and rel_l2(out, want) <= REL
+
+
+def test_a_bad_encoded_upload_gets_its_status_and_one_line(server: Server, rec: Any) -> None:
+    from dataclasses import replace
+
+    from recon_runtime.channels import encode_audio
+    from recon_runtime.encoded import ENCODED_MEDIA_TYPE
+
+    from .test_encoded import rewrite
+
+    clip = encode_audio(rec, tone(0.9), RATE)
+    stereo = encode_audio(rec, np.stack([tone(0.9), tone(0.9, freq=220.0)], axis=1), RATE, mode="each")
+    data = clip.to_bytes()
+    flipped = bytearray(data)
+    flipped[-7] ^= 0x40  # a bit of the latents
+    kind = {"Content-Type": ENCODED_MEDIA_TYPE}
+    cases = [
+        (replace(clip, bundle_fingerprint="0123456789abcdef").to_bytes(), {}, kind, 422, "another model"),
+        (data, {}, {**kind, "X-Recon-Bundle-Fingerprint": "0123456789abcdef"}, 422, "another model"),
+        (bytes(flipped), {}, kind, 400, "do not match the SHA-256"),
+        (data[:-10], {}, kind, 400, "uploaded encoded audio: "),
+        (data[:5], {}, kind, 400, "not an encoded-audio file"),
+        (rewrite(data, format_version="2"), {}, kind, 400, "format version 2; this build reads version 1"),
+        (rewrite(data, format_version="2"), {"stream": "true"}, kind, 400, "this build reads version 1"),
+        (npy_bytes(clip.latents[0]), {}, kind, 400, "not an encoded-audio file"),  # a .npy said to be one
+        (replace(clip, sample_rate=22050).to_bytes(), {}, kind, 422, "22050 Hz"),
+        (data, {"num_samples": "100"}, kind, 400, "drop num_samples from the query"),
+        (data, {"gain": "2", "stream": "true"}, {}, 400, "drop gain from the query"),
+        (stereo.to_bytes(), {"stream": "true"}, kind, 422, "this file has 2"),
+    ]
+    for body, params, headers, status, text in cases:
+        r = server.post("/v1/decode", body, params=params, headers=headers)
+        assert r.status_code == status, (params, text, r.status_code, r.text)
+        error = r.json()["error"]
+        assert text in error and "\n" not in error and "Traceback" not in r.text, error
+    parts = b"".join(server.post("/v1/decode", data, params={"stream": "true"}, headers=kind).iter_bytes())
+    with server.client() as c:
+        want = c.decode_file(clip)  # one channel streams at its recorded length and level
+    np.testing.assert_allclose(np.frombuffer(parts, "<f4"), want, rtol=0, atol=1e-6)
+    assert 'status="500"' not in server.metrics()
+
+
 def test_sixteen_concurrent_requests_share_batches_and_stay_unchanged(server: Server, rec: Any) -> None:
     before = server.metrics()
     clips = [tone(0.5, RATE, 200.0 + 40 * i) for i in range(16)]  # one length: one window shape

@@ -1,11 +1,10 @@
 """Hostile input against a real `recon-run serve` on 127.0.0.1: no answer is a 5xx, every error is JSON.
 
 Seeded and bounded (FUZZ_CASES requests, at most FUZZ_SECONDS): every endpoint (/v1/reconstruct,
-/v1/encode, /v1/decode with and without stream=true, /v1/compare, /v1/info, /readyz, /healthz,
-/metrics, the page), with random bytes, truncated and corrupted WAV/FLAC/.npy, NaN/inf and
-overflowing values, lying .npy headers, multipart bodies with and without the `file` field,
-/v1/compare forms of good, mutated and hostile originals and reconstructions (one field, both,
-swapped, twice, wrong rates, lengths that do not match), wrong content types, bad query values (also
+/v1/encode, /v1/decode with and without stream=true, /v1/compare, /v1/info, /readyz, /healthz, /metrics, the page), with random
+bytes, truncated and corrupted WAV/FLAC/.npy/encoded-audio files, NaN/inf and overflowing values, lying .npy headers,
+multipart bodies with and without the `file` field, /v1/compare forms of good, mutated and hostile pairs,
+wrong content types, bad query values (also
 output rates that multiply the answer past --max-response-mb), no or a wrong API key, and, on raw
 sockets, huge and malformed request heads, oversized, chunked and lying Content-Length bodies, bodies
 sent after `Expect: 100-continue` (HTTP/1.0 and 1.1), WebSocket handshakes, and clients that never
@@ -28,6 +27,8 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
+
+from recon_runtime.encoded import ENCODED_MEDIA_TYPE, EncodedAudio
 
 from .conftest import tone
 from .test_server import (
@@ -74,11 +75,14 @@ QUERY_VALUES = {
     "gain": ["nan", "inf", "-inf", "-1", "0", "0.5", "1e6", "1e39", "abc"],
     "stream": ["true", "false", "yes", "2", ""],
     "columns": QUERY_VALUES_COLUMNS,
+    "format": ["npy", "encoded", "wav", ""],
 }
 CONTENT_TYPES = [
     None, "audio/wav", "application/octet-stream", "application/x-npy", "text/plain", "application/json",
     "multipart/form-data", "multipart/form-data; boundary=", "multipart/form-data; boundary=zzz",
+    ENCODED_MEDIA_TYPE, ENCODED_MEDIA_TYPE + "; charset=utf-8",
 ]  # fmt: skip
+ACCEPTS = ["*/*", ENCODED_MEDIA_TYPE, f"{ENCODED_MEDIA_TYPE};q=0", f"audio/wav, {ENCODED_MEDIA_TYPE};q=abc", ";;,"]
 
 
 @pytest.fixture(scope="module")
@@ -353,6 +357,9 @@ def test_no_hostile_request_gets_a_5xx_or_an_error_that_is_not_json(target: Serv
         assert r.status_code == 200, (name, r.text)
         pairs[name] = (good[name], r.content)
     compared: list[int] = []
+    encoded = target.post("/v1/encode", good["stereo"], params={"format": "encoded"}).content
+    good["encoded"] = encoded  # the encoded-audio file, and one of two channels (`--channels each`)
+    good["encoded2"] = EncodedAudio.stack([EncodedAudio.from_bytes(encoded)] * 2).to_bytes()
     makers: list[Callable[[], bytes]] = [
         lambda: good[str(rng.choice(list(good)))],
         lambda: mutate(good[str(rng.choice(list(good)))], rng),
@@ -375,6 +382,8 @@ def test_no_hostile_request_gets_a_5xx_or_an_error_that_is_not_json(target: Serv
             headers = {"Authorization": f"Bearer {KEY}"}
             if rng.random() < 0.05:
                 headers["Authorization"] = str(rng.choice(["", "Bearer", f"Basic {KEY}", "Bearer wrong"]))
+            if rng.random() < 0.15:
+                headers["Accept"] = str(rng.choice(ACCEPTS))
             kwargs: dict[str, Any] = {"content": body}
             form = path == "/v1/compare" and rng.random() < COMPARE_SHARE
             if form:

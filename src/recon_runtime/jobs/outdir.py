@@ -39,7 +39,12 @@ _LOGGER = logging.getLogger(__name__)
 LOCK_RECORD_MAX: Final = 4096  # bytes: a lock record is far smaller; a larger job.lock is not one
 LOCK_KEYS: Final = frozenset({"pid", "host", "mode", "started"})
 JOB_FORMAT: Final = "recon-run dataset job"  # job.json's marker: a job.json without it is the user's
-JOB_FORMAT_VERSION: Final = 1
+JOB_FORMAT_VERSION: Final = 2
+"""2: the rows' columns are the encoded-audio fields (`encoded.FIELDS`: `input_sample_rate` where 1 had
+source_sample_rate; encode rows carry every field). Only a job of this version resumes."""
+JOB_FORMAT_VERSIONS_READ: Final = (1, 2)
+"""job.json versions still known as a job's: --no-resume deletes what such a job wrote (the same names
+in every version), and a resume of an older one is refused in one line saying so."""
 JOB_RECORD_MAX: Final = 1 << 20  # bytes: a job record is about 400; a larger job.json is not one
 
 
@@ -209,10 +214,11 @@ def read_job(out: Path) -> dict[str, Any] | None:
             f'no "format": "{JOB_FORMAT}" in it'
             + ("; a job of a recon-run before job format 1 is not resumed either" if legacy else ""),
         )
-    if job.get("format_version") != JOB_FORMAT_VERSION:
+    if job.get("format_version") not in JOB_FORMAT_VERSIONS_READ:
         raise OutputError(
             f"{path}: a dataset job record of format version {job.get('format_version')!r}, this recon-run reads "
-            f"version {JOB_FORMAT_VERSION}; use the recon-run that wrote it, or another -o/--out"
+            f"version {', '.join(map(str, JOB_FORMAT_VERSIONS_READ))}; use the recon-run that wrote it, "
+            "or another -o/--out"
         )
     if (
         job.get("mode") not in MODES
@@ -444,6 +450,12 @@ def check_job_record(cfg: JobConfig, fingerprint: str, job: dict[str, Any] | Non
     """A resume must use the job's bundle and settings (its mode is checked before); a new job writes its record."""
     settings = cfg.settings()
     if job is not None:
+        if job["format_version"] != JOB_FORMAT_VERSION:
+            raise OutputError(
+                f"{cfg.out}: holds a dataset {job['mode']} job of an earlier recon-run (job format "
+                f"{job['format_version']}), whose rows name their columns otherwise; --no-resume starts it over "
+                "(deleting only what the job wrote), or use another output folder"
+            )
         if job["bundle_fingerprint"] != fingerprint:
             raise OutputError(
                 f"{cfg.out}: holds results of bundle {job['bundle_fingerprint']}, this bundle is {fingerprint}; "
