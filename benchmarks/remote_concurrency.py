@@ -33,7 +33,7 @@ import soundfile as sf
 
 from benchmarks.machine import describe
 from benchmarks.server import RATE, clips, free_port
-from recon_runtime.remote import RetryPolicy, retrying_client, run_bounded
+from recon_runtime.serving.retry import RetryPolicy, retrying_client, run_bounded
 
 
 def start_server(model: Path, port: int, log: Path, extra: list[str]) -> subprocess.Popen:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -13,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from .conftest import tone
 
@@ -26,8 +30,8 @@ pytestmark = pytest.mark.skipif(
 if not MISSING:
     import httpx
 
-    from recon_runtime.client import Client, ServerError
-    from recon_runtime.remote import (
+    from recon_runtime.serving.client import Client, ServerError
+    from recon_runtime.serving.retry import (
         MAX_ATTEMPTS,
         MAX_TOTAL_WAIT_S,
         RetryPolicy,
@@ -289,3 +293,67 @@ def test_only_the_file_that_exhausts_its_retries_fails(busy: Server) -> None:
     assert "\n" not in str(error) and "/v1/reconstruct: HTTP 503: server busy" in str(error), str(error)
     assert outcomes[1].error is None and outcomes[1].result.shape == (round(0.6 * 16000),)
     assert refused(busy) == 2  # the first file's two tries (the second found the server free)
+
+
+# ---------------------------------------------------------------------- the CLI against a real busy server
+def remote_cli(server: Server, *args: str) -> subprocess.Popen:
+    """`recon-run ... --server URL` in a subprocess, its stderr to a pipe (read once it exits)."""
+    exe = str(Path(sys.executable).with_name("recon-run"))
+    cmd = [exe, *args, "--server", server.url]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_bulk_cli_run_at_concurrency_4_finishes_every_file_on_a_server_busy_part_of_the_time(
+    busy: Server, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    from recon_runtime import Reconstructor
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(8):
+        sf.write(str(folder / f"f{i}.wav"), tone(0.4 + 0.05 * i, 16000, 300 + 40 * i), 16000)
+    holder = SlotHolder(busy)
+    proc = remote_cli(busy, "reconstruct", str(folder), "-o", str(tmp_path / "out"), "--concurrency", "4")
+    try:
+        wait_until(lambda: refused(busy) >= 4, 120, "the held slot never refused the run's files")
+        assert proc.poll() is None  # refused, waiting for its retries: no file failed the run
+        holder.release()
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        holder.release()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("reconstruct: 8 ok, 0 failed"), stderr
+    retried = int(re.search(r"; (\d+) requests? sent again \(server busy\)$", lines[0]).group(1))
+    assert retried >= 4 and refused(busy) >= retried
+    rec = Reconstructor.load(tiny_bundle, provider="cpu", precision="fp32", threads=1)
+    for i in range(8):
+        out, rate = sf.read(str(tmp_path / "out" / f"f{i}.wav"), dtype="float32")
+        want = rec.reconstruct(*sf.read(str(folder / f"f{i}.wav"), dtype="float32"))
+        assert rate == 16000 and out.shape == want.shape
+        assert np.linalg.norm(out - want) <= 1e-5 * np.linalg.norm(want)
+
+
+def test_the_file_that_exhausts_its_retries_fails_alone_in_the_cli(busy: Server, tmp_path: Path) -> None:
+    for name, seconds in (("a", 0.5), ("b", 0.6)):
+        sf.write(str(tmp_path / f"{name}.wav"), tone(seconds), 16000)
+    holder = SlotHolder(busy)
+    args = ["reconstruct", str(tmp_path / "a.wav"), str(tmp_path / "b.wav"), "-o", str(tmp_path / "out")]
+    proc = remote_cli(busy, *args, "--concurrency", "1")
+    try:  # a.wav goes first (one at a time) and is refused at each of its tries; then b.wav finds the slot free
+        wait_until(lambda: refused(busy) >= MAX_ATTEMPTS, 120 + 60, "a.wav was not refused at each try")
+        holder.release()
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        holder.release()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, stderr
+    error, summary = stderr.splitlines()
+    assert error.startswith(f"error: {tmp_path / 'a.wav'}: ") and "/v1/reconstruct: HTTP 503: server busy" in error
+    assert summary.startswith("reconstruct: 1 ok, 1 failed") and "sent again (server busy)" in summary, stderr
+    assert not (tmp_path / "out" / "a.wav").exists()  # no partial output
+    assert sf.info(str(tmp_path / "out" / "b.wav")).frames == round(0.6 * 16000)
+    assert "Traceback" not in stderr

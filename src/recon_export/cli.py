@@ -18,11 +18,10 @@ from recon_runtime.contract import (
     SOURCE_PIPELINE,
 )
 from recon_runtime.errors import ReconError
+from recon_runtime.locations import default_export_dir
 
 from .checkpoint import ARCHITECTURES, DEFAULT_MODEL
 from .errors import ExportError
-
-DEFAULT_OUT = Path("models/audioldm2-music")
 
 
 def _echo(message: str) -> None:
@@ -79,9 +78,9 @@ def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> N
     "--out",
     "out",
     type=click.Path(path_type=Path),
-    default=DEFAULT_OUT,
-    show_default=True,
-    help="Bundle folder to write.",
+    default=None,
+    help="Bundle folder to write (default: the per-user folder recon-run looks in without --model, "
+    "$XDG_DATA_HOME/audioldm2-recon/models/audioldm2-music, by default under ~/.local/share).",
 )
 @click.option(
     "--precision", default="fp16,fp32", show_default=True, help="Comma-separated: fp16, fp32, int8 (int8 adds fp32)."
@@ -119,7 +118,7 @@ def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> N
 def main(
     model: str,
     revision: str | None,
-    out: Path,
+    out: Path | None,
     precision: str,
     calibration: Path | None,
     int8_budget: tuple[str, ...],
@@ -135,6 +134,9 @@ def main(
     """Export the VAE encoder, decoder and HiFi-GAN vocoder of an AudioLDM-family checkpoint to an ONNX bundle."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
     t0 = time.perf_counter()
+    if out is None:
+        out = default_export_dir()
+        _echo(f"bundle folder {out} (the per-user default; --out DIR writes elsewhere)")
     try:
         from .bundle import Progress, export_bundle
         from .checkpoint import build_random, load_checkpoint

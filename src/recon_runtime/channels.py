@@ -11,15 +11,32 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import numpy as np
 
 from .errors import AudioInputError
-from .files.encoded import EncodedAudio, decode_encoded
+from .files.encoded import (
+    BUNDLE_FINGERPRINT,
+    FORMAT_VERSION,
+    FORMAT_VERSION_FIELD,
+    GAIN,
+    INPUT_CHANNELS,
+    INPUT_SAMPLE_RATE,
+    NUM_SAMPLES,
+    SAMPLE_RATE_FIELD,
+    SAMPLED,
+    SCALING_FACTOR,
+    SEED,
+    SOURCE,
+    EncodedAudio,
+    decode_encoded,
+)
 
 if TYPE_CHECKING:
+    from .contract import Contract
     from .reconstructor import Reconstructor
+    from .windows import Features
 
 MIX: Final = "mix"
 EACH: Final = "each"
@@ -118,25 +135,52 @@ def encode_audio(
         sample, seed: draw from the posterior (as `Reconstructor.encode`).
         source: the input's path, recorded in the file (None from a server).
     """
-    contract = rec.contract
 
     def one(x: np.ndarray) -> EncodedAudio:
         feats = rec.features(x, sample_rate)
         latents = rec.encode_features(feats, sample=sample, seed=seed)
-        return EncodedAudio(
-            latents[None],
-            feats.num_samples,
-            (feats.gain,),
-            contract.fingerprint,
-            sample_rate=contract.mel.sample_rate,
-            sampled=sample,
-            seed=seed if sample else None,
-            input_sample_rate=int(sample_rate),
-            scaling_factor=contract.scaling_factor,
-            source=source,
-        )
+        return encoded_clip(rec.contract, feats, latents, sample_rate, sampled=sample, seed=seed, source=source)
 
     return encode_channels(audio, mode, one)
+
+
+def encode_facts(
+    contract: Contract,
+    feats: Features,
+    input_sample_rate: int,
+    *,
+    sampled: bool = False,
+    seed: int | None = None,
+    input_channels: int | None = None,
+    source: str | None = None,
+) -> dict[str, Any]:
+    """One channel's encode facts by field name (`FIELDS`; gain one number): the prepared input's length
+    and gain, and the bundle's fingerprint, rate and scaling factor. Every encoded clip is built from
+    them (`encoded_clip`), and dataset rows carry them."""
+    return {
+        FORMAT_VERSION_FIELD: FORMAT_VERSION,
+        NUM_SAMPLES: feats.num_samples,
+        SAMPLE_RATE_FIELD: contract.mel.sample_rate,
+        GAIN: feats.gain,
+        BUNDLE_FINGERPRINT: contract.fingerprint,
+        SAMPLED: sampled,
+        SEED: seed if sampled else None,
+        INPUT_SAMPLE_RATE: int(input_sample_rate),
+        INPUT_CHANNELS: input_channels,
+        SCALING_FACTOR: contract.scaling_factor,
+        SOURCE: source,
+    }
+
+
+def encoded_clip(
+    contract: Contract, feats: Features, latents: np.ndarray, input_sample_rate: int, **facts: Any
+) -> EncodedAudio:
+    """One channel's encoded clip: its latents [8, T/4, 16] with `encode_facts` (the keyword arguments are
+    theirs). `encode_audio` builds every clip with it, and so does the server's /v1/encode, which runs the
+    windows through its batcher instead."""
+    return EncodedAudio.from_fields(
+        np.asarray(latents)[None], encode_facts(contract, feats, input_sample_rate, **facts)
+    )
 
 
 def decode_audio(rec: Reconstructor, encoded: EncodedAudio) -> np.ndarray:

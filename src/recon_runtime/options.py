@@ -11,11 +11,12 @@ the provider and the CUDA device id (`devices.resolve_device`). The choices are 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .devices import resolve_device
 from .executors.select import AUTO, check_choices
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from .reconstructor import Reconstructor
 
 _LOGGER = logging.getLogger(__name__)
+_Options = TypeVar("_Options", bound="LoadOptions")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,13 @@ class LoadOptions:
         if location.origin != EXPLICIT:
             _LOGGER.info("%s", location.describe())
         return replace(self, model=location.path)
+
+    def for_cpus(self: _Options, cpus: float) -> _Options:
+        """These options for a Ray worker or replica that holds `cpus` CPUs: that many intra-op threads
+        (rounded, at least 1) unless `threads` is set, not one per core of the node it lands on."""
+        if self.threads is not None:
+            return self
+        return dataclasses.replace(self, threads=max(1, round(cpus)))
 
     def load_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `Reconstructor.load` these options stand for (all but the bundle)."""

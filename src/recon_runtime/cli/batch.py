@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import click
 
-from ..errors import AudioInputError, OutputError, ReconError, failure_message
+from ..errors import AudioInputError, OutputError, ReconError, describe, failure_message
 from ..files.audio import check_writable, discover, recording_writes, stop_writes
 from ..files.outputs import FILE, STDIO, STDOUT, Target, check_output, output_path
 from ..jobs.job import INTERRUPTED_EXIT
@@ -46,12 +46,8 @@ def _call(ctx: click.Context, fn: Callable[[], int]) -> int:
     except Exception as e:  # noqa: BLE001 - the user gets one line, the developer --debug
         if ctx.obj.get("debug"):
             raise
-        if isinstance(e, ReconError):
-            fail(str(e))
-        elif isinstance(e, MemoryError):
-            fail("out of memory")
-        else:
-            fail(f"{type(e).__name__}: {' '.join(str(e).split())} (run with --debug for the traceback)")
+        ours = isinstance(e, (ReconError, MemoryError))
+        fail(describe(e) + ("" if ours else " (run with --debug for the traceback)"))
         return 1
 
 
@@ -85,9 +81,8 @@ def guard_files(ctx: click.Context, fn: Callable[[], int], what: str) -> None:
         except KeyboardInterrupt:
             fail(interrupted_line(what, stop_writes()))
             sys.stderr.flush()
-            os._exit(
-                INTERRUPTED_EXIT
-            )  # the engine call in progress cannot be stopped; its thread goes with the process
+            # the engine call in progress cannot be stopped; its thread goes with the process
+            os._exit(INTERRUPTED_EXIT)
     if "error" in outcome:
         raise outcome["error"]
     ctx.exit(outcome["code"])
@@ -113,6 +108,8 @@ class Summary:
     mixed: int = 0
     """Multi-channel inputs mixed to mono (`--channels mix`)."""
     audio_seconds: float = 0.0
+    retries: int = 0
+    """Requests sent again after a busy server's 503 or 429 (`--server` jobs)."""
     started: float = field(default_factory=time.perf_counter)
 
     def line(self, what: str) -> str:
@@ -122,9 +119,14 @@ class Summary:
         speed = f", {self.audio_seconds / wall:.2f}x real time" if self.audio_seconds and wall > 0 else ""
         skipped = f", {self.skipped} skipped (output exists)" if self.skipped else ""
         mixed = f", {self.mixed} mixed to mono (--channels each keeps every channel)" if self.mixed else ""
+        retried = (
+            f"; {self.retries} request{'s' if self.retries != 1 else ''} sent again (server busy)"
+            if self.retries
+            else ""
+        )
         return (
             f"{what}: {self.ok} ok, {self.failed} failed{skipped}{mixed}; {self.audio_seconds:.1f} s of audio in "
-            f"{wall:.1f} s wall{speed}"
+            f"{wall:.1f} s wall{speed}{retried}"
         )
 
     @property
@@ -274,18 +276,36 @@ class JobRunner:
         appeared since `prepare`."""
         check_output(path, self.force, self._written)
 
-    def attempt(self, job: Job, work: Callable[[], float]) -> bool:
-        """Run `work() -> audio seconds` for one prepared job; a failure is one line and the batch goes on."""
+    def ready(self, job: Job) -> bool:
+        """A prepared job's outputs checked once more just before it runs (`check`); False when it
+        fails (its one line)."""
         try:
             for path in job.outputs:
                 self.check(path)
-            seconds = work()
         except Exception as e:  # noqa: BLE001 - every per-file failure becomes one line
             self.fail(job, e)
             return False
+        return True
+
+    def attempt(self, job: Job, work: Callable[[], float]) -> bool:
+        """Run `work() -> audio seconds` for one prepared job; a failure is one line and the batch goes on."""
+        if not self.ready(job):
+            return False
+        try:
+            seconds = work()
+        except Exception as e:  # noqa: BLE001 - every per-file failure becomes one line
+            return self.book(job, None, e)
+        return self.book(job, seconds)
+
+    def book(self, job: Job, seconds: float | None, error: BaseException | None = None) -> bool:
+        """Count one job's end: its outputs written and its audio seconds, or the error that failed
+        it (one line). For work that ran elsewhere (another thread: `--server` jobs)."""
+        if error is not None:
+            self.fail(job, error)
+            return False
         self.booked(job.outputs)
         self.summary.ok += 1
-        self.summary.audio_seconds += seconds
+        self.summary.audio_seconds += seconds or 0.0
         return True
 
     def booked(self, paths: Iterable[Path]) -> None:

@@ -1,6 +1,8 @@
 """`recon-run reconstruct|encode|decode|vocode|info`: the file commands, local or with --server URL.
 
-Where outputs go follows `files.outputs`: one input and `-o out.flac` writes that file in that
+Each command is the same shape (plan the outputs, load the stages it needs, run one function per
+file through `batch.JobRunner`) and they share their option sets. Where outputs go follows
+`files.outputs`: one input and `-o out.flac` writes that file in that
 format, several inputs or a folder write into a folder (`--format`), `-` reads stdin or writes
 stdout. Everything that can be refused is refused before the model loads (`JobRunner.prepare`),
 and Ctrl-C stops a command at once, keeping only complete files (`guard_files`).
@@ -56,10 +58,11 @@ from ..files.outputs import (
     write_audio_file,
     write_stdout,
 )
-from ..files.plot import MAX_ROWS
+from ..files.plot import MAX_ROWS, require_matplotlib
 from ..locations import resolve_model
+from ..serving.protocol import DEFAULT_CONCURRENCY
 from .batch import STDIN, Job, JobRunner, batches, check_exclusive, guard, guard_files, path_key, plan_jobs, progress
-from .options import model_args, model_option, model_options
+from .options import OUTPUT_RATE_OPTION, model_args, model_option, model_options
 
 
 def _io_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -145,6 +148,16 @@ def _server_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 metavar="VAR",
                 default=None,
                 help="With --server: send the API key held in the environment variable VAR.",
+            ),
+            click.option(
+                "--concurrency",
+                type=click.IntRange(min=1),
+                default=DEFAULT_CONCURRENCY,
+                show_default=True,
+                metavar="N",
+                help="With --server: files in flight at once, so the server can batch them. A busy server's "
+                "503 is tried again after its Retry-After, within bounds (docs/files.md); only a file past "
+                "them fails.",
             ),
         ]
     ):
@@ -270,7 +283,7 @@ def _scores(feats: Sequence[Any], waves: Sequence[np.ndarray]) -> dict[str, Any]
 @_io_options
 @model_options
 @_channels_option
-@click.option("--output-rate", type=click.IntRange(min=1000), default=None, help="Resample the output (default 16000).")
+@OUTPUT_RATE_OPTION
 @_audio_out_options
 @click.option(
     "--metrics", "metrics_path", type=click.Path(path_type=Path), default=None, help="Write metrics JSON here."
@@ -293,6 +306,7 @@ def reconstruct(
     plot_path: Path | None,
     server: str | None,
     api_key_env: str | None,
+    concurrency: int,
     **model_kwargs: Any,
 ) -> None:
     """Audio -> VAE -> HiFi-GAN -> audio, for files, folders (the tree is mirrored) or - (stdin)."""
@@ -308,13 +322,15 @@ def reconstruct(
         _refuse_report_clash(jobs, {"--metrics": metrics_path, "--plot": plot_path})
         merge = _check_report_file(metrics_path, "--metrics", force, skip_existing, "add this run's files to it")
         keep_plot = _check_report_file(plot_path, "--plot", force, skip_existing, "keep it")
+        if plot_path and not keep_plot:
+            require_matplotlib(plot_path)
         runner = JobRunner("reconstruct", force, skip_existing, ctx.obj["debug"])
         if server:
             from .remote import remote_client, remote_reconstruct
 
-            with remote_client(server, api_key_env, margs.expect_digest) as client:
-                work = remote_reconstruct(client, output_rate, sample)
-                return runner.run(runner.prepare(jobs), lambda job: work(job.src, job.dst))
+            with remote_client(server, api_key_env, margs.expect_digest, concurrency) as remote:
+                work = remote_reconstruct(remote.client, output_rate, sample)
+                return remote.run(runner, runner.prepare(jobs), work)
         options = margs.resolved()
         earlier = _earlier_metrics(metrics_path, options.model) if merge and metrics_path else None
         ready = runner.prepare(jobs)
@@ -465,6 +481,7 @@ def encode(
     seed: int,
     server: str | None,
     api_key_env: str | None,
+    concurrency: int,
     **model_kwargs: Any,
 ) -> None:
     """Audio -> one .safetensors file per clip: scaled latents [channels, 8, T/4, 16], length, level (docs/files.md)."""
@@ -478,9 +495,9 @@ def encode(
         if server:
             from .remote import remote_client, remote_encode
 
-            with remote_client(server, api_key_env, margs.expect_digest) as client:
-                work = remote_encode(client, sample, seed)
-                return runner.run(runner.prepare(jobs), lambda job: work(job.src, job.dst))
+            with remote_client(server, api_key_env, margs.expect_digest, concurrency) as remote:
+                work = remote_encode(remote.client, sample, seed)
+                return remote.run(runner, runner.prepare(jobs), work)
         options = margs.resolved()
         ready = runner.prepare(jobs)
         if not ready:
@@ -539,6 +556,7 @@ def decode(
     output_raw: bool,
     server: str | None,
     api_key_env: str | None,
+    concurrency: int,
     **model_kwargs: Any,
 ) -> None:
     """Latents -> audio: encode's .safetensors (length, level and channels restored), older .npy + sidecar
@@ -556,9 +574,9 @@ def decode(
         if server:
             from .remote import remote_client, remote_decode
 
-            with remote_client(server, api_key_env, margs.expect_digest) as client:
-                work = remote_decode(client, sample, seconds, num_samples)
-                return runner.run(runner.prepare(jobs), lambda job: work(job.src, job.outputs))
+            with remote_client(server, api_key_env, margs.expect_digest, concurrency) as remote:
+                work = remote_decode(remote.client, sample, seconds, num_samples)
+                return remote.run(runner, runner.prepare(jobs), work)
         options = margs.resolved()
         ready = runner.prepare(jobs)
         if not ready:

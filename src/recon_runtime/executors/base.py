@@ -37,6 +37,8 @@ class ExecutorOptions:
     cuda_graph: bool = False
     """onnxruntime CUDA: capture CUDA graphs for input shapes that repeat (not measured on a GPU yet)."""
     device_id: int = 0
+    """onnxruntime CUDA: the CUDA device the sessions and their IO bindings use (`--device`); the
+    openvino backend refuses any but 0."""
     performance_hint: str | None = None
     """OpenVINO: "latency" (each call uses every core; the default, None) or "throughput" (streams, for
     many concurrent calls). onnxruntime has no such setting and refuses "throughput"."""

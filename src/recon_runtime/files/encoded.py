@@ -47,6 +47,7 @@ from ..contract import (
     LATENT_FREQ_BINS,
     SAMPLE_RATE,
     VOCODER_EXTRA_SAMPLES,
+    latent_shape_problem,
 )
 from ..errors import AudioInputError, BundleError, NumericalError
 from .audio import atomic_path, load_array, read_array_bytes
@@ -104,6 +105,15 @@ HEADER_PREFIX: Final = "X-Recon-"
 def header_name(name: str) -> str:
     """The HTTP header of a field: `num_samples` -> `X-Recon-Num-Samples`."""
     return HEADER_PREFIX + "-".join(part.capitalize() for part in name.split("_"))
+
+
+def file_seed(seed: int, name: str) -> int:
+    """The seed of one file's posterior draw in a run of many (`dataset encode --sample --seed S`):
+    derived from S and the file's path, so every file gets its own noise (one seed for all would give
+    equal-length files the same noise) and a rerun gives each file the same draw. 63 bits, as a
+    server's seed."""
+    digest = hashlib.sha256(f"{int(seed)}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def max_samples(latent_frames: int) -> int:
@@ -455,11 +465,6 @@ def bare_num_samples(
     return n
 
 
-BARE_SHAPES: Final = (
-    f"[{LATENT_CHANNELS}, frames, {LATENT_FREQ_BINS}] or [batch, {LATENT_CHANNELS}, frames, {LATENT_FREQ_BINS}]"
-)
-
-
 def read_latents(
     path: Path,
     fingerprint: str,
@@ -552,11 +557,9 @@ def _read_npy(
     z = load_array(path)
     side = read_sidecar(path, fingerprint)
     if side:
-        if z.ndim != 3:
-            raise AudioInputError(
-                f"{path}: latents beside a sidecar must be [{LATENT_CHANNELS}, frames, {LATENT_FREQ_BINS}], "
-                f"got {list(z.shape)}"
-            )
+        problem = latent_shape_problem(z.shape)
+        if problem:
+            raise AudioInputError(f"{path}: beside a sidecar, {problem}")
         if seconds is not None or num_samples is not None:
             raise AudioInputError(
                 f"{path}: its sidecar records the length ({side.get(NUM_SAMPLES)} samples); "
@@ -586,9 +589,12 @@ def _bare_clips(
     z: np.ndarray, what: str, seconds: float | None, num_samples: int | None, sample_rate: int
 ) -> list[EncodedAudio]:
     """Bare pipeline latents `[8, T, 16]` (one clip) or `[B, 8, T, 16]` (B clips) of gain 1."""
+    problem = latent_shape_problem(z.shape, batched=True)
+    if problem:
+        raise AudioInputError(f"{what}: {problem}")
     batch = z[None] if z.ndim == 3 else z
-    if batch.ndim != 4 or batch.shape[1] != LATENT_CHANNELS or batch.shape[3] != LATENT_FREQ_BINS or 0 in batch.shape:
-        raise AudioInputError(f"{what}: latents must be {BARE_SHAPES}, got {list(z.shape)}")
+    if not len(batch):
+        raise AudioInputError(f"{what}: a batch of no latents, shape {list(z.shape)}")
     try:
         n = bare_num_samples(batch.shape[2], seconds, num_samples, sample_rate)
         return [

@@ -1,7 +1,8 @@
-"""The encoded-latents format: a .npy of scaled latents [8, T/4, 16] and its JSON sidecar.
+"""The older encoded-latents format: a .npy of scaled latents [8, T/4, 16] and its JSON sidecar.
 
-`recon-run encode` (local or with --server) writes the pair with `save_latents`; `decode` reads the
-sidecar back with `read_sidecar`, which refuses one of another bundle or of another .npy.
+`recon-run encode` wrote the pair (`save_latents`) before the encoded-audio file (`files.encoded`);
+`decode` still reads it: `files.encoded.read_latents` takes the sidecar back with `read_sidecar`,
+which refuses one of another bundle or of another .npy.
 """
 
 from __future__ import annotations

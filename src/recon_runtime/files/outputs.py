@@ -28,7 +28,7 @@ import numpy as np
 import soundfile as sf
 
 from ..errors import AudioInputError, OutputError
-from .audio import AUDIO_EXTENSIONS, atomic_path
+from .audio import AUDIO_EXTENSIONS, FLOAT32, PCM16, SAMPLE_FORMATS, atomic_path
 from .encoded import ENCODED_SUFFIX
 
 STDIO: Final = "-"
@@ -39,9 +39,6 @@ OGG: Final = "ogg"
 CONTAINERS: Final = {WAV: "WAV", FLAC: "FLAC", OGG: "OGG"}
 """The audio formats written (libsndfile's names); the keys are also their file extensions."""
 DEFAULT_CONTAINER: Final = WAV
-FLOAT32: Final = "float32"
-PCM16: Final = "pcm16"
-SAMPLE_FORMATS: Final = (FLOAT32, PCM16)
 SUBTYPES: Final = {
     (WAV, FLOAT32): "FLOAT",
     (WAV, PCM16): "PCM_16",

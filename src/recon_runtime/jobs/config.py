@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
+from ..files.audio import FLOAT32
+from ..options import LoadOptions
 from ..reconstructor import DEFAULT_OVERLAP_FRAMES, DEFAULT_WINDOW_FRAMES
 
 _LOGGER = logging.getLogger(__name__)
@@ -33,19 +35,20 @@ LOCK_FILE: Final = "job.lock"
 UNRECORDED_SETTINGS: Final = {"window_frames": DEFAULT_WINDOW_FRAMES, "overlap_frames": DEFAULT_OVERLAP_FRAMES}
 """Settings that jobs of earlier versions did not record, with the value they ran at (the
 Reconstructor's windowing, which no option changed then): a resume of such a job compares with these."""
-OUTPUTS_DIR: Final = "outputs"  # reconstruct: the audio a run is about to write, recorded before it writes it
+OUTPUTS_DIR: Final = "outputs"  # reconstruct: the audio a run plans, then each file's size and mtime once written
 
 Key = tuple[str, int, int]
 
 
 @dataclass(frozen=True)
 class JobConfig:
-    """One dataset job. `model` is any object with `load(stages) -> Reconstructor` (options.LoadOptions)."""
+    """One dataset job. `model`: the options its workers load the bundle with (`LoadOptions.for_cpus` then
+    `load`; a subclass may load otherwise)."""
 
     mode: str
     inputs: tuple[str, ...]
     out: Path
-    model: Any
+    model: LoadOptions
     ray_address: str | None = None
     workers: int = 1
     gpus_per_worker: float = 0.0
@@ -55,18 +58,12 @@ class JobConfig:
     retry_errors: bool = False
     max_seconds: float | None = DEFAULT_MAX_SECONDS
     output_rate: int | None = None
-    sample_format: str = "float32"
+    sample_format: str = FLOAT32
+    sample: bool = False
+    """encode: draw from the posterior instead of taking its mean (`--sample`)."""
+    seed: int = 0
+    """encode --sample: each file's draw is seeded from this and its path (`encoded.file_seed`)."""
     progress: bool = True
-    # test hooks: each graph worker stalls once it has written this many files (until the job is
-    # interrupted, so a test can stop a job mid-way however fast the workers are), and make one
-    # worker process die once (os._exit) on the file whose name is crash_once[0], using the
-    # marker file crash_once[1] to do it only once
-    stall_after: int | None = None
-    crash_once: tuple[str, str] | None = None
-    # test hook: the process handling the file named crash_always[0] dies (os._exit) every time, in
-    # stage crash_always[1] ("read": the CPU task, "run": the graph worker), as an OOM kill or a
-    # decoder segfault would
-    crash_always: tuple[str, str] | None = None
     # a batch whose worker died this many times is run again one file at a time, and a file whose
     # worker dies then gets an error row instead of another try
     batch_attempts: int = 2
@@ -75,14 +72,16 @@ class JobConfig:
         """What shapes the results besides the bundle: a resume must use the same."""
         model = self.model
         out: dict[str, Any] = {
-            "backend": getattr(model, "backend", None),
-            "provider": getattr(model, "provider", None),
-            "precision": getattr(model, "precision", None),
+            "backend": model.backend,
+            "provider": model.provider,
+            "precision": model.precision,
             "max_seconds": self.max_seconds,
         }
         out.update({name: getattr(model, name, default) for name, default in UNRECORDED_SETTINGS.items()})
         if self.mode == RECONSTRUCT:
             out.update(output_rate=self.output_rate, sample_format=self.sample_format)
+        if self.mode == ENCODE:
+            out.update(sample=self.sample, seed=self.seed if self.sample else None)
         return out
 
 

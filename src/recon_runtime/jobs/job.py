@@ -21,8 +21,9 @@ from typing import Any, Final
 
 import numpy as np
 
+from ..cluster import start_ray
 from ..contract import read_contract
-from ..errors import OutputError, ReconError, install_hint
+from ..errors import OutputError, ReconError, require
 from ..files.audio import atomic_path
 from .config import (
     ERRORS_DIR,
@@ -49,18 +50,27 @@ from .outdir import (
     remove_attempts,
     remove_temps,
     start_over,
+    still_written,
+    written_outputs,
 )
-from .shards import compact, done_keys, error_table, outputs_table, read_keys, read_table, table_keys, write_shard
-from .stages import PREPARE_CPUS, PREPARE_MEMORY, Worker, max_tries, prepare_batch
+from .shards import (
+    PLANNED,
+    compact,
+    done_keys,
+    error_table,
+    outputs_table,
+    read_keys,
+    read_table,
+    shard_name,
+    table_keys,
+    write_shard,
+)
+from .stages import PREPARE_CPUS, PREPARE_MEMORY, Stages, max_tries, prepare_batch
 
 _LOGGER = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT_S: Final = 10.0  # how long ray.shutdown may take (after Ctrl-C) before Ray's processes are killed
 INTERRUPTED_EXIT: Final = 130  # exit status after Ctrl-C (128 + SIGINT, as shells report it)
-
-
-def ray_missing_message() -> str:
-    return f"dataset jobs need Ray Data and pyarrow: {install_hint('ray')}"
 
 
 @dataclass
@@ -120,24 +130,6 @@ def metrics_summary(out: Path) -> dict[str, dict[str, float]]:
             "files": int(values.size),
         }
     return summary
-
-
-def _start_ray(cfg: JobConfig) -> bool:
-    """Connect to the cluster, or start a local Ray; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if cfg.ray_address:
-        ray.init(address=cfg.ray_address, logging_level=logging.WARNING)
-    else:
-        need = cfg.workers * cfg.cpus_per_worker + 1
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))),
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-        )
-    return True
 
 
 def _local_ray_processes() -> dict[int, Any]:
@@ -209,8 +201,12 @@ def interrupted_message(mode: str, out: Path) -> str:
     return f"dataset {mode}: interrupted; {out} keeps what was written so far; the same command resumes"
 
 
-def run_job(cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> JobResult:
+def run_job(
+    cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr), stages: Stages = Stages()
+) -> JobResult:
     """Run one dataset job to the end (or to the first system failure Ray could not retry).
+
+    `stages`: the reader and the graph workers' class (tests replace them; see `Stages`).
 
     Raises JobInterrupted on Ctrl-C, wherever it comes (in the pipeline: once Ray is shut down,
     within SHUTDOWN_TIMEOUT_S): what was written stays, and the same job resumes.
@@ -220,20 +216,16 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, fil
     # OUT resolved (symlinks, `..`): one spelling, whichever way -o names it, for the checks below
     cfg = dataclasses.replace(cfg, out=Path(os.path.realpath(cfg.out)))
     try:
-        return _run_job(cfg, echo)
+        return _run_job(cfg, echo, stages)
     except KeyboardInterrupt:  # outside the pipeline (its Ctrl-C is a JobInterrupted): no Ray to stop
         raise JobInterrupted(interrupted_message(cfg.mode, cfg.out), ray_stopped=True) from None
 
 
-def _run_job(cfg: JobConfig, echo: Callable[[str], None]) -> JobResult:
-    try:
-        import pyarrow  # noqa: F401
-        import ray  # noqa: F401
-    except ImportError:
-        raise ReconError(ray_missing_message()) from None
+def _run_job(cfg: JobConfig, echo: Callable[[str], None], stages: Stages) -> JobResult:
+    require(("pyarrow", "ray"), "dataset jobs need Ray Data and pyarrow", "ray")
     started = time.perf_counter()
     contract = read_contract(Path(cfg.model.model))
-    if getattr(cfg.model, "expect_digest", None) and cfg.model.expect_digest != contract.digest:
+    if cfg.model.expect_digest and cfg.model.expect_digest != contract.digest:
         raise ReconError(f"{cfg.model.model}: bundle digest is {contract.digest}, expected {cfg.model.expect_digest}")
     if cfg.out.exists() and not cfg.out.is_dir():
         raise OutputError(f"{cfg.out}: exists and is not a folder; -o/--out names the job's output folder")
@@ -243,10 +235,12 @@ def _run_job(cfg: JobConfig, echo: Callable[[str], None]) -> JobResult:
         raise OutputError(f"{cfg.out}: cannot create the output folder ({e.strerror or e})") from None
     refuse_foreign(cfg.out)  # before the lock: never a job.lock in a folder of the user's
     with OutLock(cfg.out, cfg.mode, echo):
-        return _run_locked(cfg, contract, started, echo)
+        return _run_locked(cfg, contract, started, echo, stages)
 
 
-def _run_locked(cfg: JobConfig, contract: Any, started: float, echo: Callable[[str], None]) -> JobResult:
+def _run_locked(
+    cfg: JobConfig, contract: Any, started: float, echo: Callable[[str], None], stages: Stages
+) -> JobResult:
     """run_job, holding OUT's lock."""
     import ray
 
@@ -273,13 +267,18 @@ def _run_locked(cfg: JobConfig, contract: Any, started: float, echo: Callable[[s
         return key[0] in current and current[key[0]] != key
 
     results_dir = cfg.out / RESULT_DIRS[cfg.mode]
+    # reconstruct, read before compaction drops the done/ rows of inputs that changed: audio written (or
+    # about to be) in earlier runs, relative to OUT -> the input it came from, and what the job wrote
+    owners = recorded_outputs(cfg.out) if cfg.mode == RECONSTRUCT else {}
+    written = written_outputs(cfg.out) if cfg.mode == RECONSTRUCT else {}
+    ended_in_errors = read_keys(cfg.out / ERRORS_DIR) - read_keys(results_dir) if cfg.mode == RECONSTRUCT else set()
     compact(results_dir, stale)
     have = read_keys(results_dir)
     # an error row whose file has a result row (a batch that ran again and succeeded) is no error
     compact(cfg.out / ERRORS_DIR, lambda k: stale(k) or k in have or (cfg.retry_errors and k[0] in current))
     results, failures = have, read_keys(cfg.out / ERRORS_DIR) - have
-    # reconstruct: audio written (or about to be) in earlier runs, relative to OUT -> the input it came from
-    owners = recorded_outputs(cfg.out) if cfg.mode == RECONSTRUCT else {}
+    if cfg.mode == RECONSTRUCT:  # the outputs of inputs that failed were never the job's: no row claims them
+        compact(cfg.out / OUTPUTS_DIR, lambda k: k in ended_in_errors, dedupe=False)
     remove_temps(cfg.out, cfg.mode, owners)  # what killed runs left half-written
     todo: list[Item] = []
     list_errors: list[dict[str, Any]] = []
@@ -297,7 +296,8 @@ def _run_locked(cfg: JobConfig, contract: Any, started: float, echo: Callable[[s
                     "folder; use another output folder"
                 )
                 item.stage = "plan"
-            elif owner is None and (dst.exists() or dst.is_symlink()):
+            elif (dst.exists() or dst.is_symlink()) and not still_written(dst, written.get(audio_rel(item.rel))):
+                # a file put there, or changed since the job wrote it (or one it only planned): the user's
                 item.error = (
                     f"{item.path}: its output {dst} exists and was not written by this job; "
                     "move it away or use another output folder"
@@ -322,16 +322,16 @@ def _run_locked(cfg: JobConfig, contract: Any, started: float, echo: Callable[[s
             result.errors.append((e["path"], e["stage"], e["message"]))
         result.failed += len(list_errors)
 
-    if todo and cfg.mode == RECONSTRUCT:  # recorded before any is written: --no-resume knows what to delete
-        write_shard(cfg.out / OUTPUTS_DIR, outputs_table(todo))
+    if todo and cfg.mode == RECONSTRUCT:  # planned before any is written: a later run finds what a killed one left
+        write_shard(cfg.out / OUTPUTS_DIR, outputs_table(todo), shard_name([i.key for i in todo], PLANNED))
 
     failure: str | None = None
     interrupted, ray_stopped = False, True
     if todo:
         started_ray = not ray.is_initialized()
         try:
-            _start_ray(cfg)
-            _run_pipeline(cfg, todo, result, echo)
+            start_ray(cfg.ray_address, cfg.workers * cfg.cpus_per_worker + 1)  # + 1: the CPU tasks
+            _run_pipeline(cfg, todo, result, echo, stages)
             remove_attempts(cfg.out)
         except KeyboardInterrupt:
             interrupted = True
@@ -403,7 +403,9 @@ def _short_error(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _run_pipeline(cfg: JobConfig, todo: list[Item], result: JobResult, echo: Callable[[str], None]) -> None:
+def _run_pipeline(
+    cfg: JobConfig, todo: list[Item], result: JobResult, echo: Callable[[str], None], stages: Stages
+) -> None:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -422,7 +424,7 @@ def _run_pipeline(cfg: JobConfig, todo: list[Item], result: JobResult, echo: Cal
             "keep_waveform": cfg.mode == EVALUATE,
             "out": cfg.out,
             "batch_attempts": cfg.batch_attempts,
-            "crash_always": cfg.crash_always,
+            "read": stages.read,
         },
         batch_size=batch,
         batch_format="numpy",
@@ -433,7 +435,7 @@ def _run_pipeline(cfg: JobConfig, todo: list[Item], result: JobResult, echo: Cal
         max_retries=tries,
     )
     ds = ds.map_batches(
-        Worker,
+        stages.worker,
         fn_constructor_kwargs={"config": cfg},
         batch_size=batch,
         batch_format="numpy",

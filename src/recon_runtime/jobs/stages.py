@@ -11,25 +11,57 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
 import numpy as np
 
+from ..channels import channel_count, encode_facts, encoded_clip
 from ..contract import ENCODER, ROLES
 from ..errors import AudioInputError, ReconError, failure_message
 from ..files.audio import read_audio
+from ..files.encoded import (
+    BUNDLE_FINGERPRINT,
+    FIELDS,
+    FORMAT_VERSION_FIELD,
+    GAIN,
+    INPUT_CHANNELS,
+    INPUT_SAMPLE_RATE,
+    NUM_SAMPLES,
+    SAMPLE_RATE_FIELD,
+    SAMPLED,
+    SCALING_FACTOR,
+    SEED,
+    SOURCE,
+    file_seed,
+)
 from ..files.outputs import write_audio_file
-from .config import ATTEMPTS_DIR, ENCODE, ERRORS_DIR, METRIC_NAMES, RECONSTRUCT, RESULT_DIRS, JobConfig, Key, audio_rel
+from ..reconstructor import posterior_draw
+from ..windows import Features
+from .config import (
+    ATTEMPTS_DIR,
+    ENCODE,
+    ERRORS_DIR,
+    METRIC_NAMES,
+    OUTPUTS_DIR,
+    RECONSTRUCT,
+    RESULT_DIRS,
+    JobConfig,
+    Key,
+    audio_rel,
+)
 from .listing import is_uri, open_filesystem
-from .shards import error_table, keys_digest, shard_name, write_shard
+from .shards import WRITTEN, error_table, keys_digest, shard_name, write_shard, written_table
 
 _LOGGER = logging.getLogger(__name__)
 
+Reader = Callable[[str], tuple[np.ndarray, int]]
+"""Reads one input (a local path or a URI) as (float32 samples, sample rate)."""
+
 PREPARE_MEMORY: Final = 1 << 30  # Ray memory request per read + front-end task (one decoded file + a batch of log-mels)
 PREPARE_CPUS: Final = 0.25  # Ray CPUs per read + front-end task (they mostly wait on I/O and numpy)
-STALL_SECONDS: Final = 600.0  # stall_after hook: long enough that only the interrupted job's shutdown ends it
 
 
 _FRONT_ENDS: dict[Any, Any] = {}
@@ -45,7 +77,7 @@ def _front_end(model: Any) -> Any:
     return _FRONT_ENDS[key]
 
 
-def _read_any(path: str) -> tuple[np.ndarray, int]:
+def read_any(path: str) -> tuple[np.ndarray, int]:
     """`read_audio` for a local path; other file systems are copied to a temporary file first."""
     if not is_uri(path):
         return read_audio(Path(path))
@@ -105,12 +137,6 @@ class _Attempts:
         )
 
 
-def _maybe_die(hook: tuple[str, str] | None, stage: str, paths: Sequence[str]) -> None:
-    """Test hook (JobConfig.crash_always): die as an OOM kill or a segfault would."""
-    if hook and hook[1] == stage and any(PurePosixPath(p).name == hook[0] for p in paths):
-        os._exit(1)
-
-
 def max_tries(batch_attempts: int, batch_size: int) -> int:
     """Ray retries per task: a task holds at most two batches (Ray Data bundles blocks up to a batch's
     rows), each needing at most `batch_attempts` + its files tries (see _Attempts)."""
@@ -124,9 +150,10 @@ def prepare_batch(
     keep_waveform: bool = False,
     out: Path | None = None,
     batch_attempts: int = 2,
-    crash_always: tuple[str, str] | None = None,
+    read: Reader = read_any,
 ) -> dict[str, np.ndarray]:
-    """CPU task: read, decode and run the front end (`Reconstructor.features`); a failure becomes the row's error.
+    """CPU task: read (`read`), decode and run the front end (`Reconstructor.features`); a failure becomes
+    the row's error.
 
     The prepared waveform goes on only with `keep_waveform` (evaluate compares against it).
     """
@@ -137,7 +164,7 @@ def prepare_batch(
     if out is not None:
         keys = [(paths[i], int(batch["size"][i]), int(batch["mtime_ns"][i])) for i in range(n)]
         attempts = _Attempts(out, "read", keys, batch_attempts)
-    mels, waves, gains, samples, rates, errors = [], [], [], [], [], []
+    mels, waves, gains, samples, rates, channels, errors = [], [], [], [], [], [], []
     for i in range(n):
         path = paths[i]
         isolate = attempts is not None and attempts.isolate
@@ -147,20 +174,21 @@ def prepare_batch(
                 raise AudioInputError(attempts.message(path, "reading"))
             if isolate:
                 attempts.begin(path)
-            _maybe_die(crash_always, "read", [path])
-            audio, sr = _read_any(path)
+            audio, sr = read(path)
             seconds = audio.shape[0] / sr
             if max_seconds is not None and seconds > max_seconds:
                 raise AudioInputError(
                     f"{path}: {seconds:.1f} s is longer than the limit of {max_seconds:g} s (--max-seconds)"
                 )
             feats = rec.features(audio, sr)
+            count = channel_count(audio)
             del audio
             mels.append(feats.log_mel)
             waves.append(feats.waveform if keep_waveform else np.zeros(0, np.float32))
             gains.append(feats.gain)
             samples.append(feats.num_samples)
             rates.append(sr)
+            channels.append(count)
             errors.append("")
         except Exception as e:  # noqa: BLE001 - a bad file is an error row, never the end of the job
             mels.append(np.zeros((0, rec.contract.mel.n_mels), np.float32))
@@ -168,6 +196,7 @@ def prepare_batch(
             gains.append(0.0)
             samples.append(0)
             rates.append(0)
+            channels.append(0)
             errors.append(failure_message(path, e))
         if isolate and not died:
             attempts.end(path)
@@ -178,9 +207,30 @@ def prepare_batch(
         gain=np.asarray(gains, np.float64),
         num_samples=np.asarray(samples, np.int64),
         source_rate=np.asarray(rates, np.int64),
+        channels=np.asarray(channels, np.int64),
         read_error=np.asarray(errors, dtype=object),
     )
     return out_batch
+
+
+class _Written:
+    """reconstruct: the audio one batch wrote, recorded in OUT/outputs right after each write (its size
+    and mtime then), before the batch's done/ shard: a worker killed in between leaves its files owned.
+
+    One shard per batch (`shard_name(keys, WRITTEN)`), rewritten whole after each file (a batch holds
+    a few); a batch that runs again (its worker died) starts from the rows its earlier tries recorded."""
+
+    def __init__(self, out: Path, keys: Sequence[Key]):
+        import pyarrow.parquet as pq
+
+        self.folder = out / OUTPUTS_DIR
+        self.name = shard_name(keys, WRITTEN)
+        path = self.folder / self.name
+        self.rows: list[dict[str, Any]] = pq.read_table(path).to_pylist() if path.is_file() else []
+
+    def add(self, base: dict[str, Any], output: str, size: int, mtime_ns: int) -> None:
+        self.rows.append({**base, "output": output, "output_size": size, "output_mtime_ns": mtime_ns})
+        write_shard(self.folder, written_table(self.rows), self.name)
 
 
 class Worker:
@@ -189,34 +239,23 @@ class Worker:
     def __init__(self, config: JobConfig):
         self.config = config
         stages = (ENCODER,) if config.mode == ENCODE else ROLES
-        model = config.model
-        if getattr(model, "threads", None) is None and dataclasses.is_dataclass(model):
-            # one intra-op thread per CPU this worker holds, not all the node's cores per worker
-            model = dataclasses.replace(model, threads=max(1, int(round(config.cpus_per_worker))))
-        self.rec = model.load(stages)
+        self.rec = config.model.for_cpus(config.cpus_per_worker).load(stages)
         self.fingerprint = self.rec.contract.fingerprint
-        self.files_done = 0
+        self._written: _Written | None = None  # reconstruct: the running batch's written audio
 
-    def _maybe_stall(self) -> None:
-        """stall_after hook: hold this worker until the interrupted job's shutdown kills it."""
-        if self.config.stall_after is not None and self.files_done >= self.config.stall_after:
-            time.sleep(STALL_SECONDS)
-            raise RuntimeError(f"stall_after: the job was not interrupted within {STALL_SECONDS:.0f} s")
+    def process(self, paths: Sequence[str], feats: list[Features]) -> list[Any]:
+        """Per input: the mode's graph output, or the exception it raised (a bad one never sinks the batch).
 
-    def _maybe_crash(self, paths: Sequence[str]) -> None:
-        hook = self.config.crash_once
-        if hook and any(PurePosixPath(p).name == hook[0] for p in paths) and not os.path.exists(hook[1]):
-            Path(hook[1]).write_text("crashed once\n")
-            os._exit(1)
-        _maybe_die(self.config.crash_always, "run", paths)
-
-    def _run(self, feats: list[Any]) -> list[Any]:
-        """Per input: the mode's graph output, or the exception it raised (a bad one never sinks the batch)."""
+        `paths` name the inputs of `feats`. Called once per batch, or once per file when the batch's
+        worker died before (`_Attempts`): the one place where a subclass sees which files run (tests
+        make a worker die there, as an out-of-memory kill would).
+        """
         rec = self.rec
 
-        def encode(fs: list[Any]) -> list[np.ndarray]:
-            # the posterior mean cropped as Reconstructor.encode_features crops it (drops bucket padding)
-            return [rec.crop_latents(f, m) for f, (m, _) in zip(fs, rec.run_jobs([rec.encoding_job(f) for f in fs]))]
+        def encode(fs: list[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+            # the posterior's mean and std cropped as Reconstructor.encode_features crops them (drops bucket padding)
+            outs = rec.run_jobs([rec.encoding_job(f) for f in fs])
+            return [(rec.crop_latents(f, m), rec.crop_latents(f, sd)) for f, (m, sd) in zip(fs, outs)]
 
         jobs = encode if self.config.mode == ENCODE else rec.reconstruct_features
         try:
@@ -233,23 +272,20 @@ class Worker:
     def _row(self, batch: dict[str, np.ndarray], i: int, f: Any, out: Any, base: dict[str, Any]) -> dict[str, Any]:
         if isinstance(out, BaseException):
             raise out
-        if not np.isfinite(out).all():
+        if not all(np.isfinite(part).all() for part in (out if isinstance(out, tuple) else (out,))):
             raise ReconError(f"{base['path']}: the graphs produced NaN or inf")
         return self._result(batch, i, f, out, base)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ..reconstructor import Features
-
         cfg = self.config
-        self._maybe_stall()
         n = len(batch["path"])
-        self.files_done += n
         paths = [str(p) for p in batch["path"]]
         base = [
             {"path": paths[i], "size": int(batch["size"][i]), "mtime_ns": int(batch["mtime_ns"][i])} for i in range(n)
         ]
         keys = [(b["path"], b["size"], b["mtime_ns"]) for b in base]
         attempts = _Attempts(cfg.out, "run", keys, cfg.batch_attempts)
+        self._written = _Written(cfg.out, keys) if cfg.mode == RECONSTRUCT else None
         errors: list[dict[str, Any]] = []
         ready: list[int] = []
         feats: list[Any] = []
@@ -275,15 +311,12 @@ class Worker:
                     continue
                 attempts.begin(paths[i])
                 try:
-                    self._maybe_crash([paths[i]])
-                    rows.append(self._row(batch, i, f, self._run([f])[0], base[i]))
+                    rows.append(self._row(batch, i, f, self.process([paths[i]], [f])[0], base[i]))
                 except Exception as e:  # noqa: BLE001 - one error row per failed file
                     errors.append({**base[i], "stage": cfg.mode, "message": failure_message(paths[i], e)})
                 attempts.end(paths[i])
         else:
-            if ready:
-                self._maybe_crash([paths[i] for i in ready])
-            outs = self._run(feats) if feats else []
+            outs = self.process([paths[i] for i in ready], feats) if feats else []
             for i, f, out in zip(ready, feats, outs):
                 try:
                     rows.append(self._row(batch, i, f, out, base[i]))
@@ -305,25 +338,35 @@ class Worker:
             "message": np.asarray([failed[p]["message"] if p in failed else "" for p in paths], dtype=object),
         }
 
-    def _result(self, batch: dict[str, np.ndarray], i: int, feats: Any, out: np.ndarray, base: dict[str, Any]) -> dict:
+    def _result(self, batch: dict[str, np.ndarray], i: int, feats: Any, out: Any, base: dict[str, Any]) -> dict:
+        """One file's row: its key, the encoded-audio fields (`FIELDS`, by `encoded_clip`, the builder of
+        every encode's facts) that the mode has, and the mode's results."""
         cfg, rec = self.config, self.rec
         rate = rec.contract.mel.sample_rate
-        row = {
-            **base,
-            "num_samples": feats.num_samples,
-            "gain": feats.gain,
-            "source_sample_rate": int(batch["source_rate"][i]),
-            "duration_s": feats.num_samples / rate,
-            "bundle_fingerprint": self.fingerprint,
-        }
+        source_rate, channels = int(batch["source_rate"][i]), int(batch["channels"][i])
         if cfg.mode == ENCODE:
-            row["latents"] = np.ascontiguousarray(out, np.float32).ravel()
-            row["latent_shape"] = list(out.shape)
+            mean, std = out
+            seed = file_seed(cfg.seed, base["path"]) if cfg.sample else None
+            latents = posterior_draw(mean, std, seed) if cfg.sample else mean
+            clip = encoded_clip(  # checked as every encoded clip is (finite latents, a length they hold)
+                rec.contract, feats, latents, source_rate, sampled=cfg.sample, seed=seed,
+                input_channels=channels, source=base["path"],
+            )  # fmt: skip
+            fields = {**clip.fields(), GAIN: clip.gain[0]}  # one channel (dataset jobs mix): a number
+        else:
+            fields = encode_facts(rec.contract, feats, source_rate, input_channels=channels)
+        names = ENCODE_FIELDS if cfg.mode == ENCODE else COMMON_FIELDS
+        row = {**base, **{name: fields[name] for name in names}, "duration_s": feats.num_samples / rate}
+        if cfg.mode == ENCODE:
+            row["latents"] = np.ascontiguousarray(latents, np.float32).ravel()
+            row["latent_shape"] = list(latents.shape)
         elif cfg.mode == RECONSTRUCT:
             out_rate = cfg.output_rate or rate
             rel = audio_rel(str(batch["rel"][i]))
             write_audio_file(cfg.out / rel, rec.finish(feats, out, out_rate), out_rate, sample_format=cfg.sample_format)
-            st = os.stat(cfg.out / rel)  # what the job wrote: --no-resume deletes the file only while it is that
+            st = os.stat(cfg.out / rel)  # what the job wrote: it deletes or replaces the file only while it is that
+            assert self._written is not None
+            self._written.add(base, rel, st.st_size, st.st_mtime_ns)
             row.update(output=rel, output_size=st.st_size, output_mtime_ns=st.st_mtime_ns)
         else:
             from ..files.metrics import compare
@@ -349,9 +392,47 @@ class Worker:
         else:
             for name in METRIC_NAMES:
                 cols[name] = pa.array([r[name] for r in rows], pa.float64())
-        cols["num_samples"] = pa.array([r["num_samples"] for r in rows], pa.int64())
-        cols["gain"] = pa.array([r["gain"] for r in rows], pa.float64())
-        cols["source_sample_rate"] = pa.array([r["source_sample_rate"] for r in rows], pa.int32())
+        types = field_types()
+        for name in ENCODE_FIELDS if self.config.mode == ENCODE else COMMON_FIELDS:
+            cols[name] = pa.array([r[name] for r in rows], types[name])
         cols["duration_s"] = pa.array([r["duration_s"] for r in rows], pa.float64())
-        cols["bundle_fingerprint"] = pa.array([r["bundle_fingerprint"] for r in rows], pa.string())
         return pa.table(cols)
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The two stages `run_job` runs: how a CPU task reads a file, and the graph workers' class.
+
+    Production runs these defaults; tests pass others to `run_job` (a reader or a worker that dies
+    or stalls, as an out-of-memory kill or a hung node would), so no production batch checks a test's
+    setting. Both travel to Ray's processes: a replacement must pickle (cloudpickle) there.
+    """
+
+    read: Reader = read_any
+    worker: type[Worker] = Worker
+
+
+COMMON_FIELDS: Final = (NUM_SAMPLES, GAIN, INPUT_SAMPLE_RATE, INPUT_CHANNELS, BUNDLE_FINGERPRINT)
+"""The encoded-audio fields every mode's rows carry (the input and its prepared level and length)."""
+ENCODE_FIELDS: Final = FIELDS
+"""encode rows carry them all, so `EncodedAudio.from_fields(latents, row)` reads a row as a clip;
+`source` is the row's `path`."""
+
+
+def field_types() -> dict[str, Any]:
+    """The Parquet type of each field's column (gain: one number, as dataset jobs mix to one channel)."""
+    import pyarrow as pa
+
+    return {
+        FORMAT_VERSION_FIELD: pa.int32(),
+        NUM_SAMPLES: pa.int64(),
+        SAMPLE_RATE_FIELD: pa.int32(),
+        GAIN: pa.float64(),
+        BUNDLE_FINGERPRINT: pa.string(),
+        SAMPLED: pa.bool_(),
+        SEED: pa.int64(),
+        INPUT_SAMPLE_RATE: pa.int32(),
+        INPUT_CHANNELS: pa.int32(),
+        SCALING_FACTOR: pa.float64(),
+        SOURCE: pa.string(),
+    }

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from .errors import SHUTDOWN_RETRY_AFTER, SHUTTING_DOWN, StreamAborted
+from .errors import SHUTDOWN_RETRY_S, SHUTTING_DOWN, StreamAborted, retry_after
 from .page import is_public
 from .service import ADMISSION, STATUS_OVERRIDE, Service
 
@@ -64,14 +64,14 @@ def _warn_without_protocol() -> None:
 class Edge:
     """ASGI middleware: API key on every route but /healthz and the page, and request metrics by route and status."""
 
-    def __init__(self, app: Any, service: Service, routes: Sequence[Any] = ()):
+    def __init__(self, app: Any, service: Service, routes: Sequence[Any] = (), check_protocol: bool = True):
         self.app = app
         self.service = service
         self.routes = routes
         key = service.config.api_key
         self._key = key.encode() if key else None
         self._draining = 0
-        self._protocol_checked = False
+        self._protocol_checked = not check_protocol  # a host that cannot run it is not told to
 
     async def _refuse_websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """The service has no WebSocket route: a WebSocket handshake gets 401 (without the API key) or
@@ -145,7 +145,7 @@ class Edge:
                 return
             _LOGGER.warning("%s %s: cut off by the shutdown (503)", scope.get("method"), scope["path"])
             body.done = True  # no drain: the server is going away, and says so at once
-            headers = {**SHUTDOWN_RETRY_AFTER, "Connection": "close"}
+            headers = {**retry_after(SHUTDOWN_RETRY_S), "Connection": "close"}
             await JSONResponse({"error": SHUTTING_DOWN}, 503, headers=headers)(scope, receive, send_status)
         finally:
             release = scope.pop(ADMISSION, None)

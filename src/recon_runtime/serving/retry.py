@@ -29,10 +29,10 @@ from typing import Any, Final, Generic, TypeVar
 
 import httpx
 
+from .protocol import DEFAULT_CONCURRENCY
+
 _LOGGER = logging.getLogger(__name__)
 
-DEFAULT_CONCURRENCY: Final = 4
-"""Files in flight at once (`--concurrency`); measured against a local server in docs/files.md."""
 RETRY_STATUSES: Final = frozenset({429, 503})
 """Refusals that say "later": 503 (server busy, loading, shutting down) and 429 (a rate limit in front)."""
 MAX_ATTEMPTS: Final = 10
