@@ -643,13 +643,18 @@ def test_a_job_records_its_windows_and_an_earlier_jobs_record_means_the_defaults
 
     from recon_runtime.contract import read_contract
     from recon_runtime.errors import OutputError
-    from recon_runtime.jobs.outdir import check_job_record
+    from recon_runtime.jobs.outdir import JOB_FORMAT_VERSION, check_job_record
 
     fingerprint = read_contract(tiny_bundle).fingerprint
     cfg = _job(tiny_bundle, "encode", [tmp_path], tmp_path / "out")
     assert {cfg.settings()[k] for k in ("window_frames", "overlap_frames")} == {1024, 64}
     earlier = {k: v for k, v in cfg.settings().items() if k not in ("window_frames", "overlap_frames")}
-    record = {"mode": "encode", "bundle_fingerprint": fingerprint, "settings": earlier}
+    record = {
+        "mode": "encode",
+        "format_version": JOB_FORMAT_VERSION,
+        "bundle_fingerprint": fingerprint,
+        "settings": earlier,
+    }
     check_job_record(cfg, fingerprint, record)  # the defaults resume an earlier job
     wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, window_frames=512))
     with pytest.raises(OutputError, match="window_frames 1024 then, 512 now"):

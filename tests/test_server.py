@@ -253,23 +253,27 @@ def test_cli_jobs_run_against_the_server(server: Server, rec: Any, tmp_path: Pat
     out, rate = sf.read(str(tmp_path / "rec.wav"), dtype="float32")
     assert rate == RATE and rel_l2(out, rec.reconstruct(*sf.read(str(src), dtype="float32"))) <= REL
 
-    r = run("encode", str(src), "-o", str(tmp_path / "z.npy"))
+    import dataclasses
+
+    from recon_runtime.files.encoded import EncodedAudio
+
+    r = run("encode", str(src), "-o", str(tmp_path / "z.safetensors"))  # the encoded-audio file, as locally
     assert r.returncode == 0, r.stderr
-    side = json.loads((tmp_path / "z.json").read_text())
+    clip = EncodedAudio.load(tmp_path / "z.safetensors")
     feats = rec.features(*sf.read(str(src), dtype="float32"))
-    assert side["num_samples"] == feats.num_samples and side["bundle_fingerprint"] == rec.contract.fingerprint
-    assert side["input_sample_rate"] == 44100 and side["gain"] == pytest.approx(feats.gain, rel=1e-7)
-    z = np.load(tmp_path / "z.npy")
+    assert clip.num_samples == feats.num_samples and clip.bundle_fingerprint == rec.contract.fingerprint
+    assert clip.input_sample_rate == 44100 and clip.gain[0] == pytest.approx(feats.gain, rel=1e-7)
+    z = clip.latents[0]
     assert rel_l2(z, rec.encode(*sf.read(str(src), dtype="float32"))) <= REL  # the latents a local encode writes
 
-    r = run("decode", str(tmp_path / "z.npy"), "-o", str(tmp_path / "dec.wav"))
+    r = run("decode", str(tmp_path / "z.safetensors"), "-o", str(tmp_path / "dec.wav"))
     assert r.returncode == 0, r.stderr
     dec, _ = sf.read(str(tmp_path / "dec.wav"), dtype="float32")
-    assert rel_l2(dec, rec.decode(z, num_samples=side["num_samples"]) * np.float32(side["gain"])) <= REL
+    assert rel_l2(dec, rec.decode(z, num_samples=clip.num_samples) * np.float32(clip.gain[0])) <= REL
 
-    side["bundle_fingerprint"] = "0123456789abcdef"  # latents from another model: refused before sending
-    (tmp_path / "z.json").write_text(json.dumps(side))
-    r = run("decode", str(tmp_path / "z.npy"), "-o", str(tmp_path / "dec2.wav"))
+    other = dataclasses.replace(clip, bundle_fingerprint="0123456789abcdef")  # latents from another model
+    other.save(tmp_path / "other.safetensors")
+    r = run("decode", str(tmp_path / "other.safetensors"), "-o", str(tmp_path / "dec2.wav"))
     assert r.returncode == 1 and "another model" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -303,9 +307,9 @@ def test_cli_with_server_pins_the_digest_and_prints_no_http_log(
         assert (r.returncode, r.stderr.splitlines()) == (1, [refusal]), r.stderr
     assert not out.exists()  # refused before any file ran
 
-    r = run("encode", str(src), "-o", str(tmp_path / "z.npy"), "--expect-digest", digest)
+    r = run("encode", str(src), "-o", str(tmp_path / "z.safetensors"), "--expect-digest", digest)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "z.npy").is_file() and (tmp_path / "z.json").is_file()
+    assert sorted(p.name for p in tmp_path.glob("z.*")) == ["z.safetensors"]  # one file, no sidecar
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("encode: 1 ok, 0 failed"), r.stderr
 
