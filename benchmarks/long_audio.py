@@ -12,20 +12,22 @@ Per length, in one process, interleaved (the order alternates between repeats):
   joined in log-mel (`join_mel_windows`), one vocoder pass over the joined mel in chunks
   (`vocoding.vocode_chunked` over the executor's vocoder), then `Reconstructor.crop` and `finish`.
 The old plan is only selectable here, not in the product. Each row records frames computed per
-plan, an estimate of the work (the full-size graphs' GFLOP per 1024 frames), wall times and the
-load average; the input is Debian's freedesktop sounds (real audio) concatenated and looped to
+plan, an estimate of the work (the full-size graphs' GFLOP per 1024 frames), wall and CPU times
+(the process's, all threads; on a busy machine `--threads 1` makes CPU time the steadier measure
+of work) and the load average; the input is Debian's freedesktop sounds (real audio) concatenated and looped to
 length, and the log-mel L1 between the old and the new reconstruction is reported (on random
 weights it shows how far the plans' outputs are apart, not which one is better).
 `--vocoder-memory S` also vocodes S seconds of mel in chunks, in a fresh process, and reports its
-peak RSS beside that of one chunk alone.
+peak RSS while vocoding beside that of one chunk alone (`--memory-chunks`: the sizes measured);
+`--memory-only` runs just that and updates the file `--out` names.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -116,21 +118,37 @@ def reconstruct_new(rec: Reconstructor, audio: np.ndarray) -> tuple[np.ndarray, 
     return rec.finish(feats, rec.crop(feats, wave)), t1 - t0, t2 - t1
 
 
+def _status_mb(key: str) -> float:
+    """A /proc/self/status memory line (VmRSS, VmHWM) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
 def _vocoder_memory_child(model: str, frames: int, chunk_frames: int) -> dict[str, Any]:
+    """Vocode `frames` frames of random mel in chunks; RSS after load, and the peak while vocoding.
+
+    The process's lifetime peak (ru_maxrss) says nothing about vocoding: Linux carries it over from
+    the forked parent across exec, and loading peaks on its own. So the kernel's high-water mark
+    (VmHWM) is reset after load (freed heap returned first with `malloc_trim`) and read after the pass.
+    """
     rec = Reconstructor.load(model, provider="cpu", precision="fp32", stages=(VOCODER,))
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     mel = np.random.default_rng(0).normal(-5.0, 2.0, (frames, N_MELS)).astype(np.float32)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    loaded = _status_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     t0 = time.perf_counter()
     wave = vocode_chunked(mel, executor_vocoder_run(rec.executor), chunk_frames)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
     return {
         "frames": frames,
         "seconds": frames / 100,
         "chunk_frames": chunk_frames,
         "chunks": len(plan_chunks(frames, chunk_frames)),
         "rss_after_load_mb": round(loaded, 1),
-        "peak_rss_mb": round(peak, 1),
+        "peak_rss_vocoding_mb": round(peak, 1),
         "growth_mb": round(peak - loaded, 1),
         "mel_mb": round(mel.nbytes / 2**20, 1),
         "waveform_mb": round(wave.nbytes / 2**20, 1),
@@ -138,12 +156,23 @@ def _vocoder_memory_child(model: str, frames: int, chunk_frames: int) -> dict[st
     }
 
 
-def vocoder_memory(model: str, seconds: float) -> list[dict[str, Any]]:
-    """Peak RSS of chunked vocoding of `seconds` of mel, and of one chunk alone, each in a fresh process."""
+def vocoder_memory(model: str, seconds: list[float], chunk_sizes: list[int]) -> list[dict[str, Any]]:
+    """Peak RSS while vocoding one chunk of each size alone, then each length of mel in default
+    chunks, each in a fresh process."""
+    cases = [(c, c) for c in chunk_sizes] + [(int(round(s * 100)), VOCODER_CHUNK_FRAMES) for s in seconds]
     rows = []
-    for frames in (VOCODER_CHUNK_FRAMES, int(seconds * 100)):
+    for frames, chunk in cases:
         load = [round(x, 2) for x in os.getloadavg()]
-        cmd = [sys.executable, "-m", "benchmarks.long_audio", "--model", model, "--memory-child", str(frames)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.long_audio",
+            "--model",
+            model,
+            "--memory-child",
+            str(frames),
+            str(chunk),
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append({**json.loads(r.stdout.strip().splitlines()[-1]), "load_average_at_start": load})
         print(json.dumps(rows[-1]), flush=True)
@@ -156,12 +185,29 @@ def main() -> None:
     ap.add_argument("--lengths", type=float, nargs="+", default=list(LENGTHS), help="seconds")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--vocoder-memory", type=float, default=None, metavar="SECONDS")
-    ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--vocoder-memory", type=float, nargs="*", default=None, metavar="SECONDS")
+    ap.add_argument(
+        "--memory-chunks", type=int, nargs="*", default=[VOCODER_CHUNK_FRAMES], help="chunk sizes measured alone"
+    )
+    ap.add_argument(
+        "--memory-only", action="store_true", help="only --vocoder-memory; update the vocoder_memory of --out"
+    )
+    ap.add_argument("--memory-child", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="write the results to this JSON file")
     args = ap.parse_args()
     if args.memory_child is not None:
-        print(json.dumps(_vocoder_memory_child(args.model, args.memory_child, VOCODER_CHUNK_FRAMES)))
+        print(json.dumps(_vocoder_memory_child(args.model, *args.memory_child)))
+        return
+    if args.memory_only:
+        if not (args.vocoder_memory and args.out):
+            raise SystemExit("--memory-only needs --vocoder-memory and --out")
+        path = Path(args.out)
+        result = json.loads(path.read_text()) if path.is_file() else {}
+        if result and "vocoder_chunk_frames" not in result:
+            raise SystemExit(f"{path}: not a long_audio result; refusing to overwrite it")
+        result["vocoder_memory_machine"] = describe()
+        result["vocoder_memory"] = vocoder_memory(args.model, args.vocoder_memory, args.memory_chunks)
+        path.write_text(json.dumps(result, indent=2) + "\n")
         return
     info = describe()  # at the start: its load average is the other work's
     rec = Reconstructor.load(args.model, provider="cpu", precision="fp32", stages=ROLES, threads=args.threads)
@@ -181,17 +227,22 @@ def main() -> None:
             outputs = {}
             for which in ("old", "new") if repeat % 2 == 0 else ("new", "old"):
                 load = [round(x, 2) for x in os.getloadavg()]
-                t = time.perf_counter()
+                t, cpu = time.perf_counter(), time.process_time()
                 if which == "old":
                     outputs[which] = rec.reconstruct(audio, SAMPLE_RATE)
                 else:
                     outputs[which], vae_s, voc_s = reconstruct_new(rec, audio)
                     row[which].update(vae_s=round(vae_s, 2), vocoder_s=round(voc_s, 2))
-                row[which].update(wall_s=round(time.perf_counter() - t, 2), load_average_at_start=load)
+                row[which].update(
+                    wall_s=round(time.perf_counter() - t, 2),
+                    cpu_s=round(time.process_time() - cpu, 2),
+                    load_average_at_start=load,
+                )
                 row[which]["estimated_gflop"] = round(estimated_gflop(row[which]))
             old, new = outputs["old"], outputs["new"]
             assert old.shape == new.shape == audio.shape and np.isfinite(new).all()
             row["speedup"] = round(row["old"]["wall_s"] / row["new"]["wall_s"], 3)
+            row["cpu_speedup"] = round(row["old"]["cpu_s"] / row["new"]["cpu_s"], 3)
             row["expected_speedup"] = round(row["old"]["estimated_gflop"] / row["new"]["estimated_gflop"], 3)
             row["old_vs_new"] = {k: round(v, 5) for k, v in compare(old, new).items()}
             row["old_vs_input_log_mel_l1"] = round(compare(audio, old)["log_mel_l1"], 4)
@@ -217,7 +268,7 @@ def main() -> None:
         "rows": rows,
     }
     if args.vocoder_memory:
-        result["vocoder_memory"] = vocoder_memory(args.model, args.vocoder_memory)
+        result["vocoder_memory"] = vocoder_memory(args.model, args.vocoder_memory, args.memory_chunks)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

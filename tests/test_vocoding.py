@@ -12,7 +12,6 @@ from recon_runtime.contract import HOP_LENGTH, N_MELS, VOCODER, VOCODER_EXTRA_SA
 from recon_runtime.vocoding import (
     VOCODER_CHUNK_FRAMES,
     VOCODER_MARGIN_FRAMES,
-    ReceptiveField,
     VocoderRun,
     executor_vocoder_run,
     plan_chunks,
@@ -23,7 +22,7 @@ from recon_runtime.vocoding import (
 from .conftest import torch_missing
 
 REL_L2 = 1e-5  # chunked vs one-shot, fp32
-FULL_FIELD = ReceptiveField(22, 23, 256, 0.0)  # docs/long-audio.md; the full-size test below checks it
+FULL_FIELD_FRAMES = 23  # the full-size vocoder's widest side (docs/long-audio.md); its test below checks it
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +58,7 @@ def test_the_margin_covers_the_tiny_vocoders_measured_field(tiny_run: VocoderRun
     print(f"tiny vocoder: {field}")
     assert 0 < field.before <= VOCODER_MARGIN_FRAMES and 0 < field.after <= VOCODER_MARGIN_FRAMES
     # the tiny architecture has smaller kernels than the full one, so its field is smaller
-    assert field.margin <= FULL_FIELD.margin <= VOCODER_MARGIN_FRAMES
+    assert field.margin < FULL_FIELD_FRAMES <= VOCODER_MARGIN_FRAMES
 
 
 @pytest.mark.parametrize(
@@ -130,6 +129,5 @@ def test_full_vocoder_field_and_chunked_equals_one_shot(full_bundle: Path) -> No
     run = executor_vocoder_run(rec.executor)
     field = receptive_field(run)
     print(f"full-size vocoder: {field}")
-    assert (field.before, field.after) == (FULL_FIELD.before, FULL_FIELD.after)
-    assert field.margin <= VOCODER_MARGIN_FRAMES
+    assert 20 <= min(field.before, field.after) and field.margin == FULL_FIELD_FRAMES <= VOCODER_MARGIN_FRAMES
     assert _check_chunked(run, 1100, chunk_frames=512) == 3

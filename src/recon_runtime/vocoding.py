@@ -31,23 +31,26 @@ from .window_plan import WINDOW_STEP_FRAMES, plan_fitted_windows
 VOCODER_MARGIN_FRAMES: Final = 24
 """Mel frames each chunk computes past the samples it keeps, on each side.
 
-Measured with `receptive_field` on the exported vocoder (one perturbed frame of a random mel,
+Measured with `receptive_field` on the exported fp32 vocoder (one perturbed frame of a random mel,
 every output sample compared bit for bit): an output frame of the full-size AudioLDM2 HiFi-GAN
 (upsampling 5, 4, 2, 2, 2 with kernels 16, 16, 8, 4, 4; resblocks 3, 7, 11 with dilations
-1, 3, 5) depends on the 22 mel frames before it and the 23 after it; the tiny test architecture
-(resblocks 3, 5) on 8 and 8. The field belongs to the architecture, which every published
-checkpoint shares (docs/pipelines.md): trained weights cannot widen it. 24 is 23 rounded up to a
-latent frame; each chunk boundary costs 2 x 24 frames of extra work.
+1, 3, 5) changes with the 22 mel frames before it and the 23 after it; the tiny test architecture
+(resblocks 3, 5) with 8 and 8. In float64 on the PyTorch module the exact field is 23 before and
+22 after (the outermost frame moves the output by 1e-17, which float32 cannot show; float32's
+rounding in turn shows one frame more after), and counting the layers' taps gives at most 23 on
+either side. The field belongs to the architecture, which every published checkpoint shares
+(docs/pipelines.md), so trained weights cannot widen it. 24 covers 23 and is a latent frame;
+each chunk boundary costs 2 x 24 frames of extra work.
 """
 
 VOCODER_CHUNK_FRAMES: Final = 2048
 """Mel frames (20.48 s) per vocoder chunk, margins included: the longest mel one graph run sees.
 
-The full-size vocoder's memory beyond its weights grows with the chunk (onnxruntime on the CPU,
-peak RSS after load: 284 MB at 1024 frames, 339 MB at 2048, 452 MB at 4096, 936 MB at 8192),
-while the margins cost 2 x 24 frames per chunk boundary (4.9 % of the work at 1024 frames, 2.4 % at
-2048, 1.2 % at 4096). 2048 frames keeps both small; 10 minutes in chunks of 2048 peaks where one
-chunk does, plus the 38 MB waveform (docs/long-audio.md).
+The full-size vocoder's memory while it runs grows with the chunk (onnxruntime on the CPU, peak
+RSS above the 347 MB after load: 276 MB at 1024 frames, 371 MB at 2048, 483 MB at 4096), while
+the margins cost 2 x 24 frames per chunk boundary (4.9 % of the work at 1024 frames, 2.4 % at
+2048, 1.2 % at 4096). 2048 frames keeps both small, and memory stays flat with length: 10 minutes
+in chunks peaks where one chunk does, plus the mel and the waveform (docs/long-audio.md).
 """
 
 VocoderRun = Callable[[np.ndarray], np.ndarray]
