@@ -101,13 +101,18 @@ def estimated_gflop(plan: dict[str, int]) -> float:
     return (plan["vae_frames"] * (per[ENCODER] + per[DECODER]) + plan["vocoder_frames"] * per[VOCODER]) / 1024
 
 
-def reconstruct_new(rec: Reconstructor, audio: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """The new plan, from the Reconstructor's own stages; returns (output, VAE seconds, vocoder seconds)."""
+def reconstruct_new(rec: Reconstructor, audio: np.ndarray, fitted: bool = True) -> tuple[np.ndarray, float, float]:
+    """The new plan, from the Reconstructor's own stages; returns (output, VAE seconds, vocoder seconds).
+
+    `fitted=False` keeps today's windows and changes only the join (log-mel, then one vocoder
+    pass), which tells the two changes' effects on the output apart.
+    """
     feats = rec.features(audio, SAMPLE_RATE)
     frames = feats.log_mel.shape[0]
     total = rec.padded_frames(frames)
     mel = np.pad(feats.log_mel, ((0, total - frames), (0, 0)), constant_values=rec.contract.mel.silence)
-    spans = plan_fitted_windows(total, rec.window_frames, rec.overlap_frames, LATENT_DOWNSAMPLE)
+    plan = plan_fitted_windows if fitted else plan_windows
+    spans = plan(total, rec.window_frames, rec.overlap_frames, LATENT_DOWNSAMPLE)
     t0 = time.perf_counter()
     # one window per graph run, as the old plan runs them on the CPU; each gives [1, frames, 64]
     decoded = [rec.run_windows((ENCODER, DECODER), [mel[None, s:e]])[0][0][0] for s, e in spans]
@@ -192,6 +197,7 @@ def main() -> None:
     ap.add_argument(
         "--memory-only", action="store_true", help="only --vocoder-memory; update the vocoder_memory of --out"
     )
+    ap.add_argument("--split-quality", action="store_true", help="also run today's windows with the new join (untimed)")
     ap.add_argument("--memory-child", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="write the results to this JSON file")
     args = ap.parse_args()
@@ -248,6 +254,10 @@ def main() -> None:
             row["old_vs_input_log_mel_l1"] = round(compare(audio, old)["log_mel_l1"], 4)
             row["new_vs_input_log_mel_l1"] = round(compare(audio, new)["log_mel_l1"], 4)
             row["identical"] = bool(np.array_equal(old, new))
+            if args.split_quality:  # today's windows, the new join: which change moves the output
+                mixed = reconstruct_new(rec, audio, fitted=False)[0]
+                row["old_windows_new_join_vs_old_log_mel_l1"] = round(compare(old, mixed)["log_mel_l1"], 5)
+                row["old_windows_new_join_vs_new_log_mel_l1"] = round(compare(new, mixed)["log_mel_l1"], 5)
             rows.append(row)
             print(json.dumps(row), flush=True)
     result: dict[str, Any] = {
