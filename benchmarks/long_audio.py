@@ -39,11 +39,10 @@ import soxr
 
 from benchmarks.machine import describe
 from recon_runtime import Reconstructor
-from recon_runtime.audio_io import read_audio
-from recon_runtime.chunking import plan_windows
 from recon_runtime.contract import DECODER, ENCODER, LATENT_DOWNSAMPLE, N_MELS, ROLES, SAMPLE_RATE, VOCODER
+from recon_runtime.files.audio import read_audio
+from recon_runtime.files.metrics import compare
 from recon_runtime.frontend import to_mono
-from recon_runtime.metrics import compare
 from recon_runtime.vocoding import (
     VOCODER_CHUNK_FRAMES,
     VOCODER_MARGIN_FRAMES,
@@ -53,6 +52,7 @@ from recon_runtime.vocoding import (
     vocode_chunked,
 )
 from recon_runtime.window_plan import WINDOW_STEP_FRAMES, frames_computed, join_mel_windows, plan_fitted_windows
+from recon_runtime.windows import plan_windows
 
 SOUNDS: Final = Path("/usr/share/sounds/freedesktop/stereo")
 LENGTHS: Final = (10.24, 12.0, 20.0, 30.0, 120.0)

@@ -1,6 +1,6 @@
 """Windows sized to the input, and the log-mel join of decoded windows.
 
-`plan_windows` (chunking.py) cuts a long input into full 1024-frame windows, the last aligned to
+`plan_windows` (windows.py) cuts a long input into full 1024-frame windows, the last aligned to
 the end, so a 12 s clip (1204 frames) costs two full windows: 2048 frames, +70 %. The plan here
 keeps the number of windows (the fewest that cover the input with the overlap) and shrinks them
 all to one length, just long enough to cover the input::
@@ -14,7 +14,7 @@ all to one length, just long enough to cover the input::
 The window length is rounded up to WINDOW_STEP_FRAMES so that inputs of nearby lengths share a
 window shape (see the constant for what that costs and buys). An input that fits one window is
 one window of its own length, exactly as `plan_windows` gives it. The windows of a plan are what
-`plan_windows` returns, `(start, end)` pairs, so either plan feeds `chunking.join_windows` and
+`plan_windows` returns, `(start, end)` pairs, so either plan feeds `windows.join_windows` and
 `WindowJob`.
 """
 
@@ -25,7 +25,7 @@ from typing import Final
 
 import numpy as np
 
-from .chunking import join_windows
+from .windows import join_windows
 
 WINDOW_STEP_FRAMES: Final = 16
 """Window lengths of a multi-window plan are multiples of this many mel frames (0.16 s, 4 latent frames).
@@ -66,7 +66,7 @@ def plan_fitted_windows(
         step: the window length is rounded up to a multiple of this (at most to `window`); a
             multiple of `multiple`.
     Returns:
-        `(start, end)` per window, as `chunking.plan_windows` returns them: `[(0, total)]` up to
+        `(start, end)` per window, as `windows.plan_windows` returns them: `[(0, total)]` up to
         `window + overlap` units (the same result as `plan_windows`), otherwise n windows of one
         length L <= `window` with n * L - (n - 1) * overlap >= total, starts spread evenly (each
         overlap at least `overlap`), the first at 0 and the last ending at `total`.
@@ -105,7 +105,7 @@ def join_mel_windows(total: int, spans: Sequence[tuple[int, int]], mels: Sequenc
     logs is a weighted geometric mean of magnitudes, which keeps a quiet window's floor from being
     lifted by a louder neighbour as an arithmetic mean of magnitudes would, and is the weighted
     mean that minimises the squared log-mel error the VAE was trained on. No exp/log round trip.
-    The weights are `chunking`'s (the far window gets none at the overlap's edges), so the join of
+    The weights are `windows`'s (the far window gets none at the overlap's edges), so the join of
     mels and the old join of waveforms fade over the same frames.
 
     Args:
