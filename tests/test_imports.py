@@ -170,6 +170,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "contract": {"errors"},
     "frontend": {"contract", "errors"},
     "windows": set(),
+    "window_plan": {"windows"},
+    "vocoding": {"window_plan", "executors", *BELOW_RECONSTRUCTOR},
     "executors": {"contract", "errors"},
     "reconstructor": {"executors", *BELOW_RECONSTRUCTOR},
     "api": {"reconstructor", *BELOW_RECONSTRUCTOR},
