@@ -147,6 +147,31 @@ def test_random_weights_cli_bundle_is_flagged_loudly(tmp_path: Path) -> None:
     assert again.returncode == 1 and "--force" in again.stderr
 
 
+def test_force_replaces_only_a_bundle_never_the_users_files_beside_it(tmp_path: Path) -> None:
+    """--force removed the whole folder of any recon.json, with a user's files in it, and deleted any
+    existing `.NAME.old` beside it."""
+    out = tmp_path / "demo"
+    args = ("recon-export", "--random-weights", "--config", "tiny", "--out", str(out), "--precision", "fp32")
+    assert run_cli(*args).returncode == 0
+    theirs = tmp_path / ".demo.old"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("mine")
+    (out / "notes.txt").write_text("mine too")
+    refused = run_cli(*args, "--force")
+    assert refused.returncode == 1 and "notes.txt" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and refused.stderr.strip().splitlines()[-1].startswith("error: "), (
+        refused.stderr
+    )
+    assert (out / "notes.txt").read_text() == "mine too" and (out / "recon.json").is_file()
+    (out / "notes.txt").unlink()
+    before = (out / "recon.json").read_text()
+    replaced = run_cli(*args, "--force")
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads((out / "recon.json").read_text())["created"] != json.loads(before)["created"]
+    assert (theirs / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.old", "demo"]
+
+
 # ------------------------------------------------------------------------------------------ tampering
 
 

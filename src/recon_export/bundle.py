@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
+import json
 import logging
 import platform
 import secrets
@@ -103,10 +104,29 @@ def _prepare_destination(out: Path, force: bool) -> None:
             raise ExportError(f"{out}: folder exists and is not empty (and holds no bundle); choose another --out")
         if not force:
             raise ExportError(f"{out}: a bundle is already there; pass --force to replace it")
+        foreign = _files_not_of_the_bundle(out)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise ExportError(
+                f"{out}: holds files its bundle does not list ({shown}); --force replaces only a bundle: "
+                "move them or choose another --out"
+            )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ExportError(f"{out.parent}: cannot create the output folder ({e.strerror or e})") from None
+
+
+def _files_not_of_the_bundle(out: Path) -> list[str]:
+    """Entries of `out` that its recon.json does not list (its graphs and recon.json itself): what
+    `--force` must not delete. An unreadable recon.json lists nothing, so every other entry counts."""
+    listed = {"recon.json"}
+    try:
+        manifest = json.loads((out / "recon.json").read_text())
+        listed |= {str(g["file"]) for g in manifest.get("graphs", []) if isinstance(g, dict) and "file" in g}
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    return sorted(p.name for p in out.iterdir() if p.name not in listed or not p.is_file())
 
 
 def _new_partial_folder(out: Path) -> Path:
@@ -386,8 +406,8 @@ def format_report(reports: dict[str, dict[str, dict[str, Any]]]) -> str:
 
 def _move_into_place(tmp: Path, out: Path) -> None:
     if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
+        # a name of our own beside it: an existing `.NAME.old` may be anybody's
+        old = out.with_name(f".{out.name}.{secrets.token_hex(6)}.old")
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
