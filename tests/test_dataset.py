@@ -517,6 +517,28 @@ def test_metrics_summary_counts_each_file_once(tmp_path: Path) -> None:
     assert summary["si_sdr_db"]["files"] == 2 and summary["si_sdr_db"]["mean"] == pytest.approx(2.0)
 
 
+def test_evaluate_rows_and_summary_leave_undefined_metrics_of_a_silent_input_null(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    from recon_runtime.jobs.job import metrics_summary
+    from recon_runtime.jobs.stages import Worker
+
+    files = [_wav(tmp_path / "in" / "silence.wav", np.zeros(16000, np.float32))]
+    files += [_wav(tmp_path / "in" / f"tone{i}.wav", tone(0.5, 16000, 300 + 100 * i)) for i in range(2)]
+    out = tmp_path / "out"
+    Worker(_job(tiny_bundle, "evaluate", files, out))(_batch(tiny_bundle, files, keep_waveform=True))
+    rows = {Path(r["path"]).name: r for r in read_table(out / "metrics").to_pylist()}
+    silent = rows["silence.wav"]
+    assert (silent["mel_correlation"], silent["mrstft"], silent["si_sdr_db"]) == (None, None, None), silent
+    assert "input is silent" in silent["undefined_reason"] and np.isfinite(silent["log_mel_l1"])
+    assert rows["tone0.wav"]["undefined_reason"] is None and np.isfinite(rows["tone0.wav"]["si_sdr_db"])
+    summary = metrics_summary(out)
+    assert (summary["si_sdr_db"]["files"], summary["si_sdr_db"]["undefined"]) == (2, 1)
+    tones = [rows[f"tone{i}.wav"]["si_sdr_db"] for i in range(2)]
+    assert summary["si_sdr_db"]["mean"] == pytest.approx(np.mean(tones))
+    assert (summary["log_mel_l1"]["files"], summary["log_mel_l1"]["undefined"]) == (3, 0)
+
+
 def test_encode_crops_latents_as_encode_features_does(tiny_bundle: Path, tmp_path: Path) -> None:
     import dataclasses
 

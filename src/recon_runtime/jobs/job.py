@@ -101,8 +101,12 @@ class JobInterrupted(ReconError):
         self.ray_stopped = ray_stopped
 
 
-def metrics_summary(out: Path) -> dict[str, dict[str, float]]:
-    """mean, median and p95 of each metric over the rows of OUT/metrics, one per file (repeated keys count once)."""
+def metrics_summary(out: Path) -> dict[str, dict[str, float | int | None]]:
+    """mean, median and p95 of each metric over the rows of OUT/metrics, one per file (repeated keys count once).
+
+    A metric undefined for a file (null: a silent input) is left out of its statistics: `files`
+    counts the files it is defined for, `undefined` the others; with none defined the statistics are None.
+    """
     table = read_table(out / RESULT_DIRS[EVALUATE], [*KEY_COLUMNS, *METRIC_NAMES])
     if table is None or table.num_rows == 0:
         return {}
@@ -110,16 +114,22 @@ def metrics_summary(out: Path) -> dict[str, dict[str, float]]:
     for i, k in enumerate(table_keys(table)):
         first.setdefault(k, i)
     rows = sorted(first.values())
-    summary = {}
+    summary: dict[str, dict[str, float | int | None]] = {}
     for name in METRIC_NAMES:
-        values = np.asarray(table.column(name).to_pylist(), np.float64)[rows]
+        column = np.asarray(table.column(name).to_pylist(), np.float64)[rows]  # null -> NaN
+        values = column[~np.isnan(column)]
         summary[name] = {
-            "mean": float(np.mean(values)),
-            "median": float(np.median(values)),
-            "p95": float(np.percentile(values, 95)),
+            "mean": float(np.mean(values)) if values.size else None,
+            "median": float(np.median(values)) if values.size else None,
+            "p95": float(np.percentile(values, 95)) if values.size else None,
             "files": int(values.size),
+            "undefined": int(column.size - values.size),
         }
     return summary
+
+
+def _stat(value: float | int | None) -> str:
+    return f"{value:>10.4f}" if value is not None else f"{'-':>10}"
 
 
 def _start_ray(cfg: JobConfig) -> bool:
@@ -376,11 +386,10 @@ def _run_locked(cfg: JobConfig, contract: Any, started: float, echo: Callable[[s
             tmp.write_text(json.dumps(stats, indent=2) + "\n")
         summary["metrics"] = stats
         if stats:
-            echo(
-                f"{'metric':<16} {'mean':>10} {'median':>10} {'p95':>10}   ({next(iter(stats.values()))['files']} files)"
-            )
+            echo(f"{'metric':<16} {'mean':>10} {'median':>10} {'p95':>10} {'files':>6}")
             for name, s in stats.items():
-                echo(f"{name:<16} {s['mean']:>10.4f} {s['median']:>10.4f} {s['p95']:>10.4f}")
+                undefined = f"   ({s['undefined']} undefined: a silent input or output)" if s["undefined"] else ""
+                echo(f"{name:<16} {_stat(s['mean'])} {_stat(s['median'])} {_stat(s['p95'])} {s['files']:>6}{undefined}")
     with atomic_path(cfg.out / SUMMARY_FILE) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
     if failure is not None:

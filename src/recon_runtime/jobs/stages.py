@@ -344,8 +344,11 @@ class Worker:
             cols["output_size"] = pa.array([r["output_size"] for r in rows], pa.int64())
             cols["output_mtime_ns"] = pa.array([r["output_mtime_ns"] for r in rows], pa.int64())
         else:
-            for name in METRIC_NAMES:
+            from ..files.metrics import UNDEFINED_REASON
+
+            for name in METRIC_NAMES:  # null where undefined (a silent input), UNDEFINED_REASON says why
                 cols[name] = pa.array([r[name] for r in rows], pa.float64())
+            cols[UNDEFINED_REASON] = pa.array([r.get(UNDEFINED_REASON) for r in rows], pa.string())
         cols["num_samples"] = pa.array([r["num_samples"] for r in rows], pa.int64())
         cols["gain"] = pa.array([r["gain"] for r in rows], pa.float64())
         cols["source_sample_rate"] = pa.array([r["source_sample_rate"] for r in rows], pa.int32())
