@@ -498,6 +498,21 @@ def test_a_batch_run_again_with_another_outcome_replaces_its_rows(tiny_bundle: P
     assert _keys(out, "errors") == []
 
 
+@pytest.mark.parametrize(
+    ("audio", "wall", "words"),
+    [
+        (8.3, 1.3, "8.3 s of audio in 1.3 s wall"),
+        (150.0, 59.96, "2.5 min of audio in 1.0 min wall"),
+        (9000.0, 3600.0, "2.50 h of audio in 1.00 h wall"),
+    ],
+)
+def test_the_summary_line_says_seconds_minutes_or_hours(audio: float, wall: float, words: str) -> None:
+    from recon_runtime.jobs.job import JobResult
+
+    line = JobResult(ok=3, audio_seconds=audio, wall_seconds=wall).line("encode")
+    assert words in line, line
+
+
 def test_metrics_summary_counts_each_file_once(tmp_path: Path) -> None:
     import pyarrow as pa
 

@@ -63,6 +63,15 @@ def ray_missing_message() -> str:
     return f"dataset jobs need Ray Data and pyarrow: {install_hint('ray')}"
 
 
+def duration(seconds: float) -> str:
+    """A span in the unit a reader takes in at once: seconds under a minute, minutes under an hour, then hours."""
+    if round(seconds, 1) < 60:
+        return f"{seconds:.1f} s"
+    if round(seconds / 60, 1) < 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
 @dataclass
 class JobResult:
     ok: int = 0
@@ -84,7 +93,7 @@ class JobResult:
                 else ""
             )
             + "); "
-            f"{self.audio_seconds / 3600:.4f} h of audio in {self.wall_seconds:.1f} s wall ({rate} audio-s/s)"
+            f"{duration(self.audio_seconds)} of audio in {duration(self.wall_seconds)} wall ({rate} audio-s/s)"
             + (
                 f"; {self.errors_outstanding} file(s) of this job have errors (this run or before): exit status 1"
                 if self.errors_outstanding
