@@ -895,3 +895,47 @@ def test_ray_processes_whose_popen_was_reaped_are_never_looked_up(monkeypatch: p
     finally:
         live.kill()
         live.wait()
+
+
+# ----------------------------------------------------------------------------- what a job prints
+
+# Ray's lines that no setting silences without hiding real errors too, by a fragment of each, with the reason
+RAY_LINES_KEPT = {
+    "has constructor arguments in the object store and max_restarts > 0": (
+        "Ray Data hands every actor of a pool its own object-store references (its DataContext and the map "
+        "function) and restarts the actors without limit (its default, and the job's: a file that kills a "
+        "graph worker restarts it); Ray's C++ core then logs this at error level on the driver's stderr "
+        "(ray-project/ray#53727), and its one switch, RAY_BACKEND_LOG_LEVEL, would drop every C++ error with it"
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def random_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny architecture exported from random weights, as `recon-export --random-weights` writes it."""
+    from recon_export.bundle import export_bundle
+    from recon_export.checkpoint import build_random
+
+    out = tmp_path_factory.mktemp("random") / "tiny-random"
+    export_bundle(build_random("tiny", 3), out, precisions=("fp32",))
+    return out
+
+
+@pytest.mark.parametrize("progress", [["--no-progress"], []], ids=["no-progress", "stdout-not-a-terminal"])
+def test_a_job_prints_only_its_own_lines(random_bundle: Path, tmp_path: Path, progress: list[str]) -> None:
+    """No Ray INFO, no progress lines where stdout is no terminal, no deprecation or token notices, and
+    the bundle's random-weights warning once (not once per read task and graph worker, with Ray's dedup notice)."""
+    root = tmp_path / "in"
+    for i in range(4):
+        _wav(root / f"clip{i}.wav", tone(0.3, 16000, 200 + 50 * i))
+    (root / "bad.wav").write_text("not audio\n")
+    out = tmp_path / "out"
+    args = ["--model", str(random_bundle), "--provider", "cpu", "--workers", "2", "--batch-size", "1", *progress]
+    r = run_cli("recon-run", "dataset", "encode", str(root), "-o", str(out), *args)
+    assert r.returncode == 1, r.stderr  # the bad file
+    assert r.stdout == ""
+    ours = [ln for ln in r.stderr.splitlines() if not any(k in ln for k in RAY_LINES_KEPT)]
+    assert len(ours) == 3, r.stderr
+    assert ours[0] == f"{random_bundle} holds RANDOM weights: output is not meaningful audio", r.stderr
+    assert ours[1].startswith(f"error: {root / 'bad.wav'}: not a readable audio file"), r.stderr
+    assert ours[2].startswith("dataset encode: 4 ok, 1 failed, 0 skipped") and " s of audio in " in ours[2], r.stderr

@@ -29,6 +29,7 @@ from .contract import (
     LATENT_DOWNSAMPLE,
     LATENT_FREQ_BINS,
     N_MELS,
+    RANDOM_WEIGHTS_WARNING,
     ROLES,
     TRAINING_WINDOW_FRAMES,
     VOCODER,
@@ -377,7 +378,7 @@ class Reconstructor:
         )
         executor = _EXECUTOR_FACTORIES[chosen_backend](bundle_dir, contract, provider, precision, options, stages)
         if contract.random_weights:
-            _LOGGER.warning("%s holds RANDOM weights: output is not meaningful audio", bundle_dir)
+            _LOGGER.warning(RANDOM_WEIGHTS_WARNING, bundle_dir)
         _LOGGER.info(
             "using %s with %s graphs from %s (%s)",
             executor.provider.upper(),

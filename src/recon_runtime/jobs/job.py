@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from ..contract import read_contract
+from ..contract import RANDOM_WEIGHTS_WARNING, read_contract
 from ..errors import OutputError, ReconError, install_hint
 from ..files.audio import atomic_path
 from .config import (
@@ -141,10 +142,39 @@ def _stat(value: float | int | None) -> str:
     return f"{value:>10.4f}" if value is not None else f"{'-':>10}"
 
 
+class _DefaultTokenNotice(logging.Filter):
+    """Drops Ray's notice that a new local Ray enables token authentication by default (how to opt
+    out): the job keeps that default. Ray's warning that authentication is disabled still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled")
+
+
+def _quiet_ray(progress: bool) -> None:
+    """Ray's own console output down to what a user acts on; its session log files keep everything.
+
+    Ray Data's progress bars only when wanted and stdout and stderr are terminals (elsewhere Ray
+    Data logs progress as INFO lines, dozens per job); its INFO lines (execution plans, "execution
+    finished") and its notices about the progress display go to its log files only. Its warnings and
+    errors still show, and so do the driver's (`ray.init(logging_level=WARNING)`) and the workers'.
+    """
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = progress and sys.stdout.isatty() and sys.stderr.isatty()
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console":  # Ray Data's console handler (ray.data._internal.logging), INFO by default
+            handler.setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled. To enable..."
+    token = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DefaultTokenNotice) for f in token.filters):
+        token.addFilter(_DefaultTokenNotice())
+
+
 def _start_ray(cfg: JobConfig) -> bool:
     """Connect to the cluster, or start a local Ray; True when this call started it."""
     import ray
 
+    _quiet_ray(cfg.progress)
     if ray.is_initialized():
         return False
     if cfg.ray_address:
@@ -252,6 +282,8 @@ def _run_job(cfg: JobConfig, echo: Callable[[str], None]) -> JobResult:
         raise ReconError(ray_missing_message()) from None
     started = time.perf_counter()
     contract = read_contract(Path(cfg.model.model))
+    if contract.random_weights:  # said once here; the read tasks and graph workers do not repeat it
+        echo(RANDOM_WEIGHTS_WARNING % cfg.model.model)
     if getattr(cfg.model, "expect_digest", None) and cfg.model.expect_digest != contract.digest:
         raise ReconError(f"{cfg.model.model}: bundle digest is {contract.digest}, expected {cfg.model.expect_digest}")
     if cfg.out.exists() and not cfg.out.is_dir():
@@ -423,45 +455,48 @@ def _short_error(e: BaseException) -> str:
 
 def _run_pipeline(cfg: JobConfig, todo: list[Item], result: JobResult, echo: Callable[[str], None]) -> None:
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = cfg.progress
     rows = [{"path": i.path, "size": i.size, "mtime_ns": i.mtime_ns, "rel": i.rel} for i in todo]
     # small jobs: batches small enough that every worker gets some
     batch = max(1, min(cfg.batch_size, -(-len(rows) // cfg.workers)))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch)))
     tries = max_tries(cfg.batch_attempts, batch)
-    ds = ds.map_batches(
-        prepare_batch,
-        fn_kwargs={
-            "model": cfg.model,
-            "max_seconds": cfg.max_seconds,
-            "keep_waveform": cfg.mode == EVALUATE,
-            "out": cfg.out,
-            "batch_attempts": cfg.batch_attempts,
-            "crash_always": cfg.crash_always,
-        },
-        batch_size=batch,
-        batch_format="numpy",
-        num_cpus=PREPARE_CPUS,
-        memory=PREPARE_MEMORY,
-        # Ray Data retries tasks without limit by default: a file that kills its process would
-        # hang the job; _Attempts makes every retry progress, so this bound is never the end
-        max_retries=tries,
-    )
-    ds = ds.map_batches(
-        Worker,
-        fn_constructor_kwargs={"config": cfg},
-        batch_size=batch,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(size=cfg.workers),
-        num_cpus=cfg.cpus_per_worker,
-        num_gpus=cfg.gpus_per_worker or None,
-        # restarts stay unlimited (each follows a task try, and those are bounded); task retries bounded
-        max_restarts=-1,
-        max_task_retries=tries,
-    )
+    with warnings.catch_warnings():
+        # max_retries, max_restarts and max_task_retries go through `**ray_remote_args`, which Ray
+        # deprecates for "the named remote parameters"; Ray up to 2.63 (the `ray` extra's bound) names
+        # none for these three, so its warning is silenced here, for these two calls only
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            prepare_batch,
+            fn_kwargs={
+                "model": cfg.model,
+                "max_seconds": cfg.max_seconds,
+                "keep_waveform": cfg.mode == EVALUATE,
+                "out": cfg.out,
+                "batch_attempts": cfg.batch_attempts,
+                "crash_always": cfg.crash_always,
+            },
+            batch_size=batch,
+            batch_format="numpy",
+            num_cpus=PREPARE_CPUS,
+            memory=PREPARE_MEMORY,
+            # Ray Data retries tasks without limit by default: a file that kills its process would
+            # hang the job; _Attempts makes every retry progress, so this bound is never the end
+            max_retries=tries,
+        )
+        ds = ds.map_batches(
+            Worker,
+            fn_constructor_kwargs={"config": cfg},
+            batch_size=batch,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(size=cfg.workers),
+            num_cpus=cfg.cpus_per_worker,
+            num_gpus=cfg.gpus_per_worker or None,
+            # restarts stay unlimited (each follows a task try, and those are bounded); task retries bounded
+            max_restarts=-1,
+            max_task_retries=tries,
+        )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for path, ok, seconds, stage, message in zip(
             batch["path"], batch["ok"], batch["seconds"], batch["stage"], batch["message"]

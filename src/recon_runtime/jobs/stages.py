@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from ..contract import ENCODER, ROLES
+from ..contract import ENCODER, RANDOM_WEIGHTS_WARNING, ROLES
 from ..errors import AudioInputError, ReconError, failure_message
 from ..files.audio import read_audio, write_audio
 from .config import ATTEMPTS_DIR, ENCODE, ERRORS_DIR, METRIC_NAMES, RECONSTRUCT, RESULT_DIRS, JobConfig, Key, audio_rel
@@ -34,8 +34,24 @@ STALL_SECONDS: Final = 600.0  # stall_after hook: long enough that only the inte
 _FRONT_ENDS: dict[Any, Any] = {}
 
 
+class _SaidByTheDriver(logging.Filter):
+    """Drops the bundle's random-weights warning in Ray's processes: `run_job` says it once, where
+    every read task and graph worker would each repeat it (and Ray then adds its log-dedup notice)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != RANDOM_WEIGHTS_WARNING
+
+
+def _quiet_repeats() -> None:
+    """Install _SaidByTheDriver on the reconstructor's logger, once per process."""
+    logger = logging.getLogger("recon_runtime.reconstructor")
+    if not any(isinstance(f, _SaidByTheDriver) for f in logger.filters):
+        logger.addFilter(_SaidByTheDriver())
+
+
 def _front_end(model: Any) -> Any:
     """A Reconstructor for the front end only, once per process: CPU, no graphs loaded."""
+    _quiet_repeats()
     key = (str(model.model), getattr(model, "expect_digest", None))
     if key not in _FRONT_ENDS:
         _FRONT_ENDS[key] = dataclasses.replace(model, provider="cpu", precision="auto", cuda_graph=False).load(None)
@@ -190,6 +206,7 @@ class Worker:
         if getattr(model, "threads", None) is None and dataclasses.is_dataclass(model):
             # one intra-op thread per CPU this worker holds, not all the node's cores per worker
             model = dataclasses.replace(model, threads=max(1, int(round(config.cpus_per_worker))))
+        _quiet_repeats()
         self.rec = model.load(stages)
         self.fingerprint = self.rec.contract.fingerprint
         self.files_done = 0
