@@ -1016,6 +1016,23 @@ def test_serve_refuses_non_finite_numbers_and_timeouts_ray_cannot_apply(tiny_bun
     assert r.exit_code == 2 and "--header-timeout-s cannot apply with --ray" in r.output, r.output
 
 
+def test_a_port_in_use_is_one_line_before_the_model_loads(tiny_bundle: Path) -> None:
+    from .conftest import run_cli
+
+    with socket.socket() as holder:  # another server on the port
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        r = run_cli("recon-run", "serve", "--model", str(tiny_bundle), "--provider", "cpu", "--port", str(port))
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip() == (
+        f"Error: cannot listen on 127.0.0.1:{port} (Address already in use); "
+        "stop what listens there or choose another --port"
+    ), r.stderr  # one line: no model loaded ("using CPU ..."), no uvicorn start-up or traceback
+    r = run_cli("recon-run", "serve", "--model", str(tiny_bundle), "--host", "no-such-host.invalid")
+    assert r.returncode == 1 and r.stderr.strip().startswith("Error: --host no-such-host.invalid: cannot be resolved")
+
+
 # ---------------------------------------------------------------------- limits under load
 @pytest.fixture(scope="module")
 def limited(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:

@@ -5,9 +5,11 @@ fastapi and uvicorn (the `serve` extra) and Ray are imported only when the comma
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +175,8 @@ def serve(
         config = ServerConfig(model=str(model.resolve() if use_ray else model), api_key=key, **kwargs)
     except (ReconError, ValueError) as e:
         raise click.ClickException(str(e)) from None
+    if not use_ray:  # before the app loads the model: uvicorn binds only after its start-up (Ray's proxy binds on Ray)
+        _check_port(host, port)
     if not bind_is_loopback(host) and key is None:
         _LOGGER.warning("binding %s without --api-key-env: anyone who can reach this port can use the server", host)
     if use_ray:
@@ -229,6 +233,32 @@ def serve(
         click.echo(f"error: the grace period ({grace_s:g} s) cut off {cut_off.tasks} request(s) in progress", err=True)
         ctx.exit(EXIT_CUT_OFF)
     ctx.exit(0)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Bind `host:port` as uvicorn will (every address the host resolves to, SO_REUSEADDR), then let go.
+
+    uvicorn binds only after the app's start-up has begun loading the model, and a port in use then
+    ended the command with its own error and exit status 3; this says so in one line first.
+
+    Raises:
+        click.ClickException: the host does not resolve, or an address cannot be bound.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise click.ClickException(f"--host {host}: cannot be resolved ({e.strerror})") from None
+    for family, kind, proto, _, address in dict.fromkeys(infos):  # repeats dropped, as asyncio's create_server does
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                in_use = e.errno == errno.EADDRINUSE
+                fix = "stop what listens there or choose another --port" if in_use else "choose another --host"
+                raise click.ClickException(f"cannot listen on {host}:{port} ({e.strerror or e}); {fix}") from None
 
 
 EXIT_CUT_OFF = 3
