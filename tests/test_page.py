@@ -288,6 +288,7 @@ def test_the_page_plays_and_compares_what_the_server_reconstructs(
     tab = Tab(browser, server.url)
     page = tab.open()
     assert "onnxruntime" in page.inner_text("#server-info") and "6 s" in page.inner_text("#limits")
+    assert "answered within 2 min plus 2 s per second of audio" in page.inner_text("#limits")  # the deadline
     with page.expect_response(lambda r: r.url.startswith(server.url + "/v1/compare")) as compared:
         assert tab.upload(path) == "done", page.inner_text("#error")
     tab.wait("() => ['a', 'b'].every((w) => document.getElementById('audio-' + w).readyState >= 1)")

@@ -7,13 +7,16 @@ Everything here runs on the service's CPU pool or reads the request; nothing tou
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
+import soundfile as sf
 from fastapi import Request
+from numpy.lib import format as npy_format
 from starlette.requests import ClientDisconnect
 
 from ..contract import LATENT_CHANNELS, LATENT_FREQ_BINS
@@ -124,6 +127,27 @@ def check_response(config: ServerConfig, samples: float, bytes_per_sample: int, 
             f"the answer would be {size / 2**20:.0f} MiB ({what}), over the limit of {budget / 2**20:g} MiB "
             "(--max-response-mb)"
         )
+
+
+AUDIO: Final = "audio"
+LATENTS: Final = "latents"
+
+
+def declared_seconds(body: bytes, kind: str, rate: int) -> float:
+    """Seconds of audio a body declares in its header, without decoding it: an audio file's frames
+    over its rate (AUDIO), or a latents .npy's frames at the model's `rate` (LATENTS); 0 for a body
+    whose header says none or does not parse (the request is refused later, with its reason)."""
+    try:
+        if kind == LATENTS:
+            stream = io.BytesIO(body)
+            version = npy_format.read_magic(stream)
+            read_header = npy_format.read_array_header_2_0 if version == (2, 0) else npy_format.read_array_header_1_0
+            shape = read_header(stream)[0]  # the header only, as read_array_bytes reads it
+            return shape[1] * SAMPLES_PER_LATENT_FRAME / rate if len(shape) == 3 else 0.0
+        info = sf.info(io.BytesIO(body))
+        return info.frames / info.samplerate if info.samplerate > 0 and 0 < info.frames < 2**62 else 0.0
+    except Exception:  # noqa: BLE001 - not this function's to refuse: features()/latents() say what is wrong
+        return 0.0
 
 
 def features(

@@ -140,7 +140,7 @@ async def reconstruct(
     service.check_capacity()
     body = await service.read_body(request)
     rec = service.admit(request)
-    deadline = service.deadline()
+    deadline = await service.deadline_for(body, inputs.AUDIO)
     rate = output_rate or service.rate
 
     def answer(seconds: float) -> None:
@@ -180,7 +180,7 @@ async def encode(
     service.check_capacity()
     body = await service.read_body(request)
     rec = service.admit(request)
-    deadline = service.deadline()
+    deadline = await service.deadline_for(body, inputs.AUDIO)
     used_seed = seed if seed is not None else secrets.randbits(63)
 
     def answer(seconds: float) -> None:  # float32 latents: 8 x 16 values per 640 samples
@@ -244,7 +244,7 @@ async def decode(
     service.check_capacity()
     body = await service.read_body(request)
     rec = service.admit(request)
-    deadline = service.deadline()
+    deadline = await service.deadline_for(body, inputs.LATENTS)
 
     async def work() -> tuple[bytes, int]:
         z = await service.cpu(inputs.latents, rec, service.config, body, fingerprint, num_samples, WAV_BYTES[subtype])
@@ -278,7 +278,8 @@ async def _decode_stream(
     The first window is computed before the response starts (so errors still get a status); each
     later window is queued when the previous one is done, so the time to first audio is one
     window's compute whatever the length. Every part is the exact cross-fade `join` computes. The
-    whole stream shares one deadline (`timeout_s`, as a request that is not streamed); a failure
+    whole stream shares one deadline (`timeout_s` plus `timeout_per_audio_s` per second of its latents, as a
+    request that is not streamed); a failure
     after the status was sent drops the connection without the final chunk (the client sees a
     truncated body, never a clean end) and is recorded in the metrics with its status.
     """
@@ -286,7 +287,7 @@ async def _decode_stream(
     body = await service.read_body(request)
     rec = service.admit(request)
     release = request.scope[ADMISSION]  # the middleware calls it too: whichever comes first
-    deadline = service.deadline()
+    deadline = await service.deadline_for(body, inputs.LATENTS)
     latents = service.cpu(inputs.latents, rec, service.config, body, fingerprint, num_samples, WAV_BYTES[subtype])
     z = await service.within(deadline, latents)
     job = rec.decoding_job(z, num_samples)

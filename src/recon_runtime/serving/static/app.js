@@ -192,6 +192,10 @@ function showInfo(info) {
   const parts = ["Any format libsndfile reads: WAV, FLAC, OGG, Opus, MP3, AIFF…"];
   if (limits.max_seconds) parts.push(`up to ${formatDuration(limits.max_seconds)}`);
   if (limits.max_body_mb) parts.push(`${formatNumber(limits.max_body_mb)} MB a file`);
+  if (limits.timeout_s) {
+    const perAudio = limits.timeout_per_audio_s ? ` plus ${formatNumber(limits.timeout_per_audio_s)} s per second of audio` : "";
+    parts.push(`answered within ${formatDuration(limits.timeout_s)}${perAudio}`);
+  }
   el.limits.textContent = parts.join("; ") + ".";
 }
 
