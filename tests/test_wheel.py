@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 PACKAGES = ("recon_runtime", "recon_export")
-SETUPTOOLS_MIN = (70, 1)  # builds wheels itself (no `wheel` package); the `test` extra pins it
+SETUPTOOLS_MIN = (77, 0)  # reads the SPDX `license` string (and builds wheels itself); the `test` extra pins it
 NOT_SHIPPED = ("__pycache__", "*.pyc", "*.egg-info")
 
 
@@ -41,7 +41,8 @@ def shipped_files() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The wheel, and what the build printed (pip -v shows the build backend's warnings)."""
     # a failure, not a skip: CI installs the test extra, and a skipped wheel check passes a broken wheel
     if _setuptools_version() < SETUPTOOLS_MIN:
         pytest.fail(
@@ -53,11 +54,27 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy2(ROOT / name, tree / name)
     shutil.copytree(SRC, tree / "src", ignore=shutil.ignore_patterns(*NOT_SHIPPED))
     out = tmp_path_factory.mktemp("dist")
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index"]
+    cmd = [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "--no-index"]
     r = subprocess.run([*cmd, "--wheel-dir", str(out), str(tree)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    (built,) = out.glob("*.whl")
-    return built
+    (path,) = out.glob("*.whl")
+    return path, r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(built: tuple[Path, str]) -> Path:
+    return built[0]
+
+
+def test_the_build_has_no_deprecation_warnings_and_the_license_is_spdx(built: tuple[Path, str]) -> None:
+    """setuptools deprecates `license = { text = ... }` (builds unsupported after 2027-02-18): an SPDX string."""
+    path, log = built
+    warnings = [ln.strip() for ln in log.splitlines() if "DeprecationWarning" in ln]
+    assert not warnings, warnings
+    with zipfile.ZipFile(path) as z:
+        (name,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
+        fields = z.read(name).decode().split("\n\n", 1)[0].splitlines()
+    assert "License-Expression: Apache-2.0" in fields, fields
 
 
 def test_the_wheel_holds_every_module_and_data_file(wheel: Path) -> None:
