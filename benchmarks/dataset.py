@@ -26,6 +26,7 @@ import numpy as np
 import soundfile as sf
 
 from benchmarks.machine import describe
+from recon_runtime.options import DEFAULT_MODEL
 
 
 def machine() -> dict[str, Any]:
@@ -70,7 +71,7 @@ def timed(cmd: list[str]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="models/audioldm2-music")
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--backend", default="onnxruntime", choices=("auto", "onnxruntime", "openvino"))
     ap.add_argument("--gpus-per-worker", default="0", help="with --provider cuda, e.g. 1")

@@ -173,7 +173,7 @@ def torch_stages(
 def ort_stages(rec: Any, mel: np.ndarray) -> dict[str, Callable[[], Any]]:
     """recon_runtime stage callables. On CUDA, inputs are uploaded once and outputs stay on the GPU."""
     from recon_runtime.frontend import log_mel
-    from recon_runtime.reconstructor import Features
+    from recon_runtime.windows import Features
 
     enc, dec, voc = (rec.executor.session(r) for r in ("encoder", "decoder", "vocoder"))
     mel4 = np.ascontiguousarray(mel[:, None])
@@ -233,7 +233,7 @@ def count_gflop(modules: dict[str, Any], frames: int, cache: dict[str, float]) -
 def ov_stages(rec: Any, mel: np.ndarray) -> dict[str, Callable[[], Any]]:
     """recon_runtime's OpenVINO stages (compiled models with a request pool), batch as one request."""
     from recon_runtime.frontend import log_mel
-    from recon_runtime.reconstructor import Features
+    from recon_runtime.windows import Features
 
     enc, dec, voc = (rec.executor.compiled(r) for r in ("encoder", "decoder", "vocoder"))
     mel4 = np.ascontiguousarray(mel[:, None])

@@ -189,17 +189,17 @@ def _with_fp16_check(contract, passed: bool | None):  # type: ignore[no-untyped-
 
 
 def test_auto_picks_fp16_on_cuda_only_when_the_fp16_arithmetic_check_passed(tiny_bundle: Path) -> None:
-    from recon_runtime.reconstructor import _choose_precision
+    from recon_runtime.executors.select import choose_precision
 
     contract = read_contract(tiny_bundle)
     assert contract.fp16_arithmetic_passed  # the export measured it (tiny weights pass)
     check = contract.validation[FP16_ARITHMETIC_KEY]
     assert check["frames"] == 1024 and set(check["results"]) == {"encoder", "decoder", "vocoder"}
-    assert _choose_precision(_with_fp16_check(contract, True), "auto", "cuda", tiny_bundle) == FP16
-    assert _choose_precision(_with_fp16_check(contract, False), "auto", "cuda", tiny_bundle) == FP32
-    assert _choose_precision(_with_fp16_check(contract, None), "auto", "cuda", tiny_bundle) == FP32
-    assert _choose_precision(contract, "auto", "cpu", tiny_bundle) == FP32
-    assert _choose_precision(_with_fp16_check(contract, False), "fp16", "cuda", tiny_bundle) == FP16  # asked for
+    assert choose_precision(_with_fp16_check(contract, True), "auto", "cuda", tiny_bundle) == FP16
+    assert choose_precision(_with_fp16_check(contract, False), "auto", "cuda", tiny_bundle) == FP32
+    assert choose_precision(_with_fp16_check(contract, None), "auto", "cuda", tiny_bundle) == FP32
+    assert choose_precision(contract, "auto", "cpu", tiny_bundle) == FP32
+    assert choose_precision(_with_fp16_check(contract, False), "fp16", "cuda", tiny_bundle) == FP16  # asked for
 
 
 def test_cuda_that_does_not_start_fails_when_asked_and_falls_back_once_on_auto(

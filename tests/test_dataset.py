@@ -27,6 +27,7 @@ from recon_runtime.jobs.job import run_job  # noqa: E402
 from recon_runtime.jobs.shards import read_table  # noqa: E402
 from recon_runtime.options import LoadOptions  # noqa: E402
 
+from . import dataset_hooks  # noqa: E402
 from .conftest import run_cli, tone  # noqa: E402
 
 
@@ -136,12 +137,13 @@ def test_manifest_inputs_missing_empty_and_too_long(tiny_bundle: Path, tmp_path:
     assert "longer than the limit" in errors[str(long)][1]
 
 
-# `recon-run dataset ...` (argv[2:]) in a process of its own, with the stall_after test hook (argv[1]): each
-# graph worker stalls once it has written that many files, so the job is still running when a test acts
+# `recon-run dataset ...` (argv[3:]) in a process of its own, with stalling graph workers (dataset_hooks.stalling,
+# from the folder argv[1], after argv[2] files): each graph worker stalls once it has taken that many files, so
+# the job is still running when a test acts
 _CLI_SCRIPT = (
-    "import functools, sys; import recon_runtime.cli.dataset as c; "
-    "c.JobConfig = functools.partial(c.JobConfig, stall_after=int(sys.argv[1])); "
-    "from recon_runtime.cli import main; main(sys.argv[2:], prog_name='recon-run')"
+    "import functools, sys; sys.path.insert(0, sys.argv[1]); import dataset_hooks; import recon_runtime.jobs.job as j; "
+    "j.run_job = functools.partial(j.run_job, stages=dataset_hooks.stalling(int(sys.argv[2]))); "
+    "from recon_runtime.cli import main; main(sys.argv[3:], prog_name='recon-run')"
 )
 JOB_START_TIMEOUT_S = 180.0  # a fresh Ray and one worker on a busy 2-core machine
 JOB_POLL_S = 0.2
@@ -156,7 +158,16 @@ def _start_job(bundle: Path, stall_after: int, args: list[str], log: Path) -> su
     common = ["--model", str(bundle), "--provider", "cpu", "--no-progress"]
     with open(log, "wb") as sink:  # a file, never a pipe nobody reads while the test polls
         return subprocess.Popen(
-            [sys.executable, "-c", _CLI_SCRIPT, str(stall_after), "dataset", *args, *common],
+            [
+                sys.executable,
+                "-c",
+                _CLI_SCRIPT,
+                str(Path(__file__).parent),
+                str(stall_after),
+                "dataset",
+                *args,
+                *common,
+            ],
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -305,7 +316,10 @@ def test_a_worker_that_dies_is_retried_and_every_file_accounted_for(tiny_bundle:
     files = _folder(root, 6)
     marker = tmp_path / "crashed"
     out = tmp_path / "out"
-    result = run_job(_job(tiny_bundle, "encode", [root], out, batch_size=2, crash_once=(files[3].name, str(marker))))
+    result = run_job(
+        _job(tiny_bundle, "encode", [root], out, batch_size=2),
+        stages=dataset_hooks.dying_once(files[3].name, str(marker)),
+    )
     assert marker.is_file(), "the hook did not kill the worker"
     assert (result.ok, result.failed) == (6, 0)
     assert Counter(_keys(out, "latents")) == Counter(str(p) for p in files)
@@ -412,11 +426,15 @@ def test_a_file_that_kills_its_worker_every_time_fails_alone_and_the_job_ends(
     killer_run, killer_read = files[3], files[0]
     with _Alarm(240):
         # the graph worker dies on one file, every time; a CPU read task dies on another, every time
-        result = run_job(_job(tiny_bundle, "encode", [root], out, batch_size=2, crash_always=(killer_run.name, "run")))
+        result = run_job(
+            _job(tiny_bundle, "encode", [root], out, batch_size=2),
+            stages=dataset_hooks.dying_always(killer_run.name, "run"),
+        )
         assert (result.ok, result.failed) == (5, 1)
         out2 = tmp_path / "out2"
         result2 = run_job(
-            _job(tiny_bundle, "encode", [root], out2, batch_size=2, crash_always=(killer_read.name, "read"))
+            _job(tiny_bundle, "encode", [root], out2, batch_size=2),
+            stages=dataset_hooks.dying_always(killer_read.name, "read"),
         )
         assert (result2.ok, result2.failed) == (5, 1)
     for folder, killer, stage in ((out, killer_run, "encode"), (out2, killer_read, "read")):

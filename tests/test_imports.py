@@ -1,5 +1,6 @@
-"""No import circles: every module imports alone in a fresh interpreter, and the import graph of the
-source has no cycle (a lazy import inside a function counts: it only moves the failure to run time)."""
+"""No import circles, and dependencies that point one way: every module imports alone in a fresh
+interpreter, the import graph of the source has no cycle (a lazy import inside a function counts: it
+only moves the failure to run time), and each part of the runtime imports only the parts below it."""
 
 from __future__ import annotations
 
@@ -157,6 +158,83 @@ def test_both_packages_have_no_import_cycle() -> None:
     assert sum(map(len, graph.values())) > len(graph)  # the reader found the edges, not an empty graph
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+# What each part of recon_runtime (its top-level module or package; "api" is the package's __init__)
+# and recon_export may import of the two packages besides itself. Dependencies point one way: cli ->
+# serving / jobs -> options -> reconstructor -> executors -> contract / errors; files are used from
+# above; nothing imports cli; the runtime never imports recon_export. docs/architecture.md draws it.
+BELOW_RECONSTRUCTOR = {"windows", "frontend", "contract", "errors"}
+MAY_IMPORT: dict[str, set[str]] = {
+    "errors": set(),
+    "contract": {"errors"},
+    "frontend": {"contract", "errors"},
+    "windows": set(),
+    "executors": {"contract", "errors"},
+    "reconstructor": {"executors", *BELOW_RECONSTRUCTOR},
+    "api": {"reconstructor", *BELOW_RECONSTRUCTOR},
+    "options": {"reconstructor", "executors", *BELOW_RECONSTRUCTOR},
+    "files": {"frontend", "contract", "errors"},
+    "cluster": {"errors"},
+    "serving": {"api", "options", "reconstructor", "files", "cluster", *BELOW_RECONSTRUCTOR},
+    "jobs": {"options", "reconstructor", "files", "cluster", *BELOW_RECONSTRUCTOR},
+    "cli": {
+        "api",
+        "options",
+        "reconstructor",
+        "executors",
+        "files",
+        "serving",
+        "jobs",
+        "cluster",
+        *BELOW_RECONSTRUCTOR,
+    },
+    "recon_export": {"api", "options", "reconstructor", "executors", "files", *BELOW_RECONSTRUCTOR},
+}
+
+
+def part(module: str) -> str:
+    """The part of the code a module belongs to (see MAY_IMPORT)."""
+    names = module.split(".")
+    if names[0] == "recon_export":
+        return "recon_export"
+    return names[1] if len(names) > 1 else "api"
+
+
+def direction_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of one part by another that MAY_IMPORT does not allow, as "a imports b (part x -> y)"."""
+    bad = []
+    for module, imported in sorted(graph.items()):
+        for other in sorted(imported):
+            here, there = part(module), part(other)
+            if here != there and there not in MAY_IMPORT.get(here, set()):
+                bad.append(f"{module} imports {other} ({here} -> {there})")
+    return bad
+
+
+def test_the_direction_check_finds_an_import_that_points_up() -> None:
+    graph = {
+        "recon_runtime.executors.base": {"recon_runtime.serving.app", "recon_runtime.contract"},
+        "recon_runtime.serving.app": {"recon_runtime.cli.options", "recon_runtime.serving.config"},
+        "recon_runtime.files.audio": {"recon_runtime.reconstructor"},
+        "recon_runtime.contract": {"recon_export.bundle"},
+        "recon_runtime.cli.files": {"recon_runtime.serving.app", "recon_runtime.jobs.job"},
+    }
+    assert direction_violations(graph) == [
+        "recon_runtime.contract imports recon_export.bundle (contract -> recon_export)",
+        "recon_runtime.executors.base imports recon_runtime.serving.app (executors -> serving)",
+        "recon_runtime.files.audio imports recon_runtime.reconstructor (files -> reconstructor)",
+        "recon_runtime.serving.app imports recon_runtime.cli.options (serving -> cli)",
+    ]
+
+
+def test_dependencies_point_one_way() -> None:
+    graph = import_graph()
+    unknown = sorted({part(m) for m in graph} - set(MAY_IMPORT))
+    assert not unknown, f"parts of the code with no place in MAY_IMPORT (give each one): {unknown}"
+    assert not any(part(o) == "cli" for m, imported in graph.items() if part(m) != "cli" for o in imported)
+    bad = direction_violations(graph)
+    assert not bad, "imports that point the wrong way:\n" + "\n".join(bad)
 
 
 # A module whose import fails only because a third-party package is not installed prints MISSING and

@@ -20,7 +20,6 @@ pytest.importorskip("onnxruntime", reason="the comparisons run onnxruntime too (
 from click.testing import CliRunner  # noqa: E402
 
 from recon_runtime import Reconstructor  # noqa: E402
-from recon_runtime import reconstructor as rec_module  # noqa: E402
 from recon_runtime.cli import main  # noqa: E402
 from recon_runtime.contract import (  # noqa: E402
     BF16_ENCODER_REL_L2_BUDGET,
@@ -31,6 +30,7 @@ from recon_runtime.contract import (  # noqa: E402
 )
 from recon_runtime.errors import BundleError, ProviderError  # noqa: E402
 from recon_runtime.executors import openvino as ov_exec  # noqa: E402
+from recon_runtime.executors import select  # noqa: E402
 
 from .conftest import run_cli, tone, torch_missing  # noqa: E402
 
@@ -92,9 +92,9 @@ def test_fp32_matches_onnxruntime_through_the_cli(tiny_bundle: Path, tmp_path: P
 def test_auto_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     """auto: OpenVINO for bf16 only; fp32 on the CPU runs onnxruntime, the leaner engine for the same
     speed (docs/performance.md#memory), even with the openvino extra installed."""
-    resolve = rec_module._resolve_backend
+    resolve = select.resolve_backend
     both = ("fp16", "fp32")
-    assert rec_module._installed("openvino") and rec_module._installed("onnxruntime")
+    assert select._installed("openvino") and select._installed("onnxruntime")
     assert resolve("auto", "cpu", "auto", both) == "onnxruntime"
     assert resolve("auto", "cpu", "fp32", both) == "onnxruntime"
     assert resolve("auto", "auto", "auto", both) == "onnxruntime"
@@ -105,7 +105,7 @@ def test_auto_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve("openvino", "cpu", "auto", both) == "openvino"  # asked for, it is used
     assert resolve("onnxruntime", "cpu", "auto", both) == "onnxruntime"
     # only the openvino extra installed: auto runs what OpenVINO can (fp32 graphs on the CPU) there
-    monkeypatch.setattr(rec_module, "_installed", lambda name: name != "onnxruntime")
+    monkeypatch.setattr(select, "_installed", lambda name: name != "onnxruntime")
     assert resolve("auto", "cpu", "auto", both) == "openvino"
     assert resolve("auto", "auto", "fp32", both) == "openvino"
     assert resolve("auto", "cpu", "auto", ("fp16",)) == "onnxruntime"  # onnxruntime then says to install it

@@ -1555,8 +1555,8 @@ def test_parsing_and_encoding_run_off_the_event_loop(
 
     for module, name in (
         (inputs, "multipart_file"),
-        (routes, "_wav_bytes"),
-        (routes, "_npy_bytes"),
+        (routes, "wav_bytes"),
+        (routes, "npy_bytes"),
         (routes, "_pcm_bytes"),
         (inputs, "latents"),
     ):

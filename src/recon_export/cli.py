@@ -18,11 +18,12 @@ from recon_runtime.contract import (
     SOURCE_PIPELINE,
 )
 from recon_runtime.errors import ReconError
+from recon_runtime.options import DEFAULT_MODEL as DEFAULT_BUNDLE
 
 from .checkpoint import ARCHITECTURES, DEFAULT_MODEL
 from .errors import ExportError
 
-DEFAULT_OUT = Path("models/audioldm2-music")
+DEFAULT_OUT = DEFAULT_BUNDLE  # where recon-run looks by default
 
 
 def _echo(message: str) -> None:

@@ -1,7 +1,10 @@
 """The bundle contract: what `recon-export` writes and `recon-run` refuses to run without.
 
 A bundle is a folder holding ONNX graphs and `recon.json`. This module defines the contract once;
-the export package imports it to write bundles, the runtime uses it to check them.
+the export package imports it to write bundles, the runtime uses it to check them. It is one file
+past 500 lines on purpose: the constants of the front end and the latent layout, the graph specs,
+the dataclasses of recon.json and the checks that read them back are one definition, and splitting
+it would let the writer and the reader of a field drift apart.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -50,6 +53,7 @@ FRAMING_PADS: Final = {FRAMING_INFERENCE: N_FFT // 2, FRAMING_TRAINING: (N_FFT -
 LATENT_CHANNELS: Final = 8
 LATENT_DOWNSAMPLE: Final = 4  # the VAE halves time and frequency twice
 LATENT_FREQ_BINS: Final = N_MELS // LATENT_DOWNSAMPLE
+
 VOCODER_EXTRA_SAMPLES: Final = 32  # HiFi-GAN returns 160*T + 32 samples
 TRAINING_WINDOW_FRAMES: Final = 1024  # 10.24 s, the length the VAE was trained on
 
@@ -91,6 +95,19 @@ BF16_KEY: Final = "bf16_openvino"  # recon.json validation entry written by reco
 BF16_ENCODER_REL_L2_BUDGET: Final = 0.03  # encoder latents vs fp32
 BF16_VOCODER_LOG_MEL_L1_BUDGET: Final = 0.05  # vocoder on real mels: output log-mel L1 vs fp32, nats
 FINGERPRINT_LENGTH: Final = 16  # hex digits shown and compared
+
+
+def latent_shape_problem(shape: Sequence[int], batched: bool = False) -> str | None:
+    """Why `shape` is not that of scaled latents [8, frames >= 1, 16] (with `batched`, also
+    [batch, 8, frames, 16]), or None: the one check of every decoder's input (library, CLI, server)."""
+    one = f"[{LATENT_CHANNELS}, frames, {LATENT_FREQ_BINS}]"
+    s = list(shape)
+    if len(s) == 3 and s[0] == LATENT_CHANNELS and s[2] == LATENT_FREQ_BINS and s[1] >= 1:
+        return None
+    if batched and len(s) == 4 and s[1] == LATENT_CHANNELS and s[3] == LATENT_FREQ_BINS and s[2] >= 1:
+        return None
+    expected = f"{one} or [batch, {one[1:]}" if batched else one
+    return f"latents must be {expected}, got {s}"
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Sequence
 from typing import Final
 
 ONNXRUNTIME_EXTRAS: Final = ("cpu", "gpu")  # which onnxruntime wheel: exactly one, the user's choice
@@ -24,15 +26,30 @@ def install_hint(*extras: str) -> str:
     )
 
 
-def failure_message(where: str, e: BaseException, out_of_memory: str = "out of memory") -> str:
-    """One line for a failed file: our own errors as written, anything else with its type, never a traceback."""
+def describe(e: BaseException, out_of_memory: str = "out of memory") -> str:
+    """The one line for any error: our own as written, a MemoryError as `out_of_memory`, anything else
+    with its type and its message on one line; never a traceback. Every part of the program (the CLI,
+    a batch's failed file, the server's load failure, a dataset's error row) says an error with it."""
     if isinstance(e, ReconError):
-        text = str(e)
-    elif isinstance(e, MemoryError):
-        text = out_of_memory
-    else:
-        text = f"{type(e).__name__}: {' '.join(str(e).split()) or 'no message'}"
+        return str(e)
+    if isinstance(e, MemoryError):
+        return out_of_memory
+    return f"{type(e).__name__}: {' '.join(str(e).split()) or 'no message'}"
+
+
+def failure_message(where: str, e: BaseException, out_of_memory: str = "out of memory") -> str:
+    """`describe(e)` for a failed file or input, naming `where` unless the line already does."""
+    text = describe(e, out_of_memory)
     return text if where in text else f"{where}: {text}"
+
+
+def require(modules: Sequence[str], needs: str, *extras: str) -> None:
+    """Import `modules` now, or refuse in one line: `needs` (what needs them) and how to add `extras`."""
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    except ImportError:
+        raise ReconError(f"{needs}: {install_hint(*extras)}") from None
 
 
 class ReconError(Exception):

@@ -9,10 +9,11 @@ constants of `executors.select`, which `Reconstructor.load` checks too. This mod
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from .executors.select import AUTO, check_choices
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL: Final = Path("models/audioldm2-music")
 """Where `recon-export` writes by default."""
+_Options = TypeVar("_Options", bound="LoadOptions")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,13 @@ class LoadOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+
+    def for_cpus(self: _Options, cpus: float) -> _Options:
+        """These options for a Ray worker or replica that holds `cpus` CPUs: that many intra-op threads
+        (rounded, at least 1) unless `threads` is set, not one per core of the node it lands on."""
+        if self.threads is not None:
+            return self
+        return dataclasses.replace(self, threads=max(1, round(cpus)))
 
     def load_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `Reconstructor.load` these options stand for (all but the bundle)."""

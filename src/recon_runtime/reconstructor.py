@@ -8,10 +8,8 @@ batching of equal-shape windows and the post-processing.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -19,15 +17,10 @@ import numpy as np
 import soxr
 
 from .contract import (
-    BF16,
     DECODER,
     ENCODER,
-    FP16,
-    FP32,
     HOP_LENGTH,
-    LATENT_CHANNELS,
     LATENT_DOWNSAMPLE,
-    LATENT_FREQ_BINS,
     N_MELS,
     RANDOM_WEIGHTS_WARNING,
     ROLES,
@@ -36,14 +29,14 @@ from .contract import (
     VOCODER_EXTRA_SAMPLES,
     Contract,
     check_mel,
+    latent_shape_problem,
     read_contract,
 )
-from .errors import AudioInputError, BundleError, NumericalError, ProviderError, install_hint
-from .executors import ONNXRUNTIME, OPENVINO, Executor, ExecutorOptions
-from .executors.base import LATENCY
-from .executors.select import AUTO, CPU, CUDA, check_choices
+from .errors import AudioInputError, BundleError, NumericalError
+from .executors import Executor, ExecutorOptions
+from .executors.select import AUTO, CUDA, check_choices, create_executor
 from .frontend import log_mel, prepare_waveform
-from .windows import join_windows, plan_windows
+from .windows import Features, WindowJob, join_windows, plan_windows
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -56,44 +49,6 @@ CPU_MAX_BATCH: Final = 1
 SAMPLES_PER_LATENT_FRAME: Final = HOP_LENGTH * LATENT_DOWNSAMPLE
 
 
-@dataclass(frozen=True)
-class Features:
-    """A prepared input: its log-mel and what is needed to give the output back at its level."""
-
-    log_mel: np.ndarray  # float32 [T, 64]
-    gain: float  # multiply the 16 kHz output by this to restore the input level
-    num_samples: int  # length at 16 kHz
-    waveform: np.ndarray  # float32 [num_samples], the prepared 16 kHz input
-
-
-@dataclass(frozen=True)
-class WindowJob:
-    """One input cut into windows: the stages to run, one graph input per window, and how to join.
-
-    Windows of equal shape from any number of jobs (and callers) can run as one batch with
-    `Reconstructor.run_windows`; `Reconstructor.join` then cross-fades one job's outputs.
-    """
-
-    roles: tuple[str, ...]
-    windows: tuple[np.ndarray, ...]
-    """Graph inputs without the batch axis: [1, T, 64] (encoder), [8, T/4, 16] (decoder), [T, 64] (vocoder)."""
-    spans: tuple[tuple[int, int], ...]
-    """[start, end) of each window, in input units (mel frames, or latent frames for the decoder)."""
-    total: int
-    """Input length in input units."""
-    scale: float
-    """Output units per input unit on the joined axis (samples per frame, or latent frames per frame)."""
-    axis: int
-    """The joined axis of each per-window output (the batch axis removed)."""
-    tail: int = 0
-    """Decoding: samples of the vocoder's output past the last frame that the joined waveform keeps
-    (up to 32; asked for by a length past 640 samples per latent frame, see `Reconstructor.decode`)."""
-
-    def key(self, i: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
-        """Windows with equal keys can share a batch."""
-        return self.roles, tuple(self.windows[i].shape)
-
-
 def _pad_frames(mel: np.ndarray, multiple: int, value: float) -> np.ndarray:
     """Pad [..., T, 64] along T to a multiple of `multiple` with `value`."""
     t = mel.shape[-2]
@@ -103,151 +58,6 @@ def _pad_frames(mel: np.ndarray, multiple: int, value: float) -> np.ndarray:
     widths = [(0, 0)] * mel.ndim
     widths[-2] = (0, extra)
     return np.pad(mel, widths, constant_values=value)
-
-
-def _choose_precision(contract: Contract, precision: str, provider: str, where: Path) -> str:
-    available = contract.precisions
-    if not available:
-        raise BundleError(f"{where}: recon.json lists no complete set of graphs")
-    if precision == AUTO:
-        if provider == CUDA and FP16 in available:
-            if contract.fp16_arithmetic_passed:
-                return FP16
-            _LOGGER.info("fp32 graphs on CUDA: this bundle's fp16 arithmetic check did not pass (or was not run)")
-        return FP32 if FP32 in available else available[0]
-    if precision not in available:
-        raise BundleError(
-            f"{where}: bundle has no {precision} graphs (it has {', '.join(available)}); "
-            f"export them with recon-export --precision {precision}"
-        )
-    return precision
-
-
-def _check_files(contract: Contract, precision: str, where: Path) -> None:
-    for role in ROLES:
-        entry = contract.graph(role, precision)
-        if entry is None or not (where / entry.file).is_file():
-            missing = entry.file if entry else f"{role}.{precision}.onnx"
-            raise BundleError(f"{where / missing}: missing from the bundle; re-export it")
-
-
-def _onnxruntime_executor(
-    bundle_dir: Path,
-    contract: Contract,
-    provider: str,
-    precision: str,
-    options: ExecutorOptions,
-    stages: Sequence[str] | None,
-) -> Executor:
-    from .executors import onnxruntime as ort_exec  # imports onnxruntime only here
-
-    if precision == BF16:
-        raise ProviderError(
-            "bf16 runs on the openvino backend only (--backend openvino or auto, on a CPU with AVX512-BF16 or "
-            f"AMX; {install_hint('openvino')}); onnxruntime runs fp32, fp16 or int8"
-        )
-    if options.performance_hint not in (None, LATENCY):
-        raise ProviderError(
-            f"the {options.performance_hint} performance hint is an openvino setting; onnxruntime has none "
-            "(drop it, or use --backend openvino)"
-        )
-    if options.cache_dir is not None:
-        raise ProviderError(
-            "a compiled-model cache folder is an openvino setting; onnxruntime compiles nothing to cache "
-            "(drop it, or use --backend openvino)"
-        )
-
-    dists = ort_exec.onnxruntime_distributions()
-    if len(dists) > 1:
-        _LOGGER.warning(
-            "both %s are installed and overwrite each other's files; keep one "
-            "(pip uninstall -y onnxruntime onnxruntime-gpu, then install the one you want)",
-            " and ".join(dists),
-        )
-    if provider == CUDA and not ort_exec.cuda_available():
-        raise ProviderError(
-            "the CUDA provider is not in this onnxruntime build; install the GPU extra (see README) or use --provider cpu"
-        )
-    if provider in (AUTO, CUDA) and ort_exec.cuda_available():
-        chosen = _choose_precision(contract, precision, CUDA, bundle_dir)
-        _check_files(contract, chosen, bundle_dir)
-        try:
-            executor = ort_exec.create_executor(bundle_dir, contract, CUDA, chosen, options)
-            # CUDA must start now, so that provider and precision are final after load
-            executor.prepare(stages or (VOCODER,))
-            return executor
-        except ProviderError as e:
-            if provider == CUDA:
-                raise
-            _LOGGER.warning("CUDA did not start (%s); running on the CPU", e)
-    chosen = _choose_precision(contract, precision, CPU, bundle_dir)
-    _check_files(contract, chosen, bundle_dir)
-    executor = ort_exec.create_executor(bundle_dir, contract, CPU, chosen, options)
-    executor.prepare(stages or ())
-    return executor
-
-
-def _openvino_executor(
-    bundle_dir: Path,
-    contract: Contract,
-    provider: str,
-    precision: str,
-    options: ExecutorOptions,
-    stages: Sequence[str] | None,
-) -> Executor:
-    from .executors import openvino as ov_exec  # imports openvino only here
-
-    if provider == CUDA:
-        raise ProviderError(
-            "the openvino backend runs on the CPU; use --provider cpu, or --backend onnxruntime for CUDA"
-        )
-    chosen = FP32 if precision == AUTO else precision
-    if chosen not in (FP32, BF16):
-        raise ProviderError(
-            f"the openvino backend runs fp32 or bf16 (from the bundle's fp32 graphs), not {chosen}; "
-            f"use --backend onnxruntime for {chosen}"
-        )
-    if FP32 not in contract.precisions:
-        raise BundleError(
-            f"{bundle_dir}: the openvino backend reads the fp32 graphs and this bundle has none "
-            f"(it has {', '.join(contract.precisions) or 'none'}); export them with recon-export --precision fp32"
-        )
-    _check_files(contract, FP32, bundle_dir)
-    executor = ov_exec.create_executor(bundle_dir, contract, chosen, options)
-    executor.prepare(stages or ())
-    return executor
-
-
-ExecutorFactory = Callable[[Path, Contract, str, str, ExecutorOptions, "Sequence[str] | None"], Executor]
-_EXECUTOR_FACTORIES: Final[dict[str, ExecutorFactory]] = {
-    ONNXRUNTIME: _onnxruntime_executor,
-    OPENVINO: _openvino_executor,
-}
-
-
-def _installed(module: str) -> bool:
-    """Whether a module can be imported, without importing it."""
-    return importlib.util.find_spec(module) is not None
-
-
-def _resolve_backend(backend: str, provider: str, precision: str, available: Sequence[str]) -> str:
-    """The backend `auto` stands for: OpenVINO for bf16 (only it runs bf16), else onnxruntime (CUDA,
-    its own fp16/int8 graphs, and fp32 on the CPU), unless only OpenVINO is installed and can run it
-    (fp32 graphs on the CPU). `available`: the bundle's complete graph precisions (contract.precisions).
-
-    On the CPU at fp32 onnxruntime is the leaner engine for about the same speed (OpenVINO 1.07x at
-    best): OpenVINO keeps what the first run of each stage prepares (713 MiB) and each stage's last
-    activations, so a 120 s reconstruction peaked at 1919 MiB on it against 1358-1449 MiB on
-    onnxruntime (docs/performance.md, "Memory: why auto runs onnxruntime at fp32").
-    """
-    if backend != AUTO:
-        return backend
-    if precision == BF16:
-        return OPENVINO
-    openvino_can = precision in (AUTO, FP32) and provider != CUDA and FP32 in available
-    if openvino_can and not _installed("onnxruntime") and _installed("openvino"):
-        return OPENVINO
-    return ONNXRUNTIME
 
 
 class Reconstructor:
@@ -359,24 +169,22 @@ class Reconstructor:
             unknown = [s for s in stages if s not in ROLES]
             if unknown:
                 raise ValueError(f"unknown stages {unknown}; use {ROLES}")
-        chosen_backend = _resolve_backend(backend, provider, precision, contract.precisions)
-        if backend == AUTO and chosen_backend == ONNXRUNTIME:
-            # openvino settings under `auto`: dropped, with a line, when auto picks onnxruntime (which has
-            # neither); an explicit --backend onnxruntime refuses them instead
-            dropped = ["performance hint"] if performance_hint not in (None, LATENCY) else []
-            dropped += ["cache folder"] if cache_dir is not None else []
-            if dropped:
-                _LOGGER.info("auto picked onnxruntime, which has no %s: ignored", " nor ".join(dropped))
-                performance_hint, cache_dir = None, None
-        options = ExecutorOptions(
-            threads=threads,
-            cpu_arena=cpu_arena,
-            cuda_graph=cuda_graph,
-            performance_hint=performance_hint,
-            compile_cache=compile_cache,
-            cache_dir=Path(cache_dir) if cache_dir is not None else None,
+        executor = create_executor(
+            bundle_dir,
+            contract,
+            backend=backend,
+            provider=provider,
+            precision=precision,
+            stages=stages,
+            options=ExecutorOptions(
+                threads=threads,
+                cpu_arena=cpu_arena,
+                cuda_graph=cuda_graph,
+                performance_hint=performance_hint,
+                compile_cache=compile_cache,
+                cache_dir=Path(cache_dir) if cache_dir is not None else None,
+            ),
         )
-        executor = _EXECUTOR_FACTORIES[chosen_backend](bundle_dir, contract, provider, precision, options, stages)
         if contract.random_weights:
             _LOGGER.warning(RANDOM_WEIGHTS_WARNING, bundle_dir)
         _LOGGER.info(
@@ -442,23 +250,16 @@ class Reconstructor:
         return [[o[i] for o in outs] for i in range(len(windows))]
 
     def join(self, job: WindowJob, outputs: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
-        """Cross-fade one job's per-window outputs (as `run_windows` returns them) into whole outputs.
+        """Cross-fade one job's per-window outputs (as `run_windows` returns them) into whole outputs
+        (`windows.join_windows`).
 
         A decoding job's waveform is 640 samples per latent frame, followed by the first `job.tail`
         samples the last window's vocoder gave past its last frame.
         """
-        count = len(outputs[0])
-        joined = [
-            join_windows(job.total, job.spans, [o[k] for o in outputs], job.scale, job.axis) for k in range(count)
+        return [
+            join_windows(job.total, job.spans, [o[k] for o in outputs], job.scale, job.axis, job.tail)
+            for k in range(len(outputs[0]))
         ]
-        if job.roles[0] == DECODER and job.roles[-1] == VOCODER:
-            wave = joined[0][: int(round(job.total * job.scale))]  # one window: its output, tail and all
-            if job.tail:
-                start, end = job.spans[-1]
-                used = int(round((end - start) * job.scale))
-                wave = np.concatenate([wave, outputs[-1][0][used : used + job.tail]])
-            joined = [wave]
-        return joined
 
     def run_jobs(self, jobs: Sequence[WindowJob]) -> list[list[np.ndarray]]:
         """Run every window of several jobs, equal shapes batched up to `max_batch`, and join each job."""
@@ -556,11 +357,9 @@ class Reconstructor:
         batched = z.ndim == 4
         if z.ndim == 3:
             z = z[None]
-        if z.ndim != 4 or z.shape[1] != LATENT_CHANNELS or z.shape[3] != LATENT_FREQ_BINS or z.shape[2] < 1:
-            raise AudioInputError(
-                f"latents must be [{LATENT_CHANNELS}, frames, {LATENT_FREQ_BINS}] or "
-                f"[batch, {LATENT_CHANNELS}, frames, {LATENT_FREQ_BINS}], got {list(np.shape(latents))}"
-            )
+        problem = latent_shape_problem(np.shape(latents), batched=True)
+        if problem:
+            raise AudioInputError(problem)
         if not np.issubdtype(z.dtype, np.floating):
             raise AudioInputError(f"latents must be floating point, got {z.dtype}")
         if not np.isfinite(z).all():

@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import click
 
-from ..errors import AudioInputError, OutputError, ReconError, failure_message
+from ..errors import AudioInputError, OutputError, ReconError, describe, failure_message
 from ..files.audio import discover
 
 OUT_OF_MEMORY: Final = "out of memory; try --threads 1, fewer files at once, or a machine with more memory"
@@ -36,12 +36,8 @@ def guard(ctx: click.Context, fn: Callable[[], int]) -> None:
     except Exception as e:  # noqa: BLE001 - the user gets one line, the developer --debug
         if ctx.obj.get("debug"):
             raise
-        if isinstance(e, ReconError):
-            fail(str(e))
-        elif isinstance(e, MemoryError):
-            fail("out of memory")
-        else:
-            fail(f"{type(e).__name__}: {' '.join(str(e).split())} (run with --debug for the traceback)")
+        ours = isinstance(e, (ReconError, MemoryError))
+        fail(describe(e) + ("" if ours else " (run with --debug for the traceback)"))
         code = 1
     ctx.exit(code)
 

@@ -13,10 +13,11 @@ from typing import Any
 
 import click
 
+from ..files.audio import FLOAT32
 from ..jobs.config import DEFAULT_MAX_SECONDS, ENCODE, EVALUATE, RECONSTRUCT, JobConfig
 from ..jobs.job import INTERRUPTED_EXIT, JobInterrupted
 from .batch import fail, guard
-from .options import model_args, model_options
+from .options import FORMAT_OPTION, OUTPUT_RATE_OPTION, model_args, model_options
 
 
 @click.group()
@@ -90,7 +91,7 @@ def _run(ctx: click.Context, mode: str, inputs: tuple[str, ...], out: Path, kwar
             retry_errors=kwargs["retry_errors"],
             max_seconds=kwargs["max_seconds"],
             output_rate=kwargs.get("output_rate"),
-            sample_format=kwargs.get("sample_format", "float32"),
+            sample_format=kwargs.get("sample_format", FLOAT32),
             progress=not kwargs["no_progress"],
         )
         try:
@@ -124,10 +125,8 @@ def encode(ctx: click.Context, inputs: tuple[str, ...], out: Path, **kwargs: Any
 
 @dataset.command("reconstruct")
 @_job_options
-@click.option("--output-rate", type=click.IntRange(min=1000), default=None, help="Resample the output (default 16000).")
-@click.option(
-    "--format", "sample_format", type=click.Choice(["float32", "pcm16"]), default="float32", show_default=True
-)
+@OUTPUT_RATE_OPTION
+@FORMAT_OPTION
 @click.pass_context
 def reconstruct(ctx: click.Context, inputs: tuple[str, ...], out: Path, **kwargs: Any) -> None:
     """Audio -> VAE -> HiFi-GAN -> audio under OUT/audio (the input tree mirrored), as `recon-run reconstruct`."""

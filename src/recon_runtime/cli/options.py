@@ -8,7 +8,6 @@ vocode, serve and the dataset jobs all use these two.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -16,8 +15,10 @@ from typing import Any
 
 import click
 
+from ..contract import SAMPLE_RATE
 from ..executors.base import LATENCY, PERFORMANCE_HINTS, THROUGHPUT
 from ..executors.select import BACKEND_CHOICES, PRECISION_CHOICES, PROVIDER_CHOICES
+from ..files.audio import FLOAT32, MIN_SAMPLE_RATE, SAMPLE_FORMATS
 from ..options import LoadOptions
 from ..reconstructor import CPU_MAX_BATCH, MAX_BATCH
 
@@ -115,7 +116,22 @@ def api_key_from_env(var: str | None) -> str | None:
     """The key from the environment variable `var` (never from a flag, so it stays out of `ps`)."""
     if not var:
         return None
-    key = os.environ.get(var)
-    if not key:
-        raise click.ClickException(f"--api-key-env {var}: the environment variable {var} is not set or empty")
-    return key
+    from ..serving.config import api_key_from
+
+    try:
+        return api_key_from(var)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+
+OUTPUT_RATE_OPTION = click.option(
+    "--output-rate",
+    type=click.IntRange(min=MIN_SAMPLE_RATE),
+    default=None,
+    help=f"Resample the output (default {SAMPLE_RATE}).",
+)
+"""reconstruct's --output-rate (files and dataset jobs)."""
+FORMAT_OPTION = click.option(
+    "--format", "sample_format", type=click.Choice(SAMPLE_FORMATS), default=FLOAT32, show_default=True
+)
+"""The written audio's --format (reconstruct, decode, vocode, dataset reconstruct)."""

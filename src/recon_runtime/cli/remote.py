@@ -12,9 +12,11 @@ from typing import Any
 import click
 import numpy as np
 
+from ..contract import SAMPLE_RATE
 from ..errors import AudioInputError, BundleError, install_hint
-from ..files.audio import atomic_path, load_array, write_audio
-from ..files.latents import save_latents
+from ..files.audio import atomic_path, write_audio
+from ..files.latents import read_latents, save_latents
+from ..serving.protocol import SUBTYPE_OF
 from .options import api_key_from_env
 
 
@@ -55,13 +57,13 @@ def remote_client(server: str, api_key_env: str | None, expect_digest: str | Non
 
 
 def remote_reconstruct(client: Any, output_rate: int | None, sample_format: str) -> Callable[[Path, Path], float]:
-    subtype = "pcm16" if sample_format == "pcm16" else "float"
+    subtype = SUBTYPE_OF[sample_format]
 
     def one(src: Path, dst: Path) -> float:
         wave, wav = client.reconstruct_wav(_read_bytes(src), output_rate=output_rate, subtype=subtype)
         with atomic_path(dst) as tmp:  # the server's WAV as it came: no second conversion
             tmp.write_bytes(wav)
-        return wave.shape[0] / (output_rate or 16000)
+        return wave.shape[0] / (output_rate or SAMPLE_RATE)
 
     return one
 
@@ -87,19 +89,14 @@ def remote_encode(client: Any, sample: bool, seed: int) -> Callable[[Path, Path]
     return one
 
 
-def remote_decode(
-    client: Any, sample_format: str, read_sidecar: Callable[[Path, str], dict[str, Any]]
-) -> Callable[[Path, Path], float]:
+def remote_decode(client: Any, sample_format: str) -> Callable[[Path, Path], float]:
     info = client.info()
     fingerprint = info["fingerprint"]
     rate = int(info["sample_rate"])
-    subtype = "pcm16" if sample_format == "pcm16" else "float"
+    subtype = SUBTYPE_OF[sample_format]
 
     def one(src: Path, dst: Path) -> float:
-        z = load_array(src)
-        side = read_sidecar(src, fingerprint)  # same check (and message) as a local decode
-        if z.ndim != 3:
-            raise AudioInputError(f"{src}: latents must be one [8, frames, 16] array per file, got {list(z.shape)}")
+        z, side = read_latents(src, fingerprint)  # the same checks (and messages) as a local decode
         wave = client.decode(
             z,
             num_samples=side.get("num_samples"),

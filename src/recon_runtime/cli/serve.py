@@ -16,8 +16,9 @@ from typing import Any
 import click
 
 from ..contract import LATENT_DOWNSAMPLE
-from ..errors import ReconError
+from ..errors import ReconError, describe
 from ..serving.config import TIMEOUT_PER_AUDIO_S
+from .batch import fail
 from .options import api_key_from_env, model_options
 from .remote import need_serve_extra
 
@@ -231,13 +232,12 @@ def serve(
         for s, handler in previous.items():
             signal.signal(s, handler)
     if failed:
-        e = failed[0]
-        click.echo(f"error: {e if isinstance(e, ReconError) else f'{type(e).__name__}: {e}'}", err=True)
+        fail(describe(failed[0]))
         ctx.exit(1)
     if not server.started:
         ctx.exit(1)  # e.g. the port is in use (uvicorn said so)
     if cut_off.tasks:
-        click.echo(f"error: the grace period ({grace_s:g} s) cut off {cut_off.tasks} request(s) in progress", err=True)
+        fail(f"the grace period ({grace_s:g} s) cut off {cut_off.tasks} request(s) in progress")
         ctx.exit(EXIT_CUT_OFF)
     ctx.exit(0)
 

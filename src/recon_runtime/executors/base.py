@@ -36,7 +36,6 @@ class ExecutorOptions:
     percent of speed (benchmarks/memory.py and benchmarks/latency.py measure both)."""
     cuda_graph: bool = False
     """onnxruntime CUDA: capture CUDA graphs for input shapes that repeat (not measured on a GPU yet)."""
-    device_id: int = 0
     performance_hint: str | None = None
     """OpenVINO: "latency" (each call uses every core; the default, None) or "throughput" (streams, for
     many concurrent calls). onnxruntime has no such setting and refuses "throughput"."""

@@ -100,7 +100,6 @@ class SessionConfig:
             provider=provider,
             threads=options.threads,
             cpu_arena=options.cpu_arena,
-            device_id=options.device_id,
             cuda_graph=options.cuda_graph and provider == CUDA,
         )
 

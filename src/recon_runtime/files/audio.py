@@ -21,7 +21,12 @@ from ..errors import AudioInputError, OutputError
 AUDIO_EXTENSIONS: Final = frozenset(
     {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64", ".rf64"}
 )
-WAV_SUBTYPES: Final = {"float32": "FLOAT", "pcm16": "PCM_16"}
+FLOAT32: Final = "float32"
+PCM16: Final = "pcm16"
+SAMPLE_FORMATS: Final = (FLOAT32, PCM16)
+"""The sample formats of the audio the runtime writes (files, WAV answers, streams)."""
+WAV_SUBTYPES: Final = {FLOAT32: "FLOAT", PCM16: "PCM_16"}
+BYTES_PER_SAMPLE: Final = {FLOAT32: 4, PCM16: 2}
 
 
 def read_audio(path: Path) -> tuple[np.ndarray, int]:
@@ -184,11 +189,30 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def write_audio(path: Path, waveform: np.ndarray, sample_rate: int, sample_format: str = "float32") -> None:
-    """Write mono audio as WAV (float32 or PCM16), atomically: no partial file on failure."""
+def _wav_samples(waveform: np.ndarray, sample_format: str) -> np.ndarray:
     data = np.asarray(waveform, dtype=np.float32)
-    if sample_format == "pcm16":
-        data = np.clip(data, -1.0, 1.0)
+    return np.clip(data, -1.0, 1.0) if sample_format == PCM16 else data
+
+
+def wav_bytes(waveform: np.ndarray, sample_rate: int, sample_format: str = FLOAT32) -> bytes:
+    """Mono audio as the bytes of a WAV file (float32 or PCM16, clipped to [-1, 1]), as `write_audio` writes it."""
+    buf = io.BytesIO()
+    sf.write(
+        buf, _wav_samples(waveform, sample_format), int(sample_rate), subtype=WAV_SUBTYPES[sample_format], format="WAV"
+    )
+    return buf.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """An array as the bytes of a .npy file (never pickled), as `write_array` writes it."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_audio(path: Path, waveform: np.ndarray, sample_rate: int, sample_format: str = FLOAT32) -> None:
+    """Write mono audio as WAV (float32 or PCM16), atomically: no partial file on failure."""
+    data = _wav_samples(waveform, sample_format)
     with atomic_path(path) as tmp:
         try:
             sf.write(str(tmp), data, sample_rate, subtype=WAV_SUBTYPES[sample_format], format="WAV")

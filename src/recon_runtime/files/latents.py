@@ -14,8 +14,9 @@ from typing import Any, Final
 
 import numpy as np
 
+from ..contract import latent_shape_problem
 from ..errors import AudioInputError, BundleError
-from .audio import atomic_path, write_array
+from .audio import atomic_path, load_array, write_array
 
 SIDECAR_VERSION: Final = 2  # 2: bundle_fingerprint names the decoding weights (1 named the source and configs)
 SIDECAR: Final = ".json"  # encode writes it beside each .npy
@@ -99,6 +100,17 @@ def read_sidecar(latents_path: Path, fingerprint: str) -> dict[str, Any]:
             "decode without its length and level)"
         )
     return side
+
+
+def read_latents(path: Path, fingerprint: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """A .npy of latents [8, frames, 16] to decode with the bundle of `fingerprint`, and its sidecar
+    (`read_sidecar`; {} when there is none); refused in one line naming the file."""
+    latents = load_array(path)
+    side = read_sidecar(path, fingerprint)
+    problem = latent_shape_problem(latents.shape)
+    if problem:
+        raise AudioInputError(f"{path}: {problem}")
+    return latents, side
 
 
 def _not_of(latents_path: Path, side: dict[str, Any]) -> str | None:

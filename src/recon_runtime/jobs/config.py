@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
+from ..files.audio import FLOAT32
+from ..options import LoadOptions
+
 _LOGGER = logging.getLogger(__name__)
 
 ENCODE: Final = "encode"
@@ -35,12 +38,13 @@ Key = tuple[str, int, int]
 
 @dataclass(frozen=True)
 class JobConfig:
-    """One dataset job. `model` is any object with `load(stages) -> Reconstructor` (options.LoadOptions)."""
+    """One dataset job. `model`: the options its workers load the bundle with (`LoadOptions.for_cpus` then
+    `load`; a subclass may load otherwise)."""
 
     mode: str
     inputs: tuple[str, ...]
     out: Path
-    model: Any
+    model: LoadOptions
     ray_address: str | None = None
     workers: int = 1
     gpus_per_worker: float = 0.0
@@ -50,18 +54,8 @@ class JobConfig:
     retry_errors: bool = False
     max_seconds: float | None = DEFAULT_MAX_SECONDS
     output_rate: int | None = None
-    sample_format: str = "float32"
+    sample_format: str = FLOAT32
     progress: bool = True
-    # test hooks: each graph worker stalls once it has written this many files (until the job is
-    # interrupted, so a test can stop a job mid-way however fast the workers are), and make one
-    # worker process die once (os._exit) on the file whose name is crash_once[0], using the
-    # marker file crash_once[1] to do it only once
-    stall_after: int | None = None
-    crash_once: tuple[str, str] | None = None
-    # test hook: the process handling the file named crash_always[0] dies (os._exit) every time, in
-    # stage crash_always[1] ("read": the CPU task, "run": the graph worker), as an OOM kill or a
-    # decoder segfault would
-    crash_always: tuple[str, str] | None = None
     # a batch whose worker died this many times is run again one file at a time, and a file whose
     # worker dies then gets an error row instead of another try
     batch_attempts: int = 2
@@ -70,9 +64,9 @@ class JobConfig:
         """What shapes the results besides the bundle: a resume must use the same."""
         model = self.model
         out: dict[str, Any] = {
-            "backend": getattr(model, "backend", None),
-            "provider": getattr(model, "provider", None),
-            "precision": getattr(model, "precision", None),
+            "backend": model.backend,
+            "provider": model.provider,
+            "precision": model.precision,
             "max_seconds": self.max_seconds,
         }
         if self.mode == RECONSTRUCT:

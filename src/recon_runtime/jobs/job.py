@@ -22,8 +22,9 @@ from typing import Any, Final
 
 import numpy as np
 
+from ..cluster import start_ray
 from ..contract import RANDOM_WEIGHTS_WARNING, read_contract
-from ..errors import OutputError, ReconError, install_hint
+from ..errors import OutputError, ReconError, require
 from ..files.audio import atomic_path
 from .config import (
     ERRORS_DIR,
@@ -52,16 +53,12 @@ from .outdir import (
     start_over,
 )
 from .shards import compact, done_keys, error_table, outputs_table, read_keys, read_table, table_keys, write_shard
-from .stages import PREPARE_CPUS, PREPARE_MEMORY, Worker, max_tries, prepare_batch
+from .stages import PREPARE_CPUS, PREPARE_MEMORY, Stages, max_tries, prepare_batch
 
 _LOGGER = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT_S: Final = 10.0  # how long ray.shutdown may take (after Ctrl-C) before Ray's processes are killed
 INTERRUPTED_EXIT: Final = 130  # exit status after Ctrl-C (128 + SIGINT, as shells report it)
-
-
-def ray_missing_message() -> str:
-    return f"dataset jobs need Ray Data and pyarrow: {install_hint('ray')}"
 
 
 def duration(seconds: float) -> str:
@@ -170,25 +167,6 @@ def _quiet_ray(progress: bool) -> None:
         token.addFilter(_DefaultTokenNotice())
 
 
-def _start_ray(cfg: JobConfig) -> bool:
-    """Connect to the cluster, or start a local Ray; True when this call started it."""
-    import ray
-
-    _quiet_ray(cfg.progress)
-    if ray.is_initialized():
-        return False
-    if cfg.ray_address:
-        ray.init(address=cfg.ray_address, logging_level=logging.WARNING)
-    else:
-        need = cfg.workers * cfg.cpus_per_worker + 1
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))),
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-        )
-    return True
-
-
 def _local_ray_processes() -> dict[int, Any]:
     """The processes of the local Ray this process started (GCS, raylet, their agents and workers), by pid.
 
@@ -258,8 +236,12 @@ def interrupted_message(mode: str, out: Path) -> str:
     return f"dataset {mode}: interrupted; {out} keeps what was written so far; the same command resumes"
 
 
-def run_job(cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> JobResult:
+def run_job(
+    cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr), stages: Stages = Stages()
+) -> JobResult:
     """Run one dataset job to the end (or to the first system failure Ray could not retry).
+
+    `stages`: the reader and the graph workers' class (tests replace them; see `Stages`).
 
     Raises JobInterrupted on Ctrl-C, wherever it comes (in the pipeline: once Ray is shut down,
     within SHUTDOWN_TIMEOUT_S): what was written stays, and the same job resumes.
@@ -269,22 +251,18 @@ def run_job(cfg: JobConfig, echo: Callable[[str], None] = lambda s: print(s, fil
     # OUT resolved (symlinks, `..`): one spelling, whichever way -o names it, for the checks below
     cfg = dataclasses.replace(cfg, out=Path(os.path.realpath(cfg.out)))
     try:
-        return _run_job(cfg, echo)
+        return _run_job(cfg, echo, stages)
     except KeyboardInterrupt:  # outside the pipeline (its Ctrl-C is a JobInterrupted): no Ray to stop
         raise JobInterrupted(interrupted_message(cfg.mode, cfg.out), ray_stopped=True) from None
 
 
-def _run_job(cfg: JobConfig, echo: Callable[[str], None]) -> JobResult:
-    try:
-        import pyarrow  # noqa: F401
-        import ray  # noqa: F401
-    except ImportError:
-        raise ReconError(ray_missing_message()) from None
+def _run_job(cfg: JobConfig, echo: Callable[[str], None], stages: Stages) -> JobResult:
+    require(("pyarrow", "ray"), "dataset jobs need Ray Data and pyarrow", "ray")
     started = time.perf_counter()
     contract = read_contract(Path(cfg.model.model))
     if contract.random_weights:  # said once here; the read tasks and graph workers do not repeat it
         echo(RANDOM_WEIGHTS_WARNING % cfg.model.model)
-    if getattr(cfg.model, "expect_digest", None) and cfg.model.expect_digest != contract.digest:
+    if cfg.model.expect_digest and cfg.model.expect_digest != contract.digest:
         raise ReconError(f"{cfg.model.model}: bundle digest is {contract.digest}, expected {cfg.model.expect_digest}")
     if cfg.out.exists() and not cfg.out.is_dir():
         raise OutputError(f"{cfg.out}: exists and is not a folder; -o/--out names the job's output folder")
@@ -294,10 +272,12 @@ def _run_job(cfg: JobConfig, echo: Callable[[str], None]) -> JobResult:
         raise OutputError(f"{cfg.out}: cannot create the output folder ({e.strerror or e})") from None
     refuse_foreign(cfg.out)  # before the lock: never a job.lock in a folder of the user's
     with OutLock(cfg.out, cfg.mode, echo):
-        return _run_locked(cfg, contract, started, echo)
+        return _run_locked(cfg, contract, started, echo, stages)
 
 
-def _run_locked(cfg: JobConfig, contract: Any, started: float, echo: Callable[[str], None]) -> JobResult:
+def _run_locked(
+    cfg: JobConfig, contract: Any, started: float, echo: Callable[[str], None], stages: Stages
+) -> JobResult:
     """run_job, holding OUT's lock."""
     import ray
 
@@ -381,8 +361,9 @@ def _run_locked(cfg: JobConfig, contract: Any, started: float, echo: Callable[[s
     if todo:
         started_ray = not ray.is_initialized()
         try:
-            _start_ray(cfg)
-            _run_pipeline(cfg, todo, result, echo)
+            _quiet_ray(cfg.progress)
+            start_ray(cfg.ray_address, cfg.workers * cfg.cpus_per_worker + 1)  # + 1: the CPU tasks
+            _run_pipeline(cfg, todo, result, echo, stages)
             remove_attempts(cfg.out)
         except KeyboardInterrupt:
             interrupted = True
@@ -453,7 +434,9 @@ def _short_error(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _run_pipeline(cfg: JobConfig, todo: list[Item], result: JobResult, echo: Callable[[str], None]) -> None:
+def _run_pipeline(
+    cfg: JobConfig, todo: list[Item], result: JobResult, echo: Callable[[str], None], stages: Stages
+) -> None:
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -475,7 +458,7 @@ def _run_pipeline(cfg: JobConfig, todo: list[Item], result: JobResult, echo: Cal
                 "keep_waveform": cfg.mode == EVALUATE,
                 "out": cfg.out,
                 "batch_attempts": cfg.batch_attempts,
-                "crash_always": cfg.crash_always,
+                "read": stages.read,
             },
             batch_size=batch,
             batch_format="numpy",
@@ -486,7 +469,7 @@ def _run_pipeline(cfg: JobConfig, todo: list[Item], result: JobResult, echo: Cal
             max_retries=tries,
         )
         ds = ds.map_batches(
-            Worker,
+            stages.worker,
             fn_constructor_kwargs={"config": cfg},
             batch_size=batch,
             batch_format="numpy",

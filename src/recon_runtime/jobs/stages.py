@@ -11,7 +11,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
@@ -20,15 +21,18 @@ import numpy as np
 from ..contract import ENCODER, RANDOM_WEIGHTS_WARNING, ROLES
 from ..errors import AudioInputError, ReconError, failure_message
 from ..files.audio import read_audio, write_audio
+from ..windows import Features
 from .config import ATTEMPTS_DIR, ENCODE, ERRORS_DIR, METRIC_NAMES, RECONSTRUCT, RESULT_DIRS, JobConfig, Key, audio_rel
 from .listing import is_uri, open_filesystem
 from .shards import error_table, keys_digest, shard_name, write_shard
 
 _LOGGER = logging.getLogger(__name__)
 
+Reader = Callable[[str], tuple[np.ndarray, int]]
+"""Reads one input (a local path or a URI) as (float32 samples, sample rate)."""
+
 PREPARE_MEMORY: Final = 1 << 30  # Ray memory request per read + front-end task (one decoded file + a batch of log-mels)
 PREPARE_CPUS: Final = 0.25  # Ray CPUs per read + front-end task (they mostly wait on I/O and numpy)
-STALL_SECONDS: Final = 600.0  # stall_after hook: long enough that only the interrupted job's shutdown ends it
 
 
 _FRONT_ENDS: dict[Any, Any] = {}
@@ -58,7 +62,7 @@ def _front_end(model: Any) -> Any:
     return _FRONT_ENDS[key]
 
 
-def _read_any(path: str) -> tuple[np.ndarray, int]:
+def read_any(path: str) -> tuple[np.ndarray, int]:
     """`read_audio` for a local path; other file systems are copied to a temporary file first."""
     if not is_uri(path):
         return read_audio(Path(path))
@@ -118,12 +122,6 @@ class _Attempts:
         )
 
 
-def _maybe_die(hook: tuple[str, str] | None, stage: str, paths: Sequence[str]) -> None:
-    """Test hook (JobConfig.crash_always): die as an OOM kill or a segfault would."""
-    if hook and hook[1] == stage and any(PurePosixPath(p).name == hook[0] for p in paths):
-        os._exit(1)
-
-
 def max_tries(batch_attempts: int, batch_size: int) -> int:
     """Ray retries per task: a task holds at most two batches (Ray Data bundles blocks up to a batch's
     rows), each needing at most `batch_attempts` + its files tries (see _Attempts)."""
@@ -137,9 +135,10 @@ def prepare_batch(
     keep_waveform: bool = False,
     out: Path | None = None,
     batch_attempts: int = 2,
-    crash_always: tuple[str, str] | None = None,
+    read: Reader = read_any,
 ) -> dict[str, np.ndarray]:
-    """CPU task: read, decode and run the front end (`Reconstructor.features`); a failure becomes the row's error.
+    """CPU task: read (`read`), decode and run the front end (`Reconstructor.features`); a failure becomes
+    the row's error.
 
     The prepared waveform goes on only with `keep_waveform` (evaluate compares against it).
     """
@@ -160,8 +159,7 @@ def prepare_batch(
                 raise AudioInputError(attempts.message(path, "reading"))
             if isolate:
                 attempts.begin(path)
-            _maybe_die(crash_always, "read", [path])
-            audio, sr = _read_any(path)
+            audio, sr = read(path)
             seconds = audio.shape[0] / sr
             if max_seconds is not None and seconds > max_seconds:
                 raise AudioInputError(
@@ -202,30 +200,17 @@ class Worker:
     def __init__(self, config: JobConfig):
         self.config = config
         stages = (ENCODER,) if config.mode == ENCODE else ROLES
-        model = config.model
-        if getattr(model, "threads", None) is None and dataclasses.is_dataclass(model):
-            # one intra-op thread per CPU this worker holds, not all the node's cores per worker
-            model = dataclasses.replace(model, threads=max(1, int(round(config.cpus_per_worker))))
         _quiet_repeats()
-        self.rec = model.load(stages)
+        self.rec = config.model.for_cpus(config.cpus_per_worker).load(stages)
         self.fingerprint = self.rec.contract.fingerprint
-        self.files_done = 0
 
-    def _maybe_stall(self) -> None:
-        """stall_after hook: hold this worker until the interrupted job's shutdown kills it."""
-        if self.config.stall_after is not None and self.files_done >= self.config.stall_after:
-            time.sleep(STALL_SECONDS)
-            raise RuntimeError(f"stall_after: the job was not interrupted within {STALL_SECONDS:.0f} s")
+    def process(self, paths: Sequence[str], feats: list[Features]) -> list[Any]:
+        """Per input: the mode's graph output, or the exception it raised (a bad one never sinks the batch).
 
-    def _maybe_crash(self, paths: Sequence[str]) -> None:
-        hook = self.config.crash_once
-        if hook and any(PurePosixPath(p).name == hook[0] for p in paths) and not os.path.exists(hook[1]):
-            Path(hook[1]).write_text("crashed once\n")
-            os._exit(1)
-        _maybe_die(self.config.crash_always, "run", paths)
-
-    def _run(self, feats: list[Any]) -> list[Any]:
-        """Per input: the mode's graph output, or the exception it raised (a bad one never sinks the batch)."""
+        `paths` name the inputs of `feats`. Called once per batch, or once per file when the batch's
+        worker died before (`_Attempts`): the one place where a subclass sees which files run (tests
+        make a worker die there, as an out-of-memory kill would).
+        """
         rec = self.rec
 
         def encode(fs: list[Any]) -> list[np.ndarray]:
@@ -252,12 +237,8 @@ class Worker:
         return self._result(batch, i, f, out, base)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ..reconstructor import Features
-
         cfg = self.config
-        self._maybe_stall()
         n = len(batch["path"])
-        self.files_done += n
         paths = [str(p) for p in batch["path"]]
         base = [
             {"path": paths[i], "size": int(batch["size"][i]), "mtime_ns": int(batch["mtime_ns"][i])} for i in range(n)
@@ -289,15 +270,12 @@ class Worker:
                     continue
                 attempts.begin(paths[i])
                 try:
-                    self._maybe_crash([paths[i]])
-                    rows.append(self._row(batch, i, f, self._run([f])[0], base[i]))
+                    rows.append(self._row(batch, i, f, self.process([paths[i]], [f])[0], base[i]))
                 except Exception as e:  # noqa: BLE001 - one error row per failed file
                     errors.append({**base[i], "stage": cfg.mode, "message": failure_message(paths[i], e)})
                 attempts.end(paths[i])
         else:
-            if ready:
-                self._maybe_crash([paths[i] for i in ready])
-            outs = self._run(feats) if feats else []
+            outs = self.process([paths[i] for i in ready], feats) if feats else []
             for i, f, out in zip(ready, feats, outs):
                 try:
                     rows.append(self._row(batch, i, f, out, base[i]))
@@ -372,3 +350,16 @@ class Worker:
         cols["duration_s"] = pa.array([r["duration_s"] for r in rows], pa.float64())
         cols["bundle_fingerprint"] = pa.array([r["bundle_fingerprint"] for r in rows], pa.string())
         return pa.table(cols)
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The two stages `run_job` runs: how a CPU task reads a file, and the graph workers' class.
+
+    Production runs these defaults; tests pass others to `run_job` (a reader or a worker that dies
+    or stalls, as an out-of-memory kill or a hung node would), so no production batch checks a test's
+    setting. Both travel to Ray's processes: a replacement must pickle (cloudpickle) there.
+    """
+
+    read: Reader = read_any
+    worker: type[Worker] = Worker

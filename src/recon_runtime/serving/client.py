@@ -23,6 +23,7 @@ import numpy as np
 import soundfile as sf
 
 from ..errors import ReconError
+from ..files.audio import npy_bytes, wav_bytes
 from .protocol import (
     H_FINGERPRINT,
     H_FORMAT,
@@ -59,24 +60,12 @@ class EncodeInfo:
     seed: int | None
 
 
-def _wav(audio: np.ndarray, sample_rate: int) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, np.asarray(audio, dtype=np.float32), int(sample_rate), subtype="FLOAT", format="WAV")
-    return buf.getvalue()
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
 def _audio_body(audio: np.ndarray | bytes, sample_rate: int | None) -> bytes:
     if isinstance(audio, (bytes, bytearray, memoryview)):
         return bytes(audio)  # a file's contents, in any format the server's libsndfile reads
     if sample_rate is None:
         raise ValueError("sample_rate is required with an array")
-    return _wav(audio, sample_rate)
+    return wav_bytes(audio, sample_rate)
 
 
 class Client:
@@ -192,7 +181,7 @@ class Client:
         try:
             r = self._post(
                 "/v1/decode",
-                _npy(latents),
+                npy_bytes(latents),
                 {"num_samples": num_samples, "gain": gain, "subtype": subtype},
                 {H_FINGERPRINT: fingerprint} if fingerprint else None,
             )
@@ -219,7 +208,9 @@ class Client:
         params["stream"] = "true"
         headers = {H_FINGERPRINT: fingerprint} if fingerprint else None
         try:
-            with self._http.stream("POST", "/v1/decode", content=_npy(latents), params=params, headers=headers) as r:
+            with self._http.stream(
+                "POST", "/v1/decode", content=npy_bytes(latents), params=params, headers=headers
+            ) as r:
                 if r.status_code != 200:
                     r.read()
                     _check(r, self.url + "/v1/decode")

@@ -125,16 +125,24 @@ class ServerConfig(LoadOptions):
             kwargs[f.name] = _env_value(var, raw, str(f.type))
         key_var = env.get("RECON_API_KEY_ENV")
         if key_var:
-            key = env.get(key_var)
-            if not key:
-                raise ValueError(f"RECON_API_KEY_ENV names {key_var}, which is not set or empty")
-            kwargs["api_key"] = key
+            kwargs["api_key"] = api_key_from(key_var, env, "RECON_API_KEY_ENV names")
         elif env.get("RECON_API_KEY"):
             _LOGGER.warning(
                 "RECON_API_KEY is set but not read: the server reads its key from the variable that "
                 "RECON_API_KEY_ENV names (RECON_API_KEY_ENV=RECON_API_KEY to use this one); no key is required"
             )
         return cls(**kwargs)
+
+
+def api_key_from(var: str, environ: Mapping[str, str] | None = None, named_by: str = "--api-key-env") -> str:
+    """The API key held in the environment variable `var` (a key is never a flag or a setting of its own,
+    so it stays out of `ps` and of the logs); ValueError, naming `var` as `named_by` names it, when it
+    is not set or empty. The server (`ServerConfig.from_env`, `recon-run serve --api-key-env`) and the
+    client (`--server URL --api-key-env`) read it here."""
+    key = (os.environ if environ is None else environ).get(var)
+    if not key:
+        raise ValueError(f"{named_by} {var}: the environment variable {var} is not set or empty")
+    return key
 
 
 _TRUE = ("1", "true", "yes", "on")

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from .errors import SHUTDOWN_RETRY_AFTER, SHUTTING_DOWN, StreamAborted
+from .errors import SHUTDOWN_RETRY_S, SHUTTING_DOWN, StreamAborted, retry_after
 from .page import is_public
 from .service import ADMISSION, STATUS_OVERRIDE, Service
 
@@ -145,7 +145,7 @@ class Edge:
                 return
             _LOGGER.warning("%s %s: cut off by the shutdown (503)", scope.get("method"), scope["path"])
             body.done = True  # no drain: the server is going away, and says so at once
-            headers = {**SHUTDOWN_RETRY_AFTER, "Connection": "close"}
+            headers = {**retry_after(SHUTDOWN_RETRY_S), "Connection": "close"}
             await JSONResponse({"error": SHUTTING_DOWN}, 503, headers=headers)(scope, receive, send_status)
         finally:
             release = scope.pop(ADMISSION, None)

@@ -8,15 +8,34 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import AudioInputError, BundleError, NumericalError, ReconError
+from ..errors import AudioInputError, BundleError, NumericalError, ReconError, describe
 
 _LOGGER = logging.getLogger(__name__)
 
 CLIENT_GONE = 499
 """Status recorded in the metrics for a request whose client disconnected before the answer (nginx's 499)."""
+RETRY_SOON_S = 1
+"""Retry-After of a 503 that a moment may cure: the model still loading, every slot taken."""
+SHUTDOWN_RETRY_S = 5
+"""Retry-After of a stopping server's 503: another instance (or this one restarted) takes the retry."""
 SHUTTING_DOWN = "the server is shutting down; retry shortly"
-SHUTDOWN_RETRY_AFTER = {"Retry-After": "5"}
-"""A stopping server's answer: another instance (or this one restarted) takes the retry."""
+NOT_LOADED = "the model is not loaded yet; retry shortly"
+
+
+def retry_after(seconds: int = RETRY_SOON_S) -> dict[str, str]:
+    """The Retry-After header of a 503."""
+    return {"Retry-After": str(seconds)}
+
+
+def busy(why: str) -> HTTPError:
+    """The 503 of a full server (`why`: what is full), with Retry-After."""
+    return HTTPError(503, f"server busy: {why}", retry_after())
+
+
+def shutting_down() -> HTTPError:
+    """The 503 of a stopping server, with its Retry-After."""
+    return HTTPError(503, SHUTTING_DOWN, retry_after(SHUTDOWN_RETRY_S))
+
 
 FP16_OVERFLOW = (
     "the server's fp16 graphs overflowed on this finite input: a limit of the precision the server runs, "
@@ -28,8 +47,8 @@ LOAD_FAILED = "the model did not load"
 
 
 def load_failure_message(e: BaseException) -> str:
-    """The one line that says why the model did not load (the user's message, or the exception's repr)."""
-    return f"{LOAD_FAILED}: {e if isinstance(e, ReconError) else repr(e)}"
+    """The one line that says why the model did not load (`describe`d)."""
+    return f"{LOAD_FAILED}: {describe(e)}"
 
 
 def error_status(e: ReconError) -> int:

@@ -10,7 +10,7 @@ import asyncio
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -19,10 +19,11 @@ from fastapi import Request
 from numpy.lib import format as npy_format
 from starlette.requests import ClientDisconnect
 
-from ..contract import LATENT_CHANNELS, LATENT_FREQ_BINS
+from ..contract import latent_shape_problem
 from ..errors import AudioInputError
 from ..files.audio import AudioTooLarge, read_array_bytes, read_audio_bytes
-from ..reconstructor import SAMPLES_PER_LATENT_FRAME, Features, Reconstructor
+from ..reconstructor import SAMPLES_PER_LATENT_FRAME, Reconstructor
+from ..windows import Features
 from .config import ServerConfig
 from .errors import ClientGone, HTTPError, PayloadTooLarge
 
@@ -90,12 +91,21 @@ class BodyReader:
 
 
 def multipart_file(scope: dict[str, Any], body: bytes) -> bytes:
-    """The `file` field of a multipart body that was already read (and size-checked); parsed on a
-    worker thread (in an event loop of its own) so a large form never stalls the server's loop."""
-    return asyncio.run(_multipart_file_async(scope, body))
+    """The `file` field of a multipart body that was already read (and size-checked)."""
+    data = form_files(scope, body, ("file",))["file"]
+    if data is None:
+        raise HTTPError(400, "multipart body needs a file field named `file`")
+    return data
 
 
-async def _multipart_file_async(scope: dict[str, Any], body: bytes) -> bytes:
+def form_files(scope: dict[str, Any], body: bytes, names: Sequence[str]) -> dict[str, bytes | None]:
+    """The files `names` of a multipart body that was already read (and size-checked), None for a name
+    the form lacks (or holds as text); a body that does not parse is a 400. Parsed on a worker thread
+    (in an event loop of its own) so a large form never stalls the server's loop."""
+    return asyncio.run(_form_files(scope, body, names))
+
+
+async def _form_files(scope: dict[str, Any], body: bytes, names: Sequence[str]) -> dict[str, bytes | None]:
     sent = False
 
     async def replay() -> dict[str, Any]:
@@ -106,14 +116,15 @@ async def _multipart_file_async(scope: dict[str, Any], body: bytes) -> bytes:
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Request(scope, replay).form(max_files=1, max_fields=16)
+        form = await Request(scope, replay).form(max_files=len(names), max_fields=16)
     except Exception as e:  # noqa: BLE001 - any parser complaint is the client's malformed form
         raise HTTPError(400, f"malformed multipart body ({' '.join(str(e).split()) or type(e).__name__})") from None
     try:
-        item = form.get("file")
-        if item is None or isinstance(item, str):
-            raise HTTPError(400, "multipart body needs a file field named `file`")
-        return await item.read()
+        files: dict[str, bytes | None] = {}
+        for name in names:
+            item = form.get(name)
+            files[name] = None if item is None or isinstance(item, str) else await item.read()
+        return files
     finally:
         await form.close()
 
@@ -211,10 +222,9 @@ def latents(
 
 def _check_latents(config: ServerConfig, shape: tuple[int, ...], dtype: np.dtype, rate: int) -> None:
     """Refuse latents from their .npy header, before their data is touched or anything allocated."""
-    if len(shape) != 3 or shape[0] != LATENT_CHANNELS or shape[2] != LATENT_FREQ_BINS or shape[1] < 1:
-        raise HTTPError(
-            422, f"latents must be one [{LATENT_CHANNELS}, frames, {LATENT_FREQ_BINS}] array, got {list(shape)}"
-        )
+    problem = latent_shape_problem(shape)
+    if problem:
+        raise HTTPError(422, problem)
     if dtype.kind != "f":
         raise HTTPError(422, f"latents must be float16, float32 or float64, got {dtype}")
     seconds = shape[1] * SAMPLES_PER_LATENT_FRAME / rate

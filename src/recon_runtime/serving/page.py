@@ -6,12 +6,11 @@ form: one model run serves both the listening and the comparison) and returns bo
 log-mels on one colour scale, reduced to a bounded number of time columns, with the metrics
 `recon-run reconstruct --metrics` writes: the same prepared input, the same reconstruction at the
 prepared level, the same `metrics.compare`. It runs no graph; it is admitted, bounded and refused
-like the inference routes (`Service.check_capacity`, `Service.read_body`, `Service.admit`, the CPU pool, the request deadline).
+like the inference routes (`Service.accept`, the CPU pool, the request deadline).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -31,7 +30,7 @@ from .errors import HTTPError
 
 if TYPE_CHECKING:
     from ..contract import MelSpec
-    from ..reconstructor import Features
+    from ..windows import Features
 
 STATIC_DIR: Final = Path(__file__).with_name("static")
 PAGE_PATHS: Final = ("/", "/index.html")
@@ -133,35 +132,14 @@ def comparison(feats: Features, wave: np.ndarray, mel: MelSpec, columns: int) ->
 
 def _form_files(scope: dict[str, Any], body: bytes) -> dict[str, bytes]:
     """The FIELDS files of a multipart body already read and size-checked (run on a worker thread)."""
-    return asyncio.run(_form_files_async(scope, body))
-
-
-async def _form_files_async(scope: dict[str, Any], body: bytes) -> dict[str, bytes]:
-    sent = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(scope, replay).form(max_files=len(FIELDS), max_fields=16)
-    except Exception as e:  # noqa: BLE001 - any parser complaint is the client's malformed form
-        raise HTTPError(400, f"malformed multipart body ({' '.join(str(e).split()) or type(e).__name__})") from None
-    try:
-        files = {}
-        for name in FIELDS:
-            item = form.get(name)
-            if item is None or isinstance(item, str):
-                raise HTTPError(400, f"the form needs the files `{FIELDS[0]}` and `{FIELDS[1]}` (no `{name}`)")
-            files[name] = await item.read()
-            if not files[name]:
-                raise HTTPError(400, f"`{name}` is empty (0 bytes)")
-        return files
-    finally:
-        await form.close()
+    files = inputs.form_files(scope, body, FIELDS)
+    for name in FIELDS:
+        data = files[name]
+        if data is None:
+            raise HTTPError(400, f"the form needs the files `{FIELDS[0]}` and `{FIELDS[1]}` (no `{name}`)")
+        if not data:
+            raise HTTPError(400, f"`{name}` is empty (0 bytes)")
+    return files  # type: ignore[return-value]
 
 
 def _reconstruction(service: Any, data: bytes, feats: Features) -> np.ndarray:
@@ -224,12 +202,10 @@ async def compare_route(
     service = request.app.state.service
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise HTTPError(400, f"send a multipart form with the files `{FIELDS[0]}` and `{FIELDS[1]}`")
-    service.check_capacity()  # a full server refuses before the body; the middleware gives the slot back
+    service.check_capacity()  # its limit needs the loaded model's rate; a full server refuses before the body
     config = service.config
     limit = compare_limit_bytes(config.max_body_mb, config.max_seconds, service.rate)
-    body = await service.read_body(request, limit=limit, raw=True)
-    service.admit(request)
-    deadline = service.deadline()
+    body, _, deadline = await service.accept(request, limit=limit, raw=True)
     files = await service.within(deadline, service.cpu(_form_files, request.scope, body))
     del body  # each step lets go of what it no longer needs: a 10-minute pair is 77 MB as sent
     original_limit = int(config.max_body_mb * 2**20)

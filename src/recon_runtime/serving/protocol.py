@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from ..files.audio import FLOAT32, PCM16
+
 # response and request headers (the facts the CLI's encode sidecar holds)
 H_NUM_SAMPLES: Final = "X-Recon-Num-Samples"
 H_GAIN: Final = "X-Recon-Gain"
@@ -17,6 +19,13 @@ H_SCALING: Final = "X-Recon-Scaling-Factor"
 H_CHANNELS: Final = "X-Recon-Channels"
 H_FORMAT: Final = "X-Recon-Sample-Format"
 H_WINDOWS: Final = "X-Recon-Windows"
+
+SUBTYPES: Final = {"float": FLOAT32, "pcm16": PCM16}
+"""The `subtype` query parameter (WAV answers and streams) -> its sample format (`files.audio`)."""
+SUBTYPE_OF: Final = {fmt: subtype for subtype, fmt in SUBTYPES.items()}
+"""A sample format -> the `subtype` that asks for it."""
+STREAM_FORMATS: Final = {"float": "f32le", "pcm16": "s16le"}
+"""The raw PCM of a streamed decode (the X-Recon-Sample-Format header) per `subtype`."""
 
 WINDOW_BUDGET_OPTION: Final = "--max-windows"
 """Named in the 413 a request gets when it alone needs more windows than the server's budget; the

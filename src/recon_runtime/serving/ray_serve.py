@@ -19,17 +19,15 @@ the CLI and the plain server never import it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
-import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import ReconError, install_hint
+from ..cluster import start_ray
+from ..errors import ReconError, require
 from .app import create_app
 from .config import ServerConfig
 from .errors import LOAD_FAILED, load_failure_message
@@ -46,10 +44,6 @@ H_REPLICA = "X-Recon-Replica"
 PROBE_SLACK = 8
 """Requests a replica takes beyond `max_queue`: probes, /metrics and refused requests reach the app,
 so its own admission (503 with Retry-After past `--max-queue`) answers them as the plain server does."""
-
-
-def ray_missing_message() -> str:
-    return f"serve --ray needs Ray Serve: {install_hint('ray', 'serve')}"
 
 
 class _ReplicaEdge:
@@ -138,7 +132,7 @@ def application(
     """The Ray Serve application (`Deployment.bind`) serving `create_app(config)` on `replicas` replicas.
 
     Without `config.threads`, a replica runs `cpus_per_replica` (rounded, at least 1) intra-op
-    threads, not one per core of its node.
+    threads, not one per core of its node (`LoadOptions.for_cpus`).
     """
     from ray import serve
 
@@ -146,8 +140,7 @@ def application(
         raise ValueError("replicas must be at least 1")
     if cpus_per_replica < 0 or gpus_per_replica < 0:
         raise ValueError("CPUs and GPUs per replica must be at least 0")
-    if config.threads is None and cpus_per_replica > 0:
-        config = dataclasses.replace(config, threads=max(1, int(round(cpus_per_replica))))
+    config = config.for_cpus(cpus_per_replica)
     deployment = serve.deployment(
         serve.ingress()(ReconReplica),
         name=APP_NAME,
@@ -157,24 +150,6 @@ def application(
         graceful_shutdown_timeout_s=grace_s,
     )
     return deployment.bind(config)
-
-
-def start_ray(address: str | None, replicas: int = 1, cpus_per_replica: float = 1.0) -> bool:
-    """Connect to the cluster at `address`, or start a local Ray in this process; True when this call
-    started or connected it (the caller then shuts it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, math.ceil(replicas * cpus_per_replica)),
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-        )
-    return True
 
 
 def deploy(
@@ -244,11 +219,9 @@ def serve_until_stopped(
     Raises:
         ReconError: Ray is not installed, or the deployment failed (e.g. the model did not load in a replica).
     """
-    try:
-        import ray
-        from ray import serve
-    except ImportError:
-        raise ReconError(ray_missing_message()) from None
+    require(("ray", "ray.serve"), "serve --ray needs Ray Serve", "ray", "serve")
+    import ray
+    from ray import serve
 
     stop = threading.Event()
 
@@ -261,7 +234,7 @@ def serve_until_stopped(
     attempted = False
     try:
         try:
-            started = start_ray(address, replicas, cpus_per_replica)
+            started = start_ray(address, replicas * cpus_per_replica)
         except Exception as e:  # noqa: BLE001 - e.g. no cluster at that address: one line, not a traceback
             where = f"connect to the Ray cluster at {address}" if address else "start a local Ray"
             raise ReconError(f"could not {where}: {' '.join(str(e).split())}") from None

@@ -7,7 +7,6 @@ runs its windows through the service, and answers; the page's routes are in `pag
 
 from __future__ import annotations
 
-import io
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -16,17 +15,25 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 import numpy as np
-import soundfile as sf
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
-from ..contract import LATENT_CHANNELS, LATENT_FREQ_BINS
+from ..contract import LATENT_CHANNELS, LATENT_FREQ_BINS, SAMPLE_RATE
 from ..errors import ReconError
-from ..windows import window_weights
+from ..files.audio import BYTES_PER_SAMPLE, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, npy_bytes, wav_bytes
 from . import inputs
-from .errors import CLIENT_GONE, LOAD_FAILED, HTTPError, StreamAborted, error_message, error_status
+from .errors import (
+    CLIENT_GONE,
+    LOAD_FAILED,
+    NOT_LOADED,
+    HTTPError,
+    StreamAborted,
+    error_message,
+    error_status,
+    retry_after,
+)
 from .protocol import (
     H_CHANNELS,
     H_FINGERPRINT,
@@ -40,6 +47,8 @@ from .protocol import (
     H_SCALING,
     H_SEED,
     H_WINDOWS,
+    STREAM_FORMATS,
+    SUBTYPES,
 )
 from .service import ADMISSION, STATUS_OVERRIDE, Service
 
@@ -52,10 +61,6 @@ RESPONSE_PART_BYTES = 2**20
 is full (the client is not reading), the next part waits, so an answer is never buffered twice and
 the request (with its admission slot) lasts until its last part is sent."""
 STREAM_MEDIA_TYPE = "application/octet-stream"
-STREAM_FORMATS = {"float": "f32le", "pcm16": "s16le"}
-WAV_SUBTYPES = {"float": "FLOAT", "pcm16": "PCM_16"}
-WAV_BYTES = {"float": 4, "pcm16": 2}
-"""Bytes per sample of each `subtype`, in a WAV and in a stream."""
 NPY_MEDIA_TYPE = "application/x-npy"
 AUDIO_BODY = {"content": {"audio/wav": {}, "application/octet-stream": {}, "multipart/form-data": {}}}
 """What the audio routes accept (the OpenAPI schema's request body)."""
@@ -87,14 +92,14 @@ async def readyz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ready"})
     if service.load_error is not None:
         return JSONResponse({"status": "failed", "error": LOAD_FAILED}, 503)
-    return JSONResponse({"status": "loading"}, 503, headers={"Retry-After": "1"})
+    return JSONResponse({"status": "loading"}, 503, headers=retry_after())
 
 
 @probes.get("/v1/info", summary="Model, provider, precision, fingerprint and limits")
 async def info(request: Request) -> dict[str, Any]:
     service, config = service_of(request), service_of(request).config
     if not service.ready.is_set():
-        raise HTTPError(503, "the model is not loaded yet; retry shortly", {"Retry-After": "1"})
+        raise HTTPError(503, NOT_LOADED, retry_after())
     rec = service.rec
     c = rec.contract
     limits = {k: v for k, v in asdict(config).items() if k not in ("model", "api_key", "warmup")}
@@ -133,19 +138,18 @@ async def metrics(request: Request) -> Response:
 )
 async def reconstruct(
     request: Request,
-    output_rate: int | None = Query(None, ge=1000, le=384000, description="Resample the output (default 16000)"),
+    output_rate: int | None = Query(
+        None, ge=MIN_SAMPLE_RATE, le=MAX_SAMPLE_RATE, description=f"Resample the output (default {SAMPLE_RATE})"
+    ),
     subtype: Literal["float", "pcm16"] = Query("float", description="WAV sample format"),
 ) -> Response:
     service = service_of(request)
-    service.check_capacity()
-    body = await service.read_body(request)
-    rec = service.admit(request)
-    deadline = await service.deadline_for(body, inputs.AUDIO)
+    body, rec, deadline = await service.accept(request, audio=inputs.AUDIO)
     rate = output_rate or service.rate
 
     def answer(seconds: float) -> None:
         what = f"{seconds:.1f} s at {rate} Hz, {subtype}"
-        inputs.check_response(service.config, seconds * rate, WAV_BYTES[subtype], what)
+        inputs.check_response(service.config, seconds * rate, BYTES_PER_SAMPLE[SUBTYPES[subtype]], what)
 
     async def work() -> tuple[bytes, Any]:
         feats, _ = await service.cpu(inputs.features, rec, service.config, body, answer)
@@ -155,7 +159,7 @@ async def reconstruct(
         def finish() -> bytes:
             (wave,) = rec.join(job, outputs)
             out = rec.finish(feats, rec.crop(feats, wave), output_rate)
-            return _wav_bytes(out, rate, subtype)
+            return wav_bytes(out, rate, SUBTYPES[subtype])
 
         return await service.cpu(finish), feats
 
@@ -177,10 +181,7 @@ async def encode(
     seed: int | None = Query(None, ge=0, lt=2**63, description="Seed for the draw (default: a random one, reported)"),
 ) -> Response:
     service = service_of(request)
-    service.check_capacity()
-    body = await service.read_body(request)
-    rec = service.admit(request)
-    deadline = await service.deadline_for(body, inputs.AUDIO)
+    body, rec, deadline = await service.accept(request, audio=inputs.AUDIO)
     used_seed = seed if seed is not None else secrets.randbits(63)
 
     def answer(seconds: float) -> None:  # float32 latents: 8 x 16 values per 640 samples
@@ -199,7 +200,7 @@ async def encode(
             if sample:  # as Reconstructor.encode_features
                 noise = np.random.default_rng(used_seed).standard_normal(mean.shape).astype(np.float32)
                 mean = mean + std * noise
-            return _npy_bytes(mean), mean.shape
+            return npy_bytes(mean), mean.shape
 
         return await service.cpu(finish), feats, input_rate
 
@@ -241,13 +242,12 @@ async def decode(
     fingerprint = request.headers.get(H_FINGERPRINT)
     if stream:
         return await _decode_stream(service, request, fingerprint, num_samples, gain, subtype)
-    service.check_capacity()
-    body = await service.read_body(request)
-    rec = service.admit(request)
-    deadline = await service.deadline_for(body, inputs.LATENTS)
+    body, rec, deadline = await service.accept(request, audio=inputs.LATENTS)
 
     async def work() -> tuple[bytes, int]:
-        z = await service.cpu(inputs.latents, rec, service.config, body, fingerprint, num_samples, WAV_BYTES[subtype])
+        z = await service.cpu(
+            inputs.latents, rec, service.config, body, fingerprint, num_samples, BYTES_PER_SAMPLE[SUBTYPES[subtype]]
+        )
         job = rec.decoding_job(z, num_samples)
         outputs = await service.run_job(job, deadline, request, DECODE_TOO_LONG)
 
@@ -256,7 +256,7 @@ async def decode(
             wave = wave[:num_samples] if num_samples is not None else wave
             wave = wave * np.float32(gain) if gain is not None else wave
             _check_finite(wave)
-            return _wav_bytes(wave, service.rate, subtype), wave.size
+            return wav_bytes(wave, service.rate, SUBTYPES[subtype]), wave.size
 
         return await service.cpu(finish)
 
@@ -278,17 +278,15 @@ async def _decode_stream(
     The first window is computed before the response starts (so errors still get a status); each
     later window is queued when the previous one is done, so the time to first audio is one
     window's compute whatever the length. Every part is the exact cross-fade `join` computes. The
-    whole stream shares one deadline (`timeout_s` plus `timeout_per_audio_s` per second of its latents, as a
-    request that is not streamed); a failure
-    after the status was sent drops the connection without the final chunk (the client sees a
+    whole stream shares one deadline (`timeout_s` plus `timeout_per_audio_s` per second of its
+    latents, as a request that is not streamed); a failure after the status was sent drops the connection without the final chunk (the client sees a
     truncated body, never a clean end) and is recorded in the metrics with its status.
     """
-    service.check_capacity()
-    body = await service.read_body(request)
-    rec = service.admit(request)
+    body, rec, deadline = await service.accept(request, audio=inputs.LATENTS)
     release = request.scope[ADMISSION]  # the middleware calls it too: whichever comes first
-    deadline = await service.deadline_for(body, inputs.LATENTS)
-    latents = service.cpu(inputs.latents, rec, service.config, body, fingerprint, num_samples, WAV_BYTES[subtype])
+    latents = service.cpu(
+        inputs.latents, rec, service.config, body, fingerprint, num_samples, BYTES_PER_SAMPLE[SUBTYPES[subtype]]
+    )
     z = await service.within(deadline, latents)
     job = rec.decoding_job(z, num_samples)
     n = len(job.windows)
@@ -305,26 +303,13 @@ async def _decode_stream(
         H_WINDOWS: str(n),
         "Cache-Control": "no-store",
     }
-    weights = window_weights(list(job.spans), job.scale) if n > 1 else None
-    out = np.zeros(length, np.float32) if n > 1 else None
-    wsum = np.zeros(length, np.float32) if n > 1 else None
+    join = job.streaming_join()  # the cross-fade of Reconstructor.join, one window at a time
     sent = 0
 
-    def part_bytes(i: int, piece: np.ndarray) -> bytes:
-        """Add window i to the cross-fade and return the samples no later window touches, as PCM."""
+    def part_bytes(piece: np.ndarray) -> bytes:
+        """Add the next window to the join and return the samples no later window touches, as PCM."""
         nonlocal sent
-        if n == 1:
-            chunk = piece
-        else:
-            assert weights is not None and out is not None and wsum is not None
-            w = weights[i]
-            o0 = int(round(job.spans[i][0] * job.scale))
-            out[o0 : o0 + w.size] += piece[: w.size] * w
-            wsum[o0 : o0 + w.size] += w
-            done = int(round(job.spans[i + 1][0] * job.scale)) if i + 1 < n else length
-            chunk = out[sent:done] / wsum[sent:done] if done > sent else out[:0]
-            if i + 1 == n and job.tail:  # the vocoder's samples past the last frame (Reconstructor.join)
-                chunk = np.concatenate([chunk, piece[w.size : w.size + job.tail]])
+        chunk = join.add(piece)
         part = chunk[: max(0, total - sent)]
         sent += chunk.size
         if factor is not None:
@@ -340,7 +325,7 @@ async def _decode_stream(
                 if i + 1 < n:  # queue the next window before sending this part
                     pending = service.submit(job, [i + 1], deadline, budgeted=False)
                 (piece,) = output
-                data = await service.within(deadline, service.cpu(part_bytes, i, piece))
+                data = await service.within(deadline, service.cpu(part_bytes, piece))
                 if data:
                     yield data
                 if i + 1 < n:
@@ -406,21 +391,6 @@ class ReleasingStream(StreamingResponse):
 def _check_finite(wave: np.ndarray) -> None:
     if not np.isfinite(wave).all():
         raise HTTPError(422, "the decoded audio is not finite (latents or gain out of range)")
-
-
-def _wav_bytes(audio: np.ndarray, rate: int, subtype: str) -> bytes:
-    data = np.asarray(audio, dtype=np.float32)
-    if subtype == "pcm16":
-        data = np.clip(data, -1.0, 1.0)
-    buf = io.BytesIO()
-    sf.write(buf, data, rate, subtype=WAV_SUBTYPES[subtype], format="WAV")
-    return buf.getvalue()
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
 
 
 def _pcm_bytes(chunk: np.ndarray, fmt: str) -> bytes:

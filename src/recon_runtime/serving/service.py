@@ -26,7 +26,7 @@ from ..contract import LATENT_CHANNELS, LATENT_FREQ_BINS, ROLES
 from . import inputs
 from .batcher import BatchStats, DeadlineExceeded, QueueFull, ShuttingDown, WindowBatcher
 from .config import ServerConfig
-from .errors import SHUTDOWN_RETRY_AFTER, SHUTTING_DOWN, ClientGone, HTTPError, load_failure_message
+from .errors import NOT_LOADED, ClientGone, HTTPError, busy, load_failure_message, retry_after, shutting_down
 from .protocol import (
     WINDOW_BUDGET_OPTION,
 )
@@ -41,6 +41,12 @@ ADMISSION = "recon.release"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600)
 AUDIO_TOO_LONG = "send shorter audio"
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+WARMUP_SECONDS = 1.0
+"""The warm-up's reconstruction: a tone this long, at WARMUP_TONE_HZ and peak WARMUP_LEVEL (one window)."""
+WARMUP_TONE_HZ = 440.0
+WARMUP_LEVEL = 0.1
+WARMUP_LATENT_FRAMES = 16
+"""The warm-up's decode: zero latents this many frames long (0.64 s)."""
 
 
 class Metrics:
@@ -167,10 +173,11 @@ class Service:
     def _warm_up(rec: Any) -> None:
         """One short reconstruction and one decode: loads every graph and runs each once."""
         rate = rec.contract.mel.sample_rate
-        t = np.arange(rate, dtype=np.float32) / rate
-        feats = rec.features(0.1 * np.sin(2 * np.pi * 440 * t), rate)
+        t = np.arange(int(WARMUP_SECONDS * rate), dtype=np.float32) / rate
+        feats = rec.features(WARMUP_LEVEL * np.sin(2 * np.pi * WARMUP_TONE_HZ * t), rate)
         rec.run_jobs([rec.reconstruction_job(feats)])
-        rec.run_jobs([rec.decoding_job(np.zeros((LATENT_CHANNELS, 16, LATENT_FREQ_BINS), np.float32))])
+        latents = np.zeros((LATENT_CHANNELS, WARMUP_LATENT_FRAMES, LATENT_FREQ_BINS), np.float32)
+        rec.run_jobs([rec.decoding_job(latents)])
 
     def stop(self, timeout: float | None = 30.0) -> None:
         if self.batcher is not None:
@@ -181,12 +188,9 @@ class Service:
         """503 at once, before any body is read, when the model is not ready or --max-queue requests
         are already admitted."""
         if not self.ready.is_set():
-            raise HTTPError(503, "the model is not loaded yet; retry shortly", {"Retry-After": "1"})
+            raise HTTPError(503, NOT_LOADED, retry_after())
         if self.in_flight >= self.config.max_queue:
-            raise HTTPError(
-                503, f"server busy: {self.in_flight} requests in progress (limit {self.config.max_queue})",
-                {"Retry-After": "1"},
-            )  # fmt: skip
+            raise busy(f"{self.in_flight} requests in progress (limit {self.config.max_queue})")
 
     def admit(self, request: Request) -> Any:
         """Count a request whose body has arrived against --max-queue (503 when they are all taken) and
@@ -204,6 +208,22 @@ class Service:
 
         request.scope[ADMISSION] = release
         return self.rec
+
+    async def accept(
+        self, request: Request, *, limit: int | None = None, raw: bool = False, audio: str | None = None
+    ) -> tuple[bytes, Any, float]:
+        """A request's way in: 503 at once when the server is full (before any body), the body read
+        (`read_body`, with `limit` and `raw`), the request admitted (`admit`) and its deadline from now:
+        `deadline_for` the audio the body declares, read as `audio` (`inputs.AUDIO` or
+        `inputs.LATENTS`), else `timeout_s` alone.
+
+        Returns:
+            (body, the Reconstructor, the deadline).
+        """
+        self.check_capacity()
+        body = await self.read_body(request, limit=limit, raw=raw)
+        rec = self.admit(request)
+        return body, rec, await self.deadline_for(body, audio) if audio else self.deadline()
 
     # ------------------------------------------------------------------ CPU work off the event loop
     async def cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -247,9 +267,7 @@ class Service:
             try:
                 await asyncio.wait_for(self._upload_slots.acquire(), max(0.0, wait))
             except asyncio.TimeoutError:
-                raise HTTPError(
-                    503, f"server busy: {self.config.max_uploads} uploads in progress", {"Retry-After": "1"}
-                ) from None
+                raise busy(f"{self.config.max_uploads} uploads in progress") from None
             try:
                 body = await reader.read_rest()
             finally:
@@ -297,9 +315,9 @@ class Service:
                 [(job.key(i), job.roles, job.windows[i]) for i in indices], deadline, budgeted=budgeted
             )
         except QueueFull as e:
-            raise HTTPError(503, f"server busy: {e}", {"Retry-After": "1"}) from None
+            raise busy(str(e)) from None
         except ShuttingDown:
-            raise HTTPError(503, SHUTTING_DOWN, SHUTDOWN_RETRY_AFTER) from None
+            raise shutting_down() from None
 
     async def wait(self, futures: list[Future], deadline: float, request: Request | None = None) -> list[Any]:
         """Await the windows' outputs. Past the deadline their windows leave the queue and this gives 504;
@@ -321,7 +339,7 @@ class Service:
                 except asyncio.CancelledError:  # a window was cancelled: only at shutdown or a 504 elsewhere
                     if self.batcher.alive:
                         raise HTTPError(504, self._late()) from None
-                    raise HTTPError(503, SHUTTING_DOWN, SHUTDOWN_RETRY_AFTER) from None
+                    raise shutting_down() from None
             if watcher is not None and watcher in done:
                 raise ClientGone("the client disconnected")
             raise HTTPError(504, self._late())
