@@ -291,6 +291,33 @@ def test_bundle_missing_or_tampered(tiny_bundle: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "o.wav").exists()
 
 
+def test_plot_without_matplotlib_is_refused_before_the_model_loads(tiny_bundle: Path, tmp_path: Path) -> None:
+    """--plot without matplotlib was found out only after every file was reconstructed."""
+    shadow = tmp_path / "no-matplotlib" / "matplotlib"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'matplotlib'\")\n")
+    env = {**os.environ, "PYTHONPATH": str(shadow.parent)}  # as where the `plot` extra is not installed
+    src = _wav(tmp_path / "in" / "a.wav", tone(0.3, 16000))
+    out, plot = tmp_path / "out", tmp_path / "p.png"
+    for model in (tmp_path / "no-bundle", tiny_bundle):  # refused before the model loads (even a missing one)
+        r = run_cli(
+            "recon-run", "reconstruct", str(src), "-o", str(out), "--plot", str(plot), "--model", str(model), env=env
+        )
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {plot}: --plot needs matplotlib"), r.stderr
+        assert "`plot` extra" in lines[0], lines
+        assert not out.exists() and not plot.exists()
+    # --skip-existing that keeps an existing plot draws none: it needs no matplotlib
+    plot.write_bytes(b"mine")
+    r = run_cli(
+        "recon-run", "reconstruct", str(src), "-o", str(out), "--plot", str(plot), "--skip-existing",
+        "--model", str(tiny_bundle), "--provider", "cpu", env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert plot.read_bytes() == b"mine" and (out / "a.wav").exists()
+
+
 def test_metrics_and_plot_files_need_force_checked_before_the_model_loads(tiny_bundle: Path, tmp_path: Path) -> None:
     src = _wav(tmp_path / "in" / "a.wav", tone(0.3, 16000))
     metrics, plot = tmp_path / "m.json", tmp_path / "p.png"

@@ -20,7 +20,9 @@ pq = pytest.importorskip("pyarrow.parquet", reason="dataset jobs need pyarrow (t
 
 from click.testing import CliRunner  # noqa: E402
 
+from recon_runtime.channels import encode_audio  # noqa: E402
 from recon_runtime.cli import main  # noqa: E402
+from recon_runtime.encoded import FIELDS, EncodedAudio, file_seed  # noqa: E402
 from recon_runtime.files.audio import read_audio  # noqa: E402
 from recon_runtime.jobs.config import JobConfig  # noqa: E402
 from recon_runtime.jobs.job import run_job  # noqa: E402
@@ -98,9 +100,20 @@ def test_encode_folder_rows_equal_reconstructor_encode_and_errors_recorded(tiny_
         assert got.shape == expected.shape and _rel_l2(got, expected) <= 1e-6, row["path"]
         st = os.stat(row["path"])
         assert (row["size"], row["mtime_ns"]) == (st.st_size, st.st_mtime_ns)
-        assert row["source_sample_rate"] == sr and row["num_samples"] == round(audio.shape[0] * 16000 / sr)
+        assert row["input_sample_rate"] == sr and row["num_samples"] == round(audio.shape[0] * 16000 / sr)
         assert row["duration_s"] == pytest.approx(row["num_samples"] / 16000) and row["gain"] > 0
         assert row["bundle_fingerprint"] == rec.contract.fingerprint
+        # the columns are the encoded-audio fields: a row reads back as the clip `recon-run encode` makes
+        clip = EncodedAudio.from_fields(got[None], row)
+        want = encode_audio(rec, audio, sr, source=row["path"])
+        assert set(FIELDS) <= set(row) and "source_sample_rate" not in row
+        assert clip.fields() == {**want.fields(), "gain": [pytest.approx(want.gain[0], rel=1e-12)]}
+        assert (row["source"], row["input_channels"], row["sampled"], row["seed"]) == (
+            row["path"],
+            1 if audio.ndim == 1 else audio.shape[1],
+            False,
+            None,
+        )
 
     errors = {r["path"]: r for r in read_table(out / "errors").to_pylist()}
     assert set(errors) == {str(root / "sub" / "text.wav"), str(root / "nan.wav")}
@@ -686,7 +699,9 @@ COMMON = ("--provider", "cpu", "--no-progress")
 
 def _job_record(mode: str, fingerprint: str = "0123456789abcdef") -> str:
     """A job.json as a job writes it (a test of what a job does with its own folder needs no Ray run)."""
-    record = {"format": "recon-run dataset job", "format_version": 1, "mode": mode}
+    from recon_runtime.jobs.outdir import JOB_FORMAT_VERSION
+
+    record = {"format": "recon-run dataset job", "format_version": JOB_FORMAT_VERSION, "mode": mode}
     return json.dumps({**record, "bundle_fingerprint": fingerprint, "settings": {}})
 
 
@@ -867,6 +882,86 @@ def test_a_job_rerun_with_another_spelling_of_out_finds_its_own_outputs(
     assert any(f"{mine} exists and was not written by this job" in ln for ln in lines), lines
 
 
+def _reconstruct_cli(bundle: Path, root: Path, out: Path, *flags: str):
+    return CliRunner().invoke(
+        main, ["dataset", "reconstruct", str(root), "-o", str(out), "--model", str(bundle), *COMMON, *flags]
+    )
+
+
+def _good_and_bad(root: Path) -> tuple[Path, Path, bytes]:
+    """good.wav, and bad.wav: a WAV of the same length whose header is no audio header (its own bytes returned)."""
+    good = _wav(root / "good.wav", tone(0.2, 16000))
+    fixed = _wav(root / "bad.wav", tone(0.3, 16000, 500)).read_bytes()
+    (root / "bad.wav").write_bytes(b"JUNK" + fixed[4:])
+    return good, root / "bad.wav", fixed
+
+
+def test_no_resume_keeps_a_users_file_where_a_failed_input_would_have_written(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """OUT/outputs recorded every planned output before anything ran, failed inputs too, and --no-resume
+    took such a record for the job's file: a user's file put there since was deleted without a word."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    _good_and_bad(root)
+    first = _reconstruct_cli(tiny_bundle, root, out)
+    assert "1 ok, 1 failed" in first.output, first.output
+    mine = out / "audio" / "bad.wav"
+    mine.write_bytes(b"mine\n")
+    res = _reconstruct_cli(tiny_bundle, root, out, "--no-resume")
+    assert mine.read_bytes() == b"mine\n", res.output
+    assert f"--no-resume: kept 1 file(s) in {out} that the job did not write, e.g. {mine}" in res.output, res.output
+    assert f"its output {mine} exists and was not written by this job" in res.output, res.output
+    assert "1 ok, 1 failed" in res.output and (out / "audio" / "good.wav").is_file(), res.output
+
+
+def test_a_resume_never_overwrites_a_users_file_at_the_output_of_a_fixed_input(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """The input that failed is fixed (another size and mtime) and the job resumed: its planned output,
+    now a file of the user's, was silently overwritten. The job's own output of an input that changed
+    is still replaced."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    good, bad, _ = _good_and_bad(root)
+    first = _reconstruct_cli(tiny_bundle, root, out)
+    assert "1 ok, 1 failed" in first.output, first.output
+    mine = out / "audio" / "bad.wav"
+    mine.write_bytes(b"mine\n")
+    _wav(bad, tone(0.4, 16000, 600))  # fixed: valid audio now
+    _wav(good, tone(0.25, 16000, 350))  # changed: done again, its audio (the job's) replaced
+    res = _reconstruct_cli(tiny_bundle, root, out)
+    assert mine.read_bytes() == b"mine\n", res.output
+    assert f"its output {mine} exists and was not written by this job" in res.output, res.output
+    assert res.exit_code == 1 and "1 ok, 1 failed, 0 skipped" in res.output, res.output
+    assert sf.info(str(out / "audio" / "good.wav")).frames == 4000  # 0.25 s: the new good.wav's
+    # the outputs of inputs that ended in errors/ are nobody's: no row of OUT/outputs names them
+    assert set(_keys(out, "outputs")) == {str(good)}, _keys(out, "outputs")
+
+
+def test_retry_errors_never_overwrites_a_users_file_at_the_output_of_a_failed_input(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """--retry-errors plans as a resume does: the input that failed, now readable under the same key
+    (size and mtime), must not replace the user's file at its output."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    _, bad, fixed = _good_and_bad(root)
+    first = _reconstruct_cli(tiny_bundle, root, out)
+    assert "1 ok, 1 failed" in first.output, first.output
+    mine = out / "audio" / "bad.wav"
+    mine.write_bytes(b"mine\n")
+    st = bad.stat()
+    bad.write_bytes(fixed)  # its header repaired: the same size, and its mtime set back
+    os.utime(bad, ns=(st.st_atime_ns, st.st_mtime_ns))
+    res = _reconstruct_cli(tiny_bundle, root, out)
+    assert "0 ok, 0 failed, 2 skipped" in res.output, res.output  # the same key: its error stands
+    res = _reconstruct_cli(tiny_bundle, root, out, "--retry-errors")
+    assert mine.read_bytes() == b"mine\n", res.output
+    assert f"its output {mine} exists and was not written by this job" in res.output, res.output
+    mine.unlink()  # moved away: the retry writes it
+    res = _reconstruct_cli(tiny_bundle, root, out, "--retry-errors")
+    assert res.exit_code == 0 and "1 ok, 0 failed, 1 skipped" in res.output, res.output
+    assert sf.info(str(mine)).frames == 4800
+
+
 def test_stop_ray_kills_the_processes_of_its_first_look(monkeypatch: pytest.MonkeyPatch) -> None:
     """After the timeout, a second look only adds processes; a pid it finds again keeps the first look's object."""
     import threading
@@ -913,6 +1008,73 @@ def test_ray_processes_whose_popen_was_reaped_are_never_looked_up(monkeypatch: p
     finally:
         live.kill()
         live.wait()
+
+
+# ----------------------------------------------------------------------------- the encoded-audio fields
+def test_dataset_encode_sample_seeds_each_file_from_the_seed_and_its_path(tiny_bundle: Path, tmp_path: Path) -> None:
+    """`dataset encode --sample --seed S`: a draw per file, seeded by `file_seed(S, path)` (recorded in
+    its row), equal to `recon-run encode --sample --seed` of that seed; another seed is another job."""
+    from recon_runtime import Reconstructor
+
+    root = tmp_path / "in"
+    files = [_wav(root / f"c{i}.wav", tone(0.3, 16000, 300.0)) for i in range(3)]  # one length: one noise shape
+    out = tmp_path / "out"
+    common = ["--model", str(tiny_bundle), *COMMON]
+    res = CliRunner().invoke(main, ["dataset", "encode", str(root), "-o", str(out), "--sample", "--seed", "7", *common])
+    assert res.exit_code == 0, res.output
+    rows = {r["path"]: r for r in read_table(out / "latents").to_pylist()}
+    assert sorted(rows) == sorted(map(str, files))
+    rec = Reconstructor.load(tiny_bundle, provider="cpu")
+    mean = rec.encode(*read_audio(files[0]))
+    for path, row in rows.items():
+        assert row["sampled"] is True and row["seed"] == file_seed(7, path)
+        got = np.asarray(row["latents"], np.float32).reshape(row["latent_shape"])
+        want = rec.encode(*read_audio(Path(path)), sample=True, seed=row["seed"])
+        assert _rel_l2(got, want) <= 1e-6 and _rel_l2(got, mean) > 1e-3, path  # a draw, not the mean
+    assert len({r["seed"] for r in rows.values()}) == 3  # equal files, each its own noise
+    draws = [np.asarray(r["latents"]) for r in rows.values()]
+    assert not np.allclose(draws[0], draws[1])
+    res = CliRunner().invoke(main, ["dataset", "encode", str(root), "-o", str(out), "--sample", "--seed", "8", *common])
+    assert res.exit_code == 1 and "seed 7 then, 8 now" in res.output and "--no-resume" in res.output, res.output
+
+
+def test_a_job_written_before_the_field_names_is_refused_in_one_line_and_no_resume_starts_it_over(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "in"
+    _folder(root, 2)
+    out = tmp_path / "out"
+    assert run_job(_job(tiny_bundle, "encode", [root], out)).ok == 2
+    job = json.loads((out / "job.json").read_text())
+    (out / "job.json").write_text(json.dumps({**job, "format_version": 1}))  # as an earlier recon-run wrote it
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    common = ["--model", str(tiny_bundle), *COMMON]
+    res = CliRunner().invoke(main, ["dataset", "encode", str(root), "-o", str(out), *common])
+    assert res.exit_code == 1 and res.output.strip() == (
+        f"error: {out}: holds a dataset encode job of an earlier recon-run (job format 1), whose rows name their "
+        "columns otherwise; --no-resume starts it over (deleting only what the job wrote), or use another output "
+        "folder"
+    ), res.output
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # untouched
+    res = CliRunner().invoke(main, ["dataset", "encode", str(root), "-o", str(out), "--no-resume", *common])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "job.json").read_text())["format_version"] == job["format_version"] == 2
+    assert read_table(out / "latents").num_rows == 2 and "input_sample_rate" in read_table(out / "latents").schema.names
+
+
+def test_dataset_jobs_take_the_model_options_of_the_file_commands() -> None:
+    import dataclasses
+
+    from recon_runtime.cli import dataset, files
+
+    def options(command: object) -> dict[str, tuple]:
+        return {p.name: (p.opts, p.default, getattr(p.type, "choices", None)) for p in command.params}
+
+    model = {f.name for f in dataclasses.fields(LoadOptions)}
+    for file_command, job in ((files.encode, dataset.encode), (files.reconstruct, dataset.reconstruct)):
+        theirs, ours = options(file_command), options(job)
+        assert model <= set(ours) and {n: ours[n] for n in model} == {n: theirs[n] for n in model}
+    assert {"sample", "seed"} <= set(options(dataset.encode))
 
 
 # ----------------------------------------------------------------------------- what a job prints

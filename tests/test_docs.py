@@ -116,3 +116,93 @@ def test_the_readme_names_every_route_of_the_server() -> None:
     assert {"/v1/reconstruct", "/v1/compare"} <= routes
     readme = (ROOT / "README.md").read_text()
     assert not (missing := sorted(r for r in routes if r not in readme)), f"README.md names no {missing}"
+
+
+# ---------------------------------------------------------------------- links to headings
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"(?<!!)\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^()\s]+)(?:\s+\"[^\"]*\")?\)")
+HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)[ \t]*#*[ \t]*$")
+EXPLICIT_ANCHOR = re.compile(r"""<a\s+(?:id|name)\s*=\s*["']([^"']+)["']""", re.IGNORECASE)
+
+
+def _prose(text: str) -> list[str]:
+    """The lines of a markdown file outside fenced and indented code blocks (their links are not links)."""
+    lines, fence = [], None
+    for line in text.splitlines():
+        marker = re.match(r"^ {0,3}(`{3,}|~{3,})", line)
+        if fence is not None:
+            if marker and marker.group(1)[0] == fence[0] and len(marker.group(1)) >= len(fence):
+                fence = None
+            continue
+        if marker:
+            fence = marker.group(1)
+            continue
+        lines.append("" if line.startswith(("    ", "\t")) else line)
+    return lines
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: its text (a link's text, not its target), lowercased, punctuation
+    but '-' and '_' dropped, each space a '-'."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)
+    text = re.sub(r"<[^>]+>", "", text).strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    """Every anchor a markdown file has: its headings' slugs (a repeated one gets -1, -2, ... as on
+    GitHub) and explicit `<a id=...>` / `<a name=...>`."""
+    found: set[str] = set()
+    seen: dict[str, int] = {}
+    for line in _prose(text):
+        if m := HEADING.match(line):
+            base = slug(m.group(2))
+            n = seen.get(base, 0)
+            seen[base] = n + 1
+            found.add(base if n == 0 else f"{base}-{n}")
+        found.update(EXPLICIT_ANCHOR.findall(line))
+    return found
+
+
+def broken_anchors(files: list[Path], root: Path) -> list[str]:
+    """Relative links with a `#anchor` in `files` whose target file is missing or has no such anchor."""
+    bad = []
+    for path in files:
+        for line in _prose(path.read_text()):
+            for target in LINK.findall(re.sub(r"`[^`]*`", "", line)):
+                if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE) or "#" not in target:
+                    continue  # another site (https:, mailto:), or a file without an anchor
+                file, _, anchor = target.partition("#")
+                dest = (path.parent / file).resolve() if file else path
+                where = f"{path.relative_to(root)}: ({target})"
+                if not dest.is_file():
+                    bad.append(f"{where}: no file {file}")
+                elif dest.suffix == ".md" and anchor not in anchors(dest.read_text()):
+                    bad.append(f"{where}: no heading or <a id> {anchor!r} in {dest.relative_to(root)}")
+    return bad
+
+
+def test_the_anchor_check_follows_githubs_slugs_and_finds_a_broken_link(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text(
+        "# Defaults on the CPU: hint, batch and backend\n\n## `POST /v1/compare`\n\n## Notes\n\n## Notes\n\n"
+        "```\n# not a heading\n[x](#not-a-heading)\n```\n\n"
+        '<a id="kept"></a>Text.\n\n'
+        "[ok](#defaults-on-the-cpu-hint-batch-and-backend) [ok](#post-v1compare) [ok](#notes-1) [ok](#kept)\n"
+        "[bad](#defaults-on-the-cpu-hint-and-batch) [bad](#not-a-heading) [web](https://example.org/#x)\n"
+    )
+    (tmp_path / "README.md").write_text("[ok](docs/a.md#notes) [bad](docs/a.md#nowhere) [bad](docs/b.md#x)\n")
+    files = [tmp_path / "README.md", tmp_path / "docs" / "a.md"]
+    assert broken_anchors(files, tmp_path) == [
+        "README.md: (docs/a.md#nowhere): no heading or <a id> 'nowhere' in docs/a.md",
+        "README.md: (docs/b.md#x): no file docs/b.md",
+        "docs/a.md: (#defaults-on-the-cpu-hint-and-batch): no heading or <a id> "
+        "'defaults-on-the-cpu-hint-and-batch' in docs/a.md",
+        "docs/a.md: (#not-a-heading): no heading or <a id> 'not-a-heading' in docs/a.md",
+    ]
+
+
+def test_every_link_to_a_heading_in_the_docs_resolves() -> None:
+    links = [t for p in DOC_FILES for line in _prose(p.read_text()) for t in LINK.findall(line) if "#" in t]
+    assert len(links) > 10, links  # the check sees the docs' links
+    assert not (bad := broken_anchors(DOC_FILES, ROOT)), "links to headings that do not exist:\n" + "\n".join(bad)

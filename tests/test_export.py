@@ -147,6 +147,27 @@ def test_random_weights_cli_bundle_is_flagged_loudly(tmp_path: Path) -> None:
     assert again.returncode == 1 and "--force" in again.stderr
 
 
+def test_without_out_the_bundle_goes_to_the_per_user_folder_the_runtime_looks_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from recon_runtime.locations import USER, resolve_model
+
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
+    env.pop("RECON_MODEL", None)
+    work = tmp_path / "work"
+    work.mkdir()
+    args = ("recon-export", "--random-weights", "--config", "tiny", "--precision", "fp32", "--no-validate")
+    result = run_cli(*args, env=env, cwd=work)
+    assert result.returncode == 0, result.stderr
+    want = tmp_path / "data" / "audioldm2-recon" / "models" / "audioldm2-music"
+    assert read_contract(want).random_weights and f"bundle folder {want} (the per-user default" in result.stderr
+    assert list(work.iterdir()) == []  # nothing under the current folder (models/ was the old default)
+    monkeypatch.setenv("XDG_DATA_HOME", env["XDG_DATA_HOME"])  # platformdirs reads the process's own
+    found = resolve_model(env={}, cwd=work)
+    assert (found.path, found.origin) == (want, USER)
+    assert run_cli("recon-run", "info", "--model", str(want), env=env).returncode == 0
+
+
 def test_force_replaces_only_a_bundle_never_the_users_files_beside_it(tmp_path: Path) -> None:
     """--force removed the whole folder of any recon.json, with a user's files in it, and deleted any
     existing `.NAME.old` beside it."""

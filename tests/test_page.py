@@ -26,7 +26,7 @@ import pytest
 import soundfile as sf
 
 from .conftest import tone
-from .test_server import KEY, MISSING, REL, Gated, Server, rel_l2, serve_in_process, wav_bytes
+from .test_server import KEY, MISSING, REL, Gated, Server, raw_exchange, rel_l2, serve_in_process, wav_bytes
 
 pytestmark = pytest.mark.skipif(
     bool(MISSING), reason=f"server tests need the `serve` extra ({', '.join(MISSING)} missing)"
@@ -171,6 +171,38 @@ def test_compare_refuses_bad_forms_with_a_json_4xx(server: Server) -> None:
     r = post(files=form(big, out))
     assert r.status_code == 413 and "over the limit" in r.json()["error"], r.text
     assert post(files=form(good, out)).status_code == 200  # and the server goes on
+
+
+def test_compare_gets_the_body_timeout_scaled_by_its_body_limit(tiny_bundle: Path, rec: Any) -> None:
+    """/v1/compare, whose body may be 1.6x what /v1/reconstruct takes (at the defaults), had the same
+    --body-timeout-s: it gets as long per byte (its limit over --max-body-mb times the timeout)."""
+    import json
+
+    from recon_runtime.serving.page import compare_limit_bytes
+
+    timeout_s, body_mb, seconds = 1.0, 2.0, 60.0
+    scaled = round(timeout_s * compare_limit_bytes(body_mb, seconds, RATE) / (body_mb * 2**20), 1)
+    assert scaled >= 2 * timeout_s  # the fixture's limits make the difference plain
+    srv = serve_in_process(
+        rec, tiny_bundle, body_timeout_s=timeout_s, max_body_mb=body_mb, max_seconds=seconds, min_upload_rate=0.0
+    )
+    try:
+        for path, content_type, want in [
+            ("/v1/compare", "multipart/form-data; boundary=x", scaled),
+            ("/v1/reconstruct", "audio/wav", timeout_s),
+        ]:
+            head = (
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: 1000\r\n\r\n--x"
+            ).encode()  # the body's first bytes, then nothing
+            t0 = time.monotonic()
+            answer = raw_exchange(srv.port, head, timeout=4 * scaled + 30).decode(errors="replace")
+            waited = time.monotonic() - t0
+            assert answer.startswith("HTTP/1.1 408"), (path, answer)
+            error = json.loads(answer.split("\r\n\r\n", 1)[1])["error"]
+            assert f"within {want:g} s" in error, (path, error)
+            assert waited >= want, (path, waited)  # the server waited for the body that long
+    finally:
+        srv.close()
 
 
 def test_the_page_loads_without_the_key_and_every_api_route_stays_guarded(keyed: Server) -> None:
@@ -517,6 +549,80 @@ def test_a_recording_from_the_microphone_is_reconstructed(browser: Any, server: 
     assert page.inner_text("#file-name").startswith("recording-")
     assert audio_state(page, "b")["duration"] >= 1.0
     tab.close()
+
+
+NO_DOCS_ASSETS = (
+    None
+    if importlib.util.find_spec("fastapi_offline")
+    else "the offline API docs need the `serve` extra (fastapi-offline missing)"
+)
+needs_docs_assets = pytest.mark.skipif(NO_DOCS_ASSETS is not None, reason=NO_DOCS_ASSETS or "")
+
+
+@needs_docs_assets
+def test_the_api_docs_load_their_scripts_from_the_server(server: Server) -> None:
+    """/docs (linked from the page) loaded Swagger UI from cdn.jsdelivr.net: blank on an offline machine."""
+    import re
+
+    for path, scripts in (("/docs", {"swagger-ui-bundle.js", "swagger-ui.css"}), ("/redoc", {"redoc.standalone.js"})):
+        html = httpx.get(server.url + path, timeout=10)
+        assert html.status_code == 200 and html.headers["content-type"].startswith("text/html"), path
+        urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", html.text)
+        assert not [u for u in urls if "//" in u], (path, urls)  # nothing from another origin
+        assert "cdn." not in html.text and "fonts.googleapis" not in html.text, path
+        assert {u.rsplit("/", 1)[-1] for u in urls if u.startswith("/docs/assets/")} >= scripts, (path, urls)
+        for name in scripts:
+            asset = httpx.get(f"{server.url}/docs/assets/{name}", timeout=30)
+            assert asset.status_code == 200 and len(asset.content) > 10_000, (name, asset.status_code)
+
+
+@needs_docs_assets
+@needs_browser
+def test_the_api_docs_render_with_every_other_origin_blocked(browser: Any, server: Server, tmp_path: Path) -> None:
+    """In Chromium with every request outside the server refused (an offline machine), /docs shows the
+    operations of the schema."""
+    tab = Tab(browser, server.url)
+    try:
+        blocked: list[str] = []
+
+        def offline(route: Any) -> None:
+            if route.request.url.startswith(server.url):
+                route.continue_()
+            else:
+                blocked.append(route.request.url)
+                route.abort("internetdisconnected")
+
+        tab.page.route("**/*", offline)
+        tab.page.goto(server.url + "/docs")
+        tab.page.wait_for_selector(".swagger-ui .info .title")
+        assert "audioldm2-recon" in tab.page.inner_text(".swagger-ui .info .title")
+        tab.wait(
+            "() => [...document.querySelectorAll('.opblock-summary-path')].some(e => e.textContent.includes('/v1/reconstruct'))"
+        )
+        paths = tab.page.eval_on_selector_all(".opblock-summary-path", "els => els.map(e => e.textContent.trim())")
+        assert {"/v1/reconstruct", "/v1/encode", "/v1/decode", "/v1/compare"} <= set(paths), paths
+        tab.page.screenshot(path=str(tmp_path / "docs.png"), full_page=False)
+        assert not blocked, blocked
+    finally:
+        tab.close()
+
+
+def test_without_the_docs_assets_the_server_says_docs_needs_the_network(
+    tiny_bundle: Path, rec: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from recon_runtime.serving import api_docs
+
+    monkeypatch.setattr(api_docs, "assets_dir", lambda: None)  # as where fastapi-offline is not installed
+    with caplog.at_level("WARNING", logger="recon_runtime.serving"):
+        srv = serve_in_process(rec, tiny_bundle)
+    try:
+        html = httpx.get(srv.url + "/docs", timeout=10)
+        assert html.status_code == 200 and "swagger-ui-bundle.js" in html.text  # FastAPI's page, from the CDN
+        assert httpx.get(srv.url + "/docs/assets/swagger-ui.css", timeout=10).status_code == 404
+    finally:
+        srv.close()
+    said = [r.getMessage() for r in caplog.records if "fastapi-offline is not installed" in r.getMessage()]
+    assert len(said) == 1 and "/openapi.json works" in said[0] and "serve" in said[0], said
 
 
 def test_pages_static_files_are_package_data() -> None:

@@ -310,6 +310,119 @@ def test_cli_with_server_pins_the_digest_and_prints_no_http_log(
     assert len(lines) == 1 and lines[0].startswith("encode: 1 ok, 0 failed"), r.stderr
 
 
+# ---------------------------------------------------------------------- the encoded-audio file
+def same_facts(got: Any, want: Any) -> None:
+    """Two encoded clips agree on every field (the server's has no source; gains to float32 rounding)."""
+    from recon_runtime.encoded import GAIN, SOURCE
+
+    a, b = got.fields(), want.fields()
+    assert a[SOURCE] is None and a.pop(GAIN) == pytest.approx(b.pop(GAIN), rel=1e-7)
+    assert {**a, SOURCE: b[SOURCE]} == b
+
+
+def test_the_encoded_file_round_trip_equals_the_in_process_runtime(server: Server, rec: Any) -> None:
+    from recon_runtime.channels import decode_audio, encode_audio
+    from recon_runtime.encoded import ENCODED_MEDIA_TYPE
+
+    audio = tone(3.3, 22050, 330.0) + 0.05 * np.random.default_rng(1).standard_normal(round(3.3 * 22050)).astype(
+        np.float32
+    )
+    stereo = np.stack([audio, 0.2 * np.roll(audio, 500)], axis=1)
+    with server.client() as c:
+        clip = c.encode_file(audio, 22050)
+        want = encode_audio(rec, audio, 22050)
+        same_facts(clip, want)
+        assert rel_l2(clip.latents, want.latents) <= REL
+        assert rel_l2(c.decode_file(clip), decode_audio(rec, want)) <= REL  # the input's length and level
+        drawn = c.encode_file(audio, 22050, sample=True, seed=5)
+        want = encode_audio(rec, audio, 22050, sample=True, seed=5)
+        same_facts(drawn, want)
+        assert rel_l2(drawn.latents, want.latents) <= REL
+        mixed = c.encode_file(stereo, 22050)  # the server mixes, as its .npy answer does
+        same_facts(mixed, encode_audio(rec, stereo, 22050))
+        assert (mixed.channels, mixed.input_channels) == (1, 2)
+        each = encode_audio(rec, stereo, 22050, mode="each")  # a file of `encode --channels each`
+        two = c.decode_file(each)
+        assert two.shape == (each.num_samples, 2) and rel_l2(two, decode_audio(rec, each)) <= REL
+        z, info = c.encode_with_info(audio, 22050)  # the default answer is today's .npy and headers
+        assert rel_l2(z, clip.latents[0]) <= REL and info.num_samples == clip.num_samples
+        r = server.post("/v1/encode", wav_bytes(audio, 22050))
+        assert r.headers["content-type"] == "application/x-npy" and r.headers["X-Recon-Input-Channels"] == "1"
+        assert r.headers["X-Recon-Latent-Shape"] == ",".join(map(str, z.shape)) and "X-Recon-Source" not in r.headers
+        r = server.post("/v1/encode", wav_bytes(audio, 22050), headers={"Accept": f"{ENCODED_MEDIA_TYPE};q=0"})
+        assert r.headers["content-type"] == "application/x-npy"  # refused by its q: the .npy
+
+
+def test_a_stdlib_client_reads_the_encoded_answer_and_sends_it_back(server: Server, rec: Any) -> None:
+    """urllib as a user's script would: the encoded file by Accept or by ?format=encoded, and back to
+    /v1/decode with its content type, or with none of ours (as curl --data-binary sends it)."""
+    import urllib.request
+
+    from recon_runtime.channels import decode_audio
+    from recon_runtime.encoded import ENCODED_MEDIA_TYPE, EncodedAudio
+
+    audio = tone(1.7, RATE, 523.0)
+    body = wav_bytes(audio)
+
+    def post(path: str, data: bytes, headers: dict[str, str]) -> tuple[str, bytes]:
+        request = urllib.request.Request(server.url + path, data=data, headers={**server.headers, **headers})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.headers["Content-Type"], r.read()
+
+    kind, data = post("/v1/encode", body, {"Accept": f"audio/wav, {ENCODED_MEDIA_TYPE}", "Content-Type": "audio/wav"})
+    assert kind == ENCODED_MEDIA_TYPE
+    clip = EncodedAudio.from_bytes(data)
+    kind, again = post("/v1/encode?format=encoded", body, {"Content-Type": "audio/wav"})
+    assert kind == ENCODED_MEDIA_TYPE and EncodedAudio.from_bytes(again).fields() == clip.fields()
+    kind, npy = post("/v1/encode", body, {"Content-Type": "audio/wav"})  # no Accept: the .npy as before
+    assert kind == "application/x-npy" and np.array_equal(np.load(io.BytesIO(npy)), clip.latents[0])
+    want = decode_audio(rec, clip)
+    for headers in ({"Content-Type": ENCODED_MEDIA_TYPE}, {}):  # urllib's default: x-www-form-urlencoded
+        kind, wav = post("/v1/decode", data, headers)
+        out, rate = sf.read(io.BytesIO(wav), dtype="float32")
+        assert kind == "audio/wav" and rate == RATE and out.shape == audio.shape and rel_l2(out, want) <= REL
+
+
+def test_a_bad_encoded_upload_gets_its_status_and_one_line(server: Server, rec: Any) -> None:
+    from dataclasses import replace
+
+    from recon_runtime.channels import encode_audio
+    from recon_runtime.encoded import ENCODED_MEDIA_TYPE
+
+    from .test_encoded import rewrite
+
+    clip = encode_audio(rec, tone(0.9), RATE)
+    stereo = encode_audio(rec, np.stack([tone(0.9), tone(0.9, freq=220.0)], axis=1), RATE, mode="each")
+    data = clip.to_bytes()
+    flipped = bytearray(data)
+    flipped[-7] ^= 0x40  # a bit of the latents
+    kind = {"Content-Type": ENCODED_MEDIA_TYPE}
+    cases = [
+        (replace(clip, bundle_fingerprint="0123456789abcdef").to_bytes(), {}, kind, 422, "another model"),
+        (data, {}, {**kind, "X-Recon-Bundle-Fingerprint": "0123456789abcdef"}, 422, "another model"),
+        (bytes(flipped), {}, kind, 400, "do not match the SHA-256"),
+        (data[:-10], {}, kind, 400, "uploaded encoded audio: "),
+        (data[:5], {}, kind, 400, "not an encoded-audio file"),
+        (rewrite(data, format_version="2"), {}, kind, 400, "format version 2; this build reads version 1"),
+        (rewrite(data, format_version="2"), {"stream": "true"}, kind, 400, "this build reads version 1"),
+        (npy_bytes(clip.latents[0]), {}, kind, 400, "not an encoded-audio file"),  # a .npy said to be one
+        (replace(clip, sample_rate=22050).to_bytes(), {}, kind, 422, "22050 Hz"),
+        (data, {"num_samples": "100"}, kind, 400, "drop num_samples from the query"),
+        (data, {"gain": "2", "stream": "true"}, {}, 400, "drop gain from the query"),
+        (stereo.to_bytes(), {"stream": "true"}, kind, 422, "this file has 2"),
+    ]
+    for body, params, headers, status, text in cases:
+        r = server.post("/v1/decode", body, params=params, headers=headers)
+        assert r.status_code == status, (params, text, r.status_code, r.text)
+        error = r.json()["error"]
+        assert text in error and "\n" not in error and "Traceback" not in r.text, error
+    parts = b"".join(server.post("/v1/decode", data, params={"stream": "true"}, headers=kind).iter_bytes())
+    with server.client() as c:
+        want = c.decode_file(clip)  # one channel streams at its recorded length and level
+    np.testing.assert_allclose(np.frombuffer(parts, "<f4"), want, rtol=0, atol=1e-6)
+    assert 'status="500"' not in server.metrics()
+
+
 def test_sixteen_concurrent_requests_share_batches_and_stay_unchanged(server: Server, rec: Any) -> None:
     before = server.metrics()
     clips = [tone(0.5, RATE, 200.0 + 40 * i) for i in range(16)]  # one length: one window shape
@@ -442,6 +555,12 @@ def test_values_that_overflow_the_graphs_are_the_clients_422_without_advice_to_a
 
 def raw_exchange(port: int, data: bytes, timeout: float = 10) -> bytes:
     """Send `data` on a fresh connection and read until the server closes it (or `timeout`)."""
+    return exchange(port, data, timeout)[0]
+
+
+def exchange(port: int, data: bytes, timeout: float) -> tuple[bytes, bool]:
+    """Send `data` on a fresh connection and read until the server closes it or `timeout` passes:
+    what came, and whether the server closed (or reset) the connection within `timeout`."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
         got = b""
@@ -449,12 +568,19 @@ def raw_exchange(port: int, data: bytes, timeout: float = 10) -> bytes:
         while time.monotonic() < end:
             try:
                 part = s.recv(65536)
-            except (TimeoutError, ConnectionResetError):
+            except ConnectionResetError:
+                return got, True
+            except TimeoutError:
                 break
             if not part:
-                break
+                return got, True
             got += part
-        return got
+        return got, False
+
+
+def bound(configured_s: float) -> float:
+    """How long a test waits for what a server does after `configured_s`: generous on a busy machine."""
+    return 4 * configured_s + 30
 
 
 def test_an_oversized_body_with_expect_100_continue_is_refused_from_its_header_without_reading_it(
@@ -464,20 +590,26 @@ def test_an_oversized_body_with_expect_100_continue_is_refused_from_its_header_w
         b"POST /v1/reconstruct HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nExpect: 100-continue\r\n"
         + f"Authorization: Bearer {KEY}\r\nContent-Length: {5 * 2**20}\r\n\r\n".encode()
     )
-    t0 = time.monotonic()
-    answer = raw_exchange(server.port, head).decode(errors="replace")
-    assert time.monotonic() - t0 < 5  # not told to continue, the client never sends the body: answered at once
-    assert answer.startswith("HTTP/1.1 413"), answer  # no "100 Continue" first
-    assert "application/json" in answer and '"error"' in answer and "connection: close" in answer.lower(), answer
+    from recon_runtime.serving.edge import REFUSED_BODY_DRAIN_S, REFUSED_BODY_IDLE_S
+
+    # not told to continue, the client never sends the body: answered without waiting for it (the
+    # server that waited would have answered the body timeout's 408), and the connection closed
+    answer, closed = exchange(server.port, head, bound(REFUSED_BODY_DRAIN_S))
+    text = answer.decode(errors="replace")
+    assert closed and text.startswith("HTTP/1.1 413"), text  # no "100 Continue" first
+    assert "application/json" in text and '"error"' in text and "connection: close" in text.lower(), text
     # without Expect and without the body (waiting for the answer): answered once nothing came for 1 s
     t0 = time.monotonic()
-    answer = raw_exchange(server.port, head.replace(b"Expect: 100-continue\r\n", b"")).decode(errors="replace")
-    assert time.monotonic() - t0 < 4 and answer.startswith("HTTP/1.1 413") and '"error"' in answer, answer
-    # a body that declares more than the server drains is answered at once too, and the connection closed
+    answer, closed = exchange(server.port, head.replace(b"Expect: 100-continue\r\n", b""), bound(REFUSED_BODY_DRAIN_S))
+    text = answer.decode(errors="replace")
+    assert closed and text.startswith("HTTP/1.1 413") and '"error"' in text, text
+    assert time.monotonic() - t0 >= REFUSED_BODY_IDLE_S  # it waited for the body it would discard
+    # a body that declares more than the server drains is answered without draining, the connection closed
     huge = head.replace(b"Expect: 100-continue\r\n", b"").replace(str(5 * 2**20).encode(), str(2**30).encode())
-    t0 = time.monotonic()
-    answer = raw_exchange(server.port, huge + b"RIFF" * 16).decode(errors="replace")
-    assert time.monotonic() - t0 < 5 and answer.startswith("HTTP/1.1 413") and '"error"' in answer, answer
+    answer, closed = exchange(server.port, huge + b"RIFF" * 16, bound(REFUSED_BODY_DRAIN_S))
+    text = answer.decode(errors="replace")
+    assert closed and text.startswith("HTTP/1.1 413") and '"error"' in text, text
+    assert "connection: close" in text.lower(), text
     # a chunked body (no length) over the limit is cut off as it arrives
     r = httpx.post(
         server.url + "/v1/reconstruct", content=iter([b"\0" * 2**20] * 3), headers=server.headers, timeout=30
@@ -650,12 +782,12 @@ def test_a_connection_whose_request_head_trickles_in_is_closed_within_the_header
     head = b"POST /v1/reconstruct HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: 10\r\n\r\n"
     with httpx.Client(timeout=30) as c:  # a kept-alive connection that trickles its next head: closed too
         assert c.get(guarded.url + "/healthz").status_code == 200
+    opened = time.monotonic()  # before the connections: the server's timers start after this
     slow = Trickle(guarded.port, [head, b"", head], pace=0.25)  # 1 byte each 0.25 s: 21 s for this head
-    opened = time.monotonic()
     try:
-        wait_until(lambda: all(c is not None for c in slow.closed), 15, "a slow head was never closed")
-        for i in (0, 2):  # part of a head came: 408 as JSON, within the bound
-            assert slow.closed[i] - opened < 1.5 + 3.0, slow.closed[i] - opened  # type: ignore[operator]
+        wait_until(lambda: all(c is not None for c in slow.closed), bound(1.5), "a slow head was never closed")
+        for i in (0, 2):  # part of a head came: 408 as JSON (a head that came whole would get another answer)
+            assert slow.closed[i] - opened >= 1.5, slow.closed[i] - opened  # type: ignore[operator]
             answer = slow.answers[i].decode()
             assert answer.startswith("HTTP/1.1 408") and "1.5 s" in json.loads(answer.split("\r\n\r\n")[1])["error"]
         assert slow.answers[1] == b""  # nothing came: closed without a word
@@ -672,11 +804,13 @@ def test_a_kept_alive_connection_gets_the_header_timeout_for_its_next_head(guard
     # the first request whole, then the next head on the same connection at a byte each 0.25 s
     slow = Trickle(guarded.port, [b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"], pace=0.25, head=HEALTHZ)
     try:
-        wait_until(lambda: slow.closed[0] is not None, 15, "the connection trickling its second head was never closed")
+        wait_until(
+            lambda: slow.closed[0] is not None, bound(1.5), "the connection trickling its second head was never closed"
+        )
         answers = slow.answers[0].decode()
         assert answers.startswith("HTTP/1.1 200") and answers.count("HTTP/1.1 ") == 2, answers
         assert "HTTP/1.1 408" in answers and "1.5 s" in answers.rsplit("\r\n\r\n", 1)[1], answers
-        assert slow.closed[0] - opened < 1.5 + 5.0, slow.closed[0] - opened  # type: ignore[operator]
+        assert slow.closed[0] - opened >= 1.5, slow.closed[0] - opened  # type: ignore[operator]
     finally:
         slow.close()
 
@@ -725,8 +859,9 @@ def test_other_uvicorn_hosts_get_the_timeouts_from_the_environment_once_at_start
     try:
         monkeypatch.setenv("RECON_HEADER_TIMEOUT_S", "x")  # read once: connections do not read it again
         opened = time.monotonic()
-        answer = raw_exchange(srv.port, b"GET /healthz HTTP/1.1\r\nHo", timeout=10)
-        assert time.monotonic() - opened < 0.5 + 3.0 and answer.startswith(b"HTTP/1.1 408"), answer
+        answer, closed = exchange(srv.port, b"GET /healthz HTTP/1.1\r\nHo", bound(0.5))
+        assert closed and answer.startswith(b"HTTP/1.1 408") and b"0.5 s" in answer, answer
+        assert time.monotonic() - opened >= 0.5
         assert httpx.get(srv.url + "/healthz", timeout=10).status_code == 200
     finally:
         srv.close()
@@ -768,20 +903,57 @@ def test_a_host_without_the_protocol_is_told_its_timeouts_do_not_apply(
     assert len(lines) == 1 and "timeouts do not apply" in lines[0], lines
 
 
-def test_slow_uploads_give_their_slots_back_and_do_not_starve_a_normal_client(guarded: Server, rec: Any) -> None:
+def test_a_ray_replica_is_not_told_to_use_a_uvicorn_flag(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under `serve --ray` Ray's proxy speaks HTTP: the warning advised a uvicorn flag that cannot apply.
+    The replica's own app (built as Ray builds it, served here by a plain uvicorn) does not warn."""
+    import recon_runtime.serving.http_protocol as http_protocol
+    from recon_runtime.serving.config import ServerConfig
+    from recon_runtime.serving.ray_serve import ReconReplica
+
+    monkeypatch.setattr(http_protocol, "connections_served", 0)  # as in a replica, which never serves with it
+    replica = ReconReplica.__new__(ReconReplica)  # its __init__ asks Ray for the replica's id
+    replica.config, replica.replica_id, replica.service = ServerConfig(model=str(tiny_bundle), warmup=False), "r1", None
+    with caplog.at_level("WARNING", logger="recon_runtime.serving"):
+        srv = _Threaded(replica.__serve_build_asgi_app__())  # its start-up returns once the model is loaded
+        try:
+            r = httpx.get(srv.url + "/readyz", timeout=10)
+            assert r.status_code == 200 and r.headers["x-recon-replica"] == "r1", r.text
+        finally:
+            srv.close()
+    lines = [r.getMessage() for r in caplog.records if "http_protocol" in r.getMessage()]
+    assert lines == [], lines
+
+
+def test_slow_uploads_give_their_slots_back_and_do_not_starve_a_normal_client(
+    tiny_bundle: Path, rec: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """17 uploads at 1 byte/s held every upload slot for 30 s (--body-timeout-s); below the minimum
     rate after the grace they get 408 (or, one that found no slot within the grace, 503), and a
-    normal client is answered meanwhile instead of a 503."""
+    normal client is answered meanwhile instead of a 503.
+
+    The grace is held off until the server counts all 17 (on a busy machine the 17th head can be
+    parsed after the first upload's grace ended), then set once every one is older than it: each is
+    cut off at its next byte, and the normal client, which then finds every slot taken, waits for one
+    for the whole grace."""
+    from recon_runtime.serving import inputs
+
+    grace = 10.0
+    monkeypatch.setattr(inputs, "UPLOAD_GRACE_S", 3600.0)  # no upload is cut off before all are counted
+    srv = serve_in_process(rec, tiny_bundle, body_timeout_s=600.0)  # the default slots and minimum rate
     head = b"POST /v1/reconstruct HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\nContent-Length: 100000\r\n\r\n"
     uploads = 17  # one more than the default --max-uploads 16
     # the heads go at once (the header timeout is not what this tests), the bodies at 2 bytes/s
-    slow = Trickle(guarded.port, [b"RIFF" * 25_000] * uploads, pace=0.5, head=head)
+    slow = Trickle(srv.port, [b"RIFF" * 25_000] * uploads, pace=0.5, head=head)
     try:
-        m = wait_for_metric(guarded.url, "recon_requests_receiving", uploads, timeout=60)
+        m = wait_for_metric(srv.url, "recon_requests_receiving", uploads, timeout=60)
         assert metric(m, "recon_requests_receiving") == uploads, m  # 16 hold the slots, 1 waits
-        r = httpx.post(guarded.url + "/v1/reconstruct", content=wav_bytes(tone(0.3)), timeout=120)
+        time.sleep(grace)  # now every slow upload is older than the grace about to apply
+        monkeypatch.setattr(inputs, "UPLOAD_GRACE_S", grace)
+        r = httpx.post(srv.url + "/v1/reconstruct", content=wav_bytes(tone(0.3)), timeout=bound(grace))
         assert r.status_code == 200, r.text
-        wait_until(lambda: all(c is not None for c in slow.closed), 60, "a slow upload was never answered")
+        wait_until(lambda: all(c is not None for c in slow.closed), bound(grace), "a slow upload was never answered")
         statuses = []
         for answer in slow.answers:
             text = answer.decode(errors="replace")
@@ -791,6 +963,36 @@ def test_slow_uploads_give_their_slots_back_and_do_not_starve_a_normal_client(gu
         assert statuses.count("408") >= uploads - 1, statuses  # every slot holder fell below the rate
     finally:
         slow.close()
+        srv.close()
+
+
+def test_an_idle_server_takes_a_body_that_begins_after_the_grace_without_a_minimum_rate(
+    tiny_bundle: Path, rec: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --min-upload-rate 0, a body whose first byte came after UPLOAD_GRACE_S got 503 "server
+    busy: 16 uploads in progress" from an idle server: the slot wait was `wait_for(acquire, 0)`,
+    which cancels the acquire before it runs."""
+    from recon_runtime.serving import inputs
+
+    monkeypatch.setattr(inputs, "UPLOAD_GRACE_S", 0.5)  # the grace shortened: the test waits less
+    srv = serve_in_process(rec, tiny_bundle, min_upload_rate=0.0)
+    clip = wav_bytes(tone(0.3))
+    head = (
+        "POST /v1/reconstruct HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
+        f"Content-Length: {len(clip)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+            sock.sendall(head)
+            time.sleep(1.5)  # the client's pace: its body begins well after the (shortened) grace
+            sock.sendall(clip)
+            answer, _ = read_until_closed(sock, 60)
+        text = answer.decode(errors="replace")
+        assert text.startswith("HTTP/1.1 200"), text[:300]
+        out, _ = sf.read(io.BytesIO(answer.split(b"\r\n\r\n", 1)[1]), dtype="float32")
+        assert rel_l2(out, rec.reconstruct(tone(0.3), RATE)) <= REL
+    finally:
+        srv.close()
 
 
 def test_the_api_key_guards_every_route_but_healthz(server: Server) -> None:
@@ -856,11 +1058,9 @@ def test_clients_that_send_only_a_head_do_not_starve_a_normal_client(guarded: Se
             return metric(m, "recon_requests_in_flight") + metric(m, "recon_requests_receiving")
 
         wait_until(lambda: waiting() >= 64, 60, "the head-only connections never reached the server")
-        for _ in range(3):
-            t0 = time.monotonic()
-            r = httpx.post(guarded.url + "/v1/reconstruct", content=wav_bytes(tone(0.3)), timeout=60)
+        for _ in range(3):  # answered, not refused (503) for the slots the head-only ones held before
+            r = httpx.post(guarded.url + "/v1/reconstruct", content=wav_bytes(tone(0.3)), timeout=bound(20))
             assert r.status_code == 200, r.text
-            assert time.monotonic() - t0 < 15.0, "the normal client waited on the head-only ones"
         assert attacker.is_alive() and opened[0] >= count
     finally:
         stop.set()
@@ -950,9 +1150,12 @@ def test_a_request_cut_off_while_its_refusal_drains_gets_the_shutdowns_503(tiny_
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log
 
 
-def test_an_fp16_overflow_of_a_finite_input_is_the_servers_500_naming_fp32(tiny_bundle: Path, rec: Any) -> None:
-    """Every NumericalError was the client's 422, also an fp16 overflow on a valid input, which is the
-    limit of the precision the server chose (the client can do nothing about it)."""
+def test_an_fp16_overflow_of_a_finite_input_is_a_422_naming_fp32_and_a_warning_for_the_operator(
+    tiny_bundle: Path, rec: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every NumericalError was the client's 422, also an fp16 overflow on a valid input, without saying
+    it is the limit of the precision the server chose; then that became a 500, a 5xx for what a client
+    sent (fp16 is the default on CUDA). It is a 422 that says whose limit it is, and a warning in the log."""
     from recon_runtime.errors import NumericalError
 
     class Overflowing:
@@ -969,13 +1172,19 @@ def test_an_fp16_overflow_of_a_finite_input_is_the_servers_500_naming_fp32(tiny_
     graphs = Overflowing(rec)
     srv = serve_in_process(graphs, tiny_bundle)
     try:
-        r = httpx.post(srv.url + "/v1/reconstruct", content=wav_bytes(tone(0.3)), timeout=30)
-        assert r.status_code == 500, r.text
+        with caplog.at_level("WARNING", logger="recon_runtime.serving"):
+            r = httpx.post(srv.url + "/v1/reconstruct", content=wav_bytes(tone(0.3)), timeout=30)
+        assert r.status_code == 422, r.text
         error = r.json()["error"]
-        assert "--precision fp32" in error and "not a fault of the input" in error and "at fp16" in error, error
+        assert "cannot carry this input" in error and "not a fault of the input" in error, error
+        assert "--precision fp32" in error and "at fp16" in error, error
+        logged = [x for x in caplog.records if "cannot carry this input" in x.getMessage()]
+        assert [x.levelname for x in logged] == ["WARNING"], [x.getMessage() for x in caplog.records]
         graphs.input_caused = True  # the input's values overflowed graphs with float32's range: the client's
         r = httpx.post(srv.url + "/v1/reconstruct", content=wav_bytes(tone(0.3)), timeout=30)
         assert r.status_code == 422 and "--precision" not in r.json()["error"], r.text
+        m = httpx.get(srv.url + "/metrics", timeout=10).text
+        assert metric(m, "recon_requests_total", status="500") == 0
     finally:
         srv.close()
 
@@ -1290,9 +1499,9 @@ def test_past_the_timeout_a_request_gets_504_and_its_windows_leave_the_queue(tin
         n = len(rec.reconstruction_job(rec.features(clip, 8000)).windows)
         assert n >= 4
         t0 = time.monotonic()
-        r = httpx.post(srv.url + "/v1/reconstruct", content=wav_bytes(clip, 8000, "PCM_16"), timeout=30)
+        r = httpx.post(srv.url + "/v1/reconstruct", content=wav_bytes(clip, 8000, "PCM_16"), timeout=bound(1.0))
         assert r.status_code == 504 and "1 s" in r.json()["error"]
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 >= 1.0  # the server waited for its timeout, not for the held window
         gated.release.set()
         m = wait_for_metric(srv.url, "recon_windows_total", 1, stages="encoder+decoder+vocoder")
         time.sleep(0.3)
@@ -1578,11 +1787,13 @@ def test_parsing_and_encoding_run_off_the_event_loop(
         done = threading.Event()
         latencies: list[float] = []
 
+        statuses: list[int] = []
+
         def probe() -> None:
-            with httpx.Client(timeout=10) as c:
+            with httpx.Client(timeout=bound(1.0)) as c:
                 while not done.is_set():
                     t0 = time.perf_counter()
-                    assert c.get(srv.url + "/healthz").status_code == 200
+                    statuses.append(c.get(srv.url + "/healthz").status_code)
                     latencies.append(time.perf_counter() - t0)
                     time.sleep(0.01)
 
@@ -1595,7 +1806,9 @@ def test_parsing_and_encoding_run_off_the_event_loop(
             done.set()
             t.join(30)
         assert r.status_code == 400, r.text
-        assert latencies and max(latencies) < 1.0, f"/healthz stalled {max(latencies):.3f} s"
+        # answered meanwhile; the bound is generous (a busy machine), the on_loop check above is the exact one
+        assert latencies and set(statuses) == {200}, statuses
+        assert max(latencies) < 5.0, f"/healthz stalled {max(latencies):.3f} s"
     finally:
         srv.close()
 

@@ -2,8 +2,9 @@
 
 Seeded and bounded (FUZZ_CASES requests, at most FUZZ_SECONDS): every endpoint (/v1/reconstruct,
 /v1/encode, /v1/decode with and without stream=true, /v1/compare, /v1/info, /readyz, /healthz, /metrics, the page), with random
-bytes, truncated and corrupted WAV/FLAC/.npy, NaN/inf and overflowing values, lying .npy headers,
-multipart bodies with and without the `file` field, wrong content types, bad query values (also
+bytes, truncated and corrupted WAV/FLAC/.npy/encoded-audio files, NaN/inf and overflowing values, lying .npy headers,
+multipart bodies with and without the `file` field, /v1/compare forms of good, mutated and hostile pairs,
+wrong content types, bad query values (also
 output rates that multiply the answer past --max-response-mb), no or a wrong API key, and, on raw
 sockets, huge and malformed request heads, oversized, chunked and lying Content-Length bodies, bodies
 sent after `Expect: 100-continue` (HTTP/1.0 and 1.1), WebSocket handshakes, and clients that never
@@ -27,8 +28,20 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from recon_runtime.encoded import ENCODED_MEDIA_TYPE, EncodedAudio
+
 from .conftest import tone
-from .test_server import KEY, MISSING, Server, metric, npy_bytes, npy_claiming, read_until_closed, wav_bytes
+from .test_server import (
+    KEY,
+    MISSING,
+    Server,
+    metric,
+    npy_bytes,
+    npy_claiming,
+    read_until_closed,
+    wav_bytes,
+    wav_with_rate,
+)
 
 pytestmark = pytest.mark.skipif(
     bool(MISSING), reason=f"server tests need the `serve` extra ({', '.join(MISSING)} missing)"
@@ -49,8 +62,9 @@ RAW_TIMEOUT_S = 20.0
 
 PATHS = (
     "/v1/reconstruct", "/v1/encode", "/v1/decode", "/v1/decode?stream=true", "/v1/compare", "/v1/info",
-    "/readyz", "/healthz", "/metrics", "/", "/index.html", "/static/app.js",
+    "/readyz", "/healthz", "/metrics", "/", "/index.html", "/static/app.js", "/docs/assets/swagger-ui.css",
 )  # fmt: skip
+MOUNTS = {"/static": "/static/app.js", "/docs/assets": "/docs/assets/swagger-ui.css"}  # a file of each
 QUERY_VALUES_COLUMNS = ["0", "1", "2048", "8193", "abc", "-3"]
 QUERY_VALUES = {
     "output_rate": ["", "abc", "-1", "0", "999", "8000", "48000", "1e9", "nan", "384000", "384001"],
@@ -61,11 +75,14 @@ QUERY_VALUES = {
     "gain": ["nan", "inf", "-inf", "-1", "0", "0.5", "1e6", "1e39", "abc"],
     "stream": ["true", "false", "yes", "2", ""],
     "columns": QUERY_VALUES_COLUMNS,
+    "format": ["npy", "encoded", "wav", ""],
 }
 CONTENT_TYPES = [
     None, "audio/wav", "application/octet-stream", "application/x-npy", "text/plain", "application/json",
     "multipart/form-data", "multipart/form-data; boundary=", "multipart/form-data; boundary=zzz",
+    ENCODED_MEDIA_TYPE, ENCODED_MEDIA_TYPE + "; charset=utf-8",
 ]  # fmt: skip
+ACCEPTS = ["*/*", ENCODED_MEDIA_TYPE, f"{ENCODED_MEDIA_TYPE};q=0", f"audio/wav, {ENCODED_MEDIA_TYPE};q=abc", ";;,"]
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +180,59 @@ def multipart(body: bytes, rng: np.random.Generator) -> tuple[dict[str, Any], di
     if kind == 2:
         return {"files": [("file", ("a", body, "audio/wav")), ("file", ("b", body, "audio/wav"))]}, {}
     return {"data": {"file": body[:200].decode("latin-1")}}, {}
+
+
+COMPARE_FIELDS = ("original", "reconstruction")
+COMPARE_SHARE = 0.7  # of the cases sent to /v1/compare: its form (the rest: the other makers' bodies)
+
+
+COMPARE_KINDS = 11
+
+
+def compare_form(
+    rng: np.random.Generator, pairs: dict[str, tuple[bytes, bytes]], kind: int | None = None
+) -> dict[str, Any]:
+    """httpx arguments for /v1/compare: originals and the reconstructions /v1/reconstruct gave for
+    them, good, mutated or hostile, in the fields `original` and `reconstruction` (both, one, swapped,
+    twice, a text field), at wrong rates, of lengths that do not match, past the body limit. `kind`
+    (0..COMPARE_KINDS - 1) picks the form, else a random one."""
+    names = list(pairs)
+    original, rebuilt = pairs[str(rng.choice(names))]
+    other = pairs[str(rng.choice(names))][1]
+    kind = int(rng.integers(0, COMPARE_KINDS)) if kind is None else kind
+    fields: list[tuple[str, bytes]]
+    if kind == 0:  # a good pair: decoded and compared
+        fields = [("original", original), ("reconstruction", rebuilt)]
+    elif kind == 1:
+        fields = [("original", mutate(original, rng)), ("reconstruction", rebuilt)]
+    elif kind == 2:
+        fields = [("original", original), ("reconstruction", mutate(rebuilt, rng))]
+    elif kind == 3:  # one of the two
+        name = str(rng.choice(COMPARE_FIELDS))
+        fields = [(name, original if name == "original" else rebuilt)]
+    elif kind == 4:  # swapped
+        fields = [("original", rebuilt), ("reconstruction", original)]
+    elif kind == 5:  # finite but extreme values, or not finite, in one or both
+        a, b = (hostile_values(rng) if rng.random() < 0.6 else x for x in (original, rebuilt))
+        fields = [("original", a), ("reconstruction", b)]
+    elif kind == 6:  # a sample rate that makes its length another, or that no reader takes
+        rate = int(rng.choice([1, 999, 8000, 22050, 44100, 384001, 2**31 - 1]))
+        patched = wav_with_rate(rebuilt, rate) if rebuilt[12:16] == b"fmt " else mutate(rebuilt, rng)
+        fields = [("original", original), ("reconstruction", patched)]
+    elif kind == 7:  # another original's reconstruction: lengths that do not match
+        fields = [("original", original), ("reconstruction", other)]
+    elif kind == 8:  # past the limits: the original over --max-body-mb, or a lying .npy
+        big = original + rng.bytes(BODY_LIMIT_MB * 2**20 + int(rng.integers(1, 2**16)))
+        fields = [("original", big if rng.random() < 0.5 else lying_npy(rng)), ("reconstruction", rebuilt)]
+    elif kind == 9:  # a field twice, and one more
+        fields = [("original", original), ("original", other), ("reconstruction", rebuilt), ("extra", b"x")]
+    else:  # a text field where a file belongs
+        return {
+            "files": {"original": ("in.wav", original, "audio/wav")},
+            "data": {"reconstruction": rebuilt[:200].decode("latin-1")},
+        }
+    ctypes = ["audio/wav", "application/octet-stream", "audio/flac", "text/plain"]
+    return {"files": [(k, (f"{k}.wav", v, str(rng.choice(ctypes)))) for k, v in fields]}
 
 
 # ---------------------------------------------------------------------- checks
@@ -281,6 +351,15 @@ def test_no_hostile_request_gets_a_5xx_or_an_error_that_is_not_json(target: Serv
     rng = np.random.default_rng(SEED)
     good = seeds()
     good["latents"] = target.post("/v1/encode", good["wav"]).content  # what an encode really writes
+    pairs = {}  # originals and what /v1/reconstruct gave for them
+    for name in ("wav", "wav16", "stereo", "flac", "ogg"):
+        r = target.post("/v1/reconstruct", good[name])
+        assert r.status_code == 200, (name, r.text)
+        pairs[name] = (good[name], r.content)
+    compared: list[int] = []
+    encoded = target.post("/v1/encode", good["stereo"], params={"format": "encoded"}).content
+    good["encoded"] = encoded  # the encoded-audio file, and one of two channels (`--channels each`)
+    good["encoded2"] = EncodedAudio.stack([EncodedAudio.from_bytes(encoded)] * 2).to_bytes()
     makers: list[Callable[[], bytes]] = [
         lambda: good[str(rng.choice(list(good)))],
         lambda: mutate(good[str(rng.choice(list(good)))], rng),
@@ -303,8 +382,13 @@ def test_no_hostile_request_gets_a_5xx_or_an_error_that_is_not_json(target: Serv
             headers = {"Authorization": f"Bearer {KEY}"}
             if rng.random() < 0.05:
                 headers["Authorization"] = str(rng.choice(["", "Bearer", f"Basic {KEY}", "Bearer wrong"]))
-            kwargs: dict[str, Any] = {"content": body}
             if rng.random() < 0.15:
+                headers["Accept"] = str(rng.choice(ACCEPTS))
+            kwargs: dict[str, Any] = {"content": body}
+            form = path == "/v1/compare" and rng.random() < COMPARE_SHARE
+            if form:
+                kwargs = compare_form(rng, pairs)
+            elif rng.random() < 0.15:
                 kwargs, _ = multipart(body, rng)
             else:
                 ctype = CONTENT_TYPES[int(rng.integers(0, len(CONTENT_TYPES)))]
@@ -323,7 +407,15 @@ def test_no_hostile_request_gets_a_5xx_or_an_error_that_is_not_json(target: Serv
                 assert "stream=true" in path or params.get("stream") == "true", case
                 continue
             check_answer(case, r.status_code, dict(r.headers), data)
+            if form and method == "POST" and headers["Authorization"] == f"Bearer {KEY}":
+                compared.append(r.status_code)
     assert done + 1 >= MIN_CASES, f"only {done + 1} cases in {FUZZ_SECONDS} s"
+    for kind in range(COMPARE_KINDS):  # each form once more, however few cases the time allowed
+        r = httpx.post(target.url + "/v1/compare", headers=target.headers, timeout=60, **compare_form(rng, pairs, kind))
+        check_answer(f"/v1/compare form {kind}", r.status_code, dict(r.headers), r.content)
+        compared.append(r.status_code)
+    # the forms reached /v1/compare's decoding (400, 413), its length check (422) and its comparison (200)
+    assert {200, 400, 413, 422} <= set(compared), sorted(set(compared))
 
     for name, data, half_close, expect in raw_cases(rng, good):
         answers = raw_answers(target.port, data, max(expect, 1), half_close=half_close)
@@ -425,4 +517,4 @@ def test_the_fuzzed_paths_are_every_route_of_the_app(tiny_bundle: Path) -> None:
         "/openapi.json",
     }
     fuzzed = {p.split("?")[0] for p in PATHS}
-    assert {r if r != "/static" else "/static/app.js" for r in routes} <= fuzzed, routes - fuzzed
+    assert {MOUNTS.get(r, r) for r in routes} <= fuzzed, routes - fuzzed

@@ -18,12 +18,10 @@ from recon_runtime.contract import (
     SOURCE_PIPELINE,
 )
 from recon_runtime.errors import ReconError
-from recon_runtime.options import DEFAULT_MODEL as DEFAULT_BUNDLE
+from recon_runtime.locations import default_export_dir
 
 from .checkpoint import ARCHITECTURES, DEFAULT_MODEL
 from .errors import ExportError
-
-DEFAULT_OUT = DEFAULT_BUNDLE  # where recon-run looks by default
 
 
 def _echo(message: str) -> None:
@@ -64,9 +62,9 @@ def parse_budgets(items: tuple[str, ...]) -> dict[str, float]:
     "--out",
     "out",
     type=click.Path(path_type=Path),
-    default=DEFAULT_OUT,
-    show_default=True,
-    help="Bundle folder to write.",
+    default=None,
+    help="Bundle folder to write (default: the per-user folder recon-run looks in without --model, "
+    "$XDG_DATA_HOME/audioldm2-recon/models/audioldm2-music, by default under ~/.local/share).",
 )
 @click.option(
     "--precision", default="fp16,fp32", show_default=True, help="Comma-separated: fp16, fp32, int8 (int8 adds fp32)."
@@ -104,7 +102,7 @@ def parse_budgets(items: tuple[str, ...]) -> dict[str, float]:
 def main(
     model: str,
     revision: str | None,
-    out: Path,
+    out: Path | None,
     precision: str,
     calibration: Path | None,
     int8_budget: tuple[str, ...],
@@ -120,6 +118,9 @@ def main(
     """Export the VAE encoder, decoder and HiFi-GAN vocoder of an AudioLDM-family checkpoint to an ONNX bundle."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
     t0 = time.perf_counter()
+    if out is None:
+        out = default_export_dir()
+        _echo(f"bundle folder {out} (the per-user default; --out DIR writes elsewhere)")
     try:
         from .bundle import Progress, export_bundle
         from .checkpoint import build_random, load_checkpoint

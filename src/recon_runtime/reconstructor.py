@@ -60,6 +60,13 @@ def _pad_frames(mel: np.ndarray, multiple: int, value: float) -> np.ndarray:
     return np.pad(mel, widths, constant_values=value)
 
 
+def posterior_draw(mean: np.ndarray, std: np.ndarray, seed: int | None) -> np.ndarray:
+    """A draw from the VAE's posterior, mean + std * noise, the noise from `np.random.default_rng(seed)`:
+    one formula for `encode(sample=True)`, the server's /v1/encode and dataset encode jobs, so the same
+    seed gives the same latents everywhere."""
+    return mean + std * np.random.default_rng(seed).standard_normal(mean.shape).astype(np.float32)
+
+
 class Reconstructor:
     """The AudioLDM2 VAE + HiFi-GAN chain, built from a recon bundle.
 
@@ -332,9 +339,7 @@ class Reconstructor:
     def encode_features(self, feats: Features, sample: bool = False, seed: int | None = None) -> np.ndarray:
         """Prepared input -> scaled latents [8, ceil(T/4), 16] (see `encode`)."""
         mean, std = (self.crop_latents(feats, z) for z in self.run_jobs([self.encoding_job(feats)])[0])
-        if sample:
-            mean = mean + std * np.random.default_rng(seed).standard_normal(mean.shape).astype(np.float32)
-        return mean
+        return posterior_draw(mean, std, seed) if sample else mean
 
     def decode(self, latents: np.ndarray, num_samples: int | None = None) -> np.ndarray:
         """Scaled latents [8, L, 16] or [B, 8, L, 16] -> 16 kHz waveform [640*L] or [B, 640*L].

@@ -50,6 +50,8 @@ class Summary:
     failed: int = 0
     skipped: int = 0
     audio_seconds: float = 0.0
+    retries: int = 0
+    """Requests sent again after a busy server's 503 or 429 (`--server` jobs)."""
     started: float = field(default_factory=time.perf_counter)
 
     def line(self, what: str) -> str:
@@ -58,9 +60,14 @@ class Summary:
         wall = time.perf_counter() - self.started
         speed = f", {self.audio_seconds / wall:.2f}x real time" if self.audio_seconds and wall > 0 else ""
         skipped = f", {self.skipped} skipped (output exists)" if self.skipped else ""
+        retried = (
+            f"; {self.retries} request{'s' if self.retries != 1 else ''} sent again (server busy)"
+            if self.retries
+            else ""
+        )
         return (
             f"{what}: {self.ok} ok, {self.failed} failed{skipped}; {self.audio_seconds:.1f} s of audio in "
-            f"{wall:.1f} s wall{speed}"
+            f"{wall:.1f} s wall{speed}{retried}"
         )
 
     @property
@@ -190,11 +197,18 @@ class JobRunner:
         try:
             seconds = work()
         except Exception as e:  # noqa: BLE001 - every per-file failure becomes one line
-            self.fail(job, e)
+            return self.book(job, None, e)
+        return self.book(job, seconds)
+
+    def book(self, job: Job, seconds: float | None, error: BaseException | None = None) -> bool:
+        """Count one job's end: its outputs written and its audio seconds, or the error that failed
+        it (one line). For work that ran elsewhere (another thread: `--server` jobs)."""
+        if error is not None:
+            self.fail(job, error)
             return False
         self._written.update(path_key(p) for p in job.outputs)
         self.summary.ok += 1
-        self.summary.audio_seconds += seconds
+        self.summary.audio_seconds += seconds or 0.0
         return True
 
     def fail(self, job: Job, e: BaseException) -> None:

@@ -92,6 +92,8 @@ def _run(ctx: click.Context, mode: str, inputs: tuple[str, ...], out: Path, kwar
             max_seconds=kwargs["max_seconds"],
             output_rate=kwargs.get("output_rate"),
             sample_format=kwargs.get("sample_format", FLOAT32),
+            sample=kwargs.get("sample", False),
+            seed=kwargs.get("seed", 0),
             progress=not kwargs["no_progress"],
         )
         try:
@@ -117,9 +119,18 @@ def _run(ctx: click.Context, mode: str, inputs: tuple[str, ...], out: Path, kwar
 
 @dataset.command("encode")
 @_job_options
+@click.option("--sample", is_flag=True, help="Draw from the posterior instead of taking its mean.")
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed for --sample: each file's draw is seeded from it and the file's path (recorded in its row).",
+)
 @click.pass_context
 def encode(ctx: click.Context, inputs: tuple[str, ...], out: Path, **kwargs: Any) -> None:
-    """Audio -> latents: Parquet shards in OUT/latents (one row per file), failures in OUT/errors."""
+    """Audio -> latents: Parquet shards in OUT/latents (one row per file, its columns the encoded-audio
+    fields), failures in OUT/errors."""
     _run(ctx, ENCODE, inputs, out, kwargs)
 
 

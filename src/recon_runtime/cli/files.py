@@ -31,8 +31,9 @@ from ..contract import (
 from ..errors import AudioInputError, OutputError
 from ..files.audio import is_audio_file, load_array, read_audio, write_audio, write_json
 from ..files.latents import SIDECAR, read_latents, save_latents
-from ..files.plot import MAX_ROWS
+from ..files.plot import MAX_ROWS, require_matplotlib
 from ..options import DEFAULT_MODEL
+from ..serving.protocol import DEFAULT_CONCURRENCY
 from .batch import Job, JobRunner, batches, check_exclusive, guard, path_key, plan_jobs, progress
 from .options import FORMAT_OPTION, OUTPUT_RATE_OPTION, model_args, model_options
 
@@ -75,6 +76,16 @@ def _server_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 metavar="VAR",
                 default=None,
                 help="With --server: send the API key held in the environment variable VAR.",
+            ),
+            click.option(
+                "--concurrency",
+                type=click.IntRange(min=1),
+                default=DEFAULT_CONCURRENCY,
+                show_default=True,
+                metavar="N",
+                help="With --server: files in flight at once, so the server can batch them. A busy server's "
+                "503 is tried again after its Retry-After, within bounds (docs/files.md); only a file past "
+                "them fails.",
             ),
         ]
     ):
@@ -169,6 +180,7 @@ def reconstruct(
     plot_path: Path | None,
     server: str | None,
     api_key_env: str | None,
+    concurrency: int,
     **model_kwargs: Any,
 ) -> None:
     """Audio -> VAE -> HiFi-GAN -> audio, for files or folders (the tree is mirrored)."""
@@ -182,14 +194,15 @@ def reconstruct(
         _refuse_report_clash(jobs, {"--metrics": metrics_path, "--plot": plot_path})
         merge = _check_report_file(metrics_path, "--metrics", force, skip_existing, "add this run's files to it")
         keep_plot = _check_report_file(plot_path, "--plot", force, skip_existing, "keep it")
+        if plot_path and not keep_plot:
+            require_matplotlib(plot_path)
         earlier = _earlier_metrics(metrics_path, margs.model) if merge and metrics_path else None
         if server:
             from .remote import remote_client, remote_reconstruct
 
-            with remote_client(server, api_key_env, margs.expect_digest) as client:
+            with remote_client(server, api_key_env, margs.expect_digest, concurrency) as remote:
                 runner = JobRunner("reconstruct", force, skip_existing, ctx.obj["debug"])
-                work = remote_reconstruct(client, output_rate, sample_format)
-                return runner.run(jobs, work)
+                return remote.run(runner, jobs, remote_reconstruct(remote.client, output_rate, sample_format))
         rec = margs.load(ROLES)
         if earlier is not None:
             other = [
@@ -294,6 +307,7 @@ def encode(
     seed: int,
     server: str | None,
     api_key_env: str | None,
+    concurrency: int,
     **model_kwargs: Any,
 ) -> None:
     """Audio -> scaled latents [8, T/4, 16] as .npy, with a JSON sidecar for decode."""
@@ -304,10 +318,10 @@ def encode(
         if server:
             from .remote import remote_client, remote_encode
 
-            with remote_client(server, api_key_env, margs.expect_digest) as client:
+            with remote_client(server, api_key_env, margs.expect_digest, concurrency) as remote:
                 runner = JobRunner("encode", force, skip_existing, ctx.obj["debug"])
-                work = remote_encode(client, sample, seed)
-                return runner.run(plan_jobs(inputs, out, ".npy", is_audio_file, companions=(SIDECAR,)), work)
+                jobs = plan_jobs(inputs, out, ".npy", is_audio_file, companions=(SIDECAR,))
+                return remote.run(runner, jobs, remote_encode(remote.client, sample, seed))
         rec = margs.load((ENCODER,))
 
         def one(src: Path, dst: Path) -> float:
@@ -351,6 +365,7 @@ def decode(
     sample_format: str,
     server: str | None,
     api_key_env: str | None,
+    concurrency: int,
     **model_kwargs: Any,
 ) -> None:
     """Latents (.npy) -> audio; the sidecar, when present, restores length and level."""
@@ -361,10 +376,10 @@ def decode(
         if server:
             from .remote import remote_client, remote_decode
 
-            with remote_client(server, api_key_env, margs.expect_digest) as client:
+            with remote_client(server, api_key_env, margs.expect_digest, concurrency) as remote:
                 runner = JobRunner("decode", force, skip_existing, ctx.obj["debug"])
-                work = remote_decode(client, sample_format)
-                return runner.run(plan_jobs(latents, out, ".wav", _is_npy), work)
+                work = remote_decode(remote.client, sample_format)
+                return remote.run(runner, plan_jobs(latents, out, ".wav", _is_npy), work)
         rec = margs.load((DECODER, VOCODER))
 
         def one(src: Path, dst: Path) -> float:

@@ -1,11 +1,19 @@
 """The file jobs of `recon-run reconstruct|encode|decode --server URL`: each file sent to a `recon-run serve`.
 
+`--concurrency N` files are in flight at once (`serving.retry.run_bounded`), so that a bulk run
+fills the server's batches; a busy server's 503 (or a proxy's 429) is sent again after its
+Retry-After, within the bounds of `serving.retry.RetryPolicy` (`retrying_client`), so only a file
+that exhausts them fails. Which files run, and the overwrite rules, are decided in the calling
+thread as slots free up; each file's end is booked there too (the progress bar and the summary,
+which says how many requests were sent again, need no lock).
+
 httpx (the `serve` extra) is imported only when a command runs with --server.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +21,13 @@ import click
 import numpy as np
 
 from ..contract import SAMPLE_RATE
-from ..errors import AudioInputError, BundleError, install_hint
-from ..files.audio import atomic_path, write_audio
-from ..files.latents import read_latents, save_latents
+from ..encoded import ENCODED_SUFFIX, EncodedAudio, read_latents
+from ..errors import AudioInputError, BundleError, OutputError, install_hint
+from ..files.audio import atomic_path
+from ..files.latents import save_latents
+from ..outputs import write_audio_file
 from ..serving.protocol import SUBTYPE_OF
+from .batch import Job, JobRunner, progress
 from .options import api_key_from_env
 
 
@@ -34,13 +45,59 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def remote_client(server: str, api_key_env: str | None, expect_digest: str | None = None) -> Any:
-    """A client of `server`; with `expect_digest`, refused before any file runs unless the server's
-    bundle (its /v1/info digest) is the pinned one."""
-    need_serve_extra("client")
-    from ..serving.client import Client
+@dataclass
+class Remote:
+    """A server's client for one command, its retrying transport, and how many files go at once."""
 
-    client = Client(server, api_key=api_key_from_env(api_key_env))
+    client: Any
+    transport: Any
+    concurrency: int
+
+    def __enter__(self) -> Remote:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+
+    def run(self, runner: JobRunner, jobs: list[Job], work: Callable[[Path, Path], float]) -> int:
+        """`work(src, dst)` for each job, at most `concurrency` at once; returns the exit code.
+
+        `runner.ready` (skips, the overwrite rules) runs in this thread, for each job only once a
+        slot is free; each outcome is booked here as it ends, a failure as the one line of its file.
+        """
+        bar = progress(jobs, runner.what)
+
+        def ready() -> Iterator[Job]:
+            for job in jobs:
+                if runner.ready(job):
+                    yield job
+                else:
+                    bar.update(1)
+
+        from ..serving.retry import run_bounded
+
+        try:
+            for outcome in run_bounded(ready(), lambda job: work(job.src, job.dst), self.concurrency):
+                runner.book(outcome.item, outcome.result, outcome.error)
+                bar.update(1)
+        finally:
+            bar.close()
+            runner.summary.retries = self.transport.retries
+        return runner.close()
+
+
+def remote_client(
+    server: str, api_key_env: str | None, expect_digest: str | None = None, concurrency: int | None = None
+) -> Remote:
+    """A retrying client of `server` that keeps `concurrency` connections (default DEFAULT_CONCURRENCY);
+    with `expect_digest`, refused before any file runs unless the server's bundle (its /v1/info digest)
+    is the pinned one."""
+    need_serve_extra("client")
+    from ..serving.protocol import DEFAULT_CONCURRENCY
+    from ..serving.retry import retrying_client
+
+    concurrency = concurrency or DEFAULT_CONCURRENCY
+    client, transport = retrying_client(server, api_key_from_env(api_key_env), concurrency)
     if expect_digest is not None:
         try:
             digest = client.info().get("digest")
@@ -53,7 +110,7 @@ def remote_client(server: str, api_key_env: str | None, expect_digest: str | Non
                 f"{server}: the server's bundle digest is {digest}, expected {expect_digest} (--expect-digest); "
                 "this is not the bundle you pinned"
             )
-    return client
+    return Remote(client, transport, concurrency)
 
 
 def remote_reconstruct(client: Any, output_rate: int | None, sample_format: str) -> Callable[[Path, Path], float]:
@@ -61,51 +118,71 @@ def remote_reconstruct(client: Any, output_rate: int | None, sample_format: str)
 
     def one(src: Path, dst: Path) -> float:
         wave, wav = client.reconstruct_wav(_read_bytes(src), output_rate=output_rate, subtype=subtype)
-        with atomic_path(dst) as tmp:  # the server's WAV as it came: no second conversion
-            tmp.write_bytes(wav)
-        return wave.shape[0] / (output_rate or SAMPLE_RATE)
+        rate = output_rate or SAMPLE_RATE
+        if dst.suffix.lower() == ".wav":
+            with atomic_path(dst) as tmp:  # the server's WAV as it came: no second conversion
+                tmp.write_bytes(wav)
+        else:  # another container (-o out.flac): written from the samples
+            write_audio_file(dst, wave, rate, sample_format=sample_format)
+        return wave.shape[0] / rate
 
     return one
 
 
 def remote_encode(client: Any, sample: bool, seed: int) -> Callable[[Path, Path], float]:
+    """Encode on the server (its encoded-audio answer) and write what the job's output names: a
+    `.safetensors` encoded file, or a `.npy` and its sidecar (the pair local encodes wrote before)."""
+
     def one(src: Path, dst: Path) -> float:
-        latents, info = client.encode_with_info(_read_bytes(src), sample=sample, seed=seed if sample else None)
-        save_latents(
-            dst,
-            latents,
-            src,
-            sample_rate=info.sample_rate,
-            num_samples=info.num_samples,
-            input_sample_rate=info.input_sample_rate,
-            gain=info.gain,
-            sample=sample,
-            seed=seed,
-            fingerprint=info.fingerprint,
-            scaling_factor=info.scaling_factor,
-        )
-        return info.num_samples / info.sample_rate
+        clip = client.encode_file(_read_bytes(src), sample=sample, seed=seed if sample else None)
+        write_encoded(dst, replace(clip, source=str(src)))
+        return clip.seconds
 
     return one
 
 
+def write_encoded(dst: Path, clip: EncodedAudio) -> None:
+    """An encoded clip to `dst` by its suffix: the encoded file, or the older `.npy` + sidecar pair (mono)."""
+    if dst.suffix.lower() == ENCODED_SUFFIX:
+        clip.save(dst)
+        return
+    if clip.channels != 1:
+        raise OutputError(f"{dst}: a .npy holds one channel, this clip has {clip.channels}; write .safetensors")
+    save_latents(
+        dst,
+        clip.latents[0],
+        Path(clip.source or ""),
+        sample_rate=clip.sample_rate,
+        num_samples=clip.num_samples,
+        input_sample_rate=clip.input_sample_rate,
+        gain=clip.gain[0],
+        sample=clip.sampled,
+        seed=clip.seed if clip.seed is not None else 0,
+        fingerprint=clip.bundle_fingerprint,
+        scaling_factor=clip.scaling_factor,
+    )
+
+
 def remote_decode(client: Any, sample_format: str) -> Callable[[Path, Path], float]:
+    """Decode on the server: a latents file as `read_latents` reads it (checked against the server's
+    fingerprint first, with the same messages as a local decode), at its recorded length, level and
+    channels."""
     info = client.info()
     fingerprint = info["fingerprint"]
     rate = int(info["sample_rate"])
     subtype = SUBTYPE_OF[sample_format]
 
     def one(src: Path, dst: Path) -> float:
-        z, side = read_latents(src, fingerprint)  # the same checks (and messages) as a local decode
-        wave = client.decode(
-            z,
-            num_samples=side.get("num_samples"),
-            gain=side.get("gain"),
-            fingerprint=side.get("bundle_fingerprint"),
-            subtype=subtype,
-        )
-        write_audio(dst, np.asarray(wave, np.float32), rate, sample_format)
-        return wave.shape[0] / rate
+        clips = read_latents(src, fingerprint)
+        if len(clips) > 1:
+            raise AudioInputError(
+                f"{src}: a batch of {len(clips)} bare latents [batch, 8, frames, 16]; decode it without --server, "
+                "or save one [8, frames, 16] clip per file"
+            )
+        (clip,) = clips
+        wave = client.decode_file(clip, subtype=subtype)
+        write_audio_file(dst, np.asarray(wave, np.float32), rate, sample_format=sample_format)
+        return clip.seconds
 
     return one
 

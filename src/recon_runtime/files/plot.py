@@ -14,15 +14,23 @@ from .audio import atomic_path
 MAX_ROWS = 8  # files shown in one figure
 
 
-def plot_mels(rows: Sequence[tuple[str, np.ndarray, np.ndarray]], path: Path) -> None:
-    """One row per file (title, input [T, 64], reconstruction [T, 64]); time on x, mel bin on y."""
+def require_matplotlib(path: Path) -> None:
+    """Refuse --plot `path` in one line naming the `plot` extra where matplotlib cannot be imported
+    (the CLI calls it before the model loads, not after every file was reconstructed)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         raise OutputError(f"{path}: --plot needs matplotlib: {install_hint('plot')}") from None
+
+
+def plot_mels(rows: Sequence[tuple[str, np.ndarray, np.ndarray]], path: Path) -> None:
+    """One row per file (title, input [T, 64], reconstruction [T, 64]); time on x, mel bin on y."""
+    require_matplotlib(path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = list(rows)[:MAX_ROWS]
     fig, axes = plt.subplots(len(rows), 2, figsize=(12, 2.6 * len(rows)), squeeze=False)
     for (title, a, b), (ax_in, ax_out) in zip(rows, axes):

@@ -14,8 +14,9 @@ Output folder (`OUT`, a local path; on a cluster, one every node mounts):
   file, keyed by (`path`, `size`, `mtime_ns`); reconstruct's audio goes under `audio/`, mirroring
   the input tree as `recon-run reconstruct` does.
 - `errors/`: Parquet shards, one row per failed file (`path`, `size`, `mtime_ns`, `stage`, `message`).
-- `outputs/` (reconstruct): the audio each run is about to write, recorded before it writes it
-  (relative to OUT, as `done/` records it).
+- `outputs/` (reconstruct): the audio each run is about to write (a plan, owning nothing), and
+  right after each write that file's size and mtime (relative to OUT, as `done/` records it): the
+  job owns a file under `audio/` only while it is still of a size and mtime recorded for it.
 - `attempts/`: per-batch attempt markers while a run goes (see `_Attempts`).
 - `summary.json` (and for evaluate `metrics-summary.json`: mean, median, p95 per metric).
 - `job.lock` while a job runs (`OutLock`): a second job on the same folder is refused.

@@ -31,7 +31,7 @@ METRIC_NAMES: Final = ("log_mel_l1", "log_mel_rmse", "mel_correlation", "mrstft"
 DEFAULT_MAX_SECONDS: Final = 3600.0
 KEY_COLUMNS: Final = ("path", "size", "mtime_ns")
 LOCK_FILE: Final = "job.lock"
-OUTPUTS_DIR: Final = "outputs"  # reconstruct: the audio a run is about to write, recorded before it writes it
+OUTPUTS_DIR: Final = "outputs"  # reconstruct: the audio a run plans, then each file's size and mtime once written
 
 Key = tuple[str, int, int]
 
@@ -55,6 +55,10 @@ class JobConfig:
     max_seconds: float | None = DEFAULT_MAX_SECONDS
     output_rate: int | None = None
     sample_format: str = FLOAT32
+    sample: bool = False
+    """encode: draw from the posterior instead of taking its mean (`--sample`)."""
+    seed: int = 0
+    """encode --sample: each file's draw is seeded from this and its path (`encoded.file_seed`)."""
     progress: bool = True
     # a batch whose worker died this many times is run again one file at a time, and a file whose
     # worker dies then gets an error row instead of another try
@@ -71,6 +75,8 @@ class JobConfig:
         }
         if self.mode == RECONSTRUCT:
             out.update(output_rate=self.output_rate, sample_format=self.sample_format)
+        if self.mode == ENCODE:
+            out.update(sample=self.sample, seed=self.seed if self.sample else None)
         return out
 
 

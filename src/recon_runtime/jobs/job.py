@@ -51,8 +51,21 @@ from .outdir import (
     remove_attempts,
     remove_temps,
     start_over,
+    still_written,
+    written_outputs,
 )
-from .shards import compact, done_keys, error_table, outputs_table, read_keys, read_table, table_keys, write_shard
+from .shards import (
+    PLANNED,
+    compact,
+    done_keys,
+    error_table,
+    outputs_table,
+    read_keys,
+    read_table,
+    shard_name,
+    table_keys,
+    write_shard,
+)
 from .stages import PREPARE_CPUS, PREPARE_MEMORY, Stages, max_tries, prepare_batch
 
 _LOGGER = logging.getLogger(__name__)
@@ -304,13 +317,18 @@ def _run_locked(
         return key[0] in current and current[key[0]] != key
 
     results_dir = cfg.out / RESULT_DIRS[cfg.mode]
+    # reconstruct, read before compaction drops the done/ rows of inputs that changed: audio written (or
+    # about to be) in earlier runs, relative to OUT -> the input it came from, and what the job wrote
+    owners = recorded_outputs(cfg.out) if cfg.mode == RECONSTRUCT else {}
+    written = written_outputs(cfg.out) if cfg.mode == RECONSTRUCT else {}
+    ended_in_errors = read_keys(cfg.out / ERRORS_DIR) - read_keys(results_dir) if cfg.mode == RECONSTRUCT else set()
     compact(results_dir, stale)
     have = read_keys(results_dir)
     # an error row whose file has a result row (a batch that ran again and succeeded) is no error
     compact(cfg.out / ERRORS_DIR, lambda k: stale(k) or k in have or (cfg.retry_errors and k[0] in current))
     results, failures = have, read_keys(cfg.out / ERRORS_DIR) - have
-    # reconstruct: audio written (or about to be) in earlier runs, relative to OUT -> the input it came from
-    owners = recorded_outputs(cfg.out) if cfg.mode == RECONSTRUCT else {}
+    if cfg.mode == RECONSTRUCT:  # the outputs of inputs that failed were never the job's: no row claims them
+        compact(cfg.out / OUTPUTS_DIR, lambda k: k in ended_in_errors, dedupe=False)
     remove_temps(cfg.out, cfg.mode, owners)  # what killed runs left half-written
     todo: list[Item] = []
     list_errors: list[dict[str, Any]] = []
@@ -328,7 +346,8 @@ def _run_locked(
                     "folder; use another output folder"
                 )
                 item.stage = "plan"
-            elif owner is None and (dst.exists() or dst.is_symlink()):
+            elif (dst.exists() or dst.is_symlink()) and not still_written(dst, written.get(audio_rel(item.rel))):
+                # a file put there, or changed since the job wrote it (or one it only planned): the user's
                 item.error = (
                     f"{item.path}: its output {dst} exists and was not written by this job; "
                     "move it away or use another output folder"
@@ -353,8 +372,8 @@ def _run_locked(
             result.errors.append((e["path"], e["stage"], e["message"]))
         result.failed += len(list_errors)
 
-    if todo and cfg.mode == RECONSTRUCT:  # recorded before any is written: --no-resume knows what to delete
-        write_shard(cfg.out / OUTPUTS_DIR, outputs_table(todo))
+    if todo and cfg.mode == RECONSTRUCT:  # planned before any is written: a later run finds what a killed one left
+        write_shard(cfg.out / OUTPUTS_DIR, outputs_table(todo), shard_name([i.key for i in todo], PLANNED))
 
     failure: str | None = None
     interrupted, ray_stopped = False, True

@@ -39,7 +39,12 @@ _LOGGER = logging.getLogger(__name__)
 LOCK_RECORD_MAX: Final = 4096  # bytes: a lock record is far smaller; a larger job.lock is not one
 LOCK_KEYS: Final = frozenset({"pid", "host", "mode", "started"})
 JOB_FORMAT: Final = "recon-run dataset job"  # job.json's marker: a job.json without it is the user's
-JOB_FORMAT_VERSION: Final = 1
+JOB_FORMAT_VERSION: Final = 2
+"""2: the rows' columns are the encoded-audio fields (`encoded.FIELDS`: `input_sample_rate` where 1 had
+source_sample_rate; encode rows carry every field). Only a job of this version resumes."""
+JOB_FORMAT_VERSIONS_READ: Final = (1, 2)
+"""job.json versions still known as a job's: --no-resume deletes what such a job wrote (the same names
+in every version), and a resume of an older one is refused in one line saying so."""
 JOB_RECORD_MAX: Final = 1 << 20  # bytes: a job record is about 400; a larger job.json is not one
 
 
@@ -209,10 +214,11 @@ def read_job(out: Path) -> dict[str, Any] | None:
             f'no "format": "{JOB_FORMAT}" in it'
             + ("; a job of a recon-run before job format 1 is not resumed either" if legacy else ""),
         )
-    if job.get("format_version") != JOB_FORMAT_VERSION:
+    if job.get("format_version") not in JOB_FORMAT_VERSIONS_READ:
         raise OutputError(
             f"{path}: a dataset job record of format version {job.get('format_version')!r}, this recon-run reads "
-            f"version {JOB_FORMAT_VERSION}; use the recon-run that wrote it, or another -o/--out"
+            f"version {', '.join(map(str, JOB_FORMAT_VERSIONS_READ))}; use the recon-run that wrote it, "
+            "or another -o/--out"
         )
     if (
         job.get("mode") not in MODES
@@ -287,7 +293,9 @@ def _record_rel(output: str) -> str | None:
 
 
 def recorded_outputs(out: Path) -> dict[str, str]:
-    """reconstruct: audio the job wrote or was about to write (OUT/done and OUT/outputs, relative to OUT) -> its input."""
+    """reconstruct: audio the job wrote or was about to write (OUT/done and OUT/outputs, relative to OUT)
+    -> its input. A record names the input an output belongs to; whether the file there is the job's
+    is `still_written`'s to say."""
     owners: dict[str, str] = {}
     for folder in (OUTPUTS_DIR, RESULT_DIRS[RECONSTRUCT]):
         table = read_table(out / folder, ["path", "output"])
@@ -299,27 +307,36 @@ def recorded_outputs(out: Path) -> dict[str, str]:
     return owners
 
 
-def _written_outputs(out: Path) -> dict[str, set[tuple[int, int]]]:
-    """reconstruct: the audio OUT/done says the job wrote (relative to OUT) -> its (size, mtime_ns) then."""
-    table = read_table(out / RESULT_DIRS[RECONSTRUCT], ["output", "output_size", "output_mtime_ns"])
+def written_outputs(out: Path) -> dict[str, set[tuple[int, int]]]:
+    """reconstruct: the audio the job wrote (relative to OUT) -> the (size, mtime_ns) it had right after
+    each write, from OUT/outputs (recorded after each write, before the batch's done/ shard) and
+    OUT/done. A row of OUT/outputs without them (a plan: the run was about to write it) owns nothing.
+    Read it before compaction: compaction drops the done/ rows of inputs that changed since."""
     written: dict[str, set[tuple[int, int]]] = {}
-    if table is not None:
-        for output, size, mtime in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+    tables = [
+        read_table(out / RESULT_DIRS[RECONSTRUCT], ["output", "output_size", "output_mtime_ns"]),
+        read_table(out / OUTPUTS_DIR),  # whole: shards of earlier versions lack the size and mtime
+    ]
+    for table in tables:
+        if table is None or "output_size" not in table.column_names:
+            continue
+        columns = (table.column(c).to_pylist() for c in ("output", "output_size", "output_mtime_ns"))
+        for output, size, mtime in zip(*columns):
             rel = _record_rel(str(output))
-            if rel is not None:
+            if rel is not None and size is not None and mtime is not None:
                 written.setdefault(rel, set()).add((size, mtime))
     return written
 
 
-def _still_written(path: Path, stats: set[tuple[int, int]] | None) -> bool:
-    """Whether the file at a recorded output is still what the job wrote: a regular file and, where
-    done/ records it, of the size and mtime it had then (a file put there since is not the job's).
-    One that only outputs/ records was written by a run killed before its done/ shard: the job's."""
+def still_written(path: Path, stats: set[tuple[int, int]] | None) -> bool:
+    """Whether the file at `path` is still what the job wrote there: a regular file of a size and mtime
+    `written_outputs` recorded for it. A file only planned (`stats` None), or changed or put there
+    since, is not the job's: it is kept, and never overwritten."""
     try:
         st = path.lstat()
     except FileNotFoundError:
         return False
-    return stat.S_ISREG(st.st_mode) and (stats is None or (st.st_size, st.st_mtime_ns) in stats)
+    return stat.S_ISREG(st.st_mode) and stats is not None and (st.st_size, st.st_mtime_ns) in stats
 
 
 def _remove_if_empty(folder: Path, stop: Path) -> None:
@@ -389,7 +406,8 @@ def remove_temps(out: Path, mode: str, recorded: Iterable[str]) -> None:
 def start_over(out: Path, job: dict[str, Any], echo: Callable[[str], None]) -> None:
     """--no-resume: delete what earlier runs of the job in `out` wrote, found by its names and records.
 
-    The audio reconstruct wrote is recorded (OUT/outputs before it is written, OUT/done after);
+    The audio reconstruct wrote is recorded with its size and mtime (OUT/outputs right after each
+    write, OUT/done after the batch) and deleted only while it is still that file (`still_written`);
     shards, markers and the job's JSON files have names only the job gives; only the folders and
     files of the job's own mode count. Anything else stays. job.json is marked `resetting` first
     and removed last: a reset that is interrupted (Ctrl-C, a kill) is finished by the next run,
@@ -399,7 +417,7 @@ def start_over(out: Path, job: dict[str, Any], echo: Callable[[str], None]) -> N
     if not job.get("resetting"):
         write_job(out, {**job, "resetting": True})
     recorded = list(recorded_outputs(out)) if mode == RECONSTRUCT else []
-    written = _written_outputs(out) if mode == RECONSTRUCT else {}
+    written = written_outputs(out) if mode == RECONSTRUCT else {}
     remove_temps(out, mode, recorded)
     audio = out / AUDIO_DIR
     real_audio = audio.resolve()
@@ -407,7 +425,7 @@ def start_over(out: Path, job: dict[str, Any], echo: Callable[[str], None]) -> N
         path = out / rel
         if not path.parent.resolve().is_relative_to(real_audio):
             continue  # a folder under OUT/audio that links elsewhere: never outside OUT/audio
-        if _still_written(path, written.get(rel)):
+        if still_written(path, written.get(rel)):  # else only planned, or changed since: the user's, kept
             path.unlink()
         _remove_if_empty(path.parent, audio)
     _remove_if_empty(audio, out)
@@ -432,6 +450,12 @@ def check_job_record(cfg: JobConfig, fingerprint: str, job: dict[str, Any] | Non
     """A resume must use the job's bundle and settings (its mode is checked before); a new job writes its record."""
     settings = cfg.settings()
     if job is not None:
+        if job["format_version"] != JOB_FORMAT_VERSION:
+            raise OutputError(
+                f"{cfg.out}: holds a dataset {job['mode']} job of an earlier recon-run (job format "
+                f"{job['format_version']}), whose rows name their columns otherwise; --no-resume starts it over "
+                "(deleting only what the job wrote), or use another output folder"
+            )
         if job["bundle_fingerprint"] != fingerprint:
             raise OutputError(
                 f"{cfg.out}: holds results of bundle {job['bundle_fingerprint']}, this bundle is {fingerprint}; "

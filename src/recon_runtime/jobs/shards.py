@@ -7,7 +7,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ..files.audio import atomic_path
 from .config import ERRORS_DIR, KEY_COLUMNS, RESULT_DIRS, Key, audio_rel
@@ -20,8 +20,13 @@ def keys_digest(keys: Iterable[Key]) -> str:
     return hashlib.sha256("\n".join(f"{p}\t{s}\t{m}" for p, s, m in sorted(keys)).encode()).hexdigest()
 
 
-def shard_name(keys: Iterable[Key]) -> str:
-    return f"part-{keys_digest(keys)[:20]}.parquet"
+def shard_name(keys: Iterable[Key], kind: str = "") -> str:
+    """part-<20 hex>.parquet from the keys; `kind` gives shards of one folder that hold other rows of the
+    same keys (OUT/outputs: a run's plan, a batch's written audio) names of their own."""
+    digest = keys_digest(keys)
+    if kind:
+        digest = hashlib.sha256(f"{kind}:{digest}".encode()).hexdigest()
+    return f"part-{digest[:20]}.parquet"
 
 
 def table_keys(table: Any) -> list[Key]:
@@ -60,8 +65,9 @@ def read_keys(folder: Path) -> set[Key]:
     return set() if table is None else set(table_keys(table))
 
 
-def compact(folder: Path, drop: Callable[[Key], bool]) -> None:
-    """Remove rows `drop` selects and repeated keys (the first row of a key in shard-name order stays).
+def compact(folder: Path, drop: Callable[[Key], bool], dedupe: bool = True) -> None:
+    """Remove rows `drop` selects and repeated keys (the first row of a key in shard-name order stays);
+    `dedupe=False` keeps repeated keys (OUT/outputs holds several rows of one key: planned, written).
 
     Plans from the key columns only, then writes each changed shard's kept rows under a new name
     (never onto an existing shard), and only then removes the old shards. A crash in between leaves
@@ -74,7 +80,7 @@ def compact(folder: Path, drop: Callable[[Key], bool]) -> None:
     for shard in _shards(folder):
         keep = []
         for k in table_keys(pq.read_table(shard, columns=list(KEY_COLUMNS))):
-            keep.append(not drop(k) and k not in seen)
+            keep.append(not drop(k) and not (dedupe and k in seen))
             seen.add(k)
         if not all(keep):
             plan.append((shard, keep))
@@ -117,8 +123,14 @@ def error_table(rows: Sequence[dict[str, Any]]) -> Any:
     )
 
 
+PLANNED: Final = "plan"
+WRITTEN: Final = "written"
+
+
 def outputs_table(items: Sequence[Item]) -> Any:
-    """reconstruct: the key of each input and the audio file it is about to write, relative to OUT (OUT/outputs)."""
+    """reconstruct: the key of each input and the audio file it is about to write, relative to OUT
+    (OUT/outputs, under `shard_name(keys, PLANNED)`). A planned row owns nothing (its output size and
+    mtime are null): it lets a later run find the temporary files a killed one left."""
     import pyarrow as pa
 
     return pa.table(
@@ -127,5 +139,26 @@ def outputs_table(items: Sequence[Item]) -> Any:
             "size": pa.array([i.size for i in items], pa.int64()),
             "mtime_ns": pa.array([i.mtime_ns for i in items], pa.int64()),
             "output": pa.array([audio_rel(i.rel) for i in items], pa.string()),
+            "output_size": pa.array([None] * len(items), pa.int64()),
+            "output_mtime_ns": pa.array([None] * len(items), pa.int64()),
+        }
+    )
+
+
+def written_table(rows: Sequence[dict[str, Any]]) -> Any:
+    """reconstruct: audio a graph worker wrote (OUT/outputs, under `shard_name(batch keys, WRITTEN)`):
+    each input's key, its output relative to OUT, and the size and mtime the file had right after it
+    was written. What the job owns in OUT/audio is what this and OUT/done record, while the file is
+    still of that size and mtime."""
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "path": pa.array([r["path"] for r in rows], pa.string()),
+            "size": pa.array([r["size"] for r in rows], pa.int64()),
+            "mtime_ns": pa.array([r["mtime_ns"] for r in rows], pa.int64()),
+            "output": pa.array([r["output"] for r in rows], pa.string()),
+            "output_size": pa.array([r["output_size"] for r in rows], pa.int64()),
+            "output_mtime_ns": pa.array([r["output_mtime_ns"] for r in rows], pa.int64()),
         }
     )

@@ -18,13 +18,41 @@ from typing import Any, Final
 
 import numpy as np
 
+from ..channels import channel_count, encode_facts, encoded_clip
 from ..contract import ENCODER, RANDOM_WEIGHTS_WARNING, ROLES
+from ..encoded import (
+    BUNDLE_FINGERPRINT,
+    FIELDS,
+    FORMAT_VERSION_FIELD,
+    GAIN,
+    INPUT_CHANNELS,
+    INPUT_SAMPLE_RATE,
+    NUM_SAMPLES,
+    SAMPLE_RATE_FIELD,
+    SAMPLED,
+    SCALING_FACTOR,
+    SEED,
+    SOURCE,
+    file_seed,
+)
 from ..errors import AudioInputError, ReconError, failure_message
 from ..files.audio import read_audio, write_audio
+from ..reconstructor import posterior_draw
 from ..windows import Features
-from .config import ATTEMPTS_DIR, ENCODE, ERRORS_DIR, METRIC_NAMES, RECONSTRUCT, RESULT_DIRS, JobConfig, Key, audio_rel
+from .config import (
+    ATTEMPTS_DIR,
+    ENCODE,
+    ERRORS_DIR,
+    METRIC_NAMES,
+    OUTPUTS_DIR,
+    RECONSTRUCT,
+    RESULT_DIRS,
+    JobConfig,
+    Key,
+    audio_rel,
+)
 from .listing import is_uri, open_filesystem
-from .shards import error_table, keys_digest, shard_name, write_shard
+from .shards import WRITTEN, error_table, keys_digest, shard_name, write_shard, written_table
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -149,7 +177,7 @@ def prepare_batch(
     if out is not None:
         keys = [(paths[i], int(batch["size"][i]), int(batch["mtime_ns"][i])) for i in range(n)]
         attempts = _Attempts(out, "read", keys, batch_attempts)
-    mels, waves, gains, samples, rates, errors = [], [], [], [], [], []
+    mels, waves, gains, samples, rates, channels, errors = [], [], [], [], [], [], []
     for i in range(n):
         path = paths[i]
         isolate = attempts is not None and attempts.isolate
@@ -166,12 +194,14 @@ def prepare_batch(
                     f"{path}: {seconds:.1f} s is longer than the limit of {max_seconds:g} s (--max-seconds)"
                 )
             feats = rec.features(audio, sr)
+            count = channel_count(audio)
             del audio
             mels.append(feats.log_mel)
             waves.append(feats.waveform if keep_waveform else np.zeros(0, np.float32))
             gains.append(feats.gain)
             samples.append(feats.num_samples)
             rates.append(sr)
+            channels.append(count)
             errors.append("")
         except Exception as e:  # noqa: BLE001 - a bad file is an error row, never the end of the job
             mels.append(np.zeros((0, rec.contract.mel.n_mels), np.float32))
@@ -179,6 +209,7 @@ def prepare_batch(
             gains.append(0.0)
             samples.append(0)
             rates.append(0)
+            channels.append(0)
             errors.append(failure_message(path, e))
         if isolate and not died:
             attempts.end(path)
@@ -189,9 +220,30 @@ def prepare_batch(
         gain=np.asarray(gains, np.float64),
         num_samples=np.asarray(samples, np.int64),
         source_rate=np.asarray(rates, np.int64),
+        channels=np.asarray(channels, np.int64),
         read_error=np.asarray(errors, dtype=object),
     )
     return out_batch
+
+
+class _Written:
+    """reconstruct: the audio one batch wrote, recorded in OUT/outputs right after each write (its size
+    and mtime then), before the batch's done/ shard: a worker killed in between leaves its files owned.
+
+    One shard per batch (`shard_name(keys, WRITTEN)`), rewritten whole after each file (a batch holds
+    a few); a batch that runs again (its worker died) starts from the rows its earlier tries recorded."""
+
+    def __init__(self, out: Path, keys: Sequence[Key]):
+        import pyarrow.parquet as pq
+
+        self.folder = out / OUTPUTS_DIR
+        self.name = shard_name(keys, WRITTEN)
+        path = self.folder / self.name
+        self.rows: list[dict[str, Any]] = pq.read_table(path).to_pylist() if path.is_file() else []
+
+    def add(self, base: dict[str, Any], output: str, size: int, mtime_ns: int) -> None:
+        self.rows.append({**base, "output": output, "output_size": size, "output_mtime_ns": mtime_ns})
+        write_shard(self.folder, written_table(self.rows), self.name)
 
 
 class Worker:
@@ -203,6 +255,7 @@ class Worker:
         _quiet_repeats()
         self.rec = config.model.for_cpus(config.cpus_per_worker).load(stages)
         self.fingerprint = self.rec.contract.fingerprint
+        self._written: _Written | None = None  # reconstruct: the running batch's written audio
 
     def process(self, paths: Sequence[str], feats: list[Features]) -> list[Any]:
         """Per input: the mode's graph output, or the exception it raised (a bad one never sinks the batch).
@@ -213,9 +266,10 @@ class Worker:
         """
         rec = self.rec
 
-        def encode(fs: list[Any]) -> list[np.ndarray]:
-            # the posterior mean cropped as Reconstructor.encode_features crops it (drops bucket padding)
-            return [rec.crop_latents(f, m) for f, (m, _) in zip(fs, rec.run_jobs([rec.encoding_job(f) for f in fs]))]
+        def encode(fs: list[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+            # the posterior's mean and std cropped as Reconstructor.encode_features crops them (drops bucket padding)
+            outs = rec.run_jobs([rec.encoding_job(f) for f in fs])
+            return [(rec.crop_latents(f, m), rec.crop_latents(f, sd)) for f, (m, sd) in zip(fs, outs)]
 
         jobs = encode if self.config.mode == ENCODE else rec.reconstruct_features
         try:
@@ -232,7 +286,7 @@ class Worker:
     def _row(self, batch: dict[str, np.ndarray], i: int, f: Any, out: Any, base: dict[str, Any]) -> dict[str, Any]:
         if isinstance(out, BaseException):
             raise out
-        if not np.isfinite(out).all():
+        if not all(np.isfinite(part).all() for part in (out if isinstance(out, tuple) else (out,))):
             raise ReconError(f"{base['path']}: the graphs produced NaN or inf")
         return self._result(batch, i, f, out, base)
 
@@ -245,6 +299,7 @@ class Worker:
         ]
         keys = [(b["path"], b["size"], b["mtime_ns"]) for b in base]
         attempts = _Attempts(cfg.out, "run", keys, cfg.batch_attempts)
+        self._written = _Written(cfg.out, keys) if cfg.mode == RECONSTRUCT else None
         errors: list[dict[str, Any]] = []
         ready: list[int] = []
         feats: list[Any] = []
@@ -297,25 +352,35 @@ class Worker:
             "message": np.asarray([failed[p]["message"] if p in failed else "" for p in paths], dtype=object),
         }
 
-    def _result(self, batch: dict[str, np.ndarray], i: int, feats: Any, out: np.ndarray, base: dict[str, Any]) -> dict:
+    def _result(self, batch: dict[str, np.ndarray], i: int, feats: Any, out: Any, base: dict[str, Any]) -> dict:
+        """One file's row: its key, the encoded-audio fields (`FIELDS`, by `encoded_clip`, the builder of
+        every encode's facts) that the mode has, and the mode's results."""
         cfg, rec = self.config, self.rec
         rate = rec.contract.mel.sample_rate
-        row = {
-            **base,
-            "num_samples": feats.num_samples,
-            "gain": feats.gain,
-            "source_sample_rate": int(batch["source_rate"][i]),
-            "duration_s": feats.num_samples / rate,
-            "bundle_fingerprint": self.fingerprint,
-        }
+        source_rate, channels = int(batch["source_rate"][i]), int(batch["channels"][i])
         if cfg.mode == ENCODE:
-            row["latents"] = np.ascontiguousarray(out, np.float32).ravel()
-            row["latent_shape"] = list(out.shape)
+            mean, std = out
+            seed = file_seed(cfg.seed, base["path"]) if cfg.sample else None
+            latents = posterior_draw(mean, std, seed) if cfg.sample else mean
+            clip = encoded_clip(  # checked as every encoded clip is (finite latents, a length they hold)
+                rec.contract, feats, latents, source_rate, sampled=cfg.sample, seed=seed,
+                input_channels=channels, source=base["path"],
+            )  # fmt: skip
+            fields = {**clip.fields(), GAIN: clip.gain[0]}  # one channel (dataset jobs mix): a number
+        else:
+            fields = encode_facts(rec.contract, feats, source_rate, input_channels=channels)
+        names = ENCODE_FIELDS if cfg.mode == ENCODE else COMMON_FIELDS
+        row = {**base, **{name: fields[name] for name in names}, "duration_s": feats.num_samples / rate}
+        if cfg.mode == ENCODE:
+            row["latents"] = np.ascontiguousarray(latents, np.float32).ravel()
+            row["latent_shape"] = list(latents.shape)
         elif cfg.mode == RECONSTRUCT:
             out_rate = cfg.output_rate or rate
             rel = audio_rel(str(batch["rel"][i]))
             write_audio(cfg.out / rel, rec.finish(feats, out, out_rate), out_rate, cfg.sample_format)
-            st = os.stat(cfg.out / rel)  # what the job wrote: --no-resume deletes the file only while it is that
+            st = os.stat(cfg.out / rel)  # what the job wrote: it deletes or replaces the file only while it is that
+            assert self._written is not None
+            self._written.add(base, rel, st.st_size, st.st_mtime_ns)
             row.update(output=rel, output_size=st.st_size, output_mtime_ns=st.st_mtime_ns)
         else:
             from ..files.metrics import compare
@@ -344,11 +409,10 @@ class Worker:
             for name in METRIC_NAMES:  # null where undefined (a silent input), UNDEFINED_REASON says why
                 cols[name] = pa.array([r[name] for r in rows], pa.float64())
             cols[UNDEFINED_REASON] = pa.array([r.get(UNDEFINED_REASON) for r in rows], pa.string())
-        cols["num_samples"] = pa.array([r["num_samples"] for r in rows], pa.int64())
-        cols["gain"] = pa.array([r["gain"] for r in rows], pa.float64())
-        cols["source_sample_rate"] = pa.array([r["source_sample_rate"] for r in rows], pa.int32())
+        types = field_types()
+        for name in ENCODE_FIELDS if self.config.mode == ENCODE else COMMON_FIELDS:
+            cols[name] = pa.array([r[name] for r in rows], types[name])
         cols["duration_s"] = pa.array([r["duration_s"] for r in rows], pa.float64())
-        cols["bundle_fingerprint"] = pa.array([r["bundle_fingerprint"] for r in rows], pa.string())
         return pa.table(cols)
 
 
@@ -363,3 +427,29 @@ class Stages:
 
     read: Reader = read_any
     worker: type[Worker] = Worker
+
+
+COMMON_FIELDS: Final = (NUM_SAMPLES, GAIN, INPUT_SAMPLE_RATE, INPUT_CHANNELS, BUNDLE_FINGERPRINT)
+"""The encoded-audio fields every mode's rows carry (the input and its prepared level and length)."""
+ENCODE_FIELDS: Final = FIELDS
+"""encode rows carry them all, so `EncodedAudio.from_fields(latents, row)` reads a row as a clip;
+`source` is the row's `path`."""
+
+
+def field_types() -> dict[str, Any]:
+    """The Parquet type of each field's column (gain: one number, as dataset jobs mix to one channel)."""
+    import pyarrow as pa
+
+    return {
+        FORMAT_VERSION_FIELD: pa.int32(),
+        NUM_SAMPLES: pa.int64(),
+        SAMPLE_RATE_FIELD: pa.int32(),
+        GAIN: pa.float64(),
+        BUNDLE_FINGERPRINT: pa.string(),
+        SAMPLED: pa.bool_(),
+        SEED: pa.int64(),
+        INPUT_SAMPLE_RATE: pa.int32(),
+        INPUT_CHANNELS: pa.int32(),
+        SCALING_FACTOR: pa.float64(),
+        SOURCE: pa.string(),
+    }

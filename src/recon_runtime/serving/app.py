@@ -18,9 +18,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import ReconError
+from .api_docs import mount_docs
 from .config import ServerConfig
 from .edge import QUIET_CUT_SHORT, Edge
-from .errors import CLIENT_GONE, ClientGone, HTTPError, PayloadTooLarge, error_message, error_status
+from .errors import (
+    CLIENT_GONE,
+    ClientGone,
+    HTTPError,
+    PayloadTooLarge,
+    error_message,
+    error_status,
+    is_precision_limit,
+)
 from .page import mount_page
 from .routes import inference, probes
 from .service import ReconstructorSource, Service
@@ -33,6 +42,7 @@ def create_app(
     *,
     reconstructor: ReconstructorSource = None,
     on_load_error: Callable[[BaseException], None] | None = None,
+    check_protocol: bool = True,
 ) -> FastAPI:
     """The service as a FastAPI app.
 
@@ -43,6 +53,9 @@ def create_app(
             `bucket_frames`) then define the outputs.
         on_load_error: called (on the loading thread) if the model fails to load; `recon-run serve`
             stops the server with it.
+        check_protocol: warn once, at the first request, when the host does not serve the app with
+            `http_protocol` (its header and send timeouts then do not apply). False for hosts that
+            cannot run it, where the warning's uvicorn flag would be wrong advice (Ray Serve's proxy).
     """
     config = config or ServerConfig.from_env()
     service = Service(config, reconstructor, on_load_error)
@@ -60,9 +73,11 @@ def create_app(
         version=__version__,
         summary="AudioLDM2's VAE + HiFi-GAN vocoder: reconstruct, encode and decode audio.",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc come from `mount_docs`: their scripts served here, not from a CDN
+        redoc_url=None,
     )
     app.state.service = service
-    app.add_middleware(Edge, service=service, routes=app.router.routes)
+    app.add_middleware(Edge, service=service, routes=app.router.routes, check_protocol=check_protocol)
     uvicorn_log = logging.getLogger("uvicorn.error")
     if QUIET_CUT_SHORT not in uvicorn_log.filters:
         uvicorn_log.addFilter(QUIET_CUT_SHORT)
@@ -70,6 +85,7 @@ def create_app(
     app.include_router(probes)
     app.include_router(inference)
     mount_page(app)  # the listening page at /, its assets, and /v1/compare for it
+    mount_docs(app)
     return app
 
 
@@ -95,6 +111,8 @@ def install_error_handlers(app: FastAPI) -> None:
         status = error_status(e)
         if status >= 500:
             _LOGGER.error("request failed: %s", e)
+        elif is_precision_limit(e):
+            _LOGGER.warning("request refused (422): %s", error_message(e))
         return JSONResponse({"error": error_message(e)}, status)
 
     @app.exception_handler(StarletteHTTPException)

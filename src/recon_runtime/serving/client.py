@@ -3,7 +3,9 @@
     from recon_runtime.serving.client import Client
     with Client("http://127.0.0.1:8000", api_key=None) as c:
         out = c.reconstruct(audio, rate)                  # as Reconstructor.reconstruct
-        z, info = c.encode_with_info(audio, rate)         # latents + length, gain, fingerprint
+        clip = c.encode_file(audio, rate)                 # EncodedAudio: latents, length, gain, fingerprint
+        wave = c.decode_file(clip)                        # at the input's length and level
+        z, info = c.encode_with_info(audio, rate)         # or the bare latents and their facts
         wave = c.decode(z, num_samples=info.num_samples, gain=info.gain, fingerprint=info.fingerprint)
         for part in c.decode_stream(z):                   # float32 parts as each window finishes
             ...
@@ -22,9 +24,11 @@ import httpx
 import numpy as np
 import soundfile as sf
 
+from ..encoded import ENCODED_MEDIA_TYPE, EncodedAudio, decode_encoded
 from ..errors import ReconError
 from ..files.audio import npy_bytes, wav_bytes
 from .protocol import (
+    ENCODE_FILE,
     H_FINGERPRINT,
     H_FORMAT,
     H_GAIN,
@@ -160,6 +164,47 @@ class Client:
             seed=int(h[H_SEED]) if h.get(H_SEED) else None,
         )
         return z, info
+
+    def encode_file(
+        self, audio: np.ndarray | bytes, sample_rate: int | None = None, sample: bool = False, seed: int | None = None
+    ) -> EncodedAudio:
+        """Audio -> one encoded clip (the server's encoded-audio answer, read and checked): the latents
+        and everything `decode_file` needs, as `recon-run encode` writes it (without a source path)."""
+        r = self._post(
+            "/v1/encode",
+            _audio_body(audio, sample_rate),
+            {"sample": sample, "seed": seed, "format": ENCODE_FILE},
+            {"Accept": ENCODED_MEDIA_TYPE},
+        )
+        kind = r.headers.get("content-type", "").split(";")[0].strip()
+        if kind != ENCODED_MEDIA_TYPE:
+            raise ServerError(
+                r.status_code, f"{self.url}/v1/encode: answered {kind or 'no content type'}, not {ENCODED_MEDIA_TYPE}"
+            )
+        return EncodedAudio.from_bytes(r.content, f"{self.url}/v1/encode's answer")
+
+    def decode_file(self, encoded: EncodedAudio, subtype: str = "float") -> np.ndarray:
+        """An encoded clip -> float32 audio at its recorded length and level: [samples] for one channel,
+        [samples, channels] for several (as `channels.decode_audio` in-process).
+
+        A clip longer than the server's window budget (`--max-windows`, 413) is decoded as a stream
+        instead, channel by channel (float32 whatever `subtype`). The server refuses a clip of
+        another bundle (422).
+        """
+        try:
+            r = self._post("/v1/decode", encoded.to_bytes(), {"subtype": subtype}, {"Content-Type": ENCODED_MEDIA_TYPE})
+        except ServerError as e:
+            if e.status != 413 or WINDOW_BUDGET_OPTION not in str(e):
+                raise
+            fingerprint = encoded.bundle_fingerprint
+
+            def stream(z: np.ndarray, n: int) -> np.ndarray:
+                parts = list(self.decode_stream(z, n, None, fingerprint))
+                return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+            return decode_encoded(encoded, stream)
+        wave, _ = sf.read(io.BytesIO(r.content), dtype="float32")
+        return wave
 
     def decode(
         self,

@@ -57,7 +57,8 @@ class ServerConfig(LoadOptions):
     bucket_frames: int = SERVER_BUCKET_FRAMES
     """Outputs equal `Reconstructor.load(model, bucket_frames=N)`; the default is the runtime's."""
     body_timeout_s: float = 30.0
-    """The whole upload must arrive within this (408 beyond)."""
+    """The whole upload must arrive within this (408 beyond); /v1/compare, whose body limit is larger,
+    gets this scaled by its limit over max_body_mb (as long per byte)."""
     max_uploads: int = 16
     """Uploads read at once; more wait for a slot (at most UPLOAD_GRACE_S, then 503)."""
     max_decoded_mb: float = 1024.0

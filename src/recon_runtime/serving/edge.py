@@ -64,14 +64,14 @@ def _warn_without_protocol() -> None:
 class Edge:
     """ASGI middleware: API key on every route but /healthz and the page, and request metrics by route and status."""
 
-    def __init__(self, app: Any, service: Service, routes: Sequence[Any] = ()):
+    def __init__(self, app: Any, service: Service, routes: Sequence[Any] = (), check_protocol: bool = True):
         self.app = app
         self.service = service
         self.routes = routes
         key = service.config.api_key
         self._key = key.encode() if key else None
         self._draining = 0
-        self._protocol_checked = False
+        self._protocol_checked = not check_protocol  # a host that cannot run it is not told to
 
     async def _refuse_websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """The service has no WebSocket route: a WebSocket handshake gets 401 (without the API key) or

@@ -38,9 +38,10 @@ def shutting_down() -> HTTPError:
 
 
 FP16_OVERFLOW = (
-    "the server's fp16 graphs overflowed on this finite input: a limit of the precision the server runs, "
-    "not a fault of the input; its operator can serve it with --precision fp32"
+    "this server's fp16 graphs cannot carry this input (finite, within fp16's range): a limit of the precision "
+    "this server runs, not a fault of the input; its operator can serve it at --precision fp32"
 )
+"""What the client reads (422) and the server logs (warning, for its operator) of an fp16 overflow."""
 
 LOAD_FAILED = "the model did not load"
 """Begins the load-failure line (log, /readyz, a Ray replica's start-up error, found there again by the CLI)."""
@@ -54,25 +55,29 @@ def load_failure_message(e: BaseException) -> str:
 def error_status(e: ReconError) -> int:
     """The status of a runtime error: the client's input (400, 413, 422) or the server's fault (500).
 
-    A non-finite result from finite input is the client's 422 only where the input's values must be
-    what overflowed (`input_caused`: the graphs have float32's range, or the input is past fp16's
-    own). Otherwise the server's fp16 graphs could not carry a valid input: 500, the server's fault.
-    Not 503: that promises a retry may succeed, and the same server answers the same input the same
-    way until its operator serves it at fp32 (the message and the server's log say so)."""
+    A non-finite result from finite input is 422, whoever's limit it is: the input's values overflowed
+    graphs of float32's range (`input_caused`), or this server's fp16 graphs cannot carry a valid input.
+    Never a 5xx for what a client sent (fp16 is the default on CUDA, so any finite input could reach
+    it): the message says whose limit it is, and `is_precision_limit` errors are logged at warning so
+    the operator sees that --precision fp32 would serve them. Not 503 either: that promises a retry
+    may succeed, and the same server answers the same input the same way."""
     if isinstance(e, AudioInputError):
         return 400
     if isinstance(e, PayloadTooLarge):
         return 413
-    if isinstance(e, NumericalError):
-        return 422 if e.input_caused else 500
-    if isinstance(e, BundleError):
+    if isinstance(e, (NumericalError, BundleError)):
         return 422
     return 500
 
 
+def is_precision_limit(e: BaseException) -> bool:
+    """Whether `e` is the server's fp16 graphs failing on a valid input (its operator's to act on)."""
+    return isinstance(e, NumericalError) and not e.input_caused
+
+
 def error_message(e: ReconError) -> str:
     """What the client reads of a runtime error (an fp16 overflow says whose limit it is)."""
-    if isinstance(e, NumericalError) and not e.input_caused:
+    if is_precision_limit(e):
         return f"{FP16_OVERFLOW} ({e})"
     return str(e)
 

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
 import soundfile as sf
 from fastapi import Request
 from numpy.lib import format as npy_format
+from numpy.lib.format import MAGIC_PREFIX
 from starlette.requests import ClientDisconnect
 
 from ..contract import latent_shape_problem
+from ..encoded import ENCODED_MEDIA_TYPE, LATENTS_TENSOR, MAX_HEADER_BYTES, EncodedAudio, check_fingerprint
 from ..errors import AudioInputError
 from ..files.audio import AudioTooLarge, read_array_bytes, read_audio_bytes
 from ..reconstructor import SAMPLES_PER_LATENT_FRAME, Reconstructor
@@ -28,6 +32,9 @@ from .config import ServerConfig
 from .errors import ClientGone, HTTPError, PayloadTooLarge
 
 _LOGGER = logging.getLogger(__name__)
+
+UPLOADED_ENCODED = "uploaded encoded audio"
+"""Names an encoded-file upload in its errors (never a server path)."""
 
 UPLOAD_GRACE_S = 5.0
 """An upload may lag for this long after its request head before --min-upload-rate applies (a lost
@@ -146,9 +153,16 @@ LATENTS: Final = "latents"
 
 def declared_seconds(body: bytes, kind: str, rate: int) -> float:
     """Seconds of audio a body declares in its header, without decoding it: an audio file's frames
-    over its rate (AUDIO), or a latents .npy's frames at the model's `rate` (LATENTS); 0 for a body
-    whose header says none or does not parse (the request is refused later, with its reason)."""
+    over its rate (AUDIO); for LATENTS, at the model's `rate`, the frames of a .npy or those of every
+    channel of an encoded file (its safetensors header); 0 for a body whose header says none or does
+    not parse (the request is refused later, with its reason)."""
     try:
+        if kind == LATENTS and is_encoded(None, body):
+            size = int.from_bytes(body[:8], "little")
+            if size > MAX_HEADER_BYTES:
+                return 0.0
+            channels, _, frames, _ = json.loads(body[8 : 8 + size])[LATENTS_TENSOR]["shape"]
+            return channels * frames * SAMPLES_PER_LATENT_FRAME / rate
         if kind == LATENTS:
             stream = io.BytesIO(body)
             version = npy_format.read_magic(stream)
@@ -171,6 +185,24 @@ def features(
     Returns:
         (Features, the upload's sample rate).
     """
+    prepared = upload(rec, config, body, answer)
+    return prepared.features, prepared.sample_rate
+
+
+@dataclass(frozen=True)
+class Upload:
+    """Uploaded audio, prepared: its features (the channels mixed, as the front end does) and what the
+    upload was (the encoded file records both)."""
+
+    features: Features
+    sample_rate: int
+    channels: int
+
+
+def upload(
+    rec: Reconstructor, config: ServerConfig, body: bytes, answer: Callable[[float], None] | None = None
+) -> Upload:
+    """As `features`, also giving the upload's channel count."""
     limit = config.max_seconds
 
     def check(frames: int, rate: int) -> None:
@@ -187,7 +219,8 @@ def features(
     check(audio.shape[0], rate)  # some formats do not state their length up front
     if audio.shape[0] * rec.contract.mel.sample_rate < rate:  # under one sample at the model's rate
         raise AudioInputError(f"uploaded audio: {audio.shape[0]} samples at {rate} Hz is shorter than one sample")
-    return rec.features(audio, rate), rate
+    channels = sf.info(io.BytesIO(body)).channels  # the header again (read_audio_bytes mixed while it decoded)
+    return Upload(rec.features(audio, rate), rate, int(channels))
 
 
 def latents(
@@ -200,12 +233,7 @@ def latents(
 ) -> np.ndarray:
     """The uploaded latents, checked (run it on the CPU pool: it parses and scans the whole body),
     and their answer (at most `num_samples` samples of `bytes_per_sample`) against `max_response_mb`."""
-    if fingerprint is not None and fingerprint != rec.contract.fingerprint:
-        raise HTTPError(
-            422,
-            f"latents come from another model (bundle {fingerprint}, this server {rec.contract.fingerprint}); "
-            "decode them with the bundle that encoded them",
-        )
+    _check_fingerprint(rec, fingerprint)
 
     def check(shape: tuple[int, ...], dtype: np.dtype) -> None:
         _check_latents(config, shape, dtype, rec.contract.mel.sample_rate)
@@ -220,8 +248,56 @@ def latents(
     return z
 
 
-def _check_latents(config: ServerConfig, shape: tuple[int, ...], dtype: np.dtype, rate: int) -> None:
-    """Refuse latents from their .npy header, before their data is touched or anything allocated."""
+def is_encoded(content_type: str | None, body: bytes) -> bool:
+    """Whether a /v1/decode body is an encoded-audio file rather than a .npy: its content type says so,
+    or (curl --data-binary sends none of ours) it does not begin as a .npy does and begins as a
+    safetensors file does (an 8-byte header length, then the JSON header)."""
+    if (content_type or "").split(";")[0].strip().lower() == ENCODED_MEDIA_TYPE:
+        return True
+    return not body.startswith(MAGIC_PREFIX) and body[8:9] == b"{"
+
+
+def encoded(
+    rec: Reconstructor, config: ServerConfig, body: bytes, fingerprint: str | None, bytes_per_sample: int = 4
+) -> EncodedAudio:
+    """An uploaded encoded-audio file, checked (run it on the CPU pool), and its answer (every channel at
+    its recorded length, `bytes_per_sample`) against `max_response_mb`.
+
+    Refused: not an encoded file, damaged, or of a format version this build does not read (400, naming
+    the versions it reads); of another bundle (422, by the file's fingerprint or the header's); of
+    another sample rate (422); past `max_seconds` or `max_decoded_mb` (413).
+    """
+    _check_fingerprint(rec, fingerprint)
+    clip = EncodedAudio.from_bytes(body, UPLOADED_ENCODED)
+    contract = rec.contract
+    check_fingerprint(clip, contract.fingerprint, UPLOADED_ENCODED)
+    rate = contract.mel.sample_rate
+    if clip.sample_rate != rate:
+        raise HTTPError(422, f"{UPLOADED_ENCODED}: decodes at {clip.sample_rate} Hz, this server's bundle at {rate} Hz")
+    z = clip.latents
+    _check_latents(config, z.shape[1:], z.dtype, rate, channels=clip.channels)
+    check_response(
+        config,
+        clip.num_samples * clip.channels,
+        bytes_per_sample,
+        f"{clip.num_samples / rate:.1f} s of audio, {clip.channels} channel(s)",
+    )
+    return clip
+
+
+def _check_fingerprint(rec: Reconstructor, fingerprint: str | None) -> None:
+    """422 when the request's fingerprint header names other decoding weights than the server's."""
+    if fingerprint is not None and fingerprint != rec.contract.fingerprint:
+        raise HTTPError(
+            422,
+            f"latents come from another model (bundle {fingerprint}, this server {rec.contract.fingerprint}); "
+            "decode them with the bundle that encoded them",
+        )
+
+
+def _check_latents(config: ServerConfig, shape: tuple[int, ...], dtype: np.dtype, rate: int, channels: int = 1) -> None:
+    """Refuse latents from their .npy header (or an encoded file's one channel), before their data is
+    touched or anything allocated; `channels` of them count against `max_decoded_mb`."""
     problem = latent_shape_problem(shape)
     if problem:
         raise HTTPError(422, problem)
@@ -230,7 +306,7 @@ def _check_latents(config: ServerConfig, shape: tuple[int, ...], dtype: np.dtype
     seconds = shape[1] * SAMPLES_PER_LATENT_FRAME / rate
     if seconds > config.max_seconds:
         raise PayloadTooLarge(f"latents of {seconds:.1f} s are over the limit of {config.max_seconds:g} s")
-    size = shape[0] * shape[1] * shape[2] * max(dtype.itemsize, 4)  # as sent, or as the float32 copy
+    size = channels * shape[0] * shape[1] * shape[2] * max(dtype.itemsize, 4)  # as sent, or as the float32 copy
     budget = int(config.max_decoded_mb * 2**20)
     if size > budget:
         raise PayloadTooLarge(

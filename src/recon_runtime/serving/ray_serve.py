@@ -97,7 +97,7 @@ class ReconReplica:
         self.service: Service | None = None
 
     def __serve_build_asgi_app__(self) -> Any:
-        app = create_app(self.config)
+        app = create_app(self.config, check_protocol=False)  # Ray's proxy speaks HTTP: no uvicorn flag applies
         self.service = app.state.service
         app.add_middleware(_ReplicaEdge, service=self.service, replica_id=self.replica_id)
         return app

@@ -11,7 +11,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -20,9 +20,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
+from ..channels import encoded_clip
 from ..contract import LATENT_CHANNELS, LATENT_FREQ_BINS, SAMPLE_RATE
+from ..encoded import ENCODED_MEDIA_TYPE, EncodedAudio
 from ..errors import ReconError
 from ..files.audio import BYTES_PER_SAMPLE, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, npy_bytes, wav_bytes
+from ..reconstructor import posterior_draw
 from . import inputs
 from .errors import (
     CLIENT_GONE,
@@ -35,18 +38,15 @@ from .errors import (
     retry_after,
 )
 from .protocol import (
+    ENCODE_FILE,
     H_CHANNELS,
     H_FINGERPRINT,
     H_FORMAT,
-    H_GAIN,
-    H_INPUT_RATE,
     H_LATENT_SHAPE,
     H_NUM_SAMPLES,
     H_SAMPLE_RATE,
-    H_SAMPLED,
-    H_SCALING,
-    H_SEED,
     H_WINDOWS,
+    NPY_MEDIA_TYPE,
     STREAM_FORMATS,
     SUBTYPES,
 )
@@ -61,7 +61,6 @@ RESPONSE_PART_BYTES = 2**20
 is full (the client is not reading), the next part waits, so an answer is never buffered twice and
 the request (with its admission slot) lasts until its last part is sent."""
 STREAM_MEDIA_TYPE = "application/octet-stream"
-NPY_MEDIA_TYPE = "application/x-npy"
 AUDIO_BODY = {"content": {"audio/wav": {}, "application/octet-stream": {}, "multipart/form-data": {}}}
 """What the audio routes accept (the OpenAPI schema's request body)."""
 DECODE_TOO_LONG = "send shorter latents, or decode with stream=true (one window at a time)"
@@ -170,17 +169,24 @@ async def reconstruct(
 
 @inference.post(
     "/v1/encode",
-    summary="Audio -> scaled latents [8, ceil(T/4), 16] as .npy (posterior mean, or a draw)",
+    summary="Audio -> scaled latents [8, ceil(T/4), 16] as .npy with the facts in headers, or as one "
+    "encoded-audio file (format=encoded or Accept: " + ENCODED_MEDIA_TYPE + ")",
     response_class=Response,
-    responses={200: {"content": {NPY_MEDIA_TYPE: {}}}},
+    responses={200: {"content": {NPY_MEDIA_TYPE: {}, ENCODED_MEDIA_TYPE: {}}}},
     openapi_extra={"requestBody": AUDIO_BODY},
 )
 async def encode(
     request: Request,
     sample: bool = Query(False, description="Draw mean + std * noise instead of the mean"),
     seed: int | None = Query(None, ge=0, lt=2**63, description="Seed for the draw (default: a random one, reported)"),
+    format: Literal["npy", "encoded"] | None = Query(
+        None,
+        description=f"npy (the default): the latents, their facts in X-Recon-* headers; encoded: one "
+        f"encoded-audio file ({ENCODED_MEDIA_TYPE}) that /v1/decode and recon-run decode take as it is",
+    ),
 ) -> Response:
     service = service_of(request)
+    as_file = _wants_encoded(format, request.headers.get("accept"))
     body, rec, deadline = await service.accept(request, audio=inputs.AUDIO)
     used_seed = seed if seed is not None else secrets.randbits(63)
 
@@ -190,50 +196,65 @@ async def encode(
             service.config, frames, LATENT_CHANNELS * LATENT_FREQ_BINS * 4, f"latents of {seconds:.1f} s"
         )
 
-    async def work() -> tuple[tuple[bytes, tuple[int, ...]], Any, int]:
-        feats, input_rate = await service.cpu(inputs.features, rec, service.config, body, answer)
+    async def work() -> tuple[bytes, EncodedAudio]:
+        up = await service.cpu(inputs.upload, rec, service.config, body, answer)
+        feats = up.features
         job = rec.encoding_job(feats)
         outputs = await service.run_job(job, deadline, request)
 
-        def finish() -> tuple[bytes, tuple[int, ...]]:
+        def finish() -> tuple[bytes, EncodedAudio]:
             mean, std = (rec.crop_latents(feats, z) for z in rec.join(job, outputs))
             if sample:  # as Reconstructor.encode_features
-                noise = np.random.default_rng(used_seed).standard_normal(mean.shape).astype(np.float32)
-                mean = mean + std * noise
-            return npy_bytes(mean), mean.shape
+                mean = posterior_draw(mean, std, used_seed)
+            clip = encoded_clip(
+                rec.contract, feats, mean, up.sample_rate, sampled=sample, seed=used_seed, input_channels=up.channels
+            )  # no source: a server's path means nothing to its client
+            return (clip.to_bytes() if as_file else npy_bytes(mean)), clip
 
-        return await service.cpu(finish), feats, input_rate
+        return await service.cpu(finish)
 
-    (data, shape), feats, input_rate = await service.within(deadline, work())
-    service.metrics.audio_seconds.labels("/v1/encode").inc(feats.num_samples / service.rate)
-    c = rec.contract
-    headers = {
-        H_NUM_SAMPLES: str(feats.num_samples),
-        H_GAIN: repr(float(feats.gain)),
-        H_SAMPLE_RATE: str(service.rate),
-        H_INPUT_RATE: str(input_rate),
-        H_LATENT_SHAPE: ",".join(map(str, shape)),
-        H_SAMPLED: "true" if sample else "false",
-        H_FINGERPRINT: c.fingerprint,
-        H_SCALING: repr(float(c.scaling_factor)),
-    }
-    if sample:
-        headers[H_SEED] = str(used_seed)
-    return PacedResponse(data, media_type=NPY_MEDIA_TYPE, headers=headers)
+    data, clip = await service.within(deadline, work())
+    service.metrics.audio_seconds.labels("/v1/encode").inc(clip.seconds)
+    headers = clip.headers()  # the file's facts, in the headers of either answer
+    headers[H_LATENT_SHAPE] = ",".join(map(str, clip.latents.shape[1:]))
+    return PacedResponse(data, media_type=ENCODED_MEDIA_TYPE if as_file else NPY_MEDIA_TYPE, headers=headers)
+
+
+def _wants_encoded(format: str | None, accept: str | None) -> bool:
+    """/v1/encode's answer: the `format` asked, else the encoded file when `Accept` names its type
+    (with a q above 0), else the .npy (`*/*`, or no Accept, keeps today's answer)."""
+    if format is not None:
+        return format == ENCODE_FILE
+    for part in (accept or "").split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        if media.lower() != ENCODED_MEDIA_TYPE:
+            continue
+        q = next((p.partition("=")[2] for p in params if p.lower().startswith("q=")), "1")
+        try:
+            return float(q) > 0
+        except ValueError:
+            return True
+    return False
 
 
 @inference.post(
     "/v1/decode",
-    summary="Scaled latents (.npy [8, frames, 16]) -> 16 kHz audio; stream=true sends raw PCM as each window finishes",
+    summary="Scaled latents (.npy [8, frames, 16]) or an encoded-audio file (its length, level and channels "
+    "with it) -> 16 kHz audio; stream=true sends raw PCM as each window finishes",
     response_class=Response,
     responses={200: {"content": {"audio/wav": {}, STREAM_MEDIA_TYPE: {}}}},
-    openapi_extra={"requestBody": {"content": {NPY_MEDIA_TYPE: {}, "multipart/form-data": {}}}},
+    openapi_extra={"requestBody": {"content": {NPY_MEDIA_TYPE: {}, ENCODED_MEDIA_TYPE: {}, "multipart/form-data": {}}}},
 )
 async def decode(
     request: Request,
-    num_samples: int | None = Query(None, ge=1, description="Crop the output to this many samples"),
+    num_samples: int | None = Query(
+        None, ge=1, description="Crop the output to this many samples (.npy; an encoded file records its own)"
+    ),
     gain: float | None = Query(
-        None, ge=0, le=MAX_GAIN, description="Multiply the output by this (the encode response's gain)"
+        None,
+        ge=0,
+        le=MAX_GAIN,
+        description="Multiply the output by this (the encode response's gain; an encoded file records its own)",
     ),
     stream: bool = Query(False, description="Send raw PCM (see the X-Recon-* headers) as each window finishes"),
     subtype: Literal["float", "pcm16"] = Query("float", description="float: f32le / FLOAT WAV; pcm16: s16le"),
@@ -243,26 +264,74 @@ async def decode(
     if stream:
         return await _decode_stream(service, request, fingerprint, num_samples, gain, subtype)
     body, rec, deadline = await service.accept(request, audio=inputs.LATENTS)
+    content_type = request.headers.get("content-type")
 
-    async def work() -> tuple[bytes, int]:
-        z = await service.cpu(
-            inputs.latents, rec, service.config, body, fingerprint, num_samples, BYTES_PER_SAMPLE[SUBTYPES[subtype]]
+    async def work() -> tuple[bytes, int, int]:
+        todo = await service.cpu(
+            _decode_input,
+            rec,
+            service.config,
+            content_type,
+            body,
+            fingerprint,
+            num_samples,
+            gain,
+            BYTES_PER_SAMPLE[SUBTYPES[subtype]],
         )
-        job = rec.decoding_job(z, num_samples)
-        outputs = await service.run_job(job, deadline, request, DECODE_TOO_LONG)
+        jobs, channel_outputs = [], []
+        for z in todo.latents:  # channel by channel: each is a request's windows, within the window budget
+            job = rec.decoding_job(z, todo.num_samples)
+            channel_outputs.append(await service.run_job(job, deadline, request, DECODE_TOO_LONG))
+            jobs.append(job)
 
-        def finish() -> tuple[bytes, int]:  # as Reconstructor.decode, then the sidecar's gain
-            (wave,) = rec.join(job, outputs)
-            wave = wave[:num_samples] if num_samples is not None else wave
-            wave = wave * np.float32(gain) if gain is not None else wave
+        def finish() -> tuple[bytes, int, int]:  # as Reconstructor.decode, then the recorded gain per channel
+            waves = []
+            for job, outputs, factor in zip(jobs, channel_outputs, todo.gains):
+                (wave,) = rec.join(job, outputs)
+                wave = wave[: todo.num_samples] if todo.num_samples is not None else wave
+                waves.append(wave * np.float32(factor) if factor is not None else wave)
+            wave = waves[0] if len(waves) == 1 else np.stack(waves, axis=1)  # [samples, channels], as soundfile
             _check_finite(wave)
-            return wav_bytes(wave, service.rate, SUBTYPES[subtype]), wave.size
+            return wav_bytes(wave, service.rate, SUBTYPES[subtype]), wave.shape[0], len(waves)
 
         return await service.cpu(finish)
 
-    data, size = await service.within(deadline, work())
+    data, size, channels = await service.within(deadline, work())
     service.metrics.audio_seconds.labels("/v1/decode").inc(size / service.rate)
-    return PacedResponse(data, media_type="audio/wav", headers={H_NUM_SAMPLES: str(size)})
+    return PacedResponse(data, media_type="audio/wav", headers={H_NUM_SAMPLES: str(size), H_CHANNELS: str(channels)})
+
+
+@dataclass(frozen=True)
+class DecodeInput:
+    """What /v1/decode decodes: one latent [8, frames, 16] per channel, the length and the gain of each."""
+
+    latents: list[np.ndarray]
+    num_samples: int | None
+    gains: list[float | None]
+
+
+def _decode_input(
+    rec: Any,
+    config: Any,
+    content_type: str | None,
+    body: bytes,
+    fingerprint: str | None,
+    num_samples: int | None,
+    gain: float | None,
+    bytes_per_sample: int,
+) -> DecodeInput:
+    """The upload as latents per channel: a .npy (one channel, length and gain from the query) or an
+    encoded-audio file (its own length, gains and channels; the query may not give them again)."""
+    if not inputs.is_encoded(content_type, body):
+        z = inputs.latents(rec, config, body, fingerprint, num_samples, bytes_per_sample)
+        return DecodeInput([z], num_samples, [gain])
+    given = [name for name, value in (("num_samples", num_samples), ("gain", gain)) if value is not None]
+    if given:
+        raise HTTPError(
+            400, f"an encoded-audio file records its length and gain; drop {' and '.join(given)} from the query"
+        )
+    clip = inputs.encoded(rec, config, body, fingerprint, bytes_per_sample)
+    return DecodeInput(list(clip.latents), clip.num_samples, list(clip.gain))
 
 
 async def _decode_stream(
@@ -279,15 +348,30 @@ async def _decode_stream(
     later window is queued when the previous one is done, so the time to first audio is one
     window's compute whatever the length. Every part is the exact cross-fade `join` computes. The
     whole stream shares one deadline (`timeout_s` plus `timeout_per_audio_s` per second of its
-    latents, as a request that is not streamed); a failure after the status was sent drops the connection without the final chunk (the client sees a
-    truncated body, never a clean end) and is recorded in the metrics with its status.
+    latents, as a request that is not streamed); a failure after the status was sent drops the
+    connection without the final chunk (the client sees a truncated body, never a clean end) and is
+    recorded in the metrics with its status. An encoded file streams its one channel at its recorded
+    length and gain (several channels: 422).
     """
     body, rec, deadline = await service.accept(request, audio=inputs.LATENTS)
     release = request.scope[ADMISSION]  # the middleware calls it too: whichever comes first
-    latents = service.cpu(
-        inputs.latents, rec, service.config, body, fingerprint, num_samples, BYTES_PER_SAMPLE[SUBTYPES[subtype]]
+    parsed = service.cpu(
+        _decode_input,
+        rec,
+        service.config,
+        request.headers.get("content-type"),
+        body,
+        fingerprint,
+        num_samples,
+        gain,
+        BYTES_PER_SAMPLE[SUBTYPES[subtype]],
     )
-    z = await service.within(deadline, latents)
+    todo = await service.within(deadline, parsed)
+    if len(todo.latents) > 1:
+        raise HTTPError(
+            422, f"stream=true sends one channel; this file has {len(todo.latents)}: decode it without stream=true"
+        )
+    (z,), num_samples, (gain,) = todo.latents, todo.num_samples, todo.gains
     job = rec.decoding_job(z, num_samples)
     n = len(job.windows)
     length = int(round(job.total * job.scale))
@@ -337,7 +421,7 @@ async def _decode_stream(
             request.scope[STATUS_OVERRIDE] = e.status
             raise StreamAborted(e.status, e.message) from None
         except ReconError as e:
-            _LOGGER.warning("streaming decode aborted: %s", e)
+            _LOGGER.warning("streaming decode aborted: %s", error_message(e))
             request.scope[STATUS_OVERRIDE] = status = error_status(e)
             raise StreamAborted(status, error_message(e)) from None
         except Exception:

@@ -240,13 +240,18 @@ class Service:
         without reading the rest. Call it after `check_capacity` (a full server answers 503 before
         any body) and before `admit` (only requests whose body arrived count against --max-queue).
 
-        The whole body must arrive within `body_timeout_s` of now (408), and keep up with
+        The whole body must arrive within `body_timeout_s` of now (408; scaled by `limit` / `max_body_mb`
+        where `limit` is larger), and keep up with
         `min_upload_rate` after UPLOAD_GRACE_S (408). Its first part is awaited before an upload slot
-        (a request that sends nothing holds none); at most `max_uploads` bodies are then read at once,
-        and a body waits for its slot at most UPLOAD_GRACE_S from now (503). `limit` (bytes) replaces
-        `max_body_mb`; `raw` keeps a multipart body whole (/v1/compare's two files)."""
+        (a request that sends nothing holds none); at most `max_uploads` bodies are then read at once:
+        a free slot is taken however late the body began, and one that finds them all taken waits for
+        a slot until UPLOAD_GRACE_S from now at most (503). `limit` (bytes) replaces `max_body_mb`;
+        `raw` keeps a multipart body whole (/v1/compare's two files)."""
         start = time.monotonic()
-        limit = limit or int(self.config.max_body_mb * 2**20)
+        max_body = int(self.config.max_body_mb * 2**20)
+        limit = limit or max_body
+        # a larger limit gets as long per byte: /v1/compare's two files may be 1.6x what reconstruct takes
+        timeout = max(self.config.body_timeout_s, round(self.config.body_timeout_s * limit / max_body, 1))
         declared = request.headers.get("content-length")
         if declared is not None:
             try:
@@ -259,15 +264,18 @@ class Service:
                 )
         if self._upload_slots is None:
             self._upload_slots = asyncio.Semaphore(self.config.max_uploads)
-        reader = inputs.BodyReader(request, limit, self.config.min_upload_rate, start, self.config.body_timeout_s)
+        reader = inputs.BodyReader(request, limit, self.config.min_upload_rate, start, timeout)
         self.receiving += 1
         try:
             await reader.read_first()
-            wait = start + inputs.UPLOAD_GRACE_S - time.monotonic()
-            try:
-                await asyncio.wait_for(self._upload_slots.acquire(), max(0.0, wait))
-            except asyncio.TimeoutError:
-                raise busy(f"{self.config.max_uploads} uploads in progress") from None
+            if self._upload_slots.locked():  # all taken: wait for one until the grace ends
+                wait = start + inputs.UPLOAD_GRACE_S - time.monotonic()
+                try:
+                    await asyncio.wait_for(self._upload_slots.acquire(), max(0.0, wait))
+                except asyncio.TimeoutError:
+                    raise busy(f"{self.config.max_uploads} uploads in progress") from None
+            else:  # a free slot is taken at once, however late the body began (wait_for(..., 0) never runs it)
+                await self._upload_slots.acquire()
             try:
                 body = await reader.read_rest()
             finally:
