@@ -1515,6 +1515,19 @@ def test_past_the_timeout_a_request_gets_504_and_its_windows_leave_the_queue(tin
         srv.close()
 
 
+def test_the_audio_a_body_declares_is_read_from_its_header() -> None:
+    from recon_runtime.encoded import EncodedAudio
+    from recon_runtime.serving.inputs import AUDIO, LATENTS, declared_seconds
+
+    z = np.zeros((8, 250, 16), np.float32)  # 250 latent frames: 10 s at 16 kHz
+    clip = EncodedAudio(latents=np.stack([z, z]), num_samples=160000, gain=(1.0, 1.0), bundle_fingerprint="f")
+    assert declared_seconds(wav_bytes(np.zeros(3 * 8000, np.float32), 8000), AUDIO, RATE) == 3.0
+    assert declared_seconds(npy_bytes(z), LATENTS, RATE) == 10.0
+    assert declared_seconds(clip.to_bytes(), LATENTS, RATE) == 20.0  # both channels are decoded
+    for junk in (b"", b"not audio", b"\x93NUMPY\x01\x00garbage", b"\xff" * 8 + b"{"):
+        assert declared_seconds(junk, AUDIO, RATE) == declared_seconds(junk, LATENTS, RATE) == 0.0
+
+
 def test_the_deadline_grows_with_the_audio_a_request_declares(tiny_bundle: Path, rec: Any) -> None:
     from recon_runtime.serving.config import ServerConfig
 
