@@ -170,6 +170,25 @@ def test_silence_and_10ms_clips_work(tiny_bundle: Path, tmp_path: Path) -> None:
     assert np.isfinite(sf.read(str(tmp_path / "out" / "silence.wav"))[0]).all()
 
 
+def test_metrics_of_a_silent_or_constant_input_are_null_with_a_reason(tiny_bundle: Path, tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    _wav(src / "silence.wav", np.zeros(2 * 16000, np.float32))
+    _wav(src / "dc.wav", np.full(2 * 16000, 0.25, np.float32))
+    _wav(src / "tone.wav", tone(2.0, 16000))
+    metrics = tmp_path / "m.json"
+    args = [str(src), "-o", str(tmp_path / "out"), "--model", str(tiny_bundle), "--metrics", str(metrics)]
+    r = run_cli("recon-run", "reconstruct", *args)
+    assert r.returncode == 0, r.stderr
+    files = {Path(k).name: v for k, v in json.loads(metrics.read_text())["files"].items()}
+    for name in ("silence.wav", "dc.wav"):
+        m = files[name]
+        assert (m["mel_correlation"], m["mrstft"], m["si_sdr_db"]) == (None, None, None), m
+        assert "input is silent" in m["undefined_reason"], m
+        assert np.isfinite(m["log_mel_l1"]) and np.isfinite(m["log_mel_rmse"])
+    assert "undefined_reason" not in files["tone.wav"]
+    assert all(np.isfinite(v) for k, v in files["tone.wav"].items() if k != "output")
+
+
 # --------------------------------------------------------------------------------------- bad input
 
 

@@ -529,6 +529,21 @@ def test_a_batch_run_again_with_another_outcome_replaces_its_rows(tiny_bundle: P
     assert _keys(out, "errors") == []
 
 
+@pytest.mark.parametrize(
+    ("audio", "wall", "words"),
+    [
+        (8.3, 1.3, "8.3 s of audio in 1.3 s wall"),
+        (150.0, 59.96, "2.5 min of audio in 1.0 min wall"),
+        (9000.0, 3600.0, "2.50 h of audio in 1.00 h wall"),
+    ],
+)
+def test_the_summary_line_says_seconds_minutes_or_hours(audio: float, wall: float, words: str) -> None:
+    from recon_runtime.jobs.job import JobResult
+
+    line = JobResult(ok=3, audio_seconds=audio, wall_seconds=wall).line("encode")
+    assert words in line, line
+
+
 def test_metrics_summary_counts_each_file_once(tmp_path: Path) -> None:
     import pyarrow as pa
 
@@ -546,6 +561,28 @@ def test_metrics_summary_counts_each_file_once(tmp_path: Path) -> None:
     write_shard(tmp_path / "metrics", pa.table(cols), "part-2.parquet")
     summary = metrics_summary(tmp_path)
     assert summary["si_sdr_db"]["files"] == 2 and summary["si_sdr_db"]["mean"] == pytest.approx(2.0)
+
+
+def test_evaluate_rows_and_summary_leave_undefined_metrics_of_a_silent_input_null(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    from recon_runtime.jobs.job import metrics_summary
+    from recon_runtime.jobs.stages import Worker
+
+    files = [_wav(tmp_path / "in" / "silence.wav", np.zeros(16000, np.float32))]
+    files += [_wav(tmp_path / "in" / f"tone{i}.wav", tone(0.5, 16000, 300 + 100 * i)) for i in range(2)]
+    out = tmp_path / "out"
+    Worker(_job(tiny_bundle, "evaluate", files, out))(_batch(tiny_bundle, files, keep_waveform=True))
+    rows = {Path(r["path"]).name: r for r in read_table(out / "metrics").to_pylist()}
+    silent = rows["silence.wav"]
+    assert (silent["mel_correlation"], silent["mrstft"], silent["si_sdr_db"]) == (None, None, None), silent
+    assert "input is silent" in silent["undefined_reason"] and np.isfinite(silent["log_mel_l1"])
+    assert rows["tone0.wav"]["undefined_reason"] is None and np.isfinite(rows["tone0.wav"]["si_sdr_db"])
+    summary = metrics_summary(out)
+    assert (summary["si_sdr_db"]["files"], summary["si_sdr_db"]["undefined"]) == (2, 1)
+    tones = [rows[f"tone{i}.wav"]["si_sdr_db"] for i in range(2)]
+    assert summary["si_sdr_db"]["mean"] == pytest.approx(np.mean(tones))
+    assert (summary["log_mel_l1"]["files"], summary["log_mel_l1"]["undefined"]) == (3, 0)
 
 
 def test_encode_crops_latents_as_encode_features_does(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -1065,3 +1102,47 @@ def test_dataset_jobs_take_the_model_options_of_the_file_commands() -> None:
         theirs, ours = options(file_command), options(job)
         assert model <= set(ours) and {n: ours[n] for n in model} == {n: theirs[n] for n in model}
     assert {"sample", "seed"} <= set(options(dataset.encode))
+
+
+# ----------------------------------------------------------------------------- what a job prints
+
+# Ray's lines that no setting silences without hiding real errors too, by a fragment of each, with the reason
+RAY_LINES_KEPT = {
+    "has constructor arguments in the object store and max_restarts > 0": (
+        "Ray Data hands every actor of a pool its own object-store references (its DataContext and the map "
+        "function) and restarts the actors without limit (its default, and the job's: a file that kills a "
+        "graph worker restarts it); Ray's C++ core then logs this at error level on the driver's stderr "
+        "(ray-project/ray#53727), and its one switch, RAY_BACKEND_LOG_LEVEL, would drop every C++ error with it"
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def random_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny architecture exported from random weights, as `recon-export --random-weights` writes it."""
+    from recon_export.bundle import export_bundle
+    from recon_export.checkpoint import build_random
+
+    out = tmp_path_factory.mktemp("random") / "tiny-random"
+    export_bundle(build_random("tiny", 3), out, precisions=("fp32",))
+    return out
+
+
+@pytest.mark.parametrize("progress", [["--no-progress"], []], ids=["no-progress", "stdout-not-a-terminal"])
+def test_a_job_prints_only_its_own_lines(random_bundle: Path, tmp_path: Path, progress: list[str]) -> None:
+    """No Ray INFO, no progress lines where stdout is no terminal, no deprecation or token notices, and
+    the bundle's random-weights warning once (not once per read task and graph worker, with Ray's dedup notice)."""
+    root = tmp_path / "in"
+    for i in range(4):
+        _wav(root / f"clip{i}.wav", tone(0.3, 16000, 200 + 50 * i))
+    (root / "bad.wav").write_text("not audio\n")
+    out = tmp_path / "out"
+    args = ["--model", str(random_bundle), "--provider", "cpu", "--workers", "2", "--batch-size", "1", *progress]
+    r = run_cli("recon-run", "dataset", "encode", str(root), "-o", str(out), *args)
+    assert r.returncode == 1, r.stderr  # the bad file
+    assert r.stdout == ""
+    ours = [ln for ln in r.stderr.splitlines() if not any(k in ln for k in RAY_LINES_KEPT)]
+    assert len(ours) == 3, r.stderr
+    assert ours[0] == f"{random_bundle} holds RANDOM weights: output is not meaningful audio", r.stderr
+    assert ours[1].startswith(f"error: {root / 'bad.wav'}: not a readable audio file"), r.stderr
+    assert ours[2].startswith("dataset encode: 4 ok, 1 failed, 0 skipped") and " s of audio in " in ours[2], r.stderr

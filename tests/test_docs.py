@@ -101,6 +101,23 @@ def test_docs_and_docstrings_name_only_what_exists() -> None:
     assert not (bad := dangling(spans, defined_names())), "names that exist nowhere in the code:\n" + "\n".join(bad)
 
 
+def test_the_readme_names_every_route_of_the_server() -> None:
+    """A user who reads the README's Serving section finds every route (the page's /v1/compare too)."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("fastapi") is None:
+        pytest.skip("the routes come from the app: the `serve` extra (fastapi) is missing")
+    from recon_runtime.serving.app import create_app
+    from recon_runtime.serving.config import ServerConfig
+
+    routes = set(create_app(ServerConfig(model="unused")).openapi()["paths"])
+    assert {"/v1/reconstruct", "/v1/compare"} <= routes
+    readme = (ROOT / "README.md").read_text()
+    assert not (missing := sorted(r for r in routes if r not in readme)), f"README.md names no {missing}"
+
+
 # ---------------------------------------------------------------------- links to headings
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"(?<!!)\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^()\s]+)(?:\s+\"[^\"]*\")?\)")

@@ -115,3 +115,30 @@ def test_memory_stays_bounded_on_a_10_minute_input() -> None:
     assert np.isfinite(mrstft) and 19 < sdr < 21  # noise 20 dB below the signal
     assert mrstft_peak < bound
     assert sdr_peak < 3 * 8 * metrics._SIGNAL_BLOCK  # two float64 blocks of 8 B a sample, plus room
+
+
+@pytest.mark.parametrize("level", [0.0, 0.1, -0.7])
+def test_metrics_undefined_for_a_silent_or_constant_input_are_none_with_a_reason(level: float) -> None:
+    from recon_runtime.frontend import prepare_waveform
+
+    reference, _ = prepare_waveform(np.full(2 * RATE, level, np.float32), RATE)  # zero once the mean is removed
+    _, estimate = _pair(2.0)
+    scores = metrics.compare(reference, estimate)
+    assert scores["mel_correlation"] is None and scores["mrstft"] is None and scores["si_sdr_db"] is None, scores
+    assert "input is silent" in scores[metrics.UNDEFINED_REASON]
+    assert np.isfinite(scores["log_mel_l1"]) and np.isfinite(scores["log_mel_rmse"])  # distances to the floor
+
+
+def test_metrics_undefined_for_a_silent_reconstruction_are_none_with_a_reason() -> None:
+    reference, _ = _pair(2.0)
+    scores = metrics.compare(reference, np.zeros_like(reference))
+    assert scores["mel_correlation"] is None and scores["si_sdr_db"] is None, scores
+    assert "reconstruction is silent" in scores[metrics.UNDEFINED_REASON]
+    assert np.isfinite(scores["mrstft"])  # against the input's spectrum: defined
+
+
+def test_metrics_of_sound_have_no_reason_field() -> None:
+    reference, estimate = _pair(1.0)
+    scores = metrics.compare(reference, estimate)
+    assert metrics.UNDEFINED_REASON not in scores
+    assert all(np.isfinite(v) for v in scores.values()), scores

@@ -320,6 +320,7 @@ def test_the_page_plays_and_compares_what_the_server_reconstructs(
     tab = Tab(browser, server.url)
     page = tab.open()
     assert "onnxruntime" in page.inner_text("#server-info") and "6 s" in page.inner_text("#limits")
+    assert "answered within 2 min plus 2 s per second of audio" in page.inner_text("#limits")  # the deadline
     with page.expect_response(lambda r: r.url.startswith(server.url + "/v1/compare")) as compared:
         assert tab.upload(path) == "done", page.inner_text("#error")
     tab.wait("() => ['a', 'b'].every((w) => document.getElementById('audio-' + w).readyState >= 1)")
@@ -371,6 +372,31 @@ def test_the_page_reads_on_a_phone(browser: Any, server: Server, tmp_path: Path)
         assert box and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], (selector, box)
     assert page.locator("#play").bounding_box()["height"] >= 44  # a finger's target
     page.screenshot(path=str(tmp_path / "page-phone.png"), full_page=True)
+    tab.close()
+
+
+def test_compare_of_a_silent_input_gives_null_metrics_with_the_reason(server: Server, rec: Any) -> None:
+    original = wav_bytes(np.zeros(2 * RATE, np.float32))
+    out = server.post("/v1/reconstruct", original)
+    assert out.status_code == 200, out.text
+    r = httpx.post(server.url + "/v1/compare", files=form(original, out.content), timeout=60)
+    assert r.status_code == 200, r.text
+    m = r.json()["metrics"]
+    assert (m["mel_correlation"], m["mrstft"], m["si_sdr_db"]) == (None, None, None), m
+    assert "input is silent" in m["undefined_reason"] and np.isfinite(m["log_mel_l1"])
+
+
+@needs_browser
+def test_the_page_shows_undefined_metrics_of_a_silent_input_as_such(
+    browser: Any, server: Server, tmp_path: Path
+) -> None:
+    tab = Tab(browser, server.url)
+    page = tab.open()
+    assert tab.upload(write_wav(tmp_path / "silence.wav", np.zeros(2 * RATE, np.float32), RATE)) == "done"
+    shown = page.inner_text("#metrics")
+    assert shown.count("undefined") == 2 and "nats" in shown, shown  # SI-SDR and correlation; L1 is a number
+    minor = page.inner_text("#metrics-minor")
+    assert "multi-resolution STFT distance undefined" in minor and "input is silent" in minor, minor
     tab.close()
 
 

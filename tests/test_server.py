@@ -1497,7 +1497,7 @@ def wait_for_metric(
 
 def test_past_the_timeout_a_request_gets_504_and_its_windows_leave_the_queue(tiny_bundle: Path, rec: Any) -> None:
     gated = Gated(rec)  # the first window is held until the request has timed out: no race with the machine's speed
-    srv = serve_in_process(gated, tiny_bundle, max_batch=1, max_wait_ms=0, timeout_s=1.0)
+    srv = serve_in_process(gated, tiny_bundle, max_batch=1, max_wait_ms=0, timeout_s=1.0, timeout_per_audio_s=0)
     try:
         clip = tone(40.0, 8000)
         n = len(rec.reconstruction_job(rec.features(clip, 8000)).windows)
@@ -1514,6 +1514,51 @@ def test_past_the_timeout_a_request_gets_504_and_its_windows_leave_the_queue(tin
         assert "recon_requests_total" in m
         r = httpx.post(srv.url + "/v1/reconstruct", content=wav_bytes(tone(0.2)), timeout=30)
         assert r.status_code == 200
+    finally:
+        gated.release.set()
+        srv.close()
+
+
+def test_the_audio_a_body_declares_is_read_from_its_header() -> None:
+    from recon_runtime.files.encoded import EncodedAudio
+    from recon_runtime.serving.inputs import AUDIO, LATENTS, declared_seconds
+
+    z = np.zeros((8, 250, 16), np.float32)  # 250 latent frames: 10 s at 16 kHz
+    clip = EncodedAudio(latents=np.stack([z, z]), num_samples=160000, gain=(1.0, 1.0), bundle_fingerprint="f")
+    assert declared_seconds(wav_bytes(np.zeros(3 * 8000, np.float32), 8000), AUDIO, RATE) == 3.0
+    assert declared_seconds(npy_bytes(z), LATENTS, RATE) == 10.0
+    assert declared_seconds(clip.to_bytes(), LATENTS, RATE) == 20.0  # both channels are decoded
+    for junk in (b"", b"not audio", b"\x93NUMPY\x01\x00garbage", b"\xff" * 8 + b"{"):
+        assert declared_seconds(junk, AUDIO, RATE) == declared_seconds(junk, LATENTS, RATE) == 0.0
+
+
+def test_the_deadline_grows_with_the_audio_a_request_declares(tiny_bundle: Path, rec: Any) -> None:
+    from recon_runtime.serving.config import ServerConfig
+
+    # the defaults: what --max-seconds admits gets the time the slowest measured CPU needs (1.8 s per audio second)
+    d = ServerConfig(model=str(tiny_bundle))
+    assert d.timeout_s + d.timeout_per_audio_s * d.max_seconds >= 1.8 * d.max_seconds
+    gated = Gated(rec)  # the first window is held past timeout_s: no race with the machine's speed
+    srv = serve_in_process(gated, tiny_bundle, max_batch=1, max_wait_ms=0, timeout_s=1.0, timeout_per_audio_s=1.0)
+    try:
+        answers: list[httpx.Response] = []
+        for path, body in (
+            ("/v1/reconstruct", wav_bytes(tone(20.0, 8000), 8000)),
+            ("/v1/decode", npy_bytes(rec.encode(tone(20.0, 8000), 8000))),
+        ):
+            gated.release.clear()
+            gated.entered.clear()
+            t = threading.Thread(
+                target=lambda p=path, b=body: answers.append(httpx.post(srv.url + p, content=b, timeout=60))
+            )
+            t.start()
+            assert gated.entered.wait(30)  # admitted, its deadline set, its first window running
+            held = time.monotonic() + 1.5  # past the 1 s a fixed deadline gives it
+            while time.monotonic() < held:
+                time.sleep(0.05)
+            gated.release.set()
+            t.join(60)
+            assert answers[-1].status_code == 200, (path, answers[-1].text)  # 20 s of audio: 1 s + 20 s
     finally:
         gated.release.set()
         srv.close()

@@ -31,6 +31,7 @@ MODEL_FAMILY: Final = "audioldm2-vae-hifigan"  # the graph contract, shared by A
 SOURCE_FAMILY: Final = "family"
 SOURCE_PIPELINE: Final = "pipeline_class"
 SOURCE_SCALING_FACTOR: Final = "scaling_factor_from"
+RANDOM_WEIGHTS_WARNING: Final = "%s holds RANDOM weights: output is not meaningful audio"  # %s: the bundle
 
 # ---------------------------------------------------------------- mel front end (docs/front-end.md)
 SAMPLE_RATE: Final = 16000

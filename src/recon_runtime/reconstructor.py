@@ -22,6 +22,7 @@ from .contract import (
     HOP_LENGTH,
     LATENT_DOWNSAMPLE,
     N_MELS,
+    RANDOM_WEIGHTS_WARNING,
     ROLES,
     TRAINING_WINDOW_FRAMES,
     VOCODER,
@@ -210,7 +211,7 @@ class Reconstructor:
             ),
         )
         if contract.random_weights:
-            _LOGGER.warning("%s holds RANDOM weights: output is not meaningful audio", bundle_dir)
+            _LOGGER.warning(RANDOM_WEIGHTS_WARNING, bundle_dir)
         _LOGGER.info(
             "using %s with %s graphs from %s (%s)",
             executor.provider.upper(),

@@ -17,6 +17,7 @@ import click
 from ..contract import LATENT_DOWNSAMPLE
 from ..errors import ReconError, describe
 from ..locations import resolve_model
+from ..serving.config import TIMEOUT_PER_AUDIO_S
 from .batch import fail
 from .options import api_key_from_env, model_options
 from .remote import need_serve_extra
@@ -61,7 +62,13 @@ class FiniteFloat(click.FloatRange):
 )  # fmt: skip
 @click.option(
     "--timeout-s", type=FiniteFloat(min=0, min_open=True), default=120.0, show_default=True,
-    help="Per-request limit (504 beyond; the request's windows leave the queue).",
+    help="Per-request limit, plus --timeout-per-audio-s per second of its audio (504 beyond; the request's "
+    "windows leave the queue).",
+)  # fmt: skip
+@click.option(
+    "--timeout-per-audio-s", type=FiniteFloat(min=0), default=TIMEOUT_PER_AUDIO_S, show_default=True,
+    help="Seconds the per-request limit grows for each second of audio the request declares, so that the "
+    "longest audio accepted has time to run on a CPU (0: --timeout-s alone).",
 )  # fmt: skip
 @click.option(
     "--bucket-frames", type=click.IntRange(min=LATENT_DOWNSAMPLE), default=LATENT_DOWNSAMPLE, show_default=True,

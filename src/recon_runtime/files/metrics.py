@@ -20,6 +20,7 @@ _LOG_FLOOR: Final = 1e-7
 # 10-minute input took about 1 GB over the three resolutions.
 _BLOCK_VALUES: Final = 1 << 20
 _SIGNAL_BLOCK: Final = 1 << 20  # samples per block for SI-SDR's sums
+UNDEFINED_REASON: Final = "undefined_reason"  # why compare() left metrics None (only then present)
 
 
 @lru_cache(maxsize=8)
@@ -126,23 +127,53 @@ def si_sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
     return float(10 * np.log10((target_energy + _EPS) / (noise_energy + _EPS)))
 
 
-def compare(reference: np.ndarray, estimate: np.ndarray, mel: MelSpec = EXPECTED_MEL) -> dict[str, float]:
+def _silent(log_mel_image: np.ndarray, mel: MelSpec) -> bool:
+    """True when a log-mel is at the front end's floor everywhere: what the model sees is silence.
+
+    A prepared waveform of an all-zero or constant input is zero (its mean is removed), and an input
+    so quiet that no mel bin rises above the floor has no spectrum or energy worth comparing either.
+    """
+    return bool(log_mel_image.max() <= np.float32(np.log(mel.mel_floor)))
+
+
+def compare(reference: np.ndarray, estimate: np.ndarray, mel: MelSpec = EXPECTED_MEL) -> dict[str, float | str | None]:
     """All metrics for two 16 kHz waveforms of equal length.
+
+    Metrics that are undefined for the pair are None, and UNDEFINED_REASON says why: for a silent
+    reference (its log-mel at the floor everywhere, as for an all-zero or constant input) the mel
+    correlation (no variance), the STFT distance (its spectral convergence divides by the
+    reference's spectrum) and SI-SDR (no reference energy); for a silent estimate the mel
+    correlation and SI-SDR. The log-mel L1 and RMSE are always defined.
 
     Returns:
         log_mel_l1 and log_mel_rmse (nats), mel_correlation (Pearson, on log-mel),
-        mrstft (lower is better), si_sdr_db.
+        mrstft (lower is better), si_sdr_db; UNDEFINED_REASON only when one of them is None.
     """
     n = min(reference.size, estimate.size)
     reference, estimate = reference[:n], estimate[:n]
     ma, mb = log_mel(reference, mel), log_mel(estimate, mel)
     diff = ma - mb
-    da, db = ma - ma.mean(), mb - mb.mean()
-    corr = float(np.sum(da * db) / (np.sqrt(np.sum(da * da) * np.sum(db * db)) + _EPS))
-    return {
+    scores: dict[str, float | str | None] = {
         "log_mel_l1": float(np.mean(np.abs(diff))),
         "log_mel_rmse": float(np.sqrt(np.mean(diff**2))),
-        "mel_correlation": corr,
-        "mrstft": multi_resolution_stft(reference, estimate),
-        "si_sdr_db": si_sdr(reference, estimate),
+        "mel_correlation": None,
+        "mrstft": None,
+        "si_sdr_db": None,
     }
+    if _silent(ma, mel):
+        scores[UNDEFINED_REASON] = (
+            "the input is silent (its log-mel is at the floor everywhere): mel_correlation, mrstft and "
+            "si_sdr_db compare with its variance, spectrum and energy, which are zero"
+        )
+        return scores
+    scores["mrstft"] = multi_resolution_stft(reference, estimate)
+    if _silent(mb, mel):
+        scores[UNDEFINED_REASON] = (
+            "the reconstruction is silent (its log-mel is at the floor everywhere): mel_correlation and "
+            "si_sdr_db need its variance and energy, which are zero"
+        )
+        return scores
+    da, db = ma - ma.mean(), mb - mb.mean()
+    scores["mel_correlation"] = float(np.sum(da * db) / (np.sqrt(np.sum(da * da) * np.sum(db * db)) + _EPS))
+    scores["si_sdr_db"] = si_sdr(reference, estimate)
+    return scores

@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, Final
 import numpy as np
 
 from ..cluster import start_ray
-from ..contract import read_contract
+from ..contract import RANDOM_WEIGHTS_WARNING, read_contract
 from ..errors import OutputError, ReconError, require
 from ..files.audio import atomic_path
 from .config import (
@@ -73,6 +74,15 @@ SHUTDOWN_TIMEOUT_S: Final = 10.0  # how long ray.shutdown may take (after Ctrl-C
 INTERRUPTED_EXIT: Final = 130  # exit status after Ctrl-C (128 + SIGINT, as shells report it)
 
 
+def duration(seconds: float) -> str:
+    """A span in the unit a reader takes in at once: seconds under a minute, minutes under an hour, then hours."""
+    if round(seconds, 1) < 60:
+        return f"{seconds:.1f} s"
+    if round(seconds / 60, 1) < 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
 @dataclass
 class JobResult:
     ok: int = 0
@@ -94,7 +104,7 @@ class JobResult:
                 else ""
             )
             + "); "
-            f"{self.audio_seconds / 3600:.4f} h of audio in {self.wall_seconds:.1f} s wall ({rate} audio-s/s)"
+            f"{duration(self.audio_seconds)} of audio in {duration(self.wall_seconds)} wall ({rate} audio-s/s)"
             + (
                 f"; {self.errors_outstanding} file(s) of this job have errors (this run or before): exit status 1"
                 if self.errors_outstanding
@@ -111,8 +121,12 @@ class JobInterrupted(ReconError):
         self.ray_stopped = ray_stopped
 
 
-def metrics_summary(out: Path) -> dict[str, dict[str, float]]:
-    """mean, median and p95 of each metric over the rows of OUT/metrics, one per file (repeated keys count once)."""
+def metrics_summary(out: Path) -> dict[str, dict[str, float | int | None]]:
+    """mean, median and p95 of each metric over the rows of OUT/metrics, one per file (repeated keys count once).
+
+    A metric undefined for a file (null: a silent input) is left out of its statistics: `files`
+    counts the files it is defined for, `undefined` the others; with none defined the statistics are None.
+    """
     table = read_table(out / RESULT_DIRS[EVALUATE], [*KEY_COLUMNS, *METRIC_NAMES])
     if table is None or table.num_rows == 0:
         return {}
@@ -120,16 +134,50 @@ def metrics_summary(out: Path) -> dict[str, dict[str, float]]:
     for i, k in enumerate(table_keys(table)):
         first.setdefault(k, i)
     rows = sorted(first.values())
-    summary = {}
+    summary: dict[str, dict[str, float | int | None]] = {}
     for name in METRIC_NAMES:
-        values = np.asarray(table.column(name).to_pylist(), np.float64)[rows]
+        column = np.asarray(table.column(name).to_pylist(), np.float64)[rows]  # null -> NaN
+        values = column[~np.isnan(column)]
         summary[name] = {
-            "mean": float(np.mean(values)),
-            "median": float(np.median(values)),
-            "p95": float(np.percentile(values, 95)),
+            "mean": float(np.mean(values)) if values.size else None,
+            "median": float(np.median(values)) if values.size else None,
+            "p95": float(np.percentile(values, 95)) if values.size else None,
             "files": int(values.size),
+            "undefined": int(column.size - values.size),
         }
     return summary
+
+
+def _stat(value: float | int | None) -> str:
+    return f"{value:>10.4f}" if value is not None else f"{'-':>10}"
+
+
+class _DefaultTokenNotice(logging.Filter):
+    """Drops Ray's notice that a new local Ray enables token authentication by default (how to opt
+    out): the job keeps that default. Ray's warning that authentication is disabled still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled")
+
+
+def _quiet_ray(progress: bool) -> None:
+    """Ray's own console output down to what a user acts on; its session log files keep everything.
+
+    Ray Data's progress bars only when wanted and stdout and stderr are terminals (elsewhere Ray
+    Data logs progress as INFO lines, dozens per job); its INFO lines (execution plans, "execution
+    finished") and its notices about the progress display go to its log files only. Its warnings and
+    errors still show, and so do the driver's (`ray.init(logging_level=WARNING)`) and the workers'.
+    """
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = progress and sys.stdout.isatty() and sys.stderr.isatty()
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console":  # Ray Data's console handler (ray.data._internal.logging), INFO by default
+            handler.setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled. To enable..."
+    token = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DefaultTokenNotice) for f in token.filters):
+        token.addFilter(_DefaultTokenNotice())
 
 
 def _local_ray_processes() -> dict[int, Any]:
@@ -225,6 +273,8 @@ def _run_job(cfg: JobConfig, echo: Callable[[str], None], stages: Stages) -> Job
     require(("pyarrow", "ray"), "dataset jobs need Ray Data and pyarrow", "ray")
     started = time.perf_counter()
     contract = read_contract(Path(cfg.model.model))
+    if contract.random_weights:  # said once here; the read tasks and graph workers do not repeat it
+        echo(RANDOM_WEIGHTS_WARNING % cfg.model.model)
     if cfg.model.expect_digest and cfg.model.expect_digest != contract.digest:
         raise ReconError(f"{cfg.model.model}: bundle digest is {contract.digest}, expected {cfg.model.expect_digest}")
     if cfg.out.exists() and not cfg.out.is_dir():
@@ -330,6 +380,7 @@ def _run_locked(
     if todo:
         started_ray = not ray.is_initialized()
         try:
+            _quiet_ray(cfg.progress)
             start_ray(cfg.ray_address, cfg.workers * cfg.cpus_per_worker + 1)  # + 1: the CPU tasks
             _run_pipeline(cfg, todo, result, echo, stages)
             remove_attempts(cfg.out)
@@ -376,11 +427,10 @@ def _run_locked(
             tmp.write_text(json.dumps(stats, indent=2) + "\n")
         summary["metrics"] = stats
         if stats:
-            echo(
-                f"{'metric':<16} {'mean':>10} {'median':>10} {'p95':>10}   ({next(iter(stats.values()))['files']} files)"
-            )
+            echo(f"{'metric':<16} {'mean':>10} {'median':>10} {'p95':>10} {'files':>6}")
             for name, s in stats.items():
-                echo(f"{name:<16} {s['mean']:>10.4f} {s['median']:>10.4f} {s['p95']:>10.4f}")
+                undefined = f"   ({s['undefined']} undefined: a silent input or output)" if s["undefined"] else ""
+                echo(f"{name:<16} {_stat(s['mean'])} {_stat(s['median'])} {_stat(s['p95'])} {s['files']:>6}{undefined}")
     with atomic_path(cfg.out / SUMMARY_FILE) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
     if failure is not None:
@@ -407,45 +457,48 @@ def _run_pipeline(
     cfg: JobConfig, todo: list[Item], result: JobResult, echo: Callable[[str], None], stages: Stages
 ) -> None:
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = cfg.progress
     rows = [{"path": i.path, "size": i.size, "mtime_ns": i.mtime_ns, "rel": i.rel} for i in todo]
     # small jobs: batches small enough that every worker gets some
     batch = max(1, min(cfg.batch_size, -(-len(rows) // cfg.workers)))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch)))
     tries = max_tries(cfg.batch_attempts, batch)
-    ds = ds.map_batches(
-        prepare_batch,
-        fn_kwargs={
-            "model": cfg.model,
-            "max_seconds": cfg.max_seconds,
-            "keep_waveform": cfg.mode == EVALUATE,
-            "out": cfg.out,
-            "batch_attempts": cfg.batch_attempts,
-            "read": stages.read,
-        },
-        batch_size=batch,
-        batch_format="numpy",
-        num_cpus=PREPARE_CPUS,
-        memory=PREPARE_MEMORY,
-        # Ray Data retries tasks without limit by default: a file that kills its process would
-        # hang the job; _Attempts makes every retry progress, so this bound is never the end
-        max_retries=tries,
-    )
-    ds = ds.map_batches(
-        stages.worker,
-        fn_constructor_kwargs={"config": cfg},
-        batch_size=batch,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(size=cfg.workers),
-        num_cpus=cfg.cpus_per_worker,
-        num_gpus=cfg.gpus_per_worker or None,
-        # restarts stay unlimited (each follows a task try, and those are bounded); task retries bounded
-        max_restarts=-1,
-        max_task_retries=tries,
-    )
+    with warnings.catch_warnings():
+        # max_retries, max_restarts and max_task_retries go through `**ray_remote_args`, which Ray
+        # deprecates for "the named remote parameters"; Ray up to 2.63 (the `ray` extra's bound) names
+        # none for these three, so its warning is silenced here, for these two calls only
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            prepare_batch,
+            fn_kwargs={
+                "model": cfg.model,
+                "max_seconds": cfg.max_seconds,
+                "keep_waveform": cfg.mode == EVALUATE,
+                "out": cfg.out,
+                "batch_attempts": cfg.batch_attempts,
+                "read": stages.read,
+            },
+            batch_size=batch,
+            batch_format="numpy",
+            num_cpus=PREPARE_CPUS,
+            memory=PREPARE_MEMORY,
+            # Ray Data retries tasks without limit by default: a file that kills its process would
+            # hang the job; _Attempts makes every retry progress, so this bound is never the end
+            max_retries=tries,
+        )
+        ds = ds.map_batches(
+            stages.worker,
+            fn_constructor_kwargs={"config": cfg},
+            batch_size=batch,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(size=cfg.workers),
+            num_cpus=cfg.cpus_per_worker,
+            num_gpus=cfg.gpus_per_worker or None,
+            # restarts stay unlimited (each follows a task try, and those are bounded); task retries bounded
+            max_restarts=-1,
+            max_task_retries=tries,
+        )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for path, ok, seconds, stage, message in zip(
             batch["path"], batch["ok"], batch["seconds"], batch["stage"], batch["message"]

@@ -19,7 +19,7 @@ from typing import Any, Final
 import numpy as np
 
 from ..channels import channel_count, encode_facts, encoded_clip
-from ..contract import ENCODER, ROLES
+from ..contract import ENCODER, RANDOM_WEIGHTS_WARNING, ROLES
 from ..errors import AudioInputError, ReconError, failure_message
 from ..files.audio import read_audio
 from ..files.encoded import (
@@ -67,8 +67,24 @@ PREPARE_CPUS: Final = 0.25  # Ray CPUs per read + front-end task (they mostly wa
 _FRONT_ENDS: dict[Any, Any] = {}
 
 
+class _SaidByTheDriver(logging.Filter):
+    """Drops the bundle's random-weights warning in Ray's processes: `run_job` says it once, where
+    every read task and graph worker would each repeat it (and Ray then adds its log-dedup notice)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != RANDOM_WEIGHTS_WARNING
+
+
+def _quiet_repeats() -> None:
+    """Install _SaidByTheDriver on the reconstructor's logger, once per process."""
+    logger = logging.getLogger("recon_runtime.reconstructor")
+    if not any(isinstance(f, _SaidByTheDriver) for f in logger.filters):
+        logger.addFilter(_SaidByTheDriver())
+
+
 def _front_end(model: Any) -> Any:
     """A Reconstructor for the front end only, once per process: CPU, no graphs loaded."""
+    _quiet_repeats()
     key = (str(model.model), getattr(model, "expect_digest", None))
     if key not in _FRONT_ENDS:
         _FRONT_ENDS[key] = dataclasses.replace(
@@ -239,6 +255,7 @@ class Worker:
     def __init__(self, config: JobConfig):
         self.config = config
         stages = (ENCODER,) if config.mode == ENCODE else ROLES
+        _quiet_repeats()
         self.rec = config.model.for_cpus(config.cpus_per_worker).load(stages)
         self.fingerprint = self.rec.contract.fingerprint
         self._written: _Written | None = None  # reconstruct: the running batch's written audio
@@ -390,8 +407,11 @@ class Worker:
             cols["output_size"] = pa.array([r["output_size"] for r in rows], pa.int64())
             cols["output_mtime_ns"] = pa.array([r["output_mtime_ns"] for r in rows], pa.int64())
         else:
-            for name in METRIC_NAMES:
+            from ..files.metrics import UNDEFINED_REASON
+
+            for name in METRIC_NAMES:  # null where undefined (a silent input), UNDEFINED_REASON says why
                 cols[name] = pa.array([r[name] for r in rows], pa.float64())
+            cols[UNDEFINED_REASON] = pa.array([r.get(UNDEFINED_REASON) for r in rows], pa.string())
         types = field_types()
         for name in ENCODE_FIELDS if self.config.mode == ENCODE else COMMON_FIELDS:
             cols[name] = pa.array([r[name] for r in rows], types[name])

@@ -20,6 +20,14 @@ SERVER_BUCKET_FRAMES = LATENT_DOWNSAMPLE
 A larger multiple of 4 (e.g. 128, `--bucket-frames`) lets short clips of different lengths share batches."""
 
 
+TIMEOUT_PER_AUDIO_S = 2.0
+"""Deadline seconds per second of audio: a full-size chain on a 2-core CPU took 0.5 s per audio
+second on a quiet machine (the default serve, 1.94-2.00 audio-s/s), 0.7-0.9 s with other jobs on the
+cores (1.14-1.43 audio-s/s) and 1.8 s on the AVX2-only CPU (10.24 s in 18.2 s); 2 s covers the slowest,
+so a default server (600 s of audio at most, 120 s + 1200 s) never admits what it would surely 504.
+docs/serving.md has the measurements."""
+
+
 @dataclass(frozen=True)
 class ServerConfig(LoadOptions):
     """Everything `recon-run serve` takes; defaults as documented in docs/serving.md.
@@ -40,6 +48,10 @@ class ServerConfig(LoadOptions):
     max_body_mb: float = 64.0
     max_seconds: float = 600.0
     timeout_s: float = 120.0
+    """A request's deadline (504 beyond), plus `timeout_per_audio_s` for each second of its audio."""
+    timeout_per_audio_s: float = TIMEOUT_PER_AUDIO_S
+    """Seconds the deadline grows per second of audio a request declares (its audio header, or its
+    latents' .npy header), so that what `max_seconds` admits has the time it needs; 0: `timeout_s` alone."""
     api_key: str | None = None
     """The key itself (`recon-run serve --api-key-env VAR` reads it from the environment)."""
     bucket_frames: int = SERVER_BUCKET_FRAMES
@@ -78,7 +90,7 @@ class ServerConfig(LoadOptions):
                 raise ValueError(f"{name} must be at least 1")
         if self.max_windows is not None and self.max_windows < 1:
             raise ValueError("max_windows must be at least 1")
-        for name in ("max_wait_ms", "min_upload_rate"):
+        for name in ("max_wait_ms", "min_upload_rate", "timeout_per_audio_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be at least 0")
         positive = ("max_body_mb", "max_seconds", "timeout_s", "body_timeout_s", "max_decoded_mb", "max_response_mb")
@@ -95,7 +107,7 @@ class ServerConfig(LoadOptions):
         """Settings from RECON_<FIELD> for every field but api_key and warmup (RECON_MODEL,
         RECON_BACKEND, RECON_PROVIDER, RECON_PRECISION, RECON_THREADS, RECON_MAX_BATCH, RECON_MAX_WAIT_MS,
         RECON_MAX_QUEUE, RECON_MAX_WINDOWS, RECON_MAX_BODY_MB, RECON_MAX_SECONDS, RECON_TIMEOUT_S,
-        RECON_BUCKET_FRAMES, RECON_BODY_TIMEOUT_S, RECON_MAX_UPLOADS, RECON_MAX_DECODED_MB,
+        RECON_TIMEOUT_PER_AUDIO_S, RECON_BUCKET_FRAMES, RECON_BODY_TIMEOUT_S, RECON_MAX_UPLOADS, RECON_MAX_DECODED_MB,
         RECON_MAX_RESPONSE_MB, RECON_HEADER_TIMEOUT_S, RECON_SEND_TIMEOUT_S, RECON_MIN_UPLOAD_RATE,
         RECON_EXPECT_DIGEST, RECON_PERFORMANCE_HINT, RECON_COMPILE_CACHE, RECON_CUDA_GRAPH) and
         RECON_API_KEY_ENV (the name of the variable that holds the key), for hosts that build the app

@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import soundfile as sf
 from fastapi import Request
+from numpy.lib import format as npy_format
 from numpy.lib.format import MAGIC_PREFIX
 from starlette.requests import ClientDisconnect
 
 from ..contract import latent_shape_problem
 from ..errors import AudioInputError
 from ..files.audio import AudioTooLarge, read_array_bytes, read_audio_bytes
-from ..files.encoded import ENCODED_MEDIA_TYPE, EncodedAudio, check_fingerprint
+from ..files.encoded import ENCODED_MEDIA_TYPE, LATENTS_TENSOR, MAX_HEADER_BYTES, EncodedAudio, check_fingerprint
 from ..reconstructor import SAMPLES_PER_LATENT_FRAME, Reconstructor
 from ..windows import Features
 from .config import ServerConfig
@@ -143,6 +145,34 @@ def check_response(config: ServerConfig, samples: float, bytes_per_sample: int, 
             f"the answer would be {size / 2**20:.0f} MiB ({what}), over the limit of {budget / 2**20:g} MiB "
             "(--max-response-mb)"
         )
+
+
+AUDIO: Final = "audio"
+LATENTS: Final = "latents"
+
+
+def declared_seconds(body: bytes, kind: str, rate: int) -> float:
+    """Seconds of audio a body declares in its header, without decoding it: an audio file's frames
+    over its rate (AUDIO); for LATENTS, at the model's `rate`, the frames of a .npy or those of every
+    channel of an encoded file (its safetensors header); 0 for a body whose header says none or does
+    not parse (the request is refused later, with its reason)."""
+    try:
+        if kind == LATENTS and is_encoded(None, body):
+            size = int.from_bytes(body[:8], "little")
+            if size > MAX_HEADER_BYTES:
+                return 0.0
+            channels, _, frames, _ = json.loads(body[8 : 8 + size])[LATENTS_TENSOR]["shape"]
+            return channels * frames * SAMPLES_PER_LATENT_FRAME / rate
+        if kind == LATENTS:
+            stream = io.BytesIO(body)
+            version = npy_format.read_magic(stream)
+            read_header = npy_format.read_array_header_2_0 if version == (2, 0) else npy_format.read_array_header_1_0
+            shape = read_header(stream)[0]  # the header only, as read_array_bytes reads it
+            return shape[1] * SAMPLES_PER_LATENT_FRAME / rate if len(shape) == 3 else 0.0
+        info = sf.info(io.BytesIO(body))
+        return info.frames / info.samplerate if info.samplerate > 0 and 0 < info.frames < 2**62 else 0.0
+    except Exception:  # noqa: BLE001 - not this function's to refuse: features()/latents() say what is wrong
+        return 0.0
 
 
 def features(

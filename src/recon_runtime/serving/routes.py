@@ -143,7 +143,7 @@ async def reconstruct(
     subtype: Literal["float", "pcm16"] = Query("float", description="WAV sample format"),
 ) -> Response:
     service = service_of(request)
-    body, rec, deadline = await service.accept(request)
+    body, rec, deadline = await service.accept(request, audio=inputs.AUDIO)
     rate = output_rate or service.rate
 
     def answer(seconds: float) -> None:
@@ -187,7 +187,7 @@ async def encode(
 ) -> Response:
     service = service_of(request)
     as_file = _wants_encoded(format, request.headers.get("accept"))
-    body, rec, deadline = await service.accept(request)
+    body, rec, deadline = await service.accept(request, audio=inputs.AUDIO)
     used_seed = seed if seed is not None else secrets.randbits(63)
 
     def answer(seconds: float) -> None:  # float32 latents: 8 x 16 values per 640 samples
@@ -263,7 +263,7 @@ async def decode(
     fingerprint = request.headers.get(H_FINGERPRINT)
     if stream:
         return await _decode_stream(service, request, fingerprint, num_samples, gain, subtype)
-    body, rec, deadline = await service.accept(request)
+    body, rec, deadline = await service.accept(request, audio=inputs.LATENTS)
     content_type = request.headers.get("content-type")
 
     async def work() -> tuple[bytes, int, int]:
@@ -347,12 +347,13 @@ async def _decode_stream(
     The first window is computed before the response starts (so errors still get a status); each
     later window is queued when the previous one is done, so the time to first audio is one
     window's compute whatever the length. Every part is the exact cross-fade `join` computes. The
-    whole stream shares one deadline (`timeout_s`, as a request that is not streamed); a failure
-    after the status was sent drops the connection without the final chunk (the client sees a
-    truncated body, never a clean end) and is recorded in the metrics with its status. An encoded
-    file streams its one channel at its recorded length and gain (several channels: 422).
+    whole stream shares one deadline (`timeout_s` plus `timeout_per_audio_s` per second of its
+    latents, as a request that is not streamed); a failure after the status was sent drops the
+    connection without the final chunk (the client sees a truncated body, never a clean end) and is
+    recorded in the metrics with its status. An encoded file streams its one channel at its recorded
+    length and gain (several channels: 422).
     """
-    body, rec, deadline = await service.accept(request)
+    body, rec, deadline = await service.accept(request, audio=inputs.LATENTS)
     release = request.scope[ADMISSION]  # the middleware calls it too: whichever comes first
     parsed = service.cpu(
         _decode_input,

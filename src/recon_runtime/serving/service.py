@@ -210,17 +210,20 @@ class Service:
         return self.rec
 
     async def accept(
-        self, request: Request, *, limit: int | None = None, raw: bool = False
+        self, request: Request, *, limit: int | None = None, raw: bool = False, audio: str | None = None
     ) -> tuple[bytes, Any, float]:
         """A request's way in: 503 at once when the server is full (before any body), the body read
-        (`read_body`, with `limit` and `raw`), the request admitted (`admit`) and its deadline from now.
+        (`read_body`, with `limit` and `raw`), the request admitted (`admit`) and its deadline from now:
+        `deadline_for` the audio the body declares, read as `audio` (`inputs.AUDIO` or
+        `inputs.LATENTS`), else `timeout_s` alone.
 
         Returns:
             (body, the Reconstructor, the deadline).
         """
         self.check_capacity()
         body = await self.read_body(request, limit=limit, raw=raw)
-        return body, self.admit(request), self.deadline()
+        rec = self.admit(request)
+        return body, rec, await self.deadline_for(body, audio) if audio else self.deadline()
 
     # ------------------------------------------------------------------ CPU work off the event loop
     async def cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -358,7 +361,9 @@ class Service:
             gathered.add_done_callback(lambda g: g.cancelled() or g.exception())
 
     def _late(self) -> str:
-        return f"the request took longer than the server's limit of {self.config.timeout_s:g} s"
+        per_audio = self.config.timeout_per_audio_s
+        extra = f" plus {per_audio:g} s per second of its audio" if per_audio else ""
+        return f"the request took longer than the server's limit of {self.config.timeout_s:g} s{extra}"
 
     async def run_job(
         self, job: Any, deadline: float, request: Request | None = None, too_long: str = AUDIO_TOO_LONG
@@ -367,6 +372,16 @@ class Service:
 
     def deadline(self) -> float:
         return time.monotonic() + self.config.timeout_s
+
+    async def deadline_for(self, body: bytes, kind: str) -> float:
+        """The deadline of a request for graphs: `timeout_s` from now plus `timeout_per_audio_s` per
+        second of the audio its body declares (`inputs.declared_seconds`; at most `max_seconds`, past
+        which the request is refused anyway). The header is read off the event loop but outside the
+        CPU slots: it is no decoding, and queueing it there spread concurrent requests' windows apart."""
+        start = time.monotonic()
+        per_audio = self.config.timeout_per_audio_s
+        seconds = await run_in_threadpool(inputs.declared_seconds, body, kind, self.rate) if per_audio else 0.0
+        return start + self.config.timeout_s + per_audio * min(seconds, self.config.max_seconds)
 
     async def within(self, deadline: float, work: Any) -> Any:
         """Run a coroutine under the request's deadline (504 past it)."""

@@ -192,6 +192,10 @@ function showInfo(info) {
   const parts = ["Any format libsndfile reads: WAV, FLAC, OGG, Opus, MP3, AIFF…"];
   if (limits.max_seconds) parts.push(`up to ${formatDuration(limits.max_seconds)}`);
   if (limits.max_body_mb) parts.push(`${formatNumber(limits.max_body_mb)} MB a file`);
+  if (limits.timeout_s) {
+    const perAudio = limits.timeout_per_audio_s ? ` plus ${formatNumber(limits.timeout_per_audio_s)} s per second of audio` : "";
+    parts.push(`answered within ${formatDuration(limits.timeout_s)}${perAudio}`);
+  }
   el.limits.textContent = parts.join("; ") + ".";
 }
 
@@ -581,14 +585,17 @@ function decodeBytes(b64) {
 
 function showComparison(c) {
   const m = c.metrics;
+  // null: undefined for this pair (a silent input or reconstruction); undefined_reason says why
+  const shown = (value, digits) => (value === null ? "undefined" : value.toFixed(digits));
   el.metrics.replaceChildren(
-    metric("Log-mel L1", m.log_mel_l1.toFixed(3), "nats, lower is better"),
-    metric("SI-SDR", m.si_sdr_db.toFixed(2), "dB, higher is better"),
-    metric("Mel correlation", m.mel_correlation.toFixed(4), "1 is identical"),
+    metric("Log-mel L1", shown(m.log_mel_l1, 3), "nats, lower is better"),
+    metric("SI-SDR", shown(m.si_sdr_db, 2), "dB, higher is better"),
+    metric("Mel correlation", shown(m.mel_correlation, 4), "1 is identical"),
   );
   el.metricsMinor.textContent =
-    `Also: log-mel RMSE ${m.log_mel_rmse.toFixed(3)} nats, multi-resolution STFT distance ${m.mrstft.toFixed(3)} ` +
-    "(both lower is better).";
+    `Also: log-mel RMSE ${shown(m.log_mel_rmse, 3)} nats, multi-resolution STFT distance ${shown(m.mrstft, 3)} ` +
+    "(both lower is better)." +
+    (m.undefined_reason ? ` Undefined here: ${m.undefined_reason}.` : "");
   el.compare.hidden = false;
   c.bytes = { a: decodeBytes(c.mels.original), b: decodeBytes(c.mels.reconstruction) };
   drawComparison(c);
