@@ -144,6 +144,29 @@ def test_encode_decode_round_trip_through_safetensors(tiny_bundle: Path, inputs:
     assert r.returncode == 0 and sf.info(str(tmp_path / "a.wav")).frames == np.load(tmp_path / "a.npy").shape[1] * 640
 
 
+def test_encode_sample_draws_per_file_seeds_as_dataset_encode(tiny_bundle: Path, tmp_path: Path) -> None:
+    """--sample --seed S: each file draws with file_seed(S, its absolute path), the rule of dataset
+    encode, so two copies of one clip get their own noise and a rerun the same draw."""
+    from recon_runtime import Reconstructor
+    from recon_runtime.files.encoded import EncodedAudio, file_seed
+
+    audio = tone(1.0, 16000, 300)
+    a, b = _wav(tmp_path / "in" / "a.wav", audio), _wav(tmp_path / "in" / "b.wav", audio)
+    out = tmp_path / "lat"
+    args = ("recon-run", "encode", str(tmp_path / "in"), "-o", str(out), "--model", str(tiny_bundle))
+    r = run_cli(*args, "--sample", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    la, lb = (EncodedAudio.load(out / f"{n}.safetensors") for n in "ab")
+    assert la.seed == file_seed(3, os.path.abspath(a)) and lb.seed == file_seed(3, os.path.abspath(b))
+    assert not np.allclose(la.latents, lb.latents)
+    rec = Reconstructor.load(tiny_bundle)
+    want = rec.encode_features(rec.features(audio, 16000), sample=True, seed=la.seed)
+    np.testing.assert_allclose(la.latents[0], want, rtol=1e-5, atol=1e-6)
+    r = run_cli(*args, "--sample", "--seed", "3", "--force")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(EncodedAudio.load(out / "a.safetensors").latents, la.latents)
+
+
 def test_info_human_and_json(tiny_bundle: Path) -> None:
     r = run_cli("recon-run", "info", "--model", str(tiny_bundle), "--verify")
     assert r.returncode == 0, r.stderr

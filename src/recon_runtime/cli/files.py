@@ -41,7 +41,15 @@ from ..files.audio import (
     read_audio_data,
     write_json,
 )
-from ..files.encoded import ENCODED_SUFFIX, LEGACY_SUFFIX, EncodedAudio, clip_count, read_latents, read_latents_data
+from ..files.encoded import (
+    ENCODED_SUFFIX,
+    LEGACY_SUFFIX,
+    EncodedAudio,
+    clip_count,
+    file_seed,
+    read_latents,
+    read_latents_data,
+)
 from ..files.outputs import (
     FILE,
     FORMAT_CHOICES,
@@ -467,7 +475,13 @@ def _note_unrecorded(metrics_path: Path, runner: JobRunner, metrics: dict[str, A
 @model_options
 @_channels_option
 @click.option("--sample", is_flag=True, help="Draw from the posterior instead of taking its mean.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed for --sample: each file draws with a seed made of this and its absolute path (as dataset encode).",
+)
 @_server_options
 @click.pass_context
 def encode(
@@ -506,7 +520,8 @@ def encode(
 
         def one(job: Job) -> float:
             audio, sr = _read_input(job)
-            clip = encode_audio(rec, audio, sr, channels, sample, seed, source=None if job.stdin else str(job.src))
+            draw = draw_seed(seed, job) if sample else None
+            clip = encode_audio(rec, audio, sr, channels, sample, draw, source=None if job.stdin else str(job.src))
             if job.dst is None:
                 write_stdout(clip.to_bytes())
             else:
@@ -517,6 +532,13 @@ def encode(
         return runner.run(ready, one)
 
     guard_files(ctx, run, "encode")
+
+
+def draw_seed(seed: int, job: Job) -> int:
+    """The seed of one input's posterior draw: `file_seed(--seed, absolute path)`, the rule of
+    `dataset encode`, so a file draws the same noise from either command, files of one length do
+    not share noise, and a rerun draws the same; standard input takes --seed as it is."""
+    return seed if job.stdin else file_seed(seed, os.path.abspath(job.src))
 
 
 def _is_latents(path: Path) -> bool:

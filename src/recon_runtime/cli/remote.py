@@ -12,6 +12,7 @@ httpx (the `serve` extra) is imported only when a command runs with --server.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 from ..contract import SAMPLE_RATE
 from ..errors import AudioInputError, BundleError, install_hint
 from ..files.audio import atomic_path
-from ..files.encoded import read_latents
+from ..files.encoded import file_seed, read_latents
 from ..files.outputs import write_audio_file
 from ..serving.protocol import SUBTYPE_OF
 from .batch import Job, JobRunner, progress
@@ -133,7 +134,8 @@ def remote_encode(client: Any, sample: bool, seed: int) -> Callable[[Path, Path]
     """Encode on the server (its encoded-audio answer) and write it as the job's `.safetensors` file."""
 
     def one(src: Path, dst: Path) -> float:
-        clip = client.encode_file(_read_bytes(src), sample=sample, seed=seed if sample else None)
+        draw = file_seed(seed, os.path.abspath(src)) if sample else None
+        clip = client.encode_file(_read_bytes(src), sample=sample, seed=draw)
         replace(clip, source=str(src)).save(dst)
         return clip.seconds
 
