@@ -125,11 +125,14 @@ def test_folders_take_format_and_unknown_names_are_refused(tiny_bundle: Path, cl
         ([str(clip), "-o", str(tmp_path / "x.mp3")], "cannot write .mp3 files"),
         ([str(clip), str(other), "-o", str(tmp_path / "x.wav")], "several inputs (or a folder) write into a folder"),
         ([str(clip), "-o", str(tmp_path / "x.wav"), "--format", "flac"], "the name says wav, --format says flac"),
+        ([str(clip), "-o", "-", "--output-raw", "--format", "pcm16"], "--output-raw writes f32le (float32)"),
+        ([str(clip), "-o", "-", "--output-raw", "--sample-format", "pcm16"], "--output-raw writes f32le (float32)"),
+        ([str(clip), "-o", str(tmp_path / "x.ogg"), "--sample-format", "pcm16"], "ogg (Vorbis) is lossy"),
     ]
     for args, text in refused:
         r = run_cli("recon-run", "reconstruct", *args, *model)
         assert r.returncode == 1 and _errors(r.stderr) == [_errors(r.stderr)[0]] and text in r.stderr, (args, r.stderr)
-    assert not any((tmp_path / n).exists() for n in ("x.xyz", "x.mp3", "x.wav"))  # no folder named x.wav either
+    assert not any((tmp_path / n).exists() for n in ("x.xyz", "x.mp3", "x.wav", "x.ogg"))  # no folder x.wav either
 
 
 # ---------------------------------------------------------------------- channels
@@ -156,6 +159,28 @@ def test_channels_each_keeps_two_channels_equal_to_mono_runs(tiny_bundle: Path, 
     assert encoded.channels == 2 and encoded.gain[1] < encoded.gain[0] and encoded.input_channels == 2
     r = run_cli("recon-run", "decode", str(lat), "-o", str(tmp_path / "dec.wav"), *model)
     assert r.returncode == 0 and sf.info(str(tmp_path / "dec.wav")).channels == 2, r.stderr
+
+
+def test_channels_each_metrics_of_a_half_silent_file_are_defined_where_every_channel_defines_them(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """--channels each --metrics: a silent channel leaves the file's correlation, STFT distance and
+    SI-SDR null with that channel's reason (a mean over the other channel would pass for the file's),
+    the L1 is the mean over both; no error, the output written."""
+    stereo = _wav(tmp_path / "half.wav", np.stack([tone(0.9, 16000, 300), np.zeros(14400, np.float32)], 1))
+    out, metrics = tmp_path / "h.wav", tmp_path / "m.json"
+    r = run_cli(
+        "recon-run", "reconstruct", str(stereo), "-o", str(out), "--channels", "each", "--metrics", str(metrics),
+        "--model", str(tiny_bundle),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert sf.info(str(out)).channels == 2
+    (scores,) = json.loads(metrics.read_text())["files"].values()
+    left, right = scores["channels"]
+    assert left["mel_correlation"] is not None and right["mel_correlation"] is None
+    assert scores["mel_correlation"] is None and scores["si_sdr_db"] is None and scores["mrstft"] is None
+    assert scores["undefined_reason"].startswith("channel 1: the input is silent")
+    assert scores["log_mel_l1"] == pytest.approx((left["log_mel_l1"] + right["log_mel_l1"]) / 2)
 
 
 # ---------------------------------------------------------------------- encode and decode
@@ -196,6 +221,7 @@ def test_bare_pipeline_latents_decode_a_batch_to_one_file_each(tiny_bundle: Path
     model = ["--model", str(tiny_bundle)]
     batch = np.random.default_rng(0).standard_normal((3, 8, 20, 16)).astype(np.float32)
     np.save(tmp_path / "gen.npy", batch)
+    (tmp_path / "gen.json").write_text('{"prompt": "jazz", "seed": 0}')  # a pipeline's notes: no sidecar
     out = tmp_path / "out"
     r = run_cli("recon-run", "decode", str(tmp_path / "gen.npy"), "-o", str(out), "--seconds", "0.5", *model)
     assert r.returncode == 0, r.stderr
@@ -217,6 +243,43 @@ def test_bare_pipeline_latents_decode_a_batch_to_one_file_each(tiny_bundle: Path
     piped = _run("decode", "-", "-o", str(tmp_path / "p.flac"), *model, stdin=(tmp_path / "gen.npy").read_bytes())
     assert piped.returncode == 0, piped.stderr
     assert sorted(p.name for p in tmp_path.glob("p-*.flac")) == ["p-0.flac", "p-1.flac", "p-2.flac"]
+
+
+def test_a_npy_header_that_lies_about_its_batch_is_one_line_without_planning_its_outputs(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """A 200-byte .npy whose header declares [50_000_000, 8, 1, 16]: planning names one output, not
+    fifty million (it checks the header against the file's size), and the read refuses it in one line."""
+    from numpy.lib import format as npy_format
+
+    from recon_runtime.files.encoded import clip_count
+
+    lie = tmp_path / "lie.npy"
+    with open(lie, "wb") as f:
+        npy_format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (50_000_000, 8, 1, 16)})
+        f.write(b"\0" * 64)
+    honest = tmp_path / "ok.npy"
+    np.save(honest, np.zeros((3, 8, 2, 16), np.float32))
+    assert (clip_count(lie), clip_count(honest)) == (1, 3)
+    r = subprocess.run(
+        [str(Path(sys.executable).with_name("recon-run")), "decode", str(lie), "-o", str(tmp_path / "d"),
+         "--model", str(tiny_bundle)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr and str(lie) in r.stderr, r.stderr
+    assert len(_errors(r.stderr)) == 1 and not list((tmp_path / "d").glob("*.wav")), r.stderr
+
+
+def test_a_batch_with_one_bad_clip_writes_none_of_its_files(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Bare [B, 8, T, 16] latents whose second clip decodes to non-finite audio: one line, and no
+    file of the batch is left (the first clip's would look like a finished job to --skip-existing)."""
+    batch = np.random.default_rng(1).standard_normal((2, 8, 6, 16)).astype(np.float32)
+    batch[1, 0, 0, 0] = np.nan
+    np.save(tmp_path / "gen.npy", batch)
+    out = tmp_path / "out"
+    r = run_cli("recon-run", "decode", str(tmp_path / "gen.npy"), "-o", str(out), "--model", str(tiny_bundle))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(_errors(r.stderr)) == 1, r.stderr
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
 
 
 def test_wrong_latents_and_unknown_versions_are_one_line_each(tiny_bundle: Path, clip: Path, tmp_path: Path) -> None:

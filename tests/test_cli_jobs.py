@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -314,6 +315,23 @@ def test_metrics_and_plot_files_never_name_an_input_an_output_or_each_other(tiny
         assert line.startswith(f"error: {message}"), (args, line)
     assert clip.read_bytes() == before
     assert not any(p.exists() for p in (o2, o3, out, tmp_path / "r"))
+
+
+def test_metrics_and_plot_never_replace_a_file_of_the_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
+    """--metrics BUNDLE/recon.json --force would replace the contract of the bundle this run loads."""
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    clip = _wav(tmp_path / "clip.wav", tone(0.3, 16000))
+    before = {p.name: p.read_bytes() for p in bundle.iterdir()}
+    for option, name in (("--metrics", "recon.json"), ("--plot", "new.png")):
+        target = bundle / name
+        r = run_cli(
+            "recon-run", "reconstruct", str(clip), "-o", str(tmp_path / "o.wav"), option, str(target), "--force",
+            "--model", str(bundle),
+        )  # fmt: skip
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"error: {target}: {option} names a file inside the bundle {bundle}" in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
+    assert not (tmp_path / "o.wav").exists()
 
 
 def test_decode_refuses_a_sidecar_of_another_npy(tiny_bundle: Path, tmp_path: Path) -> None:

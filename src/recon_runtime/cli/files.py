@@ -58,6 +58,7 @@ from ..files.outputs import (
     Target,
     audio_bytes,
     audio_target,
+    check_sample_format,
     encoded_target,
     output_path,
     raw_bytes,
@@ -189,7 +190,9 @@ def _audio_target(inputs: Sequence[str], out: str, fmt: str | None, sample_forma
     container, sample = resolve_format(fmt, sample_format)
     if fmt in SAMPLE_FORMATS:
         container = None
-    return audio_target(inputs, out, container, raw), sample
+    target = audio_target(inputs, out, container, raw)
+    check_sample_format(target, sample, given=sample_format is not None or fmt in SAMPLE_FORMATS)
+    return target, sample
 
 
 def _emit_audio(target: Target, path: Path | None, wave: np.ndarray, rate: int, sample_format: str) -> None:
@@ -249,6 +252,15 @@ def _refuse_report_clash(jobs: list[Job], reports: dict[str, Path | None]) -> No
         seen[key] = option
 
 
+def _refuse_bundle_clash(bundle: Path, reports: dict[str, Path | None]) -> None:
+    """--metrics/--plot FILE is not inside the bundle's folder, whatever --force says: replacing its
+    recon.json or a graph would break the bundle this run loads (and every later one)."""
+    folder = Path(bundle).resolve()
+    for option, path in reports.items():
+        if path is not None and Path(path).resolve().is_relative_to(folder):
+            raise OutputError(f"{path}: {option} names a file inside the bundle {bundle}; choose a file outside it")
+
+
 def _metrics_key(path: Path | None) -> str:
     """An input's (or output's) name in the metrics file: its resolved path, one spelling whatever the
     command line said; `-` for stdin or stdout."""
@@ -278,12 +290,12 @@ def _earlier_metrics(path: Path, bundle: Path) -> dict[str, Any]:
 
 def _scores(feats: Sequence[Any], waves: Sequence[np.ndarray]) -> dict[str, Any]:
     """Metrics of one file: of its one channel, or (--channels each) the mean over its channels and each one's."""
-    from ..files.metrics import compare
+    from ..files.metrics import compare, mean_over_channels
 
     each = [compare(f.waveform, w) for f, w in zip(feats, waves)]
     if len(each) == 1:
         return each[0]
-    return {**{k: float(np.mean([c[k] for c in each])) for k in each[0]}, "channels": each}
+    return {**mean_over_channels(each), "channels": each}
 
 
 @click.command()
@@ -340,6 +352,7 @@ def reconstruct(
                 work = remote_reconstruct(remote.client, output_rate, sample)
                 return remote.run(runner, runner.prepare(jobs), work)
         options = margs.resolved()
+        _refuse_bundle_clash(options.model, {"--metrics": metrics_path, "--plot": plot_path})
         earlier = _earlier_metrics(metrics_path, options.model) if merge and metrics_path else None
         ready = runner.prepare(jobs)
         if ready:
@@ -613,10 +626,18 @@ def decode(
             else:
                 clips = read_latents(job.src, fingerprint, **length)
             paths = _clip_outputs(runner, job, len(clips))
-            done = []
-            for clip, path in zip(clips, paths):
-                _emit_audio(target, path, _decoded(rec, clip, job), rate, sample)
-                done += [path] if path is not None else []
+            # a batch is all or nothing: every clip decoded before the first is written, and a
+            # write that fails removes this batch's files written before it (this run's own)
+            waves = [_decoded(rec, clip, job) for clip in clips]
+            done: list[Path] = []
+            try:
+                for wave, path in zip(waves, paths):
+                    _emit_audio(target, path, wave, rate, sample)
+                    done += [path] if path is not None else []
+            except BaseException:
+                for path in done:
+                    path.unlink(missing_ok=True)
+                raise
             runner.booked(done)
             return sum(clip.seconds for clip in clips)
 

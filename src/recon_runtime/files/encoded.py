@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -535,10 +536,16 @@ def clip_count(path: Path) -> int:
         with open(path, "rb") as f:
             version = npy_format.read_magic(f)
             read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
-            shape = read_header(f)[0]
+            shape, _, dtype = read_header(f)
+            data_bytes = os.fstat(f.fileno()).st_size - f.tell()
     except Exception:  # noqa: BLE001 - numpy's header parser raises many kinds; the read reports the file
         return 1
-    return int(shape[0]) if len(shape) == 4 and shape[0] > 0 else 1
+    # a header that lies (a huge batch in a few bytes) must not make planning name B outputs
+    if len(shape) != 4 or latent_shape_problem(shape, batched=True) or shape[0] < 1:
+        return 1
+    if math.prod(int(n) for n in shape) * dtype.itemsize != data_bytes:
+        return 1
+    return int(shape[0])
 
 
 def _recorded(clip: EncodedAudio, what: str, seconds: float | None, num_samples: int | None) -> EncodedAudio:

@@ -67,7 +67,8 @@ def save_latents(
 
 
 def read_sidecar(latents_path: Path, fingerprint: str) -> dict[str, Any]:
-    """The sidecar of a .npy ({} when there is none), refused unless it is of this bundle and of this .npy.
+    """The sidecar of a .npy ({} when there is none, or when the .json beside it is no sidecar: a
+    JSON object without a `version`), refused unless it is of this bundle and of this .npy.
 
     A sidecar belongs to its .npy when it records the .npy's SHA-256 (`npy_sha256`; sidecars
     written before it was recorded: at least its `latent_shape`): a sidecar beside another .npy
@@ -81,6 +82,8 @@ def read_sidecar(latents_path: Path, fingerprint: str) -> dict[str, Any]:
         side = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise AudioInputError(f"{path}: sidecar is not valid JSON ({e})") from None
+    if not isinstance(side, dict) or "version" not in side:
+        return {}  # a JSON of someone else's (a pipeline's prompt, say): every sidecar ever written has a version
     if isinstance(side, dict) and side.get("version") == 1:
         raise AudioInputError(
             f"{path}: sidecar version 1 (an older recon-run, whose fingerprint did not name the weights); "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Final
 
@@ -176,4 +177,20 @@ def compare(reference: np.ndarray, estimate: np.ndarray, mel: MelSpec = EXPECTED
     da, db = ma - ma.mean(), mb - mb.mean()
     scores["mel_correlation"] = float(np.sum(da * db) / (np.sqrt(np.sum(da * da) * np.sum(db * db)) + _EPS))
     scores["si_sdr_db"] = si_sdr(reference, estimate)
+    return scores
+
+
+def mean_over_channels(each: Sequence[Mapping[str, float | str | None]]) -> dict[str, float | str | None]:
+    """One file's metrics from its channels' (`--channels each`): the mean of each metric, None where
+    any channel leaves it undefined (a mean over the rest would pass for the file's), with the
+    undefined channels' reasons, each prefixed by its channel number."""
+    scores: dict[str, float | str | None] = {}
+    for key in each[0]:
+        if key == UNDEFINED_REASON:
+            continue
+        values = [c.get(key) for c in each]
+        scores[key] = None if any(v is None for v in values) else float(np.mean(values))
+    reasons = [f"channel {i}: {c[UNDEFINED_REASON]}" for i, c in enumerate(each) if c.get(UNDEFINED_REASON)]
+    if reasons:
+        scores[UNDEFINED_REASON] = "; ".join(reasons)
     return scores

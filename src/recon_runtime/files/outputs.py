@@ -158,6 +158,19 @@ def audio_target(inputs: Sequence[str], out: str, container: str | None = None, 
     return Target(FOLDER, Path(out), "." + (container or DEFAULT_CONTAINER))
 
 
+def check_sample_format(target: Target, sample_format: str, given: bool) -> None:
+    """Refuse a sample format the target cannot honour, rather than write another one without a word:
+    raw output is float32 only, and Ogg (Vorbis, lossy) has no sample format.
+
+    Args:
+        given: the user named one (`--sample-format`, or `--format float32|pcm16`).
+    """
+    if target.raw and sample_format != FLOAT32:
+        raise OutputError(f"--output-raw writes {RAW_FORMAT} (float32); drop the sample format {sample_format}")
+    if given and target.suffix == f".{OGG}":
+        raise OutputError(f"ogg (Vorbis) is lossy and has no sample format; drop {sample_format}, or write wav/flac")
+
+
 def encoded_target(inputs: Sequence[str], out: str) -> Target:
     """Where encode's outputs go: as `audio_target`, with `.safetensors` files (stdout: the file's bytes)."""
     stdin = _check_stdio_inputs(inputs)
