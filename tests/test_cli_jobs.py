@@ -218,11 +218,26 @@ def test_flag_clash_and_empty_folder_are_one_line_errors(tiny_bundle: Path, tmp_
     src = _wav(tmp_path / "a.wav", tone(0.3, 16000))
     both = run_cli("recon-run", "reconstruct", str(src), "-o", str(tmp_path / "o"), "--force", "--skip-existing")
     assert both.returncode == 2 and "--force and --skip-existing exclude each other" in both.stderr
+    for command in (["encode"], ["dataset", "encode"]):  # a seed that changes nothing is refused, not dropped
+        r = run_cli("recon-run", *command, str(src), "-o", str(tmp_path / "s"), "--seed", "3")
+        assert r.returncode == 2 and "--seed seeds the posterior draw of --sample" in r.stderr, (command, r.stderr)
     (tmp_path / "empty").mkdir()
     r = run_cli("recon-run", "encode", str(tmp_path / "empty"), "-o", str(tmp_path / "z"), "--model", str(tiny_bundle))
     assert r.returncode == 1 and _errors(r.stderr) == [
-        f"error: {tmp_path / 'empty'}: no input files found in this folder"
+        f"error: {tmp_path / 'empty'}: no input files found in this folder (it holds no files)"
     ]
+    # a folder of other formats says what it passed over; hidden files (macOS's ._x.wav) are no inputs
+    music = tmp_path / "music"
+    for name in ("a.m4a", "b.M4A", "c.aac", "notes.txt", "._x.wav", ".hidden.wav", ".cache/y.wav"):
+        (music / name).parent.mkdir(parents=True, exist_ok=True)
+        (music / name).write_bytes(b"not decoded")
+    r = run_cli("recon-run", "encode", str(music), "-o", str(tmp_path / "z"), "--model", str(tiny_bundle))
+    assert r.returncode == 1 and _errors(r.stderr) == [
+        f"error: {music}: no input files found in this folder (4 file(s) passed over by extension: .aac, .m4a, .txt)"
+    ], r.stderr
+    _wav(music / "real.wav", tone(0.3, 16000))
+    r = run_cli("recon-run", "encode", str(music), "-o", str(tmp_path / "z"), "--model", str(tiny_bundle))
+    assert r.returncode == 0 and sorted(p.name for p in (tmp_path / "z").rglob("*")) == ["real.safetensors"], r.stderr
 
 
 def test_a_failed_batch_is_retried_file_by_file(

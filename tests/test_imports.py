@@ -174,7 +174,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "vocoding": {"window_plan", "executors", *BELOW_RECONSTRUCTOR},
     "executors": {"contract", "errors"},
     "reconstructor": {"executors", *BELOW_RECONSTRUCTOR},
-    "api": {"reconstructor", *BELOW_RECONSTRUCTOR},
+    "api": {"reconstructor", "channels", "files", *BELOW_RECONSTRUCTOR},
     "options": {"reconstructor", "executors", "devices", "locations", *BELOW_RECONSTRUCTOR},
     "files": {"frontend", "contract", "errors"},
     "cluster": {"errors"},

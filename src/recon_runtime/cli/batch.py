@@ -9,7 +9,9 @@ The commands in `files` and the `--server` jobs in `remote` hand it one function
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -22,7 +24,7 @@ from typing import Any, Final
 import click
 
 from ..errors import AudioInputError, OutputError, ReconError, describe, failure_message
-from ..files.audio import check_writable, discover, recording_writes, stop_writes
+from ..files.audio import check_writable, discover, recording_writes, skipped_note, stop_writes
 from ..files.outputs import FILE, STDIO, STDOUT, Target, check_output, output_path
 from ..jobs.job import INTERRUPTED_EXIT
 
@@ -56,8 +58,33 @@ def guard(ctx: click.Context, fn: Callable[[], int]) -> None:
     ctx.exit(_call(ctx, fn))
 
 
+TERMINATED_EXIT: Final = 128 + signal.SIGTERM  # the status a shell reports for a process SIGTERM ended
+
+
+class _Terminated(Exception):
+    """SIGTERM (`timeout`, `kill`, a container stopping), raised in the main thread like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """While a file command runs, SIGTERM stops it as Ctrl-C does (no partial file, one line), with
+    status 143; outside the main thread (a test's runner) the handler stays as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def guard_files(ctx: click.Context, fn: Callable[[], int], what: str) -> None:
-    """`guard` for a file command, which Ctrl-C stops at once.
+    """`guard` for a file command, which Ctrl-C (or SIGTERM) stops at once.
 
     The work runs in a thread of its own, so that the main thread takes SIGINT while an engine call
     (seconds long, and deaf to signals) is in progress. On Ctrl-C every write in progress is
@@ -72,17 +99,17 @@ def guard_files(ctx: click.Context, fn: Callable[[], int], what: str) -> None:
         except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
             outcome["error"] = e
 
-    with recording_writes():
+    with recording_writes(), _terminate_as_interrupt():
         worker = threading.Thread(target=work, name=f"recon-run {what}", daemon=True)
         worker.start()
         try:
             while worker.is_alive():
                 worker.join(0.1)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, _Terminated) as e:
             fail(interrupted_line(what, stop_writes()))
             sys.stderr.flush()
             # the engine call in progress cannot be stopped; its thread goes with the process
-            os._exit(INTERRUPTED_EXIT)
+            os._exit(TERMINATED_EXIT if isinstance(e, _Terminated) else INTERRUPTED_EXIT)
     if "error" in outcome:
         raise outcome["error"]
     ctx.exit(outcome["code"])
@@ -186,7 +213,8 @@ def plan_jobs(
                 jobs.append(Job(root, [], e))
                 continue
             if not found:
-                jobs.append(Job(root, [], AudioInputError(f"{root}: no input files found in this folder")))
+                note = skipped_note(root, accept)
+                jobs.append(Job(root, [], AudioInputError(f"{root}: no input files found in this folder{note}")))
             jobs += [_job(path, rel, target, count) for path, rel in found]
     sources = {path_key(job.src) for job in jobs if not job.stdin and job.src.is_file()}
     by_output: dict[str, list[Job]] = {}

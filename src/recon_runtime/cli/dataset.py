@@ -17,7 +17,14 @@ from ..files.audio import FLOAT32
 from ..jobs.config import DEFAULT_MAX_SECONDS, ENCODE, EVALUATE, RECONSTRUCT, JobConfig
 from ..jobs.job import INTERRUPTED_EXIT, JobInterrupted
 from .batch import fail, guard
-from .options import FORMAT_OPTION, OUTPUT_RATE_OPTION, model_args, model_options
+from .options import (
+    FORMAT_OPTION,
+    OUTPUT_RATE_OPTION,
+    model_args,
+    model_options,
+    refuse_seed_without_sample,
+    sample_options,
+)
 
 
 @click.group()
@@ -119,18 +126,12 @@ def _run(ctx: click.Context, mode: str, inputs: tuple[str, ...], out: Path, kwar
 
 @dataset.command("encode")
 @_job_options
-@click.option("--sample", is_flag=True, help="Draw from the posterior instead of taking its mean.")
-@click.option(
-    "--seed",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Seed for --sample: each file's draw is seeded from it and the file's path (recorded in its row).",
-)
+@sample_options
 @click.pass_context
 def encode(ctx: click.Context, inputs: tuple[str, ...], out: Path, **kwargs: Any) -> None:
     """Audio -> latents: Parquet shards in OUT/latents (one row per file, its columns the encoded-audio
     fields), failures in OUT/errors."""
+    refuse_seed_without_sample(ctx, kwargs["sample"])
     _run(ctx, ENCODE, inputs, out, kwargs)
 
 

@@ -71,7 +71,14 @@ from ..files.plot import MAX_ROWS, require_matplotlib
 from ..locations import resolve_model
 from ..serving.protocol import DEFAULT_CONCURRENCY
 from .batch import STDIN, Job, JobRunner, batches, check_exclusive, guard, guard_files, path_key, plan_jobs, progress
-from .options import OUTPUT_RATE_OPTION, model_args, model_option, model_options
+from .options import (
+    OUTPUT_RATE_OPTION,
+    model_args,
+    model_option,
+    model_options,
+    refuse_seed_without_sample,
+    sample_options,
+)
 
 
 def _io_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -487,14 +494,7 @@ def _note_unrecorded(metrics_path: Path, runner: JobRunner, metrics: dict[str, A
 @_io_options
 @model_options
 @_channels_option
-@click.option("--sample", is_flag=True, help="Draw from the posterior instead of taking its mean.")
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Seed for --sample: each file draws with a seed made of this and its absolute path (as dataset encode).",
-)
+@sample_options
 @_server_options
 @click.pass_context
 def encode(
@@ -512,6 +512,7 @@ def encode(
     **model_kwargs: Any,
 ) -> None:
     """Audio -> one .safetensors file per clip: scaled latents [channels, 8, T/4, 16], length, level (docs/files.md)."""
+    refuse_seed_without_sample(ctx, sample)
     margs = model_args(model_kwargs)
     check_exclusive(force, skip_existing)
     _refuse_stdio_with_server(server, inputs, out, channels)

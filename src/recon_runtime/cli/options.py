@@ -185,3 +185,22 @@ FORMAT_OPTION = click.option(
 )
 """dataset reconstruct's --format: the sample format of the WAV files a job writes (the file commands'
 --format also takes wav, flac and ogg, `files._audio_out_options`)."""
+
+
+def sample_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """encode's --sample and --seed (files and dataset jobs): one definition, one seed rule
+    (`files.encoded.file_seed`: each file draws with the seed and its absolute path)."""
+    f = click.option(
+        "--seed",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
+        help="Seed for --sample: each file draws with a seed made of this and its absolute path.",
+    )(f)
+    return click.option("--sample", is_flag=True, help="Draw from the posterior instead of taking its mean.")(f)
+
+
+def refuse_seed_without_sample(ctx: click.Context, sample: bool) -> None:
+    """--seed N without --sample would be recorded nowhere and change nothing: a usage error."""
+    if not sample and ctx.get_parameter_source("seed") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--seed seeds the posterior draw of --sample; add --sample, or drop --seed")

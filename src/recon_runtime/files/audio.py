@@ -10,7 +10,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
 import numpy as np
@@ -405,21 +405,42 @@ def discover(inputs: list[Path], accept: Callable[[Path], bool]) -> Iterator[tup
     """Expand files and folders (recursively) into (file, path relative to its root) pairs.
 
     A file given directly keeps only its name; a file found in a folder keeps its sub-path, so
-    outputs can mirror the input tree (as DAC's CLI does). Missing paths are yielded as-is so the
-    caller reports them with the other per-file errors.
+    outputs can mirror the input tree (as DAC's CLI does). Hidden files and folders (`is_hidden`)
+    are passed over. Missing paths are yielded as-is so the caller reports them with the other
+    per-file errors.
     """
     for root in map(Path, inputs):
         if root.is_dir():
             if not os.access(root, os.R_OK | os.X_OK):
                 raise AudioInputError(f"{root}: folder cannot be read (permission denied)")
             try:
-                found = sorted(p for p in root.rglob("*") if p.is_file() and accept(p))
+                found = sorted(
+                    p for p in root.rglob("*") if p.is_file() and not is_hidden(p.relative_to(root)) and accept(p)
+                )
             except OSError as e:
                 raise AudioInputError(f"{root}: folder cannot be read ({e.strerror or e})") from None
             for p in found:
                 yield p, p.relative_to(root)
         else:
             yield root, Path(root.name)
+
+
+def is_hidden(rel: Path | PurePosixPath) -> bool:
+    """A name in a folder walk that no user means as an input: a dotfile or dot-folder (macOS's
+    `._x.wav` resource forks, `.DS_Store`, an editor's or this program's own temporary `.x.part.wav`)."""
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def skipped_note(root: Path, accept: Callable[[Path], bool]) -> str:
+    """What a folder with no input holds instead, for its one-line error: the extensions passed over."""
+    try:
+        names = [p for p in root.rglob("*") if p.is_file() and not is_hidden(p.relative_to(root))]
+    except OSError:
+        return ""
+    suffixes = sorted({p.suffix.lower() or "(none)" for p in names if not accept(p)})
+    if not names:
+        return " (it holds no files)"
+    return f" ({len(names)} file(s) passed over by extension: {', '.join(suffixes[:8])})"
 
 
 def is_audio_file(path: Path) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
 from ..errors import AudioInputError, ReconError
-from ..files.audio import is_audio_file
+from ..files.audio import is_audio_file, is_hidden
 from .config import Key
 
 _LOGGER = logging.getLogger(__name__)
@@ -113,9 +113,9 @@ def _list_folder(root: str) -> list[Item]:
         infos = filesystem.get_file_info(pafs.FileSelector(inner, recursive=True))
         items = []
         for info in sorted(infos, key=lambda i: i.path):
-            if info.type == pafs.FileType.File and is_audio_file(Path(info.path)):
+            rel = info.path[len(inner.rstrip("/")) + 1 :]
+            if info.type == pafs.FileType.File and is_audio_file(Path(info.path)) and not is_hidden(PurePosixPath(rel)):
                 uri = f"{scheme}://{info.path}"
-                rel = info.path[len(inner.rstrip("/")) + 1 :]
                 mtime = info.mtime_ns if info.mtime_ns is not None else -1
                 items.append(Item(uri, int(info.size or 0), int(mtime), rel))
         return items
