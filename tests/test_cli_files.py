@@ -554,3 +554,25 @@ def test_vocode_warns_of_a_mel_in_db(tiny_bundle: Path, tmp_path: Path) -> None:
     warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
     assert len(warnings) == 1 and str(tmp_path / "db.npy") in warnings[0] and "dB" in warnings[0], r.stderr
     assert "below ln(1e-05) = -11.51" in warnings[0], warnings
+
+
+def test_stdout_to_a_terminal_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    """-o - with stdout a terminal: one line, nothing written to it (binary audio would be garbage)."""
+    import pty
+
+    clip = _wav(tmp_path / "a.wav", tone(0.3, 16000))
+    exe = str(Path(sys.executable).with_name("recon-run"))
+    for command in ("reconstruct", "encode"):
+        leader, follower = pty.openpty()
+        try:
+            r = subprocess.run(
+                [exe, command, str(clip), "-o", "-", "--model", str(tmp_path / "no-bundle")],
+                stdout=follower, stderr=subprocess.PIPE, text=True, timeout=120,
+            )  # fmt: skip
+        finally:
+            os.close(follower)
+            os.close(leader)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert _errors(r.stderr) == [
+            "error: -o -: stdout is a terminal; pipe it on (e.g. ... -o - | ffplay -) or name a file"
+        ]

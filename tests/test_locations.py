@@ -58,7 +58,12 @@ def test_the_order_is_env_then_the_current_folder_then_the_per_user_folder(place
 def test_an_env_bundle_that_is_not_there_is_an_error_not_a_fall_through(places: tuple[Path, Path]) -> None:
     cwd, user = places
     make_bundle(user)
-    for target, state in ((cwd / "missing", "does not exist"), (cwd, "has no recon.json")):
+    (cwd / "a-file").write_text("not a bundle")
+    for target, state in (
+        (cwd / "missing", "does not exist"),
+        (cwd, "has no recon.json"),
+        (cwd / "a-file", "is a file"),
+    ):
         with pytest.raises(BundleError) as e:
             resolve_model(env={MODEL_ENV: str(target)}, cwd=cwd)
         text = str(e.value)

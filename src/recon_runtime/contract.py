@@ -52,6 +52,7 @@ FRAMING_PADS: Final = {FRAMING_INFERENCE: N_FFT // 2, FRAMING_TRAINING: (N_FFT -
 # ---------------------------------------------------------------- latent and vocoder layout
 LATENT_CHANNELS: Final = 8
 LATENT_DOWNSAMPLE: Final = 4  # the VAE halves time and frequency twice
+SAMPLES_PER_LATENT_FRAME: Final = HOP_LENGTH * LATENT_DOWNSAMPLE  # 640 output samples per latent frame
 LATENT_FREQ_BINS: Final = N_MELS // LATENT_DOWNSAMPLE
 
 VOCODER_EXTRA_SAMPLES: Final = 32  # HiFi-GAN returns 160*T + 32 samples

@@ -90,7 +90,7 @@ def resolve_model(
     if chosen:
         path = Path(chosen).expanduser()
         if not is_bundle(path):
-            state = "has no recon.json" if path.is_dir() else "does not exist"
+            state = "has no recon.json" if path.is_dir() else "is a file" if path.exists() else "does not exist"
             raise BundleError(
                 f"{path}: ${MODEL_ENV} names this bundle folder, which {state}; export one with "
                 f"`recon-export --out {path}`, or unset {MODEL_ENV} to use the default places"

@@ -24,6 +24,7 @@ from .contract import (
     N_MELS,
     RANDOM_WEIGHTS_WARNING,
     ROLES,
+    SAMPLES_PER_LATENT_FRAME,
     TRAINING_WINDOW_FRAMES,
     VOCODER,
     VOCODER_EXTRA_SAMPLES,
@@ -46,7 +47,6 @@ MAX_BATCH: Final = 8  # windows per graph run on a GPU
 # On the CPU a batch is no faster per window (benchmarks: the 1 s chain at batch 4 vs 1 gains 1.18x
 # at most, the 10.24 s chain nothing) and peak memory grows with it, so windows run one at a time.
 CPU_MAX_BATCH: Final = 1
-SAMPLES_PER_LATENT_FRAME: Final = HOP_LENGTH * LATENT_DOWNSAMPLE
 
 
 def check_windows(window_frames: int, overlap_frames: int) -> None:

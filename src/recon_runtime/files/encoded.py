@@ -42,11 +42,10 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from ..contract import (
-    HOP_LENGTH,
     LATENT_CHANNELS,
-    LATENT_DOWNSAMPLE,
     LATENT_FREQ_BINS,
     SAMPLE_RATE,
+    SAMPLES_PER_LATENT_FRAME,
     VOCODER_EXTRA_SAMPLES,
     latent_shape_problem,
 )
@@ -68,7 +67,6 @@ ENCODED_MEDIA_TYPE: Final = "application/vnd.audioldm2-recon.encoded+safetensors
 """The content type of an encoded file in an HTTP body (the server's encode answer, a decode upload)."""
 MAX_HEADER_BYTES: Final = 1 << 20
 """A header is about 700 bytes; a larger one is not ours (safetensors itself accepts up to 100 MB)."""
-SAMPLES_PER_LATENT_FRAME: Final = HOP_LENGTH * LATENT_DOWNSAMPLE
 
 # Field names, one spelling for the file's metadata, the HTTP headers and the dataset rows.
 FORMAT: Final = "format"

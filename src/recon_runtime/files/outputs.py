@@ -116,6 +116,13 @@ def _check_stdio_inputs(inputs: Sequence[str]) -> bool:
     return True
 
 
+def _refuse_terminal() -> None:
+    """-o - with stdout a terminal: binary audio would scroll past as garbage (and can hang a
+    terminal that waits on it), so it is refused before anything runs, as piper's users expect."""
+    if sys.stdout.isatty():
+        raise OutputError("-o -: stdout is a terminal; pipe it on (e.g. ... -o - | ffplay -) or name a file")
+
+
 def _single_file(inputs: Sequence[str]) -> bool:
     return len(inputs) == 1 and (inputs[0] == STDIO or not Path(inputs[0]).is_dir())
 
@@ -137,6 +144,7 @@ def audio_target(inputs: Sequence[str], out: str, container: str | None = None, 
     if out == STDIO:
         if not _single_file(inputs):
             raise OutputError("-o - (stdout) takes exactly one input file")
+        _refuse_terminal()
         if raw and container is not None:
             raise OutputError(f"--output-raw writes {RAW_FORMAT} without a container; drop --format {container}")
         return Target(STDOUT, None, "." + (container or DEFAULT_CONTAINER), raw)
@@ -177,6 +185,7 @@ def encoded_target(inputs: Sequence[str], out: str) -> Target:
     if out == STDIO:
         if not _single_file(inputs):
             raise OutputError("-o - (stdout) takes exactly one input file")
+        _refuse_terminal()
         return Target(STDOUT, None, ENCODED_SUFFIX)
     suffix = Path(out).suffix.lower()
     if _single_file(inputs) and not _looks_like_folder(out):
