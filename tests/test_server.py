@@ -427,7 +427,17 @@ def test_a_bad_encoded_upload_gets_its_status_and_one_line(server: Server, rec: 
     assert 'status="500"' not in server.metrics()
 
 
-def test_sixteen_concurrent_requests_share_batches_and_stay_unchanged(server: Server, rec: Any) -> None:
+@pytest.fixture(scope="module")
+def patient_server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server whose batcher waits up to 3 s for a batch to fill: on a busy machine 16 clients'
+    requests reach it spread over hundreds of ms, more than a default 10-40 ms window."""
+    s = Server(tiny_bundle, tmp_path_factory.mktemp("patient"), "--max-wait-ms", "3000", "--max-batch", "8")
+    yield s
+    assert s.stop() == 0, s.log.read_text()
+
+
+def test_sixteen_concurrent_requests_share_batches_and_stay_unchanged(patient_server: Server, rec: Any) -> None:
+    server = patient_server
     before = server.metrics()
     clips = [tone(0.5, RATE, 200.0 + 40 * i) for i in range(16)]  # one length: one window shape
     barrier = threading.Barrier(16)
