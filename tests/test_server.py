@@ -1249,11 +1249,11 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(tiny_bundle: Path) -> 
         r = run_cli("recon-run", "serve", "--model", str(tiny_bundle), "--provider", "cpu", "--port", str(port))
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip() == (
-        f"Error: cannot listen on 127.0.0.1:{port} (Address already in use); "
+        f"error: cannot listen on 127.0.0.1:{port} (Address already in use); "
         "stop what listens there or choose another --port"
     ), r.stderr  # one line: no model loaded ("using CPU ..."), no uvicorn start-up or traceback
     r = run_cli("recon-run", "serve", "--model", str(tiny_bundle), "--host", "no-such-host.invalid")
-    assert r.returncode == 1 and r.stderr.strip().startswith("Error: --host no-such-host.invalid: cannot be resolved")
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: --host no-such-host.invalid: cannot be resolved")
 
 
 # ---------------------------------------------------------------------- limits under load

@@ -25,6 +25,15 @@ from ..locations import LOCAL_MODEL, MODEL_ENV
 from ..options import LoadOptions
 from ..reconstructor import CPU_MAX_BATCH, MAX_BATCH
 
+
+class CommandError(click.ClickException):
+    """A command's one-line refusal, said as every other `recon-run` error is: `error: ...`, exit 1
+    (click's own `Error: ...` stays for usage errors, which click explains with the usage line)."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True, file=file)
+
+
 MODEL_HELP = (
     f"Bundle folder written by recon-export. Default: ${MODEL_ENV} when set, else ./{LOCAL_MODEL} if it "
     "holds a bundle, else the per-user folder recon-export writes to (recon-run --version shows which)."
@@ -170,7 +179,7 @@ def api_key_from_env(var: str | None) -> str | None:
     try:
         return api_key_from(var)
     except ValueError as e:
-        raise click.ClickException(str(e)) from None
+        raise CommandError(str(e)) from None
 
 
 OUTPUT_RATE_OPTION = click.option(

@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 
 from ..contract import SAMPLE_RATE
@@ -28,7 +27,7 @@ from ..files.encoded import file_seed, read_latents
 from ..files.outputs import write_audio_file
 from ..serving.protocol import SUBTYPE_OF
 from .batch import Job, JobRunner, progress
-from .options import api_key_from_env
+from .options import CommandError, api_key_from_env
 
 
 def need_serve_extra(what: str) -> None:
@@ -36,7 +35,7 @@ def need_serve_extra(what: str) -> None:
     if what == "client":
         missing = [m for m in missing if m == "httpx"]
     if missing:
-        raise click.ClickException(f"{', '.join(missing)} not installed: {install_hint('serve')}")
+        raise CommandError(f"{', '.join(missing)} not installed: {install_hint('serve')}")
 
 
 def _importable(name: str) -> bool:

@@ -19,7 +19,7 @@ from ..errors import ReconError, describe
 from ..locations import resolve_model
 from ..serving.config import TIMEOUT_PER_AUDIO_S
 from .batch import fail
-from .options import api_key_from_env, model_options
+from .options import CommandError, api_key_from_env, model_options
 from .remote import need_serve_extra
 
 _LOGGER = logging.getLogger("recon_runtime")
@@ -182,7 +182,7 @@ def serve(
         # replicas may run in another working directory (or on another node): an absolute path
         config = ServerConfig(model=str(model.resolve() if use_ray else model), api_key=key, **kwargs)
     except (ReconError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+        raise CommandError(str(e)) from None
     if not use_ray:  # before the app loads the model: uvicorn binds only after its start-up (Ray's proxy binds on Ray)
         _check_port(host, port)
     if not bind_is_loopback(host) and key is None:
@@ -203,7 +203,7 @@ def serve(
     try:
         from ..serving.http_protocol import with_timeouts
     except ImportError as e:  # uvicorn's internals changed (a uvicorn the serve extra does not pin)
-        raise click.ClickException(str(e)) from None
+        raise CommandError(str(e)) from None
 
     app = create_app(config, on_load_error=on_load_error)
     server = uvicorn.Server(
@@ -249,12 +249,12 @@ def _check_port(host: str, port: int) -> None:
     ended the command with its own error and exit status 3; this says so in one line first.
 
     Raises:
-        click.ClickException: the host does not resolve, or an address cannot be bound.
+        CommandError: the host does not resolve, or an address cannot be bound.
     """
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        raise click.ClickException(f"--host {host}: cannot be resolved ({e.strerror})") from None
+        raise CommandError(f"--host {host}: cannot be resolved ({e.strerror})") from None
     for family, kind, proto, _, address in dict.fromkeys(infos):  # repeats dropped, as asyncio's create_server does
         with socket.socket(family, kind, proto) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -265,7 +265,7 @@ def _check_port(host: str, port: int) -> None:
             except OSError as e:
                 in_use = e.errno == errno.EADDRINUSE
                 fix = "stop what listens there or choose another --port" if in_use else "choose another --host"
-                raise click.ClickException(f"cannot listen on {host}:{port} ({e.strerror or e}); {fix}") from None
+                raise CommandError(f"cannot listen on {host}:{port} ({e.strerror or e}); {fix}") from None
 
 
 EXIT_CUT_OFF = 3
@@ -308,4 +308,4 @@ def _serve_on_ray(
             echo=lambda line: click.echo(line, err=True),
         )
     except ReconError as e:
-        raise click.ClickException(str(e)) from None
+        raise CommandError(str(e)) from None
