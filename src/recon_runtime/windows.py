@@ -63,6 +63,10 @@ class WindowJob:
     tail: int = 0
     """Decoding: samples of the vocoder's output past the last frame that the joined waveform keeps
     (up to 32; asked for by a length past 640 samples per latent frame, see `Reconstructor.decode`)."""
+    vocoder_tail: int | None = None
+    """None: the joined output is the result. A number: the windows end at the decoder, their joined
+    output is a log-mel [1, frames, 64] that one chunked vocoder pass turns into the waveform
+    (`Reconstructor.vocoder_pass`), keeping this many samples past its last frame."""
 
     def key(self, i: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
         """Windows with equal keys can share a batch."""
