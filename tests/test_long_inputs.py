@@ -10,6 +10,7 @@ import pytest
 
 from recon_runtime import Reconstructor
 from recon_runtime.contract import DECODER, ENCODER, HOP_LENGTH, LATENT_DOWNSAMPLE, N_MELS, VOCODER
+from recon_runtime.reconstructor import StreamedJob
 from recon_runtime.vocoding import VOCODER_CHUNK_FRAMES, VOCODER_MARGIN_FRAMES, executor_vocoder_run, vocode_chunked
 from recon_runtime.window_plan import join_mel_windows, plan_fitted_windows
 from recon_runtime.windows import join_windows
@@ -129,3 +130,38 @@ def test_inputs_that_fit_one_window_run_the_whole_chain_as_before(rec: Reconstru
         assert np.array_equal(rec.decode(z, num_samples=640 * z.shape[1] + 32), dec[: 640 * z.shape[1] + 32])
         voc = rec.executor.run((VOCODER,), mel[None])[0][0]
         assert np.array_equal(rec.vocode(mel), voc[: total * HOP_LENGTH])
+
+
+@pytest.mark.parametrize("seconds", [5.0, *SECONDS, 45.0])
+def test_a_streamed_decode_sends_audio_as_each_vocoder_chunk_is_done_and_adds_up_to_the_decode(
+    rec: Reconstructor, seconds: float
+) -> None:
+    """`StreamedJob` (the server's streaming decode): one graph run at a time, each vocoder chunk as
+    soon as the log-mel join covers it, the parts laid end to end equal to `decode`."""
+    z = rec.encode(_audio(seconds), RATE)
+    for num_samples in (None, 640 * z.shape[1] + 32):
+        job = rec.decoding_job(z, num_samples)
+        streamed = StreamedJob(job)
+        parts, decoded_before_audio = [], None
+        for step, (step_job, index) in enumerate(streamed.steps):
+            (out,) = rec.run_windows(step_job.roles, [step_job.windows[index]])
+            part = streamed.add(step, out)
+            if part.size and decoded_before_audio is None:
+                decoded_before_audio = sum(1 for j, _ in streamed.steps[:step] if j is job)
+            parts.append(part.copy())
+        wave = np.concatenate(parts)
+        assert wave.size == streamed.length
+        assert np.array_equal(wave, rec.decode(z, num_samples))
+        if (
+            streamed.vocoding is not None
+        ):  # audio leaves after the first chunk, before the last window when there are two chunks
+            chunk_end = streamed.vocoding.chunks[0].end
+            assert decoded_before_audio == next(
+                i + 1
+                for i, (s, e) in enumerate(job.spans)
+                if i + 1 == len(job.spans) or job.spans[i + 1][0] * 4 >= chunk_end
+            )
+            if len(streamed.vocoding.chunks) > 1:
+                assert decoded_before_audio < len(job.windows)
+        else:
+            assert len(streamed.steps) == 1

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import soxr
@@ -313,7 +313,9 @@ class Reconstructor:
         then the vocoder passes the jobs ask for (`vocoder_pass`), their chunks batched across jobs too.
         Returns each job's final outputs (a waveform where a vocoder pass followed)."""
         joined = self._run_and_join(jobs)
-        passes = {j: p for j, p in ((j, self.vocoder_pass(job, out)) for j, (job, out) in enumerate(zip(jobs, joined))) if p}
+        passes = {
+            j: p for j, p in ((j, self.vocoder_pass(job, out)) for j, (job, out) in enumerate(zip(jobs, joined))) if p
+        }
         if passes:
             for j, out in zip(passes, self._run_and_join(list(passes.values()))):
                 joined[j] = out
@@ -512,3 +514,58 @@ class Reconstructor:
                 input_caused=True,
             )
         return out.astype(np.float32, copy=False)
+
+
+class StreamedJob:
+    """A job's graph runs one at a time, in the order that sends its waveform soonest, and the
+    waveform that is final after each (a server streams a decode with it; `Reconstructor.run_jobs`
+    is the same work all at once, and the parts laid end to end are its output).
+
+    A job without a vocoder pass is its windows in order, each adding to the cross-fade
+    (`WindowJob.streaming_join`). A job with one (`WindowJob.vocoder_tail`) interleaves its decoder
+    windows with the vocoder pass's chunks: a chunk comes as soon as the log-mel join is final over
+    the frames it reads (after decoder window i, everything before window i + 1's start), so audio
+    leaves as each chunk is done and the first part waits only for the windows under the first chunk.
+    """
+
+    def __init__(self, job: WindowJob):
+        self.job = job
+        self._mel: np.ndarray | None = None
+        self.vocoding: ChunkJob | None = None
+        self.steps: list[tuple[Job, int]] = [(job, i) for i in range(len(job.windows))]
+        if job.vocoder_tail is None:
+            self._join: Any = job.streaming_join()
+            return
+        frames = int(round(job.total * job.scale))
+        self._mel = np.empty((frames, N_MELS), np.float32)
+        # the chunks' windows are views of the log-mel, each filled before its chunk is queued
+        self.vocoding = ChunkJob.over(self._mel, job.vocoder_tail)
+        self._mel_join = job.streaming_join()
+        self._filled = 0
+        self._join = self.vocoding.streaming_join()
+        chunks, k = self.vocoding.chunks, 0
+        self.steps = []
+        for i in range(len(job.windows)):
+            self.steps.append((job, i))
+            final = int(round(job.spans[i + 1][0] * job.scale)) if i + 1 < len(job.windows) else frames
+            while k < len(chunks) and chunks[k].end <= final:
+                self.steps.append((self.vocoding, k))
+                k += 1
+
+    @property
+    def length(self) -> int:
+        """Samples the parts add up to."""
+        if self.vocoding is not None:
+            return self.vocoding.length
+        return int(round(self.job.total * self.job.scale)) + self.job.tail
+
+    def add(self, step: int, outputs: Sequence[np.ndarray]) -> np.ndarray:
+        """Step `step`'s outputs (as `Reconstructor.run_windows` gives them for its window); returns the
+        waveform that is final now, in order after the parts before (possibly empty). Steps must come in order."""
+        job, _ = self.steps[step]
+        if job is self.job and self._mel is not None:  # a decoder window: into the log-mel join
+            part = self._mel_join.add(outputs[0])[0]
+            self._mel[self._filled : self._filled + part.shape[0]] = part
+            self._filled += part.shape[0]
+            return np.empty(0, np.float32)
+        return self._join.add(outputs[0])

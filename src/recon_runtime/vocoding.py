@@ -226,7 +226,11 @@ class ChunkJob:
 
     @classmethod
     def over(
-        cls, mel: np.ndarray, tail: int = 0, chunk_frames: int = VOCODER_CHUNK_FRAMES, margin: int = VOCODER_MARGIN_FRAMES
+        cls,
+        mel: np.ndarray,
+        tail: int = 0,
+        chunk_frames: int = VOCODER_CHUNK_FRAMES,
+        margin: int = VOCODER_MARGIN_FRAMES,
     ) -> "ChunkJob":
         """The chunks of a log-mel [T, 64] (`plan_chunks` with the product's chunk length and margin)."""
         chunks = tuple(plan_chunks(mel.shape[0], chunk_frames, margin))
