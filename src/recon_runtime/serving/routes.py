@@ -238,7 +238,7 @@ def _wants_encoded(format: str | None, accept: str | None) -> bool:
 @inference.post(
     "/v1/decode",
     summary="Scaled latents (.npy [8, frames, 16]) or an encoded-audio file (its length, level and channels "
-    "with it) -> 16 kHz audio; stream=true sends raw PCM as each window finishes",
+    "with it) -> 16 kHz audio; stream=true sends raw PCM as each vocoder chunk finishes",
     response_class=Response,
     responses={200: {"content": {"audio/wav": {}, STREAM_MEDIA_TYPE: {}}}},
     openapi_extra={"requestBody": {"content": {NPY_MEDIA_TYPE: {}, ENCODED_MEDIA_TYPE: {}, "multipart/form-data": {}}}},
@@ -254,7 +254,7 @@ async def decode(
         le=MAX_GAIN,
         description="Multiply the output by this (the encode response's gain; an encoded file records its own)",
     ),
-    stream: bool = Query(False, description="Send raw PCM (see the X-Recon-* headers) as each window finishes"),
+    stream: bool = Query(False, description="Send raw PCM (see the X-Recon-* headers) as each vocoder chunk finishes"),
     subtype: Literal["float", "pcm16"] = Query("float", description="float: f32le / FLOAT WAV; pcm16: s16le"),
 ) -> Response:
     service = service_of(request)
