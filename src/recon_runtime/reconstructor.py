@@ -313,9 +313,11 @@ class Reconstructor:
         then the vocoder passes the jobs ask for (`vocoder_pass`), their chunks batched across jobs too.
         Returns each job's final outputs (a waveform where a vocoder pass followed)."""
         joined = self._run_and_join(jobs)
-        passes = {
-            j: p for j, p in ((j, self.vocoder_pass(job, out)) for j, (job, out) in enumerate(zip(jobs, joined))) if p
-        }
+        passes: dict[int, ChunkJob] = {}
+        for j, (job, out) in enumerate(zip(jobs, joined)):
+            vocoding = self.vocoder_pass(job, out)
+            if vocoding is not None:
+                passes[j] = vocoding
         if passes:
             for j, out in zip(passes, self._run_and_join(list(passes.values()))):
                 joined[j] = out
