@@ -1,16 +1,16 @@
-"""Long audio: today's windows against windows sized to the input and one chunked vocoder pass.
+"""Long audio: the previous window plan against the product's (windows sized to the input, one chunked vocoder pass).
 
     python -m benchmarks.long_audio --model models/demo --repeats 2 \\
-        --out benchmarks/results/long-audio-cpu-2026-12-01.json
+        --out benchmarks/results/long-audio-cpu-2026-12-01-product.json
     python -m benchmarks.long_audio --model models/demo --lengths 12 --repeats 1 --vocoder-memory 600
 
 Per length, in one process, interleaved (the order alternates between repeats):
-- old: `Reconstructor.reconstruct`, today's plan (full 1024-frame windows, each through encoder,
-  decoder and vocoder, waveforms cross-faded);
-- new: the same front end (`Reconstructor.features`), encoder + decoder per window of
-  `window_plan.plan_fitted_windows` (through `Reconstructor.run_windows`), the decoded windows
-  joined in log-mel (`join_mel_windows`), one vocoder pass over the joined mel in chunks
-  (`vocoding.vocode_chunked` over the executor's vocoder), then `Reconstructor.crop` and `finish`.
+- old: the previous plan, rebuilt here from the Reconstructor's parts (`reconstruct_old`): full
+  1024-frame windows, the last aligned to the end (`old_plan_windows`), each through encoder,
+  decoder and vocoder in one graph run, the waveforms cross-faded (`windows.join_windows`);
+- new: `Reconstructor.reconstruct`, the product: encoder + decoder per window of
+  `window_plan.plan_fitted_windows`, the decoded windows joined in log-mel (`join_mel_windows`),
+  one vocoder pass over the joined mel in chunks (`vocoding.ChunkJob`, `vocode_chunked`'s plan).
 The old plan is only selectable here, not in the product. Each row records frames computed per
 plan, an estimate of the work (the full-size graphs' GFLOP per 1024 frames), wall and CPU times
 (the process's, all threads; on a busy machine `--threads 1` makes CPU time the steadier measure
@@ -39,7 +39,7 @@ import soxr
 
 from benchmarks.machine import describe
 from recon_runtime import Reconstructor
-from recon_runtime.contract import DECODER, ENCODER, LATENT_DOWNSAMPLE, N_MELS, ROLES, SAMPLE_RATE, VOCODER
+from recon_runtime.contract import DECODER, ENCODER, HOP_LENGTH, LATENT_DOWNSAMPLE, N_MELS, ROLES, SAMPLE_RATE, VOCODER
 from recon_runtime.files.audio import read_audio
 from recon_runtime.files.metrics import compare
 from recon_runtime.frontend import to_mono
@@ -52,7 +52,7 @@ from recon_runtime.vocoding import (
     vocode_chunked,
 )
 from recon_runtime.window_plan import WINDOW_STEP_FRAMES, frames_computed, join_mel_windows, plan_fitted_windows
-from recon_runtime.windows import plan_windows
+from recon_runtime.windows import join_windows
 
 SOUNDS: Final = Path("/usr/share/sounds/freedesktop/stereo")
 LENGTHS: Final = (10.24, 12.0, 20.0, 30.0, 120.0)
@@ -74,9 +74,36 @@ def real_audio(seconds: float) -> np.ndarray:
     return np.resize(joined, int(round(seconds * SAMPLE_RATE))).astype(np.float32)
 
 
+def old_plan_windows(total: int, window: int, overlap: int, multiple: int = 1) -> list[tuple[int, int]]:
+    """The previous plan: [0, total) in full windows of `window` units overlapping by at least
+    `overlap`, starts multiples of `multiple`, the last aligned to the end; one window up to
+    `window + overlap` units (as `window_plan.plan_fitted_windows`)."""
+    if total <= window + overlap:
+        return [(0, total)]
+    starts = [*range(0, total - window, window - overlap), total - window]
+    return [(s, s + window) for s in starts]
+
+
+def _padded_mel(rec: Reconstructor, audio: np.ndarray) -> tuple[Any, np.ndarray]:
+    feats = rec.features(audio, SAMPLE_RATE)
+    frames = feats.log_mel.shape[0]
+    total = rec.padded_frames(frames)
+    return feats, np.pad(feats.log_mel, ((0, total - frames), (0, 0)), constant_values=rec.contract.mel.silence)
+
+
+def reconstruct_old(rec: Reconstructor, audio: np.ndarray) -> np.ndarray:
+    """The previous plan's reconstruction: each full window through the whole chain (one graph run
+    each, as the CPU runs them), the waveforms cross-faded, cropped and levelled as the product does."""
+    feats, mel = _padded_mel(rec, audio)
+    total = mel.shape[0]
+    spans = old_plan_windows(total, rec.window_frames, rec.overlap_frames, LATENT_DOWNSAMPLE)
+    waves = [rec.run_windows((ENCODER, DECODER, VOCODER), [mel[None, s:e]])[0][0] for s, e in spans]
+    return rec.finish(feats, rec.crop(feats, join_windows(total, spans, waves, HOP_LENGTH)))
+
+
 def old_plan(rec: Reconstructor, frames: int) -> dict[str, int]:
-    """Frames today's plan runs: every window through encoder, decoder and vocoder."""
-    spans = plan_windows(rec.padded_frames(frames), rec.window_frames, rec.overlap_frames, LATENT_DOWNSAMPLE)
+    """Frames the previous plan runs: every window through encoder, decoder and vocoder."""
+    spans = old_plan_windows(rec.padded_frames(frames), rec.window_frames, rec.overlap_frames, LATENT_DOWNSAMPLE)
     n = frames_computed(spans)
     return {"windows": len(spans), "window_frames": spans[0][1] - spans[0][0], "vae_frames": n, "vocoder_frames": n}
 
@@ -101,26 +128,15 @@ def estimated_gflop(plan: dict[str, int]) -> float:
     return (plan["vae_frames"] * (per[ENCODER] + per[DECODER]) + plan["vocoder_frames"] * per[VOCODER]) / 1024
 
 
-def reconstruct_new(rec: Reconstructor, audio: np.ndarray, fitted: bool = True) -> tuple[np.ndarray, float, float]:
-    """The new plan, from the Reconstructor's own stages; returns (output, VAE seconds, vocoder seconds).
-
-    `fitted=False` keeps today's windows and changes only the join (log-mel, then one vocoder
-    pass), which tells the two changes' effects on the output apart.
-    """
-    feats = rec.features(audio, SAMPLE_RATE)
-    frames = feats.log_mel.shape[0]
-    total = rec.padded_frames(frames)
-    mel = np.pad(feats.log_mel, ((0, total - frames), (0, 0)), constant_values=rec.contract.mel.silence)
-    plan = plan_fitted_windows if fitted else plan_windows
-    spans = plan(total, rec.window_frames, rec.overlap_frames, LATENT_DOWNSAMPLE)
-    t0 = time.perf_counter()
-    # one window per graph run, as the old plan runs them on the CPU; each gives [1, frames, 64]
+def reconstruct_old_windows_new_join(rec: Reconstructor, audio: np.ndarray) -> np.ndarray:
+    """The previous plan's windows with the product's join (log-mel, then one chunked vocoder pass):
+    tells the two changes' effects on the output apart (`--split-quality`)."""
+    feats, mel = _padded_mel(rec, audio)
+    total = mel.shape[0]
+    spans = old_plan_windows(total, rec.window_frames, rec.overlap_frames, LATENT_DOWNSAMPLE)
     decoded = [rec.run_windows((ENCODER, DECODER), [mel[None, s:e]])[0][0][0] for s, e in spans]
-    joined = join_mel_windows(total, spans, decoded)
-    t1 = time.perf_counter()
-    wave = vocode_chunked(joined, executor_vocoder_run(rec.executor))
-    t2 = time.perf_counter()
-    return rec.finish(feats, rec.crop(feats, wave)), t1 - t0, t2 - t1
+    wave = vocode_chunked(join_mel_windows(total, spans, decoded), executor_vocoder_run(rec.executor))
+    return rec.finish(feats, rec.crop(feats, wave))
 
 
 def _status_mb(key: str) -> float:
@@ -221,7 +237,6 @@ def main() -> None:
     field = receptive_field(executor_vocoder_run(rec.executor))
     print(f"vocoder receptive field: {field} ({time.perf_counter() - t0:.1f} s)", flush=True)
     rec.reconstruct(real_audio(1.0), SAMPLE_RATE)  # first runs of each stage out of the timings
-    reconstruct_new(rec, real_audio(1.0))
     inputs = {s: real_audio(s) for s in args.lengths}
     rows: list[dict[str, Any]] = []
     for repeat in range(args.repeats):
@@ -235,10 +250,9 @@ def main() -> None:
                 load = [round(x, 2) for x in os.getloadavg()]
                 t, cpu = time.perf_counter(), time.process_time()
                 if which == "old":
-                    outputs[which] = rec.reconstruct(audio, SAMPLE_RATE)
+                    outputs[which] = reconstruct_old(rec, audio)
                 else:
-                    outputs[which], vae_s, voc_s = reconstruct_new(rec, audio)
-                    row[which].update(vae_s=round(vae_s, 2), vocoder_s=round(voc_s, 2))
+                    outputs[which] = rec.reconstruct(audio, SAMPLE_RATE)
                 row[which].update(
                     wall_s=round(time.perf_counter() - t, 2),
                     cpu_s=round(time.process_time() - cpu, 2),
@@ -255,7 +269,7 @@ def main() -> None:
             row["new_vs_input_log_mel_l1"] = round(compare(audio, new)["log_mel_l1"], 4)
             row["identical"] = bool(np.array_equal(old, new))
             if args.split_quality:  # today's windows, the new join: which change moves the output
-                mixed = reconstruct_new(rec, audio, fitted=False)[0]
+                mixed = reconstruct_old_windows_new_join(rec, audio)
                 row["old_windows_new_join_vs_old_log_mel_l1"] = round(compare(old, mixed)["log_mel_l1"], 5)
                 row["old_windows_new_join_vs_new_log_mel_l1"] = round(compare(new, mixed)["log_mel_l1"], 5)
             rows.append(row)
@@ -265,6 +279,8 @@ def main() -> None:
         "model": str(args.model),
         "random_weights": rec.contract.random_weights,
         "backend": rec.executor.describe(),
+        "new": "Reconstructor.reconstruct (the product)",
+        "old": "reconstruct_old (the previous plan, rebuilt in this benchmark)",
         "threads": args.threads,
         "audio": f"{SOUNDS}/*.oga, sorted, mono 16 kHz, concatenated and looped to length",
         "window_frames": rec.window_frames,

@@ -16,7 +16,8 @@ from recon_runtime.contract import FP16, FP16_ARITHMETIC_KEY, FP32, read_contrac
 from recon_runtime.errors import BundleError, ProviderError
 from recon_runtime.executors import ExecutorOptions
 from recon_runtime.executors import onnxruntime as ort_exec
-from recon_runtime.windows import join_windows, plan_windows, window_weights
+from recon_runtime.window_plan import plan_fitted_windows
+from recon_runtime.windows import join_windows, window_weights
 
 from .conftest import tone, torch_missing
 
@@ -98,9 +99,13 @@ def test_windows_from_several_callers_batch_into_one_run(tiny_bundle: Path) -> N
     per_job: list[dict[int, list[np.ndarray]]] = [{}, {}]
     for (j, i), out in zip(order, outs):
         per_job[j][i] = out
+    # each caller's log-mel join (its windows end at the decoder), then its one vocoder pass
     for j, job in enumerate(jobs):
-        (joined,) = rec.join(job, [per_job[j][i] for i in range(len(job.windows))])
-        np.testing.assert_allclose(joined, alone[j], atol=SAME_RESULT_ATOL)
+        joined = rec.join(job, [per_job[j][i] for i in range(len(job.windows))])
+        vocoding = rec.vocoder_pass(job, joined)
+        assert vocoding is not None
+        (wave,) = rec.join(vocoding, rec.run_windows(vocoding.roles, list(vocoding.windows)))
+        np.testing.assert_allclose(wave, alone[j], atol=SAME_RESULT_ATOL)
     with pytest.raises(ValueError, match="share a shape"):
         rec.run_windows(jobs[0].roles, [jobs[0].windows[0], jobs[0].windows[0][:, :128]])
 
@@ -162,7 +167,7 @@ def test_overlap_add_is_exact_for_any_window_overlap_and_length(window: int) -> 
         for total in sorted({4, window, window + overlap, window + overlap + 4, 3 * window - 8, 772, 2000}):
             if total % 4 or overlap >= window:
                 continue
-            spans = plan_windows(total, window, overlap, 4)
+            spans = plan_fitted_windows(total, window, overlap, 4, 4)
             signal = np.random.default_rng(total).standard_normal(total * 10).astype(np.float32)
             pieces = [signal[None, s * 10 : e * 10] for s, e in spans]
             out = join_windows(total, spans, pieces, 10)
@@ -170,7 +175,7 @@ def test_overlap_add_is_exact_for_any_window_overlap_and_length(window: int) -> 
 
 
 def test_weights_of_an_end_aligned_window_overlapping_two_are_normalised() -> None:
-    spans = plan_windows(772, 512, 256, 4)  # the last window overlaps both earlier ones
+    spans = [(0, 512), (256, 768), (260, 772)]  # an end-aligned last window overlaps both earlier ones
     assert len(spans) == 3 and spans[-1][0] < spans[0][1]
     raw = np.zeros(772 * 10)
     for (s, _), w in zip(spans, window_weights(spans, 10)):

@@ -1393,33 +1393,39 @@ def test_readyz_is_503_until_the_model_is_loaded_and_warmed_up(tiny_bundle: Path
 
 
 def test_streaming_decode_sends_its_first_part_before_the_last_window_is_computed(tiny_bundle: Path, rec: Any) -> None:
+    from recon_runtime.reconstructor import StreamedJob
     from recon_runtime.serving.app import create_app
     from recon_runtime.serving.config import ServerConfig
 
     class Held:
-        """The runtime, with decoder windows after the first held until the test lets them go."""
+        """The runtime, with decoder windows past those the first vocoder chunk needs held until the test lets them go."""
 
-        def __init__(self, inner: Any):
+        def __init__(self, inner: Any, needed: int):
             self._inner = inner
             self.release = threading.Event()
             self.decoded = 0
+            self.needed = needed
 
         def __getattr__(self, name: str) -> Any:
             return getattr(self._inner, name)
 
         def run_windows(self, roles: Any, windows: Any) -> Any:
-            if tuple(roles)[0] == "decoder" and windows[0].shape[1] == 256:
-                if self.decoded >= 1:
+            if tuple(roles) == ("decoder",):
+                if self.decoded >= self.needed:
                     assert self.release.wait(30)
                 out = self._inner.run_windows(roles, windows)
                 self.decoded += len(windows)
                 return out
             return self._inner.run_windows(roles, windows)
 
-    held = Held(rec)
-    z = rec.encode(tone(40.0, RATE, 250.0), RATE)  # 40 s: 5 windows of 256 latent frames
-    n_windows = len(rec.decoding_job(z).windows)
+    z = rec.encode(tone(40.0, RATE, 250.0), RATE)  # 40 s: 5 windows of 216 latent frames, 2 vocoder chunks
+    job = rec.decoding_job(z)
+    n_windows = len(job.windows)
     assert n_windows >= 4
+    steps = StreamedJob(job).steps
+    needed = next(i for i, (j, _) in enumerate(steps) if j is not job)  # decoder windows before the first chunk
+    assert needed < n_windows
+    held = Held(rec, needed)
     srv = _Threaded(create_app(ServerConfig(model=str(tiny_bundle)), reconstructor=held))
     try:
         c = Client(srv.url, timeout=60)
@@ -1439,7 +1445,9 @@ def test_streaming_decode_sends_its_first_part_before_the_last_window_is_compute
             decoded_at_first_part = held.decoded
             held.release.set()
             parts = [first, *stream]
-        assert decoded_at_first_part == 1 < n_windows, "the first part waited for more than one window"
+        assert decoded_at_first_part == needed < n_windows, (
+            "the first part waited for more than the first chunk's windows"
+        )
         wave = np.frombuffer(b"".join(parts), "<f4")
         ref = rec.decode(z)
         assert rel_l2(wave, ref) <= REL
@@ -1637,16 +1645,19 @@ def test_a_stream_is_budgeted_at_its_first_window_only_and_long_plain_decodes_fa
         return real(self, entries, *args, **kwargs)
 
     monkeypatch.setattr(WindowBatcher, "submit_many", spy)
+    from recon_runtime.reconstructor import StreamedJob
+
     z = rec.encode(tone(40.0, RATE, 250.0), RATE)
     n = len(rec.decoding_job(z).windows)
     assert n >= 3
+    steps = len(StreamedJob(rec.decoding_job(z)).steps)  # the decoder windows and the vocoder chunks
     srv = serve_in_process(rec, tiny_bundle, max_batch=1, max_wait_ms=0, max_windows=1)
     try:
         with Client(srv.url, timeout=60) as c:
             wave = np.concatenate(list(c.decode_stream(z)))
         assert rel_l2(wave, rec.decode(z)) <= REL
-        # its first window is checked against the budget; the later ones are queued whatever it is
-        assert calls == [(1, True)] + [(1, False)] * (n - 1), calls
+        # its first run is checked against the budget; the later ones are queued whatever it is
+        assert calls == [(1, True)] + [(1, False)] * (steps - 1), calls
         # the same latents without stream=true need n windows at once: 413, with the advice to stream
         r = httpx.post(srv.url + "/v1/decode", content=npy_bytes(z), timeout=60)
         assert r.status_code == 413 and "stream=true" in r.json()["error"], r.text
@@ -1745,9 +1756,17 @@ def test_a_full_server_answers_503_before_the_body_and_a_stalled_upload_gets_408
 
 
 def test_a_window_that_fails_mid_stream_aborts_the_stream(tiny_bundle: Path, rec: Any) -> None:
+    from recon_runtime.reconstructor import StreamedJob
+
     z = rec.encode(tone(40.0, RATE, 250.0), RATE)
-    assert len(rec.decoding_job(z).windows) >= 4
-    gated = Gated(rec, free=10**6, fail_at=2)  # the third window fails after two parts were sent
+    job = rec.decoding_job(z)
+    assert len(job.windows) >= 4
+    steps = StreamedJob(job).steps
+    first_chunk = next(i for i, (j, _) in enumerate(steps) if j is not job)
+    assert first_chunk + 1 < len(steps)
+    gated = Gated(
+        rec, free=10**6, fail_at=first_chunk + 1
+    )  # the run after the first vocoder chunk fails, its part sent
     srv = serve_in_process(gated, tiny_bundle)
     try:
         got = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from benchmarks.long_audio import old_plan_windows
 from recon_runtime.contract import LATENT_DOWNSAMPLE, N_MELS, TRAINING_WINDOW_FRAMES
 from recon_runtime.frontend import num_frames
 from recon_runtime.reconstructor import DEFAULT_OVERLAP_FRAMES
@@ -15,14 +16,13 @@ from recon_runtime.window_plan import (
     plan_fitted_windows,
     windows_needed,
 )
-from recon_runtime.windows import plan_windows
 
 W, OV, M = TRAINING_WINDOW_FRAMES, DEFAULT_OVERLAP_FRAMES, LATENT_DOWNSAMPLE
 LONGEST = 70_000  # frames: 11.7 minutes
 
 
 def _old(total: int) -> list[tuple[int, int]]:
-    return plan_windows(total, W, OV, M)
+    return old_plan_windows(total, W, OV, M)
 
 
 def _new(total: int, step: int = WINDOW_STEP_FRAMES) -> list[tuple[int, int]]:

@@ -4,6 +4,12 @@ The object is fixed after `load`: backend, provider, precision and windowing nev
 it is safe to share between threads. What varies per call lives in the call. Execution belongs to
 an executor (one per backend, `executors/`); this module keeps the front end, the windows, the
 batching of equal-shape windows and the post-processing.
+
+Long inputs (docs/long-audio.md): the VAE runs in windows sized to the input
+(`window_plan.plan_fitted_windows`), the decoded log-mel windows are cross-faded into one log-mel
+(`window_plan.join_mel_windows`), and one vocoder pass turns it into the waveform in chunks whose
+margins are cropped (`vocoding.ChunkJob`). An input that fits one window runs the whole chain as
+one graph run per window, as it always did.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import soxr
@@ -37,7 +43,12 @@ from .errors import AudioInputError, BundleError, NumericalError, ProviderError
 from .executors import Executor, ExecutorOptions
 from .executors.select import AUTO, CUDA, check_choices, create_executor
 from .frontend import log_mel, prepare_waveform
-from .windows import Features, WindowJob, join_windows, plan_windows
+from .vocoding import ChunkJob
+from .window_plan import WINDOW_STEP_FRAMES, plan_fitted_windows
+from .windows import Features, WindowJob, join_windows
+
+Job = WindowJob | ChunkJob
+"""What `run_jobs` runs and `join` joins: a window plan's windows, or a vocoder pass's chunks."""
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -259,9 +270,10 @@ class Reconstructor:
             roles: consecutive stages, e.g. ("encoder", "decoder", "vocoder").
             windows: graph inputs of equal shape without the batch axis (see `WindowJob.windows`).
         Returns:
-            Per window, the last stage's outputs without the batch axis; a vocoder output is
-            cropped to 160 samples per input frame, plus its 32 samples past the last frame when
-            the chain starts at the decoder (`join` keeps them where a decoding job asks, `WindowJob.tail`).
+            Per window, the last stage's outputs without the batch axis; a vocoder output after
+            the encoder is cropped to 160 samples per input frame, and otherwise keeps its 32
+            samples past the last frame (`join` keeps them where a decoding job asks, `WindowJob.tail`
+            and `ChunkJob.tail`).
         """
         roles = tuple(roles)
         shapes = {tuple(w.shape) for w in windows}
@@ -270,24 +282,48 @@ class Reconstructor:
         outs = self.run_graphs(roles, np.stack(windows))
         if roles[-1] == VOCODER:
             frames = windows[0].shape[-2] if roles[0] != DECODER else windows[0].shape[-2] * LATENT_DOWNSAMPLE
-            extra = VOCODER_EXTRA_SAMPLES if roles[0] == DECODER else 0
+            extra = VOCODER_EXTRA_SAMPLES if roles[0] != ENCODER else 0
             outs = [o[:, : frames * HOP_LENGTH + extra] for o in outs]
         return [[o[i] for o in outs] for i in range(len(windows))]
 
-    def join(self, job: WindowJob, outputs: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
-        """Cross-fade one job's per-window outputs (as `run_windows` returns them) into whole outputs
-        (`windows.join_windows`).
+    def join(self, job: Job, outputs: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
+        """Join one job's per-window outputs (as `run_windows` returns them) into whole outputs: a
+        window plan's cross-faded (`windows.join_windows`), a vocoder pass's chunks cropped and laid
+        end to end (`ChunkJob.join`).
 
         A decoding job's waveform is 640 samples per latent frame, followed by the first `job.tail`
         samples the last window's vocoder gave past its last frame.
         """
+        if isinstance(job, ChunkJob):
+            return [job.join([o[0] for o in outputs])]
         return [
             join_windows(job.total, job.spans, [o[k] for o in outputs], job.scale, job.axis, job.tail)
             for k in range(len(outputs[0]))
         ]
 
-    def run_jobs(self, jobs: Sequence[WindowJob]) -> list[list[np.ndarray]]:
-        """Run every window of several jobs, equal shapes batched up to `max_batch`, and join each job."""
+    def vocoder_pass(self, job: Job, joined: Sequence[np.ndarray]) -> ChunkJob | None:
+        """The chunked vocoder pass that turns a job's joined log-mel into its waveform, or None when
+        the joined outputs are the job's result (`WindowJob.vocoder_tail`)."""
+        if not isinstance(job, WindowJob) or job.vocoder_tail is None:
+            return None
+        return ChunkJob.over(joined[0][0], job.vocoder_tail)
+
+    def run_jobs(self, jobs: Sequence[Job]) -> list[list[np.ndarray]]:
+        """Run every window of several jobs, equal shapes batched up to `max_batch`, and join each job;
+        then the vocoder passes the jobs ask for (`vocoder_pass`), their chunks batched across jobs too.
+        Returns each job's final outputs (a waveform where a vocoder pass followed)."""
+        joined = self._run_and_join(jobs)
+        passes: dict[int, ChunkJob] = {}
+        for j, (job, out) in enumerate(zip(jobs, joined)):
+            vocoding = self.vocoder_pass(job, out)
+            if vocoding is not None:
+                passes[j] = vocoding
+        if passes:
+            for j, out in zip(passes, self._run_and_join(list(passes.values()))):
+                joined[j] = out
+        return joined
+
+    def _run_and_join(self, jobs: Sequence[Job]) -> list[list[np.ndarray]]:
         pending: dict[tuple[tuple[str, ...], tuple[int, ...]], list[tuple[int, int]]] = {}
         for j, job in enumerate(jobs):
             for i in range(len(job.windows)):
@@ -301,48 +337,67 @@ class Reconstructor:
                     results[j][i] = out
         return [self.join(job, [o for o in res if o is not None]) for job, res in zip(jobs, results)]
 
-    def _spans(self, total: int, latent: bool = False, multiple: int = LATENT_DOWNSAMPLE) -> list[tuple[int, int]]:
+    def _spans(self, total: int, latent: bool = False) -> list[tuple[int, int]]:
+        """The window plan over `total` mel frames (a multiple of 4), or latent frames: the mel plan / 4."""
         div = LATENT_DOWNSAMPLE if latent else 1
-        return plan_windows(total, self.window_frames // div, self.overlap_frames // div, 1 if latent else multiple)
+        return plan_fitted_windows(
+            total,
+            self.window_frames // div,
+            self.overlap_frames // div,
+            1 if latent else LATENT_DOWNSAMPLE,
+            max(1, WINDOW_STEP_FRAMES // div),
+        )
 
     def padded_frames(self, frames: int) -> int:
         """The log-mel length an input of `frames` frames runs at: a multiple of 4, and for one-window
         inputs a multiple of `bucket_frames` (at most the window; inputs longer than the window keep
-        their own multiple of 4, and multi-window inputs only have windows of the window's length)."""
+        their own multiple of 4: their windows are sized by `window_plan.plan_fitted_windows`)."""
         t = -(-frames // LATENT_DOWNSAMPLE) * LATENT_DOWNSAMPLE
         if t > self.window_frames + self.overlap_frames:
             return t
         return min(-(-t // self.bucket_frames) * self.bucket_frames, max(t, self.window_frames))
 
-    def reconstruction_job(self, feats: Features) -> WindowJob:
-        """Windows of the whole chain for one prepared input (log-mel padded with silence, see `padded_frames`)."""
+    def _encoder_windows(self, feats: Features) -> tuple[list[tuple[int, int]], tuple[np.ndarray, ...], int]:
+        """The plan, the encoder inputs [1, frames, 64] and the padded length of one prepared input
+        (log-mel padded with silence, see `padded_frames`)."""
         frames = feats.log_mel.shape[0]
         mel = _pad_frames(feats.log_mel, self.padded_frames(frames), self.contract.mel.silence)  # frames <= target
         spans = self._spans(mel.shape[0])
-        windows = tuple(mel[None, s:e] for s, e in spans)
-        return WindowJob((ENCODER, DECODER, VOCODER), windows, tuple(spans), mel.shape[0], HOP_LENGTH, -1)
+        return spans, tuple(mel[None, s:e] for s, e in spans), mel.shape[0]
+
+    def reconstruction_job(self, feats: Features) -> WindowJob:
+        """The chain's windows for one prepared input. One window: encoder, decoder and vocoder in one
+        graph run, the output [160*T]. More: encoder and decoder per window, the log-mel windows
+        joined, and a vocoder pass (`vocoder_pass`, which `run_jobs` runs) gives [160*T]."""
+        spans, windows, total = self._encoder_windows(feats)
+        if len(spans) == 1:
+            return WindowJob((ENCODER, DECODER, VOCODER), windows, tuple(spans), total, HOP_LENGTH, -1)
+        return WindowJob((ENCODER, DECODER), windows, tuple(spans), total, 1.0, -2, vocoder_tail=0)
 
     def encoding_job(self, feats: Features) -> WindowJob:
         """Encoder windows for one prepared input; outputs join into (mean, std) [8, ceil(T/4), 16]."""
-        job = self.reconstruction_job(feats)
-        return WindowJob((ENCODER,), job.windows, job.spans, job.total, 1 / LATENT_DOWNSAMPLE, 1)
+        spans, windows, total = self._encoder_windows(feats)
+        return WindowJob((ENCODER,), windows, tuple(spans), total, 1 / LATENT_DOWNSAMPLE, 1)
 
     def decoding_job(self, latents: np.ndarray, num_samples: int | None = None) -> WindowJob:
-        """Decoder + vocoder windows for one scaled latent [8, L, 16]; the output joins to [640*L],
-        or up to 32 samples more where `num_samples` asks for them (see `decode`)."""
+        """Decoder windows for one scaled latent [8, L, 16]; the output is [640*L], or up to 32
+        samples more where `num_samples` asks for them (see `decode`). One window: decoder and
+        vocoder in one graph run. More: the decoded log-mel windows joined, then a vocoder pass."""
         spans = self._spans(latents.shape[1], latent=True)
         windows = tuple(latents[:, s:e] for s, e in spans)
         length = latents.shape[1] * SAMPLES_PER_LATENT_FRAME
         tail = min(VOCODER_EXTRA_SAMPLES, max(0, (num_samples or 0) - length))
+        if len(spans) == 1:
+            return WindowJob(
+                (DECODER, VOCODER), windows, tuple(spans), latents.shape[1], SAMPLES_PER_LATENT_FRAME, -1, tail
+            )
         return WindowJob(
-            (DECODER, VOCODER), windows, tuple(spans), latents.shape[1], SAMPLES_PER_LATENT_FRAME, -1, tail
+            (DECODER,), windows, tuple(spans), latents.shape[1], float(LATENT_DOWNSAMPLE), -2, vocoder_tail=tail
         )
 
-    def vocoding_job(self, mel: np.ndarray) -> WindowJob:
-        """Vocoder windows for one log-mel [T, 64]; the output joins to [160*T]."""
-        spans = self._spans(mel.shape[0], multiple=1)
-        windows = tuple(mel[s:e] for s, e in spans)
-        return WindowJob((VOCODER,), windows, tuple(spans), mel.shape[0], HOP_LENGTH, -1)
+    def vocoding_job(self, mel: np.ndarray) -> ChunkJob:
+        """The vocoder pass over one log-mel [T, 64], in chunks (`vocoding.ChunkJob`); the output is [160*T]."""
+        return ChunkJob.over(mel)
 
     # ------------------------------------------------------------------ public API
     def encode(self, audio: np.ndarray, sample_rate: int, sample: bool = False, seed: int | None = None) -> np.ndarray:
@@ -461,3 +516,58 @@ class Reconstructor:
                 input_caused=True,
             )
         return out.astype(np.float32, copy=False)
+
+
+class StreamedJob:
+    """A job's graph runs one at a time, in the order that sends its waveform soonest, and the
+    waveform that is final after each (a server streams a decode with it; `Reconstructor.run_jobs`
+    is the same work all at once, and the parts laid end to end are its output).
+
+    A job without a vocoder pass is its windows in order, each adding to the cross-fade
+    (`WindowJob.streaming_join`). A job with one (`WindowJob.vocoder_tail`) interleaves its decoder
+    windows with the vocoder pass's chunks: a chunk comes as soon as the log-mel join is final over
+    the frames it reads (after decoder window i, everything before window i + 1's start), so audio
+    leaves as each chunk is done and the first part waits only for the windows under the first chunk.
+    """
+
+    def __init__(self, job: WindowJob):
+        self.job = job
+        self._mel: np.ndarray | None = None
+        self.vocoding: ChunkJob | None = None
+        self.steps: list[tuple[Job, int]] = [(job, i) for i in range(len(job.windows))]
+        if job.vocoder_tail is None:
+            self._join: Any = job.streaming_join()
+            return
+        frames = int(round(job.total * job.scale))
+        self._mel = np.empty((frames, N_MELS), np.float32)
+        # the chunks' windows are views of the log-mel, each filled before its chunk is queued
+        self.vocoding = ChunkJob.over(self._mel, job.vocoder_tail)
+        self._mel_join = job.streaming_join()
+        self._filled = 0
+        self._join = self.vocoding.streaming_join()
+        chunks, k = self.vocoding.chunks, 0
+        self.steps = []
+        for i in range(len(job.windows)):
+            self.steps.append((job, i))
+            final = int(round(job.spans[i + 1][0] * job.scale)) if i + 1 < len(job.windows) else frames
+            while k < len(chunks) and chunks[k].end <= final:
+                self.steps.append((self.vocoding, k))
+                k += 1
+
+    @property
+    def length(self) -> int:
+        """Samples the parts add up to."""
+        if self.vocoding is not None:
+            return self.vocoding.length
+        return int(round(self.job.total * self.job.scale)) + self.job.tail
+
+    def add(self, step: int, outputs: Sequence[np.ndarray]) -> np.ndarray:
+        """Step `step`'s outputs (as `Reconstructor.run_windows` gives them for its window); returns the
+        waveform that is final now, in order after the parts before (possibly empty). Steps must come in order."""
+        job, _ = self.steps[step]
+        if job is self.job and self._mel is not None:  # a decoder window: into the log-mel join
+            part = self._mel_join.add(outputs[0])[0]
+            self._mel[self._filled : self._filled + part.shape[0]] = part
+            self._filled += part.shape[0]
+            return np.empty(0, np.float32)
+        return self._join.add(outputs[0])

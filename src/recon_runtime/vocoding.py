@@ -202,3 +202,89 @@ def executor_vocoder_run(executor: Executor) -> VocoderRun:
         return executor.run((VOCODER,), mel[None])[0][0]
 
     return run
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """One log-mel vocoded in chunks (`plan_chunks`): graph inputs a batcher runs, and their join.
+
+    The chunks of one job have one length, so they run as one batch, and chunks of the same
+    length from other inputs (or other callers, in a server) batch with them. The join is
+    `vocode_chunked`'s: each chunk's kept samples laid end to end, nothing faded. Use it where a
+    `windows.WindowJob` is used (`Reconstructor.run_jobs`, `Reconstructor.join`, a server's batcher).
+    """
+
+    windows: tuple[np.ndarray, ...]
+    """One vocoder input [frames, 64] per chunk (views of the mel)."""
+    chunks: tuple[VocoderChunk, ...]
+    total: int
+    """Mel frames of the whole input."""
+    tail: int = 0
+    """Samples of the vocoder's output past the last frame that the result keeps (at most its extra, 32)."""
+    hop: int = HOP_LENGTH
+    roles: tuple[str, ...] = (VOCODER,)
+
+    @classmethod
+    def over(
+        cls,
+        mel: np.ndarray,
+        tail: int = 0,
+        chunk_frames: int = VOCODER_CHUNK_FRAMES,
+        margin: int = VOCODER_MARGIN_FRAMES,
+    ) -> "ChunkJob":
+        """The chunks of a log-mel [T, 64] (`plan_chunks` with the product's chunk length and margin)."""
+        chunks = tuple(plan_chunks(mel.shape[0], chunk_frames, margin))
+        return cls(tuple(mel[c.start : c.end] for c in chunks), chunks, mel.shape[0], tail)
+
+    @property
+    def length(self) -> int:
+        """Samples of the joined output: hop per mel frame, then `tail`."""
+        return self.hop * self.total + self.tail
+
+    def key(self, i: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """Chunks with equal keys can share a batch (as `WindowJob.key`)."""
+        return self.roles, tuple(self.windows[i].shape)
+
+    def streaming_join(self) -> "ChunkJoin":
+        """The join, one chunk at a time and in order."""
+        return ChunkJoin(self)
+
+    def join(self, outputs: list[np.ndarray]) -> np.ndarray:
+        """Every chunk's vocoder output (in order, the extra samples included) -> the waveform [length]."""
+        join = self.streaming_join()
+        for output in outputs:
+            join.add(output)
+        return join.joined()
+
+
+class ChunkJoin:
+    """`ChunkJob.join`, chunk by chunk: each chunk's kept samples are final as soon as it is done."""
+
+    def __init__(self, job: ChunkJob):
+        self.job = job
+        self._out: np.ndarray | None = None
+        self._next = 0
+
+    def add(self, output: np.ndarray) -> np.ndarray:
+        """Add the next chunk's vocoder output [hop * frames + extra]; returns its kept samples (a view
+        of the joined output), the last chunk's cut to `tail` samples past the last frame."""
+        job, i = self.job, self._next
+        if i >= len(job.chunks):
+            raise ValueError(f"{i + 1} outputs for {len(job.chunks)} chunks")
+        c = job.chunks[i]
+        extra = output.shape[-1] - job.hop * (c.end - c.start)
+        if extra < job.tail:
+            raise ValueError(f"the vocoder returned {output.shape[-1]} samples for {c.end - c.start} frames")
+        if self._out is None:
+            self._out = np.empty(job.length, dtype=np.float32)
+        at = c.keep_start * job.hop
+        part = c.kept(output, job.hop)[: job.length - at]
+        self._out[at : at + part.size] = part
+        self._next += 1
+        return self._out[at : at + part.size]
+
+    def joined(self) -> np.ndarray:
+        """The whole waveform, once every chunk was added."""
+        if self._out is None or self._next < len(self.job.chunks):
+            raise ValueError(f"{self._next} outputs for {len(self.job.chunks)} chunks")
+        return self._out

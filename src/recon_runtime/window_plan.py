@@ -1,11 +1,12 @@
 """Windows sized to the input, and the log-mel join of decoded windows.
 
-`plan_windows` (windows.py) cuts a long input into full 1024-frame windows, the last aligned to
-the end, so a 12 s clip (1204 frames) costs two full windows: 2048 frames, +70 %. The plan here
-keeps the number of windows (the fewest that cover the input with the overlap) and shrinks them
-all to one length, just long enough to cover the input::
+The previous plan (`old_plan_windows`, kept in benchmarks/long_audio.py to compare against) cut a
+long input into full 1024-frame windows, the last aligned to the end, so a 12 s clip (1204 frames)
+cost two full windows: 2048 frames, +70 %. The plan here keeps the number of windows (the fewest
+that cover the input with the overlap) and shrinks them all to one length, just long enough to
+cover the input::
 
-    plan_windows         |=========1024=========|           12 s: 2 x 1024 = 2048 frames
+    previous plan        |=========1024=========|           12 s: 2 x 1024 = 2048 frames
                                        |=========1024=========|
     plan_fitted_windows  |=====640=====|                     12 s: 2 x 640 = 1280 frames
                                   |=====640=====|
@@ -13,9 +14,8 @@ all to one length, just long enough to cover the input::
 
 The window length is rounded up to WINDOW_STEP_FRAMES so that inputs of nearby lengths share a
 window shape (see the constant for what that costs and buys). An input that fits one window is
-one window of its own length, exactly as `plan_windows` gives it. The windows of a plan are what
-`plan_windows` returns, `(start, end)` pairs, so either plan feeds `windows.join_windows` and
-`WindowJob`.
+one window of its own length, exactly as the previous plan gave it. A plan is `(start, end)`
+pairs, which `windows.join_windows` and `WindowJob` take.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ What it costs, against the exact fit (step 4), measured over every input from 10
 def windows_needed(total: int, window: int, overlap: int) -> int:
     """The fewest windows of at most `window` units that cover `total` units with `overlap` between neighbours.
 
-    One window up to `window + overlap` units, as `plan_windows` decides (splitting would cost a
+    One window up to `window + overlap` units (splitting would cost a
     second window to save less than one overlap).
     """
     if total <= window + overlap:
@@ -66,8 +66,8 @@ def plan_fitted_windows(
         step: the window length is rounded up to a multiple of this (at most to `window`); a
             multiple of `multiple`.
     Returns:
-        `(start, end)` per window, as `windows.plan_windows` returns them: `[(0, total)]` up to
-        `window + overlap` units (the same result as `plan_windows`), otherwise n windows of one
+        `(start, end)` per window: `[(0, total)]` up to `window + overlap` units (as the previous
+        plan), otherwise n windows of one
         length L <= `window` with n * L - (n - 1) * overlap >= total, starts spread evenly (each
         overlap at least `overlap`), the first at 0 and the last ending at `total`.
     """
@@ -110,7 +110,7 @@ def join_mel_windows(total: int, spans: Sequence[tuple[int, int]], mels: Sequenc
 
     Args:
         total: input length in mel frames.
-        spans: the windows, as `plan_fitted_windows` (or `plan_windows`) returns them.
+        spans: the windows, as `plan_fitted_windows` returns them.
         mels: one decoded log-mel per window, [..., end - start, 64] (time on the second-last axis).
     Returns:
         The joined log-mel [..., total, 64]; with one window, that window's array itself.

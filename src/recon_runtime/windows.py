@@ -1,8 +1,8 @@
-"""Windows over long inputs: the plan, the windows of one input (`WindowJob`), and their one cross-faded join.
+"""Windows over long inputs: the windows of one input (`WindowJob`) and their one cross-faded join.
 
 The VAE's attention is quadratic in length and it was trained on 10.24 s, so long audio runs in
-windows of about that length. Windows all have the same length (the last one is aligned to the
-end), which keeps shapes fixed for the GPU. Neighbouring windows overlap; in the overlap the
+windows of at most that length, all of one length (`window_plan.plan_fitted_windows` plans them),
+which keeps shapes fixed for the GPU. Neighbouring windows overlap; in the overlap the
 earlier window fades out and the later one fades in over the middle half only, so the few
 frames next to each window edge (where the model sees a boundary) get no weight::
 
@@ -15,9 +15,9 @@ frames next to each window edge (where the model sees a boundary) get no weight:
     weight 0 ·························╱············  1
                                |<------ overlap ---->|
 
-Where two neighbours overlap their two weights sum to 1. The last window is aligned to the end,
-so it can overlap more than one earlier window; the join therefore divides by the summed weights
-at every sample, and a signal all windows agree on passes unchanged whatever the overlap.
+Where two neighbours overlap their two weights sum to 1. A plan whose window overlaps more than
+one earlier window (an end-aligned last window) is joined as well: the join divides by the summed
+weights at every sample, and a signal all windows agree on passes unchanged whatever the overlap.
 """
 
 from __future__ import annotations
@@ -63,6 +63,10 @@ class WindowJob:
     tail: int = 0
     """Decoding: samples of the vocoder's output past the last frame that the joined waveform keeps
     (up to 32; asked for by a length past 640 samples per latent frame, see `Reconstructor.decode`)."""
+    vocoder_tail: int | None = None
+    """None: the joined output is the result. A number: the windows end at the decoder, their joined
+    output is a log-mel [1, frames, 64] that one chunked vocoder pass turns into the waveform
+    (`Reconstructor.vocoder_pass`), keeping this many samples past its last frame."""
 
     def key(self, i: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
         """Windows with equal keys can share a batch."""
@@ -72,25 +76,6 @@ class WindowJob:
         """The join of this job's outputs (one output of the last stage), window by window (`Reconstructor.join`
         all at once)."""
         return StreamingJoin(self.total, self.spans, self.scale, self.axis, self.tail)
-
-
-def plan_windows(total: int, window: int, overlap: int, multiple: int = 1) -> list[tuple[int, int]]:
-    """Split [0, total) into equal windows of `window` units overlapping by at least `overlap`.
-
-    Starts are multiples of `multiple`. A total up to `window + overlap` is one window: splitting
-    it would cost a second full window to save less than one overlap (a 10.24 s clip is 1025
-    frames under the inference framing, one more than the 1024-frame window).
-    """
-    if window % multiple or overlap % multiple:
-        raise ValueError(f"window {window} and overlap {overlap} must be multiples of {multiple}")
-    if not 0 <= overlap < window:
-        raise ValueError(f"overlap {overlap} must be in [0, window {window})")
-    if total % multiple:
-        raise ValueError(f"total {total} must be a multiple of {multiple}")
-    if total <= window + overlap:
-        return [(0, total)]
-    starts = [*range(0, total - window, window - overlap), total - window]
-    return [(s, s + window) for s in starts]
 
 
 def _ramp(length: int) -> np.ndarray:
@@ -124,7 +109,7 @@ class StreamingJoin:
     added as it arrives, and the part of the joined output that no later window touches is returned
     at once (a server streams a decode window by window with it; `join_windows` is all windows at once).
 
-    Every later window starts at or after the next window's start (`plan_windows`), so once window i
+    Every later window starts at or after the next window's start (any plan with ordered starts), so once window i
     is added the output before window i+1's start is final: divided (in place) by its summed weights
     there, it is exactly what the whole join gives, the same float32 sums in the same order.
     """
@@ -170,7 +155,7 @@ class StreamingJoin:
         done = int(round(self.spans[i + 1][0] * self.scale)) if i + 1 < len(self.spans) else self.length
         start, self._done = self._done, max(self._done, done)
         sums = self._weight_sum[start : self._done]
-        if not (sums > 0).all():  # plan_windows covers every unit; this guards a broken plan
+        if not (sums > 0).all():  # a plan covers every unit; this guards a broken one
             raise ValueError("windows leave part of the output without weight")
         bshape[ax] = sums.size
         part = _take(self._out, ax, start, self._done)
@@ -208,7 +193,7 @@ def join_windows(
 
     Args:
         total: input length in input units (mel frames or latent frames).
-        spans: the windows, as `plan_windows` returns them.
+        spans: the windows, as `window_plan.plan_fitted_windows` returns them.
         pieces: one output per window, at least (end - start) * scale units long on `axis`.
         scale: output units per input unit (160 samples per mel frame, 1/4 latent frame per frame).
         tail: units of the last window's output past its span to keep after the joined output (a

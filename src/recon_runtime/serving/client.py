@@ -7,7 +7,7 @@
         wave = c.decode_file(clip)                        # at the input's length and level
         z, info = c.encode_with_info(audio, rate)         # or the bare latents and their facts
         wave = c.decode(z, num_samples=info.num_samples, gain=info.gain, fingerprint=info.fingerprint)
-        for part in c.decode_stream(z):                   # float32 parts as each window finishes
+        for part in c.decode_stream(z):                   # float32 parts as each vocoder chunk finishes
             ...
 
 Needs the `serve` extra (httpx).

@@ -25,7 +25,7 @@ from ..contract import LATENT_CHANNELS, LATENT_FREQ_BINS, SAMPLE_RATE
 from ..errors import ReconError
 from ..files.audio import BYTES_PER_SAMPLE, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, npy_bytes, wav_bytes
 from ..files.encoded import ENCODED_MEDIA_TYPE, EncodedAudio
-from ..reconstructor import posterior_draw
+from ..reconstructor import StreamedJob, posterior_draw
 from . import inputs
 from .errors import (
     CLIENT_GONE,
@@ -152,11 +152,9 @@ async def reconstruct(
 
     async def work() -> tuple[bytes, Any]:
         feats, _ = await service.cpu(inputs.features, rec, service.config, body, answer)
-        job = rec.reconstruction_job(feats)
-        outputs = await service.run_job(job, deadline, request)
+        (wave,) = await service.run_chain(rec.reconstruction_job(feats), deadline, request)
 
         def finish() -> bytes:
-            (wave,) = rec.join(job, outputs)
             out = rec.finish(feats, rec.crop(feats, wave), output_rate)
             return wav_bytes(out, rate, SUBTYPES[subtype])
 
@@ -240,7 +238,7 @@ def _wants_encoded(format: str | None, accept: str | None) -> bool:
 @inference.post(
     "/v1/decode",
     summary="Scaled latents (.npy [8, frames, 16]) or an encoded-audio file (its length, level and channels "
-    "with it) -> 16 kHz audio; stream=true sends raw PCM as each window finishes",
+    "with it) -> 16 kHz audio; stream=true sends raw PCM as each vocoder chunk finishes",
     response_class=Response,
     responses={200: {"content": {"audio/wav": {}, STREAM_MEDIA_TYPE: {}}}},
     openapi_extra={"requestBody": {"content": {NPY_MEDIA_TYPE: {}, ENCODED_MEDIA_TYPE: {}, "multipart/form-data": {}}}},
@@ -256,7 +254,7 @@ async def decode(
         le=MAX_GAIN,
         description="Multiply the output by this (the encode response's gain; an encoded file records its own)",
     ),
-    stream: bool = Query(False, description="Send raw PCM (see the X-Recon-* headers) as each window finishes"),
+    stream: bool = Query(False, description="Send raw PCM (see the X-Recon-* headers) as each vocoder chunk finishes"),
     subtype: Literal["float", "pcm16"] = Query("float", description="float: f32le / FLOAT WAV; pcm16: s16le"),
 ) -> Response:
     service = service_of(request)
@@ -278,16 +276,14 @@ async def decode(
             gain,
             BYTES_PER_SAMPLE[SUBTYPES[subtype]],
         )
-        jobs, channel_outputs = [], []
+        decoded = []
         for z in todo.latents:  # channel by channel: each is a request's windows, within the window budget
-            job = rec.decoding_job(z, todo.num_samples)
-            channel_outputs.append(await service.run_job(job, deadline, request, DECODE_TOO_LONG))
-            jobs.append(job)
+            (wave,) = await service.run_chain(rec.decoding_job(z, todo.num_samples), deadline, request, DECODE_TOO_LONG)
+            decoded.append(wave)
 
         def finish() -> tuple[bytes, int, int]:  # as Reconstructor.decode, then the recorded gain per channel
             waves = []
-            for job, outputs, factor in zip(jobs, channel_outputs, todo.gains):
-                (wave,) = rec.join(job, outputs)
+            for wave, factor in zip(decoded, todo.gains):
                 wave = wave[: todo.num_samples] if todo.num_samples is not None else wave
                 waves.append(wave * np.float32(factor) if factor is not None else wave)
             wave = waves[0] if len(waves) == 1 else np.stack(waves, axis=1)  # [samples, channels], as soundfile
@@ -342,11 +338,14 @@ async def _decode_stream(
     gain: float | None,
     subtype: str,
 ) -> StreamingResponse:
-    """Decode window by window and send each part of the output as soon as no later window touches it.
+    """Decode one graph run at a time and send each part of the output as soon as it is final.
 
-    The first window is computed before the response starts (so errors still get a status); each
-    later window is queued when the previous one is done, so the time to first audio is one
-    window's compute whatever the length. Every part is the exact cross-fade `join` computes. The
+    The runs come in `StreamedJob`'s order: decoder windows, and each vocoder chunk as soon as the
+    log-mel join covers it (one window of latents: the chain in one run). The first run is done
+    before the response starts (so errors still get a status); each later one is queued when the
+    one before is done, so the time to first audio is the windows under the first vocoder chunk
+    (20.48 s of audio) and that chunk, whatever the length. The parts laid end to end are exactly
+    what the decode without stream=true gives. The
     whole stream shares one deadline (`timeout_s` plus `timeout_per_audio_s` per second of its
     latents, as a request that is not streamed); a failure after the status was sent drops the
     connection without the final chunk (the client sees a truncated body, never a clean end) and is
@@ -373,27 +372,32 @@ async def _decode_stream(
         )
     (z,), num_samples, (gain,) = todo.latents, todo.num_samples, todo.gains
     job = rec.decoding_job(z, num_samples)
-    n = len(job.windows)
-    length = int(round(job.total * job.scale))
-    total = length if num_samples is None else min(num_samples, length + job.tail)
+    streamed = StreamedJob(job)
+    steps = streamed.steps
+    n = len(steps)
+    total = streamed.length if num_samples is None else min(num_samples, streamed.length)
     fmt = STREAM_FORMATS[subtype]
     factor = np.float32(gain) if gain is not None else None
-    first = (await service.wait(service.submit(job, [0], deadline), deadline, request))[0]
+
+    def submit(step: int, budgeted: bool = True) -> list[Future]:
+        step_job, index = steps[step]
+        return service.submit(step_job, [index], deadline, DECODE_TOO_LONG, budgeted=budgeted)
+
+    first = (await service.wait(submit(0), deadline, request))[0]
     headers = {
         H_SAMPLE_RATE: str(service.rate),
         H_CHANNELS: "1",
         H_FORMAT: fmt,
         H_NUM_SAMPLES: str(total),
-        H_WINDOWS: str(n),
+        H_WINDOWS: str(len(job.windows)),
         "Cache-Control": "no-store",
     }
-    join = job.streaming_join()  # the cross-fade of Reconstructor.join, one window at a time
     sent = 0
 
-    def part_bytes(piece: np.ndarray) -> bytes:
-        """Add the next window to the join and return the samples no later window touches, as PCM."""
+    def part_bytes(step: int, output: list[np.ndarray]) -> bytes:
+        """Add the next run's output and return the samples that are final now, as PCM."""
         nonlocal sent
-        chunk = join.add(piece)
+        chunk = streamed.add(step, output)
         part = chunk[: max(0, total - sent)]
         sent += chunk.size
         if factor is not None:
@@ -406,10 +410,9 @@ async def _decode_stream(
         try:
             output = first
             for i in range(n):
-                if i + 1 < n:  # queue the next window before sending this part
-                    pending = service.submit(job, [i + 1], deadline, budgeted=False)
-                (piece,) = output
-                data = await service.within(deadline, service.cpu(part_bytes, piece))
+                data = await service.within(deadline, service.cpu(part_bytes, i, output))
+                if i + 1 < n:  # queue the next run (its input is final now) before sending this part
+                    pending = submit(i + 1, budgeted=False)
                 if data:
                     yield data
                 if i + 1 < n:

@@ -370,6 +370,20 @@ class Service:
     ) -> list[Any]:
         return await self.wait(self.submit(job, range(len(job.windows)), deadline, too_long), deadline, request)
 
+    async def run_chain(
+        self, job: Any, deadline: float, request: Request | None = None, too_long: str = AUDIO_TOO_LONG
+    ) -> list[Any]:
+        """Run a job's windows and join them (`Reconstructor.join`, on the CPU slots); where the job
+        asks for a vocoder pass over its joined log-mel (`Reconstructor.vocoder_pass`), run that
+        pass's chunks too (they batch with other requests' chunks of one shape) and join them.
+        Returns what `Reconstructor.run_jobs` returns for the job."""
+        rec = self.rec
+        joined = await self.cpu(rec.join, job, await self.run_job(job, deadline, request, too_long))
+        vocoding = rec.vocoder_pass(job, joined)
+        if vocoding is None:
+            return joined
+        return await self.cpu(rec.join, vocoding, await self.run_job(vocoding, deadline, request, too_long))
+
     def deadline(self) -> float:
         return time.monotonic() + self.config.timeout_s
 
