@@ -390,3 +390,15 @@ def test_decode_refuses_a_sidecar_of_another_npy(tiny_bundle: Path, tmp_path: Pa
     r = run_cli("recon-run", "decode", str(lat), "-o", str(out), *model)
     assert r.returncode == 0, r.stderr
     assert sf.info(str(out)).frames == side["num_samples"] == 24000
+
+
+def test_an_empty_input_is_refused_while_planning_before_any_model_loads(tmp_path: Path) -> None:
+    """A 0-byte input needs no model to be refused: the one line comes at once (no bundle is even
+    found here), and a decode of an empty latents file likewise."""
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    no_model = ["--model", str(tmp_path / "no-bundle")]
+    for command, src, out in (("reconstruct", "empty.wav", "o.wav"), ("decode", "empty.npy", "d.wav")):
+        r = run_cli("recon-run", command, str(tmp_path / src), "-o", str(tmp_path / out), *no_model)
+        assert r.returncode == 1 and _errors(r.stderr) == [f"error: {tmp_path / src}: empty file (0 bytes)"], r.stderr
+        assert not (tmp_path / out).exists()

@@ -238,11 +238,20 @@ def plan_jobs(
 
 
 def _job(src: Path, rel: Path, target: Target, count: Callable[[Path], int] | None) -> Job:
+    if src != STDIN and _is_empty_file(src):  # refused while planning, before a model loads for it
+        return Job(src, [], AudioInputError(f"{src}: empty file (0 bytes)"))
     n = count(src) if count is not None and src != STDIN else 1
     if target.kind == STDOUT:
         error = None if n == 1 else OutputError(f"{src}: holds {n} clips; -o - writes one, so name a file or folder")
         return Job(src, [], error)
     return Job(src, [p for i in range(n) if (p := output_path(target, rel, i, n)) is not None])
+
+
+def _is_empty_file(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size == 0
+    except OSError:
+        return False  # unreadable: the read says why
 
 
 def check_exclusive(force: bool, skip_existing: bool) -> None:
