@@ -1630,6 +1630,49 @@ def test_a_window_budget_refuses_what_does_not_fit_and_what_never_can(tiny_bundl
         srv.close()
 
 
+def test_an_admitted_request_is_never_refused_at_its_vocoder_pass(tiny_bundle: Path, rec: Any) -> None:
+    """--max-windows admits a request with its VAE windows; the vocoder pass over its joined log-mel
+    is the rest of that work. While A's windows run, B fills the budget: A still gets its 200 (it got
+    a 503 after all its VAE work when the pass was budgeted again)."""
+    from recon_runtime import Reconstructor
+
+    batched = Reconstructor.load(tiny_bundle, provider="cpu", precision="fp32", threads=1, max_batch=8)
+    gated = Gated(batched)  # A's VAE batch (its 3 windows) is held until B has been admitted
+    srv = serve_in_process(gated, tiny_bundle, max_batch=8, max_wait_ms=3000, max_windows=4, timeout_per_audio_s=0)
+    result: dict[str, httpx.Response] = {}
+
+    def post(name: str, seconds: float) -> None:
+        body = wav_bytes(tone(seconds, 16000, 250.0), 16000)
+        result[name] = httpx.post(srv.url + "/v1/reconstruct", content=body, timeout=120)
+
+    def windows(seconds: float) -> int:
+        return len(rec.reconstruction_job(rec.features(tone(seconds, 16000, 250.0), 16000)).windows)
+
+    a = threading.Thread(target=post, args=("A", 20.0))
+    b = threading.Thread(target=post, args=("B", 30.0))
+    try:
+        assert windows(20.0) == 3 and windows(30.0) == 4
+        a.start()
+        assert gated.entered.wait(60)
+        b.start()
+        m = wait_for_metric(srv.url, "recon_queue_depth", 4, timeout=60)
+        assert metric(m, "recon_queue_depth") == 4, (result.get("B") and result["B"].text, m[-300:])
+        gated.release.set()
+        a.join(120)
+        b.join(120)
+        assert result["A"].status_code == 200, result["A"].text
+        assert result["B"].status_code == 200, result["B"].text
+        want = rec.reconstruct(tone(20.0, 16000, 250.0), 16000)
+        got, _ = sf.read(io.BytesIO(result["A"].content), dtype="float32")
+        assert rel_l2(got, want) <= REL  # the same reconstruction as in-process
+    finally:
+        gated.release.set()
+        for thread in (a, b):
+            if thread.is_alive():
+                thread.join(60)
+        srv.close()
+
+
 def test_a_stream_is_budgeted_at_its_first_window_only_and_long_plain_decodes_fall_back_to_it(
     tiny_bundle: Path, rec: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

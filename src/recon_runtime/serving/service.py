@@ -366,9 +366,16 @@ class Service:
         return f"the request took longer than the server's limit of {self.config.timeout_s:g} s{extra}"
 
     async def run_job(
-        self, job: Any, deadline: float, request: Request | None = None, too_long: str = AUDIO_TOO_LONG
+        self,
+        job: Any,
+        deadline: float,
+        request: Request | None = None,
+        too_long: str = AUDIO_TOO_LONG,
+        budgeted: bool = True,
     ) -> list[Any]:
-        return await self.wait(self.submit(job, range(len(job.windows)), deadline, too_long), deadline, request)
+        """Run all of a job's windows; `budgeted=False` for the rest of work admitted earlier (`submit`)."""
+        indices = range(len(job.windows))
+        return await self.wait(self.submit(job, indices, deadline, too_long, budgeted=budgeted), deadline, request)
 
     async def run_chain(
         self, job: Any, deadline: float, request: Request | None = None, too_long: str = AUDIO_TOO_LONG
@@ -382,7 +389,10 @@ class Service:
         vocoding = rec.vocoder_pass(job, joined)
         if vocoding is None:
             return joined
-        return await self.cpu(rec.join, vocoding, await self.run_job(vocoding, deadline, request, too_long))
+        # the vocoder pass is the rest of a request admitted with its windows: never refused (503)
+        # after its VAE work ran because other requests filled the queue meanwhile
+        chunks = await self.run_job(vocoding, deadline, request, too_long, budgeted=False)
+        return await self.cpu(rec.join, vocoding, chunks)
 
     def deadline(self) -> float:
         return time.monotonic() + self.config.timeout_s
