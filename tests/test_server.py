@@ -1673,6 +1673,38 @@ def test_an_admitted_request_is_never_refused_at_its_vocoder_pass(tiny_bundle: P
         srv.close()
 
 
+def test_a_vocoder_failure_before_a_streams_first_audio_keeps_its_status(tiny_bundle: Path, rec: Any) -> None:
+    """Long latents stream decoder windows first and the first vocoder chunk after them: an
+    input-caused vocoder failure (an fp16 overflow) there is a 422, as without stream=true, not a
+    200 whose body is then cut off."""
+    from recon_runtime.errors import NumericalError
+
+    class VocoderOverflows:
+        def __init__(self, inner: Any):
+            self._inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+        def run_windows(self, roles: Any, windows: Any) -> Any:
+            if "vocoder" in tuple(roles):
+                raise NumericalError("vocoder graph output contains NaN or inf at fp16", True)
+            return self._inner.run_windows(roles, windows)
+
+    srv = serve_in_process(VocoderOverflows(rec), tiny_bundle, timeout_per_audio_s=0)
+    try:
+        for seconds in (5.0, 20.0):  # one window (the chain in one run), and three decoder windows
+            body = npy_bytes(rec.encode(tone(seconds, RATE, 250.0), RATE))
+            plain = httpx.post(srv.url + "/v1/decode", content=body, timeout=60)
+            with httpx.stream("POST", srv.url + "/v1/decode?stream=true", content=body, timeout=60) as r:
+                r.read()
+            for answer in (plain, r):
+                assert answer.status_code == 422, (seconds, answer.status_code, answer.text)
+                assert "NaN or inf" in answer.json()["error"]
+    finally:
+        srv.close()
+
+
 def test_a_stream_is_budgeted_at_its_first_window_only_and_long_plain_decodes_fall_back_to_it(
     tiny_bundle: Path, rec: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

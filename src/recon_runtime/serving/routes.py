@@ -341,10 +341,11 @@ async def _decode_stream(
     """Decode one graph run at a time and send each part of the output as soon as it is final.
 
     The runs come in `StreamedJob`'s order: decoder windows, and each vocoder chunk as soon as the
-    log-mel join covers it (one window of latents: the chain in one run). The first run is done
-    before the response starts (so errors still get a status); each later one is queued when the
-    one before is done, so the time to first audio is the windows under the first vocoder chunk
-    (20.48 s of audio) and that chunk, whatever the length. The parts laid end to end are exactly
+    log-mel join covers it (one window of latents: the chain in one run). The runs up to the first
+    audio (the windows under the first vocoder chunk, and that chunk) are done before the response
+    starts, so errors there, the vocoder's included, still get a status; each later one is queued
+    when the one before is done, so the time to first audio is those runs (20.48 s of audio),
+    whatever the length. The parts laid end to end are exactly
     what the decode without stream=true gives. The
     whole stream shares one deadline (`timeout_s` plus `timeout_per_audio_s` per second of its
     latents, as a request that is not streamed); a failure after the status was sent drops the
@@ -405,19 +406,31 @@ async def _decode_stream(
         _check_finite(part)
         return _pcm_bytes(part, fmt) if part.size else b""
 
+    # Run up to the first step that gives audio (the first vocoder chunk) before the status is
+    # sent: no byte could leave earlier anyway, and a failure there (an input-caused 422 from the
+    # vocoder, a 504) still gets its status instead of a cut-off 200.
+    step, output = 0, first
+    data = await service.within(deadline, service.cpu(part_bytes, step, output))
+    while not data and step + 1 < n:
+        output = (await service.wait(submit(step + 1, budgeted=False), deadline, request))[0]
+        step += 1
+        data = await service.within(deadline, service.cpu(part_bytes, step, output))
+
     async def parts() -> AsyncIterator[bytes]:
+        nonlocal step, data
         pending: list[Future] = []
         try:
-            output = first
-            for i in range(n):
-                data = await service.within(deadline, service.cpu(part_bytes, i, output))
-                if i + 1 < n:  # queue the next run (its input is final now) before sending this part
-                    pending = submit(i + 1, budgeted=False)
+            while True:
+                if step + 1 < n:  # queue the next run (its input is final now) before sending this part
+                    pending = submit(step + 1, budgeted=False)
                 if data:
                     yield data
-                if i + 1 < n:
-                    output = (await service.wait(pending, deadline))[0]
-                    pending = []
+                if step + 1 >= n:
+                    break
+                output = (await service.wait(pending, deadline))[0]
+                pending = []
+                step += 1
+                data = await service.within(deadline, service.cpu(part_bytes, step, output))
             service.metrics.audio_seconds.labels("/v1/decode").inc(total / service.rate)
         except HTTPError as e:
             _LOGGER.warning("streaming decode aborted: %s", e.message)
