@@ -696,6 +696,10 @@ def test_a_job_records_its_windows_and_an_earlier_jobs_record_means_the_defaults
     wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, window_frames=512))
     with pytest.raises(OutputError, match="window_frames 1024 then, 512 now"):
         check_job_record(wider, fingerprint, record)
+    # a job of a version before the input-sized plan ran long inputs otherwise: its resume is refused
+    older = {k: v for k, v in earlier.items() if k != "long_audio_plan"}
+    with pytest.raises(OutputError, match="long_audio_plan 'full windows, each vocoded, waveforms cross-faded' then"):
+        check_job_record(cfg, fingerprint, {**record, "settings": older})
 
 
 def test_a_folder_that_holds_no_job_is_refused_and_left_as_it_is(tiny_bundle: Path, tmp_path: Path) -> None:

@@ -69,9 +69,25 @@ def test_reconstruct_is_the_fitted_plan_the_mel_join_and_one_chunked_vocoder_pas
     assert _rel(wave, run(joined)) <= REL  # chunked == one-shot vocoding of the same joined mel
     feats = rec.features(audio, RATE)
     assert _rel(out, rec.finish(feats, rec.crop(feats, wave))) <= REL
-    # several inputs at once (their windows and chunks batched) give what each gives alone
-    (again,) = rec.reconstruct_many([(audio, RATE)])
-    assert np.array_equal(again, out)
+
+
+def test_several_long_inputs_batched_together_give_what_each_gives_alone(tiny_bundle: Path, rec: Reconstructor) -> None:
+    """reconstruct_many on a batching Reconstructor: two inputs of one length (their VAE windows and
+    vocoder chunks share batches) and one of another, each equal to its reconstruction alone."""
+    batched = Reconstructor.load(tiny_bundle, provider="cpu", precision="fp32", max_batch=4)
+    items = [(_audio(20.0), RATE), (_audio(20.0)[::-1].copy(), RATE), (_audio(25.03), RATE)]
+    runs: list[int] = []
+    inner = batched.executor.run
+
+    def counting(roles, inputs):  # noqa: ANN001, ANN202 - the executor's own signature
+        runs.append(len(inputs[0]))
+        return inner(roles, inputs)
+
+    batched.executor.run = counting  # type: ignore[method-assign]
+    outs = batched.reconstruct_many(items)
+    assert max(runs) > 1, runs  # some graph run took windows or chunks of more than one input
+    for (audio, rate), out in zip(items, outs):
+        np.testing.assert_allclose(out, rec.reconstruct(audio, rate), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("seconds", SECONDS)

@@ -43,7 +43,7 @@ from .errors import AudioInputError, BundleError, NumericalError, ProviderError
 from .executors import Executor, ExecutorOptions
 from .executors.select import AUTO, CUDA, check_choices, create_executor
 from .frontend import log_mel, prepare_waveform
-from .vocoding import ChunkJob
+from .vocoding import VOCODER_CHUNK_FRAMES, ChunkJob
 from .window_plan import WINDOW_STEP_FRAMES, plan_fitted_windows
 from .windows import Features, WindowJob, join_windows
 
@@ -57,6 +57,13 @@ DEFAULT_OVERLAP_FRAMES: Final = 64  # mel frames shared by neighbouring windows 
 MAX_BATCH: Final = 8  # windows per graph run on a GPU
 # On the CPU a batch is no faster per window (benchmarks: the 1 s chain at batch 4 vs 1 gains 1.18x
 # at most, the 10.24 s chain nothing) and peak memory grows with it, so windows run one at a time.
+LONG_AUDIO_PLAN: Final = (
+    f"fitted windows (step {WINDOW_STEP_FRAMES}), one vocoder pass (chunks of {VOCODER_CHUNK_FRAMES})"
+)
+"""How inputs longer than one window run (docs/long-audio.md); dataset jobs record it, since results
+of another plan differ (log-mel L1 about 0.06 between this and the previous one)."""
+PREVIOUS_LONG_AUDIO_PLAN: Final = "full windows, each vocoded, waveforms cross-faded"
+
 CPU_MAX_BATCH: Final = 1
 
 
@@ -291,8 +298,10 @@ class Reconstructor:
         window plan's cross-faded (`windows.join_windows`), a vocoder pass's chunks cropped and laid
         end to end (`ChunkJob.join`).
 
-        A decoding job's waveform is 640 samples per latent frame, followed by the first `job.tail`
-        samples the last window's vocoder gave past its last frame.
+        A job that asks for a vocoder pass (`vocoder_pass` is not None: longer than one window)
+        joins to its log-mel [1, T, 64], not audio: run that pass's chunks and join them too
+        (`run_jobs` does both). A one-window decoding job's waveform is 640 samples per latent
+        frame, followed by the first `job.tail` samples its vocoder gave past its last frame.
         """
         if isinstance(job, ChunkJob):
             return [job.join([o[0] for o in outputs])]

@@ -36,7 +36,7 @@ less than about one step per window run windows of the same shape: they batch to
 requests, and a GPU's captured graphs and tuned kernels are reused instead of built per length.
 What it costs, against the exact fit (step 4), measured over every input from 10.92 s to 10 min
 (tests/test_window_plan.py): 0.55 % more frames on average, 2.1 % at worst; from about 60 windows
-(10 minutes) on the rounding reaches the 1024-frame cap and the plan is today's full windows
+(10 minutes) on the rounding reaches the 1024-frame cap and the plan is the previous plan's full windows
 (+7.5 % there, against +6.7 % exactly fitted). Every plan stays within 1.07 x T + one window.
 """
 

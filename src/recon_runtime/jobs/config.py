@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from ..files.audio import FLOAT32
 from ..options import LoadOptions
-from ..reconstructor import DEFAULT_OVERLAP_FRAMES, DEFAULT_WINDOW_FRAMES
+from ..reconstructor import DEFAULT_OVERLAP_FRAMES, DEFAULT_WINDOW_FRAMES, LONG_AUDIO_PLAN, PREVIOUS_LONG_AUDIO_PLAN
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -32,9 +32,11 @@ METRIC_NAMES: Final = ("log_mel_l1", "log_mel_rmse", "mel_correlation", "mrstft"
 DEFAULT_MAX_SECONDS: Final = 3600.0
 KEY_COLUMNS: Final = ("path", "size", "mtime_ns")
 LOCK_FILE: Final = "job.lock"
-UNRECORDED_SETTINGS: Final = {"window_frames": DEFAULT_WINDOW_FRAMES, "overlap_frames": DEFAULT_OVERLAP_FRAMES}
-"""Settings that jobs of earlier versions did not record, with the value they ran at (the
-Reconstructor's windowing, which no option changed then): a resume of such a job compares with these."""
+UNRECORDED_WINDOWING: Final = {"window_frames": DEFAULT_WINDOW_FRAMES, "overlap_frames": DEFAULT_OVERLAP_FRAMES}
+"""The Reconstructor's windowing, which jobs of earlier versions did not record (no option changed it then)."""
+UNRECORDED_SETTINGS: Final = {**UNRECORDED_WINDOWING, "long_audio_plan": PREVIOUS_LONG_AUDIO_PLAN}
+"""Settings that jobs of earlier versions did not record, with the value they ran at: a resume of such
+a job compares with these (so one that ran long inputs on the previous plan is not mixed with this one's)."""
 OUTPUTS_DIR: Final = "outputs"  # reconstruct: the audio a run plans, then each file's size and mtime once written
 
 Key = tuple[str, int, int]
@@ -77,7 +79,8 @@ class JobConfig:
             "precision": model.precision,
             "max_seconds": self.max_seconds,
         }
-        out.update({name: getattr(model, name, default) for name, default in UNRECORDED_SETTINGS.items()})
+        out.update({name: getattr(model, name, default) for name, default in UNRECORDED_WINDOWING.items()})
+        out["long_audio_plan"] = LONG_AUDIO_PLAN
         if self.mode == RECONSTRUCT:
             out.update(output_rate=self.output_rate, sample_format=self.sample_format)
         if self.mode == ENCODE:
