@@ -46,7 +46,6 @@ from ..files.encoded import (
     LEGACY_SUFFIX,
     EncodedAudio,
     clip_count,
-    file_seed,
     read_latents,
     read_latents_data,
 )
@@ -73,6 +72,7 @@ from ..serving.protocol import DEFAULT_CONCURRENCY
 from .batch import STDIN, Job, JobRunner, batches, check_exclusive, guard, guard_files, path_key, plan_jobs, progress
 from .options import (
     OUTPUT_RATE_OPTION,
+    draw_seed,
     model_args,
     model_option,
     model_options,
@@ -534,7 +534,7 @@ def encode(
 
         def one(job: Job) -> float:
             audio, sr = _read_input(job)
-            draw = draw_seed(seed, job) if sample else None
+            draw = draw_seed(seed, None if job.stdin else job.src) if sample else None
             clip = encode_audio(rec, audio, sr, channels, sample, draw, source=None if job.stdin else str(job.src))
             if job.dst is None:
                 write_stdout(clip.to_bytes())
@@ -546,13 +546,6 @@ def encode(
         return runner.run(ready, one)
 
     guard_files(ctx, run, "encode")
-
-
-def draw_seed(seed: int, job: Job) -> int:
-    """The seed of one input's posterior draw: `file_seed(--seed, absolute path)`, the rule of
-    `dataset encode`, so a file draws the same noise from either command, files of one length do
-    not share noise, and a rerun draws the same; standard input takes --seed as it is."""
-    return seed if job.stdin else file_seed(seed, os.path.abspath(job.src))
 
 
 def _is_latents(path: Path) -> bool:

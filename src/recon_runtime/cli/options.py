@@ -8,6 +8,7 @@ vocode, serve and the dataset jobs all use these two; `model_option` is `--model
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -21,6 +22,7 @@ from ..errors import ReconError
 from ..executors.base import LATENCY, PERFORMANCE_HINTS, THROUGHPUT
 from ..executors.select import BACKEND_CHOICES, PRECISION_CHOICES, PROVIDER_CHOICES
 from ..files.audio import FLOAT32, MIN_SAMPLE_RATE, SAMPLE_FORMATS
+from ..files.encoded import file_seed
 from ..locations import LOCAL_MODEL, MODEL_ENV
 from ..options import LoadOptions
 from ..reconstructor import CPU_MAX_BATCH, MAX_BATCH
@@ -207,6 +209,14 @@ def sample_options(f: Callable[..., Any]) -> Callable[..., Any]:
         help="Seed for --sample: each file draws with a seed made of this and its absolute path.",
     )(f)
     return click.option("--sample", is_flag=True, help="Draw from the posterior instead of taking its mean.")(f)
+
+
+def draw_seed(seed: int, path: Path | None) -> int:
+    """The seed of one input's posterior draw: `file_seed(--seed, absolute path)`, the rule of
+    `dataset encode`, so a file draws the same noise from every command (locally or with --server),
+    files of one length do not share noise, and a rerun draws the same; standard input (None) takes
+    --seed as it is."""
+    return seed if path is None else file_seed(seed, os.path.abspath(path))
 
 
 def refuse_seed_without_sample(ctx: click.Context, sample: bool) -> None:

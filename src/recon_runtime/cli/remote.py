@@ -12,7 +12,6 @@ httpx (the `serve` extra) is imported only when a command runs with --server.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,11 +22,11 @@ import numpy as np
 from ..contract import SAMPLE_RATE
 from ..errors import AudioInputError, BundleError, install_hint
 from ..files.audio import atomic_path
-from ..files.encoded import file_seed, read_latents
+from ..files.encoded import read_latents
 from ..files.outputs import write_audio_file
 from ..serving.protocol import SUBTYPE_OF
 from .batch import Job, JobRunner, progress
-from .options import CommandError, api_key_from_env
+from .options import CommandError, api_key_from_env, draw_seed
 
 
 def need_serve_extra(what: str) -> None:
@@ -133,7 +132,7 @@ def remote_encode(client: Any, sample: bool, seed: int) -> Callable[[Path, Path]
     """Encode on the server (its encoded-audio answer) and write it as the job's `.safetensors` file."""
 
     def one(src: Path, dst: Path) -> float:
-        draw = file_seed(seed, os.path.abspath(src)) if sample else None
+        draw = draw_seed(seed, src) if sample else None
         clip = client.encode_file(_read_bytes(src), sample=sample, seed=draw)
         replace(clip, source=str(src)).save(dst)
         return clip.seconds

@@ -11,7 +11,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 import numpy as np
 import soundfile as sf
@@ -360,6 +360,22 @@ def load_array(path: Path) -> np.ndarray:
 ArrayCheck = Callable[[tuple[int, ...], np.dtype], None]
 
 
+def read_npy_header(f: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """A .npy file's (shape, fortran_order, dtype), `f` left at its data: formats 1.0 and 2.0, read
+    without allocating what the header declares. The one header reader of every .npy the runtime
+    takes (uploads, planning a batch's outputs, a request's declared length).
+
+    Raises:
+        ValueError (or whatever numpy's header parser raises): not a .npy header this reads.
+    """
+    version = npy_format.read_magic(f)
+    if version == (1, 0):
+        return npy_format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return npy_format.read_array_header_2_0(f)
+    raise ValueError(f"format version {version[0]}.{version[1]} is not supported (1.0 or 2.0)")
+
+
 def read_array_bytes(data: bytes, what: str, check: ArrayCheck | None = None) -> np.ndarray:
     """A .npy array from bytes (e.g. an upload), its header checked before anything is allocated.
 
@@ -373,13 +389,7 @@ def read_array_bytes(data: bytes, what: str, check: ArrayCheck | None = None) ->
     """
     f = io.BytesIO(data)
     try:
-        version = npy_format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran_order, dtype = npy_format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = npy_format.read_array_header_2_0(f)
-        else:
-            raise ValueError(f"format version {version[0]}.{version[1]} is not supported (1.0 or 2.0)")
+        shape, fortran_order, dtype = read_npy_header(f)
     except Exception as e:  # noqa: BLE001 - numpy's header parser raises many kinds (tokenize's too): all the body's fault
         raise AudioInputError(f"{what}: not a readable .npy array ({_one_line(e)})") from None
     if dtype.hasobject:
@@ -414,9 +424,7 @@ def discover(inputs: list[Path], accept: Callable[[Path], bool]) -> Iterator[tup
             if not os.access(root, os.R_OK | os.X_OK):
                 raise AudioInputError(f"{root}: folder cannot be read (permission denied)")
             try:
-                found = sorted(
-                    p for p in root.rglob("*") if p.is_file() and not is_hidden(p.relative_to(root)) and accept(p)
-                )
+                found = [p for p in _visible_files(root) if accept(p)]
             except OSError as e:
                 raise AudioInputError(f"{root}: folder cannot be read ({e.strerror or e})") from None
             for p in found:
@@ -431,10 +439,15 @@ def is_hidden(rel: Path | PurePosixPath) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
+def _visible_files(root: Path) -> list[Path]:
+    """Every file under `root` that is not hidden (`is_hidden`), sorted: what a folder walk considers."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and not is_hidden(p.relative_to(root)))
+
+
 def skipped_note(root: Path, accept: Callable[[Path], bool]) -> str:
     """What a folder with no input holds instead, for its one-line error: the extensions passed over."""
     try:
-        names = [p for p in root.rglob("*") if p.is_file() and not is_hidden(p.relative_to(root))]
+        names = _visible_files(root)
     except OSError:
         return ""
     suffixes = sorted({p.suffix.lower() or "(none)" for p in names if not accept(p)})

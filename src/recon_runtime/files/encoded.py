@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
-from numpy.lib import format as npy_format
 
 from ..contract import (
     LATENT_CHANNELS,
@@ -50,7 +49,7 @@ from ..contract import (
     latent_shape_problem,
 )
 from ..errors import AudioInputError, BundleError, NumericalError
-from .audio import atomic_path, load_array, read_array_bytes
+from .audio import atomic_path, load_array, read_array_bytes, read_npy_header
 from .latents import SIDECAR, read_sidecar
 
 FORMAT_VERSION: Final = 1
@@ -532,9 +531,7 @@ def clip_count(path: Path) -> int:
         return 1
     try:
         with open(path, "rb") as f:
-            version = npy_format.read_magic(f)
-            read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
-            shape, _, dtype = read_header(f)
+            shape, _, dtype = read_npy_header(f)
             data_bytes = os.fstat(f.fileno()).st_size - f.tell()
     except Exception:  # noqa: BLE001 - numpy's header parser raises many kinds; the read reports the file
         return 1

@@ -18,13 +18,12 @@ from typing import Any, Final
 import numpy as np
 import soundfile as sf
 from fastapi import Request
-from numpy.lib import format as npy_format
 from numpy.lib.format import MAGIC_PREFIX
 from starlette.requests import ClientDisconnect
 
 from ..contract import latent_shape_problem
 from ..errors import AudioInputError
-from ..files.audio import AudioTooLarge, read_array_bytes, read_audio_bytes
+from ..files.audio import AudioTooLarge, read_array_bytes, read_audio_bytes, read_npy_header
 from ..files.encoded import ENCODED_MEDIA_TYPE, LATENTS_TENSOR, MAX_HEADER_BYTES, EncodedAudio, check_fingerprint
 from ..reconstructor import SAMPLES_PER_LATENT_FRAME, Reconstructor
 from ..windows import Features
@@ -164,10 +163,7 @@ def declared_seconds(body: bytes, kind: str, rate: int) -> float:
             channels, _, frames, _ = json.loads(body[8 : 8 + size])[LATENTS_TENSOR]["shape"]
             return channels * frames * SAMPLES_PER_LATENT_FRAME / rate
         if kind == LATENTS:
-            stream = io.BytesIO(body)
-            version = npy_format.read_magic(stream)
-            read_header = npy_format.read_array_header_2_0 if version == (2, 0) else npy_format.read_array_header_1_0
-            shape = read_header(stream)[0]  # the header only, as read_array_bytes reads it
+            shape = read_npy_header(io.BytesIO(body))[0]  # the header only, as read_array_bytes reads it
             return shape[1] * SAMPLES_PER_LATENT_FRAME / rate if len(shape) == 3 else 0.0
         info = sf.info(io.BytesIO(body))
         return info.frames / info.samplerate if info.samplerate > 0 and 0 < info.frames < 2**62 else 0.0

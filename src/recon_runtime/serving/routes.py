@@ -409,12 +409,15 @@ async def _decode_stream(
     # Run up to the first step that gives audio (the first vocoder chunk) before the status is
     # sent: no byte could leave earlier anyway, and a failure there (an input-caused 422 from the
     # vocoder, a 504) still gets its status instead of a cut-off 200.
-    step, output = 0, first
-    data = await service.within(deadline, service.cpu(part_bytes, step, output))
+    async def final_part(step: int, output: list[np.ndarray]) -> bytes:
+        return await service.within(deadline, service.cpu(part_bytes, step, output))
+
+    step = 0
+    data = await final_part(step, first)
     while not data and step + 1 < n:
         output = (await service.wait(submit(step + 1, budgeted=False), deadline, request))[0]
         step += 1
-        data = await service.within(deadline, service.cpu(part_bytes, step, output))
+        data = await final_part(step, output)
 
     async def parts() -> AsyncIterator[bytes]:
         nonlocal step, data
@@ -430,7 +433,7 @@ async def _decode_stream(
                 output = (await service.wait(pending, deadline))[0]
                 pending = []
                 step += 1
-                data = await service.within(deadline, service.cpu(part_bytes, step, output))
+                data = await final_part(step, output)
             service.metrics.audio_seconds.labels("/v1/decode").inc(total / service.rate)
         except HTTPError as e:
             _LOGGER.warning("streaming decode aborted: %s", e.message)
